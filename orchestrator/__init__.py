@@ -1,0 +1,1 @@
+"""Claude Code in Feishu chats, one Docker container per chat."""

@@ -1,0 +1,177 @@
+"""The Claude Code CLI: the argv of one turn, stream-json parsed into typed events, and a turn's outcome.
+
+Pure: no I/O. The prompt is never part of the argv; it reaches the CLI as stdin data, so a message that
+starts with `-` or looks like a flag is just text.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from orchestrator.config import AgentSettings
+
+UNKNOWN_SESSION = "No conversation found with session ID"
+
+
+def turn_argv(agent: AgentSettings, session_id: str | None) -> list[str]:
+    argv = ["claude", "-p", "--output-format", "stream-json", "--verbose",
+            "--permission-mode", agent.permission_mode]
+    if agent.model:
+        argv += ["--model", agent.model]
+    argv += agent.extra_args
+    if session_id:
+        argv.append(f"--resume={session_id}")  # with '=': the value is optional, a bare one can be misread
+    return argv
+
+
+@dataclass(frozen=True)
+class Init:
+    session_id: str
+    model: str = ""
+
+
+@dataclass(frozen=True)
+class Text:
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    name: str
+    input: dict
+
+
+@dataclass(frozen=True)
+class Result:
+    is_error: bool
+    subtype: str
+    text: str = ""
+    errors: tuple[str, ...] = ()
+    session_id: str = ""
+    cost_usd: float | None = None
+    duration_ms: int | None = None
+    num_turns: int | None = None
+
+
+@dataclass(frozen=True)
+class Unparsed:
+    """A line that is not a stream-json object (a warning the CLI printed, a torn write)."""
+
+    line: str
+
+
+Event = Init | Text | ToolUse | Result | Unparsed
+
+
+def parse_line(line: str) -> list[Event]:
+    """The events in one line of stream-json output; none for lines that carry nothing we use."""
+    line = line.strip()
+    if not line:
+        return []
+    try:
+        data = json.loads(line)
+    except ValueError:
+        return [Unparsed(line)]
+    if not isinstance(data, dict):
+        return [Unparsed(line)]
+    kind = data.get("type")
+    if kind == "system" and data.get("subtype") == "init":
+        return [Init(session_id=str(data.get("session_id", "")), model=str(data.get("model", "")))]
+    if kind == "assistant":
+        return _assistant_events(data.get("message") or {})
+    if kind == "result":
+        return [_result(data)]
+    return []
+
+
+def _assistant_events(message: dict) -> list[Event]:
+    events: list[Event] = []
+    for block in message.get("content") or []:
+        if block.get("type") == "text" and block.get("text"):
+            events.append(Text(block["text"]))
+        elif block.get("type") == "tool_use":
+            events.append(ToolUse(name=str(block.get("name", "")), input=block.get("input") or {}))
+    return events
+
+
+def _result(data: dict) -> Result:
+    errors = data.get("errors") or []
+    return Result(
+        is_error=bool(data.get("is_error")),
+        subtype=str(data.get("subtype", "")),
+        text=str(data.get("result") or ""),
+        errors=tuple(str(e) for e in errors) if isinstance(errors, list) else (str(errors),),
+        session_id=str(data.get("session_id", "")),
+        cost_usd=data.get("total_cost_usd"),
+        duration_ms=data.get("duration_ms"),
+        num_turns=data.get("num_turns"),
+    )
+
+
+@dataclass
+class Transcript:
+    """What a turn has said so far, folded from its events."""
+
+    session_id: str | None = None
+    texts: list[str] = field(default_factory=list)
+    result: Result | None = None
+    tools_used: int = 0
+
+    def add(self, event: Event) -> None:
+        match event:
+            case Init(session_id=session_id) if session_id:
+                self.session_id = session_id
+            case Text(text=text):
+                self.texts.append(text)
+            case ToolUse():
+                self.tools_used += 1
+            case Result():
+                self.result = event
+                self.session_id = event.session_id or self.session_id
+
+    @property
+    def text_so_far(self) -> str:
+        return "\n\n".join(self.texts)
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    session_id: str | None
+    cost_usd: float | None = None
+    duration_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A turn that ended without an answer. `reason` is one sentence the user is shown."""
+
+    reason: str
+    unknown_session: bool = False
+    partial_text: str = ""
+
+
+def outcome(transcript: Transcript, exit_code: int | None, stderr: str) -> Answer | Failure:
+    """Decide how a finished turn ended: its answer, or why there is none."""
+    result = transcript.result
+    if UNKNOWN_SESSION in stderr or (result and any(UNKNOWN_SESSION in e for e in result.errors)):
+        return Failure("The previous conversation could not be found.", unknown_session=True)
+    if result is None:
+        detail = _last_line(stderr) or "no output"
+        return Failure(f"Claude Code stopped without an answer (exit code {exit_code}: {detail}).",
+                       partial_text=transcript.text_so_far)
+    if result.is_error:
+        detail = "; ".join(result.errors) or result.text or result.subtype
+        return Failure(f"Claude Code reported an error: {detail}", partial_text=transcript.text_so_far)
+    return Answer(
+        text=result.text or transcript.text_so_far or "(Claude Code finished without any text.)",
+        session_id=transcript.session_id,
+        cost_usd=result.cost_usd,
+        duration_ms=result.duration_ms,
+    )
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""

@@ -1,0 +1,330 @@
+"""YAML config → typed settings, and the one pure function that resolves a chat's settings.
+
+Every error names the file and the key (`config.yaml: defaults.memory: ...`). Strings may use `${VAR}`
+or `${VAR:-default}`; a missing variable without a default is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.ids import is_valid_chat_id
+
+PERMISSION_MODES = ("acceptEdits", "auto", "bypassPermissions", "default", "dontAsk", "manual", "plan")
+FEISHU_MODES = ("websocket", "webhook")
+# Flags the orchestrator sets itself on every turn; `agent.extra_args` may not override them.
+RESERVED_CLI_FLAGS = ("-p", "--print", "--output-format", "--input-format", "--resume", "-r",
+                      "--session-id", "--continue", "-c", "--verbose")
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)([bkmg]?)", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+_MIN_MEMORY = 6 * 1024**2  # the Docker engine refuses less
+
+
+class ConfigError(Exception):
+    """A config problem, worded for the operator: file, key, what is wrong."""
+
+
+@dataclass(frozen=True)
+class ChatLimits:
+    """What one chat's container gets. `defaults` sets them for all chats, `groups.<chat_id>` per chat."""
+
+    cpus: float = 1.0
+    memory: int = 2 * 1024**3
+    pids_limit: int = 256
+    network: str = "bridge"
+    workspace: str | None = None  # host folder; None: <data_dir>/chats/<chat_id>/workspace
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    image: str = "claude-runner:latest"
+    env: Mapping[str, str] = field(default_factory=dict)
+    permission_mode: str = "bypassPermissions"
+    model: str | None = None
+    extra_args: tuple[str, ...] = ()
+    idle_timeout: float = 600.0  # seconds without any CLI output before a turn is called hung
+    uid: int = 1000  # the image's agent user; owns the chat folders mounted into the container
+
+
+@dataclass(frozen=True)
+class FeishuSettings:
+    app_id: str = ""
+    app_secret: str = ""
+    domain: str = "https://open.feishu.cn"
+    mode: str = "websocket"
+    verification_token: str = ""
+    encrypt_key: str = ""
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.app_id and self.app_secret)
+
+
+@dataclass(frozen=True)
+class AccessSettings:
+    """Deny by default. `"*"` (as the whole value or an item) allows every chat or user."""
+
+    allowed_chats: tuple[str, ...] = ()
+    allowed_users: tuple[str, ...] = ()
+
+    def allows(self, chat_id: str, user_id: str) -> bool:
+        return _allowed(self.allowed_chats, chat_id) and _allowed(self.allowed_users, user_id)
+
+
+def _allowed(allowlist: tuple[str, ...], value: str) -> bool:
+    return "*" in allowlist or value in allowlist
+
+
+@dataclass(frozen=True)
+class Settings:
+    source: Path
+    data_dir: Path
+    instance: str = "orchestrator"
+    agent: AgentSettings = field(default_factory=AgentSettings)
+    defaults: ChatLimits = field(default_factory=ChatLimits)
+    groups: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    access: AccessSettings = field(default_factory=AccessSettings)
+    feishu: FeishuSettings = field(default_factory=FeishuSettings)
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "orchestrator.db"
+
+
+@dataclass(frozen=True)
+class ChatSettings:
+    """Everything that decides one chat's container, resolved from defaults and its group entry."""
+
+    chat_id: str
+    limits: ChatLimits
+    workspace: Path
+
+
+def resolve_chat(settings: Settings, chat_id: str) -> ChatSettings:
+    """Defaults overlaid with `groups.<chat_id>`; the workspace made an absolute host path."""
+    limits = dataclasses.replace(settings.defaults, **settings.groups.get(chat_id, {}))
+    if limits.workspace is None:
+        workspace = settings.data_dir / "chats" / chat_id / "workspace"
+    else:
+        workspace = settings.data_dir / limits.workspace.replace("{chat_id}", chat_id)
+    return ChatSettings(chat_id=chat_id, limits=limits, workspace=workspace)
+
+
+# ---- loading ----------------------------------------------------------------------------------------
+
+
+def load_settings(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Settings:
+    source = Path(path).resolve()
+    try:
+        raw = yaml.safe_load(source.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_settings(raw or {}, source, os.environ if environ is None else environ)
+
+
+def parse_settings(raw: object, source: Path, environ: Mapping[str, str]) -> Settings:
+    reader = _Reader(source.name, environ)
+    top = reader.section(raw, "", ("data_dir", "instance", "agent", "defaults", "groups", "access", "feishu"))
+    data_dir = Path(reader.string(top, "data_dir", "./data"))
+    defaults = reader.limits(top.get("defaults"), "defaults", ChatLimits())
+    if defaults.workspace is not None and "{chat_id}" not in defaults.workspace:
+        raise reader.error("defaults.workspace", "must contain {chat_id}, or every chat would share one folder")
+    instance = reader.string(top, "instance", "orchestrator")
+    if not is_valid_chat_id(instance):
+        raise reader.error("instance", f"{instance!r} must be letters, digits, '_' or '-'")
+    return Settings(
+        source=source,
+        data_dir=data_dir if data_dir.is_absolute() else (source.parent / data_dir).resolve(),
+        instance=instance,
+        agent=reader.agent(top.get("agent")),
+        defaults=defaults,
+        groups=reader.groups(top.get("groups")),
+        access=reader.access(top.get("access")),
+        feishu=reader.feishu(top.get("feishu")),
+    )
+
+
+class _Reader:
+    """Walks the raw YAML, interpolating ${VAR} and converting values, with the key path for errors."""
+
+    def __init__(self, filename: str, environ: Mapping[str, str]) -> None:
+        self.filename = filename
+        self.environ = environ
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.filename}: {key}: {problem}")
+
+    def section(self, raw: object, key: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+        where = key or "top level"
+        if raw is None:
+            return {}
+        if not isinstance(raw, dict):
+            raise self.error(where, "must be a mapping of keys to values")
+        for name in raw:
+            if name not in allowed:
+                raise self.error(_join(key, str(name)), f"unknown key (known here: {', '.join(allowed)})")
+        return {name: self.interpolate(value, _join(key, name)) for name, value in raw.items()}
+
+    def interpolate(self, value: Any, key: str) -> Any:
+        if not isinstance(value, str):
+            return value
+
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in self.environ:
+                return self.environ[name]
+            if default is not None:
+                return default
+            raise self.error(key, f"${{{name}}} is not set in the environment")
+
+        return _ENV_REF.sub(substitute, value)
+
+    def value(self, raw: Mapping[str, Any], name: str, key: str, default: Any,
+              convert: Callable[[Any], Any]) -> Any:
+        if name not in raw or raw[name] is None:
+            return default
+        try:
+            return convert(raw[name])
+        except (TypeError, ValueError) as exc:
+            raise self.error(_join(key, name), str(exc)) from None
+
+    def string(self, raw: Mapping[str, Any], name: str, default: Any, key: str = "") -> Any:
+        return self.value(raw, name, key, default, _string)
+
+    def limits(self, raw: object, key: str, base: ChatLimits) -> ChatLimits:
+        return dataclasses.replace(base, **self.limit_overrides(raw, key))
+
+    def limit_overrides(self, raw: object, key: str) -> dict[str, Any]:
+        fields = {"cpus": _cpus, "memory": _memory, "pids_limit": _positive_int, "network": _string,
+                  "workspace": _string}
+        section = self.section(raw, key, tuple(fields))
+        return {name: self.value(section, name, key, None, convert)
+                for name, convert in fields.items() if section.get(name) is not None}
+
+    def groups(self, raw: object) -> dict[str, dict[str, Any]]:
+        if raw is None:
+            return {}
+        if not isinstance(raw, dict):
+            raise self.error("groups", "must map chat ids to their settings")
+        groups = {}
+        for chat_id, group in raw.items():
+            if not is_valid_chat_id(chat_id):
+                raise self.error(f"groups.{chat_id}", "not a valid chat id (letters, digits, '_', '-')")
+            groups[chat_id] = self.limit_overrides(group, f"groups.{chat_id}")
+        return groups
+
+    def agent(self, raw: object) -> AgentSettings:
+        key = "agent"
+        section = self.section(raw, key, tuple(f.name for f in dataclasses.fields(AgentSettings)))
+        env = section.get("env") or {}
+        if not isinstance(env, dict):
+            raise self.error("agent.env", "must map variable names to values")
+        env = {str(name): self.interpolate(value, f"agent.env.{name}") for name, value in env.items()}
+        extra_args = self.value(section, "extra_args", key, (), _string_list)
+        for arg in extra_args:
+            if arg.split("=", 1)[0] in RESERVED_CLI_FLAGS:
+                raise self.error("agent.extra_args", f"{arg!r} is set by the orchestrator itself")
+        defaults = AgentSettings()
+        return AgentSettings(
+            image=self.value(section, "image", key, defaults.image, _string),
+            env={name: str(value) for name, value in env.items() if value not in (None, "")},
+            permission_mode=self.value(section, "permission_mode", key, defaults.permission_mode,
+                                       _choice(PERMISSION_MODES)),
+            model=self.value(section, "model", key, None, _string),
+            extra_args=extra_args,
+            idle_timeout=self.value(section, "idle_timeout", key, defaults.idle_timeout, _positive_number),
+            uid=self.value(section, "uid", key, defaults.uid, _positive_int),
+        )
+
+    def access(self, raw: object) -> AccessSettings:
+        section = self.section(raw, "access", ("allowed_chats", "allowed_users"))
+        chats = self.value(section, "allowed_chats", "access", (), _string_list)
+        for chat_id in chats:
+            if chat_id != "*" and not is_valid_chat_id(chat_id):
+                raise self.error("access.allowed_chats", f"{chat_id!r} is not a valid chat id")
+        return AccessSettings(
+            allowed_chats=chats,
+            allowed_users=self.value(section, "allowed_users", "access", (), _string_list),
+        )
+
+    def feishu(self, raw: object) -> FeishuSettings:
+        key = "feishu"
+        section = self.section(raw, key, tuple(f.name for f in dataclasses.fields(FeishuSettings)))
+        values = {name: self.value(section, name, key, None, _string) for name in section}
+        if values.get("mode") is not None:
+            values["mode"] = self.value(section, "mode", key, None, _choice(FEISHU_MODES))
+        return FeishuSettings(**{name: value for name, value in values.items() if value is not None})
+
+
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
+
+
+# ---- value converters: each raises ValueError with a message for the operator ------------------------
+
+
+def _string(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError(f"{value!r} must be a string")
+    return str(value)
+
+
+def _string_list(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise ValueError(f"{value!r} must be a list of strings")
+    return tuple(_string(item) for item in value)
+
+
+def _positive_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ValueError(f"{value!r} must be a number above 0")
+    return float(value)
+
+
+def _cpus(value: Any) -> float:
+    cpus = _positive_number(value)
+    if cpus < 0.01:
+        raise ValueError(f"{value!r} is below the engine's minimum of 0.01")
+    return cpus
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{value!r} must be a whole number above 0")
+    return value
+
+
+def _memory(value: Any) -> int:
+    """Bytes from 1073741824, '512m', '2g' or '1.5G' ('2gb', 'lots' and negatives are errors)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        match = _SIZE.fullmatch(str(value).strip())
+        if match is None:
+            raise ValueError(f"{value!r} is not a size: use bytes or a number with k, m or g, like 512m or 2g")
+        size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    if size < _MIN_MEMORY:
+        raise ValueError(f"{value!r} is below the engine's minimum of 6m")
+    return size
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+        return str(value)
+
+    return convert

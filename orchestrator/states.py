@@ -1,0 +1,44 @@
+"""A message's life: received → queued → running → answered → delivered, or failed with a reason.
+
+Pure: the store applies these rules with conditional updates, so a transition happens at most once.
+"""
+
+from enum import StrEnum
+
+
+class State(StrEnum):
+    RECEIVED = "received"
+    QUEUED = "queued"
+    RUNNING = "running"
+    ANSWERED = "answered"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+# Each state and the states a message may move to from it.
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.RECEIVED: frozenset({State.QUEUED, State.FAILED}),
+    State.QUEUED: frozenset({State.RUNNING, State.FAILED}),
+    # running → queued: a turn handed back to the queue (a fresh session after an unknown one).
+    State.RUNNING: frozenset({State.ANSWERED, State.FAILED, State.QUEUED}),
+    State.ANSWERED: frozenset({State.DELIVERED}),
+    State.DELIVERED: frozenset(),
+    State.FAILED: frozenset(),
+}
+
+FINAL = frozenset(state for state, following in TRANSITIONS.items() if not following)
+UNFINISHED = frozenset(State) - FINAL
+
+
+class InvalidTransition(Exception):
+    pass
+
+
+def predecessors(target: State) -> frozenset[State]:
+    """The states from which a message may move to `target`."""
+    return frozenset(state for state, following in TRANSITIONS.items() if target in following)
+
+
+def check(current: State, target: State) -> None:
+    if target not in TRANSITIONS[current]:
+        raise InvalidTransition(f"a {current} message cannot become {target}")

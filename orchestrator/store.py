@@ -1,0 +1,195 @@
+"""Durable state in SQLite (peewee): chats and messages. The only module that speaks SQL.
+
+Callers get plain records, never rows. Message state changes are conditional updates (see `states`),
+so a transition happens once even when two workers race for it. Nothing here clears a session id except
+`set_session`, which the service calls only on /new or when the CLI reports the session gone.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from peewee import (
+    AutoField,
+    CharField,
+    DatabaseProxy,
+    FloatField,
+    IntegerField,
+    IntegrityError,
+    Model,
+    SqliteDatabase,
+    TextField,
+)
+
+from orchestrator.states import UNFINISHED, State, predecessors
+
+_database = DatabaseProxy()
+
+
+class _Table(Model):
+    class Meta:
+        database = _database
+
+
+class _Chat(_Table):
+    chat_id = CharField(primary_key=True)
+    name = CharField(default="")
+    container_name = CharField(default="")
+    container_id = CharField(default="")
+    session_id = CharField(null=True)
+    last_activity = FloatField(null=True)
+    created_at = FloatField()
+
+    class Meta:
+        table_name = "chats"
+
+
+class _Message(_Table):
+    id = AutoField()
+    message_id = CharField(unique=True)
+    chat_id = CharField(index=True)
+    sender_id = CharField(default="")
+    text = TextField()
+    state = CharField(index=True)
+    error = TextField(null=True)
+    answer = TextField(null=True)
+    cost_usd = FloatField(null=True)
+    duration_ms = IntegerField(null=True)
+    received_at = FloatField()
+    updated_at = FloatField()
+
+    class Meta:
+        table_name = "messages"
+
+
+@dataclass(frozen=True)
+class ChatRecord:
+    chat_id: str
+    name: str
+    container_name: str
+    container_id: str
+    session_id: str | None
+    last_activity: float | None
+
+
+@dataclass(frozen=True)
+class MessageRecord:
+    id: int
+    message_id: str
+    chat_id: str
+    sender_id: str
+    text: str
+    state: State
+    error: str | None
+    answer: str | None
+    cost_usd: float | None
+    duration_ms: int | None
+    received_at: float
+    updated_at: float
+
+
+def _chat_record(row: _Chat) -> ChatRecord:
+    return ChatRecord(row.chat_id, row.name, row.container_name, row.container_id, row.session_id,
+                      row.last_activity)
+
+
+def _message_record(row: _Message) -> MessageRecord:
+    return MessageRecord(row.id, row.message_id, row.chat_id, row.sender_id, row.text, State(row.state),
+                         row.error, row.answer, row.cost_usd, row.duration_ms, row.received_at,
+                         row.updated_at)
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.db = SqliteDatabase(str(path), pragmas={
+            "journal_mode": "wal",
+            "busy_timeout": 10_000,
+            "synchronous": "full",  # an answered state must survive a host crash, not only ours
+        })
+        _database.initialize(self.db)
+        self.db.create_tables([_Chat, _Message])
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ---- chats ----
+
+    def ensure_chat(self, chat_id: str, name: str = "") -> ChatRecord:
+        _Chat.insert(chat_id=chat_id, name=name, created_at=time.time()).on_conflict_ignore().execute()
+        if name:
+            _Chat.update(name=name).where(_Chat.chat_id == chat_id).execute()
+        return self.chat(chat_id)
+
+    def chat(self, chat_id: str) -> ChatRecord:
+        return _chat_record(_Chat.get_by_id(chat_id))
+
+    def find_chat(self, chat_id: str) -> ChatRecord | None:
+        row = _Chat.get_or_none(_Chat.chat_id == chat_id)
+        return _chat_record(row) if row else None
+
+    def chats(self) -> list[ChatRecord]:
+        return [_chat_record(row) for row in _Chat.select().order_by(_Chat.chat_id)]
+
+    def set_container(self, chat_id: str, name: str, container_id: str) -> None:
+        _Chat.update(container_name=name, container_id=container_id).where(_Chat.chat_id == chat_id).execute()
+
+    def set_session(self, chat_id: str, session_id: str | None) -> None:
+        _Chat.update(session_id=session_id).where(_Chat.chat_id == chat_id).execute()
+
+    def touch(self, chat_id: str) -> None:
+        _Chat.update(last_activity=time.time()).where(_Chat.chat_id == chat_id).execute()
+
+    # ---- messages ----
+
+    def record_received(self, message_id: str, chat_id: str, sender_id: str, text: str) -> MessageRecord | None:
+        """Store a new message; None when this message_id was seen before (a redelivery)."""
+        now = time.time()
+        try:
+            with self.db.atomic():
+                row = _Message.create(message_id=message_id, chat_id=chat_id, sender_id=sender_id, text=text,
+                                      state=State.RECEIVED, received_at=now, updated_at=now)
+        except IntegrityError:
+            return None
+        return _message_record(row)
+
+    def message(self, message_id: str) -> MessageRecord:
+        return _message_record(_Message.get(_Message.message_id == message_id))
+
+    def messages(self, chat_id: str | None = None) -> list[MessageRecord]:
+        query = _Message.select().order_by(_Message.id)
+        if chat_id is not None:
+            query = query.where(_Message.chat_id == chat_id)
+        return [_message_record(row) for row in query]
+
+    def unfinished_messages(self) -> list[MessageRecord]:
+        query = _Message.select().where(_Message.state.in_([str(s) for s in UNFINISHED])).order_by(_Message.id)
+        return [_message_record(row) for row in query]
+
+    def mark_queued(self, message_id: str) -> bool:
+        return self._move(message_id, State.QUEUED)
+
+    def mark_running(self, message_id: str) -> bool:
+        return self._move(message_id, State.RUNNING)
+
+    def mark_answered(self, message_id: str, answer: str, cost_usd: float | None,
+                      duration_ms: int | None) -> bool:
+        return self._move(message_id, State.ANSWERED, answer=answer, cost_usd=cost_usd,
+                          duration_ms=duration_ms)
+
+    def mark_delivered(self, message_id: str) -> bool:
+        return self._move(message_id, State.DELIVERED)
+
+    def mark_failed(self, message_id: str, reason: str) -> bool:
+        return self._move(message_id, State.FAILED, error=reason)
+
+    def _move(self, message_id: str, target: State, **fields: object) -> bool:
+        """Move a message to `target` if its current state allows it; False if it did not."""
+        allowed = [str(state) for state in predecessors(target)]
+        updated = (_Message.update(state=target, updated_at=time.time(), **fields)
+                   .where((_Message.message_id == message_id) & (_Message.state.in_(allowed)))
+                   .execute())
+        return updated == 1

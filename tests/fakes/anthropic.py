@@ -1,0 +1,203 @@
+"""A fake Anthropic Messages API that the real `claude` CLI talks to through ANTHROPIC_BASE_URL.
+
+It speaks the real wire protocol (POST /v1/messages, SSE events message_start … message_stop, or one
+JSON message when stream is false) and answers by what the latest user prompt asks for:
+
+- `RUN_BASH: <command>`  answer with a Bash tool_use; after the tool result, say `ran: <result>`
+- `SLOW <seconds>`       stream a first piece of text, wait, then finish
+- `SILENT <seconds>`     wait before sending anything at all
+- anything else          `Fake answer to: <prompt>`
+
+Every request body is recorded in `requests`, so a test can see what the CLI sent (resumed history).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+_BASH = re.compile(r"RUN_BASH:\s*(.+)", re.DOTALL)
+_SLOW = re.compile(r"SLOW\s+(\d+(?:\.\d+)?)")
+_SILENT = re.compile(r"SILENT\s+(\d+(?:\.\d+)?)")
+
+
+def text_of(content: Any) -> str:
+    """The text of a message's content, without the CLI's <system-reminder> blocks."""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for block in content or []:
+        if block.get("type") == "text" and not block.get("text", "").startswith("<system-reminder>"):
+            parts.append(block["text"])
+        elif block.get("type") == "tool_result":
+            parts.append(text_of(block.get("content")))
+    return "\n".join(parts)
+
+
+def latest_user_blocks(body: dict[str, Any]) -> list[dict[str, Any]]:
+    for message in reversed(body.get("messages", [])):
+        if message.get("role") == "user":
+            content = message.get("content")
+            return [{"type": "text", "text": content}] if isinstance(content, str) else content
+    return []
+
+
+class FakeAnthropic:
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> FakeAnthropic:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def prompts(self) -> list[str]:
+        """The text of every user message of every recorded request, in order."""
+        with self._lock:
+            bodies = list(self.requests)
+        return [text_of(m.get("content")) for body in bodies for m in body.get("messages", [])
+                if m.get("role") == "user"]
+
+    def requests_mentioning(self, text: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [body for body in self.requests if text in json.dumps(body)]
+
+    def _record(self, body: dict[str, Any]) -> None:
+        with self._lock:
+            self.requests.append(body)
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length", 0))
+                body = json.loads(self.rfile.read(length) or b"{}")
+                if not self.path.startswith("/v1/messages") or self.path.startswith("/v1/messages/count"):
+                    self._json(200, {"input_tokens": 10}) if "count_tokens" in self.path else self._json(
+                        404, {"type": "error", "error": {"type": "not_found_error", "message": self.path}})
+                    return
+                fake._record(body)
+                blocks, delay_before, delay_mid = plan_answer(body)
+                if delay_before:
+                    time.sleep(delay_before)
+                if body.get("stream"):
+                    self._stream(body, blocks, delay_mid)
+                else:
+                    self._json(200, message_json(body, blocks))
+
+            def do_GET(self) -> None:
+                self._json(404, {"type": "error", "error": {"type": "not_found_error", "message": self.path}})
+
+            def do_HEAD(self) -> None:
+                self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def _json(self, status: int, payload: dict[str, Any]) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _stream(self, body: dict[str, Any], blocks: list[dict[str, Any]], delay_mid: float) -> None:
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.send_header("cache-control", "no-cache")
+                self.send_header("connection", "close")
+                self.end_headers()
+                self.close_connection = True
+                for name, data in sse_events(body, blocks):
+                    self.wfile.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+                    self.wfile.flush()
+                    if name == "content_block_delta" and delay_mid:
+                        time.sleep(delay_mid)
+                        delay_mid = 0
+
+        return Handler
+
+
+def plan_answer(body: dict[str, Any]) -> tuple[list[dict[str, Any]], float, float]:
+    """The content blocks to answer with, a delay before answering, and one in the middle."""
+    blocks = latest_user_blocks(body)
+    results = [b for b in blocks if b.get("type") == "tool_result"]
+    if results:
+        return [{"type": "text", "text": f"ran: {text_of(results[-1].get('content')).strip()}"}], 0, 0
+    prompt = text_of(blocks).strip()
+    if match := _BASH.search(prompt):
+        tool = {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:20]}", "name": "Bash",
+                "input": {"command": match.group(1).strip(), "description": "run the requested command"}}
+        return [tool], 0, 0
+    silent = _SILENT.search(prompt)
+    slow = _SLOW.search(prompt)
+    answer = [{"type": "text", "text": f"Fake answer to: {prompt}"}]
+    return answer, float(silent.group(1)) if silent else 0, float(slow.group(1)) if slow else 0
+
+
+def _message_start(body: dict[str, Any]) -> dict[str, Any]:
+    return {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant",
+            "model": body.get("model", "claude-fake"), "content": [], "stop_reason": None,
+            "stop_sequence": None, "usage": {"input_tokens": 10, "output_tokens": 1}}
+
+
+def _stop_reason(blocks: list[dict[str, Any]]) -> str:
+    return "tool_use" if any(b["type"] == "tool_use" for b in blocks) else "end_turn"
+
+
+def message_json(body: dict[str, Any], blocks: list[dict[str, Any]]) -> dict[str, Any]:
+    return {**_message_start(body), "content": blocks, "stop_reason": _stop_reason(blocks),
+            "usage": {"input_tokens": 10, "output_tokens": 10}}
+
+
+def sse_events(body: dict[str, Any], blocks: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    events: list[tuple[str, dict[str, Any]]] = [
+        ("message_start", {"type": "message_start", "message": _message_start(body)})]
+    for index, block in enumerate(blocks):
+        if block["type"] == "text":
+            start = {"type": "text", "text": ""}
+            text = block["text"]
+            middle = max(1, len(text) // 2)
+            deltas = [{"type": "text_delta", "text": part} for part in (text[:middle], text[middle:]) if part]
+        else:
+            start = {**block, "input": {}}
+            deltas = [{"type": "input_json_delta", "partial_json": json.dumps(block["input"])}]
+        events.append(("content_block_start",
+                       {"type": "content_block_start", "index": index, "content_block": start}))
+        events += [("content_block_delta", {"type": "content_block_delta", "index": index, "delta": d})
+                   for d in deltas]
+        events.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
+    events.append(("message_delta", {"type": "message_delta",
+                                     "delta": {"stop_reason": _stop_reason(blocks), "stop_sequence": None},
+                                     "usage": {"output_tokens": 10}}))
+    events.append(("message_stop", {"type": "message_stop"}))
+    return events
+
+
+if __name__ == "__main__":
+    server = FakeAnthropic().start()
+    print(server.base_url, flush=True)
+    threading.Event().wait()
