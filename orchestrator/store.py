@@ -53,6 +53,7 @@ class _Message(_Table):
     sender_id = CharField(default="")
     text = TextField()
     state = CharField(index=True)
+    turn = CharField(null=True)  # the folder of its latest turn, under the chat's turns/
     error = TextField(null=True)
     answer = TextField(null=True)
     cost_usd = FloatField(null=True)
@@ -82,6 +83,7 @@ class MessageRecord:
     sender_id: str
     text: str
     state: State
+    turn: str | None
     error: str | None
     answer: str | None
     cost_usd: float | None
@@ -97,7 +99,7 @@ def _chat_record(row: _Chat) -> ChatRecord:
 
 def _message_record(row: _Message) -> MessageRecord:
     return MessageRecord(row.id, row.message_id, row.chat_id, row.sender_id, row.text, State(row.state),
-                         row.error, row.answer, row.cost_usd, row.duration_ms, row.received_at,
+                         row.turn, row.error, row.answer, row.cost_usd, row.duration_ms, row.received_at,
                          row.updated_at)
 
 
@@ -172,8 +174,8 @@ class Store:
     def mark_queued(self, message_id: str) -> bool:
         return self._move(message_id, State.QUEUED)
 
-    def mark_running(self, message_id: str) -> bool:
-        return self._move(message_id, State.RUNNING)
+    def mark_running(self, message_id: str, turn: str) -> bool:
+        return self._move(message_id, State.RUNNING, turn=turn)
 
     def mark_answered(self, message_id: str, answer: str, cost_usd: float | None,
                       duration_ms: int | None) -> bool:

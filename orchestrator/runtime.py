@@ -1,0 +1,236 @@
+"""Docker: one container per chat. The only module that imports docker.
+
+Like DockerSpawner, the container name is the idempotency key (derived from the chat id), so a restart
+of the orchestrator re-finds its containers by name, and a create that races another one ends in a 409
+that is adopted. docker-py blocks, so every call runs on this module's own thread pool, never on the
+event loop; the public methods are coroutines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
+
+import docker
+import requests
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from docker.models.containers import Container
+from docker.types import Mount
+
+from orchestrator.config import ChatSettings, Settings
+from orchestrator.layout import ChatPaths
+
+MANAGED_LABEL = "orchestrator.managed"
+CHAT_LABEL = "orchestrator.chat_id"
+CHAT_NAME_LABEL = "orchestrator.chat_name"
+INSTANCE_LABEL = "orchestrator.instance"
+SPEC_LABEL = "orchestrator.spec"
+
+WORKSPACE_PATH = "/workspace"
+CLAUDE_CONFIG_PATH = "/home/agent/.claude"
+TURNS_PATH = "/turns"
+
+T = TypeVar("T")
+
+
+class RuntimeFailure(Exception):
+    """The engine refused or could not be reached; the message is worded for the operator."""
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    name: str
+    image: str
+    labels: dict[str, str]
+    nano_cpus: int
+    mem_limit: int
+    pids_limit: int
+    network: str
+    user: str
+    mounts: tuple[tuple[str, str], ...]  # (host path, container path)
+
+    def fingerprint(self) -> str:
+        """Changes when anything but the labels changes: a container with another one is re-created."""
+        decisive = {k: v for k, v in asdict(self).items() if k != "labels"}
+        return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    name: str
+    id: str
+    status: str  # created, running, paused, restarting, exited, dead, or missing
+    oom_killed: bool = False
+    exit_code: int | None = None
+    chat_id: str = ""
+
+    @property
+    def running(self) -> bool:
+        return self.status == "running"
+
+
+def container_name(instance: str, chat_id: str) -> str:
+    return f"{instance}-{chat_id}"
+
+
+def container_spec(settings: Settings, chat: ChatSettings, paths: ChatPaths, chat_name: str = "") -> ContainerSpec:
+    """What the chat's container must look like: caps, labels, mounts, user. Pure."""
+    limits = chat.limits
+    labels = {MANAGED_LABEL: "true", CHAT_LABEL: chat.chat_id, INSTANCE_LABEL: settings.instance}
+    if chat_name:
+        labels[CHAT_NAME_LABEL] = chat_name
+    return ContainerSpec(
+        name=container_name(settings.instance, chat.chat_id),
+        image=settings.agent.image,
+        labels=labels,
+        nano_cpus=int(limits.cpus * 1_000_000_000),
+        mem_limit=limits.memory,
+        pids_limit=limits.pids_limit,
+        network=limits.network,
+        user=f"{settings.agent.uid}:{settings.agent.uid}",
+        mounts=(
+            (str(chat.workspace), WORKSPACE_PATH),
+            (str(paths.claude_config), CLAUDE_CONFIG_PATH),
+            (str(paths.turns), TURNS_PATH),
+        ),
+    )
+
+
+def _state(container: Container) -> ContainerState:
+    state = container.attrs.get("State", {})
+    return ContainerState(
+        name=container.name,
+        id=container.id,
+        status=container.status,
+        oom_killed=bool(state.get("OOMKilled")),
+        exit_code=state.get("ExitCode"),
+        chat_id=container.labels.get(CHAT_LABEL, ""),
+    )
+
+
+class DockerRuntime:
+    def __init__(self, timeout: float = 120) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="docker")
+        try:
+            self._client = docker.from_env(timeout=timeout)
+        except DockerException as exc:
+            raise RuntimeFailure(f"the Docker engine cannot be reached: {exc}") from exc
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn, *args)
+        except ImageNotFound as exc:
+            raise RuntimeFailure(f"image not found ({exc.explanation}): build it with images/build.sh") from exc
+        except APIError as exc:
+            raise RuntimeFailure(f"the Docker engine refused: {exc.explanation or exc}") from exc
+        except (DockerException, requests.RequestException) as exc:
+            raise RuntimeFailure(f"the Docker engine cannot be reached: {exc}") from exc
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._client.close()
+
+    # ---- lifecycle ----
+
+    async def ensure(self, spec: ContainerSpec) -> ContainerState:
+        """Adopt the chat's container if running, start it if stopped, create it if missing."""
+        return await self._call(self._ensure, spec)
+
+    def _ensure(self, spec: ContainerSpec) -> ContainerState:
+        container = self._find(spec.name)
+        if container is not None and container.labels.get(SPEC_LABEL) != spec.fingerprint():
+            container.remove(force=True)  # its caps or mounts are out of date; all its state is in the mounts
+            container = None
+        if container is None:
+            container = self._create(spec)
+        if container.status == "paused":
+            container.unpause()
+        elif container.status != "running":
+            container.start()
+        container.reload()
+        return _state(container)
+
+    def _find(self, name: str) -> Container | None:
+        try:
+            return self._client.containers.get(name)
+        except NotFound:
+            return None
+
+    def _create(self, spec: ContainerSpec) -> Container:
+        try:
+            return self._client.containers.create(
+                spec.image,
+                name=spec.name,
+                labels={**spec.labels, SPEC_LABEL: spec.fingerprint()},
+                detach=True,
+                user=spec.user,
+                working_dir=WORKSPACE_PATH,
+                nano_cpus=spec.nano_cpus,
+                mem_limit=spec.mem_limit,
+                memswap_limit=spec.mem_limit,  # no swap: the memory cap is the cap
+                pids_limit=spec.pids_limit,
+                network_mode=spec.network,
+                mounts=[Mount(target=target, source=source, type="bind") for source, target in spec.mounts],
+                cap_drop=["ALL"],
+                security_opt=["no-new-privileges"],
+            )
+        except APIError as exc:
+            if exc.status_code != 409:
+                raise
+            return self._client.containers.get(spec.name)  # created meanwhile by someone else: adopt it
+
+    async def inspect(self, name: str) -> ContainerState:
+        return await self._call(self._inspect, name)
+
+    def _inspect(self, name: str) -> ContainerState:
+        container = self._find(name)
+        return _state(container) if container else ContainerState(name=name, id="", status="missing")
+
+    async def stop(self, name: str, grace_seconds: float) -> None:
+        """SIGTERM to the container's init, then SIGKILL after the grace period."""
+        await self._call(self._stop, name, grace_seconds)
+
+    def _stop(self, name: str, grace_seconds: float) -> None:
+        container = self._find(name)
+        if container is not None and container.status in ("running", "paused", "restarting"):
+            container.stop(timeout=max(1, round(grace_seconds)))
+
+    async def remove(self, name: str) -> None:
+        await self._call(self._remove, name)
+
+    def _remove(self, name: str) -> None:
+        container = self._find(name)
+        if container is not None:
+            container.remove(force=True)
+
+    async def list_managed(self, instance: str) -> list[ContainerState]:
+        return await self._call(self._list_managed, instance)
+
+    def _list_managed(self, instance: str) -> list[ContainerState]:
+        labels = [f"{MANAGED_LABEL}=true", f"{INSTANCE_LABEL}={instance}"]
+        return [_state(c) for c in self._client.containers.list(all=True, filters={"label": labels})]
+
+    # ---- processes in a container ----
+
+    async def start_process(self, container_id: str, argv: list[str], env: dict[str, str], user: str) -> None:
+        """Start argv in the container and return at once; it goes on without us (not our child)."""
+        await self._call(self._start_process, container_id, argv, env, user)
+
+    def _start_process(self, container_id: str, argv: list[str], env: dict[str, str], user: str) -> None:
+        exec_id = self._client.api.exec_create(container_id, argv, environment=env, user=user,
+                                               workdir=WORKSPACE_PATH, stdin=False, tty=False)
+        self._client.api.exec_start(exec_id, detach=True)
+
+    async def run(self, container_id: str, argv: list[str], user: str) -> tuple[int, str]:
+        """Run a short command in the container and wait for it: (exit code, output)."""
+        return await self._call(self._run, container_id, argv, user)
+
+    def _run(self, container_id: str, argv: list[str], user: str) -> tuple[int, str]:
+        code, output = self._client.containers.get(container_id).exec_run(argv, user=user)
+        return code, output.decode(errors="replace")
