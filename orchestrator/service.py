@@ -163,7 +163,7 @@ class Service:
                 return result
             log.warning(f"session {session_id} is gone; starting a new one")
             self.store.set_session(message.chat_id, None)
-            self.store.mark_queued(message.message_id)
+            self.store.mark_queued(message.message_id, f"session {session_id} was not found; started a new one")
             await self.channel.notify(message.chat_id,
                                       "The previous conversation could not be found, so this answer starts a new one.")
         return result

@@ -30,15 +30,6 @@ FINAL = frozenset(state for state, following in TRANSITIONS.items() if not follo
 UNFINISHED = frozenset(State) - FINAL
 
 
-class InvalidTransition(Exception):
-    pass
-
-
 def predecessors(target: State) -> frozenset[State]:
     """The states from which a message may move to `target`."""
     return frozenset(state for state, following in TRANSITIONS.items() if target in following)
-
-
-def check(current: State, target: State) -> None:
-    if target not in TRANSITIONS[current]:
-        raise InvalidTransition(f"a {current} message cannot become {target}")

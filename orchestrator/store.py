@@ -171,8 +171,9 @@ class Store:
         query = _Message.select().where(_Message.state.in_([str(s) for s in UNFINISHED])).order_by(_Message.id)
         return [_message_record(row) for row in query]
 
-    def mark_queued(self, message_id: str) -> bool:
-        return self._move(message_id, State.QUEUED)
+    def mark_queued(self, message_id: str, error: str | None = None) -> bool:
+        """Queued for a turn; `error` notes why a message that already ran is queued again."""
+        return self._move(message_id, State.QUEUED, **({"error": error} if error else {}))
 
     def mark_running(self, message_id: str, turn: str) -> bool:
         return self._move(message_id, State.RUNNING, turn=turn)

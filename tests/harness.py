@@ -1,0 +1,129 @@
+"""Drives the real `orchestrator` command as a subprocess, and reads its SQLite store independently."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+AGENT_IMAGE = os.environ.get("ORCHESTRATOR_TEST_IMAGE", "claude-runner:latest")
+
+
+def wait_until(check: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def write_config(path: Path, *, instance: str, api_url: str, **sections: Any) -> Path:
+    """A config for tests: host networking (the fake API is on 127.0.0.1), small caps, fast timeouts."""
+    config: dict[str, Any] = {
+        "data_dir": "./data",
+        "instance": instance,
+        "agent": {"image": AGENT_IMAGE, "idle_timeout": 60,
+                  "env": {"ANTHROPIC_BASE_URL": api_url, "ANTHROPIC_API_KEY": "sk-test-fake"}},
+        "defaults": {"cpus": 1, "memory": "512m", "pids_limit": 200, "network": "host"},
+    }
+    for key, value in sections.items():
+        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+class Orchestrator:
+    """`orchestrator run` in console mode: stdin lines are messages to one chat, stdout the answers."""
+
+    def __init__(self, config: Path, chat: str = "console") -> None:
+        self.config = config
+        self.chat = chat
+        self.stdout: list[str] = []
+        self.log_path = config.parent / f"orchestrator-{chat}-{time.monotonic_ns()}.log"
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in wait()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", "run", "--config", str(config), "--chat", chat],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.stdout.append(line.rstrip("\n"))
+
+    def send(self, text: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(text + "\n")
+        self.process.stdin.flush()
+
+    def wait_output(self, text: str, timeout: float = 60) -> str:
+        return wait_until(lambda: next((line for line in self.stdout if text in line), None), timeout,
+                          f"{text!r} on stdout; log:\n{self.log()}")
+
+    def finish(self, timeout: float = 120) -> int:
+        """Close the input: the service answers what is queued, then exits."""
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        return self.wait(timeout)
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.wait(10)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            code = self.process.wait(timeout)
+        finally:
+            self._reader.join(5)
+            self._log.close()
+        return code
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()
+
+
+class StoreView:
+    """Reads the orchestrator's SQLite file with plain sqlite3, not through our store module."""
+
+    def __init__(self, db_path: Path) -> None:
+        self.db_path = db_path
+
+    def _rows(self, sql: str, *args: Any) -> list[dict[str, Any]]:
+        with sqlite3.connect(self.db_path) as db:
+            db.row_factory = sqlite3.Row
+            return [dict(row) for row in db.execute(sql, args)]
+
+    def messages(self, chat_id: str) -> list[dict[str, Any]]:
+        return self._rows("select * from messages where chat_id = ? order by id", chat_id)
+
+    def chat(self, chat_id: str) -> dict[str, Any]:
+        rows = self._rows("select * from chats where chat_id = ?", chat_id)
+        assert rows, f"chat {chat_id} is not in the store"
+        return rows[0]
+
+    def set_session(self, chat_id: str, session_id: str) -> None:
+        with sqlite3.connect(self.db_path) as db:
+            db.execute("update chats set session_id = ? where chat_id = ?", (session_id, chat_id))
+
+
+def status_json(config: Path) -> list[dict[str, Any]]:
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "status", "--config", str(config), "--json"],
+                         capture_output=True, text=True, check=True, timeout=60)
+    return json.loads(out.stdout)
