@@ -21,7 +21,8 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.QUEUED: frozenset({State.RUNNING, State.FAILED}),
     # running → queued: a turn handed back to the queue (a fresh session after an unknown one).
     State.RUNNING: frozenset({State.ANSWERED, State.FAILED, State.QUEUED}),
-    State.ANSWERED: frozenset({State.DELIVERED}),
+    # answered → failed: only when the answer proved undeliverable for good.
+    State.ANSWERED: frozenset({State.DELIVERED, State.FAILED}),
     State.DELIVERED: frozenset(),
     State.FAILED: frozenset(),
 }

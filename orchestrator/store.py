@@ -8,6 +8,7 @@ so a transition happens once even when two workers race for it. Nothing here cle
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,38 @@ class _Message(_Table):
         table_name = "messages"
 
 
+class _Outbox(_Table):
+    """Everything the bot says in a chat, kept until it is delivered: answers, failures, notices."""
+
+    id = AutoField()
+    key = CharField(unique=True)  # sent with each send, so Feishu drops a repeat of it
+    chat_id = CharField(index=True)
+    reply_to = CharField(null=True)  # the chat message this answers
+    message_id = CharField(null=True)  # our message whose answer this is; delivered when this is
+    text = TextField()
+    card = CharField(null=True)  # a streaming card to finish with this text
+    state = CharField(index=True, default="pending")  # pending, sent, dead
+    attempts = IntegerField(default=0)
+    next_attempt_at = FloatField()
+    last_error = TextField(null=True)
+    created_at = FloatField()
+    sent_at = FloatField(null=True)
+
+    class Meta:
+        table_name = "outbox"
+
+
+class _Refusal(_Table):
+    """Chats that were told once that they are not allowed."""
+
+    chat_id = CharField(primary_key=True)
+    refused_at = FloatField()
+    messages = IntegerField(default=1)
+
+    class Meta:
+        table_name = "refusals"
+
+
 @dataclass(frozen=True)
 class ChatRecord:
     chat_id: str
@@ -92,6 +125,20 @@ class MessageRecord:
     updated_at: float
 
 
+@dataclass(frozen=True)
+class OutboxRecord:
+    id: int
+    key: str
+    chat_id: str
+    reply_to: str | None
+    message_id: str | None
+    text: str
+    card: str | None
+    state: str
+    attempts: int
+    last_error: str | None
+
+
 def _chat_record(row: _Chat) -> ChatRecord:
     return ChatRecord(row.chat_id, row.name, row.container_name, row.container_id, row.session_id,
                       row.last_activity)
@@ -101,6 +148,11 @@ def _message_record(row: _Message) -> MessageRecord:
     return MessageRecord(row.id, row.message_id, row.chat_id, row.sender_id, row.text, State(row.state),
                          row.turn, row.error, row.answer, row.cost_usd, row.duration_ms, row.received_at,
                          row.updated_at)
+
+
+def _outbox_record(row: _Outbox) -> OutboxRecord:
+    return OutboxRecord(row.id, row.key, row.chat_id, row.reply_to, row.message_id, row.text, row.card, row.state,
+                        row.attempts, row.last_error)
 
 
 class Store:
@@ -113,7 +165,7 @@ class Store:
             "synchronous": "full",  # an answered state must survive a host crash, not only ours
         })
         _database.initialize(self.db)
-        self.db.create_tables([_Chat, _Message])
+        self.db.create_tables([_Chat, _Message, _Outbox, _Refusal])
 
     def close(self) -> None:
         self.db.close()
@@ -196,3 +248,84 @@ class Store:
                    .where((_Message.message_id == message_id) & (_Message.state.in_(allowed)))
                    .execute())
         return updated == 1
+
+    def answer(self, message_id: str, text: str, cost_usd: float | None, duration_ms: int | None,
+               card: str | None) -> bool:
+        """The answer is stored and queued for delivery in one transaction: it can't be lost between."""
+        with self.db.atomic():
+            if not self.mark_answered(message_id, text, cost_usd, duration_ms):
+                return False
+            self._say(self.message(message_id).chat_id, text, reply_to=message_id, message_id=message_id, card=card)
+        return True
+
+    def fail(self, message_id: str, reason: str, text: str, card: str | None = None) -> bool:
+        """The message failed for `reason`; the user is told `text`, durably."""
+        with self.db.atomic():
+            if not self.mark_failed(message_id, reason):
+                return False
+            self._say(self.message(message_id).chat_id, text, reply_to=message_id, card=card)
+        return True
+
+    # ---- outbox ----
+
+    def say(self, chat_id: str, text: str, reply_to: str | None = None) -> OutboxRecord:
+        """Queue a message to a chat that answers no turn (a notice, a command's reply, `orchestrator notify`)."""
+        return self._say(chat_id, text, reply_to=reply_to)
+
+    def _say(self, chat_id: str, text: str, reply_to: str | None = None, message_id: str | None = None,
+             card: str | None = None) -> OutboxRecord:
+        now = time.time()
+        row = _Outbox.create(key=uuid.uuid4().hex, chat_id=chat_id, reply_to=reply_to, message_id=message_id,
+                             text=text, card=card, next_attempt_at=now, created_at=now)
+        return _outbox_record(row)
+
+    def pending_outbox(self) -> int:
+        return _Outbox.select().where(_Outbox.state == "pending").count()
+
+    def due_outbox(self) -> list[OutboxRecord]:
+        """Pending items whose time has come, oldest first; a chat's later items wait for its earlier ones."""
+        rows = _Outbox.select().where(_Outbox.state == "pending").order_by(_Outbox.id)
+        now, blocked, due = time.time(), set(), []
+        for row in rows:
+            if row.chat_id in blocked:
+                continue
+            if row.next_attempt_at > now:
+                blocked.add(row.chat_id)
+                continue
+            due.append(_outbox_record(row))
+        return due
+
+    def outbox(self, chat_id: str) -> list[OutboxRecord]:
+        return [_outbox_record(row) for row in _Outbox.select().where(_Outbox.chat_id == chat_id).order_by(_Outbox.id)]
+
+    def mark_sent(self, item: OutboxRecord) -> None:
+        with self.db.atomic():
+            _Outbox.update(state="sent", sent_at=time.time(), attempts=_Outbox.attempts + 1).where(
+                _Outbox.id == item.id).execute()
+            if item.message_id:
+                self.mark_delivered(item.message_id)
+
+    def mark_retry(self, item: OutboxRecord, error: str, delay: float) -> None:
+        _Outbox.update(attempts=_Outbox.attempts + 1, last_error=error, next_attempt_at=time.time() + delay).where(
+            _Outbox.id == item.id).execute()
+
+    def mark_dead(self, item: OutboxRecord, error: str) -> None:
+        """Undeliverable for good (the bot left the chat, the chat is gone): stop trying, keep the record."""
+        with self.db.atomic():
+            _Outbox.update(state="dead", attempts=_Outbox.attempts + 1, last_error=error).where(
+                _Outbox.id == item.id).execute()
+            if item.message_id:
+                self.mark_failed(item.message_id, f"the answer could not be delivered: {error}")
+
+    # ---- refusals ----
+
+    def record_refusal(self, chat_id: str) -> bool:
+        """True the first time a chat is refused, so it is told once."""
+        try:
+            with self.db.atomic():
+                _Refusal.create(chat_id=chat_id, refused_at=time.time())
+            return True
+        except IntegrityError:
+            pass
+        _Refusal.update(messages=_Refusal.messages + 1).where(_Refusal.chat_id == chat_id).execute()
+        return False

@@ -8,7 +8,7 @@ import threading
 import uuid
 from typing import TextIO
 
-from orchestrator.channels import Incoming, Submit
+from orchestrator.channels import Incoming, Outgoing, Submit
 
 CONSOLE_CHAT_ID = "console"
 
@@ -19,6 +19,7 @@ class ConsoleChannel:
         self.chat_id = chat_id
         self.source = source
         self.sink = sink
+        self._shown: dict[str, str] = {}  # what each streamed answer printed so far, by display id
 
     async def run(self, submit: Submit) -> None:
         """Until end of input. Lines are read on a daemon thread: a blocked read never holds up exit."""
@@ -38,33 +39,42 @@ class ConsoleChannel:
             text = line.strip()
             if text:
                 await submit(Incoming(chat_id=self.chat_id, message_id=f"console-{uuid.uuid4().hex}",
-                                      sender_id="console", text=text))
+                                      sender_id="console", text=text, trusted=True))
 
-    def reply_to(self, chat_id: str, message_id: str) -> ConsoleReply:
-        return ConsoleReply(self.sink)
+    def display(self, chat_id: str, message_id: str) -> ConsoleDisplay:
+        return ConsoleDisplay(self, message_id)
 
-    async def notify(self, chat_id: str, text: str) -> None:
-        _write(self.sink, f"[{text}]\n")
+    async def deliver(self, item: Outgoing) -> None:
+        shown = self._shown.pop(item.card, "") if item.card else ""
+        if shown and item.text.startswith(shown):
+            self.write(f"{item.text[len(shown):]}\n")
+        else:
+            self.write(f"{chr(10) if shown else ''}{item.text}\n")
+
+    def remember(self, display_id: str, shown: str) -> None:
+        self._shown[display_id] = shown
+
+    def write(self, text: str) -> None:
+        self.sink.write(text)
+        self.sink.flush()
 
 
-class ConsoleReply:
-    def __init__(self, sink: TextIO) -> None:
-        self.sink = sink
+class ConsoleDisplay:
+    def __init__(self, channel: ConsoleChannel, display_id: str) -> None:
+        self.channel = channel
+        self.display_id = display_id
         self.shown = ""
 
-    async def progress(self, text_so_far: str) -> None:
+    async def start(self) -> None:
+        pass
+
+    async def update(self, text_so_far: str) -> None:
         if text_so_far.startswith(self.shown):
-            _write(self.sink, text_so_far[len(self.shown):])
+            self.channel.write(text_so_far[len(self.shown):])
             self.shown = text_so_far
 
-    async def finish(self, text: str) -> None:
-        rest = text[len(self.shown):] if text.startswith(self.shown) else f"\n{text}"
-        _write(self.sink, f"{rest}\n")
-
-    async def fail(self, reason: str) -> None:
-        _write(self.sink, f"{chr(10) if self.shown else ''}error: {reason}\n")
-
-
-def _write(sink: TextIO, text: str) -> None:
-    sink.write(text)
-    sink.flush()
+    async def end(self) -> str | None:
+        if not self.shown:
+            return None
+        self.channel.remember(self.display_id, self.shown)
+        return self.display_id

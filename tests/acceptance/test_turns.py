@@ -168,7 +168,7 @@ def test_a_crashed_cli_ends_the_turn_with_a_recorded_error(
     pid = wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), 60, "the CLI's pid")
     wait_until(lambda: fake_api.requests_mentioning("SLOW 30 then crash"), 60, "the CLI to call the model")
     docker_client.containers.get(f"{instance}-epsilon").exec_run(["kill", "-KILL", pid])
-    bot.wait_output("error: Claude Code stopped without an answer")
+    bot.wait_output("Claude Code stopped without an answer")
     assert bot.finish() == 0
     message = store_view.messages("epsilon")[0]
     assert message["state"] == "failed"
@@ -178,7 +178,7 @@ def test_a_crashed_cli_ends_the_turn_with_a_recorded_error(
 def test_a_silent_cli_is_stopped_after_the_idle_timeout(make_config, store_view: StoreView) -> None:
     bot = Orchestrator(make_config(agent={"idle_timeout": 3}), chat="zeta")
     bot.send("SILENT 60 please")
-    bot.wait_output("error: Claude Code produced no output for 3 seconds", timeout=60)
+    bot.wait_output("Claude Code produced no output for 3 seconds", timeout=60)
     bot.send("are you back")
     bot.wait_output("Fake answer to: are you back")
     assert bot.finish() == 0

@@ -14,7 +14,7 @@ def test_the_happy_path_is_allowed() -> None:
 @pytest.mark.parametrize(("current", "target"), [
     (State.DELIVERED, State.RUNNING),
     (State.FAILED, State.QUEUED),
-    (State.ANSWERED, State.FAILED),  # an answer is kept for delivery, never turned into a failure
+    (State.ANSWERED, State.QUEUED),  # an answer is kept for delivery, never run a second time
     (State.RECEIVED, State.RUNNING),
     (State.QUEUED, State.ANSWERED),
 ])

@@ -36,7 +36,7 @@ def test_transitions_happen_once_and_in_order(store: Store) -> None:
     assert store.mark_running("om_1", "1-1")
     assert store.mark_answered("om_1", "hi there", 0.01, 120)
     assert not store.mark_answered("om_1", "a second answer", None, None)
-    assert not store.mark_failed("om_1", "too late")
+    assert not store.mark_queued("om_1")
     assert store.mark_delivered("om_1")
     message = store.message("om_1")
     assert (message.state, message.answer, message.turn, message.error) == (State.DELIVERED, "hi there", "1-1", None)
@@ -68,3 +68,54 @@ def test_session_ids_survive_reopening(tmp_path: Path) -> None:
     reopened.close()
     with sqlite3.connect(path) as db:
         assert db.execute("select session_id from chats").fetchall() == [("sess-1",)]
+
+
+def answered(store: Store, message_id: str, chat_id: str = "oc_a", text: str = "the answer") -> None:
+    store.record_received(message_id, chat_id, "ou_1", "question")
+    store.mark_queued(message_id)
+    store.mark_running(message_id, "t")
+    assert store.answer(message_id, text, 0.01, 100, card="card_1")
+
+
+def test_an_answer_is_queued_for_delivery_with_it_and_delivered_once(store: Store) -> None:
+    answered(store, "om_1")
+    [item] = store.due_outbox()
+    assert (item.chat_id, item.reply_to, item.message_id, item.text, item.card) == \
+        ("oc_a", "om_1", "om_1", "the answer", "card_1")
+    assert store.message("om_1").state is State.ANSWERED
+    store.mark_sent(item)
+    assert store.message("om_1").state is State.DELIVERED
+    assert store.due_outbox() == [] and store.pending_outbox() == 0
+
+
+def test_a_failure_is_told_to_the_user(store: Store) -> None:
+    store.record_received("om_1", "oc_a", "ou_1", "question")
+    store.mark_queued("om_1")
+    assert store.fail("om_1", "it broke", "partial text\n\nit broke")
+    [item] = store.due_outbox()
+    assert item.text == "partial text\n\nit broke" and item.message_id is None
+    assert store.message("om_1").error == "it broke"
+
+
+def test_a_chat_waits_for_its_earlier_items_while_other_chats_go_on(store: Store) -> None:
+    answered(store, "om_1", "oc_a", "first")
+    answered(store, "om_2", "oc_a", "second")
+    answered(store, "om_3", "oc_b", "other chat")
+    first = store.due_outbox()[0]
+    store.mark_retry(first, "429", delay=30)
+    assert [i.text for i in store.due_outbox()] == ["other chat"]
+    assert store.outbox("oc_a")[0].attempts == 1 and store.outbox("oc_a")[0].last_error == "429"
+
+
+def test_an_undeliverable_answer_fails_its_message(store: Store) -> None:
+    answered(store, "om_1")
+    store.mark_dead(store.due_outbox()[0], "bot was removed from the chat")
+    assert store.message("om_1").state is State.FAILED
+    assert "could not be delivered: bot was removed" in store.message("om_1").error
+    assert store.due_outbox() == []
+
+
+def test_a_chat_is_refused_once(store: Store) -> None:
+    assert store.record_refusal("oc_x")
+    assert not store.record_refusal("oc_x")
+    assert store.record_refusal("oc_y")
