@@ -164,8 +164,8 @@ def outcome(transcript: Transcript, exit_code: int | None, stderr: str) -> Answe
     if result.is_error:
         detail = "; ".join(result.errors) or result.text or result.subtype
         return Failure(f"Claude Code reported an error: {detail}", partial_text=transcript.text_so_far)
-    return Answer(
-        text=result.text or transcript.text_so_far or "(Claude Code finished without any text.)",
+    return Answer(  # all it said, not only its last words: the chat saw the rest streaming
+        text=transcript.text_so_far or result.text or "(Claude Code finished without any text.)",
         session_id=transcript.session_id,
         cost_usd=result.cost_usd,
         duration_ms=result.duration_ms,

@@ -1,4 +1,4 @@
-"""`orchestrator run | status | config check`."""
+"""`orchestrator run | status | notify | config check`."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from collections.abc import Sequence
 
 from loguru import logger
 
+from orchestrator.channels import Channel
 from orchestrator.channels.console import CONSOLE_CHAT_ID, ConsoleChannel
-from orchestrator.config import ConfigError, Settings, load_settings
+from orchestrator.channels.feishu import FeishuChannel
+from orchestrator.config import ConfigError, Settings, load_settings, resolve_chat
 from orchestrator.ids import is_valid_chat_id
 from orchestrator.logs import setup_logging
 from orchestrator.runtime import DockerRuntime, RuntimeFailure
@@ -38,6 +40,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     _config_option(status)
     status.add_argument("--json", action="store_true", help="print JSON")
 
+    notify = commands.add_parser("notify", help="post a message to a chat through the running service's outbox "
+                                                "and rate limiter (for scripts and long jobs)")
+    _config_option(notify)
+    notify.add_argument("--chat", required=True, help="the chat id")
+    notify.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                        help="wait up to this long for delivery (exit 1 if it has not happened)")
+    notify.add_argument("text", help="the message")
+
     config = commands.add_parser("config", help="config file commands")
     config_commands = config.add_subparsers(dest="config_command", required=True)
     _config_option(config_commands.add_parser("check", help="validate the config file"))
@@ -53,6 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "status":
         return _status(settings, args.json)
+    if args.command == "notify":
+        return _notify(settings, args.chat, args.text, args.wait)
     return _run(settings, args.chat, args.log_json)
 
 
@@ -76,14 +88,42 @@ def _run(settings: Settings, console_chat: str, log_json: bool) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     store = Store(settings.db_path)
-    logger.info(f"data in {settings.data_dir}; agent image {settings.agent.image}; "
-                f"talking to the terminal as chat {console_chat}")
+    channel: Channel
+    if settings.feishu.configured:
+        def require_mention(chat_id: str) -> bool:
+            return resolve_chat(settings, chat_id).options.require_mention
+
+        channel = FeishuChannel(settings.feishu, require_mention)
+        where = f"Feishu ({settings.feishu.mode}, {settings.feishu.domain})"
+    else:
+        channel = ConsoleChannel(console_chat)
+        where = f"the terminal as chat {console_chat}"
+    logger.info(f"data in {settings.data_dir}; agent image {settings.agent.image}; talking to {where}")
     try:
-        asyncio.run(Service(settings, store, runtime, ConsoleChannel(console_chat)).run())
+        asyncio.run(Service(settings, store, runtime, channel).run())
     finally:
         store.close()
         runtime.close()
     logger.info("stopped")
+    return 0
+
+
+def _notify(settings: Settings, chat_id: str, text: str, wait: float) -> int:
+    if not is_valid_chat_id(chat_id):
+        print(f"--chat {chat_id!r} is not a valid chat id", file=sys.stderr)
+        return 2
+    store = Store(settings.db_path)
+    item = store.say(chat_id, text)
+    print(f"queued as outbox item {item.id}")
+    deadline = time.monotonic() + wait
+    while store.outbox_item(item.id).state == "pending" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    state = store.outbox_item(item.id)
+    store.close()
+    if wait and state.state != "sent":
+        print(f"not delivered yet ({state.state}; {state.last_error or 'the service has not sent it'}); "
+              "it stays queued", file=sys.stderr)
+        return 1
     return 0
 
 

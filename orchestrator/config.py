@@ -34,14 +34,15 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
-class ChatLimits:
-    """What one chat's container gets. `defaults` sets them for all chats, `groups.<chat_id>` per chat."""
+class ChatOptions:
+    """How one chat is served. `defaults` sets them for all chats, `groups.<chat_id>` per chat."""
 
     cpus: float = 1.0
     memory: int = 2 * 1024**3
     pids_limit: int = 256
     network: str = "bridge"
     workspace: str | None = None  # host folder; None: <data_dir>/chats/<chat_id>/workspace
+    require_mention: bool = True  # in a group chat, answer only when the bot is mentioned
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,12 @@ class FeishuSettings:
     mode: str = "websocket"
     verification_token: str = ""
     encrypt_key: str = ""
+    rate_per_chat: int = 5  # sends per second to one chat (Feishu: 5 QPS per user and per group)
+    rate_per_app: int = 50  # sends per second for the whole app
+    rate_per_app_minute: int = 1000  # sends per minute for the whole app
+    webhook_host: str = "127.0.0.1"  # webhook mode: where the event endpoint listens
+    webhook_port: int = 8080
+    webhook_path: str = "/feishu/events"
 
     @property
     def configured(self) -> bool:
@@ -90,7 +97,7 @@ class Settings:
     data_dir: Path
     instance: str = "orchestrator"
     agent: AgentSettings = field(default_factory=AgentSettings)
-    defaults: ChatLimits = field(default_factory=ChatLimits)
+    defaults: ChatOptions = field(default_factory=ChatOptions)
     groups: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     access: AccessSettings = field(default_factory=AccessSettings)
     feishu: FeishuSettings = field(default_factory=FeishuSettings)
@@ -105,18 +112,18 @@ class ChatSettings:
     """Everything that decides one chat's container, resolved from defaults and its group entry."""
 
     chat_id: str
-    limits: ChatLimits
+    options: ChatOptions
     workspace: Path
 
 
 def resolve_chat(settings: Settings, chat_id: str) -> ChatSettings:
     """Defaults overlaid with `groups.<chat_id>`; the workspace made an absolute host path."""
-    limits = dataclasses.replace(settings.defaults, **settings.groups.get(chat_id, {}))
-    if limits.workspace is None:
+    options = dataclasses.replace(settings.defaults, **settings.groups.get(chat_id, {}))
+    if options.workspace is None:
         workspace = settings.data_dir / "chats" / chat_id / "workspace"
     else:
-        workspace = settings.data_dir / limits.workspace.replace("{chat_id}", chat_id)
-    return ChatSettings(chat_id=chat_id, limits=limits, workspace=workspace)
+        workspace = settings.data_dir / options.workspace.replace("{chat_id}", chat_id)
+    return ChatSettings(chat_id=chat_id, options=options, workspace=workspace)
 
 
 # ---- loading ----------------------------------------------------------------------------------------
@@ -137,7 +144,7 @@ def parse_settings(raw: object, source: Path, environ: Mapping[str, str]) -> Set
     reader = _Reader(source.name, environ)
     top = reader.section(raw, "", ("data_dir", "instance", "agent", "defaults", "groups", "access", "feishu"))
     data_dir = Path(reader.string(top, "data_dir", "./data"))
-    defaults = reader.limits(top.get("defaults"), "defaults", ChatLimits())
+    defaults = reader.options(top.get("defaults"), "defaults", ChatOptions())
     if defaults.workspace is not None and "{chat_id}" not in defaults.workspace:
         raise reader.error("defaults.workspace", "must contain {chat_id}, or every chat would share one folder")
     instance = reader.string(top, "instance", "orchestrator")
@@ -202,12 +209,12 @@ class _Reader:
     def string(self, raw: Mapping[str, Any], name: str, default: Any, key: str = "") -> Any:
         return self.value(raw, name, key, default, _string)
 
-    def limits(self, raw: object, key: str, base: ChatLimits) -> ChatLimits:
-        return dataclasses.replace(base, **self.limit_overrides(raw, key))
+    def options(self, raw: object, key: str, base: ChatOptions) -> ChatOptions:
+        return dataclasses.replace(base, **self.option_overrides(raw, key))
 
-    def limit_overrides(self, raw: object, key: str) -> dict[str, Any]:
+    def option_overrides(self, raw: object, key: str) -> dict[str, Any]:
         fields = {"cpus": _cpus, "memory": _memory, "pids_limit": _positive_int, "network": _string,
-                  "workspace": _string}
+                  "workspace": _string, "require_mention": _boolean}
         section = self.section(raw, key, tuple(fields))
         return {name: self.value(section, name, key, None, convert)
                 for name, convert in fields.items() if section.get(name) is not None}
@@ -221,7 +228,7 @@ class _Reader:
         for chat_id, group in raw.items():
             if not is_valid_chat_id(chat_id):
                 raise self.error(f"groups.{chat_id}", "not a valid chat id (letters, digits, '_', '-')")
-            groups[chat_id] = self.limit_overrides(group, f"groups.{chat_id}")
+            groups[chat_id] = self.option_overrides(group, f"groups.{chat_id}")
         return groups
 
     def agent(self, raw: object) -> AgentSettings:
@@ -261,9 +268,9 @@ class _Reader:
     def feishu(self, raw: object) -> FeishuSettings:
         key = "feishu"
         section = self.section(raw, key, tuple(f.name for f in dataclasses.fields(FeishuSettings)))
-        values = {name: self.value(section, name, key, None, _string) for name in section}
-        if values.get("mode") is not None:
-            values["mode"] = self.value(section, "mode", key, None, _choice(FEISHU_MODES))
+        converters = {"mode": _choice(FEISHU_MODES), "rate_per_chat": _positive_int, "rate_per_app": _positive_int,
+                      "rate_per_app_minute": _positive_int, "webhook_port": _port}
+        values = {name: self.value(section, name, key, None, converters.get(name, _string)) for name in section}
         return FeishuSettings(**{name: value for name, value in values.items() if value is not None})
 
 
@@ -278,6 +285,12 @@ def _string(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise ValueError(f"{value!r} must be a string")
     return str(value)
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{value!r} must be true or false")
+    return value
 
 
 def _string_list(value: Any) -> tuple[str, ...]:
@@ -305,6 +318,13 @@ def _positive_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{value!r} must be a whole number above 0")
     return value
+
+
+def _port(value: Any) -> int:
+    port = _positive_int(value)
+    if port > 65535:
+        raise ValueError(f"{value!r} is not a port number")
+    return port
 
 
 def _memory(value: Any) -> int:

@@ -80,7 +80,7 @@ def container_name(instance: str, chat_id: str) -> str:
 
 def container_spec(settings: Settings, chat: ChatSettings, paths: ChatPaths, chat_name: str = "") -> ContainerSpec:
     """What the chat's container must look like: caps, labels, mounts, user. Pure."""
-    limits = chat.limits
+    options = chat.options
     labels = {MANAGED_LABEL: "true", CHAT_LABEL: chat.chat_id, INSTANCE_LABEL: settings.instance}
     if chat_name:
         labels[CHAT_NAME_LABEL] = chat_name
@@ -88,10 +88,10 @@ def container_spec(settings: Settings, chat: ChatSettings, paths: ChatPaths, cha
         name=container_name(settings.instance, chat.chat_id),
         image=settings.agent.image,
         labels=labels,
-        nano_cpus=int(limits.cpus * 1_000_000_000),
-        mem_limit=limits.memory,
-        pids_limit=limits.pids_limit,
-        network=limits.network,
+        nano_cpus=int(options.cpus * 1_000_000_000),
+        mem_limit=options.memory,
+        pids_limit=options.pids_limit,
+        network=options.network,
         user=f"{settings.agent.uid}:{settings.agent.uid}",
         mounts=(
             (str(chat.workspace), WORKSPACE_PATH),

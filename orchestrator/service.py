@@ -60,6 +60,7 @@ class Service:
         self.workers: dict[str, asyncio.Task[None]] = {}
         self.running: dict[str, RunningTurn] = {}
         self._outbox_wakeup = asyncio.Event()
+        self._commands: set[asyncio.Task[None]] = set()
 
     @property
     def agent_user(self) -> str:
@@ -128,7 +129,10 @@ class Service:
             self._reply_directly(message, f"I can read text and rich-text messages; {incoming.kind} messages "
                                           "are not supported yet.")
         elif (command := incoming.text.strip().lower()) in COMMANDS:
-            await COMMANDS[command](self, message)
+            # not awaited: the channel acks once the message is stored, and /status asks the engine
+            task = asyncio.create_task(COMMANDS[command](self, message), name=f"{command} {message.message_id}")
+            self._commands.add(task)
+            task.add_done_callback(self._commands.discard)
         else:
             self._enqueue(message)
 
@@ -191,7 +195,7 @@ class Service:
 
     async def _status(self, message: MessageRecord) -> None:
         chat = self.store.chat(message.chat_id)
-        limits = resolve_chat(self.settings, message.chat_id).limits
+        limits = resolve_chat(self.settings, message.chat_id).options
         state = await self.runtime.inspect(chat.container_name) if chat.container_name else None
         waiting = [m for m in self.store.unfinished_messages() if m.chat_id == message.chat_id
                    and m.state in (State.RECEIVED, State.QUEUED)]

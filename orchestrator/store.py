@@ -295,6 +295,9 @@ class Store:
             due.append(_outbox_record(row))
         return due
 
+    def outbox_item(self, item_id: int) -> OutboxRecord:
+        return _outbox_record(_Outbox.get_by_id(item_id))
+
     def outbox(self, chat_id: str) -> list[OutboxRecord]:
         return [_outbox_record(row) for row in _Outbox.select().where(_Outbox.chat_id == chat_id).order_by(_Outbox.id)]
 

@@ -47,17 +47,18 @@ def write_config(path: Path, *, instance: str, api_url: str, **sections: Any) ->
 
 
 class Orchestrator:
-    """`orchestrator run` in console mode: stdin lines are messages to one chat, stdout the answers."""
+    """`orchestrator run`. In console mode (no Feishu in the config) stdin lines are messages to one chat
+    and stdout the answers; with Feishu configured it talks to the fake Feishu and stdin is unused."""
 
     def __init__(self, config: Path, chat: str = "console") -> None:
         self.config = config
-        self.chat = chat
         self.stdout: list[str] = []
         self.log_path = config.parent / f"orchestrator-{chat}-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in wait()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "orchestrator.cli", "run", "--config", str(config), "--chat", chat],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1,
+            env={**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"},
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -85,6 +86,13 @@ class Orchestrator:
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)
         self.wait(10)
+
+    def stop(self, timeout: float = 120) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def wait_log(self, text: str, timeout: float = 60) -> None:
+        wait_until(lambda: text in self.log(), timeout, f"{text!r} in the log:\n{self.log()}")
 
     def wait(self, timeout: float) -> int:
         try:
@@ -121,6 +129,11 @@ class StoreView:
     def set_session(self, chat_id: str, session_id: str) -> None:
         with sqlite3.connect(self.db_path) as db:
             db.execute("update chats set session_id = ? where chat_id = ?", (session_id, chat_id))
+
+
+def run_cli(config: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args[:1], "--config", str(config), *args[1:]],
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def status_json(config: Path) -> list[dict[str, Any]]:

@@ -3,7 +3,7 @@
 It speaks the real wire protocol (POST /v1/messages, SSE events message_start … message_stop, or one
 JSON message when stream is false) and answers by what the latest user prompt asks for:
 
-- `RUN_BASH: <command>`  answer with a Bash tool_use; after the tool result, say `ran: <result>`
+- `RUN_BASH: <command>`  say `Running it now.` and ask for a Bash tool_use; after its result, `ran: <result>`
 - `SLOW <seconds>`       stream a first piece of text, wait, then finish
 - `SILENT <seconds>`     wait before sending anything at all
 - anything else          `Fake answer to: <prompt>`
@@ -154,7 +154,7 @@ def plan_answer(body: dict[str, Any]) -> tuple[list[dict[str, Any]], float, floa
     if match := _BASH.search(prompt):
         tool = {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:20]}", "name": "Bash",
                 "input": {"command": match.group(1).strip(), "description": "run the requested command"}}
-        return [tool], 0, 0
+        return [{"type": "text", "text": "Running it now."}, tool], 0, 0
     silent = _SILENT.search(prompt)
     slow = _SLOW.search(prompt)
     answer = [{"type": "text", "text": f"Fake answer to: {prompt}"}]

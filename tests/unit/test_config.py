@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.config import ChatLimits, ConfigError, load_settings, resolve_chat
+from orchestrator.config import ChatOptions, ConfigError, load_settings, resolve_chat
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,7 +34,7 @@ def test_the_shipped_example_config_loads() -> None:
 def test_empty_config_gives_defaults(tmp_path: Path) -> None:
     settings = load_settings(write(tmp_path, ""), {})
     assert settings.data_dir == tmp_path / "data"
-    assert settings.defaults == ChatLimits()
+    assert settings.defaults == ChatOptions()
     assert settings.feishu.domain == "https://open.feishu.cn"
     assert settings.feishu.mode == "websocket"
     assert not settings.access.allows("oc_any", "ou_any")
@@ -57,8 +57,8 @@ def test_group_settings_override_defaults_for_one_chat(tmp_path: Path) -> None:
     }), {})
     big = resolve_chat(settings, "oc_big")
     other = resolve_chat(settings, "oc_other")
-    assert big.limits == ChatLimits(cpus=0.5, memory=int(1.5 * 1024**3), pids_limit=100, network="none")
-    assert other.limits == ChatLimits(cpus=2.0, memory=1024**3, pids_limit=100, network="none")
+    assert big.options == ChatOptions(cpus=0.5, memory=int(1.5 * 1024**3), pids_limit=100, network="none")
+    assert other.options == ChatOptions(cpus=2.0, memory=1024**3, pids_limit=100, network="none")
     assert other.workspace == tmp_path / "data" / "chats" / "oc_other" / "workspace"
 
 

@@ -1,0 +1,373 @@
+"""Feishu (Lark) through the official lark-oapi SDK: events in, replies and streaming cards out.
+
+The only module that imports lark_oapi. Events arrive on the SDK's own thread (the long-connection
+client, which insists on its own event loop) or on the webhook server's threads; each is parsed, handed
+to the service's loop, and acknowledged once the service has stored it, so an event is never acked and
+then lost, and a slow agent never delays an ack. Every REST call that writes goes through one limiter
+(per chat and app-wide) and is retried on Feishu's rate-limit answers; the SDK's blocking calls run on
+this module's thread pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import lark_oapi as lark
+import lark_oapi.ws.client as lark_ws_client
+import requests
+from lark_oapi.api.cardkit.v1 import (
+    ContentCardElementRequest,
+    ContentCardElementRequestBody,
+    CreateCardRequest,
+    CreateCardRequestBody,
+    SettingsCardRequest,
+    SettingsCardRequestBody,
+)
+from lark_oapi.api.im.v1 import (
+    CreateMessageReactionRequest,
+    CreateMessageReactionRequestBody,
+    CreateMessageRequest,
+    CreateMessageRequestBody,
+    DeleteMessageReactionRequest,
+    Emoji,
+    P2ImMessageReceiveV1,
+    ReplyMessageRequest,
+    ReplyMessageRequestBody,
+)
+from loguru import logger
+
+from orchestrator.channels import DeliveryFailed, Outgoing, Submit
+from orchestrator.channels.feishu_events import Ignored, parse_message_event
+from orchestrator.config import FeishuSettings
+from orchestrator.ratelimit import Limiter
+
+RATE_LIMIT_CODES = (99991400, 230020)
+SEND_ATTEMPTS = 4  # per call, before the outbox takes over with its own backoff
+CARD_TEXT_LIMIT = 8000  # characters of answer per card (cards are capped at 30 KB of JSON)
+TEXT_LIMIT = 8000  # characters per further text message
+CARD_UPDATE_INTERVAL = 0.5  # seconds between streaming updates of one card (Feishu allows 10/s)
+ACK_WAIT_SECONDS = 2.5  # Feishu wants an answer within 3 s; past this the event is refused and re-pushed
+ANSWER_ELEMENT = "answer"
+TYPING = "Typing"
+
+
+class FeishuError(Exception):
+    def __init__(self, reason: str, retry_after: float | None = None, permanent: bool = False) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+        self.permanent = permanent
+
+
+class FeishuChannel:
+    def __init__(self, settings: FeishuSettings, require_mention: Callable[[str], bool]) -> None:
+        self.settings = settings
+        self.require_mention = require_mention
+        self.client = (lark.Client.builder().app_id(settings.app_id).app_secret(settings.app_secret)
+                       .domain(settings.domain).timeout(10).log_level(lark.LogLevel.WARNING).build())
+        self.limiter = Limiter(app_windows=[(settings.rate_per_app, 1.0), (settings.rate_per_app_minute, 60.0)],
+                               per_chat=(settings.rate_per_chat, 1.0))
+        self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="feishu")
+        self._sequence = 0
+        self.bot_open_id = ""
+        self.connected = False  # the long connection is up, or the webhook server listens
+        self.retries = 0
+        self._webhook: ThreadingHTTPServer | None = None
+
+    # ---- inbound ----
+
+    async def run(self, submit: Submit) -> None:
+        self.bot_open_id = await self._bot_open_id()
+        loop = asyncio.get_running_loop()
+        handler = (lark.EventDispatcherHandler.builder(self.settings.encrypt_key, self.settings.verification_token)
+                   .register_p2_im_message_receive_v1(lambda data: self._on_message(loop, submit, data)).build())
+        if self.settings.mode == "webhook":
+            self._serve_webhook(handler)
+        else:
+            threading.Thread(target=self._run_long_connection, args=(handler,), name="feishu-ws", daemon=True).start()
+        try:
+            await asyncio.Event().wait()  # events are handed over by the threads above
+        finally:
+            if self._webhook is not None:
+                self._webhook.shutdown()
+
+    def _on_message(self, loop: asyncio.AbstractEventLoop, submit: Submit, data: P2ImMessageReceiveV1) -> None:
+        """On an SDK thread. Returns (and so acks) only once the service has stored the message."""
+        event = json.loads(lark.JSON.marshal(data.event) or "null")
+        parsed = parse_message_event(event, self.bot_open_id, self.require_mention)
+        message = (event or {}).get("message") or {} if isinstance(event, dict) else {}
+        if isinstance(parsed, Ignored):
+            logger.bind(chat_id=message.get("chat_id", "-"), message_id=message.get("message_id", "-")).info(
+                f"ignored: {parsed.reason}")
+            return
+        future = asyncio.run_coroutine_threadsafe(submit(parsed), loop)
+        try:
+            future.result(ACK_WAIT_SECONDS)
+        except FutureTimeout:
+            future.cancel()
+            raise TimeoutError("the service did not take the message in time; Feishu will deliver it again") from None
+
+    def _run_long_connection(self, handler: lark.EventDispatcherHandler) -> None:
+        # The SDK's client runs on a module-level loop captured at import; it must be this thread's own.
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        lark_ws_client.loop = loop
+        client = lark.ws.Client(self.settings.app_id, self.settings.app_secret, event_handler=handler,
+                                domain=self.settings.domain, log_level=lark.LogLevel.WARNING)
+        self.connected = True
+        logger.info(f"connecting to Feishu over the long connection ({self.settings.domain})")
+        try:
+            client.start()  # reconnects by itself; returns only on a fatal error such as bad credentials
+        except Exception as exc:
+            logger.error(f"the Feishu long connection stopped: {exc}")
+        finally:
+            self.connected = False
+
+    def _serve_webhook(self, handler: lark.EventDispatcherHandler) -> None:
+        path = self.settings.webhook_path
+
+        class Webhook(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                if self.path.split("?", 1)[0] != path:
+                    self.send_error(404)
+                    return
+                request = lark.RawRequest()
+                request.uri = self.path
+                request.body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                # the SDK looks headers up case-sensitively, in the canonical case
+                request.headers = {"-".join(p.capitalize() for p in k.split("-")): v for k, v in self.headers.items()}
+                response = handler.do(request)
+                if response.status_code != 200:
+                    logger.warning(f"webhook request refused: {(response.content or b'').decode(errors='replace')}")
+                self.send_response(response.status_code)
+                self.send_header("Content-Type", "application/json; charset=utf-8")
+                self.send_header("Content-Length", str(len(response.content or b"")))
+                self.end_headers()
+                self.wfile.write(response.content or b"")
+
+        self._webhook = ThreadingHTTPServer((self.settings.webhook_host, self.settings.webhook_port), Webhook)
+        self._webhook.daemon_threads = True
+        threading.Thread(target=self._webhook.serve_forever, name="feishu-webhook", daemon=True).start()
+        self.connected = True
+        host, port = self._webhook.server_address[:2]
+        logger.info(f"listening for Feishu events on http://{host}:{port}{path}")
+
+    async def _bot_open_id(self) -> str:
+        request = (lark.BaseRequest.builder().http_method(lark.HttpMethod.GET).uri("/open-apis/bot/v3/info")
+                   .token_types({lark.AccessTokenType.TENANT}).build())
+        while True:
+            try:
+                response = await self._call(None, self.client.request, request)
+                return str(json.loads(response.raw.content)["bot"]["open_id"])
+            except (FeishuError, KeyError, ValueError) as exc:
+                logger.error(f"cannot read the bot's identity from Feishu ({exc}); retrying in 5 s")
+                await asyncio.sleep(5)
+
+    # ---- outbound ----
+
+    def display(self, chat_id: str, message_id: str) -> FeishuDisplay:
+        return FeishuDisplay(self, chat_id, message_id)
+
+    async def deliver(self, item: Outgoing) -> None:
+        try:
+            await self._deliver(item)
+        except FeishuError as exc:
+            raise DeliveryFailed(str(exc), exc.retry_after, exc.permanent) from exc
+
+    async def _deliver(self, item: Outgoing) -> None:
+        chunks = split_text(item.text, CARD_TEXT_LIMIT if item.card else TEXT_LIMIT)
+        rest = chunks
+        if item.card:
+            try:
+                await self.finish_card(item.chat_id, item.card, chunks[0])
+                rest = chunks[1:]
+            except FeishuError as exc:
+                if exc.retry_after is not None:
+                    raise
+                logger.bind(chat_id=item.chat_id, message_id=item.reply_to or "-").warning(
+                    f"card {item.card} could not be finished ({exc}); answering in plain text instead")
+        for number, chunk in enumerate(rest):
+            await self.send_text(item.chat_id, chunk, item.reply_to, f"{item.key}-{number}")
+
+    async def send_text(self, chat_id: str, text: str, reply_to: str | None, key: str) -> str:
+        return await self._send(chat_id, "text", json.dumps({"text": text}), reply_to, key)
+
+    async def send_card(self, chat_id: str, card_id: str, reply_to: str | None, key: str) -> str:
+        content = json.dumps({"type": "card", "data": {"card_id": card_id}})
+        return await self._send(chat_id, "interactive", content, reply_to, key)
+
+    async def _send(self, chat_id: str, msg_type: str, content: str, reply_to: str | None, key: str) -> str:
+        if reply_to:
+            body = ReplyMessageRequestBody.builder().msg_type(msg_type).content(content).uuid(key[:50]).build()
+            request: Any = ReplyMessageRequest.builder().message_id(reply_to).request_body(body).build()
+            response = await self._call(chat_id, self.client.im.v1.message.reply, request)
+        else:
+            body = (CreateMessageRequestBody.builder().receive_id(chat_id).msg_type(msg_type).content(content)
+                    .uuid(key[:50]).build())
+            request = CreateMessageRequest.builder().receive_id_type("chat_id").request_body(body).build()
+            response = await self._call(chat_id, self.client.im.v1.message.create, request)
+        return str(response.data.message_id)
+
+    async def create_card(self, chat_id: str, text: str) -> str:
+        card = {
+            "schema": "2.0",
+            "config": {"streaming_mode": True, "summary": {"content": "Working…"},
+                       "streaming_config": {"print_frequency_ms": {"default": 30}, "print_step": {"default": 2},
+                                            "print_strategy": "fast"}},
+            "body": {"elements": [{"tag": "markdown", "element_id": ANSWER_ELEMENT, "content": text}]},
+        }
+        body = CreateCardRequestBody.builder().type("card_json").data(json.dumps(card, ensure_ascii=False)).build()
+        response = await self._call(chat_id, self.client.cardkit.v1.card.create,
+                                    CreateCardRequest.builder().request_body(body).build())
+        return str(response.data.card_id)
+
+    async def stream_card(self, chat_id: str, card_id: str, text: str) -> None:
+        body = ContentCardElementRequestBody.builder().content(text).sequence(self._next_sequence()).build()
+        request = (ContentCardElementRequest.builder().card_id(card_id).element_id(ANSWER_ELEMENT)
+                   .request_body(body).build())
+        await self._call(chat_id, self.client.cardkit.v1.card_element.content, request)
+
+    async def finish_card(self, chat_id: str, card_id: str, text: str) -> None:
+        await self.stream_card(chat_id, card_id, text)
+        settings = {"config": {"streaming_mode": False, "summary": {"content": text[:60]}}}
+        body = (SettingsCardRequestBody.builder().settings(json.dumps(settings, ensure_ascii=False))
+                .sequence(self._next_sequence()).build())
+        await self._call(chat_id, self.client.cardkit.v1.card.settings,
+                         SettingsCardRequest.builder().card_id(card_id).request_body(body).build())
+
+    async def add_reaction(self, chat_id: str, message_id: str, emoji: str) -> str:
+        reaction = Emoji.builder().emoji_type(emoji).build()
+        body = CreateMessageReactionRequestBody.builder().reaction_type(reaction).build()
+        request = CreateMessageReactionRequest.builder().message_id(message_id).request_body(body).build()
+        response = await self._call(chat_id, self.client.im.v1.message_reaction.create, request)
+        return str(response.data.reaction_id)
+
+    async def remove_reaction(self, chat_id: str, message_id: str, reaction_id: str) -> None:
+        request = DeleteMessageReactionRequest.builder().message_id(message_id).reaction_id(reaction_id).build()
+        await self._call(chat_id, self.client.im.v1.message_reaction.delete, request)
+
+    def _next_sequence(self) -> int:
+        """Card operations need rising sequence numbers, also across restarts: tenths of a second."""
+        self._sequence = max(self._sequence + 1, int((time.time() - 1_700_000_000) * 10))
+        return self._sequence
+
+    async def _call(self, chat_id: str | None, method: Callable[[Any], Any], request: Any) -> Any:
+        """One SDK call under the rate limits, retried on rate-limit answers and transient failures."""
+        for attempt in range(1, SEND_ATTEMPTS + 1):
+            if chat_id is not None:
+                await self.limiter.acquire(chat_id)
+            try:
+                response = await asyncio.get_running_loop().run_in_executor(self._executor, method, request)
+                error = _error_of(response)
+            except requests.RequestException as exc:
+                error = FeishuError(f"Feishu could not be reached: {exc.__class__.__name__}")
+            except ValueError as exc:  # not the JSON the SDK expected (a proxy's error page, a cut-off answer)
+                error = FeishuError(f"Feishu gave an unreadable answer: {exc}")
+            if error is None:
+                return response
+            if error.permanent or attempt == SEND_ATTEMPTS:
+                raise error
+            self.retries += 1
+            delay = error.retry_after if error.retry_after is not None else 0.5 * 2 ** attempt
+            logger.bind(chat_id=chat_id or "-").warning(f"Feishu call failed ({error}); retry {attempt} in {delay:g} s")
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+
+class FeishuDisplay:
+    """The Typing reaction while a turn runs, and its answer streaming into one card, throttled."""
+
+    def __init__(self, channel: FeishuChannel, chat_id: str, message_id: str) -> None:
+        self.channel = channel
+        self.chat_id = chat_id
+        self.message_id = message_id
+        self.reaction_id: str | None = None
+        self.card_id: str | None = None
+        self.shown = ""
+        self.latest = ""
+        self.last_push = 0.0
+        self._flush: asyncio.Task[None] | None = None
+        self.log = logger.bind(chat_id=chat_id, message_id=message_id)
+
+    async def start(self) -> None:
+        try:
+            self.reaction_id = await self.channel.add_reaction(self.chat_id, self.message_id, TYPING)
+        except FeishuError as exc:
+            self.log.warning(f"could not show the Typing reaction: {exc}")
+
+    async def update(self, text_so_far: str) -> None:
+        self.latest = text_so_far[:CARD_TEXT_LIMIT]
+        if self._flush is None or self._flush.done():
+            wait = max(0.0, self.last_push + CARD_UPDATE_INTERVAL - time.monotonic())
+            self._flush = asyncio.create_task(self._push_after(wait))
+
+    async def _push_after(self, wait: float) -> None:
+        await asyncio.sleep(wait)
+        text = self.latest
+        if text == self.shown:
+            return
+        self.last_push = time.monotonic()
+        try:
+            if self.card_id is None:
+                card_id = await self.channel.create_card(self.chat_id, text)
+                await self.channel.send_card(self.chat_id, card_id, self.message_id, f"card-{card_id}")
+                self.card_id = card_id
+            else:
+                await self.channel.stream_card(self.chat_id, self.card_id, text)
+            self.shown = text
+        except FeishuError as exc:
+            self.log.warning(f"could not update the streaming card: {exc}")
+
+    async def end(self) -> str | None:
+        if self._flush is not None:
+            if self.card_id is None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._flush  # let a card that is being created appear, so the answer finishes it
+            else:
+                self._flush.cancel()
+        if self.reaction_id is not None:
+            try:
+                await self.channel.remove_reaction(self.chat_id, self.message_id, self.reaction_id)
+            except FeishuError as exc:
+                self.log.warning(f"could not remove the Typing reaction: {exc}")
+        return self.card_id
+
+
+def _error_of(response: Any) -> FeishuError | None:
+    """None for success; otherwise what went wrong and whether (and when) to try again."""
+    if response.success():
+        return None
+    raw = getattr(response, "raw", None)
+    status = getattr(raw, "status_code", 0) or 0
+    headers = getattr(raw, "headers", None) or {}
+    reason = f"Feishu answered {status} code {response.code}: {response.msg}"
+    if status == 429 or response.code in RATE_LIMIT_CODES:
+        reset = headers.get("x-ogw-ratelimit-reset") or headers.get("X-Ogw-Ratelimit-Reset")
+        try:
+            retry_after = max(0.1, float(reset)) if reset is not None else 1.0
+        except ValueError:
+            retry_after = 1.0
+        return FeishuError(reason, retry_after=retry_after)
+    return FeishuError(reason, permanent=400 <= status < 500)
+
+
+def split_text(text: str, limit: int) -> list[str]:
+    """Pieces of at most `limit` characters, cut at a line break where there is one."""
+    pieces = []
+    while len(text) > limit:
+        cut = text.rfind("\n", limit // 2, limit)
+        cut = cut if cut > 0 else limit
+        pieces.append(text[:cut])
+        text = text[cut:].lstrip("\n")
+    return [*pieces, text]

@@ -1,0 +1,1064 @@
+"""A fake Feishu/Lark Open Platform that the real lark-oapi SDK (1.7.5) talks to, on 127.0.0.1 only.
+
+It serves what our service uses, on the real wire protocol:
+
+- REST (`base_url`, pass it as the SDK `domain`): tenant/app access tokens, bot info, the long-connection
+  endpoint, IM messages (send, reply, text update, card patch, reactions) and CardKit cards (create,
+  stream element content, settings, full update). Every request is recorded in `calls`; the bot's
+  messages and the cards' current state are kept so a test can read what a user would see
+  (`messages(chat_id)`, `card(card_id)`).
+- The long connection: a WebSocket server speaking pbbp2 protobuf frames. It answers the client's pings
+  with pongs that carry a fast-reconnect ClientConfig, pushes events (`push_event`, optionally split over
+  several frames) and records the client's acks (`acks`, `wait_ack`).
+- Faults and measurement: `rate_limit` (HTTP 429, code 99991400, x-ogw-ratelimit-* headers), `set_down`
+  (HTTP 503, or hang up without answering), `drop_connections` (the client must reconnect), `max_rate`
+  (the densest window of accepted write calls, per app or per chat) and `rejected_count`.
+- Event builders (`text_event`, `post_event`) producing real `im.message.receive_v1` v2 envelopes, and
+  webhook helpers (`encrypt_body`, `signature_headers`, `webhook_request`, `url_verification`) that the
+  SDK's own EventDispatcherHandler decrypts and verifies.
+
+Running the SDK's long-connection client in tests (lark_oapi.ws.Client)
+-----------------------------------------------------------------------
+`lark_oapi.ws.client` keeps ONE module-level event loop (`loop`, captured at import) and reads it at call
+time: `start()` runs on it, and every received frame and every reconnect is scheduled with
+`loop.create_task(...)`. So:
+
+1. Run each client in its own daemon thread with a fresh loop: `asyncio.set_event_loop(new)`,
+   `lark_oapi.ws.client.loop = new`, build the client in that thread (its ExpiringCache schedules a task
+   on the loop current at construction), then `start()`. `WsClientThread` does exactly that.
+2. Only ONE client may be alive per process. A client started earlier would, on its next frame or
+   reconnect, schedule its work on the newest client's loop from the wrong thread. Stop the previous
+   client first: `WsClientThread.stop()` stops its loop, cancels its tasks and closes its WebSocket (the
+   SDK has no `stop()`).
+3. `FakeFeishu.stop()` also retires clients that were never stopped (a service under test that owns its
+   client): it closes their connections and answers their reconnect with a fatal endpoint error, which
+   makes the SDK give up for good instead of retrying against a dead port forever.
+
+With one fake and one client per test, and the client stopped before the next test starts one, any number
+of tests can use the long connection in one pytest process.
+
+Other SDK behaviour the fake relies on or mimics:
+
+- ClientConfig only takes effect after a successful endpoint call (the defaults before that are a random
+  reconnect delay up to 30 s and a 120 s retry interval). The fake sends ReconnectNonce 0 and
+  ReconnectInterval 1, so a dropped client is back within milliseconds and a failed retry costs 1 s.
+- The SDK joins split payloads by `seq` and treats an empty part as missing, so parts are never empty.
+- `resp.raw.headers` is a plain (case-sensitive) dict: the fake sends the rate-limit headers lower-case,
+  as Feishu does.
+- The SDK caches tenant tokens per app_id for the whole process, so the token is the constant `t-fake`
+  (a later fake may see no token request at all).
+- Error codes follow Feishu's documentation where it names one (230001, 230025, 230054, 230071, 230072,
+  200740, 200860, 300317, 99991400); codes the fake invents are in `msg` marked "(fake)".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import hashlib
+import json
+import os
+import random
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Literal
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import lark_oapi as lark
+from Crypto.Cipher import AES
+from lark_oapi.ws import client as lark_ws_client
+from lark_oapi.ws.pb.pbbp2_pb2 import Frame
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
+
+TENANT_TOKEN = "t-fake"
+APP_TOKEN = "a-fake"
+RATE_LIMIT_CODE = 99991400
+TEXT_LIMIT = 150 * 1024
+CARD_LIMIT = 30 * 1024
+MAX_EDITS = 20
+_MSG_TYPES = {"text", "post", "interactive", "image", "file", "audio", "media", "sticker", "share_chat",
+              "share_user", "system"}
+_TEXT_TAGS = {"markdown", "plain_text", "lark_md"}
+
+Json = dict[str, Any]
+
+
+@dataclass
+class Call:
+    """One HTTP request the fake received. `time` is time.monotonic(); `status` 0 means it hung up."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    body: Any
+    chat_id: str | None
+    time: float
+    write: bool
+    status: int = 0
+    code: int | None = None
+    rejected: bool = False
+
+
+@dataclass(frozen=True)
+class Ack:
+    """The client's answer to a pushed event: its code (200, or 500 if the handler raised)."""
+
+    message_id: str
+    code: int
+    latency: float
+    biz_rt_ms: int | None
+
+
+@dataclass
+class BotMessage:
+    """A message the bot sent, as a chat member would see it now (`text` is filled in by `messages()`)."""
+
+    message_id: str
+    chat_id: str | None
+    msg_type: str
+    content: Json
+    reply_to: str | None = None
+    reply_in_thread: bool = False
+    card_id: str | None = None
+    uuid: str | None = None
+    edits: int = 0
+    text: str = ""
+
+
+@dataclass
+class Card:
+    """A CardKit card entity: its current card JSON (2.0) and the text it showed after each operation."""
+
+    card_id: str
+    json: Json
+    sequence: int = 0
+    message_id: str | None = None
+    versions: list[str] = field(default_factory=list)
+    uuids: set[str] = field(default_factory=set)
+
+    @property
+    def streaming_mode(self) -> bool:
+        return bool(self.json.get("config", {}).get("streaming_mode", False))
+
+    @property
+    def texts(self) -> dict[str, str]:
+        """Current text of each text element that has an element_id."""
+        return {eid: text for eid, text in card_texts(self.json) if eid}
+
+    @property
+    def text(self) -> str:
+        return "\n".join(text for _, text in card_texts(self.json))
+
+
+@dataclass(frozen=True)
+class _Reply:
+    status: int
+    payload: Json
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+_HANG_UP = _Reply(0, {})
+
+
+@dataclass
+class _RateLimit:
+    fraction: float
+    every_nth: int
+    code: int
+    status: int
+    reset_seconds: int
+    limit: int
+    rng: random.Random
+    seen: int = 0
+
+    def hit(self) -> bool:
+        """Whether the next write call is refused: every n-th one, or a seeded random share."""
+        self.seen += 1
+        if self.every_nth:
+            return self.seen % self.every_nth == 0
+        return self.rng.random() < self.fraction
+
+
+@dataclass(eq=False)
+class _Conn:
+    ws: ServerConnection
+    service_id: int
+
+
+RouteHandler = Callable[[dict[str, str], dict[str, str], Json], _Reply]
+
+
+class FakeFeishu:
+    """The fake platform. Every public method is safe to call from any thread."""
+
+    def __init__(self, app_id: str = "cli_fake", app_secret: str = "fake-secret", *, bot_open_id: str = "ou_bot",
+                 bot_name: str = "FakeBot", verification_token: str = "v-fake", tenant_key: str = "tenant-fake",
+                 ping_interval: int = 120, reconnect_interval: int = 1) -> None:
+        self.app_id, self.app_secret = app_id, app_secret
+        self.bot_open_id, self.bot_name = bot_open_id, bot_name
+        self.verification_token, self.tenant_key = verification_token, tenant_key
+        self.client_config = {"ReconnectCount": -1, "ReconnectInterval": reconnect_interval,
+                              "ReconnectNonce": 0, "PingInterval": ping_interval}
+        self._cond = threading.Condition(threading.RLock())
+        self._calls: list[Call] = []
+        self._acks: list[Ack] = []
+        self._pushed: dict[str, float] = {}
+        self._chat_of: dict[str, str | None] = {}
+        self._p2p: dict[str, str] = {}
+        self._sent: dict[str, BotMessage] = {}
+        self._uuids: dict[str, str] = {}
+        self._cards: dict[str, Card] = {}
+        self._reactions: dict[str, tuple[str, str]] = {}
+        self._limit: _RateLimit | None = None
+        self._down: Literal["503", "hang_up"] | None = None
+        self._conns: list[_Conn] = []
+        self._connection_count = 0
+        self._pings = 0
+        self._stopping = False
+        self._retired = 0
+        self._routes = self._route_table()
+        self._http = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._http.daemon_threads = True
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="fake-feishu-ws", daemon=True)
+        self._ws_server: Server | None = None
+
+    # ----- lifecycle -------------------------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self._http.server_address[1]}"
+
+    @property
+    def ws_port(self) -> int:
+        assert self._ws_server is not None, "start() first"
+        return self._ws_server.sockets[0].getsockname()[1]
+
+    def start(self) -> FakeFeishu:
+        threading.Thread(target=self._http.serve_forever, args=(0.05,), name="fake-feishu-http", daemon=True).start()
+        self._loop_thread.start()
+        self._ws_server = self._on_loop(self._open_ws_server())
+        return self
+
+    async def _open_ws_server(self) -> Server:
+        """websockets binds a server to the running loop, so it must be created on the fake's loop."""
+        return await serve(self._serve_ws, "127.0.0.1", 0, close_timeout=2)
+
+    def stop(self) -> None:
+        """Retire connected clients for good (see the module docstring), then shut both servers down."""
+        with self._cond:
+            self._stopping = True
+            retire_target = self._retired + len(self._open())
+        if self.drop_connections():
+            self._wait(lambda: self._retired >= retire_target, timeout=3.0)
+        self._http.shutdown()
+        self._http.server_close()
+        self._on_loop(self._close_ws_server())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop_thread.join(5)
+        self._loop.close()
+
+    async def _close_ws_server(self) -> None:
+        if self._ws_server is not None:
+            self._ws_server.close()
+            await self._ws_server.wait_closed()
+
+    # ----- waiting -----------------------------------------------------------------------------------
+
+    def _wait(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait for a change to make `predicate` true; also re-check every 50 ms for outside state."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.05))
+            return True
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
+        """Block until `predicate()` is true; raise TimeoutError naming `what` otherwise."""
+        if not self._wait(predicate, timeout):
+            raise TimeoutError(f"fake feishu: timed out after {timeout}s waiting for {what}")
+
+    # ----- recorded state ------------------------------------------------------------------------------
+
+    @property
+    def calls(self) -> list[Call]:
+        with self._cond:
+            return list(self._calls)
+
+    @property
+    def acks(self) -> list[Ack]:
+        with self._cond:
+            return list(self._acks)
+
+    @property
+    def connection_count(self) -> int:
+        """How many long connections were ever accepted (a reconnect adds one)."""
+        with self._cond:
+            return self._connection_count
+
+    @property
+    def open_connections(self) -> int:
+        with self._cond:
+            return len(self._open())
+
+    def _open(self) -> list[_Conn]:
+        """Connections not already closing: a client that closed its side is gone even before our handler
+        has noticed, and must not be waited for (it will never reconnect to be retired)."""
+        return [conn for conn in self._conns if conn.ws.state is State.OPEN]
+
+    @property
+    def pings(self) -> int:
+        with self._cond:
+            return self._pings
+
+    @property
+    def rejected_count(self) -> int:
+        """Write calls refused by `rate_limit` or `set_down`."""
+        with self._cond:
+            return sum(1 for call in self._calls if call.rejected)
+
+    def messages(self, chat_id: str | None = None) -> list[BotMessage]:
+        """The bot's messages (of one chat, or all) in sending order, with the text they show now."""
+        with self._cond:
+            return [replace(copy.deepcopy(m), text=self._shown_text(m)) for m in self._sent.values()
+                    if chat_id is None or m.chat_id == chat_id]
+
+    def card(self, card_id: str) -> Card:
+        with self._cond:
+            return copy.deepcopy(self._cards[card_id])
+
+    def reactions(self, message_id: str) -> list[str]:
+        """Emoji types currently on a message (added and not deleted), in the order they were added."""
+        with self._cond:
+            return [emoji for mid, emoji in self._reactions.values() if mid == message_id]
+
+    def max_rate(self, per: Literal["app", "chat"] = "app", window: float = 1.0) -> int:
+        """The most accepted IM/CardKit write calls in any `window` seconds, app-wide or in any one chat."""
+        with self._cond:
+            calls = [c for c in self._calls if c.write and not c.rejected]
+        groups: dict[str | None, list[float]] = {}
+        for call in calls:
+            if per == "app" or call.chat_id is not None:
+                groups.setdefault(None if per == "app" else call.chat_id, []).append(call.time)
+        return max((_densest(sorted(times), window) for times in groups.values()), default=0)
+
+    # ----- fault injection -----------------------------------------------------------------------------
+
+    def rate_limit(self, fraction: float = 0.0, *, every_nth: int = 0, code: int = RATE_LIMIT_CODE,
+                   status: int = 429, reset_seconds: int = 1, limit: int = 50, seed: int = 0) -> None:
+        """Refuse every n-th IM/CardKit write call, or a seeded-random `fraction` of them; both 0 turns it off."""
+        with self._cond:
+            self._limit = None if not (fraction or every_nth) else _RateLimit(
+                fraction, every_nth, code, status, reset_seconds, limit, random.Random(seed))
+
+    def set_down(self, down: bool = True, *, hang_up: bool = False) -> None:
+        """Make IM/CardKit calls fail: HTTP 503 with a JSON body (the SDK returns a response with a non-zero
+        code and raw.status_code 503), or with `hang_up` close the connection unanswered (the SDK raises
+        requests.exceptions.ConnectionError). Auth and the long-connection endpoint keep working."""
+        with self._cond:
+            self._down = ("hang_up" if hang_up else "503") if down else None
+
+    # ----- long connection -------------------------------------------------------------------------------
+
+    def wait_connected(self, timeout: float = 10.0, *, total: int = 1) -> None:
+        """Wait until a client is connected and at least `total` connections were ever made."""
+        self.wait_for(lambda: bool(self._open()) and self._connection_count >= total, timeout,
+                      f"a long connection (#{total})")
+
+    def push_event(self, event: Json, *, parts: int = 1) -> str:
+        """Send an event to the newest connected client, split over `parts` frames; returns the frame
+        message_id (what the ack carries). Raises if no client is connected: Feishu does not replay."""
+        payload = json.dumps(event, ensure_ascii=False).encode()
+        if not 1 <= parts <= len(payload):
+            raise ValueError(f"parts must be between 1 and {len(payload)}")
+        with self._cond:
+            if not (open_conns := self._open()):
+                raise RuntimeError("fake feishu: no long-connection client is connected")
+            conn = open_conns[-1]
+            message_id = f"fm_{uuid.uuid4().hex}"
+            self._pushed[message_id] = time.monotonic()
+            self._learn(event)
+        frames = _data_frames(payload, message_id, parts, conn.service_id)
+        self._on_loop(_send_all(conn.ws, frames))
+        return message_id
+
+    def wait_ack(self, message_id: str, timeout: float = 5.0) -> Ack:
+        self.wait_for(lambda: any(a.message_id == message_id for a in self._acks), timeout, f"ack of {message_id}")
+        with self._cond:
+            return next(a for a in self._acks if a.message_id == message_id)
+
+    def drop_connections(self) -> int:
+        """Close every long connection from the server side; returns how many were open."""
+        with self._cond:
+            conns, self._conns = self._conns, []
+            self._cond.notify_all()
+        if conns:
+            self._on_loop(_close_all([c.ws for c in conns]))
+        return len(conns)
+
+    def _on_loop(self, coro: Coroutine[Any, Any, Any], timeout: float = 10.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    async def _serve_ws(self, ws: ServerConnection) -> None:
+        query = parse_qs(urlsplit(ws.request.path if ws.request else "").query)
+        conn = _Conn(ws, int(query.get("service_id", ["1"])[0]))
+        with self._cond:
+            self._conns.append(conn)
+            self._connection_count += 1
+            self._cond.notify_all()
+        try:
+            async for raw in ws:
+                await self._on_client_frame(conn, raw if isinstance(raw, bytes) else raw.encode())
+        except ConnectionClosed:
+            pass
+        finally:
+            with self._cond:
+                if conn in self._conns:
+                    self._conns.remove(conn)
+                self._cond.notify_all()
+
+    async def _on_client_frame(self, conn: _Conn, raw: bytes) -> None:
+        frame = Frame()
+        frame.ParseFromString(raw)
+        headers = {h.key: h.value for h in frame.headers}
+        if frame.method == 0 and headers.get("type") == "ping":
+            with self._cond:
+                self._pings += 1
+            pong = _frame(0, frame.service, {"type": "pong"}, json.dumps(self.client_config).encode())
+            await conn.ws.send(pong.SerializeToString())
+        elif frame.method == 1:
+            self._record_ack(headers, frame.payload)
+
+    def _record_ack(self, headers: dict[str, str], payload: bytes) -> None:
+        message_id = headers.get("message_id", "")
+        with self._cond:
+            latency = time.monotonic() - self._pushed.get(message_id, time.monotonic())
+            biz_rt = int(headers["biz_rt"]) if "biz_rt" in headers else None
+            self._acks.append(Ack(message_id, int(json.loads(payload).get("code", 0)), latency, biz_rt))
+            self._cond.notify_all()
+
+    # ----- event builders ----------------------------------------------------------------------------
+
+    def text_event(self, chat_id: str, text: str, *, message_id: str | None = None,
+                   chat_type: Literal["p2p", "group"] = "p2p", sender_open_id: str = "ou_user",
+                   mentions: list[Json] | None = None, mention_bot: bool = False,
+                   sender_type: str = "user", parent_id: str | None = None) -> Json:
+        """An im.message.receive_v1 event for a text message. `mentions` are Feishu mention objects
+        ({"key": "@_user_1", "id": {"open_id": ...}, "name": ...}) whose keys the text should contain;
+        `mention_bot` adds a mention of the bot and puts its key in front of the text."""
+        mentions = self._mentions(mentions, mention_bot)
+        if mention_bot:
+            text = f"{mentions[-1]['key']} {text}"
+        return self._message_event(chat_id, "text", {"text": text}, mentions, message_id=message_id,
+                                   chat_type=chat_type, sender_open_id=sender_open_id,
+                                   sender_type=sender_type, parent_id=parent_id)
+
+    def post_event(self, chat_id: str, lines: list[str], *, title: str = "", message_id: str | None = None,
+                   chat_type: Literal["p2p", "group"] = "p2p", sender_open_id: str = "ou_user",
+                   mentions: list[Json] | None = None, mention_bot: bool = False,
+                   sender_type: str = "user", parent_id: str | None = None) -> Json:
+        """An im.message.receive_v1 event for a rich-text (post) message, one paragraph per line."""
+        mentions = self._mentions(mentions, mention_bot)
+        paragraphs: list[list[Json]] = [[{"tag": "text", "text": line}] for line in lines] or [[]]
+        if mention_bot:
+            paragraphs[0].insert(0, {"tag": "at", "user_id": mentions[-1]["key"], "user_name": self.bot_name})
+        return self._message_event(chat_id, "post", {"title": title, "content": paragraphs}, mentions,
+                                   message_id=message_id, chat_type=chat_type, sender_open_id=sender_open_id,
+                                   sender_type=sender_type, parent_id=parent_id)
+
+    def _mentions(self, mentions: list[Json] | None, mention_bot: bool) -> list[Json]:
+        result = [{"tenant_key": self.tenant_key, **m} for m in mentions or []]
+        if mention_bot:
+            result.append({"key": f"@_user_{len(result) + 1}", "name": self.bot_name, "tenant_key": self.tenant_key,
+                           "id": {"open_id": self.bot_open_id, "user_id": "", "union_id": "on_bot"}})
+        return result
+
+    def _message_event(self, chat_id: str, message_type: str, content: Json, mentions: list[Json], *,
+                       message_id: str | None, chat_type: str, sender_open_id: str, sender_type: str,
+                       parent_id: str | None) -> Json:
+        now = str(int(time.time() * 1000))
+        message: Json = {"message_id": message_id or f"om_{uuid.uuid4().hex}", "chat_id": chat_id,
+                         "chat_type": chat_type, "message_type": message_type, "create_time": now,
+                         "update_time": now, "content": json.dumps(content, ensure_ascii=False),
+                         "mentions": mentions}
+        if parent_id:
+            message.update(parent_id=parent_id, root_id=parent_id)
+        event = {"schema": "2.0",
+                 "header": {"event_id": uuid.uuid4().hex, "event_type": "im.message.receive_v1", "create_time": now,
+                            "token": self.verification_token, "app_id": self.app_id, "tenant_key": self.tenant_key},
+                 "event": {"sender": {"sender_id": {"open_id": sender_open_id, "user_id": f"u_{sender_open_id}",
+                                                    "union_id": f"on_{sender_open_id}"},
+                                      "sender_type": sender_type, "tenant_key": self.tenant_key},
+                           "message": message}}
+        self._learn(event)
+        return event
+
+    def _learn(self, event: Json) -> None:
+        """Remember a user message's chat, so replies and reactions to it land in the right chat."""
+        message = event.get("event", {}).get("message")
+        if not message:
+            return
+        with self._cond:
+            self._chat_of[message["message_id"]] = message.get("chat_id")
+            sender = event["event"].get("sender", {}).get("sender_id", {}).get("open_id")
+            if message.get("chat_type") == "p2p" and sender:
+                self._p2p[sender] = message["chat_id"]
+
+    # ----- HTTP --------------------------------------------------------------------------------------
+
+    def _route_table(self) -> list[tuple[str, re.Pattern[str], RouteHandler, bool]]:
+        """(method, path pattern, handler, needs the tenant token)."""
+        msg = r"/open-apis/im/v1/messages/(?P<message_id>[^/]+)"
+        card = r"/open-apis/cardkit/v1/cards/(?P<card_id>[^/]+)"
+        table: list[tuple[str, str, RouteHandler, bool]] = [
+            ("POST", r"/open-apis/auth/v3/tenant_access_token/internal", self._token, False),
+            ("POST", r"/open-apis/auth/v3/app_access_token/internal", self._token, False),
+            ("POST", r"/callback/ws/endpoint", self._ws_endpoint, False),
+            ("GET", r"/open-apis/bot/v3/info", self._bot_info, True),
+            ("POST", r"/open-apis/im/v1/messages", self._send, True),
+            ("POST", msg + "/reply", self._reply, True),
+            ("PUT", msg, self._update, True),
+            ("PATCH", msg, self._patch, True),
+            ("POST", msg + "/reactions", self._add_reaction, True),
+            ("DELETE", msg + "/reactions/(?P<reaction_id>[^/]+)", self._delete_reaction, True),
+            ("POST", r"/open-apis/cardkit/v1/cards", self._create_card, True),
+            ("PUT", card, self._update_card, True),
+            ("PATCH", card + "/settings", self._card_settings, True),
+            ("PUT", card + "/elements/(?P<element_id>[^/]+)/content", self._card_content, True),
+        ]
+        return [(method, re.compile(pattern), handler, auth) for method, pattern, handler, auth in table]
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                reply = fake._dispatch(self.command, self.path, self.headers.get("Authorization"), raw)
+                if reply is _HANG_UP:
+                    self.close_connection = True
+                    return
+                data = json.dumps(reply.payload, ensure_ascii=False).encode()
+                self.send_response(reply.status)
+                for name, value in reply.headers.items():
+                    self.send_header(name, value)
+                self.send_header("content-type", "application/json; charset=utf-8")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
+
+        return Handler
+
+    def _dispatch(self, method: str, raw_path: str, authorization: str | None, raw: bytes) -> _Reply:
+        url = urlsplit(raw_path)
+        query = {key: values[0] for key, values in parse_qs(url.query).items()}
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = raw.decode(errors="replace")
+        with self._cond:
+            route, params = self._match(method, url.path)
+            write = method != "GET" and url.path.startswith(("/open-apis/im/", "/open-apis/cardkit/"))
+            call = Call(method, url.path, query, body, self._chat_for(params, query, body), time.monotonic(), write)
+            reply = self._answer(call, route, params, query, body, authorization)
+            call.status, call.code = reply.status, reply.payload.get("code")
+            self._calls.append(call)
+            self._cond.notify_all()
+            return reply
+
+    def _match(self, method: str, path: str) -> tuple[tuple[RouteHandler, bool] | None, dict[str, str]]:
+        for route_method, pattern, handler, auth in self._routes:
+            if route_method == method and (found := pattern.fullmatch(path)):
+                return (handler, auth), {key: unquote(value) for key, value in found.groupdict().items()}
+        return None, {}
+
+    def _answer(self, call: Call, route: tuple[RouteHandler, bool] | None, params: dict[str, str],
+                query: dict[str, str], body: Any, authorization: str | None) -> _Reply:
+        if route is None:
+            return _error(404, 404, f"no route for {call.method} {call.path} (fake)")
+        handler, needs_token = route
+        if needs_token and authorization != f"Bearer {TENANT_TOKEN}":
+            return _error(400, 99991663, "Invalid access token for authorization (fake)")
+        if not isinstance(body, dict | None):
+            return _error(400, 230001, "request body is not a JSON object (fake)")
+        if call.write and (refusal := self._refusal()) is not None:
+            call.rejected = True
+            return refusal
+        return handler(params, query, body or {})
+
+    def _refusal(self) -> _Reply | None:
+        if self._down == "hang_up":
+            return _HANG_UP
+        if self._down == "503":
+            return _error(503, 503, "service unavailable (fake feishu is down)")
+        if self._limit is not None and self._limit.hit():
+            headers = {"x-ogw-ratelimit-limit": str(self._limit.limit),
+                       "x-ogw-ratelimit-reset": str(self._limit.reset_seconds)}
+            return _Reply(self._limit.status, {"code": self._limit.code, "msg": "request trigger frequency limit"},
+                          headers)
+        return None
+
+    def _chat_for(self, params: dict[str, str], query: dict[str, str], body: Any) -> str | None:
+        """The chat a call acts in, for per-chat rates: the message's, the card's message's, or the receiver."""
+        if "message_id" in params:
+            return self._chat_of.get(params["message_id"])
+        if "card_id" in params:
+            card = self._cards.get(params["card_id"])
+            return self._chat_of.get(card.message_id) if card and card.message_id else None
+        if isinstance(body, dict) and body.get("receive_id"):
+            receiver = body["receive_id"]
+            return receiver if query.get("receive_id_type") == "chat_id" else self._p2p.get(receiver, receiver)
+        return None
+
+    # ----- auth, bot, endpoint -------------------------------------------------------------------------
+
+    def _token(self, params: dict[str, str], query: dict[str, str], body: Json) -> _Reply:
+        if (body.get("app_id"), body.get("app_secret")) != (self.app_id, self.app_secret):
+            return _error(400, 10014, "app secret invalid")
+        return _Reply(200, {"code": 0, "msg": "ok", "tenant_access_token": TENANT_TOKEN,
+                            "app_access_token": APP_TOKEN, "expire": 7200})
+
+    def _bot_info(self, params: dict[str, str], query: dict[str, str], body: Json) -> _Reply:
+        return _Reply(200, {"code": 0, "msg": "ok", "bot": {
+            "activate_status": 2, "app_name": self.bot_name, "avatar_url": "", "ip_white_list": [],
+            "open_id": self.bot_open_id}})
+
+    def _ws_endpoint(self, params: dict[str, str], query: dict[str, str], body: Json) -> _Reply:
+        """Hand out a ws:// URL; a stopping fake answers with a code the SDK treats as fatal (no retry)."""
+        if self._stopping:
+            self._retired += 1
+            return _error(200, 403, "fake feishu is stopped (fake)")
+        if (body.get("AppID"), body.get("AppSecret")) != (self.app_id, self.app_secret):
+            return _error(200, 403, "invalid app credentials (fake)")
+        url = f"ws://127.0.0.1:{self.ws_port}/ws?device_id=fake-{uuid.uuid4().hex[:12]}&service_id=1"
+        return _ok({"URL": url, "ClientConfig": self.client_config})
+
+    # ----- IM messages ---------------------------------------------------------------------------------
+
+    def _send(self, params: dict[str, str], query: dict[str, str], body: Json) -> _Reply:
+        if not query.get("receive_id_type") or not body.get("receive_id"):
+            return _error(400, 230001, "receive_id_type and receive_id are required")
+        return self._new_message(self._chat_for({}, query, body), body, reply_to=None)
+
+    def _reply(self, params: dict[str, str], query: dict[str, str], body: Json) -> _Reply:
+        parent = params["message_id"]
+        if parent not in self._chat_of:
+            return _error(400, 230001, f"unknown message_id {parent} (fake)")
+        return self._new_message(self._chat_of[parent], body, reply_to=parent)
+
+    def _new_message(self, chat_id: str | None, body: Json, reply_to: str | None) -> _Reply:
+        """Create a bot message; the same `uuid` again returns the first message instead of a new one."""
+        if (key := body.get("uuid")) and key in self._uuids:
+            return _ok(self._message_data(self._sent[self._uuids[key]]))
+        content, error = _parse_content(body.get("msg_type"), body.get("content"))
+        if error:
+            return error
+        if error := self._unknown_card(content):
+            return error
+        card_id = _card_ref(content)
+        message = BotMessage(f"om_{uuid.uuid4().hex}", chat_id, body["msg_type"], content, reply_to,
+                             bool(body.get("reply_in_thread")), card_id, key)
+        self._sent[message.message_id] = message
+        self._chat_of[message.message_id] = chat_id
+        if key:
+            self._uuids[key] = message.message_id
+        if card_id is not None:
+            self._cards[card_id].message_id = message.message_id
+        return _ok(self._message_data(message))
+
+    def _update(self, params: dict[str, str], query: dict[str, str], body: Json) -> _Reply:
+        """Edit a text/post message (PUT); Feishu allows 20 edits and only of the bot's own messages."""
+        message = self._own_message(params["message_id"])
+        if isinstance(message, _Reply):
+            return message
+        if message.msg_type not in ("text", "post") or body.get("msg_type") not in ("text", "post"):
+            return _error(400, 230054, "This operation is not supported for this message type.")
+        if message.edits >= MAX_EDITS:
+            return _error(400, 230072, "The message has reached the number of times it can be edited.")
+        content, error = _parse_content(body["msg_type"], body.get("content"))
+        if error:
+            return error
+        message.msg_type, message.content, message.edits = body["msg_type"], content, message.edits + 1
+        return _ok(self._message_data(message))
+
+    def _patch(self, params: dict[str, str], query: dict[str, str], body: Json) -> _Reply:
+        """Replace a card message's card (PATCH)."""
+        message = self._own_message(params["message_id"])
+        if isinstance(message, _Reply):
+            return message
+        if message.msg_type != "interactive":
+            return _error(400, 230054, "This operation is not supported for this message type.")
+        content, error = _parse_content("interactive", body.get("content"))
+        if error or (error := self._unknown_card(content)):
+            return error
+        message.content, message.card_id = content, _card_ref(content)
+        return _ok({})
+
+    def _unknown_card(self, content: Json) -> _Reply | None:
+        """The error for a card message that points at a card entity that does not exist."""
+        card_id = _card_ref(content)
+        if card_id is not None and card_id not in self._cards:
+            return _error(400, 230099, f"Failed to create card content, card {card_id} does not exist (fake)")
+        return None
+
+    def _own_message(self, message_id: str) -> BotMessage | _Reply:
+        """The bot's message, or the error Feishu gives for someone else's or an unknown one."""
+        if message_id in self._sent:
+            return self._sent[message_id]
+        if message_id in self._chat_of:
+            return _error(400, 230071, "The operator is not the sender of the message.")
+        return _error(400, 230001, f"unknown message_id {message_id} (fake)")
+
+    def _message_data(self, message: BotMessage) -> Json:
+        now = str(int(time.time() * 1000))
+        data = {"message_id": message.message_id, "chat_id": message.chat_id, "msg_type": message.msg_type,
+                "create_time": now, "update_time": now, "deleted": False, "updated": message.edits > 0,
+                "sender": {"id": self.app_id, "id_type": "app_id", "sender_type": "app",
+                           "tenant_key": self.tenant_key},
+                "body": {"content": json.dumps(message.content, ensure_ascii=False)}}
+        if message.reply_to:
+            data.update(parent_id=message.reply_to, root_id=message.reply_to)
+        return data
+
+    def _shown_text(self, message: BotMessage) -> str:
+        if message.card_id is not None:
+            return self._cards[message.card_id].text
+        return message_text(message.msg_type, message.content)
+
+    # ----- reactions -----------------------------------------------------------------------------------
+
+    def _add_reaction(self, params: dict[str, str], query: dict[str, str], body: Json) -> _Reply:
+        emoji = (body.get("reaction_type") or {}).get("emoji_type")
+        if params["message_id"] not in self._chat_of or not emoji:
+            return _error(400, 230001, "unknown message_id or missing reaction_type.emoji_type (fake)")
+        reaction_id = uuid.uuid4().hex
+        self._reactions[reaction_id] = (params["message_id"], emoji)
+        return _ok(self._reaction_data(reaction_id, emoji))
+
+    def _delete_reaction(self, params: dict[str, str], query: dict[str, str], body: Json) -> _Reply:
+        found = self._reactions.get(params["reaction_id"])
+        if found is None or found[0] != params["message_id"]:
+            return _error(400, 230001, "unknown reaction_id for this message (fake)")
+        del self._reactions[params["reaction_id"]]
+        return _ok(self._reaction_data(params["reaction_id"], found[1]))
+
+    def _reaction_data(self, reaction_id: str, emoji: str) -> Json:
+        return {"reaction_id": reaction_id, "reaction_type": {"emoji_type": emoji},
+                "operator": {"operator_id": self.app_id, "operator_type": "app"},
+                "action_time": str(int(time.time() * 1000))}
+
+    # ----- CardKit -------------------------------------------------------------------------------------
+
+    def _create_card(self, params: dict[str, str], query: dict[str, str], body: Json) -> _Reply:
+        card_json, error = _parse_card(body)
+        if error:
+            return error
+        card = Card(str(random.randrange(10**18, 10**19)), card_json)
+        card.versions.append(card.text)
+        self._cards[card.card_id] = card
+        return _ok({"card_id": card.card_id})
+
+    def _card_content(self, params: dict[str, str], query: dict[str, str], body: Json) -> _Reply:
+        """Stream text into one element: `content` is the element's full new text."""
+        def apply(card: Card) -> _Reply | None:
+            if not _set_element_text(card.json, params["element_id"], str(body.get("content", ""))):
+                return _error(400, 10002, f"element {params['element_id']} not found (fake)")
+            return None
+        return self._card_op(params["card_id"], body, apply)
+
+    def _card_settings(self, params: dict[str, str], query: dict[str, str], body: Json) -> _Reply:
+        def apply(card: Card) -> _Reply | None:
+            try:
+                settings = json.loads(body.get("settings") or "")
+            except ValueError:
+                return _error(400, 10002, "settings is not a JSON string")
+            card.json.setdefault("config", {}).update(settings.get("config", {}))
+            return None
+        return self._card_op(params["card_id"], body, apply)
+
+    def _update_card(self, params: dict[str, str], query: dict[str, str], body: Json) -> _Reply:
+        def apply(card: Card) -> _Reply | None:
+            card_json, error = _parse_card(body.get("card") or {})
+            if card_json is not None:
+                card.json = card_json
+            return error
+        return self._card_op(params["card_id"], body, apply)
+
+    def _card_op(self, card_id: str, body: Json, apply: Callable[[Card], _Reply | None]) -> _Reply:
+        """The rules every card operation shares: the card exists, `uuid` makes a retry a no-op, and
+        `sequence` must be strictly greater than the card's previous one."""
+        card = self._cards.get(card_id)
+        if card is None:
+            return _error(400, 200740, "The card entity does not exist")
+        if body.get("uuid") in card.uuids:
+            return _ok({})
+        sequence = body.get("sequence")
+        if not isinstance(sequence, int) or sequence <= card.sequence:
+            return _error(400, 300317, f"sequence {sequence} is not greater than {card.sequence}")
+        if error := apply(card):
+            return error
+        if len(json.dumps(card.json, ensure_ascii=False).encode()) > CARD_LIMIT:
+            return _error(400, 200860, "Card content exceeds limit.")
+        card.sequence = sequence
+        if body.get("uuid"):
+            card.uuids.add(body["uuid"])
+        card.versions.append(card.text)
+        return _ok({})
+
+
+# ----- webhook helpers (module level: they need no server) ---------------------------------------------
+
+
+def encrypt_body(event: Json, encrypt_key: str) -> dict[str, str]:
+    """The body Feishu posts when an Encrypt Key is set: base64(iv + AES-256-CBC(PKCS7)), key sha256(key)."""
+    key = hashlib.sha256(encrypt_key.encode()).digest()
+    plain = json.dumps(event, ensure_ascii=False).encode()
+    pad = AES.block_size - len(plain) % AES.block_size
+    iv = os.urandom(AES.block_size)
+    encrypted = AES.new(key, AES.MODE_CBC, iv).encrypt(plain + bytes([pad]) * pad)
+    return {"encrypt": base64.b64encode(iv + encrypted).decode()}
+
+
+def signature_headers(raw_body: bytes, encrypt_key: str, *, timestamp: str | None = None,
+                      nonce: str | None = None) -> dict[str, str]:
+    """Feishu's signature headers: sha256_hex(timestamp + nonce + encrypt_key + raw body). The names are
+    capitalised like Feishu's because the SDK looks them up case-sensitively."""
+    timestamp = timestamp or str(int(time.time()))
+    nonce = nonce or uuid.uuid4().hex
+    signature = hashlib.sha256((timestamp + nonce + encrypt_key).encode() + raw_body).hexdigest()
+    return {"X-Lark-Request-Timestamp": timestamp, "X-Lark-Request-Nonce": nonce, "X-Lark-Signature": signature}
+
+
+def webhook_request(event: Json, encrypt_key: str | None = None) -> tuple[bytes, dict[str, str]]:
+    """A ready-to-POST webhook delivery: raw body and headers, encrypted and signed when a key is given."""
+    body = json.dumps(encrypt_body(event, encrypt_key) if encrypt_key else event).encode()
+    headers = {"Content-Type": "application/json; charset=utf-8"}
+    if encrypt_key:
+        headers.update(signature_headers(body, encrypt_key))
+    return body, headers
+
+
+def url_verification(challenge: str, token: str) -> Json:
+    """The request Feishu sends when a webhook URL is configured; the answer must echo `challenge`."""
+    return {"challenge": challenge, "token": token, "type": "url_verification"}
+
+
+# ----- running the SDK's long-connection client --------------------------------------------------------
+
+
+class WsClientThread:
+    """Runs one lark.ws.Client in a daemon thread on its own event loop, the way the SDK allows (see the
+    module docstring), and can stop it, which the SDK itself cannot."""
+
+    def __init__(self, make_client: Callable[[], lark.ws.Client]) -> None:
+        self._make_client = make_client
+        self._loop = asyncio.new_event_loop()
+        self._built = threading.Event()
+        self._stopping = False
+        self.client: lark.ws.Client | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="lark-ws-client", daemon=True)
+
+    def start(self) -> WsClientThread:
+        self._thread.start()
+        self._built.wait(10)
+        if self.client is None:
+            raise RuntimeError("could not build the lark ws client") from self.error
+        return self
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        lark_ws_client.loop = self._loop
+        try:
+            self.client = self._make_client()
+            self._built.set()
+            self.client.start()
+        except Exception as exc:  # start() only ends by raising: a fatal error, or our loop.stop()
+            if not self._stopping:
+                self.error = exc
+        finally:
+            self._built.set()
+            self._shut_down()
+
+    def _shut_down(self) -> None:
+        """Cancel the client's tasks (so it cannot reconnect), close its WebSocket, close the loop."""
+        tasks = asyncio.all_tasks(self._loop)
+        for task in tasks:
+            task.cancel()
+        self._loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        if self.client is not None:
+            self._loop.run_until_complete(asyncio.wait_for(self.client._disconnect(), 3))
+        self._loop.close()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the loop until the thread exits (a stop can land between two run_until_complete calls)."""
+        self._stopping = True
+        deadline = time.monotonic() + timeout
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            if not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(0.1)
+        if self._thread.is_alive():
+            raise TimeoutError("lark ws client thread did not stop")
+
+
+# ----- pure helpers ------------------------------------------------------------------------------------
+
+
+def _ok(data: Json) -> _Reply:
+    return _Reply(200, {"code": 0, "msg": "success", "data": data})
+
+
+def _error(status: int, code: int, msg: str) -> _Reply:
+    return _Reply(status, {"code": code, "msg": msg})
+
+
+async def _close_all(sockets: list[ServerConnection]) -> None:
+    await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
+
+
+async def _send_all(ws: ServerConnection, frames: list[Frame]) -> None:
+    for frame in frames:
+        await ws.send(frame.SerializeToString())
+
+
+def _frame(method: int, service: int, headers: dict[str, str], payload: bytes) -> Frame:
+    frame = Frame(SeqID=0, LogID=0, service=service, method=method, payload=payload)
+    for key, value in headers.items():
+        header = frame.headers.add()
+        header.key, header.value = key, value
+    return frame
+
+
+def _data_frames(payload: bytes, message_id: str, parts: int, service: int) -> list[Frame]:
+    """Event frames for one payload; the parts are never empty (the SDK would wait for them forever)."""
+    bounds = [len(payload) * i // parts for i in range(parts + 1)]
+    trace_id = uuid.uuid4().hex
+    return [_frame(1, service, {"type": "event", "message_id": message_id, "trace_id": trace_id,
+                                "sum": str(parts), "seq": str(i)}, payload[bounds[i]:bounds[i + 1]])
+            for i in range(parts)]
+
+
+def _densest(times: list[float], window: float) -> int:
+    """The most sorted timestamps that fit in any half-open interval of length `window`."""
+    best, start = 0, 0
+    for end, moment in enumerate(times):
+        while moment - times[start] >= window:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
+def _parse_content(msg_type: Any, content: Any) -> tuple[Json, _Reply | None]:
+    """A message's content (a JSON string) checked the way Feishu does: type, JSON, size."""
+    if msg_type not in _MSG_TYPES or not isinstance(content, str):
+        return {}, _error(400, 230001, f"invalid msg_type {msg_type!r} or content not a string")
+    try:
+        parsed = json.loads(content)
+    except ValueError:
+        return {}, _error(400, 230001, "content is not valid JSON")
+    if not isinstance(parsed, dict) or (msg_type == "text" and not isinstance(parsed.get("text"), str)):
+        return {}, _error(400, 230001, f"content does not fit msg_type {msg_type}")
+    if len(content.encode()) > (TEXT_LIMIT if msg_type == "text" else CARD_LIMIT):
+        return {}, _error(400, 230025, "The length of the message content reaches its limit.")
+    return parsed, None
+
+
+def _parse_card(body: Json) -> tuple[Json | None, _Reply | None]:
+    """A CardKit `{"type": "card_json", "data": "<card JSON>"}` body."""
+    data = body.get("data")
+    if body.get("type") != "card_json" or not isinstance(data, str):
+        return None, _error(400, 10002, "type must be card_json and data a card JSON string")
+    if len(data.encode()) > CARD_LIMIT:
+        return None, _error(400, 200860, "Card content exceeds limit.")
+    try:
+        card = json.loads(data)
+    except ValueError:
+        return None, _error(400, 200220, "Failed to generate card content")
+    return (card, None) if isinstance(card, dict) else (None, _error(400, 200220, "Failed to generate card content"))
+
+
+def _card_ref(content: Json) -> str | None:
+    """The card_id of a `{"type": "card", "data": {"card_id": ...}}` message content, else None."""
+    if content.get("type") == "card" and isinstance(content.get("data"), dict):
+        return content["data"].get("card_id")
+    return None
+
+
+def card_texts(card: Json) -> list[tuple[str | None, str]]:
+    """(element_id, text) of every text in a card's body (2.0) or elements (1.0), in display order."""
+    found: list[tuple[str | None, str]] = []
+    _collect_texts(card.get("body", card).get("elements", []), None, found)
+    return found
+
+
+def _collect_texts(node: Any, element_id: str | None, found: list[tuple[str | None, str]]) -> None:
+    if isinstance(node, list):
+        for item in node:
+            _collect_texts(item, element_id, found)
+    elif isinstance(node, dict):
+        element_id = node.get("element_id", element_id)
+        if node.get("tag") in _TEXT_TAGS and isinstance(node.get("content"), str):
+            found.append((element_id, node["content"]))
+            return
+        for value in node.values():
+            _collect_texts(value, element_id, found)
+
+
+def _set_element_text(node: Any, element_id: str, text: str) -> bool:
+    """Set the text of the element with `element_id` (markdown/plain_text, or a div's text)."""
+    if isinstance(node, list):
+        return any(_set_element_text(item, element_id, text) for item in node)
+    if not isinstance(node, dict):
+        return False
+    if node.get("element_id") == element_id:
+        target = node if node.get("tag") in _TEXT_TAGS else node.get("text")
+        if isinstance(target, dict):
+            target["content"] = text
+            return True
+        return False
+    return any(_set_element_text(value, element_id, text) for value in node.values())
+
+
+def message_text(msg_type: str, content: Json) -> str:
+    """What a chat member reads in a message: the text, a post's title and lines, or a card's texts."""
+    if msg_type == "text":
+        return str(content.get("text", ""))
+    if msg_type == "post":
+        return _post_text(content)
+    if msg_type == "interactive":
+        return "\n".join(text for _, text in card_texts(content))
+    return json.dumps(content, ensure_ascii=False)
+
+
+def _post_text(content: Json) -> str:
+    """Posts are sent as {"zh_cn": {...}} and received as {"title", "content"}; accept both."""
+    post = content if "content" in content else next((v for v in content.values() if isinstance(v, dict)), {})
+    lines = ["".join(_post_element_text(element) for element in paragraph) for paragraph in post.get("content", [])]
+    return "\n".join(([post["title"]] if post.get("title") else []) + lines)
+
+
+def _post_element_text(element: Json) -> str:
+    if element.get("tag") == "at":
+        return f"@{element.get('user_name') or element.get('user_id', '')}"
+    return str(element.get("text", ""))
+

@@ -1,0 +1,357 @@
+"""The fake Feishu is only worth something if the REAL lark-oapi SDK works against it: these tests drive the
+SDK's long-connection client, its REST client and its webhook dispatcher against tests/fakes/feishu.py."""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+from collections.abc import Iterator
+
+import lark_oapi as lark
+import pytest
+import requests
+from lark_oapi.api.cardkit.v1 import (
+    Card,
+    ContentCardElementRequest,
+    ContentCardElementRequestBody,
+    CreateCardRequest,
+    CreateCardRequestBody,
+    SettingsCardRequest,
+    SettingsCardRequestBody,
+    UpdateCardRequest,
+    UpdateCardRequestBody,
+)
+from lark_oapi.api.im.v1 import (
+    CreateMessageReactionRequest,
+    CreateMessageReactionRequestBody,
+    CreateMessageRequest,
+    CreateMessageRequestBody,
+    CreateMessageResponse,
+    DeleteMessageReactionRequest,
+    Emoji,
+    P2ImMessageReceiveV1,
+    PatchMessageRequest,
+    PatchMessageRequestBody,
+    ReplyMessageRequest,
+    ReplyMessageRequestBody,
+    UpdateMessageRequest,
+    UpdateMessageRequestBody,
+)
+
+from tests.fakes.feishu import FakeFeishu, WsClientThread, url_verification, webhook_request
+
+CHAT = "oc_chat"
+
+
+@pytest.fixture(autouse=True)
+def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeFeishu]:
+    server = FakeFeishu().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def received() -> queue.Queue[P2ImMessageReceiveV1]:
+    return queue.Queue()
+
+
+@pytest.fixture
+def ws(fake: FakeFeishu, received: queue.Queue[P2ImMessageReceiveV1]) -> Iterator[WsClientThread]:
+    """A real lark.ws.Client connected to the fake; a handler that sees "boom" raises, to test 500 acks."""
+
+    def on_message(data: P2ImMessageReceiveV1) -> None:
+        if "boom" in (data.event.message.content or ""):
+            raise RuntimeError("handler failed on purpose")
+        received.put(data)
+
+    def make_client() -> lark.ws.Client:
+        handler = lark.EventDispatcherHandler.builder("", "").register_p2_im_message_receive_v1(on_message).build()
+        return lark.ws.Client(fake.app_id, fake.app_secret, event_handler=handler, domain=fake.base_url,
+                              log_level=lark.LogLevel.WARNING)
+
+    runner = WsClientThread(make_client).start()
+    fake.wait_connected()
+    yield runner
+    runner.stop()
+
+
+@pytest.fixture
+def api(fake: FakeFeishu) -> lark.Client:
+    return (lark.Client.builder().app_id(fake.app_id).app_secret(fake.app_secret).domain(fake.base_url)
+            .log_level(lark.LogLevel.WARNING).build())
+
+
+def _text_of(data: P2ImMessageReceiveV1) -> str:
+    return json.loads(data.event.message.content)["text"]
+
+
+def _send_text(api: lark.Client, chat_id: str, text: str, uuid: str | None = None) -> CreateMessageResponse:
+    body = CreateMessageRequestBody.builder().receive_id(chat_id).msg_type("text").content(json.dumps({"text": text}))
+    request = CreateMessageRequest.builder().receive_id_type("chat_id").request_body(
+        (body.uuid(uuid) if uuid else body).build()).build()
+    return api.im.v1.message.create(request)
+
+
+# ----- long connection ----------------------------------------------------------------------------------
+
+
+def test_ws_client_receives_a_pushed_event_and_acks_it(fake: FakeFeishu, ws: WsClientThread,
+                                                       received: queue.Queue[P2ImMessageReceiveV1]) -> None:
+    event = fake.text_event(CHAT, "hello", chat_type="group", mention_bot=True)
+    frame_id = fake.push_event(event)
+
+    data = received.get(timeout=5)
+    assert data.event.message.message_id == event["event"]["message"]["message_id"]
+    assert data.event.message.chat_type == "group"
+    assert _text_of(data) == "@_user_1 hello"
+    assert data.event.message.mentions[0].id.open_id == fake.bot_open_id
+    assert data.event.sender.sender_id.open_id == "ou_user"
+    assert data.header.event_type == "im.message.receive_v1"
+    ack = fake.wait_ack(frame_id)
+    assert ack.code == 200
+    assert ack.latency < 3
+    assert fake.pings >= 1
+
+
+def test_split_event_is_joined_by_the_client(fake: FakeFeishu, ws: WsClientThread,
+                                             received: queue.Queue[P2ImMessageReceiveV1]) -> None:
+    frame_id = fake.push_event(fake.post_event(CHAT, ["first line", "second line"], title="T"), parts=2)
+
+    data = received.get(timeout=5)
+    assert json.loads(data.event.message.content)["content"][1][0]["text"] == "second line"
+    assert fake.wait_ack(frame_id).code == 200
+
+
+def test_client_reconnects_after_the_server_drops_it(fake: FakeFeishu, ws: WsClientThread,
+                                                     received: queue.Queue[P2ImMessageReceiveV1]) -> None:
+    before = fake.connection_count
+    started = time.monotonic()
+    assert fake.drop_connections() == 1
+
+    fake.wait_connected(timeout=5, total=before + 1)
+    assert time.monotonic() - started < 3
+    fake.push_event(fake.text_event(CHAT, "after reconnect"))
+    assert _text_of(received.get(timeout=5)) == "after reconnect"
+
+
+def test_a_failing_handler_is_acked_with_500(fake: FakeFeishu, ws: WsClientThread) -> None:
+    assert fake.wait_ack(fake.push_event(fake.text_event(CHAT, "boom"))).code == 500
+
+
+def test_stop_retires_a_client_that_was_never_stopped(received: queue.Queue[P2ImMessageReceiveV1]) -> None:
+    """What a service under test leaves behind: fake.stop() must end its reconnect attempts for good."""
+    first = FakeFeishu().start()
+    handler = lark.EventDispatcherHandler.builder("", "").register_p2_im_message_receive_v1(received.put).build()
+    runner = WsClientThread(lambda: lark.ws.Client(first.app_id, first.app_secret, event_handler=handler,
+                                                   domain=first.base_url, log_level=lark.LogLevel.CRITICAL)).start()
+    first.wait_connected()
+    first.stop()
+    assert [c.code for c in first.calls if c.path == "/callback/ws/endpoint"] == [0, 403]
+    assert runner.client is not None and runner.client._conn is None
+    runner.stop()
+
+
+# ----- REST ----------------------------------------------------------------------------------------------
+
+
+def test_bot_info_through_the_sdk_raw_request(fake: FakeFeishu, api: lark.Client) -> None:
+    request = (lark.BaseRequest.builder().http_method(lark.HttpMethod.GET).uri("/open-apis/bot/v3/info")
+               .token_types({lark.AccessTokenType.TENANT}).build())
+    response = api.request(request)
+    assert json.loads(response.raw.content)["bot"]["open_id"] == fake.bot_open_id
+
+
+def test_send_reply_and_stream_a_card(fake: FakeFeishu, api: lark.Client) -> None:
+    user_message = fake.text_event(CHAT, "question", chat_type="group")["event"]["message"]["message_id"]
+    sent = _send_text(api, CHAT, "working on it")
+    assert sent.success(), sent.msg
+
+    card = {"schema": "2.0", "config": {"streaming_mode": True},
+            "body": {"elements": [{"tag": "markdown", "element_id": "answer", "content": ""}]}}
+    created = api.cardkit.v1.card.create(CreateCardRequest.builder().request_body(
+        CreateCardRequestBody.builder().type("card_json").data(json.dumps(card)).build()).build())
+    assert created.success(), created.msg
+    card_id = created.data.card_id
+    reply = api.im.v1.message.reply(ReplyMessageRequest.builder().message_id(user_message).request_body(
+        ReplyMessageRequestBody.builder().msg_type("interactive")
+        .content(json.dumps({"type": "card", "data": {"card_id": card_id}})).build()).build())
+    assert reply.success(), reply.msg
+    for sequence, text in enumerate(["The", "The answer", "The answer is 42"], start=1):
+        streamed = api.cardkit.v1.card_element.content(ContentCardElementRequest.builder().card_id(card_id)
+                                                       .element_id("answer").request_body(
+            ContentCardElementRequestBody.builder().content(text).sequence(sequence).build()).build())
+        assert streamed.success(), streamed.msg
+    closed = api.cardkit.v1.card.settings(SettingsCardRequest.builder().card_id(card_id).request_body(
+        SettingsCardRequestBody.builder().settings(json.dumps({"config": {"streaming_mode": False}}))
+        .sequence(4).build()).build())
+    assert closed.success(), closed.msg
+
+    shown = fake.messages(CHAT)
+    assert [(m.msg_type, m.text, m.reply_to) for m in shown] == [
+        ("text", "working on it", None), ("interactive", "The answer is 42", user_message)]
+    assert reply.data.chat_id == CHAT
+    state = fake.card(card_id)
+    assert not state.streaming_mode
+    assert state.versions == ["", "The", "The answer", "The answer is 42", "The answer is 42"]
+
+
+def _markdown_card(text: str) -> str:
+    return json.dumps({"schema": "2.0", "body": {"elements": [{"tag": "markdown", "element_id": "md",
+                                                               "content": text}]}})
+
+
+def test_card_sequence_must_grow_and_full_update_replaces_the_card(fake: FakeFeishu, api: lark.Client) -> None:
+    card_id = api.cardkit.v1.card.create(CreateCardRequest.builder().request_body(
+        CreateCardRequestBody.builder().type("card_json").data(_markdown_card("x")).build()).build()).data.card_id
+
+    def stream(text: str, sequence: int) -> int:
+        return api.cardkit.v1.card_element.content(ContentCardElementRequest.builder().card_id(card_id)
+                                                   .element_id("md").request_body(
+            ContentCardElementRequestBody.builder().content(text).sequence(sequence).build()).build()).code
+
+    assert stream("new", 5) == 0
+    assert stream("old", 5) == 300317
+    assert fake.card(card_id).texts == {"md": "new"}
+    replaced = api.cardkit.v1.card.update(UpdateCardRequest.builder().card_id(card_id).request_body(
+        UpdateCardRequestBody.builder().card(Card.builder().type("card_json").data(_markdown_card("final")).build())
+        .sequence(6).build()).build())
+    assert replaced.success(), replaced.msg
+    assert fake.card(card_id).text == "final"
+
+
+def test_patch_replaces_an_inline_card_message(fake: FakeFeishu, api: lark.Client) -> None:
+    sent = api.im.v1.message.create(CreateMessageRequest.builder().receive_id_type("chat_id").request_body(
+        CreateMessageRequestBody.builder().receive_id(CHAT).msg_type("interactive")
+        .content(_markdown_card("draft")).build()).build())
+    patched = api.im.v1.message.patch(PatchMessageRequest.builder().message_id(sent.data.message_id).request_body(
+        PatchMessageRequestBody.builder().content(_markdown_card("done")).build()).build())
+    assert patched.success(), patched.msg
+    assert [m.text for m in fake.messages(CHAT)] == ["done"]
+
+
+def test_uuid_dedupes_sends_and_text_updates_and_reactions_work(fake: FakeFeishu, api: lark.Client) -> None:
+    first = _send_text(api, CHAT, "once", uuid="same-uuid")
+    again = _send_text(api, CHAT, "once", uuid="same-uuid")
+    assert first.data.message_id == again.data.message_id
+    message_id = first.data.message_id
+
+    updated = api.im.v1.message.update(UpdateMessageRequest.builder().message_id(message_id).request_body(
+        UpdateMessageRequestBody.builder().msg_type("text").content(json.dumps({"text": "edited"})).build()).build())
+    assert updated.success(), updated.msg
+    added = api.im.v1.message_reaction.create(CreateMessageReactionRequest.builder().message_id(message_id)
+                                              .request_body(CreateMessageReactionRequestBody.builder()
+                                                            .reaction_type(Emoji.builder().emoji_type("Typing")
+                                                                           .build()).build()).build())
+    assert fake.reactions(message_id) == ["Typing"]
+    deleted = api.im.v1.message_reaction.delete(DeleteMessageReactionRequest.builder().message_id(message_id)
+                                                .reaction_id(added.data.reaction_id).build())
+    assert deleted.success(), deleted.msg
+
+    [message] = fake.messages(CHAT)
+    assert (message.text, message.edits) == ("edited", 1)
+    assert fake.reactions(message_id) == []
+    assert [c.chat_id for c in fake.calls if c.write] == [CHAT] * 5
+
+
+# ----- faults and rates -----------------------------------------------------------------------------------
+
+
+def test_rate_limited_calls_look_like_feishus(fake: FakeFeishu, api: lark.Client) -> None:
+    fake.rate_limit(every_nth=2, reset_seconds=3)
+    ok, limited = _send_text(api, CHAT, "a"), _send_text(api, CHAT, "b")
+
+    assert ok.success()
+    assert (limited.code, limited.raw.status_code) == (99991400, 429)
+    assert limited.raw.headers["x-ogw-ratelimit-reset"] == "3"
+    assert limited.raw.headers["x-ogw-ratelimit-limit"] == "50"
+    assert fake.rejected_count == 1
+    assert [m.text for m in fake.messages(CHAT)] == ["a"]
+
+
+def test_fractional_rate_limit_is_deterministic(fake: FakeFeishu, api: lark.Client) -> None:
+    def pattern() -> list[int]:
+        fake.rate_limit(0.5, seed=7)
+        return [_send_text(api, CHAT, str(i)).code for i in range(12)]
+
+    first = pattern()
+    assert first == pattern()
+    assert 0 < first.count(99991400) < 12
+
+
+def test_max_rate_counts_accepted_writes_per_app_and_per_chat(fake: FakeFeishu, api: lark.Client) -> None:
+    for i in range(4):
+        _send_text(api, "oc_a", f"a{i}")
+    for i in range(2):
+        _send_text(api, "oc_b", f"b{i}")
+    fake.rate_limit(every_nth=1)
+    _send_text(api, "oc_b", "refused")
+
+    assert fake.max_rate(per="app") == 6
+    assert fake.max_rate(per="chat") == 4
+    assert fake.max_rate(per="app", window=1e-9) == 1
+    assert fake.rejected_count == 1
+
+
+def test_down_answers_503_or_hangs_up(fake: FakeFeishu, api: lark.Client) -> None:
+    fake.set_down(True)
+    down = _send_text(api, CHAT, "x")
+    assert (down.raw.status_code, down.success()) == (503, False)
+
+    fake.set_down(True, hang_up=True)
+    with pytest.raises(requests.exceptions.ConnectionError):
+        _send_text(api, CHAT, "x")
+
+    fake.set_down(False)
+    assert _send_text(api, CHAT, "back").success()
+    assert fake.rejected_count == 2
+
+
+# ----- webhook -------------------------------------------------------------------------------------------
+
+
+def _raw_request(body: bytes, headers: dict[str, str]) -> lark.RawRequest:
+    request = lark.RawRequest()
+    request.uri, request.body, request.headers = "/webhook/event", body, headers
+    return request
+
+
+def test_encrypted_signed_webhook_event_passes_the_sdk_checks(fake: FakeFeishu) -> None:
+    got: list[P2ImMessageReceiveV1] = []
+    handler = (lark.EventDispatcherHandler.builder("encrypt-key", fake.verification_token)
+               .register_p2_im_message_receive_v1(got.append).build())
+
+    body, headers = webhook_request(fake.text_event(CHAT, "via webhook"), "encrypt-key")
+    response = handler.do(_raw_request(body, headers))
+    assert response.status_code == 200, response.content
+    assert _text_of(got[0]) == "via webhook"
+
+    tampered = dict(headers, **{"X-Lark-Signature": "0" * 64})
+    assert handler.do(_raw_request(body, tampered)).status_code == 500
+    assert len(got) == 1
+
+
+def test_plain_webhook_event_is_checked_by_its_token(fake: FakeFeishu) -> None:
+    got: list[P2ImMessageReceiveV1] = []
+    handler = (lark.EventDispatcherHandler.builder("", fake.verification_token)
+               .register_p2_im_message_receive_v1(got.append).build())
+    event = fake.text_event(CHAT, "plain")
+
+    assert handler.do(_raw_request(*webhook_request(event))).status_code == 200
+    event["header"]["token"] = "wrong"
+    assert handler.do(_raw_request(*webhook_request(event))).status_code == 500
+    assert len(got) == 1
+
+
+def test_url_verification_challenge_round_trips(fake: FakeFeishu) -> None:
+    handler = lark.EventDispatcherHandler.builder("encrypt-key", fake.verification_token).build()
+    body, headers = webhook_request(url_verification("challenge-123", fake.verification_token), "encrypt-key")
+
+    response = handler.do(_raw_request(body, headers))
+    assert json.loads(response.content) == {"challenge": "challenge-123"}

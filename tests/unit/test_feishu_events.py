@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from orchestrator.channels import Incoming
+from orchestrator.channels.feishu_events import Ignored, parse_message_event, post_text
+
+BOT = "ou_bot"
+
+
+def event(text: str = "hello", *, chat_type: str = "p2p", message_type: str = "text", content: Any = None,
+          mentions: list | None = None, sender: str = "ou_user", sender_type: str = "user",
+          chat_id: Any = "oc_chat1", message_id: Any = "om_1") -> dict:
+    return {
+        "sender": {"sender_id": {"open_id": sender, "user_id": "u1"}, "sender_type": sender_type},
+        "message": {"message_id": message_id, "chat_id": chat_id, "chat_type": chat_type,
+                    "message_type": message_type,
+                    "content": json.dumps({"text": text}) if content is None else content,
+                    "mentions": mentions or []},
+    }
+
+
+def bot_mention(key: str = "@_user_1") -> dict:
+    return {"key": key, "id": {"open_id": BOT}, "name": "Claude"}
+
+
+def parse(e: Any, require_mention: bool = True) -> Incoming | Ignored:
+    return parse_message_event(e, BOT, lambda chat_id: require_mention)
+
+
+def test_p2p_text_is_answered_always() -> None:
+    assert parse(event("hi there")) == Incoming("oc_chat1", "om_1", "ou_user", "hi there")
+
+
+def test_group_needs_a_mention_which_is_stripped_from_the_prompt() -> None:
+    assert parse(event("hi", chat_type="group")) == Ignored("a group message that does not mention the bot")
+    mentioned = parse(event("@_user_1 what is 2+2", chat_type="group", mentions=[bot_mention()]))
+    assert isinstance(mentioned, Incoming) and mentioned.text == "what is 2+2"
+
+
+def test_group_without_require_mention() -> None:
+    assert isinstance(parse(event("hi", chat_type="group"), require_mention=False), Incoming)
+
+
+def test_other_peoples_mentions_become_names() -> None:
+    mentions = [bot_mention(), {"key": "@_user_2", "id": {"open_id": "ou_alice"}, "name": "Alice"}]
+    parsed = parse(event("@_user_1 ask @_user_2 about it", chat_type="group", mentions=mentions))
+    assert isinstance(parsed, Incoming) and parsed.text == "ask @Alice about it"
+
+
+def test_post_message_text() -> None:
+    post = {"title": "Report", "content": [
+        [{"tag": "at", "user_id": "@_user_1", "user_name": "Claude"}, {"tag": "text", "text": " summarise "},
+         {"tag": "a", "text": "this link", "href": "https://x"}],
+        [{"tag": "img", "image_key": "img_1"}, {"tag": "text", "text": "second line"}],
+    ]}
+    parsed = parse(event(message_type="post", content=json.dumps(post), chat_type="group", mentions=[bot_mention()]))
+    assert isinstance(parsed, Incoming) and parsed.text == "Report\nsummarise this link\nsecond line"
+    assert post_text({"zh_cn": post}) == post_text(post)
+
+
+def test_unsupported_types_are_passed_on_for_a_short_reply() -> None:
+    parsed = parse(event(message_type="image", content=json.dumps({"image_key": "img_1"})))
+    assert parsed == Incoming("oc_chat1", "om_1", "ou_user", "", kind="image")
+
+
+def test_a_bare_mention_asks_for_help() -> None:
+    parsed = parse(event("@_user_1", chat_type="group", mentions=[bot_mention()]))
+    assert isinstance(parsed, Incoming) and parsed.text == "/help"
+
+
+def test_bots_and_apps_are_ignored() -> None:
+    assert parse(event(sender=BOT)) == Ignored("the bot's own message")
+    assert parse(event(sender_type="app")) == Ignored("sent by app, not a user")
+
+
+@pytest.mark.parametrize("bad", [
+    None, [], "text", {}, {"message": {}, "sender": {}},
+    event(message_id=None), event(message_id=""), event(chat_id="../../etc"), event(chat_id=None),
+    event(chat_id="-rf"), event(content="not json"), event(content="[1]"), event(content=""),
+])
+def test_malformed_events_are_ignored_with_a_reason(bad: Any) -> None:
+    parsed = parse(bad)
+    assert isinstance(parsed, Ignored) and parsed.reason.startswith("malformed event")
