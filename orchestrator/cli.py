@@ -13,7 +13,6 @@ from loguru import logger
 
 from orchestrator.channels import Channel
 from orchestrator.channels.console import CONSOLE_CHAT_ID, ConsoleChannel
-from orchestrator.channels.feishu import FeishuChannel
 from orchestrator.config import ConfigError, Settings, load_settings, resolve_chat
 from orchestrator.ids import is_valid_chat_id
 from orchestrator.logs import setup_logging
@@ -90,6 +89,8 @@ def _run(settings: Settings, console_chat: str, log_json: bool) -> int:
     store = Store(settings.db_path)
     channel: Channel
     if settings.feishu.configured:
+        from orchestrator.channels.feishu import FeishuChannel  # lark_oapi takes a second to import: only here
+
         def require_mention(chat_id: str) -> bool:
             return resolve_chat(settings, chat_id).options.require_mention
 

@@ -71,7 +71,7 @@ def test_p2p_message_streams_a_card_that_ends_in_the_answer_as_a_reply(feishu: F
                                                                         fake_api: FakeAnthropic) -> None:
     bot = start(feishu_config())
     chat_id, marker = chat(), uuid.uuid4().hex[:8]
-    event = feishu.text_event(chat_id, f"RUN_BASH: echo streamed-{marker}")
+    event = feishu.text_event(chat_id, f"RUN_BASH: sleep 1; echo streamed-{marker}")
     feishu.push_event(event)
     wait_answer(feishu, chat_id, f"ran: streamed-{marker}")
     wait_until(lambda: not feishu.card(feishu.messages(chat_id)[0].card_id).streaming_mode, 30, "the card to close")
@@ -158,7 +158,8 @@ def test_rate_limited_sends_all_arrive_in_order_within_the_configured_rates(
     assert feishu.rejected_count >= 15
     assert feishu.max_rate(per="app") <= 6
     assert feishu.max_rate(per="chat") <= 3
-    assert all(m["state"] == "delivered" for c in chats for m in store_view.messages(c))
+    wait_until(lambda: all(m["state"] == "delivered" for c in chats for m in store_view.messages(c)), 30,
+               "every message delivered")
 
 
 def test_a_reply_survives_feishu_being_down_and_an_orchestrator_restart(
