@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -27,6 +27,9 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)([bkmg]?)", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 _MIN_MEMORY = 6 * 1024**2  # the Docker engine refuses less
+
+
+T = TypeVar("T")
 
 
 class ConfigError(Exception):
@@ -92,6 +95,25 @@ def _allowed(allowlist: tuple[str, ...], value: str) -> bool:
 
 
 @dataclass(frozen=True)
+class SchedulerSettings:
+    max_concurrent_turns: int = 4  # turns running at once over all chats; waiting chats are served in order
+    queue_depth: int = 10  # messages one chat may have waiting behind its running turn
+
+
+@dataclass(frozen=True)
+class ContainerSettings:
+    idle_stop: float = 1800.0  # seconds without a turn before a chat's container is stopped
+    max_running: int = 0  # running containers at most (0: no cap); the least recently used idle ones stop first
+    stop_timeout: float = 10.0  # seconds between SIGTERM and SIGKILL when a container is stopped
+
+
+@dataclass(frozen=True)
+class ShutdownSettings:
+    drain_timeout: float = 60.0  # on SIGTERM/SIGINT, how long running turns may take to finish
+    keep_containers: bool = False  # leave containers and their turns running (upgrades); the next start adopts them
+
+
+@dataclass(frozen=True)
 class Settings:
     source: Path
     data_dir: Path
@@ -101,6 +123,9 @@ class Settings:
     groups: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     access: AccessSettings = field(default_factory=AccessSettings)
     feishu: FeishuSettings = field(default_factory=FeishuSettings)
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+    containers: ContainerSettings = field(default_factory=ContainerSettings)
+    shutdown: ShutdownSettings = field(default_factory=ShutdownSettings)
 
     @property
     def db_path(self) -> Path:
@@ -142,7 +167,8 @@ def load_settings(path: str | os.PathLike[str], environ: Mapping[str, str] | Non
 
 def parse_settings(raw: object, source: Path, environ: Mapping[str, str]) -> Settings:
     reader = _Reader(source.name, environ)
-    top = reader.section(raw, "", ("data_dir", "instance", "agent", "defaults", "groups", "access", "feishu"))
+    top = reader.section(raw, "", ("data_dir", "instance", "agent", "defaults", "groups", "access", "feishu",
+                                   "scheduler", "containers", "shutdown"))
     data_dir = Path(reader.string(top, "data_dir", "./data"))
     defaults = reader.options(top.get("defaults"), "defaults", ChatOptions())
     if defaults.workspace is not None and "{chat_id}" not in defaults.workspace:
@@ -158,7 +184,15 @@ def parse_settings(raw: object, source: Path, environ: Mapping[str, str]) -> Set
         defaults=defaults,
         groups=reader.groups(top.get("groups")),
         access=reader.access(top.get("access")),
-        feishu=reader.feishu(top.get("feishu")),
+        feishu=reader.flat(top.get("feishu"), "feishu", FeishuSettings, {
+            "mode": _choice(FEISHU_MODES), "rate_per_chat": _positive_int, "rate_per_app": _positive_int,
+            "rate_per_app_minute": _positive_int, "webhook_port": _port}),
+        scheduler=reader.flat(top.get("scheduler"), "scheduler", SchedulerSettings, {
+            "max_concurrent_turns": _positive_int, "queue_depth": _positive_int}),
+        containers=reader.flat(top.get("containers"), "containers", ContainerSettings, {
+            "idle_stop": _positive_number, "max_running": _count, "stop_timeout": _positive_number}),
+        shutdown=reader.flat(top.get("shutdown"), "shutdown", ShutdownSettings, {
+            "drain_timeout": _non_negative_number, "keep_containers": _boolean}),
     )
 
 
@@ -265,13 +299,11 @@ class _Reader:
             allowed_users=self.value(section, "allowed_users", "access", (), _string_list),
         )
 
-    def feishu(self, raw: object) -> FeishuSettings:
-        key = "feishu"
-        section = self.section(raw, key, tuple(f.name for f in dataclasses.fields(FeishuSettings)))
-        converters = {"mode": _choice(FEISHU_MODES), "rate_per_chat": _positive_int, "rate_per_app": _positive_int,
-                      "rate_per_app_minute": _positive_int, "webhook_port": _port}
+    def flat(self, raw: object, key: str, cls: type[T], converters: dict[str, Callable[[Any], Any]]) -> T:
+        """A section of plain values, one field of `cls` each; strings unless `converters` says otherwise."""
+        section = self.section(raw, key, tuple(f.name for f in dataclasses.fields(cls)))  # type: ignore[arg-type]
         values = {name: self.value(section, name, key, None, converters.get(name, _string)) for name in section}
-        return FeishuSettings(**{name: value for name, value in values.items() if value is not None})
+        return cls(**{name: value for name, value in values.items() if value is not None})
 
 
 def _join(key: str, name: str) -> str:
@@ -312,6 +344,18 @@ def _cpus(value: Any) -> float:
     if cpus < 0.01:
         raise ValueError(f"{value!r} is below the engine's minimum of 0.01")
     return cpus
+
+
+def _non_negative_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ValueError(f"{value!r} must be a number, 0 or more")
+    return float(value)
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{value!r} must be a whole number, 0 or more")
+    return value
 
 
 def _positive_int(value: Any) -> int:

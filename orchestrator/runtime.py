@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -116,6 +118,8 @@ def _state(container: Container) -> ContainerState:
 class DockerRuntime:
     def __init__(self, timeout: float = 120) -> None:
         self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="docker")
+        self._events: Any = None
+        self._watching = False
         try:
             self._client = docker.from_env(timeout=timeout)
         except DockerException as exc:
@@ -133,8 +137,32 @@ class DockerRuntime:
             raise RuntimeFailure(f"the Docker engine cannot be reached: {exc}") from exc
 
     def close(self) -> None:
+        self._watching = False
+        if self._events is not None:
+            self._events.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._client.close()
+
+    # ---- events ----
+
+    def watch(self, instance: str, on_event: Callable[[str, str], None]) -> None:
+        """Call `on_event(chat_id, action)` (on a thread of its own) when one of our containers dies, is
+        OOM-killed in part or whole, or starts. The engine drops slow readers, so callers relist as well."""
+        self._watching = True
+        threading.Thread(target=self._watch, args=(instance, on_event), name="docker-events", daemon=True).start()
+
+    def _watch(self, instance: str, on_event: Callable[[str, str], None]) -> None:
+        filters = {"type": "container", "event": ["die", "oom", "start"],
+                   "label": [f"{MANAGED_LABEL}=true", f"{INSTANCE_LABEL}={instance}"]}
+        while self._watching:
+            try:
+                self._events = self._client.events(filters=filters, decode=True)
+                for event in self._events:
+                    attributes = event.get("Actor", {}).get("Attributes", {})
+                    on_event(attributes.get(CHAT_LABEL, ""), event.get("Action", event.get("status", "")))
+            except (DockerException, requests.RequestException, OSError):
+                if self._watching:
+                    time.sleep(1)  # the engine restarted or the stream broke: follow it again
 
     # ---- lifecycle ----
 

@@ -1,40 +1,38 @@
-"""Wiring: messages from a channel, one worker per chat, turns in the chat's container, answers back.
+"""Wiring: messages from a channel, a queue and a worker per chat, turns under a global bound, answers out
+through the outbox; reconciling with the engine, culling idle containers, and shutting down gracefully.
 
 Every step is a durable state change in the store first (received → queued → running → answered →
-delivered, or failed), so a restarted service picks up where the last one stopped: `recover` re-queues
-what was waiting and follows turns that are still running in their containers, and the outbox delivers
-whatever was answered but not yet delivered.
+delivered, or failed), so a restarted service picks up where the last one stopped.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
-from collections import defaultdict
-from dataclasses import dataclass
+import time
 from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from orchestrator import agent, layout, turns
-from orchestrator.agent import Answer, Failure, Init, Text, ToolUse, Transcript, Unparsed
-from orchestrator.channels import Channel, DeliveryFailed, Incoming, Outgoing, TurnDisplay
-from orchestrator.config import ChatSettings, Settings, resolve_chat
+from orchestrator.agent import Answer, Failure
+from orchestrator.channels import Channel, Incoming
+from orchestrator.config import Settings, resolve_chat
+from orchestrator.delivery import Deliverer
+from orchestrator.housekeeping import Candidate, Finding, containers_to_stop, reconcile
 from orchestrator.ids import is_valid_chat_id
-from orchestrator.runtime import TURNS_PATH, ContainerState, DockerRuntime, RuntimeFailure, container_spec
+from orchestrator.runtime import DockerRuntime, RuntimeFailure
 from orchestrator.states import State
-from orchestrator.store import MessageRecord, OutboxRecord, Store
+from orchestrator.store import MessageRecord, Store
+from orchestrator.turn_runner import INTERRUPTED_BY_RESTART, TurnRunner
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Coroutine
+
     from loguru import Logger
 
-POLL_SECONDS = 0.1
-CONTAINER_CHECK_SECONDS = 2.0
-KILL_GRACE_SECONDS = 5.0
-OUTBOX_POLL_SECONDS = 0.5  # `orchestrator notify` adds to the outbox from another process
-MAX_RETRY_DELAY = 60.0
-RUN_TURN = "run-turn"  # in the agent image: keeps a turn's output in its turn folder
+HOUSEKEEPING_SECONDS = 30.0
+INTERRUPT_WAIT_SECONDS = 10.0  # after SIGINT, how long interrupted turns get to end and be recorded
+FLUSH_SECONDS = 10.0  # at shutdown, how long to keep trying to deliver what is pending
 HELP = ("Send a message and Claude Code answers it in this chat's own container.\n"
         "/new  start a new conversation (Claude forgets this chat's earlier context)\n"
         "/stop  stop the answer being worked on\n"
@@ -42,12 +40,8 @@ HELP = ("Send a message and Claude Code answers it in this chat's own container.
         "/help  this text")
 
 
-@dataclass
-class RunningTurn:
-    message_id: str
-    container_id: str
-    files: turns.TurnFiles
-    stop_requested: bool = False
+class ShuttingDown(Exception):
+    """Raised to a channel that hands over a message while the service stops: it must not be acked."""
 
 
 class Service:
@@ -56,49 +50,152 @@ class Service:
         self.store = store
         self.runtime = runtime
         self.channel = channel
+        self.turns = TurnRunner(settings, store, runtime, on_container_started=self._enforce_max_running)
+        self.deliverer = Deliverer(store, channel)
         self.queues: dict[str, asyncio.Queue[str]] = {}
         self.workers: dict[str, asyncio.Task[None]] = {}
-        self.running: dict[str, RunningTurn] = {}
-        self._outbox_wakeup = asyncio.Event()
-        self._commands: set[asyncio.Task[None]] = set()
+        self.active: set[str] = set()  # chats whose worker is handling a message
+        self.accepting = True
+        self._slots = asyncio.Semaphore(settings.scheduler.max_concurrent_turns)
+        self._stop = asyncio.Event()
+        self._hurry = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
 
-    @property
-    def agent_user(self) -> str:
-        return f"{self.settings.agent.uid}:{self.settings.agent.uid}"
-
-    # ---- running ----
+    # ---- lifecycle ----
 
     async def run(self) -> None:
         """Serve until the channel ends (then finish the queued work) or a SIGINT/SIGTERM arrives."""
-        stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        await self.reconcile()
+        self.runtime.watch(self.settings.instance,
+                           lambda chat_id, action: loop.call_soon_threadsafe(self._on_container_event, chat_id, action))
         self.recover()
-        deliverer = asyncio.create_task(self._deliver_forever(), name="outbox")
+        tasks = [asyncio.create_task(self.deliverer.run(), name="outbox"),
+                 asyncio.create_task(self._housekeep_forever(), name="housekeeping")]
         channel_task = asyncio.create_task(self.channel.run(self.submit), name="channel")
-        stop_task = asyncio.create_task(stop.wait(), name="stop")
+        stop_task = asyncio.create_task(self._stop.wait(), name="stop")
         await asyncio.wait({channel_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-        if channel_task.done():
+        if channel_task.done() and not self._stop.is_set():
             channel_task.result()
             logger.info("input ended: finishing queued messages")
-            await asyncio.wait({asyncio.create_task(self._drained()), stop_task},
-                               return_when=asyncio.FIRST_COMPLETED)
-        busy = len(self.running)
-        if busy:
-            logger.info(f"stopping with {busy} turn(s) still running in their containers; "
-                        "the next start follows them and delivers their answers")
-        for task in (channel_task, stop_task, deliverer, *self.workers.values()):
+            await asyncio.wait({asyncio.create_task(self._drained()), stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        self.accepting = False
+        channel_task.cancel()
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(deliverer, *self.workers.values(), return_exceptions=True)
+        if self._stop.is_set():
+            await self.shutdown()
+        for task in (stop_task, *self.workers.values()):
+            task.cancel()
+        await asyncio.gather(*tasks, *self.workers.values(), return_exceptions=True)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self._stop.is_set():
+            logger.warning(f"{sig.name} again: not waiting for running turns any longer")
+            self._hurry.set()
+        else:
+            logger.info(f"{sig.name}: stopping (new messages are left for the next start)")
+            self._stop.set()
+
+    async def shutdown(self) -> None:
+        """Let running turns finish, interrupt the rest and tell their chats, then stop the containers.
+        With `shutdown.keep_containers`, leave containers and turns running for the next start to adopt."""
+        if self.settings.shutdown.keep_containers:
+            logger.info(f"leaving {len(self.turns.running)} running turn(s) and the containers for the next start")
+            return
+        drain = self.settings.shutdown.drain_timeout
+        if self.turns.running:
+            logger.info(f"waiting up to {drain:g} s for {len(self.turns.running)} running turn(s)")
+            await self._until(lambda: not self.turns.running, drain, self._hurry)
+        for chat_id, turn in list(self.turns.running.items()):
+            logger.bind(chat_id=chat_id, message_id=turn.message_id).info("interrupting the turn (SIGINT)")
+            turn.interrupted = True
+            await self.turns.signal(turn, "INT")  # Claude ends the turn and keeps what it had
+        await self._until(lambda: not self.active, INTERRUPT_WAIT_SECONDS)
+        for chat_id, turn in list(self.turns.running.items()):  # did not end in time: record it all the same
+            self.store.fail(turn.message_id, "interrupted by a restart", INTERRUPTED_BY_RESTART)
+            logger.bind(chat_id=chat_id, message_id=turn.message_id).warning("turn did not end after SIGINT")
+        if not await self.deliverer.flush(FLUSH_SECONDS):
+            logger.warning("some replies could not be delivered before stopping; they go out after the next start")
+        containers = [c for c in await self.runtime.list_managed(self.settings.instance) if c.running]
+        logger.info(f"stopping {len(containers)} container(s)")
+        await asyncio.gather(*(self._stop_container(c.name, c.chat_id) for c in containers))
+
+    async def _stop_container(self, name: str, chat_id: str) -> None:
+        try:
+            await self.runtime.stop(name, self.settings.containers.stop_timeout)
+            logger.bind(chat_id=chat_id).info(f"stopped container {name}")
+        except RuntimeFailure as exc:
+            logger.bind(chat_id=chat_id).error(f"could not stop container {name}: {exc}")
+
+    @staticmethod
+    async def _until(done: Callable[[], bool], timeout: float, hurry: asyncio.Event | None = None) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not done() and asyncio.get_running_loop().time() < deadline and not (hurry and hurry.is_set()):
+            await asyncio.sleep(0.1)
 
     async def _drained(self) -> None:
-        """Every queued message handled and everything said delivered (or given up on)."""
+        """Every queued message handled and everything said delivered."""
         for queue in list(self.queues.values()):
             await queue.join()
-        while self.store.pending_outbox():
-            self._outbox_wakeup.set()
-            await asyncio.sleep(OUTBOX_POLL_SECONDS)
+        await self.deliverer.flush(float("inf"))
+
+    # ---- reconciling with the engine ----
+
+    async def reconcile(self) -> None:
+        """Compare the store with the engine and log each decision; adopt, never kill."""
+        containers = await self.runtime.list_managed(self.settings.instance)
+        for found in reconcile(self.store.chats(), containers):
+            log = logger.bind(chat_id=found.chat_id)
+            if found.finding is Finding.UNKNOWN:
+                self.store.ensure_chat(found.chat_id)
+                self.store.touch(found.chat_id)
+            if found.container is not None:
+                self.store.set_container(found.chat_id, found.container.name, found.container.id)
+            log.info({
+                Finding.RUNNING: "reconcile: adopted its running container",
+                Finding.STOPPED: "reconcile: its container is stopped; the next message starts it",
+                Finding.VANISHED: "reconcile: its container is gone; the next message re-creates it",
+                Finding.UNKNOWN: "reconcile: adopted a labelled container the store did not know",
+            }[found.finding])
+
+    def _on_container_event(self, chat_id: str, action: str) -> None:
+        log = logger.bind(chat_id=chat_id or "-")
+        turn = self.turns.running.get(chat_id)
+        if action == "oom":
+            log.warning("the kernel killed a process in the chat's container: out of memory")
+            if turn is not None:
+                turn.oom = True
+        elif action == "die":
+            log.info("the chat's container stopped" + (" during a turn" if turn else ""))
+
+    async def _housekeep_forever(self) -> None:
+        interval = max(1.0, min(HOUSEKEEPING_SECONDS, self.settings.containers.idle_stop / 2))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._stop_idle_containers()
+            except RuntimeFailure as exc:
+                logger.error(f"housekeeping: {exc}")
+
+    async def _enforce_max_running(self, chat_id: str) -> None:
+        if self.settings.containers.max_running:
+            await self._stop_idle_containers()
+
+    async def _stop_idle_containers(self) -> None:
+        chats = {chat.chat_id: chat for chat in self.store.chats()}
+        running = [Candidate(c.chat_id, c.name, chats[c.chat_id].last_activity or 0.0)
+                   for c in await self.runtime.list_managed(self.settings.instance)
+                   if c.running and c.chat_id in chats]
+        busy = self.active | {chat_id for chat_id, queue in self.queues.items() if queue.qsize()}
+        for candidate in containers_to_stop(running, busy, time.time(), self.settings.containers.idle_stop,
+                                            self.settings.containers.max_running):
+            logger.bind(chat_id=candidate.chat_id).info(f"stopping idle container {candidate.container_name}")
+            await self._stop_container(candidate.container_name, candidate.chat_id)
+
+    # ---- receiving ----
 
     def recover(self) -> None:
         """Queue every message that was waiting or running again, in arrival order per chat."""
@@ -109,10 +206,10 @@ class Service:
                 f"recovered a {message.state} message")
             self._enqueue(message)
 
-    # ---- receiving ----
-
     async def submit(self, incoming: Incoming) -> None:
         log = logger.bind(chat_id=incoming.chat_id, message_id=incoming.message_id)
+        if not self.accepting:
+            raise ShuttingDown("the service is stopping")
         if not is_valid_chat_id(incoming.chat_id):
             log.warning("rejected: not a valid chat id")
             return
@@ -130,31 +227,43 @@ class Service:
                                           "are not supported yet.")
         elif (command := incoming.text.strip().lower()) in COMMANDS:
             # not awaited: the channel acks once the message is stored, and /status asks the engine
-            task = asyncio.create_task(COMMANDS[command](self, message), name=f"{command} {message.message_id}")
-            self._commands.add(task)
-            task.add_done_callback(self._commands.discard)
+            self._in_background(COMMANDS[command](self, message))
+        elif self._waiting(message.chat_id) >= self.settings.scheduler.queue_depth:
+            depth = self.settings.scheduler.queue_depth
+            log.warning(f"refused: {depth} messages already wait in this chat")
+            self.store.fail(message.message_id, "queue full", f"{depth} messages are already waiting in this "
+                            "chat; please send this again once they are answered.")
+            self.deliverer.wake()
         else:
             self._enqueue(message)
+
+    def _in_background(self, coroutine: Coroutine[None, None, None]) -> None:
+        task = asyncio.create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _waiting(self, chat_id: str) -> int:
+        queue = self.queues.get(chat_id)
+        return queue.qsize() if queue else 0
 
     def _allowed(self, incoming: Incoming, log: Logger) -> bool:
         access = self.settings.access
         if access.allows(incoming.chat_id, incoming.sender_id):
             return True
-        chat_allowed = access.allows(incoming.chat_id, "*") or "*" in access.allowed_chats \
-            or incoming.chat_id in access.allowed_chats
-        if chat_allowed:
-            key, text = (f"{incoming.chat_id}/{incoming.sender_id}",
-                         f"You are not allowed to use this bot. An admin can add your user id {incoming.sender_id} "
-                         "to access.allowed_users.")
+        if access.allows(incoming.chat_id, "*") or "*" in access.allowed_chats \
+                or incoming.chat_id in access.allowed_chats:
+            who, key = "user", f"{incoming.chat_id}/{incoming.sender_id}"
+            text = (f"You are not allowed to use this bot. An admin can add your user id {incoming.sender_id} "
+                    "to access.allowed_users.")
         else:
-            key, text = (incoming.chat_id,
-                         f"This chat is not allowed to use this bot. An admin can add its chat id {incoming.chat_id} "
-                         "to access.allowed_chats.")
+            who, key = "chat", incoming.chat_id
+            text = (f"This chat is not allowed to use this bot. An admin can add its chat id {incoming.chat_id} "
+                    "to access.allowed_chats.")
         first = self.store.record_refusal(key)
-        log.warning(f"refused: {'user' if chat_allowed else 'chat'} not allowed" + ("; telling them" if first else ""))
+        log.warning(f"refused: {who} not allowed" + ("; telling them once" if first else ""))
         if first:
             self.store.say(incoming.chat_id, text, reply_to=incoming.message_id)
-            self._outbox_wakeup.set()
+            self.deliverer.wake()
         return False
 
     def _enqueue(self, message: MessageRecord) -> None:
@@ -171,7 +280,7 @@ class Service:
         self.store.mark_queued(message.message_id)
         self.store.mark_running(message.message_id, "")
         self.store.answer(message.message_id, text, None, None, card=None)
-        self._outbox_wakeup.set()
+        self.deliverer.wake()
 
     # ---- commands ----
 
@@ -183,29 +292,28 @@ class Service:
         logger.bind(chat_id=message.chat_id, message_id=message.message_id).info("session cleared by /new")
         self._reply_directly(message, "Started a new conversation: the next message begins with a fresh context.")
 
-    async def _stop(self, message: MessageRecord) -> None:
-        turn = self.running.get(message.chat_id)
+    async def _stop_turn(self, message: MessageRecord) -> None:
+        turn = self.turns.running.get(message.chat_id)
         if turn is None:
             self._reply_directly(message, "Nothing is running in this chat.")
             return
         turn.stop_requested = True
-        await self._signal(turn, "INT")  # the CLI ends the turn and keeps what it had in its transcript
+        await self.turns.signal(turn, "INT")  # the CLI ends the turn and keeps what it had in its transcript
         logger.bind(chat_id=message.chat_id, message_id=turn.message_id).info("turn interrupted by /stop")
         self._reply_directly(message, "Stopping the current answer.")
 
     async def _status(self, message: MessageRecord) -> None:
         chat = self.store.chat(message.chat_id)
-        limits = resolve_chat(self.settings, message.chat_id).options
+        options = resolve_chat(self.settings, message.chat_id).options
         state = await self.runtime.inspect(chat.container_name) if chat.container_name else None
-        waiting = [m for m in self.store.unfinished_messages() if m.chat_id == message.chat_id
-                   and m.state in (State.RECEIVED, State.QUEUED)]
         last = next((m for m in reversed(self.store.messages(message.chat_id)) if m.duration_ms is not None), None)
         lines = [
             f"Container: {chat.container_name or '(none yet)'} {state.status if state else ''}".rstrip(),
-            f"Limits: {limits.cpus:g} CPUs, {limits.memory // (1024 * 1024)} MiB memory, "
-            f"{limits.pids_limit} processes, network {limits.network}",
+            f"Limits: {options.cpus:g} CPUs, {options.memory // (1024 * 1024)} MiB memory, "
+            f"{options.pids_limit} processes, network {options.network}",
             f"Session: {chat.session_id or '(new)'}",
-            f"Running: {'yes' if message.chat_id in self.running else 'no'}; queued: {len(waiting)}",
+            f"Running: {'yes' if message.chat_id in self.turns.running else 'no'}; "
+            f"queued: {self._waiting(message.chat_id)}",
         ]
         if last is not None:
             lines.append(f"Last turn: {last.duration_ms / 1000:.1f} s, ${last.cost_usd or 0:.4f}")
@@ -226,173 +334,31 @@ class Service:
 
     async def _handle(self, message: MessageRecord) -> None:
         log = logger.bind(chat_id=message.chat_id, message_id=message.message_id)
+        async with self._slots:  # the global bound; waiting chats are served in arrival order
+            if not self.accepting:
+                return  # stopping: it stays queued for the next start
+            self.active.add(message.chat_id)
+            try:
+                await self._turn(message, log)
+            finally:
+                self.active.discard(message.chat_id)
+
+    async def _turn(self, message: MessageRecord, log: Logger) -> None:
         display = self.channel.display(message.chat_id, message.message_id)
         await display.start()
         try:
-            result = await self._turn(message, display, log)
-        except RuntimeFailure as exc:
-            log.error(f"container failure: {exc}")
-            result = Failure(f"The chat's container could not be started ({exc}).")
+            result = await self.turns.run(message, display, log)
         finally:
             card = await display.end()
-            self.running.pop(message.chat_id, None)
             self.store.touch(message.chat_id)
         if isinstance(result, Failure):
             log.warning(f"failed: {result.reason}")
             text = f"{result.partial_text}\n\n{result.reason}" if result.partial_text else result.reason
             self.store.fail(message.message_id, result.reason, text, card)
-        else:
+        elif isinstance(result, Answer):
             self.store.answer(message.message_id, result.text, result.cost_usd, result.duration_ms, card)
             log.info(f"answered ({len(result.text)} chars, cost {result.cost_usd}, {result.duration_ms} ms)")
-        self._outbox_wakeup.set()
-
-    async def _turn(self, message: MessageRecord, display: TurnDisplay, log: Logger) -> Answer | Failure:
-        chat = resolve_chat(self.settings, message.chat_id)
-        paths = layout.chat_paths(self.settings.data_dir, chat)
-        if message.state is State.RUNNING and message.turn:
-            log.info(f"following turn {message.turn}, started before a restart")
-            container = await self.runtime.inspect(self.store.chat(message.chat_id).container_name)
-            files = turns.turn_files(paths, message.turn, TURNS_PATH)
-            return await self._follow(message, container, files, display, log)
-        for attempt in (1, 2):
-            session_id = self.store.chat(message.chat_id).session_id
-            result = await self._start_turn(message, chat, paths, f"{message.id}-{attempt}", session_id,
-                                            display, log)
-            if not (isinstance(result, Failure) and result.unknown_session and session_id):
-                return result
-            log.warning(f"session {session_id} is gone; starting a new one")
-            self.store.set_session(message.chat_id, None)
-            self.store.mark_queued(message.message_id, f"session {session_id} was not found; started a new one")
-            self.store.say(message.chat_id, "The previous conversation could not be found, so this answer starts "
-                                            "a new one.", reply_to=message.message_id)
-            self._outbox_wakeup.set()
-        return result
-
-    async def _start_turn(self, message: MessageRecord, chat: ChatSettings, paths: layout.ChatPaths, turn: str,
-                          session_id: str | None, display: TurnDisplay, log: Logger) -> Answer | Failure:
-        container = await self._container(chat, paths, message.chat_id)
-        files = turns.turn_files(paths, turn, TURNS_PATH)
-        turns.write_prompt(files, message.text, self.settings.agent.uid)
-        self.store.mark_running(message.message_id, turn)
-        argv = [RUN_TURN, files.container_dir, *agent.turn_argv(self.settings.agent, session_id)]
-        await self.runtime.start_process(container.id, argv, dict(self.settings.agent.env), self.agent_user)
-        log.info(f"turn {turn} started in {container.name}" + (f", resuming {session_id}" if session_id else ""))
-        return await self._follow(message, container, files, display, log)
-
-    async def _container(self, chat: ChatSettings, paths: layout.ChatPaths, chat_id: str) -> ContainerState:
-        layout.prepare(paths, self.settings.agent.uid)
-        record = self.store.chat(chat_id)
-        spec = container_spec(self.settings, chat, paths, record.name)
-        container = await self.runtime.ensure(spec)
-        if container.id != record.container_id:
-            logger.bind(chat_id=chat_id).info(f"container {container.name} is {container.id[:12]}")
-            self.store.set_container(chat_id, container.name, container.id)
-        return container
-
-    async def _follow(self, message: MessageRecord, container: ContainerState, files: turns.TurnFiles,
-                      display: TurnDisplay, log: Logger) -> Answer | Failure:
-        """Read the turn's output as it grows until the CLI ends, goes silent, or its container stops."""
-        turn = self.running[message.chat_id] = RunningTurn(message.message_id, container.id, files)
-        loop = asyncio.get_running_loop()
-        transcript = Transcript()
-        reader = turns.OutputReader(files.output)
-        idle_timeout = self.settings.agent.idle_timeout
-        last_output = last_check = loop.time()
-        while True:
-            exit_code = files.exit_code()  # before reading: once it is there, the output is complete
-            lines = reader.rest() if exit_code is not None else reader.new_lines()
-            if lines:
-                last_output = loop.time()
-                await self._take(lines, transcript, message, display, log)
-            if exit_code is not None:
-                if turn.stop_requested:
-                    return Failure("Stopped at your request.", partial_text=transcript.text_so_far)
-                return agent.outcome(transcript, exit_code, files.stderr())
-            if loop.time() - last_output > idle_timeout:
-                await self._kill(turn)
-                return Failure(f"Claude Code produced no output for {idle_timeout:g} seconds and was stopped.",
-                               partial_text=transcript.text_so_far)
-            if loop.time() - last_check > CONTAINER_CHECK_SECONDS:
-                last_check = loop.time()
-                state = await self.runtime.inspect(container.name)
-                if not state.running and files.exit_code() is None:
-                    return Failure(_stopped_reason(state), partial_text=transcript.text_so_far)
-            await asyncio.sleep(POLL_SECONDS)
-
-    async def _take(self, lines: list[str], transcript: Transcript, message: MessageRecord, display: TurnDisplay,
-                    log: Logger) -> None:
-        texts_before = len(transcript.texts)
-        for line in lines:
-            for event in agent.parse_line(line):
-                transcript.add(event)
-                match event:
-                    case Init(session_id=session_id) if session_id:
-                        if self.store.chat(message.chat_id).session_id != session_id:
-                            self.store.set_session(message.chat_id, session_id)
-                            log.info(f"session {session_id}")
-                    case ToolUse(name=name):
-                        log.info(f"tool {name}")
-                    case Unparsed(line=text):
-                        log.warning(f"CLI printed a line that is not stream-json: {text[:200]}")
-                    case Text():
-                        pass
-        if len(transcript.texts) > texts_before:
-            await display.update(transcript.text_so_far)
-
-    async def _signal(self, turn: RunningTurn, sig: str) -> None:
-        pid = turn.files.pid()
-        if pid is not None:
-            with contextlib.suppress(RuntimeFailure):
-                await self.runtime.run(turn.container_id, ["kill", f"-{sig}", str(pid)], self.agent_user)
-
-    async def _kill(self, turn: RunningTurn) -> None:
-        """SIGTERM to the hung CLI, SIGKILL if it is still there after a grace period."""
-        loop = asyncio.get_running_loop()
-        for sig, grace in (("TERM", KILL_GRACE_SECONDS), ("KILL", 0.0)):
-            await self._signal(turn, sig)
-            deadline = loop.time() + grace
-            while turn.files.exit_code() is None and loop.time() < deadline:
-                await asyncio.sleep(POLL_SECONDS)
-            if turn.files.exit_code() is not None:
-                return
-
-    # ---- delivering ----
-
-    async def _deliver_forever(self) -> None:
-        """Send what the outbox holds, in order per chat, chats in parallel; retry what fails."""
-        while True:
-            by_chat: dict[str, list[OutboxRecord]] = defaultdict(list)
-            for item in self.store.due_outbox():
-                by_chat[item.chat_id].append(item)
-            await asyncio.gather(*(self._deliver_chat(items) for items in by_chat.values()))
-            self._outbox_wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._outbox_wakeup.wait(), OUTBOX_POLL_SECONDS)
-
-    async def _deliver_chat(self, items: list[OutboxRecord]) -> None:
-        for item in items:
-            log = logger.bind(chat_id=item.chat_id, message_id=item.reply_to or "-")
-            try:
-                await self.channel.deliver(Outgoing(item.chat_id, item.text, item.key, item.reply_to, item.card))
-            except DeliveryFailed as exc:
-                if exc.permanent:
-                    log.error(f"giving up on outbox item {item.id}: {exc}")
-                    self.store.mark_dead(item, str(exc))
-                    continue
-                delay = exc.retry_after or min(MAX_RETRY_DELAY, 2.0 ** (item.attempts + 1))
-                log.warning(f"delivery of outbox item {item.id} failed ({exc}); retrying in {delay:.1f} s")
-                self.store.mark_retry(item, str(exc), delay)
-                return  # later items of this chat wait, so the chat sees them in order
-            self.store.mark_sent(item)
-            log.info(f"delivered outbox item {item.id}" + (" (answer)" if item.message_id else ""))
+        self.deliverer.wake()
 
 
-COMMANDS = {"/help": Service._help, "/new": Service._new, "/stop": Service._stop, "/status": Service._status}
-
-
-def _stopped_reason(state: ContainerState) -> str:
-    if state.oom_killed:
-        return "The chat's container ran out of memory and was stopped by the kernel during this turn."
-    if state.status == "missing":
-        return "The chat's container was removed during this turn."
-    return f"The chat's container stopped during this turn ({state.status}, exit code {state.exit_code})."
+COMMANDS = {"/help": Service._help, "/new": Service._new, "/stop": Service._stop_turn, "/status": Service._status}

@@ -56,6 +56,9 @@ CARD_TEXT_LIMIT = 8000  # characters of answer per card (cards are capped at 30 
 TEXT_LIMIT = 8000  # characters per further text message
 CARD_UPDATE_INTERVAL = 0.5  # seconds between streaming updates of one card (Feishu allows 10/s)
 ACK_WAIT_SECONDS = 2.5  # Feishu wants an answer within 3 s; past this the event is refused and re-pushed
+# A call leaves our limiter and reaches Feishu a little later, by a delay that varies (threads, network), so
+# Feishu's window can catch one call more than ours did; widening ours by this much keeps us under its limit.
+WINDOW_MARGIN = 0.25
 ANSWER_ELEMENT = "answer"
 TYPING = "Typing"
 
@@ -73,8 +76,9 @@ class FeishuChannel:
         self.require_mention = require_mention
         self.client = (lark.Client.builder().app_id(settings.app_id).app_secret(settings.app_secret)
                        .domain(settings.domain).timeout(10).log_level(lark.LogLevel.WARNING).build())
-        self.limiter = Limiter(app_windows=[(settings.rate_per_app, 1.0), (settings.rate_per_app_minute, 60.0)],
-                               per_chat=(settings.rate_per_chat, 1.0))
+        app_windows = [(settings.rate_per_app, 1.0 + WINDOW_MARGIN),
+                       (settings.rate_per_app_minute, 60.0 + WINDOW_MARGIN)]
+        self.limiter = Limiter(app_windows=app_windows, per_chat=(settings.rate_per_chat, 1.0 + WINDOW_MARGIN))
         self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="feishu")
         self._sequence = 0
         self.bot_open_id = ""

@@ -1,0 +1,200 @@
+"""One agent turn: the chat's container made ready, `run-turn` started in it, its output followed to the end.
+
+The turn's process is not ours (it is exec'd in the container and writes into the chat's turns folder),
+so a turn that was running when the orchestrator stopped is followed again by the next one: `run` sees a
+message already in the running state and reads the same files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from loguru import logger
+
+from orchestrator import agent, layout, turns
+from orchestrator.agent import Answer, Failure, Init, Text, ToolUse, Transcript, Unparsed
+from orchestrator.channels import TurnDisplay
+from orchestrator.config import ChatSettings, Settings, resolve_chat
+from orchestrator.runtime import TURNS_PATH, ContainerState, DockerRuntime, RuntimeFailure, container_spec
+from orchestrator.states import State
+from orchestrator.store import MessageRecord, Store
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from loguru import Logger
+
+POLL_SECONDS = 0.1
+CONTAINER_CHECK_SECONDS = 2.0
+KILL_GRACE_SECONDS = 5.0
+RUN_TURN = "run-turn"  # in the agent image: keeps a turn's output in its turn folder
+INTERRUPTED_BY_RESTART = ("This answer was interrupted because the bot is restarting. Send your message again "
+                          "to continue where it stopped.")
+
+
+@dataclass
+class RunningTurn:
+    message_id: str
+    container_id: str
+    files: turns.TurnFiles
+    stop_requested: bool = False  # /stop
+    interrupted: bool = False  # a shutdown that could not wait for it
+    oom: bool = False  # the kernel killed a process of this chat's container for memory meanwhile
+
+
+class TurnRunner:
+    def __init__(self, settings: Settings, store: Store, runtime: DockerRuntime,
+                 on_container_started: Callable[[str], Awaitable[None]]) -> None:
+        self.settings = settings
+        self.store = store
+        self.runtime = runtime
+        self.on_container_started = on_container_started
+        self.running: dict[str, RunningTurn] = {}  # by chat id
+
+    @property
+    def agent_user(self) -> str:
+        return f"{self.settings.agent.uid}:{self.settings.agent.uid}"
+
+    async def run(self, message: MessageRecord, display: TurnDisplay, log: Logger) -> Answer | Failure:
+        chat = resolve_chat(self.settings, message.chat_id)
+        paths = layout.chat_paths(self.settings.data_dir, chat)
+        try:
+            if message.state is State.RUNNING and message.turn:
+                log.info(f"following turn {message.turn}, started before a restart")
+                container = await self.runtime.inspect(self.store.chat(message.chat_id).container_name)
+                files = turns.turn_files(paths, message.turn, TURNS_PATH)
+                return await self._follow(message, container, files, display, log)
+            return await self._start(message, chat, paths, display, log)
+        except RuntimeFailure as exc:
+            log.error(f"container failure: {exc}")
+            return Failure(f"The chat's container could not be started ({exc}).")
+        finally:
+            turn = self.running.pop(message.chat_id, None)
+            if turn is not None and turn.oom:
+                log.warning("a process of the chat's container was killed for memory during the turn")
+
+    async def _start(self, message: MessageRecord, chat: ChatSettings, paths: layout.ChatPaths, display: TurnDisplay,
+                     log: Logger) -> Answer | Failure:
+        for attempt in (1, 2):
+            session_id = self.store.chat(message.chat_id).session_id
+            container = await self._container(chat, paths, message.chat_id)
+            turn = f"{message.id}-{attempt}"
+            files = turns.turn_files(paths, turn, TURNS_PATH)
+            turns.write_prompt(files, message.text, self.settings.agent.uid)
+            self.store.mark_running(message.message_id, turn)
+            argv = [RUN_TURN, files.container_dir, *agent.turn_argv(self.settings.agent, session_id)]
+            await self.runtime.start_process(container.id, argv, dict(self.settings.agent.env), self.agent_user)
+            log.info(f"turn {turn} started in {container.name}" + (f", resuming {session_id}" if session_id else ""))
+            result = await self._follow(message, container, files, display, log)
+            if not (isinstance(result, Failure) and result.unknown_session and session_id):
+                return result
+            log.warning(f"session {session_id} is gone; starting a new one")
+            self.store.set_session(message.chat_id, None)
+            self.store.mark_queued(message.message_id, f"session {session_id} was not found; started a new one")
+            self.store.say(message.chat_id, "The previous conversation could not be found, so this answer starts "
+                                            "a new one.", reply_to=message.message_id)
+        return result
+
+    async def _container(self, chat: ChatSettings, paths: layout.ChatPaths, chat_id: str) -> ContainerState:
+        layout.prepare(paths, self.settings.agent.uid)
+        record = self.store.chat(chat_id)
+        spec = container_spec(self.settings, chat, paths, record.name)
+        container = await self.runtime.ensure(spec)
+        if container.id != record.container_id:
+            logger.bind(chat_id=chat_id).info(f"container {container.name} is {container.id[:12]}")
+            self.store.set_container(chat_id, container.name, container.id)
+        await self.on_container_started(chat_id)
+        return container
+
+    async def _follow(self, message: MessageRecord, container: ContainerState, files: turns.TurnFiles,
+                      display: TurnDisplay, log: Logger) -> Answer | Failure:
+        """Read the turn's output as it grows until the CLI ends, goes silent, or its container stops."""
+        turn = self.running[message.chat_id] = RunningTurn(message.message_id, container.id, files)
+        loop = asyncio.get_running_loop()
+        transcript = Transcript()
+        reader = turns.OutputReader(files.output)
+        idle_timeout = self.settings.agent.idle_timeout
+        last_output = last_check = loop.time()
+        while True:
+            exit_code = files.exit_code()  # before reading: once it is there, the output is complete
+            lines = reader.rest() if exit_code is not None else reader.new_lines()
+            if lines:
+                last_output = loop.time()
+                await self._take(lines, transcript, message, display, log)
+            if exit_code is not None:
+                return self._ending(turn, agent.outcome(transcript, exit_code, files.stderr()), transcript)
+            if loop.time() - last_output > idle_timeout:
+                await self.kill(turn)
+                return Failure(f"Claude Code produced no output for {idle_timeout:g} seconds and was stopped.",
+                               partial_text=transcript.text_so_far)
+            if loop.time() - last_check > CONTAINER_CHECK_SECONDS:
+                last_check = loop.time()
+                state = await self.runtime.inspect(container.name)
+                if not state.running and files.exit_code() is None:
+                    reason = self._memory_note(message.chat_id) if state.oom_killed else _stopped_reason(state)
+                    return Failure(reason, partial_text=transcript.text_so_far)
+            await asyncio.sleep(POLL_SECONDS)
+
+    def _ending(self, turn: RunningTurn, result: Answer | Failure, transcript: Transcript) -> Answer | Failure:
+        """What the user is told, given why the turn ended."""
+        if turn.interrupted:
+            return Failure(INTERRUPTED_BY_RESTART, partial_text=transcript.text_so_far)
+        if turn.stop_requested:
+            return Failure("Stopped at your request.", partial_text=transcript.text_so_far)
+        if turn.oom:
+            note = self._memory_note(self.store.message(turn.message_id).chat_id)
+            if isinstance(result, Failure):
+                return Failure(note, partial_text=result.partial_text)
+            return Answer(f"{result.text}\n\n({note})", result.session_id, result.cost_usd, result.duration_ms)
+        return result
+
+    def _memory_note(self, chat_id: str) -> str:
+        memory = resolve_chat(self.settings, chat_id).options.memory // (1024 * 1024)
+        return (f"A process in this chat's container ran out of memory (its limit is {memory} MiB) and was "
+                "stopped by the kernel.")
+
+    async def _take(self, lines: list[str], transcript: Transcript, message: MessageRecord, display: TurnDisplay,
+                    log: Logger) -> None:
+        texts_before = len(transcript.texts)
+        for line in lines:
+            for event in agent.parse_line(line):
+                transcript.add(event)
+                match event:
+                    case Init(session_id=session_id) if session_id:
+                        if self.store.chat(message.chat_id).session_id != session_id:
+                            self.store.set_session(message.chat_id, session_id)
+                            log.info(f"session {session_id}")
+                    case ToolUse(name=name):
+                        log.info(f"tool {name}")
+                    case Unparsed(line=text):
+                        log.warning(f"CLI printed a line that is not stream-json: {text[:200]}")
+                    case Text():
+                        pass
+        if len(transcript.texts) > texts_before:
+            await display.update(transcript.text_so_far)
+
+    async def signal(self, turn: RunningTurn, sig: str) -> None:
+        pid = turn.files.pid()
+        if pid is not None:
+            with contextlib.suppress(RuntimeFailure):
+                await self.runtime.run(turn.container_id, ["kill", f"-{sig}", str(pid)], self.agent_user)
+
+    async def kill(self, turn: RunningTurn) -> None:
+        """SIGTERM to the CLI, SIGKILL if it is still there after a grace period."""
+        loop = asyncio.get_running_loop()
+        for sig, grace in (("TERM", KILL_GRACE_SECONDS), ("KILL", 0.0)):
+            await self.signal(turn, sig)
+            deadline = loop.time() + grace
+            while turn.files.exit_code() is None and loop.time() < deadline:
+                await asyncio.sleep(POLL_SECONDS)
+            if turn.files.exit_code() is not None:
+                return
+
+
+def _stopped_reason(state: ContainerState) -> str:
+    if state.status == "missing":
+        return "The chat's container was removed during this turn."
+    return f"The chat's container stopped during this turn ({state.status}, exit code {state.exit_code})."
