@@ -1,31 +1,53 @@
 #!/usr/bin/env bash
-# Builds the agent image (images/claude-runner) that every chat's container runs.
+# Builds the agent image (images/claude-runner) that every chat's container runs, or with --orchestrator
+# the orchestrator's own image (images/orchestrator, built from the repository root).
 #
-#   images/build.sh [--tag NAME:TAG] [--base IMAGE | --local-base] [--ca-bundle FILE]
+#   images/build.sh [--orchestrator] [--tag NAME:TAG] [--base IMAGE | --local-base] [--ca-bundle FILE]
 #
-# --base IMAGE     a Debian-based image with Node.js and npm (default node:22-bookworm-slim, pulled)
-# --local-base     make that base here from Debian's packages (mmdebstrap + docker import), for machines
-#                  that reach no container registry; chosen by itself when the default base cannot be pulled
-# --ca-bundle FILE an extra CA bundle the build and the CLI must trust (TLS interception)
+# --orchestrator   build the orchestrator's image (default tag orchestrator:latest) instead of the agent's
+#                  (claude-runner:latest)
+# --base IMAGE     the base, pulled if missing: Debian-based with Node.js and npm for the agent (default
+#                  node:22-bookworm-slim), with Python 3.11 for the orchestrator (default python:3.11-slim)
+# --local-base     make that base here from Debian bookworm's packages (mmdebstrap + docker import), for
+#                  machines that reach no container registry; chosen by itself when the default cannot be pulled
+# --ca-bundle FILE an extra CA bundle the build and the image must trust (TLS interception)
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
-tag=claude-runner:latest
-base=node:22-bookworm-slim
-base_given=no
+repo=$(dirname "$here")
+what=agent
+tag=
+base=
 local_base=no
 ca_bundle=${EXTRA_CA_BUNDLE:-}
-local_base_tag=orchestrator-debian-node:bookworm
 
 while [ $# -gt 0 ]; do
   case "$1" in
+    --orchestrator) what=orchestrator; shift ;;
     --tag) tag=$2; shift 2 ;;
-    --base) base=$2; base_given=yes; shift 2 ;;
+    --base) base=$2; shift 2 ;;
     --local-base) local_base=yes; shift ;;
     --ca-bundle) ca_bundle=$2; shift 2 ;;
     *) echo "build.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
+
+# What differs between the two images; everything below is shared.
+case "$what" in
+  agent)
+    default_tag=claude-runner:latest
+    default_base=node:22-bookworm-slim
+    local_base_tag=orchestrator-debian-node:bookworm
+    local_base_packages=nodejs,npm,ca-certificates,git,tini,procps,less,curl ;;
+  orchestrator)
+    default_tag=orchestrator:latest
+    default_base=python:3.11-slim
+    local_base_tag=orchestrator-debian-python:bookworm
+    local_base_packages=python3,python3-venv,ca-certificates,tini ;;
+esac
+tag=${tag:-$default_tag}
+base_given=yes
+[ -n "$base" ] || { base=$default_base; base_given=no; }
 
 make_local_base() {
   if docker image inspect "$local_base_tag" >/dev/null 2>&1; then
@@ -38,8 +60,7 @@ make_local_base() {
   local rootfs
   rootfs=$(mktemp -d)/rootfs.tar
   echo "build.sh: making $local_base_tag with mmdebstrap (about a minute)"
-  mmdebstrap --quiet --variant=minbase \
-    --include=nodejs,npm,ca-certificates,git,tini,procps,less,curl bookworm "$rootfs"
+  mmdebstrap --quiet --variant=minbase --include="$local_base_packages" bookworm "$rootfs"
   docker import "$rootfs" "$local_base_tag" >/dev/null
   rm -rf "$(dirname "$rootfs")"
 }
@@ -57,11 +78,38 @@ elif ! docker image inspect "$base" >/dev/null 2>&1 && ! timeout 60 docker pull 
   base=$local_base_tag
 fi
 
-context=$(mktemp -d)
-trap 'rm -rf "$context"' EXIT
-cp "$here/claude-runner/Dockerfile" "$here/claude-runner/run-turn" "$context/"
-if [ -n "$ca_bundle" ]; then cp "$ca_bundle" "$context/extra-ca.crt"; else : > "$context/extra-ca.crt"; fi
+# Build contexts made here (the agent's, the extra-CA layer's) live in temporary folders.
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
 
-echo "build.sh: building $tag from $base"
-docker build --quiet --build-arg "BASE_IMAGE=$base" -t "$tag" "$context"
+# DIR/extra-ca.crt: the CA bundle, or an empty file when there is none.
+stage_ca() {
+  if [ -n "$ca_bundle" ]; then cp "$ca_bundle" "$1/extra-ca.crt"; else : > "$1/extra-ca.crt"; fi
+}
+
+build() {  # build TAG BASE [docker build options] CONTEXT
+  local image=$1 from=$2
+  shift 2
+  echo "build.sh: building $image from $from"
+  docker build --quiet --build-arg "BASE_IMAGE=$from" -t "$image" "$@"
+}
+
+case "$what" in
+  agent)
+    mkdir "$scratch/agent"
+    cp "$here/claude-runner/Dockerfile" "$here/claude-runner/run-turn" "$scratch/agent/"
+    stage_ca "$scratch/agent"
+    build "$tag" "$base" "$scratch/agent" ;;
+  orchestrator)
+    # The context is the repository itself (.dockerignore keeps it to the package), so the CA goes into
+    # the base: a layer on top of it that adds the bundle to the system store.
+    if [ -n "$ca_bundle" ]; then
+      mkdir "$scratch/extra-ca"
+      cp "$here/extra-ca/Dockerfile" "$scratch/extra-ca/"
+      stage_ca "$scratch/extra-ca"
+      build orchestrator-base:extra-ca "$base" "$scratch/extra-ca"
+      base=orchestrator-base:extra-ca
+    fi
+    build "$tag" "$base" -f "$here/orchestrator/Dockerfile" "$repo" ;;
+esac
 echo "build.sh: built $tag"

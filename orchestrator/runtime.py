@@ -255,6 +255,22 @@ class DockerRuntime:
                                                workdir=WORKSPACE_PATH, stdin=False, tty=False)
         self._client.api.exec_start(exec_id, detach=True)
 
+    async def process_limit_hits(self, container_id: str, user: str) -> int | None:
+        """How often the kernel refused a new process in the container for its pids limit (cgroup v1 or v2),
+        or None if that cannot be read (for a moment after a fork bomb, not even `cat` can start)."""
+        for _ in range(3):
+            try:
+                _, output = await self.run(container_id, ["sh", "-c", "cat /sys/fs/cgroup/pids/pids.events "
+                                                             "/sys/fs/cgroup/pids.events 2>/dev/null"], user)
+            except RuntimeFailure:
+                return None
+            for line in output.splitlines():
+                name, _, count = line.partition(" ")
+                if name == "max" and count.strip().isdigit():
+                    return int(count)
+            await asyncio.sleep(1)
+        return None
+
     async def run(self, container_id: str, argv: list[str], user: str) -> tuple[int, str]:
         """Run a short command in the container and wait for it: (exit code, output)."""
         return await self._call(self._run, container_id, argv, user)

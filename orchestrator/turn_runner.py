@@ -86,9 +86,12 @@ class TurnRunner:
             turns.write_prompt(files, message.text, self.settings.agent.uid)
             self.store.mark_running(message.message_id, turn)
             argv = [RUN_TURN, files.container_dir, *agent.turn_argv(self.settings.agent, session_id)]
+            limit_hits = await self.runtime.process_limit_hits(container.id, self.agent_user)
             await self.runtime.start_process(container.id, argv, dict(self.settings.agent.env), self.agent_user)
             log.info(f"turn {turn} started in {container.name}" + (f", resuming {session_id}" if session_id else ""))
             result = await self._follow(message, container, files, display, log)
+            if isinstance(result, Failure) and limit_hits is not None:
+                result = await self._explain_process_limit(result, container, chat, limit_hits)
             if not (isinstance(result, Failure) and result.unknown_session and session_id):
                 return result
             log.warning(f"session {session_id} is gone; starting a new one")
@@ -137,6 +140,14 @@ class TurnRunner:
                     reason = self._memory_note(message.chat_id) if state.oom_killed else _stopped_reason(state)
                     return Failure(reason, partial_text=transcript.text_so_far)
             await asyncio.sleep(POLL_SECONDS)
+
+    async def _explain_process_limit(self, result: Failure, container: ContainerState, chat: ChatSettings,
+                                     hits_before: int) -> Failure:
+        hits = await self.runtime.process_limit_hits(container.id, self.agent_user)
+        if hits is None or hits <= hits_before:
+            return result
+        return Failure(f"This chat's container reached its limit of {chat.options.pids_limit} processes, so new "
+                       f"ones were refused. {result.reason}", partial_text=result.partial_text)
 
     def _ending(self, turn: RunningTurn, result: Answer | Failure, transcript: Transcript) -> Answer | Failure:
         """What the user is told, given why the turn ended."""

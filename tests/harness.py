@@ -10,11 +10,14 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
+from tests.fakes.feishu import FakeFeishu
 
 T = TypeVar("T")
 AGENT_IMAGE = os.environ.get("ORCHESTRATOR_TEST_IMAGE", "claude-runner:latest")
@@ -140,3 +143,19 @@ def status_json(config: Path) -> list[dict[str, Any]]:
     out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "status", "--config", str(config), "--json"],
                          capture_output=True, text=True, check=True, timeout=60)
     return json.loads(out.stdout)
+
+
+# ---- through the fake Feishu ----
+
+
+def chat() -> str:
+    return f"oc_{uuid.uuid4().hex[:16]}"
+
+
+def answers(feishu: FakeFeishu, chat_id: str) -> list[str]:
+    return [m.text for m in feishu.messages(chat_id)]
+
+
+def wait_answer(feishu: FakeFeishu, chat_id: str, text: str, timeout: float = 90) -> None:
+    wait_until(lambda: any(text in t for t in answers(feishu, chat_id)), timeout,
+               f"{text!r} in chat {chat_id}; it shows {answers(feishu, chat_id)}")

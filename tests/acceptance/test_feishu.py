@@ -7,64 +7,12 @@ import json
 import socket
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
-
-import pytest
 
 from tests.fakes.anthropic import FakeAnthropic
 from tests.fakes.feishu import FakeFeishu, url_verification, webhook_request
-from tests.harness import Orchestrator, StoreView, run_cli, wait_until
+from tests.harness import Orchestrator, StoreView, answers, chat, run_cli, wait_answer, wait_until
 
 ENCRYPT_KEY = "test-encrypt-key"
-
-
-@pytest.fixture
-def feishu() -> Iterator[FakeFeishu]:
-    fake = FakeFeishu().start()
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture
-def feishu_config(make_config, feishu: FakeFeishu) -> Callable[..., Path]:
-    def make(feishu_overrides: dict | None = None, **sections) -> Path:
-        block = {"app_id": feishu.app_id, "app_secret": feishu.app_secret, "domain": feishu.base_url,
-                 **(feishu_overrides or {})}
-        sections.setdefault("access", {"allowed_chats": "*", "allowed_users": "*"})
-        return make_config(feishu=block, **sections)
-
-    return make
-
-
-@pytest.fixture
-def start(feishu: FakeFeishu) -> Iterator[Callable[[Path], Orchestrator]]:
-    """Start the orchestrator and wait for its long connection; stopped at the end of the test."""
-    started: list[Orchestrator] = []
-
-    def run(config: Path, connections: int = 1) -> Orchestrator:
-        bot = Orchestrator(config)
-        started.append(bot)
-        feishu.wait_connected(timeout=60, total=connections)
-        return bot
-
-    yield run
-    for bot in started:
-        if bot.process.poll() is None:
-            bot.kill()
-
-
-def chat() -> str:
-    return f"oc_{uuid.uuid4().hex[:16]}"
-
-
-def answers(feishu: FakeFeishu, chat_id: str) -> list[str]:
-    return [m.text for m in feishu.messages(chat_id)]
-
-
-def wait_answer(feishu: FakeFeishu, chat_id: str, text: str, timeout: float = 90) -> None:
-    wait_until(lambda: any(text in t for t in answers(feishu, chat_id)), timeout,
-               f"{text!r} in chat {chat_id}; it shows {answers(feishu, chat_id)}")
 
 
 def test_p2p_message_streams_a_card_that_ends_in_the_answer_as_a_reply(feishu: FakeFeishu, feishu_config, start,
