@@ -9,7 +9,7 @@ import re
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import docker
@@ -22,7 +22,7 @@ from orchestrator.config import load_settings
 from orchestrator.service import FLUSH_SECONDS, INTERRUPT_WAIT_SECONDS
 from tests.fakes.anthropic import FakeAnthropic
 from tests.fakes.feishu import FakeFeishu
-from tests.harness import StoreView, wait_until
+from tests.harness import StoreView, chat, wait_answer, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = "orchestrator:latest"
@@ -58,13 +58,6 @@ def orchestrator_image(docker_client: docker.DockerClient) -> str:
 
 
 @pytest.fixture
-def feishu() -> Iterator[FakeFeishu]:
-    fake = FakeFeishu().start()
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     path = tmp_path / "data"
     path.mkdir()
@@ -72,14 +65,12 @@ def data_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def service(orchestrator_image: str, instance: str, make_config, feishu: FakeFeishu, fake_api: FakeAnthropic,
+def service(orchestrator_image: str, instance: str, feishu_config: Callable[..., Path], fake_api: FakeAnthropic,
             data_dir: Path) -> Iterator[DockerContainer]:
     """The service's container, started as compose.yaml starts it (host networking instead of a bridge, to
     reach the fakes). It carries the instance label, so the `instance` fixture removes it with the chat
     containers; the service itself only ever touches containers labelled orchestrator.managed=true."""
-    config = make_config(data_dir=str(data_dir),
-                         feishu={"app_id": feishu.app_id, "app_secret": feishu.app_secret, "domain": feishu.base_url},
-                         access={"allowed_chats": "*", "allowed_users": "*"})
+    config = feishu_config(data_dir=str(data_dir))  # absolute: the same path in the container
     container = (DockerContainer(orchestrator_image)
                  .with_name(f"{instance}-service")
                  .with_volume_mapping("/var/run/docker.sock", "/var/run/docker.sock", "rw")
@@ -96,21 +87,14 @@ def logs(container: DockerContainer) -> str:
     return container.get_wrapped_container().logs().decode(errors="replace")
 
 
-def wait_answer(feishu: FakeFeishu, chat_id: str, text: str, timeout: float = 90) -> None:
-    def texts() -> list[str]:
-        return [m.text for m in feishu.messages(chat_id)]
-
-    wait_until(lambda: any(text in t for t in texts()), timeout, f"{text!r} in chat {chat_id}; it shows {texts()}")
-
-
 def test_the_containerised_service_answers_through_the_mounted_socket_and_drains_on_docker_stop(
         service: DockerContainer, feishu: FakeFeishu, fake_api: FakeAnthropic, docker_client: docker.DockerClient,
-        instance: str, data_dir: Path) -> None:
+        instance: str, data_dir: Path, store_view: StoreView) -> None:
     try:
         feishu.wait_connected(timeout=60)
     except AssertionError as exc:
         raise AssertionError(f"{exc}; the service's log:\n{logs(service)}") from None
-    chat_id, marker = f"oc_{uuid.uuid4().hex[:16]}", uuid.uuid4().hex[:8]
+    chat_id, marker = chat(), uuid.uuid4().hex[:8]
     feishu.push_event(feishu.text_event(chat_id, f"hello from a container {marker}"))
     wait_answer(feishu, chat_id, f"Fake answer to: hello from a container {marker}")
 
@@ -121,8 +105,7 @@ def test_the_containerised_service_answers_through_the_mounted_socket_and_drains
     sources = {m["Destination"]: m["Source"] for m in chat_container.attrs["Mounts"]}
     assert sources["/workspace"] == str(data_dir / "chats" / chat_id / "workspace")
     assert (data_dir / "chats" / chat_id / "turns").is_dir()  # written inside, visible outside
-    store = StoreView(data_dir / "orchestrator.db")
-    wait_until(lambda: [m["state"] for m in store.messages(chat_id)] == ["delivered"], 30, "delivered")
+    wait_until(lambda: [m["state"] for m in store_view.messages(chat_id)] == ["delivered"], 30, "delivered")
 
     # `docker stop` while a turn runs: SIGTERM reaches the service, which lets the turn finish, delivers
     # its answer, stops the chat's container and exits 0, well within compose.yaml's grace period.
@@ -140,7 +123,7 @@ def test_the_containerised_service_answers_through_the_mounted_socket_and_drains
     assert took < grace, f"stopping took {took:.1f} s; log:\n{log}"
     assert "SIGTERM: stopping" in log
     wait_answer(feishu, chat_id, f"Fake answer to: SLOW 3 finish me {marker}", timeout=1)
-    assert [m["state"] for m in store.messages(chat_id)] == ["delivered", "delivered"]
+    assert [m["state"] for m in store_view.messages(chat_id)] == ["delivered", "delivered"]
     chat_container.reload()
     assert chat_container.status == "exited"
 
