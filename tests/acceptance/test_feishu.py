@@ -121,11 +121,14 @@ def test_a_reply_survives_feishu_being_down_and_an_orchestrator_restart(
     bot.wait_log("retrying in", timeout=60)
     bot.kill()
 
-    start(config, connections=2)
+    restarted = Orchestrator(config)
+    restarted.wait_log("cannot read the bot's identity from Feishu")  # still down while it starts
     feishu.set_down(False)
+    feishu.wait_connected(timeout=60, total=2)
     wait_answer(feishu, chat_id, "Fake answer to: answer me while you cannot")
     wait_until(lambda: store_view.messages(chat_id)[0]["state"] == "delivered", 30, "delivered")
     assert answers(feishu, chat_id) == ["Fake answer to: answer me while you cannot"]
+    restarted.stop()
 
 
 def free_port() -> int:

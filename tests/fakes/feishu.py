@@ -324,7 +324,7 @@ class FakeFeishu:
 
     @property
     def rejected_count(self) -> int:
-        """Write calls refused by `rate_limit` or `set_down`."""
+        """Calls refused by `rate_limit` (writes) or `set_down` (all)."""
         with self._cond:
             return sum(1 for call in self._calls if call.rejected)
 
@@ -363,9 +363,10 @@ class FakeFeishu:
                 fraction, every_nth, code, status, reset_seconds, limit, random.Random(seed))
 
     def set_down(self, down: bool = True, *, hang_up: bool = False) -> None:
-        """Make IM/CardKit calls fail: HTTP 503 with a JSON body (the SDK returns a response with a non-zero
-        code and raw.status_code 503), or with `hang_up` close the connection unanswered (the SDK raises
-        requests.exceptions.ConnectionError). Auth and the long-connection endpoint keep working."""
+        """Make every REST call fail, as in an outage: HTTP 503 with a JSON body (the SDK returns a response
+        with a non-zero code and raw.status_code 503), or with `hang_up` close the connection unanswered (the
+        SDK raises requests.exceptions.ConnectionError). The long-connection endpoint fails too, so a client
+        whose connection drops cannot come back until the fake is up again."""
         with self._cond:
             self._down = ("hang_up" if hang_up else "503") if down else None
 
@@ -600,17 +601,18 @@ class FakeFeishu:
             return _error(400, 99991663, "Invalid access token for authorization (fake)")
         if not isinstance(body, dict | None):
             return _error(400, 230001, "request body is not a JSON object (fake)")
-        if call.write and (refusal := self._refusal()) is not None:
+        if (refusal := self._refusal(call.write)) is not None:
             call.rejected = True
             return refusal
         return handler(params, query, body or {})
 
-    def _refusal(self) -> _Reply | None:
+    def _refusal(self, write: bool) -> _Reply | None:
+        """Down refuses every call (the long-connection endpoint too); rate limits refuse writes only."""
         if self._down == "hang_up":
             return _HANG_UP
         if self._down == "503":
             return _error(503, 503, "service unavailable (fake feishu is down)")
-        if self._limit is not None and self._limit.hit():
+        if write and self._limit is not None and self._limit.hit():
             headers = {"x-ogw-ratelimit-limit": str(self._limit.limit),
                        "x-ogw-ratelimit-reset": str(self._limit.reset_seconds)}
             return _Reply(self._limit.status, {"code": self._limit.code, "msg": "request trigger frequency limit"},
