@@ -20,6 +20,7 @@ from orchestrator.ids import is_valid_chat_id
 
 PERMISSION_MODES = ("acceptEdits", "auto", "bypassPermissions", "default", "dontAsk", "manual", "plan")
 FEISHU_MODES = ("websocket", "webhook")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Flags the orchestrator sets itself on every turn; `agent.extra_args` may not override them.
 RESERVED_CLI_FLAGS = ("-p", "--print", "--output-format", "--input-format", "--resume", "-r",
                       "--session-id", "--continue", "-c", "--verbose")
@@ -114,6 +115,17 @@ class ShutdownSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    listen: str = ""  # host:port for /metrics and /healthz; empty: off
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    json: bool = False  # JSON lines instead of text (also: orchestrator run --log-json)
+    level: str = "INFO"
+
+
+@dataclass(frozen=True)
 class Settings:
     source: Path
     data_dir: Path
@@ -126,10 +138,20 @@ class Settings:
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
     containers: ContainerSettings = field(default_factory=ContainerSettings)
     shutdown: ShutdownSettings = field(default_factory=ShutdownSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
 
     @property
     def db_path(self) -> Path:
         return self.data_dir / "orchestrator.db"
+
+    @property
+    def secrets(self) -> list[str]:
+        """Values that must never be printed: the app secret, webhook keys, credentials passed to agents."""
+        sensitive = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+        values = [self.feishu.app_secret, self.feishu.encrypt_key, self.feishu.verification_token,
+                  *(value for name, value in self.agent.env.items() if any(s in name.upper() for s in sensitive))]
+        return [value for value in values if len(value) >= 4]
 
 
 @dataclass(frozen=True)
@@ -168,7 +190,7 @@ def load_settings(path: str | os.PathLike[str], environ: Mapping[str, str] | Non
 def parse_settings(raw: object, source: Path, environ: Mapping[str, str]) -> Settings:
     reader = _Reader(source.name, environ)
     top = reader.section(raw, "", ("data_dir", "instance", "agent", "defaults", "groups", "access", "feishu",
-                                   "scheduler", "containers", "shutdown"))
+                                   "scheduler", "containers", "shutdown", "metrics", "logging"))
     data_dir = Path(reader.string(top, "data_dir", "./data"))
     defaults = reader.options(top.get("defaults"), "defaults", ChatOptions())
     if defaults.workspace is not None and "{chat_id}" not in defaults.workspace:
@@ -193,6 +215,9 @@ def parse_settings(raw: object, source: Path, environ: Mapping[str, str]) -> Set
             "idle_stop": _positive_number, "max_running": _count, "stop_timeout": _positive_number}),
         shutdown=reader.flat(top.get("shutdown"), "shutdown", ShutdownSettings, {
             "drain_timeout": _non_negative_number, "keep_containers": _boolean}),
+        metrics=reader.flat(top.get("metrics"), "metrics", MetricsSettings, {"listen": _listen_address}),
+        logging=reader.flat(top.get("logging"), "logging", LoggingSettings, {
+            "json": _boolean, "level": _choice(LOG_LEVELS)}),
     )
 
 
@@ -369,6 +394,13 @@ def _port(value: Any) -> int:
     if port > 65535:
         raise ValueError(f"{value!r} is not a port number")
     return port
+
+
+def _listen_address(value: Any) -> str:
+    host, _, port = _string(value).rpartition(":")
+    if value and not (host and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"{value!r} must be host:port, like 127.0.0.1:9464")
+    return str(value)
 
 
 def _memory(value: Any) -> int:

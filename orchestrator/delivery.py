@@ -12,6 +12,7 @@ from collections import defaultdict
 
 from loguru import logger
 
+from orchestrator import metrics
 from orchestrator.channels import Channel, DeliveryFailed, Outgoing
 from orchestrator.store import OutboxRecord, Store
 
@@ -58,10 +59,13 @@ class Deliverer:
                 if exc.permanent:
                     log.error(f"giving up on outbox item {item.id}: {exc}")
                     self.store.mark_dead(item, str(exc))
+                    metrics.DELIVERIES.labels("dead").inc()
                     continue
                 delay = exc.retry_after or min(MAX_RETRY_DELAY, 2.0 ** (item.attempts + 1))
                 log.warning(f"delivery of outbox item {item.id} failed ({exc}); retrying in {delay:.1f} s")
                 self.store.mark_retry(item, str(exc), delay)
+                metrics.DELIVERIES.labels("retry").inc()
                 return  # this chat's later items wait, so the chat sees them in order
             self.store.mark_sent(item)
+            metrics.DELIVERIES.labels("sent").inc()
             log.info(f"delivered outbox item {item.id}" + (" (answer)" if item.message_id else ""))

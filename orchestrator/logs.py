@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 from loguru import logger
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from loguru import Record
 
 
@@ -17,9 +19,16 @@ def _line(record: Record) -> str:
             + "\n{exception}")
 
 
-def setup_logging(json_lines: bool = False, level: str = "INFO") -> None:
+def setup_logging(json_lines: bool = False, level: str = "INFO", secrets: Sequence[str] = ()) -> None:
+    """Log to stderr; every known secret is masked, and tracebacks never show variables' values."""
     logger.remove()
+
+    def mask(record: Record) -> None:
+        for secret in secrets:
+            record["message"] = record["message"].replace(secret, "***")
+
+    logger.configure(patcher=mask)
     if json_lines:
-        logger.add(sys.stderr, level=level, serialize=True)
+        logger.add(sys.stderr, level=level, serialize=True, diagnose=False, backtrace=False)
     else:
-        logger.add(sys.stderr, level=level, format=_line)
+        logger.add(sys.stderr, level=level, format=_line, diagnose=False, backtrace=False)

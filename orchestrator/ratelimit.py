@@ -43,17 +43,19 @@ class Limiter:
         self._chats: dict[str, SlidingWindow] = {}
         self._clock = clock
         self._lock = asyncio.Lock()
-        self.waited = 0.0  # total seconds callers spent waiting, for metrics
 
-    async def acquire(self, chat_id: str) -> None:
+    async def acquire(self, chat_id: str) -> float:
+        """Wait until a call for this chat fits every window; the seconds waited."""
         chat = self._chats.get(chat_id)
         if chat is None:
             chat = self._chats[chat_id] = SlidingWindow(*self._per_chat)
         windows = [*self._app, chat]
+        waited = 0.0
         async with self._lock:
             while (delay := max(w.delay(self._clock()) for w in windows)) > 0:
-                self.waited += delay
+                waited += delay
                 await asyncio.sleep(delay)
             now = self._clock()
             for window in windows:
                 window.record(now)
+        return waited

@@ -63,6 +63,16 @@ class ContainerSpec:
 
 
 @dataclass(frozen=True)
+class Usage:
+    """A running container's use of its caps, from the engine's stats."""
+
+    cpu_percent: float  # of one CPU, like `docker stats`
+    memory_bytes: int
+    memory_limit: int
+    pids: int
+
+
+@dataclass(frozen=True)
 class ContainerState:
     name: str
     id: str
@@ -142,6 +152,35 @@ class DockerRuntime:
             self._events.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._client.close()
+
+    def ping(self) -> str | None:
+        """None when the engine answers; otherwise why not. Blocking: for the health endpoint's thread."""
+        try:
+            self._client.api.ping()
+        except (DockerException, requests.RequestException) as exc:
+            return f"the Docker engine cannot be reached: {exc.__class__.__name__}"
+        return None
+
+    async def usage(self, name: str) -> Usage | None:
+        """CPU, memory and processes of a running container (takes about a second: the engine samples)."""
+        return await self._call(self._usage, name)
+
+    def _usage(self, name: str) -> Usage | None:
+        container = self._find(name)
+        if container is None or container.status != "running":
+            return None
+        stats = container.stats(stream=False)
+        cpu, precpu = stats.get("cpu_stats", {}), stats.get("precpu_stats", {})
+        cpu_delta = cpu.get("cpu_usage", {}).get("total_usage", 0) - precpu.get("cpu_usage", {}).get("total_usage", 0)
+        system_delta = cpu.get("system_cpu_usage", 0) - precpu.get("system_cpu_usage", 0)
+        cpus = cpu.get("online_cpus") or 1
+        memory = stats.get("memory_stats", {})
+        return Usage(
+            cpu_percent=round(100.0 * cpu_delta / system_delta * cpus, 1) if system_delta > 0 else 0.0,
+            memory_bytes=int(memory.get("usage", 0)) - int(memory.get("stats", {}).get("cache", 0)),
+            memory_limit=int(memory.get("limit", 0)),
+            pids=int(stats.get("pids_stats", {}).get("current", 0)),
+        )
 
     # ---- events ----
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
+from orchestrator import metrics
 from orchestrator.agent import Answer, Failure
 from orchestrator.channels import Channel, Incoming
 from orchestrator.config import Settings, resolve_chat
@@ -69,6 +70,10 @@ class Service:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig)
         await self.reconcile()
+        if self.settings.metrics.listen:
+            host, _, port = self.settings.metrics.listen.rpartition(":")
+            metrics.serve(host, int(port), self.health)
+            logger.info(f"metrics and health on http://{self.settings.metrics.listen}/metrics and /healthz")
         self.runtime.watch(self.settings.instance,
                            lambda chat_id, action: loop.call_soon_threadsafe(self._on_container_event, chat_id, action))
         self.recover()
@@ -90,6 +95,10 @@ class Service:
         for task in (stop_task, *self.workers.values()):
             task.cancel()
         await asyncio.gather(*tasks, *self.workers.values(), return_exceptions=True)
+
+    def health(self) -> dict[str, str | None]:
+        """Each dependency and what is wrong with it (None: fine). Runs on the metrics server's thread."""
+        return {"feishu": self.channel.health(), "docker": self.runtime.ping(), "store": self.store.writable()}
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if self._stop.is_set():
@@ -186,9 +195,10 @@ class Service:
 
     async def _stop_idle_containers(self) -> None:
         chats = {chat.chat_id: chat for chat in self.store.chats()}
+        containers = [c for c in await self.runtime.list_managed(self.settings.instance) if c.running]
+        metrics.CONTAINERS_RUNNING.set(len(containers))
         running = [Candidate(c.chat_id, c.name, chats[c.chat_id].last_activity or 0.0)
-                   for c in await self.runtime.list_managed(self.settings.instance)
-                   if c.running and c.chat_id in chats]
+                   for c in containers if c.chat_id in chats]
         busy = self.active | {chat_id for chat_id, queue in self.queues.items() if queue.qsize()}
         for candidate in containers_to_stop(running, busy, time.time(), self.settings.containers.idle_stop,
                                             self.settings.containers.max_running):
@@ -220,8 +230,10 @@ class Service:
                                              incoming.text)
         if message is None:
             log.info("duplicate delivery ignored")
+            metrics.MESSAGES.labels("duplicate").inc()
             return
         log.info(f"received ({incoming.kind})")
+        metrics.MESSAGES.labels("received").inc()
         if incoming.kind != "text":
             self._reply_directly(message, f"I can read text and rich-text messages; {incoming.kind} messages "
                                           "are not supported yet.")
@@ -231,6 +243,7 @@ class Service:
         elif self._waiting(message.chat_id) >= self.settings.scheduler.queue_depth:
             depth = self.settings.scheduler.queue_depth
             log.warning(f"refused: {depth} messages already wait in this chat")
+            metrics.MESSAGES.labels("refused").inc()
             self.store.fail(message.message_id, "queue full", f"{depth} messages are already waiting in this "
                             "chat; please send this again once they are answered.")
             self.deliverer.wake()
@@ -260,6 +273,7 @@ class Service:
             text = (f"This chat is not allowed to use this bot. An admin can add its chat id {incoming.chat_id} "
                     "to access.allowed_chats.")
         first = self.store.record_refusal(key)
+        metrics.MESSAGES.labels("refused").inc()
         log.warning(f"refused: {who} not allowed" + ("; telling them once" if first else ""))
         if first:
             self.store.say(incoming.chat_id, text, reply_to=incoming.message_id)
@@ -338,24 +352,34 @@ class Service:
             if not self.accepting:
                 return  # stopping: it stays queued for the next start
             self.active.add(message.chat_id)
+            metrics.BUSY_CHATS.set(len(self.active))
+            metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, time.time() - message.received_at))
             try:
                 await self._turn(message, log)
             finally:
                 self.active.discard(message.chat_id)
+                metrics.BUSY_CHATS.set(len(self.active))
 
     async def _turn(self, message: MessageRecord, log: Logger) -> None:
         display = self.channel.display(message.chat_id, message.message_id)
         await display.start()
+        began = time.monotonic()
         try:
             result = await self.turns.run(message, display, log)
         finally:
             card = await display.end()
             self.store.touch(message.chat_id)
+        wall = time.monotonic() - began
+        metrics.TURN_SECONDS.observe(wall)
         if isinstance(result, Failure):
             log.warning(f"failed: {result.reason}")
+            metrics.MESSAGES.labels("failed").inc()
             text = f"{result.partial_text}\n\n{result.reason}" if result.partial_text else result.reason
             self.store.fail(message.message_id, result.reason, text, card)
         elif isinstance(result, Answer):
+            metrics.MESSAGES.labels("answered").inc()
+            if result.duration_ms is not None:
+                metrics.OVERHEAD_SECONDS.observe(max(0.0, wall - result.duration_ms / 1000))
             self.store.answer(message.message_id, result.text, result.cost_usd, result.duration_ms, card)
             log.info(f"answered ({len(result.text)} chars, cost {result.cost_usd}, {result.duration_ms} ms)")
         self.deliverer.wake()

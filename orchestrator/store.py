@@ -7,6 +7,8 @@ so a transition happens once even when two workers race for it. Nothing here cle
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import time
 import uuid
 from dataclasses import dataclass
@@ -169,6 +171,16 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+
+    def writable(self) -> str | None:
+        """None when a write transaction can start within 2 s; otherwise why not. Any thread."""
+        try:
+            with contextlib.closing(sqlite3.connect(self.path, timeout=2)) as probe:
+                probe.execute("BEGIN IMMEDIATE")
+                probe.rollback()
+        except sqlite3.Error as exc:
+            return f"the store cannot be written: {exc}"
+        return None
 
     # ---- chats ----
 

@@ -62,3 +62,6 @@ class Channel(Protocol):
 
     async def deliver(self, item: Outgoing) -> None:
         """Send one outbox item; raise DeliveryFailed when it did not go through."""
+
+    def health(self) -> str | None:
+        """None when the channel works; otherwise what is wrong. Called from another thread."""

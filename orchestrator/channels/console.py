@@ -51,6 +51,9 @@ class ConsoleChannel:
         else:
             self.write(f"{chr(10) if shown else ''}{item.text}\n")
 
+    def health(self) -> str | None:
+        return None
+
     def remember(self, display_id: str, shown: str) -> None:
         self._shown[display_id] = shown
 

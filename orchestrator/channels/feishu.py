@@ -45,6 +45,7 @@ from lark_oapi.api.im.v1 import (
 )
 from loguru import logger
 
+from orchestrator import metrics
 from orchestrator.channels import DeliveryFailed, Outgoing, Submit
 from orchestrator.channels.feishu_events import Ignored, parse_message_event
 from orchestrator.config import FeishuSettings
@@ -60,6 +61,8 @@ ACK_WAIT_SECONDS = 2.5  # Feishu wants an answer within 3 s; past this the event
 # Feishu's window can catch one call more than ours did; widening ours by this much keeps us under its limit.
 WINDOW_MARGIN = 0.25
 ANSWER_ELEMENT = "answer"
+LONG_CONNECTION_RESTART_SECONDS = 30
+REST_HEALTH_SECONDS = 60  # a failed API call makes the channel unhealthy this long, unless one succeeds
 TYPING = "Typing"
 
 
@@ -82,9 +85,11 @@ class FeishuChannel:
         self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="feishu")
         self._sequence = 0
         self.bot_open_id = ""
-        self.connected = False  # the long connection is up, or the webhook server listens
-        self.retries = 0
+        self._ws: lark.ws.Client | None = None
         self._webhook: ThreadingHTTPServer | None = None
+        self._rest_failed_at = 0.0
+        self._rest_ok_at = 0.0
+        self._rest_problem = ""
 
     # ---- inbound ----
 
@@ -124,16 +129,16 @@ class FeishuChannel:
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         lark_ws_client.loop = loop
-        client = lark.ws.Client(self.settings.app_id, self.settings.app_secret, event_handler=handler,
-                                domain=self.settings.domain, log_level=lark.LogLevel.WARNING)
-        self.connected = True
-        logger.info(f"connecting to Feishu over the long connection ({self.settings.domain})")
-        try:
-            client.start()  # reconnects by itself; returns only on a fatal error such as bad credentials
-        except Exception as exc:
-            logger.error(f"the Feishu long connection stopped: {exc}")
-        finally:
-            self.connected = False
+        while True:
+            self._ws = lark.ws.Client(self.settings.app_id, self.settings.app_secret, event_handler=handler,
+                                      domain=self.settings.domain, log_level=lark.LogLevel.WARNING)
+            logger.info(f"connecting to Feishu over the long connection ({self.settings.domain})")
+            try:
+                self._ws.start()  # reconnects by itself; returns only on a fatal error such as bad credentials
+            except Exception as exc:
+                logger.error(f"the Feishu long connection stopped ({exc}); starting it again in "
+                             f"{LONG_CONNECTION_RESTART_SECONDS} s")
+            time.sleep(LONG_CONNECTION_RESTART_SECONDS)
 
     def _serve_webhook(self, handler: lark.EventDispatcherHandler) -> None:
         path = self.settings.webhook_path
@@ -163,7 +168,6 @@ class FeishuChannel:
         self._webhook = ThreadingHTTPServer((self.settings.webhook_host, self.settings.webhook_port), Webhook)
         self._webhook.daemon_threads = True
         threading.Thread(target=self._webhook.serve_forever, name="feishu-webhook", daemon=True).start()
-        self.connected = True
         host, port = self._webhook.server_address[:2]
         logger.info(f"listening for Feishu events on http://{host}:{port}{path}")
 
@@ -177,6 +181,17 @@ class FeishuChannel:
             except (FeishuError, KeyError, ValueError) as exc:
                 logger.error(f"cannot read the bot's identity from Feishu ({exc}); retrying in 5 s")
                 await asyncio.sleep(5)
+
+    def health(self) -> str | None:
+        """None when events can arrive and the last API call went through; otherwise what is wrong."""
+        if self.settings.mode == "webhook":
+            if self._webhook is None:
+                return "the webhook server is not listening"
+        elif self._ws is None or self._ws._conn is None:  # the SDK has no public state; _conn is None when down
+            return "the long connection to Feishu is down"
+        if self._rest_failed_at > self._rest_ok_at and time.monotonic() - self._rest_failed_at < REST_HEALTH_SECONDS:
+            return f"Feishu API calls fail: {self._rest_problem}"
+        return None
 
     # ---- outbound ----
 
@@ -270,7 +285,7 @@ class FeishuChannel:
         """One SDK call under the rate limits, retried on rate-limit answers and transient failures."""
         for attempt in range(1, SEND_ATTEMPTS + 1):
             if chat_id is not None:
-                await self.limiter.acquire(chat_id)
+                metrics.RATE_LIMIT_WAIT.inc(await self.limiter.acquire(chat_id))
             try:
                 response = await asyncio.get_running_loop().run_in_executor(self._executor, method, request)
                 error = _error_of(response)
@@ -279,10 +294,12 @@ class FeishuChannel:
             except ValueError as exc:  # not the JSON the SDK expected (a proxy's error page, a cut-off answer)
                 error = FeishuError(f"Feishu gave an unreadable answer: {exc}")
             if error is None:
+                self._rest_ok_at = time.monotonic()
                 return response
+            self._rest_failed_at, self._rest_problem = time.monotonic(), str(error)
             if error.permanent or attempt == SEND_ATTEMPTS:
                 raise error
-            self.retries += 1
+            metrics.FEISHU_RETRIES.inc()
             delay = error.retry_after if error.retry_after is not None else 0.5 * 2 ** attempt
             logger.bind(chat_id=chat_id or "-").warning(f"Feishu call failed ({error}); retry {attempt} in {delay:g} s")
             await asyncio.sleep(delay)
