@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -53,7 +54,7 @@ class Orchestrator:
     """`orchestrator run`. In console mode (no Feishu in the config) stdin lines are messages to one chat
     and stdout the answers; with Feishu configured it talks to the fake Feishu and stdin is unused."""
 
-    def __init__(self, config: Path, chat: str = "console") -> None:
+    def __init__(self, config: Path, chat: str = "console", env: dict[str, str] | None = None) -> None:
         self.config = config
         self.stdout: list[str] = []
         self.log_path = config.parent / f"orchestrator-{chat}-{time.monotonic_ns()}.log"
@@ -61,7 +62,7 @@ class Orchestrator:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "orchestrator.cli", "run", "--config", str(config), "--chat", chat],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1,
-            env={**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"},
+            env={**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost", **(env or {})},
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -106,7 +107,8 @@ class Orchestrator:
         return code
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text()
 
 
@@ -132,6 +134,12 @@ class StoreView:
     def set_session(self, chat_id: str, session_id: str) -> None:
         with sqlite3.connect(self.db_path) as db:
             db.execute("update chats set session_id = ? where chat_id = ?", (session_id, chat_id))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_cli(config: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

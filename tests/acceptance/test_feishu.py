@@ -4,13 +4,12 @@ CLI in the real image against the fake Messages API."""
 from __future__ import annotations
 
 import json
-import socket
 import urllib.request
 import uuid
 
 from tests.fakes.anthropic import FakeAnthropic
 from tests.fakes.feishu import FakeFeishu, url_verification, webhook_request
-from tests.harness import Orchestrator, StoreView, answers, chat, run_cli, wait_answer, wait_until
+from tests.harness import Orchestrator, StoreView, answers, chat, free_port, run_cli, wait_answer, wait_until
 
 ENCRYPT_KEY = "test-encrypt-key"
 
@@ -129,12 +128,6 @@ def test_a_reply_survives_feishu_being_down_and_an_orchestrator_restart(
     wait_until(lambda: store_view.messages(chat_id)[0]["state"] == "delivered", 30, "delivered")
     assert answers(feishu, chat_id) == ["Fake answer to: answer me while you cannot"]
     restarted.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:

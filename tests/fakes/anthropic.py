@@ -50,6 +50,7 @@ def latest_user_blocks(body: dict[str, Any]) -> list[dict[str, Any]]:
 class FakeAnthropic:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
+        self.api_keys: set[str] = set()  # the x-api-key each request came with
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
@@ -79,9 +80,10 @@ class FakeAnthropic:
         with self._lock:
             return [body for body in self.requests if text in json.dumps(body)]
 
-    def _record(self, body: dict[str, Any]) -> None:
+    def _record(self, body: dict[str, Any], api_key: str) -> None:
         with self._lock:
             self.requests.append(body)
+            self.api_keys.add(api_key)
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         fake = self
@@ -99,7 +101,7 @@ class FakeAnthropic:
                     self._json(200, {"input_tokens": 10}) if "count_tokens" in self.path else self._json(
                         404, {"type": "error", "error": {"type": "not_found_error", "message": self.path}})
                     return
-                fake._record(body)
+                fake._record(body, self.headers.get("x-api-key", ""))
                 blocks, delay_before, delay_mid = plan_answer(body)
                 if delay_before:
                     time.sleep(delay_before)
