@@ -55,7 +55,10 @@ class Deliverer:
             log = logger.bind(chat_id=item.chat_id, message_id=item.reply_to or "-")
             try:
                 await self.channel.deliver(Outgoing(item.chat_id, item.text, item.key, item.reply_to, item.card))
-            except DeliveryFailed as exc:
+            except Exception as exc:  # a channel bug must not stop delivery: treat what it raised as a failure
+                if not isinstance(exc, DeliveryFailed):
+                    log.opt(exception=exc).error(f"unexpected error delivering outbox item {item.id}")
+                    exc = DeliveryFailed(f"{exc.__class__.__name__}: {exc}")
                 if exc.permanent:
                     log.error(f"giving up on outbox item {item.id}: {exc}")
                     self.store.mark_dead(item, str(exc))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 
 class SlidingWindow:
@@ -32,30 +32,44 @@ class SlidingWindow:
     def record(self, now: float) -> None:
         self._calls.append(now)
 
+    def busy(self, now: float) -> bool:
+        """Whether any call is still inside the window."""
+        return bool(self._calls) and self._calls[-1] > now - self.window
+
 
 class Limiter:
-    """App-wide windows shared by every call, plus one window per chat. Callers wait their turn in order."""
+    """App-wide windows that every call shares, plus a window per key of a scope (one chat, one card).
+    Callers wait their turn in order."""
 
-    def __init__(self, app_windows: list[tuple[int, float]], per_chat: tuple[int, float],
+    def __init__(self, app_windows: list[tuple[int, float]], scopes: Mapping[str, tuple[int, float]],
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._app = [SlidingWindow(limit, window) for limit, window in app_windows]
-        self._per_chat = per_chat
-        self._chats: dict[str, SlidingWindow] = {}
+        self._scopes = scopes
+        self._keyed: dict[tuple[str, str], SlidingWindow] = {}
         self._clock = clock
         self._lock = asyncio.Lock()
 
-    async def acquire(self, chat_id: str) -> float:
-        """Wait until a call for this chat fits every window; the seconds waited."""
-        chat = self._chats.get(chat_id)
-        if chat is None:
-            chat = self._chats[chat_id] = SlidingWindow(*self._per_chat)
-        windows = [*self._app, chat]
+    async def acquire(self, scope: str | None = None, key: str = "") -> float:
+        """Wait until one more call fits the app's windows and the (scope, key) one; the seconds waited."""
+        windows = list(self._app)
+        if scope is not None:
+            window = self._keyed.get((scope, key))
+            if window is None:
+                self._forget_idle()
+                window = self._keyed[(scope, key)] = SlidingWindow(*self._scopes[scope])
+            windows.append(window)
         waited = 0.0
         async with self._lock:
-            while (delay := max(w.delay(self._clock()) for w in windows)) > 0:
+            while (delay := max((w.delay(self._clock()) for w in windows), default=0.0)) > 0:
                 waited += delay
                 await asyncio.sleep(delay)
             now = self._clock()
             for window in windows:
                 window.record(now)
         return waited
+
+    def _forget_idle(self) -> None:
+        """Cards come and go: drop the windows that hold no recent call, now and then."""
+        if len(self._keyed) >= 1000:
+            now = self._clock()
+            self._keyed = {k: w for k, w in self._keyed.items() if w.busy(now)}

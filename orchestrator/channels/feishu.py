@@ -43,6 +43,7 @@ from lark_oapi.api.im.v1 import (
     ReplyMessageRequest,
     ReplyMessageRequestBody,
 )
+from lark_oapi.core.exception import AccessTokenException, ObtainAccessTokenException
 from loguru import logger
 
 from orchestrator import metrics
@@ -55,6 +56,7 @@ RATE_LIMIT_CODES = (99991400, 230020)
 SEND_ATTEMPTS = 4  # per call, before the outbox takes over with its own backoff
 CARD_TEXT_LIMIT = 8000  # characters of answer per card (cards are capped at 30 KB of JSON)
 TEXT_LIMIT = 8000  # characters per further text message
+CARD_OPS_PER_SECOND = 10
 CARD_UPDATE_INTERVAL = 0.5  # seconds between streaming updates of one card (Feishu allows 10/s)
 ACK_WAIT_SECONDS = 2.5  # Feishu wants an answer within 3 s; past this the event is refused and re-pushed
 # A call leaves our limiter and reaches Feishu a little later, by a delay that varies (threads, network), so
@@ -81,7 +83,9 @@ class FeishuChannel:
                        .domain(settings.domain).timeout(10).log_level(lark.LogLevel.WARNING).build())
         app_windows = [(settings.rate_per_app, 1.0 + WINDOW_MARGIN),
                        (settings.rate_per_app_minute, 60.0 + WINDOW_MARGIN)]
-        self.limiter = Limiter(app_windows=app_windows, per_chat=(settings.rate_per_chat, 1.0 + WINDOW_MARGIN))
+        # Feishu's limits: 5 QPS per chat for sending and editing messages, 10 operations/s per card.
+        self.limiter = Limiter(app_windows, scopes={"chat": (settings.rate_per_chat, 1.0 + WINDOW_MARGIN),
+                                                    "card": (CARD_OPS_PER_SECOND, 1.0 + WINDOW_MARGIN)})
         self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="feishu")
         self._sequence = 0
         self.bot_open_id = ""
@@ -176,7 +180,7 @@ class FeishuChannel:
                    .token_types({lark.AccessTokenType.TENANT}).build())
         while True:
             try:
-                response = await self._call(None, self.client.request, request)
+                response = await self._call(self.client.request, request, limited=False)
                 return str(json.loads(response.raw.content)["bot"]["open_id"])
             except (FeishuError, KeyError, ValueError) as exc:
                 logger.error(f"cannot read the bot's identity from Feishu ({exc}); retrying in 5 s")
@@ -230,12 +234,12 @@ class FeishuChannel:
         if reply_to:
             body = ReplyMessageRequestBody.builder().msg_type(msg_type).content(content).uuid(key[:50]).build()
             request: Any = ReplyMessageRequest.builder().message_id(reply_to).request_body(body).build()
-            response = await self._call(chat_id, self.client.im.v1.message.reply, request)
+            response = await self._call(self.client.im.v1.message.reply, request, chat_id, ("chat", chat_id))
         else:
             body = (CreateMessageRequestBody.builder().receive_id(chat_id).msg_type(msg_type).content(content)
                     .uuid(key[:50]).build())
             request = CreateMessageRequest.builder().receive_id_type("chat_id").request_body(body).build()
-            response = await self._call(chat_id, self.client.im.v1.message.create, request)
+            response = await self._call(self.client.im.v1.message.create, request, chat_id, ("chat", chat_id))
         return str(response.data.message_id)
 
     async def create_card(self, chat_id: str, text: str) -> str:
@@ -247,50 +251,55 @@ class FeishuChannel:
             "body": {"elements": [{"tag": "markdown", "element_id": ANSWER_ELEMENT, "content": text}]},
         }
         body = CreateCardRequestBody.builder().type("card_json").data(json.dumps(card, ensure_ascii=False)).build()
-        response = await self._call(chat_id, self.client.cardkit.v1.card.create,
-                                    CreateCardRequest.builder().request_body(body).build())
+        response = await self._call(self.client.cardkit.v1.card.create,
+                                    CreateCardRequest.builder().request_body(body).build(), chat_id)
         return str(response.data.card_id)
 
     async def stream_card(self, chat_id: str, card_id: str, text: str) -> None:
         body = ContentCardElementRequestBody.builder().content(text).sequence(self._next_sequence()).build()
         request = (ContentCardElementRequest.builder().card_id(card_id).element_id(ANSWER_ELEMENT)
                    .request_body(body).build())
-        await self._call(chat_id, self.client.cardkit.v1.card_element.content, request)
+        await self._call(self.client.cardkit.v1.card_element.content, request, chat_id, ("card", card_id))
 
     async def finish_card(self, chat_id: str, card_id: str, text: str) -> None:
         await self.stream_card(chat_id, card_id, text)
         settings = {"config": {"streaming_mode": False, "summary": {"content": text[:60]}}}
         body = (SettingsCardRequestBody.builder().settings(json.dumps(settings, ensure_ascii=False))
                 .sequence(self._next_sequence()).build())
-        await self._call(chat_id, self.client.cardkit.v1.card.settings,
-                         SettingsCardRequest.builder().card_id(card_id).request_body(body).build())
+        await self._call(self.client.cardkit.v1.card.settings,
+                         SettingsCardRequest.builder().card_id(card_id).request_body(body).build(), chat_id,
+                         ("card", card_id))
 
     async def add_reaction(self, chat_id: str, message_id: str, emoji: str) -> str:
         reaction = Emoji.builder().emoji_type(emoji).build()
         body = CreateMessageReactionRequestBody.builder().reaction_type(reaction).build()
         request = CreateMessageReactionRequest.builder().message_id(message_id).request_body(body).build()
-        response = await self._call(chat_id, self.client.im.v1.message_reaction.create, request)
+        response = await self._call(self.client.im.v1.message_reaction.create, request, chat_id)
         return str(response.data.reaction_id)
 
     async def remove_reaction(self, chat_id: str, message_id: str, reaction_id: str) -> None:
         request = DeleteMessageReactionRequest.builder().message_id(message_id).reaction_id(reaction_id).build()
-        await self._call(chat_id, self.client.im.v1.message_reaction.delete, request)
+        await self._call(self.client.im.v1.message_reaction.delete, request, chat_id)
 
     def _next_sequence(self) -> int:
         """Card operations need rising sequence numbers, also across restarts: tenths of a second."""
         self._sequence = max(self._sequence + 1, int((time.time() - 1_700_000_000) * 10))
         return self._sequence
 
-    async def _call(self, chat_id: str | None, method: Callable[[Any], Any], request: Any) -> Any:
-        """One SDK call under the rate limits, retried on rate-limit answers and transient failures."""
+    async def _call(self, method: Callable[[Any], Any], request: Any, chat_id: str = "-",
+                    scope: tuple[str, str] | None = None, limited: bool = True) -> Any:
+        """One SDK call under the app's rate limits (and its scope's: a chat, a card), retried on rate-limit
+        answers and transient failures. `chat_id` is for the log."""
         for attempt in range(1, SEND_ATTEMPTS + 1):
-            if chat_id is not None:
-                metrics.RATE_LIMIT_WAIT.inc(await self.limiter.acquire(chat_id))
+            if limited:
+                metrics.RATE_LIMIT_WAIT.inc(await self.limiter.acquire(*(scope or (None, ""))))
             try:
                 response = await asyncio.get_running_loop().run_in_executor(self._executor, method, request)
                 error = _error_of(response)
             except requests.RequestException as exc:
                 error = FeishuError(f"Feishu could not be reached: {exc.__class__.__name__}")
+            except (ObtainAccessTokenException, AccessTokenException) as exc:  # the token call failed first
+                error = FeishuError(f"no access token from Feishu: {exc}")
             except ValueError as exc:  # not the JSON the SDK expected (a proxy's error page, a cut-off answer)
                 error = FeishuError(f"Feishu gave an unreadable answer: {exc}")
             if error is None:
@@ -301,7 +310,7 @@ class FeishuChannel:
                 raise error
             metrics.FEISHU_RETRIES.inc()
             delay = error.retry_after if error.retry_after is not None else 0.5 * 2 ** attempt
-            logger.bind(chat_id=chat_id or "-").warning(f"Feishu call failed ({error}); retry {attempt} in {delay:g} s")
+            logger.bind(chat_id=chat_id).warning(f"Feishu call failed ({error}); retry {attempt} in {delay:g} s")
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 

@@ -105,6 +105,7 @@ def test_rate_limited_sends_all_arrive_in_order_within_the_configured_rates(
     assert feishu.rejected_count >= 15
     assert feishu.max_rate(per="app") <= 6
     assert feishu.max_rate(per="chat") <= 3
+    assert feishu.max_rate(per="card") <= 10
     wait_until(lambda: all(m["state"] == "delivered" for c in chats for m in store_view.messages(c)), 30,
                "every message delivered")
 

@@ -343,14 +343,18 @@ class FakeFeishu:
         with self._cond:
             return [emoji for mid, emoji in self._reactions.values() if mid == message_id]
 
-    def max_rate(self, per: Literal["app", "chat"] = "app", window: float = 1.0) -> int:
-        """The most accepted IM/CardKit write calls in any `window` seconds, app-wide or in any one chat."""
+    def max_rate(self, per: Literal["app", "chat", "card"] = "app", window: float = 1.0) -> int:
+        """The most accepted write calls in any `window` seconds: app-wide (all IM and CardKit writes), in
+        any one chat (message sends, replies and edits: Feishu's 5 QPS per chat), or on any one card
+        (CardKit operations: 10 per second per card)."""
         with self._cond:
             calls = [c for c in self._calls if c.write and not c.rejected]
         groups: dict[str | None, list[float]] = {}
         for call in calls:
-            if per == "app" or call.chat_id is not None:
-                groups.setdefault(None if per == "app" else call.chat_id, []).append(call.time)
+            key = None if per == "app" else call.chat_id if per == "chat" and _is_message_call(call.path) \
+                else _card_of(call.path) if per == "card" else None
+            if per == "app" or key is not None:
+                groups.setdefault(key, []).append(call.time)
         return max((_densest(sorted(times), window) for times in groups.values()), default=0)
 
     # ----- fault injection -----------------------------------------------------------------------------
@@ -958,6 +962,15 @@ def _data_frames(payload: bytes, message_id: str, parts: int, service: int) -> l
     return [_frame(1, service, {"type": "event", "message_id": message_id, "trace_id": trace_id,
                                 "sum": str(parts), "seq": str(i)}, payload[bounds[i]:bounds[i + 1]])
             for i in range(parts)]
+
+
+def _is_message_call(path: str) -> bool:
+    return path.startswith("/open-apis/im/v1/messages") and "/reactions" not in path
+
+
+def _card_of(path: str) -> str | None:
+    prefix = "/open-apis/cardkit/v1/cards/"
+    return path[len(prefix):].split("/", 1)[0] or None if path.startswith(prefix) else None
 
 
 def _densest(times: list[float], window: float) -> int:

@@ -31,12 +31,12 @@ def test_no_window_of_a_long_random_run_holds_more_than_the_limit() -> None:
 def test_limiter_paces_one_chat_and_shares_the_app_window() -> None:
     async def run() -> tuple[list[float], list[float]]:
         loop = asyncio.get_running_loop()
-        limiter = Limiter(app_windows=[(6, 0.5)], per_chat=(2, 0.5))
+        limiter = Limiter(app_windows=[(6, 0.5)], scopes={"chat": (2, 0.5)})
         start = loop.time()
         stamps: list[float] = []
 
         async def send(chat: str) -> float:
-            waited = await limiter.acquire(chat)
+            waited = await limiter.acquire("chat", chat)
             stamps.append(loop.time() - start)
             return waited
 
@@ -48,3 +48,17 @@ def test_limiter_paces_one_chat_and_shares_the_app_window() -> None:
     assert waits[0] == 0 and max(waits) > 0
     # four calls of chat "a" at two per half second need at least one more half second
     assert max(stamps) >= 0.45
+
+
+def test_scopes_have_their_own_windows_and_idle_ones_are_forgotten() -> None:
+    now = [0.0]
+    limiter = Limiter(app_windows=[], scopes={"card": (1, 1.0)}, clock=lambda: now[0])
+
+    async def run() -> list[float]:
+        waits = [await limiter.acquire("card", f"c{n}") for n in range(1000)]
+        now[0] = 5.0
+        waits.append(await limiter.acquire("card", "fresh"))
+        return waits
+
+    assert set(asyncio.run(run())) == {0.0}  # a thousand cards, one call each: nobody waits
+    assert list(limiter._keyed) == [("card", "fresh")]
