@@ -218,9 +218,10 @@ class DockerRuntime:
             container = self._create(spec)
         if container.status == "paused":
             container.unpause()
+            container.reload()
         elif container.status != "running":
             container.start()
-        container.reload()
+            container.reload()
         return _state(container)
 
     def _find(self, name: str) -> Container | None:

@@ -155,8 +155,10 @@ class Service:
 
     async def reconcile(self) -> None:
         """Compare the store with the engine and log each decision; adopt, never kill."""
+        began = time.monotonic()
         containers = await self.runtime.list_managed(self.settings.instance)
-        for found in reconcile(self.store.chats(), containers):
+        chats = self.store.chats()
+        for found in reconcile(chats, containers):
             log = logger.bind(chat_id=found.chat_id)
             if found.finding is Finding.UNKNOWN:
                 self.store.ensure_chat(found.chat_id)
@@ -169,6 +171,9 @@ class Service:
                 Finding.VANISHED: "reconcile: its container is gone; the next message re-creates it",
                 Finding.UNKNOWN: "reconcile: adopted a labelled container the store did not know",
             }[found.finding])
+        running = sum(1 for c in containers if c.running)
+        logger.info(f"reconciled with the engine in {time.monotonic() - began:.2f} s: {len(chats)} chats, "
+                    f"{len(containers)} containers ({running} running)")
 
     def _on_container_event(self, chat_id: str, action: str) -> None:
         log = logger.bind(chat_id=chat_id or "-")

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from loguru import Logger
 
 POLL_SECONDS = 0.1
+FIRST_POLL_SECONDS = 0.01  # right after output, look again soon: the next line (or the end) is often close
 CONTAINER_CHECK_SECONDS = 2.0
 KILL_GRACE_SECONDS = 5.0
 RUN_TURN = "run-turn"  # in the agent image: keeps a turn's output in its turn folder
@@ -53,6 +54,7 @@ class TurnRunner:
         self.runtime = runtime
         self.on_container_started = on_container_started
         self.running: dict[str, RunningTurn] = {}  # by chat id
+        self._limit_hits: dict[str, int] = {}  # by container id: pids-limit refusals seen after failed turns
 
     @property
     def agent_user(self) -> str:
@@ -86,12 +88,11 @@ class TurnRunner:
             turns.write_prompt(files, message.text, self.settings.agent.uid)
             self.store.mark_running(message.message_id, turn)
             argv = [RUN_TURN, files.container_dir, *agent.turn_argv(self.settings.agent, session_id)]
-            limit_hits = await self.runtime.process_limit_hits(container.id, self.agent_user)
             await self.runtime.start_process(container.id, argv, dict(self.settings.agent.env), self.agent_user)
             log.info(f"turn {turn} started in {container.name}" + (f", resuming {session_id}" if session_id else ""))
             result = await self._follow(message, container, files, display, log)
-            if isinstance(result, Failure) and limit_hits is not None:
-                result = await self._explain_process_limit(result, container, chat, limit_hits)
+            if isinstance(result, Failure):
+                result = await self._explain_process_limit(result, container, chat)
             if not (isinstance(result, Failure) and result.unknown_session and session_id):
                 return result
             log.warning(f"session {session_id} is gone; starting a new one")
@@ -121,11 +122,13 @@ class TurnRunner:
         reader = turns.OutputReader(files.output)
         idle_timeout = self.settings.agent.idle_timeout
         last_output = last_check = loop.time()
+        poll = FIRST_POLL_SECONDS
         while True:
             exit_code = files.exit_code()  # before reading: once it is there, the output is complete
             lines = reader.rest() if exit_code is not None else reader.new_lines()
             if lines:
                 last_output = loop.time()
+                poll = FIRST_POLL_SECONDS
                 await self._take(lines, transcript, message, display, log)
             if exit_code is not None:
                 return self._ending(turn, agent.outcome(transcript, exit_code, files.stderr()), transcript)
@@ -139,12 +142,17 @@ class TurnRunner:
                 if not state.running and files.exit_code() is None:
                     reason = self._memory_note(message.chat_id) if state.oom_killed else _stopped_reason(state)
                     return Failure(reason, partial_text=transcript.text_so_far)
-            await asyncio.sleep(POLL_SECONDS)
+            await asyncio.sleep(poll)
+            poll = min(POLL_SECONDS, poll * 1.5)
 
-    async def _explain_process_limit(self, result: Failure, container: ContainerState, chat: ChatSettings,
-                                     hits_before: int) -> Failure:
+    async def _explain_process_limit(self, result: Failure, container: ContainerState, chat: ChatSettings) -> Failure:
+        """A failed turn in a container whose pids limit refused processes since we last looked says so."""
         hits = await self.runtime.process_limit_hits(container.id, self.agent_user)
-        if hits is None or hits <= hits_before:
+        if hits is None:
+            return result
+        before = self._limit_hits.get(container.id, 0)
+        self._limit_hits[container.id] = hits
+        if hits <= before:
             return result
         return Failure(f"This chat's container reached its limit of {chat.options.pids_limit} processes, so new "
                        f"ones were refused. {result.reason}", partial_text=result.partial_text)

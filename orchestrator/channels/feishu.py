@@ -328,9 +328,14 @@ class FeishuDisplay:
         self.latest = ""
         self.last_push = 0.0
         self._flush: asyncio.Task[None] | None = None
+        self._typing: asyncio.Task[None] | None = None
         self.log = logger.bind(chat_id=chat_id, message_id=message_id)
 
     async def start(self) -> None:
+        """Show the Typing reaction without holding up the turn."""
+        self._typing = asyncio.create_task(self._add_typing())
+
+    async def _add_typing(self) -> None:
         try:
             self.reaction_id = await self.channel.add_reaction(self.chat_id, self.message_id, TYPING)
         except FeishuError as exc:
@@ -366,6 +371,8 @@ class FeishuDisplay:
                     await self._flush  # let a card that is being created appear, so the answer finishes it
             else:
                 self._flush.cancel()
+        if self._typing is not None:
+            await self._typing
         if self.reaction_id is not None:
             try:
                 await self.channel.remove_reaction(self.chat_id, self.message_id, self.reaction_id)

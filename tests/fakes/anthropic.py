@@ -6,6 +6,7 @@ JSON message when stream is false) and answers by what the latest user prompt as
 - `RUN_BASH: <command>`  say `Running it now.` and ask for a Bash tool_use; after its result, `ran: <result>`
 - `SLOW <seconds>`       stream a first piece of text, wait, then finish
 - `SILENT <seconds>`     wait before sending anything at all
+- `STREAM <n> <gap>`     answer in n text blocks `part i of n.`, `gap` seconds apart
 - anything else          `Fake answer to: <prompt>`
 
 Every request body is recorded in `requests`, so a test can see what the CLI sent (resumed history).
@@ -24,6 +25,7 @@ from typing import Any
 _BASH = re.compile(r"RUN_BASH:\s*(.+)", re.DOTALL)
 _SLOW = re.compile(r"SLOW\s+(\d+(?:\.\d+)?)")
 _SILENT = re.compile(r"SILENT\s+(\d+(?:\.\d+)?)")
+_STREAM = re.compile(r"STREAM\s+(\d+)\s+(\d+(?:\.\d+)?)")
 
 
 def text_of(content: Any) -> str:
@@ -102,11 +104,11 @@ class FakeAnthropic:
                         404, {"type": "error", "error": {"type": "not_found_error", "message": self.path}})
                     return
                 fake._record(body, self.headers.get("x-api-key", ""))
-                blocks, delay_before, delay_mid = plan_answer(body)
+                blocks, delay_before, delay_mid, block_gap = plan_answer(body)
                 if delay_before:
                     time.sleep(delay_before)
                 if body.get("stream"):
-                    self._stream(body, blocks, delay_mid)
+                    self._stream(body, blocks, delay_mid, block_gap)
                 else:
                     self._json(200, message_json(body, blocks))
 
@@ -126,7 +128,8 @@ class FakeAnthropic:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def _stream(self, body: dict[str, Any], blocks: list[dict[str, Any]], delay_mid: float) -> None:
+            def _stream(self, body: dict[str, Any], blocks: list[dict[str, Any]], delay_mid: float,
+                        block_gap: float) -> None:
                 self.send_response(200)
                 self.send_header("content-type", "text/event-stream")
                 self.send_header("cache-control", "no-cache")
@@ -140,27 +143,33 @@ class FakeAnthropic:
                         if name == "content_block_delta" and delay_mid:
                             time.sleep(delay_mid)
                             delay_mid = 0
+                        if name == "content_block_stop" and block_gap:
+                            time.sleep(block_gap)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the CLI went away mid-answer (a test killed or interrupted it)
 
         return Handler
 
 
-def plan_answer(body: dict[str, Any]) -> tuple[list[dict[str, Any]], float, float]:
-    """The content blocks to answer with, a delay before answering, and one in the middle."""
+def plan_answer(body: dict[str, Any]) -> tuple[list[dict[str, Any]], float, float, float]:
+    """The content blocks to answer with, a delay before answering, one after the first piece of text, and
+    one after each block."""
     blocks = latest_user_blocks(body)
     results = [b for b in blocks if b.get("type") == "tool_result"]
     if results:
-        return [{"type": "text", "text": f"ran: {text_of(results[-1].get('content')).strip()}"}], 0, 0
+        return [{"type": "text", "text": f"ran: {text_of(results[-1].get('content')).strip()}"}], 0, 0, 0
     prompt = text_of(blocks).strip()
     if match := _BASH.search(prompt):
         tool = {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:20]}", "name": "Bash",
                 "input": {"command": match.group(1).strip(), "description": "run the requested command"}}
-        return [{"type": "text", "text": "Running it now."}, tool], 0, 0
+        return [{"type": "text", "text": "Running it now."}, tool], 0, 0, 0
+    if match := _STREAM.search(prompt):
+        count, gap = int(match.group(1)), float(match.group(2))
+        return [{"type": "text", "text": f"part {n} of {count}."} for n in range(1, count + 1)], 0, 0, gap
     silent = _SILENT.search(prompt)
     slow = _SLOW.search(prompt)
     answer = [{"type": "text", "text": f"Fake answer to: {prompt}"}]
-    return answer, float(silent.group(1)) if silent else 0, float(slow.group(1)) if slow else 0
+    return answer, float(silent.group(1)) if silent else 0, float(slow.group(1)) if slow else 0, 0
 
 
 def _message_start(body: dict[str, Any]) -> dict[str, Any]:

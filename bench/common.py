@@ -1,0 +1,150 @@
+"""What every benchmark needs: the fakes, a config, the orchestrator as a subprocess, a stand-in CLI image,
+figures. Figures are ratios against a baseline measured in the same run; absolute times are noted as such."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import docker
+
+from tests.fakes.anthropic import FakeAnthropic
+from tests.fakes.feishu import FakeFeishu
+from tests.harness import AGENT_IMAGE, Orchestrator, write_config
+
+STUB_IMAGE = "claude-stub:latest"
+STUB_DIR = Path(__file__).parent / "stub"
+AGENT_USER = "1000:1000"
+CLI_ARGS = ["claude", "-p", "--output-format", "stream-json", "--verbose", "--permission-mode", "bypassPermissions"]
+
+
+def stub_image(client: docker.DockerClient) -> str:
+    """The agent image with a stand-in `claude` that answers at once: the orchestrator's own overhead."""
+    client.images.build(path=str(STUB_DIR), tag=STUB_IMAGE, buildargs={"AGENT_IMAGE": AGENT_IMAGE}, rm=True)
+    return STUB_IMAGE
+
+
+@dataclass
+class Rig:
+    """The fakes, a data dir and a config for one benchmark; orchestrators started on it are stopped after."""
+
+    root: Path
+    instance: str
+    feishu: FakeFeishu
+    api: FakeAnthropic
+    client: docker.DockerClient
+    config: Path = Path()
+    bots: list[Orchestrator] = field(default_factory=list)
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    def configure(self, image: str, **sections: Any) -> Path:
+        feishu = {"app_id": self.feishu.app_id, "app_secret": self.feishu.app_secret, "domain": self.feishu.base_url,
+                  **sections.pop("feishu", {})}
+        self.config = write_config(self.root / "config.yaml", instance=self.instance, api_url=self.api.base_url,
+                                   agent={"image": image, **sections.pop("agent", {})}, feishu=feishu,
+                                   access={"allowed_chats": "*", "allowed_users": "*"}, **sections)
+        return self.config
+
+    def start(self) -> Orchestrator:
+        """Start the orchestrator and wait for its long connection to the fake Feishu."""
+        connections = self.feishu.connection_count
+        bot = Orchestrator(self.config)
+        self.bots.append(bot)
+        self.feishu.wait_connected(timeout=120, total=connections + 1)
+        return bot
+
+    def env(self) -> dict[str, str]:
+        return {"ANTHROPIC_BASE_URL": self.api.base_url, "ANTHROPIC_API_KEY": "sk-bench"}
+
+    def container(self, chat_id: str) -> Any:
+        return self.client.containers.get(f"{self.instance}-{chat_id}")
+
+    def reply_time(self, message_id: str, timeout: float = 120) -> float:
+        """When the fake Feishu received the reply to `message_id` (the answer reaching the chat)."""
+        path = f"/open-apis/im/v1/messages/{message_id}/reply"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for call in self.feishu.calls:
+                if call.path == path and call.status == 200:
+                    return call.time
+            time.sleep(0.002)
+        raise TimeoutError(f"no reply to {message_id} within {timeout} s")
+
+
+@contextmanager
+def rig() -> Iterator[Rig]:
+    root = Path(tempfile.mkdtemp(prefix="bench-"))
+    client = docker.from_env(timeout=300)
+    setup = Rig(root=root, instance=f"b{uuid.uuid4().hex[:8]}", feishu=FakeFeishu().start(),
+                api=FakeAnthropic().start(), client=client)
+    try:
+        yield setup
+    finally:
+        for bot in setup.bots:
+            if bot.process.poll() is None:
+                bot.kill()
+        remove_containers(client, setup.instance)
+        setup.feishu.stop()
+        setup.api.stop()
+        client.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def remove_containers(client: docker.DockerClient, instance: str) -> None:
+    for container in client.containers.list(all=True, filters={"label": f"orchestrator.instance={instance}"}):
+        container.remove(force=True)
+
+
+def new_chat() -> str:
+    return f"oc_{uuid.uuid4().hex[:16]}"
+
+
+def new_message() -> str:
+    return f"om_{uuid.uuid4().hex}"
+
+
+def timed(action: Callable[[], Any]) -> float:
+    began = time.monotonic()
+    action()
+    return time.monotonic() - began
+
+
+def median_p95(samples: list[float]) -> tuple[float, float]:
+    ordered = sorted(samples)
+    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+    return statistics.median(ordered), p95
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms"
+
+
+def compare(name: str, ours: list[float], bare: list[float], target: float) -> list[str]:
+    """Median and p95 of both paths (absolute, this machine) and their ratio against the target."""
+    ours_median, ours_p95 = median_p95(ours)
+    bare_median, bare_p95 = median_p95(bare)
+    ratio = ours_median / bare_median
+    verdict = "meets" if ratio <= target else "misses"
+    return [f"{name}: samples={len(ours)} orchestrator median={ms(ours_median)} p95={ms(ours_p95)}; "
+            f"bare median={ms(bare_median)} p95={ms(bare_p95)} (absolute, this machine)",
+            f"{name}: ratio={ratio:.2f}x median, {ours_p95 / bare_p95:.2f}x p95; target <= {target}x: {verdict}"]
+
+
+def main(run: Callable[[bool], list[str]], description: str) -> None:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="a few samples, for CI: seconds, not minutes")
+    args = parser.parse_args()
+    for line in run(args.quick):
+        print(line, flush=True)
