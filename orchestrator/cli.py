@@ -118,8 +118,8 @@ def _operate(args: argparse.Namespace, settings: Settings, store: Store) -> int:
 def _run(settings: Settings, console_chat: str, log_json: bool) -> int:
     setup_logging(json_lines=log_json, level=settings.logging.level, secrets=settings.secrets)
     if not any(name in settings.agent.env for name in CREDENTIAL_VARIABLES):
-        print("No credentials for Claude: set ANTHROPIC_API_KEY (or CLAUDE_CODE_OAUTH_TOKEN, or "
-              "ANTHROPIC_BASE_URL for a gateway) in the environment; the config passes it on through "
+        print("No credentials for Claude: set ANTHROPIC_API_KEY (or CLAUDE_CODE_OAUTH_TOKEN, ANTHROPIC_AUTH_TOKEN, "
+              "or ANTHROPIC_BASE_URL for a gateway) in the environment; the config passes it on through "
               f"agent.env ({settings.source}).", file=sys.stderr)
         return 2
     try:

@@ -243,6 +243,10 @@ class _Reader:
         return {name: self.interpolate(value, _join(key, name)) for name, value in raw.items()}
 
     def interpolate(self, value: Any, key: str) -> Any:
+        """${VAR} in a string, or in each string of a list; numbers and booleans are parsed later from the
+        resulting string by the key's converter."""
+        if isinstance(value, list):
+            return [self.interpolate(item, f"{key}[{n}]") for n, item in enumerate(value)]
         if not isinstance(value, str):
             return value
 
@@ -345,6 +349,8 @@ def _string(value: Any) -> str:
 
 
 def _boolean(value: Any) -> bool:
+    if isinstance(value, str) and value.lower() in ("true", "false"):  # from ${VAR}
+        return value.lower() == "true"
     if not isinstance(value, bool):
         raise ValueError(f"{value!r} must be true or false")
     return value
@@ -358,10 +364,23 @@ def _string_list(value: Any) -> tuple[str, ...]:
     return tuple(_string(item) for item in value)
 
 
+def _number(value: Any, whole: bool, minimum: float, problem: str) -> Any:
+    """A number (a whole one if `whole`) of at least `minimum`, also from a string, as ${VAR} gives."""
+    if isinstance(value, str):
+        try:
+            value = int(value) if whole else float(value)
+        except ValueError:
+            raise ValueError(f"{value!r} {problem}") from None
+    if isinstance(value, bool) or not isinstance(value, int if whole else int | float) or value < minimum:
+        raise ValueError(f"{value!r} {problem}")
+    return value
+
+
 def _positive_number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+    number = float(_number(value, False, 0, "must be a number above 0"))
+    if number == 0:
         raise ValueError(f"{value!r} must be a number above 0")
-    return float(value)
+    return number
 
 
 def _cpus(value: Any) -> float:
@@ -372,21 +391,15 @@ def _cpus(value: Any) -> float:
 
 
 def _non_negative_number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ValueError(f"{value!r} must be a number, 0 or more")
-    return float(value)
+    return float(_number(value, False, 0, "must be a number, 0 or more"))
 
 
 def _count(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{value!r} must be a whole number, 0 or more")
-    return value
+    return int(_number(value, True, 0, "must be a whole number, 0 or more"))
 
 
 def _positive_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{value!r} must be a whole number above 0")
-    return value
+    return int(_number(value, True, 1, "must be a whole number above 0"))
 
 
 def _port(value: Any) -> int:
@@ -398,8 +411,8 @@ def _port(value: Any) -> int:
 
 def _listen_address(value: Any) -> str:
     host, _, port = _string(value).rpartition(":")
-    if value and not (host and port.isdigit() and 0 < int(port) < 65536):
-        raise ValueError(f"{value!r} must be host:port, like 127.0.0.1:9464")
+    if value and not (host.strip("[]") and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"{value!r} must be host:port, like 127.0.0.1:9464 or [::1]:9464")
     return str(value)
 
 

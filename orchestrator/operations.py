@@ -50,11 +50,11 @@ def _status_row(settings: Settings, chat: ChatRecord, container: ContainerState 
         "container_id": container.id if container else chat.container_id,
         "container_state": "unknown" if engine_unknown else container.status if container else "missing",
         "cpu_percent": use.cpu_percent if use else None,
-        "cpus": options.cpus,
+        "cpus": container.nano_cpus / 1e9 if container and container.nano_cpus else options.cpus,
         "memory_mib": round(use.memory_bytes / 2**20, 1) if use else None,
-        "memory_limit_mib": options.memory // 2**20,
+        "memory_limit_mib": (container.memory if container and container.memory else options.memory) // 2**20,
         "pids": use.pids if use else None,
-        "pids_limit": options.pids_limit,
+        "pids_limit": container.pids_limit if container and container.pids_limit else options.pids_limit,
         "session_id": chat.session_id,
         "last_activity": chat.last_activity,
         "busy": any(m.state is State.RUNNING for m in unfinished),
@@ -81,6 +81,8 @@ def _cell(value: object) -> str:
 
 def recent_turns(store: Store, chat_id: str, count: int) -> str:
     """The chat's last messages: when, what became of each, what was asked and answered."""
+    if store.find_chat(chat_id) is None:
+        raise LookupError(f"chat {chat_id} is not known")
     lines = []
     for m in store.messages(chat_id)[-count:]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.received_at))

@@ -80,6 +80,9 @@ class ContainerState:
     oom_killed: bool = False
     exit_code: int | None = None
     chat_id: str = ""
+    nano_cpus: int = 0  # the caps it really has (the config may have changed since it was made)
+    memory: int = 0
+    pids_limit: int = 0
 
     @property
     def running(self) -> bool:
@@ -114,7 +117,7 @@ def container_spec(settings: Settings, chat: ChatSettings, paths: ChatPaths, cha
 
 
 def _state(container: Container) -> ContainerState:
-    state = container.attrs.get("State", {})
+    state, host = container.attrs.get("State", {}), container.attrs.get("HostConfig", {})
     return ContainerState(
         name=container.name,
         id=container.id,
@@ -122,6 +125,9 @@ def _state(container: Container) -> ContainerState:
         oom_killed=bool(state.get("OOMKilled")),
         exit_code=state.get("ExitCode"),
         chat_id=container.labels.get(CHAT_LABEL, ""),
+        nano_cpus=host.get("NanoCpus") or 0,
+        memory=host.get("Memory") or 0,
+        pids_limit=host.get("PidsLimit") or 0,
     )
 
 
@@ -210,12 +216,14 @@ class DockerRuntime:
         return await self._call(self._ensure, spec)
 
     def _ensure(self, spec: ContainerSpec) -> ContainerState:
+        # The image's id, not its tag: an agent image rebuilt under the same tag reaches every chat this way.
+        fingerprint = f"{spec.fingerprint()}:{self._client.images.get(spec.image).id}"
         container = self._find(spec.name)
-        if container is not None and container.labels.get(SPEC_LABEL) != spec.fingerprint():
-            container.remove(force=True)  # its caps or mounts are out of date; all its state is in the mounts
+        if container is not None and container.labels.get(SPEC_LABEL) != fingerprint:
+            container.remove(force=True)  # its image, caps or mounts are out of date; its state is in the mounts
             container = None
         if container is None:
-            container = self._create(spec)
+            container = self._create(spec, fingerprint)
         if container.status == "paused":
             container.unpause()
             container.reload()
@@ -230,12 +238,12 @@ class DockerRuntime:
         except NotFound:
             return None
 
-    def _create(self, spec: ContainerSpec) -> Container:
+    def _create(self, spec: ContainerSpec, fingerprint: str) -> Container:
         try:
             return self._client.containers.create(
                 spec.image,
                 name=spec.name,
-                labels={**spec.labels, SPEC_LABEL: spec.fingerprint()},
+                labels={**spec.labels, SPEC_LABEL: fingerprint},
                 detach=True,
                 user=spec.user,
                 working_dir=WORKSPACE_PATH,

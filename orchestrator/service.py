@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from orchestrator import metrics
+from orchestrator import metrics, turns
 from orchestrator.agent import Answer, Failure
 from orchestrator.channels import Channel, Incoming
 from orchestrator.config import Settings, resolve_chat
 from orchestrator.delivery import Deliverer
 from orchestrator.housekeeping import Candidate, Finding, containers_to_stop, reconcile
 from orchestrator.ids import is_valid_chat_id
-from orchestrator.runtime import DockerRuntime, RuntimeFailure
+from orchestrator.runtime import ContainerState, DockerRuntime, RuntimeFailure
 from orchestrator.states import State
 from orchestrator.store import MessageRecord, Store
 from orchestrator.turn_runner import INTERRUPTED_BY_RESTART, TurnRunner
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from loguru import Logger
 
 HOUSEKEEPING_SECONDS = 30.0
+KEEP_TURNS = 200  # turn folders (prompt, output, stderr) kept per chat, for `orchestrator logs` and debugging
 INTERRUPT_WAIT_SECONDS = 10.0  # after SIGINT, how long interrupted turns get to end and be recorded
 FLUSH_SECONDS = 10.0  # at shutdown, how long to keep trying to deliver what is pending
 HELP = ("Send a message and Claude Code answers it in this chat's own container.\n"
@@ -72,7 +73,7 @@ class Service:
         await self.reconcile()
         if self.settings.metrics.listen:
             host, _, port = self.settings.metrics.listen.rpartition(":")
-            metrics.serve(host, int(port), self.health)
+            metrics.serve(host.strip("[]"), int(port), self.health)
             logger.info(f"metrics and health on http://{self.settings.metrics.listen}/metrics and /healthz")
         self.runtime.watch(self.settings.instance,
                            lambda chat_id, action: loop.call_soon_threadsafe(self._on_container_event, chat_id, action))
@@ -184,6 +185,13 @@ class Service:
                 turn.oom = True
         elif action == "die":
             log.info("the chat's container stopped" + (" during a turn" if turn else ""))
+        if action in ("start", "die"):
+            self._in_background(self._count_containers())
+
+    async def _count_containers(self) -> list[ContainerState]:
+        running = [c for c in await self.runtime.list_managed(self.settings.instance) if c.running]
+        metrics.CONTAINERS_RUNNING.set(len(running))
+        return running
 
     async def _housekeep_forever(self) -> None:
         interval = max(1.0, min(HOUSEKEEPING_SECONDS, self.settings.containers.idle_stop / 2))
@@ -193,6 +201,8 @@ class Service:
                 await self._stop_idle_containers()
             except RuntimeFailure as exc:
                 logger.error(f"housekeeping: {exc}")
+            busy = {self.store.message(t.message_id).turn for t in self.turns.running.values()}
+            await asyncio.to_thread(turns.prune, self.settings.data_dir / "chats", KEEP_TURNS, busy)
 
     async def _enforce_max_running(self, chat_id: str) -> None:
         if self.settings.containers.max_running:
@@ -200,8 +210,7 @@ class Service:
 
     async def _stop_idle_containers(self) -> None:
         chats = {chat.chat_id: chat for chat in self.store.chats()}
-        containers = [c for c in await self.runtime.list_managed(self.settings.instance) if c.running]
-        metrics.CONTAINERS_RUNNING.set(len(containers))
+        containers = await self._count_containers()
         running = [Candidate(c.chat_id, c.name, chats[c.chat_id].last_activity or 0.0)
                    for c in containers if c.chat_id in chats]
         busy = self.active | {chat_id for chat_id, queue in self.queues.items() if queue.qsize()}
@@ -219,7 +228,10 @@ class Service:
                 continue  # its answer is in the outbox
             logger.bind(chat_id=message.chat_id, message_id=message.message_id).info(
                 f"recovered a {message.state} message")
-            self._enqueue(message)
+            if message.state is State.RECEIVED:
+                self._dispatch(message, kind="text" if message.text else "non-text")  # stored, not yet handled
+            else:
+                self._enqueue(message)
 
     async def submit(self, incoming: Incoming) -> None:
         log = logger.bind(chat_id=incoming.chat_id, message_id=incoming.message_id)
@@ -239,15 +251,20 @@ class Service:
             return
         log.info(f"received ({incoming.kind})")
         metrics.MESSAGES.labels("received").inc()
-        if incoming.kind != "text":
-            self._reply_directly(message, f"I can read text and rich-text messages; {incoming.kind} messages "
+        self._dispatch(message, incoming.kind)
+
+    def _dispatch(self, message: MessageRecord, kind: str) -> None:
+        """A stored message to where it goes: a short reply, a command, or the chat's queue."""
+        if kind != "text":
+            self._reply_directly(message, f"I can read text and rich-text messages; {kind} messages "
                                           "are not supported yet.")
-        elif (command := incoming.text.strip().lower()) in COMMANDS:
+        elif (command := message.text.strip().lower()) in COMMANDS:
             # not awaited: the channel acks once the message is stored, and /status asks the engine
             self._in_background(COMMANDS[command](self, message))
         elif self._waiting(message.chat_id) >= self.settings.scheduler.queue_depth:
             depth = self.settings.scheduler.queue_depth
-            log.warning(f"refused: {depth} messages already wait in this chat")
+            logger.bind(chat_id=message.chat_id, message_id=message.message_id).warning(
+                f"refused: {depth} messages already wait in this chat")
             metrics.MESSAGES.labels("refused").inc()
             self.store.fail(message.message_id, "queue full", f"{depth} messages are already waiting in this "
                             "chat; please send this again once they are answered.")

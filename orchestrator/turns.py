@@ -12,6 +12,7 @@ of the orchestrator: the next one reads the same files.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,3 +92,14 @@ class OutputReader:
             lines.append(self._partial.decode(errors="replace"))
             self._partial = b""
         return lines
+
+
+def prune(chats_dir: Path, keep: int, busy: set[str | None]) -> int:
+    """Delete all but the newest `keep` finished turn folders of each chat; how many were deleted."""
+    deleted = 0
+    for turns_dir in chats_dir.glob("*/turns"):
+        finished = [d for d in turns_dir.iterdir() if d.name not in busy and (d / "exit_code").exists()]
+        for old in sorted(finished, key=lambda d: d.stat().st_mtime)[:-keep or None]:
+            shutil.rmtree(old, ignore_errors=True)
+            deleted += 1
+    return deleted

@@ -144,3 +144,15 @@ def test_run_without_credentials_says_what_to_set(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert result.returncode == 2
     assert "No credentials for Claude: set ANTHROPIC_API_KEY" in result.stderr
+
+
+def test_numbers_booleans_and_list_items_from_the_environment(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, {
+        "defaults": {"cpus": "${CPUS:-2}", "pids_limit": "${PIDS}", "require_mention": "${MENTION}"},
+        "access": {"allowed_chats": ["${CHAT}", "oc_fixed"]},
+        "metrics": {"listen": "[::1]:9464"},
+    }), {"PIDS": "64", "MENTION": "false", "CHAT": "oc_from_env"})
+    assert (settings.defaults.cpus, settings.defaults.pids_limit, settings.defaults.require_mention) == (2.0, 64, False)
+    assert settings.access.allowed_chats == ("oc_from_env", "oc_fixed")
+    message = error_of(tmp_path, {"defaults": {"pids_limit": "${PIDS}"}}, {"PIDS": "many"})
+    assert message == "bot.yaml: defaults.pids_limit: 'many' must be a whole number above 0"

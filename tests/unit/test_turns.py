@@ -38,3 +38,20 @@ def test_exit_code_and_pid_only_when_complete(tmp_path: Path) -> None:
     (tmp_path / "stderr").write_text("x" * 10_000 + "last words")
     assert files.exit_code() == 137 and files.pid() == 42
     assert files.stderr().endswith("last words") and len(files.stderr()) == 4096
+
+
+def test_prune_keeps_the_newest_finished_turns_and_never_a_running_one(tmp_path: Path) -> None:
+    import os
+
+    from orchestrator.turns import prune
+
+    turns_dir = tmp_path / "oc_a" / "turns"
+    for n in range(6):
+        turn = turns_dir / f"{n}-1"
+        turn.mkdir(parents=True)
+        if n != 0:
+            (turn / "exit_code").write_text("0")
+        os.utime(turn, (n, n))
+    (turns_dir / "9-1").mkdir()  # running: no exit code yet
+    assert prune(tmp_path, keep=2, busy={"1-1"}) == 2
+    assert sorted(p.name for p in turns_dir.iterdir()) == ["0-1", "1-1", "4-1", "5-1", "9-1"]
