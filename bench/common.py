@@ -102,6 +102,16 @@ def rig() -> Iterator[Rig]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def start_chats(setup: Rig, count: int, timeout: float = 900) -> list[str]:
+    """New chats, each with one answered message, so each has a running container."""
+    messages = {new_message(): new_chat() for _ in range(count)}
+    for message_id, chat_id in messages.items():
+        setup.feishu.push_event(setup.feishu.text_event(chat_id, "start a container", message_id=message_id))
+    for message_id in messages:
+        setup.reply_time(message_id, timeout=timeout)
+    return list(messages.values())
+
+
 def remove_containers(client: docker.DockerClient, instance: str) -> None:
     for container in client.containers.list(all=True, filters={"label": f"orchestrator.instance={instance}"}):
         container.remove(force=True)

@@ -36,6 +36,7 @@ SPEC_LABEL = "orchestrator.spec"
 WORKSPACE_PATH = "/workspace"
 CLAUDE_CONFIG_PATH = "/home/agent/.claude"
 TURNS_PATH = "/turns"
+IMAGE_CHECK_SECONDS = 30.0
 
 T = TypeVar("T")
 
@@ -135,6 +136,7 @@ class DockerRuntime:
     def __init__(self, timeout: float = 120) -> None:
         self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="docker")
         self._events: Any = None
+        self._image_ids: dict[str, tuple[str, float]] = {}
         self._watching = False
         try:
             self._client = docker.from_env(timeout=timeout)
@@ -217,7 +219,7 @@ class DockerRuntime:
 
     def _ensure(self, spec: ContainerSpec) -> ContainerState:
         # The image's id, not its tag: an agent image rebuilt under the same tag reaches every chat this way.
-        fingerprint = f"{spec.fingerprint()}:{self._client.images.get(spec.image).id}"
+        fingerprint = f"{spec.fingerprint()}:{self._image_id(spec.image)}"
         container = self._find(spec.name)
         if container is not None and container.labels.get(SPEC_LABEL) != fingerprint:
             container.remove(force=True)  # its image, caps or mounts are out of date; its state is in the mounts
@@ -231,6 +233,13 @@ class DockerRuntime:
             container.start()
             container.reload()
         return _state(container)
+
+    def _image_id(self, image: str) -> str:
+        """The id behind a tag, looked up at most every IMAGE_CHECK_SECONDS (it changes only on a rebuild)."""
+        cached = self._image_ids.get(image)
+        if cached is None or time.monotonic() - cached[1] > IMAGE_CHECK_SECONDS:
+            cached = self._image_ids[image] = (self._client.images.get(image).id, time.monotonic())
+        return cached[0]
 
     def _find(self, name: str) -> Container | None:
         try:

@@ -164,7 +164,10 @@ class Store:
         self.db = SqliteDatabase(str(path), pragmas={
             "journal_mode": "wal",
             "busy_timeout": 10_000,
-            "synchronous": "full",  # an answered state must survive a host crash, not only ours
+            # In WAL mode NORMAL survives any crash of the orchestrator (kill -9, OOM) and never corrupts; only
+            # a power loss of the host may roll back the last moment's commits. FULL would fsync each of the
+            # ~8 writes of every message on the event loop (6.6 ms each here against 0.2 ms).
+            "synchronous": "normal",
         })
         _database.initialize(self.db)
         self.db.create_tables([_Chat, _Message, _Outbox, _Refusal])

@@ -15,7 +15,7 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -94,6 +94,7 @@ class FeishuChannel:
         self._rest_failed_at = 0.0
         self._rest_ok_at = 0.0
         self._rest_problem = ""
+        self._background: set[asyncio.Task[None]] = set()
 
     # ---- inbound ----
 
@@ -281,6 +282,12 @@ class FeishuChannel:
         request = DeleteMessageReactionRequest.builder().message_id(message_id).reaction_id(reaction_id).build()
         await self._call(self.client.im.v1.message_reaction.delete, request, chat_id)
 
+    def in_background(self, work: Coroutine[None, None, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
     def _next_sequence(self) -> int:
         """Card operations need rising sequence numbers, also across restarts: tenths of a second."""
         self._sequence = max(self._sequence + 1, int((time.time() - 1_700_000_000) * 10))
@@ -333,7 +340,7 @@ class FeishuDisplay:
 
     async def start(self) -> None:
         """Show the Typing reaction without holding up the turn."""
-        self._typing = asyncio.create_task(self._add_typing())
+        self._typing = self.channel.in_background(self._add_typing())
 
     async def _add_typing(self) -> None:
         try:
@@ -371,6 +378,10 @@ class FeishuDisplay:
                     await self._flush  # let a card that is being created appear, so the answer finishes it
             else:
                 self._flush.cancel()
+        self.channel.in_background(self._remove_typing())  # the answer need not wait for it
+        return self.card_id
+
+    async def _remove_typing(self) -> None:
         if self._typing is not None:
             await self._typing
         if self.reaction_id is not None:
@@ -378,7 +389,6 @@ class FeishuDisplay:
                 await self.channel.remove_reaction(self.chat_id, self.message_id, self.reaction_id)
             except FeishuError as exc:
                 self.log.warning(f"could not remove the Typing reaction: {exc}")
-        return self.card_id
 
 
 def _error_of(response: Any) -> FeishuError | None:

@@ -1,0 +1,25 @@
+"""Every benchmark in turn, printing its figures: `python -m bench.run_all [--quick]`."""
+
+from __future__ import annotations
+
+import time
+
+from bench import cold, footprint, restart, streaming, throughput, warm
+from bench.common import main
+
+BENCHMARKS = (warm, cold, throughput, footprint, restart, streaming)
+
+
+def run(quick: bool) -> list[str]:
+    lines = []
+    for benchmark in BENCHMARKS:
+        began = time.monotonic()
+        for line in benchmark.run(quick):
+            print(line, flush=True)
+            lines.append(line)
+        print(f"({benchmark.__name__} took {time.monotonic() - began:.0f} s)", flush=True)
+    return []
+
+
+if __name__ == "__main__":
+    main(run, __doc__ or "")

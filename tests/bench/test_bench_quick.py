@@ -1,0 +1,27 @@
+"""The benchmarks' short versions, so they cannot rot: each runs end to end and prints its figures."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_every_benchmark_runs_and_prints_its_figures() -> None:
+    result = subprocess.run([sys.executable, "-m", "bench.run_all", "--quick"], cwd=REPO, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    for benchmark in ("warm/real-cli", "warm/stub-cli", "cold/real-cli", "cold/stub-cli"):
+        assert re.search(rf"^{benchmark}: ratio=\d+\.\d+x median", out, re.M), out
+    assert re.search(r"^throughput: messages=20 chats=5 answered_once=20 answered_twice_or_more=0 unanswered=0$",
+                     out, re.M), out
+    assert re.search(r"^throughput: orchestrator=[\d.]+ msg/s, bare docker exec=[\d.]+ msg/s", out, re.M), out
+    assert re.search(r"^footprint: 100 known chats and 5 running containers, idle: RSS=\d+ MiB", out, re.M), out
+    assert re.search(r"^restart: adopted 10 of 10 running containers", out, re.M), out
+    assert re.search(r"^restart: graceful shutdown with 3 busy chats took [\d.]+ s .* exit code 0; "
+                     r"containers left running 0$", out, re.M), out
+    assert re.search(r"^streaming: first text to first card: median=\d+ ms", out, re.M), out
