@@ -117,7 +117,7 @@ def test_ws_client_receives_a_pushed_event_and_acks_it(fake: FakeFeishu, ws: WsC
     ack = fake.wait_ack(frame_id)
     assert ack.code == 200
     assert ack.latency < 3
-    assert fake.pings >= 1
+    fake.wait_for(lambda: fake.pings >= 1, timeout=10, what="the client's first ping")
 
 
 def test_split_event_is_joined_by_the_client(fake: FakeFeishu, ws: WsClientThread,

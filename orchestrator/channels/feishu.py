@@ -11,7 +11,6 @@ this module's thread pool.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import threading
 import time
@@ -374,8 +373,9 @@ class FeishuDisplay:
     async def end(self) -> str | None:
         if self._flush is not None:
             if self.card_id is None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._flush  # let a card that is being created appear, so the answer finishes it
+                # let a card that is being created appear, so the answer finishes it; asyncio.wait, not
+                # await: a cancelled flush must not end us, and our own cancellation must not be swallowed
+                await asyncio.wait({self._flush})
             else:
                 self._flush.cancel()
         self.channel.in_background(self._remove_typing())  # the answer need not wait for it

@@ -258,3 +258,20 @@ def test_cpu_hog_does_not_stop_another_chat_and_a_fork_bomb_hits_pids_limit(
     wait_until(lambda: all(s in ("delivered", "failed") for c in (hog, bomb, bystander)
                            for s in states_of(store_view, c)), 30, "all settled")
     assert_settled(store_view, config, hog, bomb, bystander)
+
+
+def test_reconcile_adopts_a_labelled_container_the_store_does_not_know(
+        feishu: FakeFeishu, feishu_config, start, docker_client: docker.DockerClient, instance: str,
+        store_view: StoreView) -> None:
+    stray = chat()
+    labels = {"orchestrator.managed": "true", "orchestrator.chat_id": stray, "orchestrator.instance": instance}
+    made = docker_client.containers.run("claude-runner:latest", name=f"{instance}-{stray}", labels=labels,
+                                        detach=True)
+    config = feishu_config()
+    bot = start(config)
+    bot.wait_log("reconcile: adopted a labelled container the store did not know")
+    assert store_view.chat(stray)["container_id"] == made.id
+    [row] = [r for r in status_json(config) if r["chat_id"] == stray]
+    assert row["container_state"] == "running"
+    made.reload()
+    assert made.status == "running"  # adopted, never killed

@@ -90,7 +90,7 @@ class EngineProxy:
                     if not data:
                         return
                     (b if source is a else a).sendall(data)
-        except OSError:
+        except (OSError, ValueError):  # cut by down(): the sockets are closed under us
             return
         finally:
             a.close()
