@@ -383,7 +383,8 @@ class Service:
                 metrics.BUSY_CHATS.set(len(self.active))
 
     async def _turn(self, message: MessageRecord, log: Logger) -> None:
-        display = self.channel.display(message.chat_id, message.message_id)
+        display = self.channel.display(message.chat_id, message.message_id, message.display,
+                                       lambda state: self.store.set_display(message.message_id, state))
         await display.start()
         began = time.monotonic()
         try:

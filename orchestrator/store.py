@@ -57,6 +57,7 @@ class _Message(_Table):
     text = TextField()
     state = CharField(index=True)
     turn = CharField(null=True)  # the folder of its latest turn, under the chat's turns/
+    display = TextField(null=True)  # the channel's state of the turn's display (card, reaction), for a restart
     error = TextField(null=True)
     answer = TextField(null=True)
     cost_usd = FloatField(null=True)
@@ -119,6 +120,7 @@ class MessageRecord:
     text: str
     state: State
     turn: str | None
+    display: str | None
     error: str | None
     answer: str | None
     cost_usd: float | None
@@ -148,7 +150,7 @@ def _chat_record(row: _Chat) -> ChatRecord:
 
 def _message_record(row: _Message) -> MessageRecord:
     return MessageRecord(row.id, row.message_id, row.chat_id, row.sender_id, row.text, State(row.state),
-                         row.turn, row.error, row.answer, row.cost_usd, row.duration_ms, row.received_at,
+                         row.turn, row.display, row.error, row.answer, row.cost_usd, row.duration_ms, row.received_at,
                          row.updated_at)
 
 
@@ -237,6 +239,9 @@ class Store:
     def unfinished_messages(self) -> list[MessageRecord]:
         query = _Message.select().where(_Message.state.in_([str(s) for s in UNFINISHED])).order_by(_Message.id)
         return [_message_record(row) for row in query]
+
+    def set_display(self, message_id: str, display: str) -> None:
+        _Message.update(display=display).where(_Message.message_id == message_id).execute()
 
     def mark_queued(self, message_id: str, error: str | None = None) -> bool:
         """Queued for a turn; `error` notes why a message that already ran is queued again."""

@@ -65,10 +65,12 @@ class TurnRunner:
         paths = layout.chat_paths(self.settings.data_dir, chat)
         try:
             if message.state is State.RUNNING and message.turn:
-                log.info(f"following turn {message.turn}, started before a restart")
-                container = await self.runtime.inspect(self.store.chat(message.chat_id).container_name)
                 files = turns.turn_files(paths, message.turn, TURNS_PATH)
-                return await self._follow(message, container, files, display, log)
+                if files.started():
+                    log.info(f"following turn {message.turn}, started before a restart")
+                    container = await self.runtime.inspect(self.store.chat(message.chat_id).container_name)
+                    return await self._follow(message, container, files, display, log)
+                log.info(f"turn {message.turn} was never started before the restart; starting it now")
             return await self._start(message, chat, paths, display, log)
         except RuntimeFailure as exc:
             log.error(f"container failure: {exc}")

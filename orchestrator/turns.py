@@ -34,6 +34,10 @@ class TurnFiles:
     def output(self) -> Path:
         return self.host_dir / "output.jsonl"
 
+    def started(self) -> bool:
+        """Whether run-turn got as far as starting the CLI (so the turn must be followed, not run again)."""
+        return self.pid() is not None or self.output.exists() or self.exit_code() is not None
+
     def pid(self) -> int | None:
         return _read_int(self.host_dir / "pid")
 
@@ -55,7 +59,10 @@ def turn_files(paths: ChatPaths, turn: str, container_turns_dir: str) -> TurnFil
 
 
 def write_prompt(files: TurnFiles, text: str, uid: int) -> None:
+    """A fresh turn: the prompt, and nothing left of an earlier start of the same turn."""
     make_owned_dir(files.host_dir, uid)
+    for stale in ("pid", "output.jsonl", "stderr", "exit_code"):
+        (files.host_dir / stale).unlink(missing_ok=True)
     files.prompt.write_text(text)
 
 

@@ -58,7 +58,9 @@ class Channel(Protocol):
     async def run(self, submit: Submit) -> None:
         """Receive messages and hand each to `submit` until the channel ends (or is cancelled)."""
 
-    def display(self, chat_id: str, message_id: str) -> TurnDisplay: ...
+    def display(self, chat_id: str, message_id: str, saved: str | None, save: Callable[[str], None]) -> TurnDisplay:
+        """How this message's turn shows in its chat. `save` keeps what the display made (a card, a reaction)
+        with the message, and `saved` hands it back after a restart, so the same card goes on."""
 
     async def deliver(self, item: Outgoing) -> None:
         """Send one outbox item; raise DeliveryFailed when it did not go through."""

@@ -6,6 +6,7 @@ import asyncio
 import sys
 import threading
 import uuid
+from collections.abc import Callable
 from typing import TextIO
 
 from orchestrator.channels import Incoming, Outgoing, Submit
@@ -41,7 +42,8 @@ class ConsoleChannel:
                 await submit(Incoming(chat_id=self.chat_id, message_id=f"console-{uuid.uuid4().hex}",
                                       sender_id="console", text=text, trusted=True))
 
-    def display(self, chat_id: str, message_id: str) -> ConsoleDisplay:
+    def display(self, chat_id: str, message_id: str, saved: str | None, save: Callable[[str], None]
+                ) -> ConsoleDisplay:
         return ConsoleDisplay(self, message_id)
 
     async def deliver(self, item: Outgoing) -> None:

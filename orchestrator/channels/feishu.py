@@ -199,8 +199,9 @@ class FeishuChannel:
 
     # ---- outbound ----
 
-    def display(self, chat_id: str, message_id: str) -> FeishuDisplay:
-        return FeishuDisplay(self, chat_id, message_id)
+    def display(self, chat_id: str, message_id: str, saved: str | None, save: Callable[[str], None]
+                ) -> FeishuDisplay:
+        return FeishuDisplay(self, chat_id, message_id, json.loads(saved) if saved else {}, save)
 
     async def deliver(self, item: Outgoing) -> None:
         try:
@@ -322,14 +323,18 @@ class FeishuChannel:
 
 
 class FeishuDisplay:
-    """The Typing reaction while a turn runs, and its answer streaming into one card, throttled."""
+    """The Typing reaction while a turn runs, and its answer streaming into one card, throttled. What it
+    made is saved with the message, so after a restart the same card goes on and the same reaction goes."""
 
-    def __init__(self, channel: FeishuChannel, chat_id: str, message_id: str) -> None:
+    def __init__(self, channel: FeishuChannel, chat_id: str, message_id: str, saved: dict[str, Any],
+                 save: Callable[[str], None]) -> None:
         self.channel = channel
         self.chat_id = chat_id
         self.message_id = message_id
-        self.reaction_id: str | None = None
-        self.card_id: str | None = None
+        self.reaction_id: str | None = saved.get("reaction")
+        self.card_id: str | None = saved.get("card")
+        self.card_sent = False  # in this process: a saved card is sent again (the uuid makes that a no-op)
+        self._save = save
         self.shown = ""
         self.latest = ""
         self.last_push = 0.0
@@ -337,13 +342,18 @@ class FeishuDisplay:
         self._typing: asyncio.Task[None] | None = None
         self.log = logger.bind(chat_id=chat_id, message_id=message_id)
 
+    def _remember(self) -> None:
+        self._save(json.dumps({"card": self.card_id, "reaction": self.reaction_id}))
+
     async def start(self) -> None:
-        """Show the Typing reaction without holding up the turn."""
-        self._typing = self.channel.in_background(self._add_typing())
+        """Show the Typing reaction without holding up the turn (unless it is still there from before)."""
+        if self.reaction_id is None:
+            self._typing = self.channel.in_background(self._add_typing())
 
     async def _add_typing(self) -> None:
         try:
             self.reaction_id = await self.channel.add_reaction(self.chat_id, self.message_id, TYPING)
+            self._remember()
         except FeishuError as exc:
             self.log.warning(f"could not show the Typing reaction: {exc}")
 
@@ -360,11 +370,14 @@ class FeishuDisplay:
             return
         self.last_push = time.monotonic()
         try:
+            created = self.card_id is None
             if self.card_id is None:
-                card_id = await self.channel.create_card(self.chat_id, text)
-                await self.channel.send_card(self.chat_id, card_id, self.message_id, f"card-{card_id}")
-                self.card_id = card_id
-            else:
+                self.card_id = await self.channel.create_card(self.chat_id, text)
+                self._remember()
+            if not self.card_sent:
+                await self.channel.send_card(self.chat_id, self.card_id, self.message_id, f"card-{self.card_id}")
+                self.card_sent = True
+            if not created:
                 await self.channel.stream_card(self.chat_id, self.card_id, text)
             self.shown = text
         except FeishuError as exc:
@@ -372,14 +385,20 @@ class FeishuDisplay:
 
     async def end(self) -> str | None:
         if self._flush is not None:
-            if self.card_id is None:
+            if self.card_sent:
+                self._flush.cancel()
+            else:
                 # let a card that is being created appear, so the answer finishes it; asyncio.wait, not
                 # await: a cancelled flush must not end us, and our own cancellation must not be swallowed
                 await asyncio.wait({self._flush})
-            else:
-                self._flush.cancel()
+        if self.card_id is not None and not self.card_sent:  # a card from before a restart: show it again
+            try:
+                await self.channel.send_card(self.chat_id, self.card_id, self.message_id, f"card-{self.card_id}")
+                self.card_sent = True
+            except FeishuError as exc:
+                self.log.warning(f"could not send the card again: {exc}")
         self.channel.in_background(self._remove_typing())  # the answer need not wait for it
-        return self.card_id
+        return self.card_id if self.card_sent else None  # a card nobody sees cannot carry the answer
 
     async def _remove_typing(self) -> None:
         if self._typing is not None:
