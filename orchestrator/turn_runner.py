@@ -93,8 +93,16 @@ class TurnRunner:
             await self.runtime.start_process(container.id, argv, dict(self.settings.agent.env), self.agent_user)
             log.info(f"turn {turn} started in {container.name}" + (f", resuming {session_id}" if session_id else ""))
             result = await self._follow(message, container, files, display, log)
-            if isinstance(result, Failure):
-                result = await self._explain_process_limit(result, container, chat)
+            if isinstance(result, Failure) and await self._hit_process_limit(container):
+                # Processes left over (a turn's background jobs, a fork bomb) fill the cap: restarting the
+                # container ends them; its state is in the mounts. A turn that could not even start is retried.
+                log.warning("the container's process limit refused processes; restarting the container")
+                await self.runtime.stop(container.name, self.settings.containers.stop_timeout)
+                if attempt == 1 and not (files.output.exists() and files.output.stat().st_size):
+                    continue
+                result = Failure(f"This chat's container reached its limit of {chat.options.pids_limit} processes, "
+                                 f"so new ones were refused; it was restarted to clear them. {result.reason}",
+                                 partial_text=result.partial_text)
             if not (isinstance(result, Failure) and result.unknown_session and session_id):
                 return result
             log.warning(f"session {session_id} is gone; starting a new one")
@@ -147,17 +155,14 @@ class TurnRunner:
             await asyncio.sleep(poll)
             poll = min(POLL_SECONDS, poll * 1.5)
 
-    async def _explain_process_limit(self, result: Failure, container: ContainerState, chat: ChatSettings) -> Failure:
-        """A failed turn in a container whose pids limit refused processes since we last looked says so."""
+    async def _hit_process_limit(self, container: ContainerState) -> bool:
+        """Whether the container's pids limit refused processes since we last looked."""
         hits = await self.runtime.process_limit_hits(container.id, self.agent_user)
         if hits is None:
-            return result
+            return False
         before = self._limit_hits.get(container.id, 0)
         self._limit_hits[container.id] = hits
-        if hits <= before:
-            return result
-        return Failure(f"This chat's container reached its limit of {chat.options.pids_limit} processes, so new "
-                       f"ones were refused. {result.reason}", partial_text=result.partial_text)
+        return hits > before
 
     def _ending(self, turn: RunningTurn, result: Answer | Failure, transcript: Transcript) -> Answer | Failure:
         """What the user is told, given why the turn ended."""

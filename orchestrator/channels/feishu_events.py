@@ -40,11 +40,13 @@ def parse_message_event(event: Any, bot_open_id: str, require_mention: Callable[
         return Ignored(f"sent by {sender.get('sender_type') or 'an unknown sender'}, not a user")
     if sender_id and sender_id == bot_open_id:
         return Ignored("the bot's own message")
-    mentions = [m for m in message.get("mentions") or [] if isinstance(m, dict)]
+    raw_mentions = message.get("mentions")
+    mentions = [m for m in raw_mentions if isinstance(m, dict)] if isinstance(raw_mentions, list) else []
     mentioned = any(_mentions_bot(m, bot_open_id) for m in mentions)
     if message.get("chat_type") != "p2p" and require_mention(chat_id) and not mentioned:
         return Ignored("a group message that does not mention the bot")
-    kind = str(message.get("message_type") or "unknown")
+    kind = message.get("message_type")
+    kind = kind if isinstance(kind, str) and kind.isidentifier() else "unknown"
     if kind not in READABLE_TYPES:
         return Incoming(chat_id=chat_id, message_id=message_id, sender_id=sender_id, text="", kind=kind)
     try:
@@ -55,7 +57,8 @@ def parse_message_event(event: Any, bot_open_id: str, require_mention: Callable[
         return Ignored(f"malformed event: {kind} content is not an object")
     raw_text = content.get("text", "") if kind == "text" else post_text(content)
     text = "\n".join(line.strip() for line in replace_mentions(str(raw_text), mentions, bot_open_id).splitlines())
-    text = text.strip()
+    # lone surrogates (valid JSON escapes, not valid UTF-8) would fail every store write and every send
+    text = text.strip().encode("utf-8", "replace").decode("utf-8")
     return Incoming(chat_id=chat_id, message_id=message_id, sender_id=sender_id, text=text or "/help")
 
 
@@ -65,7 +68,8 @@ def post_text(content: dict[str, Any]) -> str:
         inner = next(iter(content.values()))
         content = inner if isinstance(inner, dict) else {}
     lines = [str(content["title"])] if content.get("title") else []
-    for paragraph in content.get("content") or []:
+    paragraphs = content.get("content")
+    for paragraph in paragraphs if isinstance(paragraphs, list) else []:
         if isinstance(paragraph, list):
             lines.append("".join(_element_text(element) for element in paragraph if isinstance(element, dict)))
     return "\n".join(lines)

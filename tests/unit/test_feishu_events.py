@@ -85,3 +85,14 @@ def test_bots_and_apps_are_ignored() -> None:
 def test_malformed_events_are_ignored_with_a_reason(bad: Any) -> None:
     parsed = parse(bad)
     assert isinstance(parsed, Ignored) and parsed.reason.startswith("malformed event")
+
+
+def test_shapes_that_once_crashed_the_handler() -> None:
+    lone = parse(event(content='{"text": "lone \\ud83d surrogate"}'))
+    assert isinstance(lone, Incoming) and lone.text == "lone ? surrogate"
+    lone.text.encode("utf-8")  # storable and sendable
+    post = parse(event(message_type="post", content=json.dumps({"zh_cn": {"title": "t", "content": 5}})))
+    assert isinstance(post, Incoming) and post.text == "t"
+    assert isinstance(parse({**event(), "message": {**event()["message"], "mentions": True}}), Incoming)
+    odd = parse(event(message_type=[[""]], content="{}"))
+    assert isinstance(odd, Incoming) and odd.kind == "unknown"
