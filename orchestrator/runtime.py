@@ -286,14 +286,6 @@ class DockerRuntime:
         if container is not None and container.status in ("running", "paused", "restarting"):
             container.stop(timeout=max(1, round(grace_seconds)))
 
-    async def remove(self, name: str) -> None:
-        await self._call(self._remove, name)
-
-    def _remove(self, name: str) -> None:
-        container = self._find(name)
-        if container is not None:
-            container.remove(force=True)
-
     async def list_managed(self, instance: str) -> list[ContainerState]:
         return await self._call(self._list_managed, instance)
 
