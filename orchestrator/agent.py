@@ -111,28 +111,44 @@ def _result(data: dict) -> Result:
 
 @dataclass
 class Transcript:
-    """What a turn has said so far, folded from its events."""
+    """What a turn has said so far, folded from its events; its text kept up to `answer_bytes` (UTF-8)."""
 
+    answer_bytes: int = 1_000_000
     session_id: str | None = None
     texts: list[str] = field(default_factory=list)
     result: Result | None = None
     tools_used: int = 0
+    truncated: bool = False  # text past `answer_bytes` was dropped
+    _kept: int = 0
 
     def add(self, event: Event) -> None:
         match event:
             case Init(session_id=session_id) if session_id:
                 self.session_id = session_id
             case Text(text=text):
-                self.texts.append(text)
+                self._keep(text)
             case ToolUse():
                 self.tools_used += 1
             case Result():
                 self.result = event
                 self.session_id = event.session_id or self.session_id
 
+    def _keep(self, text: str) -> None:
+        room = self.answer_bytes - self._kept
+        size = len(text.encode())
+        if size > room:
+            text = text.encode()[:max(0, room)].decode(errors="ignore")
+            self.truncated = True
+        if text:
+            self.texts.append(text)
+            self._kept += len(text.encode())
+
     @property
     def text_so_far(self) -> str:
-        return "\n\n".join(self.texts)
+        text = "\n\n".join(self.texts)
+        if self.truncated:
+            text += f"\n\n(The answer was cut here: it was longer than {self.answer_bytes:,} bytes.)"
+        return text
 
 
 @dataclass(frozen=True)
@@ -150,6 +166,7 @@ class Failure:
     reason: str
     unknown_session: bool = False
     partial_text: str = ""
+    detail: str = ""  # for the operator's log only: it may hold what the chat must not see
 
 
 def outcome(transcript: Transcript, exit_code: int | None, stderr: str) -> Answer | Failure:
@@ -158,9 +175,8 @@ def outcome(transcript: Transcript, exit_code: int | None, stderr: str) -> Answe
     if UNKNOWN_SESSION in stderr or (result and any(UNKNOWN_SESSION in e for e in result.errors)):
         return Failure("The previous conversation could not be found.", unknown_session=True)
     if result is None:
-        detail = _last_line(stderr) or "no output"
-        return Failure(f"Claude Code stopped without an answer (exit code {exit_code}: {detail}).",
-                       partial_text=transcript.text_so_far)
+        return Failure(f"Claude Code stopped without an answer (exit code {exit_code}).",
+                       partial_text=transcript.text_so_far, detail=_last_line(stderr) or "no output")
     if result.is_error:
         detail = "; ".join(result.errors) or result.text or result.subtype
         return Failure(f"Claude Code reported an error: {detail}", partial_text=transcript.text_so_far)

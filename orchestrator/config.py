@@ -28,6 +28,8 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)([bkmg]?)", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 _MIN_MEMORY = 6 * 1024**2  # the Docker engine refuses less
+INSTANCE_NETWORK = "instance"
+SAFE_NETWORKS = (INSTANCE_NETWORK, "none")
 
 
 T = TypeVar("T")
@@ -44,9 +46,14 @@ class ChatOptions:
     cpus: float = 1.0
     memory: int = 2 * 1024**3
     pids_limit: int = 256
-    network: str = "bridge"
-    workspace: str | None = None  # host folder; None: <data_dir>/chats/<chat_id>/workspace
+    # `instance`: the instance's own network (no neighbours, no host, no private or link-local addresses);
+    # `none`: no network. Anything else (host, bridge, container:<x>, a network's name) needs unsafe_network.
+    network: str = INSTANCE_NETWORK
+    unsafe_network: bool = False  # allow a network that reaches the host, other chats or private addresses
+    workspace: str | None = None  # host folder; None: <chats_dir>/<chat_id>/workspace
     require_mention: bool = True  # in a group chat, answer only when the bot is mentioned
+    disk: int = 10 * 1024**3  # the chat's folders at most; over it, its turn is stopped and the chat told
+    tmp_size: int = 256 * 1024**2  # the container's /tmp (a tmpfs, counted in its memory); its root is read-only
 
 
 @dataclass(frozen=True)
@@ -115,6 +122,17 @@ class ShutdownSettings:
 
 
 @dataclass(frozen=True)
+class LimitSettings:
+    """Bounds on what the orchestrator reads from an agent (all of it is hostile input) and on the disk."""
+
+    line_bytes: int = 1024**2  # one line of CLI output; a longer one is skipped and noted in the log
+    output_bytes: int = 64 * 1024**2  # all output of one turn; past it the turn is stopped and the user told
+    answer_bytes: int = 1_000_000  # answer text of one turn; the rest is cut with a note saying so
+    min_free_disk: int = 256 * 1024**2  # below this much free space for data_dir or chats_dir, no turn starts
+    disk_check_interval: float = 5.0  # seconds between measurements of a busy chat's folders
+
+
+@dataclass(frozen=True)
 class MetricsSettings:
     listen: str = ""  # host:port for /metrics and /healthz; empty: off
 
@@ -129,6 +147,7 @@ class LoggingSettings:
 class Settings:
     source: Path
     data_dir: Path
+    chats_dir: Path = Path()  # the chats' folders; <data_dir>/chats unless set (another filesystem is better)
     instance: str = "orchestrator"
     agent: AgentSettings = field(default_factory=AgentSettings)
     defaults: ChatOptions = field(default_factory=ChatOptions)
@@ -138,6 +157,7 @@ class Settings:
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
     containers: ContainerSettings = field(default_factory=ContainerSettings)
     shutdown: ShutdownSettings = field(default_factory=ShutdownSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
 
@@ -167,7 +187,7 @@ def resolve_chat(settings: Settings, chat_id: str) -> ChatSettings:
     """Defaults overlaid with `groups.<chat_id>`; the workspace made an absolute host path."""
     options = dataclasses.replace(settings.defaults, **settings.groups.get(chat_id, {}))
     if options.workspace is None:
-        workspace = settings.data_dir / "chats" / chat_id / "workspace"
+        workspace = settings.chats_dir / chat_id / "workspace"
     else:
         workspace = settings.data_dir / options.workspace.replace("{chat_id}", chat_id)
     return ChatSettings(chat_id=chat_id, options=options, workspace=workspace)
@@ -189,22 +209,28 @@ def load_settings(path: str | os.PathLike[str], environ: Mapping[str, str] | Non
 
 def parse_settings(raw: object, source: Path, environ: Mapping[str, str]) -> Settings:
     reader = _Reader(source.name, environ)
-    top = reader.section(raw, "", ("data_dir", "instance", "agent", "defaults", "groups", "access", "feishu",
-                                   "scheduler", "containers", "shutdown", "metrics", "logging"))
-    data_dir = Path(reader.string(top, "data_dir", "./data"))
+    top = reader.section(raw, "", ("data_dir", "chats_dir", "instance", "agent", "defaults", "groups", "access",
+                                   "feishu", "scheduler", "containers", "shutdown", "limits", "metrics", "logging"))
+    data_dir = _absolute(Path(reader.string(top, "data_dir", "./data")), source)
     defaults = reader.options(top.get("defaults"), "defaults", ChatOptions())
     if defaults.workspace is not None and "{chat_id}" not in defaults.workspace:
         raise reader.error("defaults.workspace", "must contain {chat_id}, or every chat would share one folder")
     instance = reader.string(top, "instance", "orchestrator")
     if not is_valid_chat_id(instance):
         raise reader.error("instance", f"{instance!r} must be letters, digits, '_' or '-'")
+    groups = reader.groups(top.get("groups"))
+    reader.check_network(defaults, "defaults")
+    for chat_id, overrides in groups.items():
+        reader.check_network(dataclasses.replace(defaults, **overrides), f"groups.{chat_id}")
+    chats_dir = top.get("chats_dir")
     return Settings(
         source=source,
-        data_dir=data_dir if data_dir.is_absolute() else (source.parent / data_dir).resolve(),
+        data_dir=data_dir,
+        chats_dir=_absolute(Path(reader.string(top, "chats_dir", "")), source) if chats_dir else data_dir / "chats",
         instance=instance,
         agent=reader.agent(top.get("agent")),
         defaults=defaults,
-        groups=reader.groups(top.get("groups")),
+        groups=groups,
         access=reader.access(top.get("access")),
         feishu=reader.flat(top.get("feishu"), "feishu", FeishuSettings, {
             "mode": _choice(FEISHU_MODES), "rate_per_chat": _positive_int, "rate_per_app": _positive_int,
@@ -215,6 +241,9 @@ def parse_settings(raw: object, source: Path, environ: Mapping[str, str]) -> Set
             "idle_stop": _positive_number, "max_running": _count, "stop_timeout": _positive_number}),
         shutdown=reader.flat(top.get("shutdown"), "shutdown", ShutdownSettings, {
             "drain_timeout": _non_negative_number, "keep_containers": _boolean}),
+        limits=reader.flat(top.get("limits"), "limits", LimitSettings, {
+            "line_bytes": _size(1024), "output_bytes": _size(1024), "answer_bytes": _size(1024),
+            "min_free_disk": _size(0), "disk_check_interval": _positive_number}),
         metrics=reader.flat(top.get("metrics"), "metrics", MetricsSettings, {"listen": _listen_address}),
         logging=reader.flat(top.get("logging"), "logging", LoggingSettings, {
             "json": _boolean, "level": _choice(LOG_LEVELS)}),
@@ -276,11 +305,18 @@ class _Reader:
         return dataclasses.replace(base, **self.option_overrides(raw, key))
 
     def option_overrides(self, raw: object, key: str) -> dict[str, Any]:
-        fields = {"cpus": _cpus, "memory": _memory, "pids_limit": _positive_int, "network": _string,
-                  "workspace": _string, "require_mention": _boolean}
+        fields = {"cpus": _cpus, "memory": _memory, "pids_limit": _positive_int, "network": _network,
+                  "unsafe_network": _boolean, "workspace": _string, "require_mention": _boolean,
+                  "disk": _size(1024**2), "tmp_size": _size(1024**2)}
         section = self.section(raw, key, tuple(fields))
         return {name: self.value(section, name, key, None, convert)
                 for name, convert in fields.items() if section.get(name) is not None}
+
+    def check_network(self, options: ChatOptions, key: str) -> None:
+        if options.network not in SAFE_NETWORKS and not options.unsafe_network:
+            raise self.error(f"{key}.network", f"{options.network!r} lets the agent reach the host, other chats or "
+                             f"private addresses; use {' or '.join(SAFE_NETWORKS)}, or set {key}.unsafe_network: "
+                             "true to accept that risk")
 
     def groups(self, raw: object) -> dict[str, dict[str, Any]]:
         if raw is None:
@@ -333,6 +369,11 @@ class _Reader:
         section = self.section(raw, key, tuple(f.name for f in dataclasses.fields(cls)))  # type: ignore[arg-type]
         values = {name: self.value(section, name, key, None, converters.get(name, _string)) for name in section}
         return cls(**{name: value for name, value in values.items() if value is not None})
+
+
+def _absolute(path: Path, source: Path) -> Path:
+    """A path from the config: relative ones are relative to the config file's folder."""
+    return path if path.is_absolute() else (source.parent / path).resolve()
 
 
 def _join(key: str, name: str) -> str:
@@ -416,7 +457,7 @@ def _listen_address(value: Any) -> str:
     return str(value)
 
 
-def _memory(value: Any) -> int:
+def _bytes(value: Any) -> int:
     """Bytes from 1073741824, '512m', '2g' or '1.5G' ('2gb', 'lots' and negatives are errors)."""
     if isinstance(value, int) and not isinstance(value, bool):
         size = value
@@ -425,9 +466,33 @@ def _memory(value: Any) -> int:
         if match is None:
             raise ValueError(f"{value!r} is not a size: use bytes or a number with k, m or g, like 512m or 2g")
         size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    if size < 0:
+        raise ValueError(f"{value!r} must not be negative")
+    return size
+
+
+def _memory(value: Any) -> int:
+    size = _bytes(value)
     if size < _MIN_MEMORY:
         raise ValueError(f"{value!r} is below the engine's minimum of 6m")
     return size
+
+
+def _size(minimum: int) -> Callable[[Any], int]:
+    def convert(value: Any) -> int:
+        size = _bytes(value)
+        if size < minimum:
+            raise ValueError(f"{value!r} is below the minimum of {minimum} bytes")
+        return size
+
+    return convert
+
+
+def _network(value: Any) -> str:
+    network = _string(value)
+    if not network:
+        raise ValueError("must name a network: instance, none, or (with unsafe_network) another one")
+    return network
 
 
 def _choice(choices: tuple[str, ...]) -> Callable[[Any], str]:

@@ -1,7 +1,13 @@
-"""Where a chat's files live on the host: <data_dir>/chats/<chat_id>/{workspace,claude,turns}.
+"""Where everything lives, on the host and in a chat's container. The one module that builds these paths.
 
-The Claude config dir is kept here, not in the container, so `--resume` works after the container is
-re-created; turns are kept here so a turn's output outlives the orchestrator.
+<chats_dir>/<chat_id>/          root's, 0700: the agent cannot rename or replace anything at this level
+    workspace/   → /workspace             the agent's (uid), read-write
+    claude/      → /home/agent/.claude    the agent's: Claude's config and sessions, so --resume survives a
+                                          re-created container
+    turns/       → /turns                 the agent's: each turn's output, written inside the container
+    input/       → /input (read-only)     root's: each turn's prompt, written by the orchestrator, so no name
+                                          it writes to can have been planted by the agent
+<data_dir>/run/  → /run/orchestrator (read-only)   root's: the model relay's socket
 """
 
 from __future__ import annotations
@@ -10,7 +16,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.config import ChatSettings
+from orchestrator import untrusted
+from orchestrator.config import ChatSettings, Settings
+
+WORKSPACE_PATH = "/workspace"
+CLAUDE_CONFIG_PATH = "/home/agent/.claude"
+TURNS_PATH = "/turns"
+INPUT_PATH = "/input"
+RUN_PATH = "/run/orchestrator"
+RELAY_SOCKET = "model.sock"
 
 
 @dataclass(frozen=True)
@@ -19,20 +33,45 @@ class ChatPaths:
     workspace: Path
     claude_config: Path
     turns: Path
+    input: Path
+
+    def mounts(self) -> tuple[tuple[str, str, bool], ...]:
+        """(host path, container path, read-only) of each of the chat's folders."""
+        return ((str(self.workspace), WORKSPACE_PATH, False), (str(self.claude_config), CLAUDE_CONFIG_PATH, False),
+                (str(self.turns), TURNS_PATH, False), (str(self.input), INPUT_PATH, True))
+
+    def agent_folders(self) -> tuple[Path, ...]:
+        """What the agent can write, and so what its disk budget counts."""
+        return (self.workspace, self.claude_config, self.turns)
 
 
-def chat_paths(data_dir: Path, chat: ChatSettings) -> ChatPaths:
-    root = data_dir / "chats" / chat.chat_id
-    return ChatPaths(root=root, workspace=chat.workspace, claude_config=root / "claude", turns=root / "turns")
+def chat_paths(settings: Settings, chat: ChatSettings) -> ChatPaths:
+    root = settings.chats_dir / chat.chat_id
+    return ChatPaths(root=root, workspace=chat.workspace, claude_config=root / "claude", turns=root / "turns",
+                     input=root / "input")
 
 
-def make_owned_dir(path: Path, uid: int) -> None:
-    """Create a folder the container's user can write (we chown when we run as root)."""
-    path.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() == 0 and path.stat().st_uid != uid:
-        os.chown(path, uid, uid)
+def run_dir(settings: Settings) -> Path:
+    return settings.data_dir / "run"
 
 
 def prepare(paths: ChatPaths, uid: int) -> None:
-    for path in (paths.workspace, paths.claude_config, paths.turns):
-        make_owned_dir(path, uid)
+    """Make the chat's folders: the agent's owned by its uid (chowned through an fd, never a path the agent
+    could change), the input folder root's and readable by the agent."""
+    paths.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    paths.input.mkdir(exist_ok=True)
+    os.chmod(paths.input, 0o755, follow_symlinks=False)  # whatever the umask: the agent reads its prompts
+    with untrusted.directory(paths.root) as root:
+        for folder in (paths.claude_config, paths.turns):
+            untrusted.make_owned_dir(root, folder.name, uid)
+    paths.workspace.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with untrusted.directory(paths.workspace.parent) as parent:
+        untrusted.make_owned_dir(parent, paths.workspace.name, uid)
+
+
+def prepare_instance(settings: Settings) -> None:
+    """The folders of the whole instance: the chats' (root's only) and the run folder (readable by agents)."""
+    settings.chats_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    run = run_dir(settings)
+    run.mkdir(mode=0o755, parents=True, exist_ok=True)
+    os.chmod(run, 0o755, follow_symlinks=False)

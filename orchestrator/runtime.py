@@ -22,10 +22,11 @@ import docker
 import requests
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.models.containers import Container
-from docker.types import Mount
+from docker.types import Mount, Ulimit
 
-from orchestrator.config import ChatSettings, Settings
-from orchestrator.layout import ChatPaths
+from orchestrator import layout
+from orchestrator.config import INSTANCE_NETWORK, ChatSettings, Settings
+from orchestrator.layout import WORKSPACE_PATH, ChatPaths
 
 MANAGED_LABEL = "orchestrator.managed"
 CHAT_LABEL = "orchestrator.chat_id"
@@ -33,10 +34,11 @@ CHAT_NAME_LABEL = "orchestrator.chat_name"
 INSTANCE_LABEL = "orchestrator.instance"
 SPEC_LABEL = "orchestrator.spec"
 
-WORKSPACE_PATH = "/workspace"
-CLAUDE_CONFIG_PATH = "/home/agent/.claude"
-TURNS_PATH = "/turns"
+ICC_OPTION = "com.docker.network.bridge.enable_icc"
+BRIDGE_NAME_OPTION = "com.docker.network.bridge.name"
 IMAGE_CHECK_SECONDS = 30.0
+HOME_TMPFS_SIZE = 64 * 1024**2  # the agent's home: the CLI's and tools' caches; its .claude is a mount
+OPEN_FILES = 8192
 
 T = TypeVar("T")
 
@@ -55,12 +57,22 @@ class ContainerSpec:
     pids_limit: int
     network: str
     user: str
-    mounts: tuple[tuple[str, str], ...]  # (host path, container path)
+    mounts: tuple[tuple[str, str, bool], ...]  # (host path, container path, read-only)
+    tmpfs: tuple[tuple[str, str], ...]  # (container path, mount options)
+    ulimits: tuple[tuple[str, int], ...]  # (name, soft and hard limit)
+    environment: tuple[tuple[str, str], ...]
 
     def fingerprint(self) -> str:
         """Changes when anything but the labels changes: a container with another one is re-created."""
         decisive = {k: v for k, v in asdict(self).items() if k != "labels"}
         return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class AgentNetwork:
+    name: str
+    bridge: str  # the host's interface for it
+    subnets: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -94,12 +106,25 @@ def container_name(instance: str, chat_id: str) -> str:
     return f"{instance}-{chat_id}"
 
 
-def container_spec(settings: Settings, chat: ChatSettings, paths: ChatPaths, chat_name: str = "") -> ContainerSpec:
-    """What the chat's container must look like: caps, labels, mounts, user. Pure."""
+def network_name(instance: str) -> str:
+    return f"{instance}-agents"
+
+
+def bridge_name(instance: str) -> str:
+    """The host's interface of the instance network, named so the firewall rules can match it (15 chars)."""
+    return f"orch-{hashlib.sha256(instance.encode()).hexdigest()[:10]}"
+
+
+def container_spec(settings: Settings, chat: ChatSettings, paths: ChatPaths, chat_name: str = "",
+                   relay_port: int | None = None) -> ContainerSpec:
+    """What the chat's container must look like: caps, labels, mounts, user, hardening. Pure."""
     options = chat.options
     labels = {MANAGED_LABEL: "true", CHAT_LABEL: chat.chat_id, INSTANCE_LABEL: settings.instance}
     if chat_name:
         labels[CHAT_NAME_LABEL] = chat_name
+    network = network_name(settings.instance) if options.network == INSTANCE_NETWORK else options.network
+    relayed = relay_port is not None and network != "host"
+    mounts = paths.mounts() + (((str(layout.run_dir(settings)), layout.RUN_PATH, True),) if relayed else ())
     return ContainerSpec(
         name=container_name(settings.instance, chat.chat_id),
         image=settings.agent.image,
@@ -107,13 +132,17 @@ def container_spec(settings: Settings, chat: ChatSettings, paths: ChatPaths, cha
         nano_cpus=int(options.cpus * 1_000_000_000),
         mem_limit=options.memory,
         pids_limit=options.pids_limit,
-        network=options.network,
+        network=network,
         user=f"{settings.agent.uid}:{settings.agent.uid}",
-        mounts=(
-            (str(chat.workspace), WORKSPACE_PATH),
-            (str(paths.claude_config), CLAUDE_CONFIG_PATH),
-            (str(paths.turns), TURNS_PATH),
-        ),
+        mounts=mounts,
+        # The root filesystem is read-only: all the agent keeps is in the mounts, and what it writes elsewhere
+        # lives in these size-capped tmpfs (counted in its memory cap).
+        tmpfs=(("/tmp", f"rw,nosuid,nodev,size={options.tmp_size}"),
+               ("/home/agent", f"rw,nosuid,nodev,size={HOME_TMPFS_SIZE},uid={settings.agent.uid},"
+                               f"gid={settings.agent.uid},mode=0700")),
+        # One file may not outgrow the chat's whole disk budget; no core dumps (they could hold secrets).
+        ulimits=(("nofile", OPEN_FILES), ("fsize", options.disk), ("core", 0)),
+        environment=(("MODEL_RELAY_PORT", str(relay_port)),) if relayed else (),
     )
 
 
@@ -261,7 +290,12 @@ class DockerRuntime:
                 memswap_limit=spec.mem_limit,  # no swap: the memory cap is the cap
                 pids_limit=spec.pids_limit,
                 network_mode=spec.network,
-                mounts=[Mount(target=target, source=source, type="bind") for source, target in spec.mounts],
+                mounts=[Mount(target=target, source=source, type="bind", read_only=read_only)
+                        for source, target, read_only in spec.mounts],
+                tmpfs=dict(spec.tmpfs),
+                read_only=True,
+                ulimits=[Ulimit(name=name, soft=limit, hard=limit) for name, limit in spec.ulimits],
+                environment=dict(spec.environment),
                 cap_drop=["ALL"],
                 security_opt=["no-new-privileges"],
             )
@@ -269,6 +303,34 @@ class DockerRuntime:
             if exc.status_code != 409:
                 raise
             return self._client.containers.get(spec.name)  # created meanwhile by someone else: adopt it
+
+    # ---- the instance's network ----
+
+    async def ensure_network(self, instance: str) -> AgentNetwork:
+        """The instance's own bridge for its agents, made if missing: labelled, and with inter-container
+        traffic off (enable_icc=false), so no chat reaches another's container."""
+        return await self._call(self._ensure_network, instance)
+
+    def _ensure_network(self, instance: str) -> AgentNetwork:
+        name = network_name(instance)
+        try:
+            network = self._client.networks.get(name)
+        except NotFound:
+            try:
+                network = self._client.networks.create(
+                    name, driver="bridge", labels={MANAGED_LABEL: "true", INSTANCE_LABEL: instance},
+                    options={ICC_OPTION: "false", BRIDGE_NAME_OPTION: bridge_name(instance)}, check_duplicate=True)
+            except APIError as exc:
+                if exc.status_code != 409:
+                    raise
+                network = self._client.networks.get(name)  # made meanwhile by another start: use it
+            network.reload()
+        options = network.attrs.get("Options") or {}
+        if options.get(ICC_OPTION) != "false" or options.get(BRIDGE_NAME_OPTION) != bridge_name(instance):
+            raise RuntimeFailure(f"the network {name} exists but was not made by the orchestrator (it lets "
+                                 "containers reach each other); remove it with `docker network rm` and start again")
+        subnets = [c.get("Subnet", "") for c in (network.attrs.get("IPAM") or {}).get("Config") or []]
+        return AgentNetwork(name=name, bridge=bridge_name(instance), subnets=tuple(s for s in subnets if s))
 
     async def inspect(self, name: str) -> ContainerState:
         return await self._call(self._inspect, name)

@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from orchestrator import agent, layout, turns
+from orchestrator import agent, disk, layout, turns
 from orchestrator.agent import Answer, Failure, Init, Text, ToolUse, Transcript, Unparsed
 from orchestrator.channels import TurnDisplay
 from orchestrator.config import ChatSettings, Settings, resolve_chat
-from orchestrator.runtime import TURNS_PATH, ContainerState, DockerRuntime, RuntimeFailure, container_spec
+from orchestrator.runtime import ContainerState, DockerRuntime, RuntimeFailure, container_spec
 from orchestrator.states import State
 from orchestrator.store import MessageRecord, Store
+from orchestrator.untrusted import excerpt
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -34,6 +35,9 @@ KILL_GRACE_SECONDS = 5.0
 RUN_TURN = "run-turn"  # in the agent image: keeps a turn's output in its turn folder
 INTERRUPTED_BY_RESTART = ("This answer was interrupted because the bot is restarting. Send your message again "
                           "to continue where it stopped.")
+UNPARSED_LOGGED = 3  # lines of a turn that are not stream-json, logged (as excerpts); the rest are counted
+DISK_FULL = ("The bot's disk is nearly full, so no new answer can start now; the operators are told in the "
+             "log. Please try again later.")
 
 
 @dataclass
@@ -41,6 +45,7 @@ class RunningTurn:
     message_id: str
     container_id: str
     files: turns.TurnFiles
+    output_bytes: int = 0  # read so far
     stop_requested: bool = False  # /stop
     interrupted: bool = False  # a shutdown that could not wait for it
     oom: bool = False  # the kernel killed a process of this chat's container for memory meanwhile
@@ -48,13 +53,15 @@ class RunningTurn:
 
 class TurnRunner:
     def __init__(self, settings: Settings, store: Store, runtime: DockerRuntime,
-                 on_container_started: Callable[[str], Awaitable[None]]) -> None:
+                 on_container_started: Callable[[str], Awaitable[None]], relay_port: int | None = None) -> None:
         self.settings = settings
         self.store = store
         self.runtime = runtime
         self.on_container_started = on_container_started
+        self.relay_port = relay_port
         self.running: dict[str, RunningTurn] = {}  # by chat id
         self._limit_hits: dict[str, int] = {}  # by container id: pids-limit refusals seen after failed turns
+        self._disk: dict[str, disk.Measurement] = {}  # by chat id: the latest measurement of its folders
 
     @property
     def agent_user(self) -> str:
@@ -62,19 +69,23 @@ class TurnRunner:
 
     async def run(self, message: MessageRecord, display: TurnDisplay, log: Logger) -> Answer | Failure:
         chat = resolve_chat(self.settings, message.chat_id)
-        paths = layout.chat_paths(self.settings.data_dir, chat)
+        paths = layout.chat_paths(self.settings, chat)
         try:
             if message.state is State.RUNNING and message.turn:
-                files = turns.turn_files(paths, message.turn, TURNS_PATH)
+                files = turns.turn_files(paths, message.turn, self.settings.agent.uid)
                 if files.started():
                     log.info(f"following turn {message.turn}, started before a restart")
                     container = await self.runtime.inspect(self.store.chat(message.chat_id).container_name)
                     return await self._follow(message, container, files, display, log)
                 log.info(f"turn {message.turn} was never started before the restart; starting it now")
+            refusal = await self._disk_refusal(chat, paths, log)
+            if refusal is not None:
+                return refusal
             return await self._start(message, chat, paths, display, log)
         except RuntimeFailure as exc:
             log.error(f"container failure: {exc}")
-            return Failure(f"The chat's container could not be started ({exc}).")
+            return Failure("The chat's container could not be started; the operators have the details in the log.",
+                           detail=str(exc))
         finally:
             turn = self.running.pop(message.chat_id, None)
             if turn is not None and turn.oom:
@@ -85,20 +96,20 @@ class TurnRunner:
         for attempt in (1, 2):
             session_id = self.store.chat(message.chat_id).session_id
             container = await self._container(chat, paths, message.chat_id)
-            turn = f"{message.id}-{attempt}"
-            files = turns.turn_files(paths, turn, TURNS_PATH)
-            turns.write_prompt(files, message.text, self.settings.agent.uid)
-            self.store.mark_running(message.message_id, turn)
-            argv = [RUN_TURN, files.container_dir, *agent.turn_argv(self.settings.agent, session_id)]
+            files = turns.turn_files(paths, turns.new_turn_name(message.id, attempt), self.settings.agent.uid)
+            turns.write_prompt(files, message.text)
+            self.store.mark_running(message.message_id, files.name)
+            argv = [RUN_TURN, files.name, *agent.turn_argv(self.settings.agent, session_id)]
             await self.runtime.start_process(container.id, argv, dict(self.settings.agent.env), self.agent_user)
-            log.info(f"turn {turn} started in {container.name}" + (f", resuming {session_id}" if session_id else ""))
+            log.info(f"turn {files.name} started in {container.name}"
+                     + (f", resuming {session_id}" if session_id else ""))
             result = await self._follow(message, container, files, display, log)
             if isinstance(result, Failure) and await self._hit_process_limit(container):
                 # Processes left over (a turn's background jobs, a fork bomb) fill the cap: restarting the
                 # container ends them; its state is in the mounts. A turn that could not even start is retried.
                 log.warning("the container's process limit refused processes; restarting the container")
                 await self.runtime.stop(container.name, self.settings.containers.stop_timeout)
-                if attempt == 1 and not (files.output.exists() and files.output.stat().st_size):
+                if attempt == 1 and not self.running[message.chat_id].output_bytes:
                     continue
                 result = Failure(f"This chat's container reached its limit of {chat.options.pids_limit} processes, "
                                  f"so new ones were refused; it was restarted to clear them. {result.reason}",
@@ -115,7 +126,7 @@ class TurnRunner:
     async def _container(self, chat: ChatSettings, paths: layout.ChatPaths, chat_id: str) -> ContainerState:
         layout.prepare(paths, self.settings.agent.uid)
         record = self.store.chat(chat_id)
-        spec = container_spec(self.settings, chat, paths, record.name)
+        spec = container_spec(self.settings, chat, paths, record.name, self.relay_port)
         container = await self.runtime.ensure(spec)
         if container.id != record.container_id:
             logger.bind(chat_id=chat_id).info(f"container {container.name} is {container.id[:12]}")
@@ -125,27 +136,58 @@ class TurnRunner:
 
     async def _follow(self, message: MessageRecord, container: ContainerState, files: turns.TurnFiles,
                       display: TurnDisplay, log: Logger) -> Answer | Failure:
-        """Read the turn's output as it grows until the CLI ends, goes silent, or its container stops."""
+        """Read the turn's output as it grows until the CLI ends, goes silent, its container stops, or it passes
+        a limit (its output, its chat's disk budget)."""
         turn = self.running[message.chat_id] = RunningTurn(message.message_id, container.id, files)
+        limits = self.settings.limits
+        reader = turns.OutputReader(files, limits.line_bytes, limits.output_bytes)
+        try:
+            return await self._follow_output(turn, message, container, reader, display, log)
+        finally:
+            reader.close()
+            if reader.skipped_lines:
+                log.warning(f"skipped {reader.skipped_lines} output line(s) over {limits.line_bytes} bytes")
+
+    async def _follow_output(self, turn: RunningTurn, message: MessageRecord, container: ContainerState,
+                             reader: turns.OutputReader, display: TurnDisplay, log: Logger) -> Answer | Failure:
         loop = asyncio.get_running_loop()
-        transcript = Transcript()
-        reader = turns.OutputReader(files.output)
+        files = turn.files
+        transcript = Transcript(answer_bytes=self.settings.limits.answer_bytes)
+        unparsed = [0]
         idle_timeout = self.settings.agent.idle_timeout
-        last_output = last_check = loop.time()
+        last_output = last_check = last_disk = loop.time()
         poll = FIRST_POLL_SECONDS
         while True:
             exit_code = files.exit_code()  # before reading: once it is there, the output is complete
             lines = reader.rest() if exit_code is not None else reader.new_lines()
+            turn.output_bytes = reader.offset
             if lines:
                 last_output = loop.time()
                 poll = FIRST_POLL_SECONDS
-                await self._take(lines, transcript, message, display, log)
+                await self._take(lines, transcript, message, display, log, unparsed)
             if exit_code is not None:
-                return self._ending(turn, agent.outcome(transcript, exit_code, files.stderr()), transcript)
+                stderr = files.stderr()
+                result = self._ending(turn, agent.outcome(transcript, exit_code, stderr), transcript)
+                if isinstance(result, Failure) and result.detail:
+                    log.warning(f"the CLI said: {excerpt(result.detail, 300)}")
+                return result
+            if reader.over_limit:
+                await self.kill(turn)
+                return Failure(f"This answer was stopped: Claude Code wrote more than "
+                               f"{disk.human(self.settings.limits.output_bytes)} of output in one turn.",
+                               partial_text=transcript.text_so_far)
             if loop.time() - last_output > idle_timeout:
                 await self.kill(turn)
                 return Failure(f"Claude Code produced no output for {idle_timeout:g} seconds and was stopped.",
                                partial_text=transcript.text_so_far)
+            if loop.time() - last_disk > self.settings.limits.disk_check_interval:
+                last_disk = loop.time()
+                over = await self._over_budget(message.chat_id, files.paths, fresh=True)
+                if over is not None:
+                    log.warning(f"over its disk budget: {over}; stopping the turn and the container")
+                    await self.kill(turn)
+                    await self.runtime.stop(container.name, self.settings.containers.stop_timeout)
+                    return Failure(f"This answer was stopped: {over}", partial_text=transcript.text_so_far)
             if loop.time() - last_check > CONTAINER_CHECK_SECONDS:
                 last_check = loop.time()
                 state = await self.runtime.inspect(container.name)
@@ -154,6 +196,42 @@ class TurnRunner:
                     return Failure(reason, partial_text=transcript.text_so_far)
             await asyncio.sleep(poll)
             poll = min(POLL_SECONDS, poll * 1.5)
+
+    # ---- disk ----
+
+    async def _disk_refusal(self, chat: ChatSettings, paths: layout.ChatPaths, log: Logger) -> Failure | None:
+        """Why no turn may start now for lack of disk: the host's is nearly full, or the chat is over budget."""
+        floor = self.settings.limits.min_free_disk
+        for where in {self.settings.data_dir, self.settings.chats_dir}:
+            free = await asyncio.to_thread(disk.free_bytes, where)
+            if free < floor:
+                log.error(f"refusing a turn: {disk.human(free)} free on the disk of {where} "
+                          f"(limits.min_free_disk is {disk.human(floor)})")
+                return Failure(DISK_FULL)
+        over = await self._over_budget(chat.chat_id, paths, fresh=False)
+        if over is not None:
+            log.warning(f"refusing a turn: {over}")
+            return Failure(f"No answer can start: {over} An operator can raise the budget or free space.")
+        return None
+
+    async def _over_budget(self, chat_id: str, paths: layout.ChatPaths, fresh: bool) -> str | None:
+        """Why the chat's folders are over its disk budget, or None. Measured again unless a measurement is
+        newer than limits.disk_check_interval (and `fresh` is not asked)."""
+        budget = resolve_chat(self.settings, chat_id).options.disk
+        latest = self._disk.get(chat_id)
+        age = asyncio.get_running_loop().time() - latest.at if latest else float("inf")
+        if fresh or age > self.settings.limits.disk_check_interval:
+            latest = self._disk[chat_id] = await asyncio.to_thread(disk.measure, paths.agent_folders())
+        if latest.exhausted_entries:
+            return f"this chat's folders hold more than {disk.MAX_ENTRIES:,} files."
+        if latest.used > budget:
+            return f"this chat's files take {disk.human(latest.used)}, over its disk budget of {disk.human(budget)}."
+        return None
+
+    async def check_disk(self, chat_id: str) -> str | None:
+        """For housekeeping: a fresh measurement of a chat's folders against its budget."""
+        chat = resolve_chat(self.settings, chat_id)
+        return await self._over_budget(chat_id, layout.chat_paths(self.settings, chat), fresh=True)
 
     async def _hit_process_limit(self, container: ContainerState) -> bool:
         """Whether the container's pids limit refused processes since we last looked."""
@@ -183,7 +261,7 @@ class TurnRunner:
                 "stopped by the kernel.")
 
     async def _take(self, lines: list[str], transcript: Transcript, message: MessageRecord, display: TurnDisplay,
-                    log: Logger) -> None:
+                    log: Logger, unparsed: list[int]) -> None:
         texts_before = len(transcript.texts)
         for line in lines:
             for event in agent.parse_line(line):
@@ -194,9 +272,11 @@ class TurnRunner:
                             self.store.set_session(message.chat_id, session_id)
                             log.info(f"session {session_id}")
                     case ToolUse(name=name):
-                        log.info(f"tool {name}")
+                        log.info(f"tool {excerpt(name, 60)}")
                     case Unparsed(line=text):
-                        log.warning(f"CLI printed a line that is not stream-json: {text[:200]}")
+                        unparsed[0] += 1
+                        if unparsed[0] <= UNPARSED_LOGGED:
+                            log.warning(f"CLI printed a line that is not stream-json: {excerpt(text)}")
                     case Text():
                         pass
         if len(transcript.texts) > texts_before:

@@ -1,112 +1,232 @@
-"""The files of one agent turn, written inside the chat's container by `run-turn` (images/claude-runner).
+"""The files of one agent turn. The prompt is written by us where only root can write; everything else is
+written inside the chat's container by `run-turn` (images/claude-runner), and so is hostile input:
 
-<chat>/turns/<turn>/prompt        the user's text, the CLI's stdin (written by us)
-                    pid           the CLI's pid inside the container
-                    output.jsonl  the CLI's stream-json output, read incrementally
+<chat>/input/<turn>               the user's text, the CLI's stdin (root's folder, read-only in the container)
+<chat>/turns/<turn>/pid           the CLI's pid inside the container
+                    output.jsonl  the CLI's stream-json output, read incrementally, with bounds
                     stderr        the CLI's stderr
                     exit_code     written last, when the CLI has ended
 
-The process writing them is not the orchestrator's child, so a turn and its answer survive a restart
-of the orchestrator: the next one reads the same files.
+A turn's name holds a random part, so the agent cannot plant the folder of a turn to come; and whatever it
+does to the folder meanwhile, we open nothing in it by a path that follows a link (see `untrusted`).
+The process writing them is not the orchestrator's child, so a turn and its answer survive a restart of
+the orchestrator: the next one reads the same files.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
 import shutil
+import stat
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.layout import ChatPaths, make_owned_dir
+from loguru import logger
 
-_STDERR_TAIL = 4096
+from orchestrator import untrusted
+from orchestrator.layout import INPUT_PATH, TURNS_PATH, ChatPaths
+
+STDERR_TAIL = 4096
+READ_CHUNK = 4 * 1024**2  # output read per look: with the line cap, what one look can hold in memory
+ORPHAN_PROMPT_SECONDS = 3600.0  # a prompt whose turn never made a folder is kept this long, then pruned
+
+
+def new_turn_name(message_row: int, attempt: int) -> str:
+    return f"{message_row}-{attempt}-{secrets.token_hex(8)}"
 
 
 @dataclass(frozen=True)
 class TurnFiles:
-    host_dir: Path
-    container_dir: str
+    name: str
+    paths: ChatPaths
+    uid: int  # the agent's: what it writes is owned by it, and anything else is refused
 
     @property
-    def prompt(self) -> Path:
-        return self.host_dir / "prompt"
+    def container_dir(self) -> str:
+        return f"{TURNS_PATH}/{self.name}"
 
     @property
-    def output(self) -> Path:
-        return self.host_dir / "output.jsonl"
+    def container_prompt(self) -> str:
+        return f"{INPUT_PATH}/{self.name}"
+
+    @contextlib.contextmanager
+    def folder(self) -> Iterator[int | None]:
+        """The turn's folder, opened without following links; None while it is absent or not a folder."""
+        try:
+            with untrusted.directory(self.paths.turns) as turns:
+                fd = untrusted.open_beneath(turns, self.name, self.uid, folder=True)
+        except (FileNotFoundError, untrusted.Refused):
+            yield None
+            return
+        try:
+            yield fd
+        finally:
+            os.close(fd)
 
     def started(self) -> bool:
-        """Whether run-turn got as far as starting the CLI (so the turn must be followed, not run again)."""
-        return self.pid() is not None or self.output.exists() or self.exit_code() is not None
+        """Whether run-turn got as far as making the turn's folder (so it must be followed, not run again)."""
+        with self.folder() as fd:
+            return fd is not None
 
     def pid(self) -> int | None:
-        return _read_int(self.host_dir / "pid")
+        return self._number("pid")
 
     def exit_code(self) -> int | None:
-        return _read_int(self.host_dir / "exit_code")
+        return self._number("exit_code")
+
+    def _number(self, name: str) -> int | None:
+        with self.folder() as fd:
+            data = untrusted.read_small(fd, name, self.uid, 32) if fd is not None else None
+        try:
+            return int(data.strip()) if data else None
+        except ValueError:
+            return None  # not yet complete, or not a number
 
     def stderr(self) -> str:
-        try:
-            with open(self.host_dir / "stderr", "rb") as f:
-                f.seek(0, 2)
-                f.seek(max(0, f.tell() - _STDERR_TAIL))
-                return f.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
+        with self.folder() as fd:
+            return untrusted.read_tail(fd, "stderr", self.uid, STDERR_TAIL).decode(errors="replace") if fd else ""
+
+    def open_output(self) -> int | None:
+        with self.folder() as fd:
+            if fd is None:
+                return None
+            try:
+                return untrusted.open_beneath(fd, "output.jsonl", self.uid)
+            except FileNotFoundError:
+                return None
+            except untrusted.Refused as exc:
+                logger.warning(f"turn {self.name}: its output is refused ({untrusted.excerpt(str(exc))})")
+                return None
 
 
-def turn_files(paths: ChatPaths, turn: str, container_turns_dir: str) -> TurnFiles:
-    return TurnFiles(host_dir=paths.turns / turn, container_dir=f"{container_turns_dir}/{turn}")
+def turn_files(paths: ChatPaths, turn: str, uid: int) -> TurnFiles:
+    return TurnFiles(name=turn, paths=paths, uid=uid)
 
 
-def write_prompt(files: TurnFiles, text: str, uid: int) -> None:
-    """A fresh turn: the prompt, and nothing left of an earlier start of the same turn."""
-    make_owned_dir(files.host_dir, uid)
-    for stale in ("pid", "output.jsonl", "stderr", "exit_code"):
-        (files.host_dir / stale).unlink(missing_ok=True)
-    files.prompt.write_text(text)
-
-
-def _read_int(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return None  # absent, or not yet complete
+def write_prompt(files: TurnFiles, text: str) -> None:
+    """The turn's prompt, in root's input folder under the turn's new name."""
+    with untrusted.directory(files.paths.input) as folder:
+        untrusted.write_new(folder, files.name, text.encode())
 
 
 class OutputReader:
-    """Reads the complete lines appended to a file since the last call."""
+    """Reads the complete lines appended to a turn's output since the last call, within bounds: a line over
+    `line_bytes` is skipped (and counted), and no more than `output_bytes` are read in all."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, files: TurnFiles, line_bytes: int, output_bytes: int) -> None:
+        self.files = files
+        self.line_bytes = line_bytes
+        self.output_bytes = output_bytes
         self.offset = 0
+        self.skipped_lines = 0
+        self._fd: int | None = None
         self._partial = b""
+        self._skipping = False  # inside a line that is over the cap: drop bytes until its newline
+
+    @property
+    def over_limit(self) -> bool:
+        return self.offset >= self.output_bytes
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def new_lines(self) -> list[str]:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-        except FileNotFoundError:
-            return []
+        if self._fd is None:
+            self._fd = self.files.open_output()
+            if self._fd is None:
+                return []
+        data = os.pread(self._fd, min(READ_CHUNK, self.output_bytes - self.offset), self.offset)
         self.offset += len(data)
-        *lines, self._partial = (self._partial + data).split(b"\n")
-        return [line.decode(errors="replace") for line in lines]
+        return self._split(data)
+
+    def _split(self, data: bytes) -> list[str]:
+        *lines, rest = data.split(b"\n")
+        if self._skipping and lines:  # the oversized line ends here
+            lines, self._skipping = lines[1:], False
+        elif self._skipping:
+            return []
+        if lines:
+            lines[0], self._partial = self._partial + lines[0], b""
+        kept = [line for line in lines if len(line) <= self.line_bytes]
+        self.skipped_lines += len(lines) - len(kept)
+        self._partial += rest
+        if len(self._partial) > self.line_bytes:
+            self._partial, self._skipping = b"", True
+            self.skipped_lines += 1
+        return [line.decode(errors="replace") for line in kept]
 
     def rest(self) -> list[str]:
         """Whatever follows the last newline, once the writer has ended."""
         lines = self.new_lines()
+        while not self.over_limit and (more := self.new_lines()):
+            lines += more
         if self._partial:
             lines.append(self._partial.decode(errors="replace"))
             self._partial = b""
         return lines
 
 
+# ---- pruning old turns ----------------------------------------------------------------------------------
+
+
 def prune(chats_dir: Path, keep: int, busy: set[str | None]) -> int:
-    """Delete all but the newest `keep` finished turn folders of each chat; how many were deleted."""
+    """Delete all but the newest `keep` finished turn folders of each chat, and their prompts; how many
+    were deleted. The agent may be changing its turns folder meanwhile: nothing is followed, and what
+    vanishes is skipped."""
     deleted = 0
-    for turns_dir in chats_dir.glob("*/turns"):
-        finished = [d for d in turns_dir.iterdir() if d.name not in busy and (d / "exit_code").exists()]
-        for old in sorted(finished, key=lambda d: d.stat().st_mtime)[:-keep or None]:
-            shutil.rmtree(old, ignore_errors=True)
-            deleted += 1
+    with contextlib.suppress(FileNotFoundError):
+        for chat in os.scandir(chats_dir):
+            if chat.is_dir(follow_symlinks=False):
+                deleted += _prune_chat(Path(chat.path), keep, busy)
     return deleted
+
+
+def _prune_chat(chat_dir: Path, keep: int, busy: set[str | None]) -> int:
+    try:
+        turns_fd = untrusted.open_dir(chat_dir / "turns")
+    except (FileNotFoundError, NotADirectoryError, OSError):
+        return 0
+    try:
+        finished = sorted(_finished_turns(turns_fd, busy))
+        doomed = [name for _, name in finished[:-keep or None]]
+        for name in doomed:
+            shutil.rmtree(name, dir_fd=turns_fd, ignore_errors=True)  # fd-based: no link is followed
+        present = {entry.name for entry in os.scandir(turns_fd)}
+    finally:
+        os.close(turns_fd)
+    _prune_prompts(chat_dir / "input", present, busy)
+    return len(doomed)
+
+
+def _finished_turns(turns_fd: int, busy: set[str | None]) -> Iterator[tuple[float, str]]:
+    """(modification time, name) of each finished turn folder."""
+    for entry in os.scandir(turns_fd):
+        if entry.name in busy or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            fd = untrusted.open_beneath(turns_fd, entry.name, owner=None, folder=True)
+        except (FileNotFoundError, untrusted.Refused):
+            continue
+        try:
+            if untrusted.exists(fd, "exit_code"):
+                yield os.fstat(fd).st_mtime, entry.name
+        finally:
+            os.close(fd)
+
+
+def _prune_prompts(input_dir: Path, turns_present: set[str], busy: set[str | None]) -> None:
+    """Prompts of turns pruned away, and of turns that never started long ago."""
+    now = time.time()
+    with contextlib.suppress(FileNotFoundError), untrusted.directory(input_dir) as fd:
+        for entry in os.scandir(fd):
+            if entry.name in turns_present or entry.name in busy:
+                continue
+            info = entry.stat(follow_symlinks=False)
+            if stat.S_ISREG(info.st_mode) and now - info.st_mtime > ORPHAN_PROMPT_SECONDS:
+                os.unlink(entry.name, dir_fd=fd)

@@ -36,13 +36,14 @@ def wait_until(check: Callable[[], T], timeout: float, what: str, interval: floa
 
 
 def write_config(path: Path, *, instance: str, api_url: str, **sections: Any) -> Path:
-    """A config for tests: host networking (the fake API is on 127.0.0.1), small caps, fast timeouts."""
+    """A config for tests: the instance network (the fake API on 127.0.0.1 is reached through the model relay),
+    small caps, fast timeouts."""
     config: dict[str, Any] = {
         "data_dir": "./data",
         "instance": instance,
         "agent": {"image": AGENT_IMAGE, "idle_timeout": 60,
                   "env": {"ANTHROPIC_BASE_URL": api_url, "ANTHROPIC_API_KEY": "sk-test-fake"}},
-        "defaults": {"cpus": 1, "memory": "512m", "pids_limit": 200, "network": "host"},
+        "defaults": {"cpus": 1, "memory": "512m", "pids_limit": 200},
     }
     for key, value in sections.items():
         config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
