@@ -17,6 +17,7 @@ from typing import Any
 
 import docker
 
+from tests.conftest import remove_instance
 from tests.fakes.anthropic import FakeAnthropic
 from tests.fakes.feishu import FakeFeishu
 from tests.harness import AGENT_IMAGE, Orchestrator, write_config
@@ -95,7 +96,7 @@ def rig() -> Iterator[Rig]:
         for bot in setup.bots:
             if bot.process.poll() is None:
                 bot.kill()
-        remove_containers(client, setup.instance)
+        remove_instance(client, setup.instance)
         setup.feishu.stop()
         setup.api.stop()
         client.close()
@@ -110,11 +111,6 @@ def start_chats(setup: Rig, count: int, timeout: float = 900) -> list[str]:
     for message_id in messages:
         setup.reply_time(message_id, timeout=timeout)
     return list(messages.values())
-
-
-def remove_containers(client: docker.DockerClient, instance: str) -> None:
-    for container in client.containers.list(all=True, filters={"label": f"orchestrator.instance={instance}"}):
-        container.remove(force=True)
 
 
 def new_chat() -> str:

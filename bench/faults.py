@@ -470,11 +470,12 @@ def hostile_input(quick: bool, rng: random.Random) -> Result:
 
 
 def _stray(relative: Path, valid: set[str]) -> bool:
-    """A path in the rig's folder that is none of: config, logs, the store, a valid chat's folder."""
+    """A path in the rig's folder that is none of: config, logs, the store, a valid chat's folder, the model
+    relay's socket."""
     parts = relative.parts
     if parts[0] != "data":
         return len(parts) > 1 or not parts[0].endswith((".log", ".yaml"))
-    if len(parts) == 1:
+    if len(parts) == 1 or parts[1:] in (("run",), ("run", "model.sock")):
         return False
     if parts[1] == "chats":
         return len(parts) > 2 and parts[2] not in valid

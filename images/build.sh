@@ -38,12 +38,12 @@ case "$what" in
     default_tag=claude-runner:latest
     default_base=node:22-bookworm-slim
     local_base_tag=orchestrator-debian-node:bookworm
-    local_base_packages=nodejs,npm,ca-certificates,git,tini,procps,less,curl ;;
+    local_base_packages=nodejs,npm,ca-certificates,git,tini,procps,less,curl,socat ;;
   orchestrator)
     default_tag=orchestrator:latest
     default_base=python:3.11-slim
     local_base_tag=orchestrator-debian-python:bookworm
-    local_base_packages=python3,python3-venv,ca-certificates,tini ;;
+    local_base_packages=python3,python3-venv,ca-certificates,tini,iptables ;;
 esac
 tag=${tag:-$default_tag}
 base_given=yes
@@ -97,7 +97,7 @@ build() {  # build TAG BASE [docker build options] CONTEXT
 case "$what" in
   agent)
     mkdir "$scratch/agent"
-    cp "$here/claude-runner/Dockerfile" "$here/claude-runner/run-turn" "$scratch/agent/"
+    cp "$here/claude-runner/Dockerfile" "$here/claude-runner/run-turn" "$here/claude-runner/agent-init" "$scratch/agent/"
     stage_ca "$scratch/agent"
     build "$tag" "$base" "$scratch/agent" ;;
   orchestrator)

@@ -134,14 +134,14 @@ class Transcript:
                 self.session_id = event.session_id or self.session_id
 
     def _keep(self, text: str) -> None:
-        room = self.answer_bytes - self._kept
-        size = len(text.encode())
-        if size > room:
-            text = text.encode()[:max(0, room)].decode(errors="ignore")
+        separator = 2 if self.texts else 0  # the "\n\n" that joins it to the text before counts too
+        room = self.answer_bytes - self._kept - separator
+        if self.truncated or len(text.encode()) > room:  # nothing after the cut: the note marks where it is
+            text = "" if self.truncated else text.encode()[:max(0, room)].decode(errors="ignore")
             self.truncated = True
         if text:
             self.texts.append(text)
-            self._kept += len(text.encode())
+            self._kept += separator + len(text.encode())
 
     @property
     def text_so_far(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -14,6 +15,7 @@ from orchestrator import operations
 from orchestrator.channels import Channel
 from orchestrator.channels.console import CONSOLE_CHAT_ID, ConsoleChannel
 from orchestrator.config import ConfigError, Settings, load_settings, resolve_chat
+from orchestrator.firewall import FirewallError
 from orchestrator.ids import is_valid_chat_id
 from orchestrator.logs import setup_logging
 from orchestrator.runtime import DockerRuntime, RuntimeFailure
@@ -77,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "run":
         return _run(settings, args.chat, args.log_json or settings.logging.json)
-    store = Store(settings.db_path)
+    store = Store(settings.db_path, secrets=settings.secrets)
     try:
         return _operate(args, settings, store)
     except LookupError as exc:
@@ -127,7 +129,8 @@ def _run(settings: Settings, console_chat: str, log_json: bool) -> int:
     except RuntimeFailure as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    store = Store(settings.db_path)
+    _keep_data_private(settings)
+    store = Store(settings.db_path, secrets=settings.secrets)
     channel: Channel
     if settings.feishu.configured:
         from orchestrator.channels.feishu import FeishuChannel  # lark_oapi takes a second to import: only here
@@ -142,12 +145,24 @@ def _run(settings: Settings, console_chat: str, log_json: bool) -> int:
         where = f"the terminal as chat {console_chat}"
     logger.info(f"data in {settings.data_dir}; agent image {settings.agent.image}; talking to {where}")
     try:
-        asyncio.run(Service(settings, store, runtime, channel).run())
+        code = asyncio.run(Service(settings, store, runtime, channel).run())
+    except (FirewallError, RuntimeFailure) as exc:
+        logger.error(f"cannot serve: {exc}")
+        return 1
     finally:
         store.close()
         runtime.close()
-    logger.info("stopped")
-    return 0
+    logger.info("stopped" if code == 0 else f"stopped with exit code {code}: one of the service's loops died")
+    return code
+
+
+def _keep_data_private(settings: Settings) -> None:
+    """Everything the service writes from now on (the store, the chats' folders, prompts) has no group or other
+    bits, and data_dir is 0700 even if it existed with wider ones. What an agent must read or write is given
+    its owner or mode explicitly where it is made (layout, untrusted, relay): a mkdir mode is cut by the umask."""
+    os.umask(0o077)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(settings.data_dir, 0o700)
 
 
 if __name__ == "__main__":

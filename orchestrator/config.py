@@ -81,6 +81,10 @@ class FeishuSettings:
     webhook_host: str = "127.0.0.1"  # webhook mode: where the event endpoint listens
     webhook_port: int = 8080
     webhook_path: str = "/feishu/events"
+    webhook_max_body: int = 1024**2  # webhook mode: bytes of one request body at most (413 beyond, unread)
+    webhook_max_concurrent: int = 64  # webhook mode: connections open at once (503 beyond)
+    webhook_timeout: float = 10.0  # webhook mode: seconds for a request to arrive in full (408 beyond)
+    reconnect_after: float = 30.0  # websocket mode: seconds the long connection may stay down before it is rebuilt
 
     @property
     def configured(self) -> bool:
@@ -147,7 +151,7 @@ class LoggingSettings:
 class Settings:
     source: Path
     data_dir: Path
-    chats_dir: Path = Path()  # the chats' folders; <data_dir>/chats unless set (another filesystem is better)
+    chats_dir: Path | None = None  # the chats' folders; None: <data_dir>/chats (another filesystem is better)
     instance: str = "orchestrator"
     agent: AgentSettings = field(default_factory=AgentSettings)
     defaults: ChatOptions = field(default_factory=ChatOptions)
@@ -160,6 +164,10 @@ class Settings:
     limits: LimitSettings = field(default_factory=LimitSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+
+    def __post_init__(self) -> None:
+        if self.chats_dir is None:
+            object.__setattr__(self, "chats_dir", self.data_dir / "chats")
 
     @property
     def db_path(self) -> Path:
@@ -226,15 +234,13 @@ def parse_settings(raw: object, source: Path, environ: Mapping[str, str]) -> Set
     return Settings(
         source=source,
         data_dir=data_dir,
-        chats_dir=_absolute(Path(reader.string(top, "chats_dir", "")), source) if chats_dir else data_dir / "chats",
+        chats_dir=_absolute(Path(reader.string(top, "chats_dir", "")), source) if chats_dir else None,
         instance=instance,
         agent=reader.agent(top.get("agent")),
         defaults=defaults,
         groups=groups,
         access=reader.access(top.get("access")),
-        feishu=reader.flat(top.get("feishu"), "feishu", FeishuSettings, {
-            "mode": _choice(FEISHU_MODES), "rate_per_chat": _positive_int, "rate_per_app": _positive_int,
-            "rate_per_app_minute": _positive_int, "webhook_port": _port}),
+        feishu=reader.feishu(top.get("feishu")),
         scheduler=reader.flat(top.get("scheduler"), "scheduler", SchedulerSettings, {
             "max_concurrent_turns": _positive_int, "queue_depth": _positive_int}),
         containers=reader.flat(top.get("containers"), "containers", ContainerSettings, {
@@ -369,6 +375,20 @@ class _Reader:
         section = self.section(raw, key, tuple(f.name for f in dataclasses.fields(cls)))  # type: ignore[arg-type]
         values = {name: self.value(section, name, key, None, converters.get(name, _string)) for name in section}
         return cls(**{name: value for name, value in values.items() if value is not None})
+
+    def feishu(self, raw: object) -> FeishuSettings:
+        """The feishu section. Webhook mode needs both webhook keys: without them the SDK checks nothing, and
+        anyone who can reach the port could post events as any user."""
+        settings = self.flat(raw, "feishu", FeishuSettings, {
+            "mode": _choice(FEISHU_MODES), "rate_per_chat": _positive_int, "rate_per_app": _positive_int,
+            "rate_per_app_minute": _positive_int, "webhook_port": _port, "webhook_max_body": _size(1024),
+            "webhook_max_concurrent": _positive_int, "webhook_timeout": _positive_number,
+            "reconnect_after": _positive_number})
+        for name in ("encrypt_key", "verification_token"):
+            if settings.mode == "webhook" and not getattr(settings, name):
+                raise self.error(f"feishu.{name}", "webhook mode needs the Encrypt Key and the Verification Token "
+                                 "from the app's event settings (both), so forged events are refused")
+        return settings
 
 
 def _absolute(path: Path, source: Path) -> Path:

@@ -2,7 +2,8 @@
 (a well-kept library: the exposition format, histograms and a registry are not worth writing again).
 
 Served on `metrics.listen` (off by default): `/metrics` for Prometheus, `/healthz` answering 200 when the
-Feishu connection, the Docker engine and the store are all fine, 503 (with what is wrong) otherwise.
+Feishu connection, the Docker engine, the store and each of the service's loops (the outbox, each housekeeping
+step, the Docker events, the channel: `supervise.LIVENESS`) are all fine, 503 (with what is wrong) otherwise.
 """
 
 from __future__ import annotations

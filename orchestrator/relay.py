@@ -32,9 +32,10 @@ def loopback_target(base_url: str | None) -> tuple[str, int] | None:
     host = url.hostname
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        port = url.port or 80  # ValueError when it is not a port number
     except ValueError:
         return None
-    return (host, url.port or 80) if loopback else None
+    return (host, port) if loopback else None
 
 
 class ModelRelay:

@@ -27,6 +27,7 @@ from docker.types import Mount, Ulimit
 from orchestrator import layout
 from orchestrator.config import INSTANCE_NETWORK, ChatSettings, Settings
 from orchestrator.layout import WORKSPACE_PATH, ChatPaths
+from orchestrator.supervise import LIVENESS
 
 MANAGED_LABEL = "orchestrator.managed"
 CHAT_LABEL = "orchestrator.chat_id"
@@ -230,15 +231,17 @@ class DockerRuntime:
     def _watch(self, instance: str, on_event: Callable[[str, str], None]) -> None:
         filters = {"type": "container", "event": ["die", "oom", "start"],
                    "label": [f"{MANAGED_LABEL}=true", f"{INSTANCE_LABEL}={instance}"]}
+        streak = LIVENESS.streak("docker_events")
         while self._watching:
             try:
                 self._events = self._client.events(filters=filters, decode=True)
+                streak.ok()
                 for event in self._events:
                     attributes = event.get("Actor", {}).get("Attributes", {})
                     on_event(attributes.get(CHAT_LABEL, ""), event.get("Action", event.get("status", "")))
-            except (DockerException, requests.RequestException, OSError):
+            except Exception as exc:  # the engine restarted, the stream broke, or anything else: follow it again
                 if self._watching:
-                    time.sleep(1)  # the engine restarted or the stream broke: follow it again
+                    time.sleep(streak.failed(exc))
 
     # ---- lifecycle ----
 

@@ -8,22 +8,25 @@ delivered, or failed), so a restarted service picks up where the last one stoppe
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 import time
 from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from orchestrator import metrics, turns
+from orchestrator import firewall, layout, metrics, relay, turns
 from orchestrator.agent import Answer, Failure
 from orchestrator.channels import Channel, Incoming
 from orchestrator.config import Settings, resolve_chat
 from orchestrator.delivery import Deliverer
 from orchestrator.housekeeping import Candidate, Finding, containers_to_stop, reconcile
 from orchestrator.ids import is_valid_chat_id
+from orchestrator.masking import MaskedChannel, Masker
 from orchestrator.runtime import ContainerState, DockerRuntime, RuntimeFailure
 from orchestrator.states import State
-from orchestrator.store import MessageRecord, Store
+from orchestrator.store import MessageRecord, Store, refused_for_now
+from orchestrator.supervise import LIVENESS, Streak, describe, repeat, retry
 from orchestrator.turn_runner import INTERRUPTED_BY_RESTART, TurnRunner
 
 if TYPE_CHECKING:
@@ -35,6 +38,9 @@ HOUSEKEEPING_SECONDS = 30.0
 KEEP_TURNS = 200  # turn folders (prompt, output, stderr) kept per chat, for `orchestrator logs` and debugging
 INTERRUPT_WAIT_SECONDS = 10.0  # after SIGINT, how long interrupted turns get to end and be recorded
 FLUSH_SECONDS = 10.0  # at shutdown, how long to keep trying to deliver what is pending
+STRANDED_SECONDS = 60.0  # a message stored this long ago and still not queued was never handed on
+UNEXPECTED_ERROR = ("Something went wrong on our side while answering this message; the operators have the "
+                    "details.")
 HELP = ("Send a message and Claude Code answers it in this chat's own container.\n"
         "/new  start a new conversation (Claude forgets this chat's earlier context)\n"
         "/stop  stop the answer being worked on\n"
@@ -51,12 +57,18 @@ class Service:
         self.settings = settings
         self.store = store
         self.runtime = runtime
-        self.channel = channel
-        self.turns = TurnRunner(settings, store, runtime, on_container_started=self._enforce_max_running)
-        self.deliverer = Deliverer(store, channel)
+        self.mask = Masker(settings.secrets)
+        self.channel: Channel = MaskedChannel(channel, self.mask)  # secrets never reach a chat
+        target = relay.loopback_target(settings.agent.env.get("ANTHROPIC_BASE_URL"))
+        self.relay = relay.ModelRelay(layout.run_dir(settings) / layout.RELAY_SOCKET, target) if target else None
+        self.turns = TurnRunner(settings, store, runtime, on_container_started=self._enforce_max_running,
+                                relay_port=target[1] if target else None)
+        self.deliverer = Deliverer(store, self.channel)
         self.queues: dict[str, asyncio.Queue[str]] = {}
         self.workers: dict[str, asyncio.Task[None]] = {}
         self.active: set[str] = set()  # chats whose worker is handling a message
+        self.retrying: set[str] = set()  # chats whose message waits to be handled again (the store refused a write)
+        self.exit_code = 0  # 1 once one of the service's tasks died
         self.accepting = True
         self._slots = asyncio.Semaphore(settings.scheduler.max_concurrent_turns)
         self._stop = asyncio.Event()
@@ -65,11 +77,15 @@ class Service:
 
     # ---- lifecycle ----
 
-    async def run(self) -> None:
-        """Serve until the channel ends (then finish the queued work) or a SIGINT/SIGTERM arrives."""
+    async def run(self) -> int:
+        """Serve until the channel ends (then finish the queued work) or a SIGINT/SIGTERM arrives, or until one
+        of the service's loops dies (then stop as on SIGTERM); the exit code, 1 if a loop died, so that the
+        supervisor starts the service again."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        layout.prepare_instance(self.settings)
+        await self.close_network()
         await self.reconcile()
         if self.settings.metrics.listen:
             host, _, port = self.settings.metrics.listen.rpartition(":")
@@ -81,10 +97,12 @@ class Service:
         tasks = [asyncio.create_task(self.deliverer.run(), name="outbox"),
                  asyncio.create_task(self._housekeep_forever(), name="housekeeping")]
         channel_task = asyncio.create_task(self.channel.run(self.submit), name="channel")
+        LIVENESS.streak("channel")
+        for task in (*tasks, channel_task):
+            task.add_done_callback(self._on_task_end)
         stop_task = asyncio.create_task(self._stop.wait(), name="stop")
         await asyncio.wait({channel_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-        if channel_task.done() and not self._stop.is_set():
-            channel_task.result()
+        if channel_task.done() and not self._stop.is_set():  # a channel that failed sets _stop (_on_task_end)
             logger.info("input ended: finishing queued messages")
             await asyncio.wait({asyncio.create_task(self._drained()), stop_task}, return_when=asyncio.FIRST_COMPLETED)
         self.accepting = False
@@ -96,10 +114,39 @@ class Service:
         for task in (stop_task, *self.workers.values()):
             task.cancel()
         await asyncio.gather(*tasks, *self.workers.values(), return_exceptions=True)
+        return self.exit_code
+
+    def _on_task_end(self, task: asyncio.Task[None]) -> None:
+        """The channel may end (its input did); any other end of a task, or the channel failing, is a death:
+        shown in /healthz, and the service stops as on SIGTERM, to exit non-zero."""
+        if task.cancelled() and not self.accepting:
+            return  # cancelled by run() on the way out
+        error = None if task.cancelled() else task.exception()
+        if task.get_name() == "channel" and not task.cancelled() and error is None:
+            return
+        reason = describe(error) if error else "cancelled" if task.cancelled() else "it returned"
+        LIVENESS.streak(task.get_name()).died(reason)
+        logger.opt(exception=error).critical(f"the {task.get_name()} task died ({reason}); stopping, so that the "
+                                             "supervisor starts the service again")
+        self.exit_code = 1
+        self._stop.set()
+
+    async def close_network(self) -> None:
+        """The instance network for the agents, closed by the host's firewall, and the model relay into it."""
+        network = await self.runtime.ensure_network(self.settings.instance)
+        chains = await asyncio.to_thread(firewall.install, self.settings.instance, network.bridge)
+        logger.info(f"agents' network {network.name} ({', '.join(network.subnets)}) on {network.bridge}: closed to "
+                    f"the host, private and link-local addresses and each other (iptables {chains.forward}, "
+                    f"{chains.local})")
+        if self.relay is not None:
+            await self.relay.start()
 
     def health(self) -> dict[str, str | None]:
-        """Each dependency and what is wrong with it (None: fine). Runs on the metrics server's thread."""
-        return {"feishu": self.channel.health(), "docker": self.runtime.ping(), "store": self.store.writable()}
+        """Each dependency and each of the service's loops, and what is wrong with it (None: fine). Runs on the
+        metrics server's thread."""
+        checks = {"feishu": self.channel.health(), "docker": self.runtime.ping(), "store": self.store.writable(),
+                  **LIVENESS.checks()}
+        return {name: problem and self.mask(problem) for name, problem in checks.items()}
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if self._stop.is_set():
@@ -194,15 +241,36 @@ class Service:
         return running
 
     async def _housekeep_forever(self) -> None:
+        """Each housekeeping step on a loop of its own: one that fails (logged once, shown in /healthz, tried
+        again with backoff) holds up none of the others."""
         interval = max(1.0, min(HOUSEKEEPING_SECONDS, self.settings.containers.idle_stop / 2))
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self._stop_idle_containers()
-            except RuntimeFailure as exc:
-                logger.error(f"housekeeping: {exc}")
-            busy = {self.store.message(t.message_id).turn for t in self.turns.running.values()}
-            await asyncio.to_thread(turns.prune, self.settings.data_dir / "chats", KEEP_TURNS, busy)
+        steps = {"idle_stop": self._stop_idle_containers, "prune": self._prune_turns,
+                 "disk_budget": self._stop_containers_over_budget, "stranded": self._resume_stranded}
+        await asyncio.gather(*(repeat(LIVENESS.streak(f"housekeeping.{name}"), step, lambda: asyncio.sleep(interval))
+                               for name, step in steps.items()))
+
+    async def _prune_turns(self) -> None:
+        busy = {self.store.message(t.message_id).turn for t in self.turns.running.values()}
+        await asyncio.to_thread(turns.prune, self.settings.chats_dir, KEEP_TURNS, busy)
+
+    async def _resume_stranded(self) -> None:
+        """A message stored but never queued (the write after storing it failed, so it was not acked, and its
+        redelivery was taken for a duplicate) is handed on as at a start."""
+        for message in self.store.unfinished_messages():
+            if message.state is State.RECEIVED and message.received_at < time.time() - STRANDED_SECONDS:
+                logger.bind(chat_id=message.chat_id, message_id=message.message_id).warning(
+                    "stored but never queued; handing it on now")
+                self._dispatch(message, kind="text" if message.text else "non-text")
+
+    async def _stop_containers_over_budget(self) -> None:
+        """A chat's background jobs can fill its folders between turns: its container is stopped then."""
+        for container in await self._count_containers():
+            if container.chat_id in self.turns.running:
+                continue  # its turn measures and stops itself
+            over = await self.turns.check_disk(container.chat_id)
+            if over is not None:
+                logger.bind(chat_id=container.chat_id).warning(f"{over} Stopping its container.")
+                await self._stop_container(container.name, container.chat_id)
 
     async def _enforce_max_running(self, chat_id: str) -> None:
         if self.settings.containers.max_running:
@@ -213,7 +281,7 @@ class Service:
         containers = await self._count_containers()
         running = [Candidate(c.chat_id, c.name, chats[c.chat_id].last_activity or 0.0)
                    for c in containers if c.chat_id in chats]
-        busy = self.active | {chat_id for chat_id, queue in self.queues.items() if queue.qsize()}
+        busy = self.active | self.retrying | {chat_id for chat_id, queue in self.queues.items() if queue.qsize()}
         for candidate in containers_to_stop(running, busy, time.time(), self.settings.containers.idle_stop,
                                             self.settings.containers.max_running):
             logger.bind(chat_id=candidate.chat_id).info(f"stopping idle container {candidate.container_name}")
@@ -362,11 +430,39 @@ class Service:
         while True:
             message_id = await queue.get()
             try:
-                await self._handle(self.store.message(message_id))
-            except Exception:
-                logger.bind(message_id=message_id).exception("unexpected error while handling a message")
+                await retry(Streak("handling the message", logger.bind(message_id=message_id)),
+                            functools.partial(self._handle_stored, message_id))
             finally:
                 queue.task_done()
+
+    async def _handle_stored(self, message_id: str) -> None:
+        """Handle a queued message. When the store refuses a write meanwhile (another process holds it locked,
+        its disk is full), that is raised and the worker tries again until the store takes writes: the turn is
+        then followed, not run twice, as after a restart. Any other error fails the message."""
+        message = self.store.message(message_id)
+        if message.state in (State.QUEUED, State.RUNNING):  # not finished before a later write was refused
+            try:
+                await self._handle(message)
+            except Exception as exc:
+                if refused_for_now(exc):
+                    self.retrying.add(message.chat_id)  # its turn may go on in the container: not idle
+                    raise
+                await self._fail_unexpectedly(message, exc)
+        self.retrying.discard(message.chat_id)
+
+    async def _fail_unexpectedly(self, message: MessageRecord, error: Exception) -> None:
+        """A generic reason for the user, the details for the operators in the log; stored as soon as the store
+        takes it (not over an answer that was stored before the error)."""
+        log = logger.bind(chat_id=message.chat_id, message_id=message.message_id)
+        log.opt(exception=error).error(f"unexpected error while handling the message: {describe(error)}")
+
+        async def record() -> None:
+            if self.store.fail_unanswered(message.message_id, f"unexpected error: {describe(error)}",
+                                          UNEXPECTED_ERROR):
+                metrics.MESSAGES.labels("failed").inc()
+                self.deliverer.wake()
+
+        await retry(Streak("recording that the message failed", log), record)
 
     async def _handle(self, message: MessageRecord) -> None:
         log = logger.bind(chat_id=message.chat_id, message_id=message.message_id)

@@ -2,15 +2,18 @@
 
 Callers get plain records, never rows. Message state changes are conditional updates (see `states`),
 so a transition happens once even when two workers race for it. Nothing here clears a session id except
-`set_session`, which the service calls only on /new or when the CLI reports the session gone.
+`set_session`, which the service calls only on /new or when the CLI reports the session gone. Every text for
+a chat is kept with the secrets masked (`masking`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import sqlite3
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,13 +25,29 @@ from peewee import (
     IntegerField,
     IntegrityError,
     Model,
+    OperationalError,
     SqliteDatabase,
     TextField,
 )
 
+from orchestrator.masking import Masker
 from orchestrator.states import UNFINISHED, State, predecessors
 
 _database = DatabaseProxy()
+# SQLite's words for a write it refuses for now: another process holds the database (past busy_timeout), or
+# the disk is full (SQLITE_FULL, or an I/O error growing the WAL). Trying again later succeeds.
+_REFUSED_FOR_NOW = ("database is locked", "database table is locked", "database or disk is full", "disk i/o error")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+BUSY_TIMEOUT_MS = 2_000
+
+
+def refused_for_now(error: BaseException) -> bool:
+    """Whether `error` is the store (or the disk) refusing a write for now, not a bug: the work that hit it
+    should be done again once the store takes writes, rather than given up."""
+    if isinstance(error, OSError):
+        return error.errno in _DISK_FULL
+    return isinstance(error, OperationalError | sqlite3.OperationalError) and any(
+        words in str(error).lower() for words in _REFUSED_FOR_NOW)
 
 
 class _Table(Model):
@@ -160,12 +179,17 @@ def _outbox_record(row: _Outbox) -> OutboxRecord:
 
 
 class Store:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, secrets: Sequence[str] = ()) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self._mask = Masker(secrets)
         self.db = SqliteDatabase(str(path), pragmas={
             "journal_mode": "wal",
-            "busy_timeout": 10_000,
+            # How long a write waits for another process's (`orchestrator notify`, a backup) before it is refused.
+            # The service writes on its event loop, which waits with it: held locked for 15 s, a 10 s wait let the
+            # whole service try two writes in all. Refused writes are tried again with backoff (`refused_for_now`),
+            # and other writers hold the lock for milliseconds.
+            "busy_timeout": BUSY_TIMEOUT_MS,
             # In WAL mode NORMAL survives any crash of the orchestrator (kill -9, OOM) and never corrupts; only
             # a power loss of the host may roll back the last moment's commits. FULL would fsync each of the
             # ~8 writes of every message on the event loop (6.6 ms each here against 0.2 ms).
@@ -252,18 +276,20 @@ class Store:
 
     def mark_answered(self, message_id: str, answer: str, cost_usd: float | None,
                       duration_ms: int | None) -> bool:
-        return self._move(message_id, State.ANSWERED, answer=answer, cost_usd=cost_usd,
+        return self._move(message_id, State.ANSWERED, answer=self._mask(answer), cost_usd=cost_usd,
                           duration_ms=duration_ms)
 
     def mark_delivered(self, message_id: str) -> bool:
         return self._move(message_id, State.DELIVERED)
 
     def mark_failed(self, message_id: str, reason: str) -> bool:
-        return self._move(message_id, State.FAILED, error=reason)
+        return self._move(message_id, State.FAILED, error=self._mask(reason))
 
-    def _move(self, message_id: str, target: State, **fields: object) -> bool:
-        """Move a message to `target` if its current state allows it; False if it did not."""
-        allowed = [str(state) for state in predecessors(target)]
+    def _move(self, message_id: str, target: State, only_from: frozenset[State] | None = None,
+              **fields: object) -> bool:
+        """Move a message to `target` if its current state allows it (and is one of `only_from`, if given);
+        False if it did not."""
+        allowed = [str(state) for state in predecessors(target) & (only_from or frozenset(State))]
         updated = (_Message.update(state=target, updated_at=time.time(), **fields)
                    .where((_Message.message_id == message_id) & (_Message.state.in_(allowed)))
                    .execute())
@@ -286,6 +312,16 @@ class Store:
             self._say(self.message(message_id).chat_id, text, reply_to=message_id, card=card)
         return True
 
+    def fail_unanswered(self, message_id: str, reason: str, text: str) -> bool:
+        """As `fail`, but only while the message has no answer yet (received, queued or running): an error
+        after its answer was stored must not take the answer back."""
+        with self.db.atomic():
+            if not self._move(message_id, State.FAILED, only_from=UNFINISHED - {State.ANSWERED},
+                              error=self._mask(reason)):
+                return False
+            self._say(self.message(message_id).chat_id, text, reply_to=message_id)
+        return True
+
     # ---- outbox ----
 
     def say(self, chat_id: str, text: str, reply_to: str | None = None) -> OutboxRecord:
@@ -296,7 +332,7 @@ class Store:
              card: str | None = None) -> OutboxRecord:
         now = time.time()
         row = _Outbox.create(key=uuid.uuid4().hex, chat_id=chat_id, reply_to=reply_to, message_id=message_id,
-                             text=text, card=card, next_attempt_at=now, created_at=now)
+                             text=self._mask(text), card=card, next_attempt_at=now, created_at=now)
         return _outbox_record(row)
 
     def pending_outbox(self) -> int:

@@ -220,8 +220,11 @@ class TurnRunner:
         budget = resolve_chat(self.settings, chat_id).options.disk
         latest = self._disk.get(chat_id)
         age = asyncio.get_running_loop().time() - latest.at if latest else float("inf")
-        if fresh or age > self.settings.limits.disk_check_interval:
+        over = latest is not None and (latest.exhausted_entries or latest.used > budget)
+        if fresh or over or age > self.settings.limits.disk_check_interval:  # "over" is never taken on trust
             latest = self._disk[chat_id] = await asyncio.to_thread(disk.measure, paths.agent_folders())
+        if latest.too_deep:
+            return f"this chat's folders are nested more than {disk.MAX_DEPTH} levels deep."
         if latest.exhausted_entries:
             return f"this chat's folders hold more than {disk.MAX_ENTRIES:,} files."
         if latest.used > budget:

@@ -162,10 +162,13 @@ class OutputReader:
         return [line.decode(errors="replace") for line in kept]
 
     def rest(self) -> list[str]:
-        """Whatever follows the last newline, once the writer has ended."""
-        lines = self.new_lines()
-        while not self.over_limit and (more := self.new_lines()):
-            lines += more
+        """All lines not read yet and whatever follows the last newline, once the writer has ended."""
+        lines: list[str] = []
+        while not self.over_limit:  # to the end: a chunk inside one long line holds no line, yet more follows
+            offset = self.offset
+            lines += self.new_lines()
+            if self.offset == offset:
+                break
         if self._partial:
             lines.append(self._partial.decode(errors="replace"))
             self._partial = b""

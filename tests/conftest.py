@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -8,6 +9,7 @@ from typing import Any
 import docker
 import pytest
 
+from orchestrator import firewall, runtime
 from tests.fakes.anthropic import FakeAnthropic
 from tests.harness import AGENT_IMAGE, StoreView, write_config
 
@@ -35,11 +37,20 @@ def docker_client() -> Iterator[docker.DockerClient]:
 
 @pytest.fixture
 def instance(docker_client: docker.DockerClient) -> Iterator[str]:
-    """A fresh container-name prefix per test; its containers are removed afterwards."""
+    """A fresh instance name per test; its containers, its agents' network and its firewall chains are removed
+    afterwards (every start of an instance installs chains: they would pile up over a run)."""
     name = f"t{uuid.uuid4().hex[:8]}"
     yield name
-    for container in docker_client.containers.list(all=True, filters={"label": f"orchestrator.instance={name}"}):
+    remove_instance(docker_client, name)
+
+
+def remove_instance(client: docker.DockerClient, instance: str) -> None:
+    """Everything an orchestrator instance leaves on the host: containers, network, firewall chains."""
+    for container in client.containers.list(all=True, filters={"label": f"orchestrator.instance={instance}"}):
         container.remove(force=True)
+    with contextlib.suppress(docker.errors.NotFound):
+        client.networks.get(runtime.network_name(instance)).remove()
+    firewall.remove(instance, runtime.bridge_name(instance))
 
 
 @pytest.fixture

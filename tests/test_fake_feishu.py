@@ -141,6 +141,16 @@ def test_client_reconnects_after_the_server_drops_it(fake: FakeFeishu, ws: WsCli
     assert _text_of(received.get(timeout=5)) == "after reconnect"
 
 
+def test_a_refused_reconnect_ends_the_sdks_reconnecting_for_good(fake: FakeFeishu, ws: WsClientThread) -> None:
+    """What the orchestrator's watchdog is for: the SDK tries once, takes the answer as fatal, and stops."""
+    fake.refuse_connections()
+    assert fake.drop_connections() == 1
+    fake.wait_for(lambda: fake.refused_connections == 1, 10, "the reconnect, refused")
+    fake.refuse_connections(False)
+    time.sleep(3)  # nothing to wait for: the SDK would retry every ReconnectInterval (1 s) if it still tried
+    assert (fake.refused_connections, fake.connection_count, fake.open_connections) == (1, 1, 0)
+
+
 def test_a_failing_handler_is_acked_with_500(fake: FakeFeishu, ws: WsClientThread) -> None:
     assert fake.wait_ack(fake.push_event(fake.text_event(CHAT, "boom"))).code == 500
 

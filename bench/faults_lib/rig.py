@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import docker
 
+from tests.conftest import remove_instance
 from tests.fakes.anthropic import FakeAnthropic, latest_user_blocks, text_of
 from tests.fakes.feishu import BotMessage, FakeFeishu
 from tests.harness import Orchestrator, StoreView, wait_until, write_config
@@ -107,8 +108,7 @@ class Rig:
             self.bot.kill()
         self.feishu.stop()
         self.api.stop()
-        for container in self.containers():
-            container.remove(force=True)
+        remove_instance(self.docker, self.instance)
         self.docker.close()
         if self.result.ok and not any(exc):
             shutil.rmtree(self.root, ignore_errors=True)

@@ -1,23 +1,26 @@
 """Feishu (Lark) through the official lark-oapi SDK: events in, replies and streaming cards out.
 
 The only module that imports lark_oapi. Events arrive on the SDK's own thread (the long-connection
-client, which insists on its own event loop) or on the webhook server's threads; each is parsed, handed
-to the service's loop, and acknowledged once the service has stored it, so an event is never acked and
-then lost, and a slow agent never delays an ack. Every REST call that writes goes through one limiter
-(per chat and app-wide) and is retried on Feishu's rate-limit answers; the SDK's blocking calls run on
-this module's thread pool.
+client, which insists on its own event loop; a watchdog builds it anew when it stays down) or from the
+webhook server (feishu_webhook: signed, bounded); each is parsed, handed to the service's loop, and
+acknowledged once the service has stored it, so an event is never acked and then lost, and a slow agent
+never delays an ack. Every REST call that writes goes through one limiter (per chat and app-wide) and is
+retried on Feishu's rate-limit answers; the SDK's blocking calls run on this module's thread pool. Text
+leaves made safe to show as the bot (feishu_render: no mentions, tags or hidden links from the agent).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import hmac
 import json
 import threading
 import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import lark_oapi as lark
@@ -43,11 +46,14 @@ from lark_oapi.api.im.v1 import (
     ReplyMessageRequestBody,
 )
 from lark_oapi.core.exception import AccessTokenException, ObtainAccessTokenException
+from lark_oapi.core.utils import AESCipher
 from loguru import logger
 
 from orchestrator import metrics
 from orchestrator.channels import DeliveryFailed, Outgoing, Submit
 from orchestrator.channels.feishu_events import Ignored, parse_message_event
+from orchestrator.channels.feishu_render import card_markdown, message_text
+from orchestrator.channels.feishu_webhook import Refused, Verifier, WebhookLimits, WebhookServer
 from orchestrator.config import FeishuSettings
 from orchestrator.ratelimit import Limiter
 
@@ -62,7 +68,7 @@ ACK_WAIT_SECONDS = 2.5  # Feishu wants an answer within 3 s; past this the event
 # Feishu's window can catch one call more than ours did; widening ours by this much keeps us under its limit.
 WINDOW_MARGIN = 0.25
 ANSWER_ELEMENT = "answer"
-LONG_CONNECTION_RESTART_SECONDS = 30
+WATCH_INTERVAL = 1.0  # seconds between the watchdog's looks at the long connection
 REST_HEALTH_SECONDS = 60  # a failed API call makes the channel unhealthy this long, unless one succeeds
 TYPING = "Typing"
 
@@ -89,7 +95,10 @@ class FeishuChannel:
         self._sequence = 0
         self.bot_open_id = ""
         self._ws: lark.ws.Client | None = None
-        self._webhook: ThreadingHTTPServer | None = None
+        self._ws_loop: asyncio.AbstractEventLoop | None = None
+        self._rebuild = threading.Event()  # set by the watchdog: drop the long-connection client, build a new one
+        self._ws_lock = threading.Lock()  # the client's loop is stopped only while it runs a client
+        self._webhook: WebhookServer | None = None
         self._rest_failed_at = 0.0
         self._rest_ok_at = 0.0
         self._rest_problem = ""
@@ -103,14 +112,10 @@ class FeishuChannel:
         handler = (lark.EventDispatcherHandler.builder(self.settings.encrypt_key, self.settings.verification_token)
                    .register_p2_im_message_receive_v1(lambda data: self._on_message(loop, submit, data)).build())
         if self.settings.mode == "webhook":
-            self._serve_webhook(handler)
+            await self._serve_webhook(handler)
         else:
             threading.Thread(target=self._run_long_connection, args=(handler,), name="feishu-ws", daemon=True).start()
-        try:
-            await asyncio.Event().wait()  # events are handed over by the threads above
-        finally:
-            if self._webhook is not None:
-                self._webhook.shutdown()
+            await self._watch_long_connection()
 
     def _on_message(self, loop: asyncio.AbstractEventLoop, submit: Submit, data: P2ImMessageReceiveV1) -> None:
         """On an SDK thread. Returns (and so acks) only once the service has stored the message."""
@@ -129,51 +134,90 @@ class FeishuChannel:
             raise TimeoutError("the service did not take the message in time; Feishu will deliver it again") from None
 
     def _run_long_connection(self, handler: lark.EventDispatcherHandler) -> None:
-        # The SDK's client runs on a module-level loop captured at import; it must be this thread's own.
+        """On its own thread: a client, until it fails for good or the watchdog drops it; then a new one."""
+        while True:
+            try:
+                self._connect_once(handler)
+            except Exception as exc:  # this thread must outlive anything, or nothing would ever connect again
+                logger.opt(exception=exc).error(f"the Feishu long connection failed: {exc!r}")
+            self._rebuild.wait(self.settings.reconnect_after)
+
+    def _connect_once(self, handler: lark.EventDispatcherHandler) -> None:
+        self._rebuild.clear()
+        # The SDK's client runs on a module-level loop captured at import; it must be this thread's own, and a
+        # fresh one per client, so nothing of a dropped client can run beside the next one.
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
-        lark_ws_client.loop = loop
-        while True:
-            self._ws = lark.ws.Client(self.settings.app_id, self.settings.app_secret, event_handler=handler,
-                                      domain=self.settings.domain, log_level=lark.LogLevel.WARNING)
-            logger.info(f"connecting to Feishu over the long connection ({self.settings.domain})")
-            try:
-                self._ws.start()  # reconnects by itself; returns only on a fatal error such as bad credentials
-            except Exception as exc:
+        client = lark.ws.Client(self.settings.app_id, self.settings.app_secret, event_handler=handler,
+                                domain=self.settings.domain, log_level=lark.LogLevel.WARNING)
+        with self._ws_lock:
+            lark_ws_client.loop = self._ws_loop = loop
+            self._ws = client
+        logger.info(f"connecting to Feishu over the long connection ({self.settings.domain})")
+        try:
+            client.start()  # reconnects by itself; ends only by raising: a fatal error, or the watchdog
+        except Exception as exc:
+            if not self._rebuild.is_set():
                 logger.error(f"the Feishu long connection stopped ({exc}); starting it again in "
-                             f"{LONG_CONNECTION_RESTART_SECONDS} s")
-            time.sleep(LONG_CONNECTION_RESTART_SECONDS)
+                             f"{self.settings.reconnect_after:g} s")
+        finally:
+            with self._ws_lock:  # from now on the watchdog leaves this loop alone
+                self._ws_loop = None
+            _dispose(loop, client)
 
-    def _serve_webhook(self, handler: lark.EventDispatcherHandler) -> None:
-        path = self.settings.webhook_path
+    async def _watch_long_connection(self) -> None:
+        """The SDK's reconnect can die while start() sleeps on (an endpoint answer it takes as fatal, such as
+        "too many connections", ends its reconnect task), and nothing else would notice: down for
+        `reconnect_after` seconds, the client is dropped and a new one built, again each such period."""
+        down_since: float | None = None
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            now = time.monotonic()
+            if self._connected():
+                down_since = None
+            elif down_since is None:
+                down_since = now
+            elif now - down_since >= self.settings.reconnect_after:
+                logger.warning(f"the long connection to Feishu has been down for {now - down_since:.0f} s; "
+                               "building it anew")
+                down_since = now
+                self._rebuild.set()
+                with self._ws_lock:
+                    if self._ws_loop is not None:  # start() then raises, and its thread builds a new client
+                        self._ws_loop.call_soon_threadsafe(self._ws_loop.stop)
 
-        class Webhook(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
+    def _connected(self) -> bool:
+        return self._ws is not None and self._ws._conn is not None  # the SDK has no public state; _conn when up
 
-            def do_POST(self) -> None:
-                if self.path.split("?", 1)[0] != path:
-                    self.send_error(404)
-                    return
-                request = lark.RawRequest()
-                request.uri = self.path
-                request.body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                # the SDK looks headers up case-sensitively, in the canonical case
-                request.headers = {"-".join(p.capitalize() for p in k.split("-")): v for k, v in self.headers.items()}
-                response = handler.do(request)
-                if response.status_code != 200:
-                    logger.warning(f"webhook request refused: {(response.content or b'').decode(errors='replace')}")
-                self.send_response(response.status_code)
-                self.send_header("Content-Type", "application/json; charset=utf-8")
-                self.send_header("Content-Length", str(len(response.content or b"")))
-                self.end_headers()
-                self.wfile.write(response.content or b"")
+    async def _serve_webhook(self, handler: lark.EventDispatcherHandler) -> None:
+        settings = self.settings
+        limits = WebhookLimits(max_body=settings.webhook_max_body, max_connections=settings.webhook_max_concurrent,
+                               read_timeout=settings.webhook_timeout)
+        self._webhook = WebhookServer(settings.webhook_host, settings.webhook_port, settings.webhook_path, limits,
+                                      Verifier(settings.encrypt_key), functools.partial(self._dispatch, handler),
+                                      self._challenge)
+        await self._webhook.serve()
 
-        self._webhook = ThreadingHTTPServer((self.settings.webhook_host, self.settings.webhook_port), Webhook)
-        self._webhook.daemon_threads = True
-        threading.Thread(target=self._webhook.serve_forever, name="feishu-webhook", daemon=True).start()
-        host, port = self._webhook.server_address[:2]
-        logger.info(f"listening for Feishu events on http://{host}:{port}{path}")
+    def _dispatch(self, handler: lark.EventDispatcherHandler, headers: dict[str, str], body: bytes) -> bytes:
+        """A request whose signature was checked, to the SDK (which decrypts it and checks it again)."""
+        request = lark.RawRequest()
+        request.uri, request.headers, request.body = self.settings.webhook_path, headers, body
+        response = handler.do(request)
+        if response.status_code != 200:  # its reason (bad padding, a wrong token, ...) is for the log only
+            raise Refused(f"lark-oapi refused it: {(response.content or b'')[:200].decode(errors='replace')}")
+        return response.content or b""
+
+    def _challenge(self, body: bytes) -> bytes:
+        """Feishu's URL verification, the one request that comes unsigned: it must decrypt with the Encrypt Key
+        and carry the Verification Token. Every way it can fail is one reason, so the log is no oracle either."""
+        token = self.settings.verification_token.encode()
+        try:
+            plain = json.loads(AESCipher(self.settings.encrypt_key).decrypt_str(json.loads(body)["encrypt"]))
+            if plain["type"] == "url_verification" and hmac.compare_digest(str(plain["token"]).encode(), token):
+                return json.dumps({"challenge": str(plain["challenge"])}).encode()
+        except (ValueError, KeyError, TypeError):  # not JSON, not base64, bad padding, not an object, ...
+            pass
+        raise Refused("unsigned, and not Feishu's URL verification")
 
     async def _bot_open_id(self) -> str:
         request = (lark.BaseRequest.builder().http_method(lark.HttpMethod.GET).uri("/open-apis/bot/v3/info")
@@ -189,9 +233,9 @@ class FeishuChannel:
     def health(self) -> str | None:
         """None when events can arrive and the last API call went through; otherwise what is wrong."""
         if self.settings.mode == "webhook":
-            if self._webhook is None:
+            if self._webhook is None or not self._webhook.listening:
                 return "the webhook server is not listening"
-        elif self._ws is None or self._ws._conn is None:  # the SDK has no public state; _conn is None when down
+        elif not self._connected():
             return "the long connection to Feishu is down"
         if self._rest_failed_at > self._rest_ok_at and time.monotonic() - self._rest_failed_at < REST_HEALTH_SECONDS:
             return f"Feishu API calls fail: {self._rest_problem}"
@@ -225,7 +269,7 @@ class FeishuChannel:
             await self.send_text(item.chat_id, chunk, item.reply_to, f"{item.key}-{number}")
 
     async def send_text(self, chat_id: str, text: str, reply_to: str | None, key: str) -> str:
-        return await self._send(chat_id, "text", json.dumps({"text": text}), reply_to, key)
+        return await self._send(chat_id, "text", json.dumps({"text": message_text(text)}), reply_to, key)
 
     async def send_card(self, chat_id: str, card_id: str, reply_to: str | None, key: str) -> str:
         content = json.dumps({"type": "card", "data": {"card_id": card_id}})
@@ -249,7 +293,8 @@ class FeishuChannel:
             "config": {"streaming_mode": True, "summary": {"content": "Working…"},
                        "streaming_config": {"print_frequency_ms": {"default": 30}, "print_step": {"default": 2},
                                             "print_strategy": "fast"}},
-            "body": {"elements": [{"tag": "markdown", "element_id": ANSWER_ELEMENT, "content": text}]},
+            "body": {"elements": [{"tag": "markdown", "element_id": ANSWER_ELEMENT,
+                                   "content": card_markdown(text)}]},
         }
         body = CreateCardRequestBody.builder().type("card_json").data(json.dumps(card, ensure_ascii=False)).build()
         response = await self._call(self.client.cardkit.v1.card.create,
@@ -257,14 +302,15 @@ class FeishuChannel:
         return str(response.data.card_id)
 
     async def stream_card(self, chat_id: str, card_id: str, text: str) -> None:
-        body = ContentCardElementRequestBody.builder().content(text).sequence(self._next_sequence()).build()
+        body = (ContentCardElementRequestBody.builder().content(card_markdown(text)).sequence(self._next_sequence())
+                .build())
         request = (ContentCardElementRequest.builder().card_id(card_id).element_id(ANSWER_ELEMENT)
                    .request_body(body).build())
         await self._call(self.client.cardkit.v1.card_element.content, request, chat_id, ("card", card_id))
 
     async def finish_card(self, chat_id: str, card_id: str, text: str) -> None:
         await self.stream_card(chat_id, card_id, text)
-        settings = {"config": {"streaming_mode": False, "summary": {"content": text[:60]}}}
+        settings = {"config": {"streaming_mode": False, "summary": {"content": message_text(text[:60])}}}
         body = (SettingsCardRequestBody.builder().settings(json.dumps(settings, ensure_ascii=False))
                 .sequence(self._next_sequence()).build())
         await self._call(self.client.cardkit.v1.card.settings,
@@ -408,6 +454,19 @@ class FeishuDisplay:
                 await self.channel.remove_reaction(self.chat_id, self.message_id, self.reaction_id)
             except FeishuError as exc:
                 self.log.warning(f"could not remove the Typing reaction: {exc}")
+
+
+def _dispose(loop: asyncio.AbstractEventLoop, client: lark.ws.Client) -> None:
+    """Cancel what a dropped client left on its loop (its receive, ping and reconnect tasks), close its
+    connection and the loop: it can neither reconnect later nor take events beside its successor."""
+    tasks = asyncio.all_tasks(loop)
+    for task in tasks:
+        task.cancel()
+    with contextlib.suppress(Exception):  # a stop the watchdog sent as start() failed by itself ends this early
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    with contextlib.suppress(Exception):  # a connection that cannot even be closed is dropped with the loop
+        loop.run_until_complete(asyncio.wait_for(client._disconnect(), 5))
+    loop.close()
 
 
 def _error_of(response: Any) -> FeishuError | None:

@@ -44,3 +44,14 @@ def start(feishu: FakeFeishu) -> Iterator[Callable[[Path], Orchestrator]]:
     for bot in started:
         if bot.process.poll() is None:
             bot.kill()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """On a failure, the tail of every orchestrator log the test wrote, in the report (CI shows nothing else)."""
+    report = yield
+    tmp_path = getattr(item, "funcargs", {}).get("tmp_path")
+    if report.failed and call.when == "call" and tmp_path is not None:
+        for log in sorted(Path(tmp_path).glob("orchestrator-*.log")):
+            report.sections.append((f"log {log.name} (tail)", log.read_text(errors="replace")[-6000:]))
+    return report

@@ -34,9 +34,11 @@ def assert_settled(store_view: StoreView, config: Path, *chat_ids: str) -> None:
 
 
 def turn_intervals(data_dir: Path, chat_id: str) -> list[tuple[float, float]]:
-    """When each turn of a chat started and ended, from its files (prompt written, exit code written)."""
-    turns = sorted((data_dir / "chats" / chat_id / "turns").iterdir(), key=lambda p: p.stat().st_mtime)
-    return [((t / "prompt").stat().st_mtime, (t / "exit_code").stat().st_mtime) for t in turns]
+    """When each turn of a chat started and ended, from its files (prompt written in the chat's input folder,
+    exit code written in the turn's folder)."""
+    chat_dir = data_dir / "chats" / chat_id
+    return [((chat_dir / "input" / turn.name).stat().st_mtime, (turn / "exit_code").stat().st_mtime)
+            for turn in (chat_dir / "turns").iterdir()]
 
 
 def max_overlap(intervals: list[tuple[float, float]]) -> int:
@@ -46,7 +48,8 @@ def max_overlap(intervals: list[tuple[float, float]]) -> int:
 
 
 def test_kill_9_during_a_turn_and_a_turn_that_ends_while_down_are_each_delivered_once(
-        feishu: FakeFeishu, feishu_config, start, fake_api: FakeAnthropic, store_view: StoreView) -> None:
+        feishu: FakeFeishu, feishu_config, start, fake_api: FakeAnthropic, store_view: StoreView,
+        tmp_path: Path) -> None:
     config = feishu_config()
     bot = start(config)
     slow, quick = chat(), chat()
@@ -55,7 +58,10 @@ def test_kill_9_during_a_turn_and_a_turn_that_ends_while_down_are_each_delivered
     turn_started(fake_api, "SLOW 6 outlive the crash")
     turn_started(fake_api, "SLOW 1 finish while it is down")
     bot.kill()
-    time.sleep(3)  # the quick turn ends in its container meanwhile; the slow one goes on
+    # the quick turn ends in its container meanwhile; the slow one goes on
+    quick_turns = tmp_path / "data" / "chats" / quick / "turns"
+    wait_until(lambda: any(quick_turns.glob("*/exit_code")), 30, "the quick turn to end while the service is down")
+    assert not any((tmp_path / "data" / "chats" / slow / "turns").glob("*/exit_code"))
 
     start(config, connections=2)
     wait_answer(feishu, slow, "Fake answer to: SLOW 6 outlive the crash")

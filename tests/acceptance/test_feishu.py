@@ -4,6 +4,7 @@ CLI in the real image against the fake Messages API."""
 from __future__ import annotations
 
 import json
+import re
 import urllib.request
 import uuid
 
@@ -81,6 +82,45 @@ def test_long_connection_dropped_by_the_server_reconnects(feishu: FakeFeishu, fe
     wait_answer(feishu, chat_id, "Fake answer to: after the drop")
 
 
+def test_long_connection_is_built_anew_when_the_sdk_gives_up_reconnecting(feishu: FakeFeishu, feishu_config,
+                                                                         start) -> None:
+    """lark-oapi's reconnect ends for good on an endpoint answer it takes as fatal (here: too many connections)
+    while start() sleeps on; after feishu.reconnect_after seconds down, the watchdog builds a new client."""
+    metrics_port = free_port()
+    bot = start(feishu_config({"reconnect_after": 2}, metrics={"listen": f"127.0.0.1:{metrics_port}"}))
+    healthz = f"http://127.0.0.1:{metrics_port}/healthz"
+    chat_id = chat()
+    feishu.refuse_connections()
+    assert feishu.drop_connections() == 1
+    wait_until(lambda: feishu.refused_connections >= 1, 30, "the SDK's reconnect, refused")
+    bot.wait_log("s; building it anew", timeout=30)
+    status, body = get(healthz)
+    assert (status, json.loads(body)["checks"]["feishu"]) == (503, "the long connection to Feishu is down")
+    wait_until(lambda: feishu.refused_connections >= 2, 30, "a new client, refused too")
+    feishu.refuse_connections(False)
+    feishu.wait_connected(timeout=30, total=2)
+    feishu.push_event(feishu.text_event(chat_id, "after the watchdog"))
+    wait_answer(feishu, chat_id, "Fake answer to: after the watchdog")
+    assert json.loads(get(healthz)[1])["checks"]["feishu"] == "ok"
+    assert feishu.open_connections == 1  # the dropped client is gone, not connected beside the new one
+
+
+def test_agent_text_cannot_mention_everyone_nor_hide_a_link(feishu: FakeFeishu, feishu_config, start) -> None:
+    """The fake model answers with the prompt, so the agent's text is whatever the user wrote: every way it
+    leaves for Feishu (the streaming card, its summary, the text messages past the card's size) is checked."""
+    start(feishu_config())
+    chat_id = chat()
+    hostile, marker = "<at id=all></at> see [the docs](https://evil.example/login) <font color='red'>!</font>", chat()
+    feishu.push_event(feishu.text_event(chat_id, f"{hostile} {'x' * 8100} <at user_id=\"all\"></at> {marker}"))
+    wait_answer(feishu, chat_id, marker)
+    card_message, text_message = feishu.messages(chat_id)
+    card = feishu.card(card_message.card_id)
+    shown = [*card.versions, card.json["config"]["summary"]["content"], text_message.text]
+    assert not [text for text in shown if re.search(r"<(at|font)|\]\(", text)], shown
+    assert "see the docs (https://evil.example/login)" in card.text
+    assert card.text.replace("\u200b", "").startswith("Fake answer to: <at id=all></at> see the docs")
+
+
 def test_rate_limited_sends_all_arrive_in_order_within_the_configured_rates(
         feishu: FakeFeishu, feishu_config, start, store_view: StoreView) -> None:
     config = feishu_config({"rate_per_chat": 3, "rate_per_app": 6})
@@ -135,6 +175,14 @@ def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()

@@ -5,6 +5,7 @@ Real engine, real agent image, real CLI, real SQLite; the Messages API is the fa
 
 from __future__ import annotations
 
+import re
 import uuid
 from pathlib import Path
 
@@ -38,14 +39,19 @@ def test_new_chat_gets_a_capped_labelled_non_root_container_and_an_answer(
     assert host["PidsLimit"] == 64
     assert host["CapDrop"] == ["ALL"]
     assert "no-new-privileges" in host["SecurityOpt"]
-    assert host["NetworkMode"] == "host"
+    assert host["NetworkMode"] == f"{instance}-agents"  # the instance's own network, not the host's
+    assert host["ReadonlyRootfs"] is True
     assert container.labels["orchestrator.managed"] == "true"
     assert container.labels["orchestrator.chat_id"] == "alpha"
-    chat_dir = tmp_path / "data" / "chats" / "alpha"
-    mounts = {m["Destination"]: m["Source"] for m in container.attrs["Mounts"]}
-    assert mounts == {"/workspace": str(chat_dir / "workspace"), "/home/agent/.claude": str(chat_dir / "claude"),
-                      "/turns": str(chat_dir / "turns")}
-    assert not any("docker.sock" in source for source in mounts.values())
+    data = tmp_path / "data"
+    chat_dir = data / "chats" / "alpha"
+    mounts = {m["Destination"]: (m["Source"], m["RW"]) for m in container.attrs["Mounts"]}
+    # the agent writes its folders; its prompts and the model relay's socket are root's, read-only to it
+    assert mounts == {"/workspace": (str(chat_dir / "workspace"), True),
+                      "/home/agent/.claude": (str(chat_dir / "claude"), True),
+                      "/turns": (str(chat_dir / "turns"), True), "/input": (str(chat_dir / "input"), False),
+                      "/run/orchestrator": (str(data / "run"), False)}
+    assert not any("docker.sock" in source for source, _ in mounts.values())
     assert container.attrs["Config"]["User"] == "1000:1000"
     assert container.exec_run(["id", "-u"]).output.decode().strip() == "1000"
     # the caps are the kernel's, not only the engine's bookkeeping
@@ -164,15 +170,17 @@ def test_a_crashed_cli_ends_the_turn_with_a_recorded_error(
     bot = Orchestrator(make_config(), chat="epsilon")
     bot.send("SLOW 30 then crash")
     # once the CLI is waiting on the model, kill it the way the kernel would
-    pid_file = tmp_path / "data" / "chats" / "epsilon" / "turns" / "1-1" / "pid"
-    pid = wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), 60, "the CLI's pid")
+    turns = tmp_path / "data" / "chats" / "epsilon" / "turns"
+    pid_file = wait_until(lambda: next(turns.glob("*/pid"), None), 60, "the turn's pid file")
+    pid = wait_until(lambda: pid_file.read_text().strip(), 60, "the CLI's pid")
     wait_until(lambda: fake_api.requests_mentioning("SLOW 30 then crash"), 60, "the CLI to call the model")
     docker_client.containers.get(f"{instance}-epsilon").exec_run(["kill", "-KILL", pid])
     bot.wait_output("Claude Code stopped without an answer")
     assert bot.finish() == 0
     message = store_view.messages("epsilon")[0]
     assert message["state"] == "failed"
-    assert "stopped without an answer (exit code 137" in message["error"]
+    assert "stopped without an answer (exit code 137)" in message["error"]
+    assert message["turn"] == pid_file.parent.name and re.fullmatch(r"\d+-1-[0-9a-f]{16}", message["turn"])
 
 
 def test_a_silent_cli_is_stopped_after_the_idle_timeout(make_config, store_view: StoreView) -> None:

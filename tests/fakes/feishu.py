@@ -11,7 +11,8 @@ It serves what our service uses, on the real wire protocol:
   with pongs that carry a fast-reconnect ClientConfig, pushes events (`push_event`, optionally split over
   several frames) and records the client's acks (`acks`, `wait_ack`).
 - Faults and measurement: `rate_limit` (HTTP 429, code 99991400, x-ogw-ratelimit-* headers), `set_down`
-  (HTTP 503, or hang up without answering), `drop_connections` (the client must reconnect), `max_rate`
+  (HTTP 503, or hang up without answering), `drop_connections` (the client must reconnect),
+  `refuse_connections` (an endpoint answer the SDK takes as fatal: its reconnect gives up for good), `max_rate`
   (the densest window of accepted write calls, per app or per chat) and `rejected_count`.
 - Event builders (`text_event`, `post_event`) producing real `im.message.receive_v1` v2 envelopes, and
   webhook helpers (`encrypt_body`, `signature_headers`, `webhook_request`, `url_verification`) that the
@@ -80,7 +81,9 @@ from websockets.protocol import State
 
 TENANT_TOKEN = "t-fake"
 APP_TOKEN = "a-fake"
+VERIFICATION_TOKEN = "v-fake"
 RATE_LIMIT_CODE = 99991400
+EXCEED_CONN_LIMIT = 1000040350  # lark_oapi.ws.const: the app has too many long connections
 TEXT_LIMIT = 150 * 1024
 CARD_LIMIT = 30 * 1024
 MAX_EDITS = 20
@@ -200,8 +203,8 @@ class FakeFeishu:
     """The fake platform. Every public method is safe to call from any thread."""
 
     def __init__(self, app_id: str = "cli_fake", app_secret: str = "fake-secret", *, bot_open_id: str = "ou_bot",
-                 bot_name: str = "FakeBot", verification_token: str = "v-fake", tenant_key: str = "tenant-fake",
-                 ping_interval: int = 120, reconnect_interval: int = 1) -> None:
+                 bot_name: str = "FakeBot", verification_token: str = VERIFICATION_TOKEN,
+                 tenant_key: str = "tenant-fake", ping_interval: int = 120, reconnect_interval: int = 1) -> None:
         self.app_id, self.app_secret = app_id, app_secret
         self.bot_open_id, self.bot_name = bot_open_id, bot_name
         self.verification_token, self.tenant_key = verification_token, tenant_key
@@ -224,6 +227,8 @@ class FakeFeishu:
         self._pings = 0
         self._stopping = False
         self._retired = 0
+        self._refusing: int | None = None
+        self._refused_connections = 0
         self._routes = self._route_table()
         self._http = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._http.daemon_threads = True
@@ -318,6 +323,12 @@ class FakeFeishu:
         return [conn for conn in self._conns if conn.ws.state is State.OPEN]
 
     @property
+    def refused_connections(self) -> int:
+        """How many long-connection endpoint calls `refuse_connections` refused."""
+        with self._cond:
+            return self._refused_connections
+
+    @property
     def pings(self) -> int:
         with self._cond:
             return self._pings
@@ -373,6 +384,13 @@ class FakeFeishu:
         whose connection drops cannot come back until the fake is up again."""
         with self._cond:
             self._down = ("hang_up" if hang_up else "503") if down else None
+
+    def refuse_connections(self, refusing: bool = True, *, code: int = EXCEED_CONN_LIMIT) -> None:
+        """Answer the long-connection endpoint with `code` until called with False. lark-oapi takes every code but
+        0, 1 and 1000040343 as fatal (as for bad credentials): a client whose connection drops tries once, and
+        its reconnect task ends for good while start() sleeps on."""
+        with self._cond:
+            self._refusing = code if refusing else None
 
     # ----- long connection -------------------------------------------------------------------------------
 
@@ -655,6 +673,9 @@ class FakeFeishu:
             return _error(200, 403, "fake feishu is stopped (fake)")
         if (body.get("AppID"), body.get("AppSecret")) != (self.app_id, self.app_secret):
             return _error(200, 403, "invalid app credentials (fake)")
+        if self._refusing is not None:
+            self._refused_connections += 1
+            return _error(200, self._refusing, "the app has too many long connections (fake)")
         url = f"ws://127.0.0.1:{self.ws_port}/ws?device_id=fake-{uuid.uuid4().hex[:12]}&service_id=1"
         return _ok({"URL": url, "ClientConfig": self.client_config})
 

@@ -97,4 +97,50 @@ def test_cli_that_exits_without_a_result() -> None:
     assert result.reason == "Claude Code stopped without an answer (exit code 137)."
     assert result.detail == "Killed"  # stderr is the operator's, in the log: the chat does not see it
     assert result.partial_text == "Done: the answer is 4."
-    assert "no output" in outcome(Transcript(), 1, "").reason
+    silent = outcome(Transcript(), 1, "")
+    assert isinstance(silent, Failure) and silent.detail == "no output"
+
+
+def texts(*parts: str, answer_bytes: int) -> Transcript:
+    transcript = Transcript(answer_bytes=answer_bytes)
+    for part in parts:
+        transcript.add(Text(part))
+    return transcript
+
+
+def test_answer_text_is_kept_up_to_the_cap_in_utf8_bytes() -> None:
+    exact = texts("a" * 10, answer_bytes=10)
+    assert exact.text_so_far == "a" * 10 and not exact.truncated
+    cut = texts("你好世界", answer_bytes=7)  # 3 bytes each: two fit, the third would be split
+    assert cut.truncated and cut.texts == ["你好"]
+    assert cut.text_so_far == "你好\n\n(The answer was cut here: it was longer than 7 bytes.)"
+    big = texts("x" * 3_000_000, answer_bytes=1_000_000)
+    assert big.texts == ["x" * 1_000_000]
+    assert "longer than 1,000,000 bytes" in big.text_so_far
+
+
+def test_the_cap_holds_over_many_texts_and_nothing_follows_the_cut() -> None:
+    many = texts(*["ab"] * 1000, answer_bytes=20)
+    kept = many.text_so_far.split("\n\n(The answer was cut here")[0]
+    assert many.truncated and len(kept.encode()) <= 20
+    after = texts("x" * 8, "é" * 5, "y", answer_bytes=10)  # "é" does not fit; "y" would, but comes after the cut
+    assert after.texts == ["x" * 8] and after.truncated
+
+
+def test_the_cut_answer_is_the_answer_with_its_note() -> None:
+    transcript = Transcript(answer_bytes=1024)
+    for event in [*parse_line(json.dumps(INIT)), Text("z" * 5000), *parse_line(json.dumps(SUCCESS))]:
+        transcript.add(event)
+    answer = outcome(transcript, 0, "")
+    assert isinstance(answer, Answer)
+    assert answer.text.startswith("z" * 1024 + "\n\n(The answer was cut here")
+    assert "Done: the answer is 4." not in answer.text
+
+
+def test_failure_detail_holds_the_last_stderr_line_and_the_reason_does_not() -> None:
+    stderr = "FEISHU_APP_SECRET=s3cr3t\nTypeError: boom at /app/cli.js:1\n\n"
+    failure = outcome(transcript_of(INIT), 1, stderr)
+    assert isinstance(failure, Failure)
+    assert failure.detail == "TypeError: boom at /app/cli.js:1"
+    assert "boom" not in failure.reason and "s3cr3t" not in failure.reason
+    assert len(outcome(transcript_of(INIT), 1, "y" * 10_000).detail) <= 300

@@ -156,3 +156,108 @@ def test_numbers_booleans_and_list_items_from_the_environment(tmp_path: Path) ->
     assert settings.access.allowed_chats == ("oc_from_env", "oc_fixed")
     message = error_of(tmp_path, {"defaults": {"pids_limit": "${PIDS}"}}, {"PIDS": "many"})
     assert message == "bot.yaml: defaults.pids_limit: 'many' must be a whole number above 0"
+
+
+@pytest.mark.parametrize("missing", ["encrypt_key", "verification_token"])
+def test_webhook_mode_without_both_keys_is_refused_by_config_check_and_run(tmp_path: Path, missing: str) -> None:
+    """Without them lark-oapi checks nothing: anyone reaching the port could post events as any user."""
+    feishu = {"app_id": "cli_x", "app_secret": "s", "mode": "webhook", "encrypt_key": "k", "verification_token": "t"}
+    config = write(tmp_path, {"feishu": {**feishu, missing: ""}, "agent": {"env": {"ANTHROPIC_API_KEY": "sk-x"}}})
+    for command in (["config", "check"], ["run"]):
+        result = subprocess.run([sys.executable, "-m", "orchestrator.cli", *command, "--config", str(config)],
+                                capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert result.returncode == 2, (command, result.stderr)
+        assert f"bot.yaml: feishu.{missing}: webhook mode needs the Encrypt Key and the Verification Token" \
+            in result.stderr
+    assert load_settings(write(tmp_path, {"feishu": feishu}), {}).feishu.mode == "webhook"
+    assert load_settings(write(tmp_path, {"feishu": {**feishu, "mode": "websocket", missing: ""}}), {})
+
+
+def test_webhook_bounds_and_the_reconnect_period(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, {"feishu": {"webhook_max_body": "64k", "webhook_max_concurrent": 8,
+                                                         "webhook_timeout": 2.5, "reconnect_after": 5}}), {})
+    feishu = settings.feishu
+    assert (feishu.webhook_max_body, feishu.webhook_max_concurrent, feishu.webhook_timeout, feishu.reconnect_after) \
+        == (64 * 1024, 8, 2.5, 5.0)
+    assert error_of(tmp_path, {"feishu": {"webhook_max_concurrent": 0}}) == \
+        "bot.yaml: feishu.webhook_max_concurrent: 0 must be a whole number above 0"
+    assert "feishu.webhook_max_body: '-1' is not a size" in error_of(tmp_path, {"feishu": {"webhook_max_body": "-1"}})
+    assert "feishu.reconnect_after" in error_of(tmp_path, {"feishu": {"reconnect_after": 0}})
+
+
+@pytest.mark.parametrize("network", ["host", "bridge", "container:other", "some-network"])
+def test_a_network_beyond_the_instance_needs_unsafe_network_named_in_the_error(tmp_path: Path, network: str) -> None:
+    message = error_of(tmp_path, {"defaults": {"network": network}})
+    assert message.startswith(f"bot.yaml: defaults.network: {network!r} lets the agent reach the host")
+    assert "defaults.unsafe_network: true" in message
+    message = error_of(tmp_path, {"groups": {"oc_a": {"network": network}}})
+    assert message.startswith("bot.yaml: groups.oc_a.network: ") and "groups.oc_a.unsafe_network: true" in message
+    settings = load_settings(write(tmp_path, {"defaults": {"network": network, "unsafe_network": True}}), {})
+    assert settings.defaults.network == network
+    settings = load_settings(write(tmp_path, {"groups": {"oc_a": {"network": network, "unsafe_network": "true"}}}), {})
+    assert resolve_chat(settings, "oc_a").options.network == network
+    assert resolve_chat(settings, "oc_b").options.network == "instance"
+    settings = load_settings(write(tmp_path, {"defaults": {"unsafe_network": True},
+                                              "groups": {"oc_a": {"network": network}}}), {})
+    assert resolve_chat(settings, "oc_a").options.network == network  # the group inherits the acceptance
+    message = error_of(tmp_path, {"defaults": {"network": network, "unsafe_network": True},
+                                  "groups": {"oc_a": {"unsafe_network": False}}})
+    assert message.startswith("bot.yaml: groups.oc_a.network: ")  # a group may take the acceptance back
+
+
+def test_the_instance_network_and_none_need_nothing(tmp_path: Path) -> None:
+    assert ChatOptions().network == "instance" and not ChatOptions().unsafe_network
+    settings = load_settings(write(tmp_path, {"defaults": {"network": "none"},
+                                              "groups": {"oc_a": {"network": "instance"}}}), {})
+    assert settings.defaults.network == "none"
+    assert resolve_chat(settings, "oc_a").options.network == "instance"
+    assert "defaults.network: must name a network" in error_of(tmp_path, {"defaults": {"network": ""}})
+
+
+def test_disk_budget_and_tmp_size(tmp_path: Path) -> None:
+    assert (ChatOptions().disk, ChatOptions().tmp_size) == (10 * 1024**3, 256 * 1024**2)
+    settings = load_settings(write(tmp_path, {"defaults": {"disk": "20g", "tmp_size": "64m"},
+                                              "groups": {"oc_a": {"disk": "1.5g"}}}), {})
+    assert (settings.defaults.disk, settings.defaults.tmp_size) == (20 * 1024**3, 64 * 1024**2)
+    assert resolve_chat(settings, "oc_a").options.disk == int(1.5 * 1024**3)
+    assert resolve_chat(settings, "oc_a").options.tmp_size == 64 * 1024**2
+    for key in ("disk", "tmp_size"):
+        assert f"defaults.{key}: '512k' is below the minimum" in error_of(tmp_path, {"defaults": {key: "512k"}})
+        assert f"groups.oc_a.{key}: 'lots' is not a size" in error_of(tmp_path, {"groups": {"oc_a": {key: "lots"}}})
+
+
+def test_limits(tmp_path: Path) -> None:
+    limits = load_settings(write(tmp_path, ""), {}).limits
+    assert (limits.line_bytes, limits.output_bytes, limits.answer_bytes) == (1024**2, 64 * 1024**2, 1_000_000)
+    assert (limits.min_free_disk, limits.disk_check_interval) == (256 * 1024**2, 5.0)
+    limits = load_settings(write(tmp_path, {"limits": {
+        "line_bytes": "2m", "output_bytes": "${OUT}", "answer_bytes": 500_000, "min_free_disk": 0,
+        "disk_check_interval": 0.5}}), {"OUT": "1g"}).limits
+    assert (limits.line_bytes, limits.output_bytes, limits.answer_bytes) == (2 * 1024**2, 1024**3, 500_000)
+    assert (limits.min_free_disk, limits.disk_check_interval) == (0, 0.5)
+
+
+@pytest.mark.parametrize(("limits", "key", "problem"), [
+    ({"line_bytes": 100}, "limits.line_bytes", "below the minimum of 1024 bytes"),
+    ({"output_bytes": "1000"}, "limits.output_bytes", "below the minimum of 1024 bytes"),
+    ({"answer_bytes": 0}, "limits.answer_bytes", "below the minimum of 1024 bytes"),
+    ({"min_free_disk": "-1"}, "limits.min_free_disk", "is not a size"),
+    ({"disk_check_interval": 0}, "limits.disk_check_interval", "above 0"),
+    ({"line_bytes": "1mb"}, "limits.line_bytes", "is not a size"),
+    ({"answer_chars": 10}, "limits.answer_chars", "unknown key"),
+])
+def test_bad_limits_name_the_key(tmp_path: Path, limits: dict, key: str, problem: str) -> None:
+    message = error_of(tmp_path, {"limits": limits})
+    assert message.startswith(f"bot.yaml: {key}: ") and problem in message
+
+
+def test_chats_dir_is_relative_to_the_config_file_and_defaults_under_data_dir(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, {"data_dir": "/srv/bot"}), {})
+    assert settings.chats_dir == Path("/srv/bot/chats")
+    assert resolve_chat(settings, "oc_a").workspace == Path("/srv/bot/chats/oc_a/workspace")
+    settings = load_settings(write(tmp_path, {"chats_dir": "chats"}), {})
+    assert settings.chats_dir == tmp_path / "chats"
+    assert load_settings(write(tmp_path, {"chats_dir": "../elsewhere"}), {}).chats_dir == tmp_path.parent / "elsewhere"
+    settings = load_settings(write(tmp_path, {"chats_dir": "${CHATS}"}), {"CHATS": "/mnt/chats"})
+    assert settings.chats_dir == Path("/mnt/chats") and settings.data_dir == tmp_path / "data"
+    assert resolve_chat(settings, "oc_a").workspace == Path("/mnt/chats/oc_a/workspace")

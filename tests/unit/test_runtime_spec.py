@@ -1,35 +1,107 @@
+from __future__ import annotations
+
 from pathlib import Path
 
-from orchestrator.config import load_settings, resolve_chat
+import pytest
+
+from orchestrator.config import Settings, load_settings, resolve_chat
 from orchestrator.layout import chat_paths
-from orchestrator.runtime import container_spec
+from orchestrator.runtime import ContainerSpec, bridge_name, container_spec, network_name
+
+MiB = 1024**2
+
+
+def settings_of(tmp_path: Path, text: str) -> Settings:
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    return load_settings(config, {})
+
+
+def spec_of(settings: Settings, chat_id: str = "oc_x", chat_name: str = "",
+            relay_port: int | None = None) -> ContainerSpec:
+    chat = resolve_chat(settings, chat_id)
+    return container_spec(settings, chat, chat_paths(settings, chat), chat_name=chat_name, relay_port=relay_port)
 
 
 def test_spec_from_resolved_settings(tmp_path: Path) -> None:
-    config = tmp_path / "c.yaml"
-    config.write_text("instance: bot\ndefaults: {cpus: 1.5, memory: 1g, pids_limit: 99, network: none}\n"
-                      "groups: {oc_x: {cpus: 0.25}}\n")
-    settings = load_settings(config, {})
-    chat = resolve_chat(settings, "oc_x")
-    paths = chat_paths(settings.data_dir, chat)
-    spec = container_spec(settings, chat, paths, chat_name="Team X")
+    settings = settings_of(tmp_path, "instance: bot\ndefaults: {cpus: 1.5, memory: 1g, pids_limit: 99, network: none}\n"
+                                     "groups: {oc_x: {cpus: 0.25}}\n")
+    spec = spec_of(settings, chat_name="Team X")
     assert spec.name == "bot-oc_x"
     assert spec.labels == {"orchestrator.managed": "true", "orchestrator.chat_id": "oc_x",
                            "orchestrator.instance": "bot", "orchestrator.chat_name": "Team X"}
     assert (spec.nano_cpus, spec.mem_limit, spec.pids_limit, spec.network) == (250_000_000, 1024**3, 99, "none")
     assert spec.user == "1000:1000"
     chat_dir = tmp_path / "data" / "chats" / "oc_x"
-    assert dict(spec.mounts) == {str(chat_dir / "workspace"): "/workspace",
-                                 str(chat_dir / "claude"): "/home/agent/.claude", str(chat_dir / "turns"): "/turns"}
+    assert spec.mounts == ((str(chat_dir / "workspace"), "/workspace", False),
+                           (str(chat_dir / "claude"), "/home/agent/.claude", False),
+                           (str(chat_dir / "turns"), "/turns", False),
+                           (str(chat_dir / "input"), "/input", True))
+    assert spec.environment == ()
+
+
+def test_chats_dir_places_the_chat_folders(tmp_path: Path) -> None:
+    settings = settings_of(tmp_path, "chats_dir: /srv/chats\n")
+    mounts = {target: (source, read_only) for source, target, read_only in spec_of(settings).mounts}
+    assert mounts["/turns"] == ("/srv/chats/oc_x/turns", False)
+    assert mounts["/input"] == ("/srv/chats/oc_x/input", True)
+    assert mounts["/workspace"] == ("/srv/chats/oc_x/workspace", False)
+
+
+def test_hardening_tmpfs_and_ulimits(tmp_path: Path) -> None:
+    settings = settings_of(tmp_path, "defaults: {disk: 2g, tmp_size: 64m}\ngroups: {oc_y: {disk: 500m}}\n")
+    spec = spec_of(settings)
+    tmpfs = dict(spec.tmpfs)
+    assert set(tmpfs) == {"/tmp", "/home/agent"}
+    for options in tmpfs.values():
+        assert {"nosuid", "nodev"} <= set(options.split(","))
+    assert f"size={64 * MiB}" in tmpfs["/tmp"].split(",")
+    assert "uid=1000" in tmpfs["/home/agent"].split(",")
+    ulimits = dict(spec.ulimits)
+    assert ulimits["fsize"] == 2 * 1024**3 and ulimits["core"] == 0 and ulimits["nofile"] > 0
+    assert dict(spec_of(settings, "oc_y").ulimits)["fsize"] == 500 * MiB
+
+
+@pytest.mark.parametrize(("config", "network"), [
+    ("", "orchestrator-agents"),
+    ("instance: bot\n", "bot-agents"),
+    ("defaults: {network: instance}\n", "orchestrator-agents"),
+    ("defaults: {network: none}\n", "none"),
+    ("defaults: {network: host, unsafe_network: true}\n", "host"),
+    ("groups: {oc_x: {network: 'container:proxy', unsafe_network: true}}\n", "container:proxy"),
+])
+def test_network(tmp_path: Path, config: str, network: str) -> None:
+    assert spec_of(settings_of(tmp_path, config)).network == network
+
+
+def test_network_and_bridge_names() -> None:
+    assert network_name("orchestrator") == "orchestrator-agents"
+    names = {bridge_name(instance) for instance in ("orchestrator", "staging", "t1234abcd")}
+    assert len(names) == 3 and all(len(name) <= 15 for name in names)  # the kernel's limit for an interface
+
+
+@pytest.mark.parametrize("network", ["instance", "none"])
+def test_the_relay_is_mounted_and_announced_only_when_given(tmp_path: Path, network: str) -> None:
+    settings = settings_of(tmp_path, f"defaults: {{network: {network}}}\n")
+    relayed = spec_of(settings, relay_port=4321)
+    assert relayed.environment == (("MODEL_RELAY_PORT", "4321"),)
+    assert relayed.mounts[-1] == (str(tmp_path / "data" / "run"), "/run/orchestrator", True)
+    assert len(relayed.mounts) == 5
+    plain = spec_of(settings)
+    assert plain.environment == () and all(target != "/run/orchestrator" for _, target, _ in plain.mounts)
+
+
+def test_no_relay_on_the_host_network(tmp_path: Path) -> None:
+    spec = spec_of(settings_of(tmp_path, "defaults: {network: host, unsafe_network: true}\n"), relay_port=4321)
+    assert spec.environment == () and all(target != "/run/orchestrator" for _, target, _ in spec.mounts)
 
 
 def test_fingerprint_follows_caps_not_labels(tmp_path: Path) -> None:
-    config = tmp_path / "c.yaml"
-    config.write_text("groups: {oc_x: {memory: 1g}}\n")
-    settings = load_settings(config, {})
-    chat = resolve_chat(settings, "oc_x")
-    paths = chat_paths(settings.data_dir, chat)
-    base = container_spec(settings, chat, paths)
-    assert container_spec(settings, chat, paths, chat_name="renamed").fingerprint() == base.fingerprint()
-    other = resolve_chat(settings, "oc_y")
-    assert container_spec(settings, other, chat_paths(settings.data_dir, other)).fingerprint() != base.fingerprint()
+    settings = settings_of(tmp_path, "groups: {oc_x: {memory: 1g}}\n")
+    base = spec_of(settings)
+    assert spec_of(settings, chat_name="renamed").fingerprint() == base.fingerprint()
+    assert spec_of(settings, "oc_y").fingerprint() != base.fingerprint()
+    assert spec_of(settings, relay_port=4321).fingerprint() != base.fingerprint()
+    for change in ("{memory: 1g, tmp_size: 32m}", "{memory: 1g, disk: 1g}", "{memory: 1g, network: none}"):
+        other = settings_of(tmp_path, f"groups: {{oc_x: {change}}}\n")
+        assert spec_of(other).fingerprint() != base.fingerprint(), change

@@ -1,12 +1,16 @@
 from __future__ import annotations
 
+import errno
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from peewee import IntegrityError
 
+from orchestrator.masking import MASK
 from orchestrator.states import State
-from orchestrator.store import Store
+from orchestrator.store import Store, refused_for_now
 
 
 @pytest.fixture
@@ -18,7 +22,7 @@ def store(tmp_path: Path) -> Store:
 
 def test_wal_mode_and_busy_timeout(store: Store) -> None:
     assert store.db.execute_sql("pragma journal_mode").fetchone()[0] == "wal"
-    assert store.db.execute_sql("pragma busy_timeout").fetchone()[0] == 10_000
+    assert store.db.execute_sql("pragma busy_timeout").fetchone()[0] == 2_000
 
 
 def test_a_message_id_is_recorded_once(store: Store) -> None:
@@ -119,3 +123,61 @@ def test_a_chat_is_refused_once(store: Store) -> None:
     assert store.record_refusal("oc_x")
     assert not store.record_refusal("oc_x")
     assert store.record_refusal("oc_y")
+
+
+def test_what_the_bot_says_is_kept_with_the_secrets_masked(tmp_path: Path) -> None:
+    key = "sk-ant-api03-unit-4f1d"
+    store = Store(tmp_path / "o.db", secrets=[key])
+    answered(store, "om_1", text=f"ANTHROPIC_API_KEY={key}")
+    store.record_received("om_2", "oc_a", "ou_1", "question")
+    store.mark_queued("om_2")
+    store.fail("om_2", f"stderr: {key}", f"partial {key}\n\nit broke")
+    store.say("oc_a", f"notice {key}")
+    assert [item.text for item in store.outbox("oc_a")] == \
+        [f"ANTHROPIC_API_KEY={MASK}", f"partial {MASK}\n\nit broke", f"notice {MASK}"]
+    assert (store.message("om_1").answer, store.message("om_2").error) == \
+        (f"ANTHROPIC_API_KEY={MASK}", f"stderr: {MASK}")
+    store.close()
+    assert key not in (tmp_path / "o.db").read_bytes().decode(errors="replace")
+
+
+def test_an_unexpected_failure_never_takes_back_a_stored_answer(store: Store) -> None:
+    answered(store, "om_1")
+    assert not store.fail_unanswered("om_1", "unexpected error: KeyError", "Something went wrong")
+    assert store.message("om_1").state is State.ANSWERED and len(store.outbox("oc_a")) == 1
+    store.record_received("om_2", "oc_a", "ou_1", "question")
+    store.mark_queued("om_2")
+    store.mark_running("om_2", "t")
+    assert store.fail_unanswered("om_2", "unexpected error: KeyError", "Something went wrong")
+    assert store.message("om_2").state is State.FAILED
+    assert store.outbox("oc_a")[-1].text == "Something went wrong"
+
+
+@pytest.fixture
+def locked(store: Store) -> Iterator[sqlite3.Connection]:
+    """Another process's connection holding the store's write lock; the store waits 0.1 s for it, not 2."""
+    store.db.execute_sql("pragma busy_timeout = 100")
+    holder = sqlite3.connect(store.path)
+    holder.execute("BEGIN EXCLUSIVE")
+    yield holder
+    holder.rollback()
+    holder.close()
+
+
+def test_a_locked_store_refuses_writes_for_now_and_reads_go_on(store: Store, locked: sqlite3.Connection) -> None:
+    with pytest.raises(Exception) as refused:
+        store.ensure_chat("oc_a")
+    assert refused_for_now(refused.value)
+    assert store.chats() == [] and "locked" in (store.writable() or "")
+    locked.rollback()
+    store.ensure_chat("oc_a")
+    assert store.writable() is None
+
+
+def test_only_a_busy_store_or_a_full_disk_is_refused_for_now() -> None:
+    assert refused_for_now(sqlite3.OperationalError("database or disk is full"))
+    assert refused_for_now(OSError(errno.ENOSPC, "No space left on device"))
+    assert not refused_for_now(OSError(errno.ENOENT, "No such file or directory"))
+    assert not refused_for_now(sqlite3.OperationalError("no such table: messages"))
+    assert not refused_for_now(IntegrityError("UNIQUE constraint failed"))
+    assert not refused_for_now(KeyError("database is locked"))

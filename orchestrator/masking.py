@@ -1,0 +1,70 @@
+"""Secrets kept out of what the bot says. Every text for a chat (answers, failures, notices, and the streaming
+card while a turn runs) has the values of the secret settings replaced by a mask, so an agent that prints its
+environment shows the chat the mask, not the key. The store masks what it keeps; the channel wrapper masks
+what leaves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+
+from orchestrator.channels import Channel, Outgoing, Submit, TurnDisplay
+
+# Not `***` (as in the logs): in card markdown that is a rule or the start of bold italics.
+MASK = "[secret]"
+
+
+class Masker:
+    def __init__(self, secrets: Iterable[str]) -> None:
+        # Longest first: a secret that contains another is masked whole.
+        self.secrets = sorted({secret for secret in secrets if secret}, key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, MASK)
+        return text
+
+    def settled(self, text: str) -> str:
+        """Streamed text, masked, less a tail that could be the start of a secret whose rest is still to come
+        (shown with the next update, masked if it was one)."""
+        masked = self(text)
+        tail = max((k for secret in self.secrets for k in range(len(secret) - 1, 0, -1)
+                    if masked.endswith(secret[:k])), default=0)
+        return masked[:len(masked) - tail]
+
+
+class MaskedDisplay:
+    def __init__(self, display: TurnDisplay, mask: Masker) -> None:
+        self.display = display
+        self.mask = mask
+
+    async def start(self) -> None:
+        await self.display.start()
+
+    async def update(self, text_so_far: str) -> None:
+        await self.display.update(self.mask.settled(text_so_far))
+
+    async def end(self) -> str | None:
+        return await self.display.end()
+
+
+class MaskedChannel:
+    """A channel whose every text to a chat is masked: outbox items (also those other processes queued) and
+    streamed turns."""
+
+    def __init__(self, channel: Channel, mask: Masker) -> None:
+        self.channel = channel
+        self.mask = mask
+
+    async def run(self, submit: Submit) -> None:
+        await self.channel.run(submit)
+
+    def display(self, chat_id: str, message_id: str, saved: str | None, save: Callable[[str], None]) -> TurnDisplay:
+        return MaskedDisplay(self.channel.display(chat_id, message_id, saved, save), self.mask)
+
+    async def deliver(self, item: Outgoing) -> None:
+        await self.channel.deliver(dataclasses.replace(item, text=self.mask(item.text)))
+
+    def health(self) -> str | None:
+        return self.channel.health()
