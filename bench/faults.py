@@ -26,6 +26,7 @@ import yaml
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
+from bench.faults_lib import boundary, resilience, webhook
 from bench.faults_lib import events as fuzz
 from bench.faults_lib.rig import Result, Rig, Sent, wait_for
 from orchestrator import cli
@@ -580,7 +581,10 @@ def _lone_surrogate(rig: Rig, result: Result, chat_id: str) -> None:
 
 SCENARIOS: dict[str, Scenario] = {"kill9": kill9, "duplicates": duplicates, "ratelimit": ratelimit,
                                   "malformed": malformed, "hostile_turns": hostile_turns,
-                                  "hostile_input": hostile_input}
+                                  "hostile_input": hostile_input, "webhook_attacks": webhook.webhook_attacks,
+                                  "store_locked": resilience.store_locked, "planted_links": boundary.planted_links,
+                                  "output_flood": boundary.output_flood, "disk_budget": boundary.disk_budget,
+                                  "neighbours": boundary.neighbours}
 
 
 def main(argv: list[str] | None = None) -> int:

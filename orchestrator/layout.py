@@ -7,7 +7,7 @@
     turns/       → /turns                 the agent's: each turn's output, written inside the container
     input/       → /input (read-only)     root's: each turn's prompt, written by the orchestrator, so no name
                                           it writes to can have been planted by the agent
-<data_dir>/run/  → /run/orchestrator (read-only)   root's: the model relay's socket
+<data_dir>/run/<chat_id>/  → /run/orchestrator (read-only)   root's: the chat's model relay socket
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ CLAUDE_CONFIG_PATH = "/home/agent/.claude"
 TURNS_PATH = "/turns"
 INPUT_PATH = "/input"
 RUN_PATH = "/run/orchestrator"
-RELAY_SOCKET = "model.sock"
 
 
 @dataclass(frozen=True)
@@ -53,6 +52,10 @@ def chat_paths(settings: Settings, chat: ChatSettings) -> ChatPaths:
 
 def run_dir(settings: Settings) -> Path:
     return settings.data_dir / "run"
+
+
+def chat_run_dir(settings: Settings, chat_id: str) -> Path:
+    return run_dir(settings) / chat_id
 
 
 def prepare(paths: ChatPaths, uid: int) -> None:

@@ -1,25 +1,33 @@
 """The model relay: agents on a closed network reach a model API that the operator runs on the host's loopback.
 
 When `agent.env.ANTHROPIC_BASE_URL` names a loopback address (a local gateway, or the tests' fake), an agent
-on the instance network cannot reach it: the host is closed to it. The orchestrator then listens on a unix
-socket in a root-owned folder mounted read-only into each container, and the container's main process
-(agent-init) serves that socket on the same loopback port inside the container, so the CLI's URL is
-unchanged. The relay carries bytes to that one address only; nothing an agent sends can choose another.
+on the instance network cannot reach it: the host is closed to it. So each chat gets a unix socket in a
+root-owned run folder of its own, mounted read-only into its container, where the container's main process
+(agent-init) serves it on the same loopback port, and the CLI's URL is unchanged.
+
+The sockets are served by the instance's relay container (`<instance>-relay`: the agent image's socat, host
+network, root without capabilities, read-only), not by the orchestrator's process: a turn's model requests
+must go on while the orchestrator restarts or is killed (invariant 2). Per chat socket, socat serves at most
+MAX_CHAT_CONNECTIONS at once (one chat cannot take the others' share) and closes a connection after
+IDLE_SECONDS without a byte either way. It carries bytes to that one address only.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import os
-from pathlib import Path
 from urllib.parse import urlsplit
 
 from loguru import logger
 
-MAX_CONNECTIONS = 256  # at once, over all chats: a flood of connections cannot exhaust the orchestrator
-CHUNK = 64 * 1024
+from orchestrator import layout
+from orchestrator.config import Settings
+
+MAX_CHAT_CONNECTIONS = 32  # at once, per chat (the CLI uses a few)
+IDLE_SECONDS = 300  # a connection without a byte either way this long is closed (the API pings every few s)
+SOCKET = "model.sock"
+SOCKET_WAIT_SECONDS = 5.0  # the relay container picks a new chat's folder up within a second
 
 
 def loopback_target(base_url: str | None) -> tuple[str, int] | None:
@@ -38,51 +46,21 @@ def loopback_target(base_url: str | None) -> tuple[str, int] | None:
     return (host, port) if loopback else None
 
 
-class ModelRelay:
-    def __init__(self, socket_path: Path, target: tuple[str, int]) -> None:
-        self.socket_path = socket_path
-        self.target = target
-        self._server: asyncio.base_events.Server | None = None
-        self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
+def relay_command(port: int) -> tuple[str, ...]:
+    """What the relay container runs (images/claude-runner/model-relay). Pure."""
+    return ("model-relay", str(port), str(MAX_CHAT_CONNECTIONS), str(IDLE_SECONDS))
 
-    async def start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
-        self._server = await asyncio.start_unix_server(self._serve, path=str(self.socket_path))
-        os.chmod(self.socket_path, 0o666)  # the agent's uid connects; the folder is read-only to it
-        logger.info(f"relaying agents' model requests to {self.target[0]}:{self.target[1]}")
 
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._slots.locked():
-            writer.close()
+async def serve_chat(settings: Settings, chat_id: str) -> None:
+    """The chat's run folder (root's, read-only in its container), once the relay listens in it."""
+    folder = layout.chat_run_dir(settings, chat_id)
+    folder.mkdir(exist_ok=True)
+    os.chmod(folder, 0o755, follow_symlinks=False)  # whatever the umask: the agent connects to the socket
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SOCKET_WAIT_SECONDS
+    while not (folder / SOCKET).exists():
+        if loop.time() > deadline:
+            logger.bind(chat_id=chat_id).warning("the model relay does not serve this chat yet; is the "
+                                                 f"{settings.instance}-relay container running?")
             return
-        async with self._slots:
-            try:
-                up_reader, up_writer = await asyncio.open_connection(*self.target)
-            except OSError as exc:
-                logger.warning(f"model relay: the model API at {self.target[0]}:{self.target[1]} refused: {exc}")
-                writer.close()
-                return
-            try:
-                await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
-            finally:
-                for side in (writer, up_writer):
-                    side.close()
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(CHUNK):
-            writer.write(data)
-            await writer.drain()  # back-pressure: a slow side holds the other, memory stays bounded
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        with contextlib.suppress(ConnectionError, OSError):
-            if writer.can_write_eof():
-                writer.write_eof()  # the other way may still carry the answer
+        await asyncio.sleep(0.05)

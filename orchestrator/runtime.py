@@ -24,7 +24,7 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.models.containers import Container
 from docker.types import Mount, Ulimit
 
-from orchestrator import layout
+from orchestrator import layout, relay
 from orchestrator.config import INSTANCE_NETWORK, ChatSettings, Settings
 from orchestrator.layout import WORKSPACE_PATH, ChatPaths
 from orchestrator.supervise import LIVENESS
@@ -33,6 +33,7 @@ MANAGED_LABEL = "orchestrator.managed"
 CHAT_LABEL = "orchestrator.chat_id"
 CHAT_NAME_LABEL = "orchestrator.chat_name"
 INSTANCE_LABEL = "orchestrator.instance"
+ROLE_LABEL = "orchestrator.role"  # a container of the instance's that serves no one chat (the model relay)
 SPEC_LABEL = "orchestrator.spec"
 
 ICC_OPTION = "com.docker.network.bridge.enable_icc"
@@ -62,6 +63,7 @@ class ContainerSpec:
     tmpfs: tuple[tuple[str, str], ...]  # (container path, mount options)
     ulimits: tuple[tuple[str, int], ...]  # (name, soft and hard limit)
     environment: tuple[tuple[str, str], ...]
+    command: tuple[str, ...] = ()  # empty: the image's
 
     def fingerprint(self) -> str:
         """Changes when anything but the labels changes: a container with another one is re-created."""
@@ -107,6 +109,30 @@ def container_name(instance: str, chat_id: str) -> str:
     return f"{instance}-{chat_id}"
 
 
+def relay_container_name(instance: str) -> str:
+    return f"{instance}-relay"
+
+
+def relay_container_spec(settings: Settings, port: int) -> ContainerSpec:
+    """The instance's model relay (see `relay`): the agent image's socat on the host's network, serving each
+    chat's socket in the run folder; root there only to own the sockets in root's folders, with no capability."""
+    return ContainerSpec(
+        name=relay_container_name(settings.instance),
+        image=settings.agent.image,
+        labels={MANAGED_LABEL: "true", INSTANCE_LABEL: settings.instance, ROLE_LABEL: "model-relay"},
+        nano_cpus=500_000_000,
+        mem_limit=128 * 1024**2,
+        pids_limit=2048,  # a socat per chat, and one per connection
+        network="host",
+        user="0:0",
+        mounts=((str(layout.run_dir(settings)), "/relay", False),),
+        tmpfs=(("/tmp", "rw,nosuid,nodev,noexec,size=1m"),),
+        ulimits=(("nofile", OPEN_FILES), ("core", 0)),
+        environment=(),
+        command=relay.relay_command(port),
+    )
+
+
 def network_name(instance: str) -> str:
     return f"{instance}-agents"
 
@@ -125,7 +151,8 @@ def container_spec(settings: Settings, chat: ChatSettings, paths: ChatPaths, cha
         labels[CHAT_NAME_LABEL] = chat_name
     network = network_name(settings.instance) if options.network == INSTANCE_NETWORK else options.network
     relayed = relay_port is not None and network != "host"
-    mounts = paths.mounts() + (((str(layout.run_dir(settings)), layout.RUN_PATH, True),) if relayed else ())
+    relay_mount = (str(layout.chat_run_dir(settings, chat.chat_id)), layout.RUN_PATH, True)
+    mounts = paths.mounts() + ((relay_mount,) if relayed else ())
     return ContainerSpec(
         name=container_name(settings.instance, chat.chat_id),
         image=settings.agent.image,
@@ -299,6 +326,7 @@ class DockerRuntime:
                 read_only=True,
                 ulimits=[Ulimit(name=name, soft=limit, hard=limit) for name, limit in spec.ulimits],
                 environment=dict(spec.environment),
+                command=list(spec.command) or None,
                 cap_drop=["ALL"],
                 security_opt=["no-new-privileges"],
             )
@@ -355,7 +383,7 @@ class DockerRuntime:
         return await self._call(self._list_managed, instance)
 
     def _list_managed(self, instance: str) -> list[ContainerState]:
-        labels = [f"{MANAGED_LABEL}=true", f"{INSTANCE_LABEL}={instance}"]
+        labels = [f"{MANAGED_LABEL}=true", f"{INSTANCE_LABEL}={instance}", CHAT_LABEL]  # chats' only
         return [_state(c) for c in self._client.containers.list(all=True, filters={"label": labels})]
 
     # ---- processes in a container ----

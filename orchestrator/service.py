@@ -23,7 +23,13 @@ from orchestrator.delivery import Deliverer
 from orchestrator.housekeeping import Candidate, Finding, containers_to_stop, reconcile
 from orchestrator.ids import is_valid_chat_id
 from orchestrator.masking import MaskedChannel, Masker
-from orchestrator.runtime import ContainerState, DockerRuntime, RuntimeFailure
+from orchestrator.runtime import (
+    ContainerState,
+    DockerRuntime,
+    RuntimeFailure,
+    relay_container_name,
+    relay_container_spec,
+)
 from orchestrator.states import State
 from orchestrator.store import MessageRecord, Store, refused_for_now
 from orchestrator.supervise import LIVENESS, Streak, describe, repeat, retry
@@ -60,9 +66,9 @@ class Service:
         self.mask = Masker(settings.secrets)
         self.channel: Channel = MaskedChannel(channel, self.mask)  # secrets never reach a chat
         target = relay.loopback_target(settings.agent.env.get("ANTHROPIC_BASE_URL"))
-        self.relay = relay.ModelRelay(layout.run_dir(settings) / layout.RELAY_SOCKET, target) if target else None
+        self.relay_port = target[1] if target else None
         self.turns = TurnRunner(settings, store, runtime, on_container_started=self._enforce_max_running,
-                                relay_port=target[1] if target else None)
+                                relay_port=self.relay_port)
         self.deliverer = Deliverer(store, self.channel)
         self.queues: dict[str, asyncio.Queue[str]] = {}
         self.workers: dict[str, asyncio.Task[None]] = {}
@@ -138,8 +144,9 @@ class Service:
         logger.info(f"agents' network {network.name} ({', '.join(network.subnets)}) on {network.bridge}: closed to "
                     f"the host, private and link-local addresses and each other (iptables {chains.forward}, "
                     f"{chains.local})")
-        if self.relay is not None:
-            await self.relay.start()
+        if self.relay_port is not None:
+            relay_container = await self.runtime.ensure(relay_container_spec(self.settings, self.relay_port))
+            logger.info(f"model relay {relay_container.name}: the agents' model API is 127.0.0.1:{self.relay_port}")
 
     def health(self) -> dict[str, str | None]:
         """Each dependency and each of the service's loops, and what is wrong with it (None: fine). Runs on the
@@ -179,6 +186,8 @@ class Service:
         containers = [c for c in await self.runtime.list_managed(self.settings.instance) if c.running]
         logger.info(f"stopping {len(containers)} container(s)")
         await asyncio.gather(*(self._stop_container(c.name, c.chat_id) for c in containers))
+        if self.relay_port is not None:  # last: it carried the model requests of the turns that just ended
+            await self._stop_container(relay_container_name(self.settings.instance), "-")
 
     async def _stop_container(self, name: str, chat_id: str) -> None:
         try:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from orchestrator import agent, disk, layout, turns
+from orchestrator import agent, disk, layout, relay, turns
 from orchestrator.agent import Answer, Failure, Init, Text, ToolUse, Transcript, Unparsed
 from orchestrator.channels import TurnDisplay
 from orchestrator.config import ChatSettings, Settings, resolve_chat
@@ -126,6 +126,8 @@ class TurnRunner:
     async def _container(self, chat: ChatSettings, paths: layout.ChatPaths, chat_id: str) -> ContainerState:
         layout.prepare(paths, self.settings.agent.uid)
         record = self.store.chat(chat_id)
+        if self.relay_port is not None:
+            await relay.serve_chat(self.settings, chat_id)
         spec = container_spec(self.settings, chat, paths, record.name, self.relay_port)
         container = await self.runtime.ensure(spec)
         if container.id != record.container_id:

@@ -127,10 +127,11 @@ class Rig:
     def store(self) -> StoreView:
         return StoreView(self.data / "orchestrator.db")
 
-    def start(self) -> Orchestrator:
-        """Start the orchestrator and wait for its long connection to the fake Feishu."""
+    def start(self, env: dict[str, str] | None = None) -> Orchestrator:
+        """Start the orchestrator (with `env` added to its environment) and wait for its long connection to the
+        fake Feishu."""
         total = self.feishu.connection_count + 1
-        self.bot = Orchestrator(self.config)
+        self.bot = Orchestrator(self.config, env=env)
         self.feishu.wait_connected(timeout=120, total=total)
         return self.bot
 

@@ -85,7 +85,7 @@ def test_the_relay_is_mounted_and_announced_only_when_given(tmp_path: Path, netw
     settings = settings_of(tmp_path, f"defaults: {{network: {network}}}\n")
     relayed = spec_of(settings, relay_port=4321)
     assert relayed.environment == (("MODEL_RELAY_PORT", "4321"),)
-    assert relayed.mounts[-1] == (str(tmp_path / "data" / "run"), "/run/orchestrator", True)
+    assert relayed.mounts[-1] == (str(tmp_path / "data" / "run" / "oc_x"), "/run/orchestrator", True)  # its own
     assert len(relayed.mounts) == 5
     plain = spec_of(settings)
     assert plain.environment == () and all(target != "/run/orchestrator" for _, target, _ in plain.mounts)
