@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from orchestrator.config import AgentSettings
 
 UNKNOWN_SESSION = "No conversation found with session ID"
+ERROR_SHOWN = 500  # characters of the CLI's own error text shown in the chat
 
 
 def turn_argv(agent: AgentSettings, session_id: str | None) -> list[str]:
@@ -179,6 +180,8 @@ def outcome(transcript: Transcript, exit_code: int | None, stderr: str) -> Answe
                        partial_text=transcript.text_so_far, detail=_last_line(stderr) or "no output")
     if result.is_error:
         detail = "; ".join(result.errors) or result.text or result.subtype
+        if len(detail) > ERROR_SHOWN:  # the CLI's words (the API's error, say) help the user; a page of them does not
+            detail = detail[:ERROR_SHOWN] + "…"
         return Failure(f"Claude Code reported an error: {detail}", partial_text=transcript.text_so_far)
     return Answer(  # all it said, not only its last words: the chat saw the rest streaming
         text=transcript.text_so_far or result.text or "(Claude Code finished without any text.)",

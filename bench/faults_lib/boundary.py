@@ -313,7 +313,8 @@ def _budget_trials(result: Result, trials: int) -> list[int]:
 def _full_disk_trials(result: Result, cycles: int) -> tuple[list[float], str, Counter[int]]:
     """data_dir on a small tmpfs, nearly filled, then filled, then freed, `cycles` times: a clear refusal near
     full, no ack when full (Feishu delivers it again), answered once space is back, the service alive."""
-    recovery, told, acks = [], "", Counter[int]()
+    recovery: list[float] = []  # seconds from space being back to the answer
+    told, acks = "", Counter[int]()
     with Rig("disk_full", result, limits={"min_free_disk": "24m"}, defaults={"disk": "16m"}) as rig, \
             attacks.tmpfs(rig.data, "96m"):
         bot = rig.start()

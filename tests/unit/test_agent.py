@@ -144,3 +144,14 @@ def test_failure_detail_holds_the_last_stderr_line_and_the_reason_does_not() -> 
     assert failure.detail == "TypeError: boom at /app/cli.js:1"
     assert "boom" not in failure.reason and "s3cr3t" not in failure.reason
     assert len(outcome(transcript_of(INIT), 1, "y" * 10_000).detail) <= 300
+
+
+def test_the_clis_error_text_is_shown_bounded() -> None:
+    from orchestrator.agent import ERROR_SHOWN
+
+    long_error = json.dumps({"type": "result", "subtype": "error_during_execution", "is_error": True,
+                             "errors": ["E" * 100_000]})
+    result = outcome(transcript_of(INIT, long_error), 1, "")
+    assert isinstance(result, Failure)
+    assert result.reason.startswith("Claude Code reported an error: EEE")
+    assert len(result.reason) <= ERROR_SHOWN + 40
