@@ -55,19 +55,23 @@ def host_resolvers(resolv_conf: str) -> list[str]:
     return resolvers
 
 
+# Rules are written as `iptables -S` prints them back, so a check can compare them as text.
+ANSWERS = ["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "RETURN"]
+
+
 def forward_rules(resolvers: list[str]) -> list[list[str]]:
     """The forward chain's rules, in order. Pure."""
-    rules = [["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "RETURN"]]
+    rules = [ANSWERS]
     for resolver in resolvers:
-        rules += [["-d", resolver, "-p", protocol, "--dport", "53", "-j", "RETURN"] for protocol in ("udp", "tcp")]
+        rules += [["-d", f"{resolver}/32", "-p", protocol, "-m", protocol, "--dport", "53", "-j", "RETURN"]
+                  for protocol in ("udp", "tcp")]
     rules += [["-d", blocked, "-j", "REJECT", "--reject-with", "icmp-net-prohibited"] for blocked in BLOCKED_RANGES]
     return rules
 
 
 def local_rules() -> list[list[str]]:
     """The host chain's rules: answers to what the host started, nothing else. Pure."""
-    return [["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "RETURN"],
-            ["-j", "REJECT", "--reject-with", "icmp-host-prohibited"]]
+    return [ANSWERS, ["-j", "REJECT", "--reject-with", "icmp-host-prohibited"]]
 
 
 def install(instance: str, bridge: str) -> Chains:
@@ -82,6 +86,24 @@ def install(instance: str, bridge: str) -> Chains:
     _ensure_jump("DOCKER-USER", ["-i", bridge, "-j", names.forward])
     _ensure_jump("INPUT", ["-i", bridge, "-j", names.local])
     return names
+
+
+def intact(instance: str, bridge: str) -> bool:
+    """Whether the instance's chains hold exactly its rules and both jumps to them are in place (a firewall
+    reload or a flush by hand takes them away)."""
+    names = chains(instance)
+    resolvers = host_resolvers(RESOLV_CONF.read_text()) if RESOLV_CONF.exists() else []
+    for chain, rules in ((names.forward, forward_rules(resolvers)), (names.local, local_rules())):
+        if _rules(chain) != [" ".join(["-A", chain, *rule]) for rule in rules]:
+            return False
+    return (_succeeds("-C", "DOCKER-USER", "-i", bridge, "-j", names.forward)
+            and _succeeds("-C", "INPUT", "-i", bridge, "-j", names.local))
+
+
+def _rules(chain: str) -> list[str]:
+    """A chain's rules as `iptables -S` prints them, without its `-N` line; empty when it is missing."""
+    run = subprocess.run([*_command(), "-S", chain], capture_output=True, text=True)
+    return [line for line in run.stdout.splitlines() if line.startswith("-A ")] if run.returncode == 0 else []
 
 
 def remove(instance: str, bridge: str) -> None:

@@ -27,6 +27,7 @@ from orchestrator.runtime import (
     ContainerState,
     DockerRuntime,
     RuntimeFailure,
+    bridge_name,
     relay_container_name,
     relay_container_spec,
 )
@@ -254,9 +255,17 @@ class Service:
         again with backoff) holds up none of the others."""
         interval = max(1.0, min(HOUSEKEEPING_SECONDS, self.settings.containers.idle_stop / 2))
         steps = {"idle_stop": self._stop_idle_containers, "prune": self._prune_turns,
-                 "disk_budget": self._stop_containers_over_budget, "stranded": self._resume_stranded}
+                 "disk_budget": self._stop_containers_over_budget, "stranded": self._resume_stranded,
+                 "firewall": self._keep_network_closed}
         await asyncio.gather(*(repeat(LIVENESS.streak(f"housekeeping.{name}"), step, lambda: asyncio.sleep(interval))
                                for name, step in steps.items()))
+
+    async def _keep_network_closed(self) -> None:
+        """The firewall rules, put back if something took them away (a firewall reload, a flush by hand)."""
+        bridge = bridge_name(self.settings.instance)
+        if not await asyncio.to_thread(firewall.intact, self.settings.instance, bridge):
+            logger.error("the instance network's firewall rules were changed or removed; installing them again")
+            await asyncio.to_thread(firewall.install, self.settings.instance, bridge)
 
     async def _prune_turns(self) -> None:
         busy = {self.store.message(t.message_id).turn for t in self.turns.running.values()}

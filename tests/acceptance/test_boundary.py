@@ -242,3 +242,18 @@ def test_host_and_container_networks_are_refused_unless_named_unsafe(make_config
         assert check.returncode == 2 and "defaults.network" in check.stderr and "unsafe_network" in check.stderr
     assert _config_check(make_config(defaults={"network": "none"})).returncode == 0
     assert _config_check(make_config(defaults={"network": "host", "unsafe_network": True})).returncode == 0
+
+
+def test_firewall_rules_taken_away_are_put_back(feishu: FakeFeishu, feishu_config, instance: str,
+                                                docker_client: docker.DockerClient) -> None:
+    bot = _start(feishu, feishu_config(containers={"idle_stop": 2}), "unused")  # housekeeping every second
+    bridge = docker_client.networks.get(f"{instance}-agents").attrs["Options"]["com.docker.network.bridge.name"]
+    [jump] = [line for line in _iptables("-S", "DOCKER-USER").splitlines() if f"-i {bridge} " in line]
+    chain = jump.split()[-1]
+    first_reject = next(line for line in _iptables("-S", chain).splitlines() if "REJECT" in line)
+    _iptables("-D", *jump.split()[1:])  # a firewall reload, a flush by hand
+    _iptables("-D", *first_reject.split()[1:])
+    wait_until(lambda: jump in _iptables("-S", "DOCKER-USER") and first_reject in _iptables("-S", chain), 30,
+               "the rules to be put back")
+    bot.wait_log("firewall rules were changed or removed; installing them again")
+    bot.stop()

@@ -39,9 +39,9 @@ def test_host_resolvers_are_the_ipv4_non_loopback_nameservers() -> None:
 
 def test_forward_rules_answers_first_then_dns_then_every_blocked_range() -> None:
     rules = firewall.forward_rules(["10.1.2.3", "192.168.0.1"])
-    assert rules[0] == ["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "RETURN"]
+    assert rules[0] == ["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "RETURN"]
     dns = rules[1:5]
-    assert dns == [["-d", resolver, "-p", protocol, "--dport", "53", "-j", "RETURN"]
+    assert dns == [["-d", f"{resolver}/32", "-p", protocol, "-m", protocol, "--dport", "53", "-j", "RETURN"]
                    for resolver in ("10.1.2.3", "192.168.0.1") for protocol in ("udp", "tcp")]
     rejects = rules[5:]
     assert rejects == [["-d", blocked, *REJECT] for blocked in firewall.BLOCKED_RANGES]
@@ -66,5 +66,5 @@ def test_no_resolvers_means_no_dns_exceptions() -> None:
 
 
 def test_local_rules_let_answers_in_and_reject_everything_else() -> None:
-    assert firewall.local_rules() == [["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "RETURN"],
+    assert firewall.local_rules() == [["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "RETURN"],
                                       ["-j", "REJECT", "--reject-with", "icmp-host-prohibited"]]
