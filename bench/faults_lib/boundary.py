@@ -112,7 +112,10 @@ def planted_links(quick: bool, rng: random.Random) -> Result:
             pth.unlink(missing_ok=True)
         rig.settle(timeout=180)  # the attacker's own messages of the attack: each answered or told why not
         _judge(rig, result, rig.sent)
-        outcomes = Counter(rig.states().get(s.message_id) for s in attack.attacking)
+        states = rig.states()
+        outcomes = Counter(states.get(s.message_id) for s in attack.attacking)
+        why = Counter(rig.replies(s)[-1].text[:100] for s in attack.attacking
+                      if states.get(s.message_id) == "failed" and rig.replies(s))
         refused = bot.log().count("its output is refused")
     result.notes.append(f"{trials} trial(s) of {seconds} s: links to {len(targets)} targets (canaries, a new .pth in "
                         f"site-packages, /proc/*/environ, the store, the bystander's transcript and folders), "
@@ -120,8 +123,8 @@ def planted_links(quick: bool, rng: random.Random) -> Result:
     result.notes.append(f"bystander answer latency: before {_seconds(attack.before)}; during the attack "
                         f"{_seconds(attack.during)}")
     result.notes.append(f"attacker answered again after the planting in {_seconds(attack.after)}; its messages "
-                        f"during it: {dict(outcomes)}; turn outputs refused by the orchestrator (a link or not the "
-                        f"agent's file): {refused}")
+                        f"during it: {dict(outcomes)}{f', failed with {dict(why)}' if why else ''}; turn outputs "
+                        f"refused by the orchestrator (a link or not the agent's file): {refused}")
     return result
 
 

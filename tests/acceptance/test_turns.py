@@ -50,7 +50,7 @@ def test_new_chat_gets_a_capped_labelled_non_root_container_and_an_answer(
     assert mounts == {"/workspace": (str(chat_dir / "workspace"), True),
                       "/home/agent/.claude": (str(chat_dir / "claude"), True),
                       "/turns": (str(chat_dir / "turns"), True), "/input": (str(chat_dir / "input"), False),
-                      "/run/orchestrator": (str(data / "run"), False)}
+                      "/run/orchestrator": (str(data / "run" / "alpha"), False)}  # its own relay folder
     assert not any("docker.sock" in source for source, _ in mounts.values())
     assert container.attrs["Config"]["User"] == "1000:1000"
     assert container.exec_run(["id", "-u"]).output.decode().strip() == "1000"
