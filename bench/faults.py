@@ -453,7 +453,7 @@ def hostile_input(quick: bool, rng: random.Random) -> Result:
         _hostile_chat_ids(rig, result)
         _hostile_texts(rig, result, marker, quick)
         valid = {s.chat_id for s in rig.sent if is_valid_chat_id(s.chat_id)}
-        labels = {c.labels.get("orchestrator.chat_id", "") for c in rig.containers()}
+        labels = {c.labels["orchestrator.chat_id"] for c in rig.containers() if "orchestrator.role" not in c.labels}
         folders = {p.name for p in (rig.data / "chats").iterdir()}
         strays = [str(p.relative_to(rig.root)) for p in rig.root.rglob("*") if _stray(p.relative_to(rig.root), valid)]
         for what, found in (("containers", labels - valid), ("chat folders", folders - valid), ("files", strays)):
@@ -471,14 +471,14 @@ def hostile_input(quick: bool, rng: random.Random) -> Result:
 
 
 def _stray(relative: Path, valid: set[str]) -> bool:
-    """A path in the rig's folder that is none of: config, logs, the store, a valid chat's folder, the model
-    relay's socket."""
+    """A path in the rig's folder that is none of: config, logs, the store, a valid chat's folder, a valid chat's
+    model relay folder."""
     parts = relative.parts
     if parts[0] != "data":
         return len(parts) > 1 or not parts[0].endswith((".log", ".yaml"))
-    if len(parts) == 1 or parts[1:] in (("run",), ("run", "model.sock")):
+    if len(parts) == 1:
         return False
-    if parts[1] == "chats":
+    if parts[1] in ("chats", "run"):
         return len(parts) > 2 and parts[2] not in valid
     return not parts[1].startswith("orchestrator.db")
 

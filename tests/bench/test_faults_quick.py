@@ -18,7 +18,7 @@ SUMMARY = re.compile(r"^(\w+): trials=(\d+) passed=(\d+) lost=(\d+) duplicated=(
 @pytest.mark.docker
 def test_quick_fault_suite_loses_and_duplicates_nothing() -> None:
     run = subprocess.run([sys.executable, "-m", "bench.faults", "--quick"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=600)
+                         text=True, timeout=1200)
     report = f"stdout:\n{run.stdout}\nstderr (tail):\n{run.stderr[-3000:]}"
     lines = {name: tuple(map(int, counts)) for name, *counts in SUMMARY.findall(run.stdout)}
     assert set(lines) == set(SCENARIOS), report
