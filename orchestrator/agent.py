@@ -7,11 +7,15 @@ starts with `-` or looks like a flag is just text.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 from orchestrator.config import AgentSettings
 
 UNKNOWN_SESSION = "No conversation found with session ID"
+# The CLI's session ids are UUIDs; anything else in an init or result line was forged (it would be stored and
+# passed to --resume= later), so it is ignored.
+_SESSION_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 ERROR_SHOWN = 500  # characters of the CLI's own error text shown in the chat
 
 
@@ -78,7 +82,7 @@ def parse_line(line: str) -> list[Event]:
         return [Unparsed(line)]
     kind = data.get("type")
     if kind == "system" and data.get("subtype") == "init":
-        return [Init(session_id=str(data.get("session_id", "")), model=str(data.get("model", "")))]
+        return [Init(session_id=_session_id(data), model=str(data.get("model", ""))[:100])]
     if kind == "assistant":
         return _assistant_events(data.get("message") or {})
     if kind == "result":
@@ -96,6 +100,11 @@ def _assistant_events(message: dict) -> list[Event]:
     return events
 
 
+def _session_id(data: dict) -> str:
+    session_id = data.get("session_id")
+    return session_id if isinstance(session_id, str) and _SESSION_ID.fullmatch(session_id) else ""
+
+
 def _result(data: dict) -> Result:
     errors = data.get("errors") or []
     return Result(
@@ -103,7 +112,7 @@ def _result(data: dict) -> Result:
         subtype=str(data.get("subtype", "")),
         text=str(data.get("result") or ""),
         errors=tuple(str(e) for e in errors) if isinstance(errors, list) else (str(errors),),
-        session_id=str(data.get("session_id", "")),
+        session_id=_session_id(data),
         cost_usd=data.get("total_cost_usd"),
         duration_ms=data.get("duration_ms"),
         num_turns=data.get("num_turns"),

@@ -83,6 +83,7 @@ class FeishuSettings:
     webhook_path: str = "/feishu/events"
     webhook_max_body: int = 1024**2  # webhook mode: bytes of one request body at most (413 beyond, unread)
     webhook_max_concurrent: int = 64  # webhook mode: connections open at once (503 beyond)
+    webhook_max_per_client: int = 8  # webhook mode: of those, from one IPv4 address or IPv6 /64 (503 beyond)
     webhook_timeout: float = 10.0  # webhook mode: seconds for a request to arrive in full (408 beyond)
     reconnect_after: float = 30.0  # websocket mode: seconds the long connection may stay down before it is rebuilt
 
@@ -382,7 +383,8 @@ class _Reader:
         settings = self.flat(raw, "feishu", FeishuSettings, {
             "mode": _choice(FEISHU_MODES), "rate_per_chat": _positive_int, "rate_per_app": _positive_int,
             "rate_per_app_minute": _positive_int, "webhook_port": _port, "webhook_max_body": _size(1024),
-            "webhook_max_concurrent": _positive_int, "webhook_timeout": _positive_number,
+            "webhook_max_concurrent": _positive_int, "webhook_max_per_client": _positive_int,
+            "webhook_timeout": _positive_number,
             "reconnect_after": _positive_number})
         for name in ("encrypt_key", "verification_token"):
             if settings.mode == "webhook" and not getattr(settings, name):

@@ -22,7 +22,9 @@ from pathlib import Path
 
 BLOCKED_RANGES = ("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
                   "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15", "224.0.0.0/4", "240.0.0.0/4")
-RESOLV_CONF = Path("/etc/resolv.conf")
+# Where the engine finds the resolvers its embedded DNS forwards to: systemd-resolved's upstream list when the
+# host runs it (/etc/resolv.conf then names only 127.0.0.53), else /etc/resolv.conf.
+RESOLV_CONFS = (Path("/run/systemd/resolve/resolv.conf"), Path("/etc/resolv.conf"))
 
 
 class FirewallError(Exception):
@@ -59,6 +61,13 @@ def host_resolvers(resolv_conf: str) -> list[str]:
 ANSWERS = ["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "RETURN"]
 
 
+def _resolvers() -> list[str]:
+    for path in RESOLV_CONFS:
+        if path.exists():
+            return host_resolvers(path.read_text())
+    return []
+
+
 def forward_rules(resolvers: list[str]) -> list[list[str]]:
     """The forward chain's rules, in order. Pure."""
     rules = [ANSWERS]
@@ -77,7 +86,7 @@ def local_rules() -> list[list[str]]:
 def install(instance: str, bridge: str) -> Chains:
     """Make (or re-make) the instance's chains and jump to them from DOCKER-USER and INPUT for its bridge."""
     names = chains(instance)
-    resolvers = host_resolvers(RESOLV_CONF.read_text()) if RESOLV_CONF.exists() else []
+    resolvers = _resolvers()
     for chain, rules in ((names.forward, forward_rules(resolvers)), (names.local, local_rules())):
         _ensure_chain(chain)
         _iptables("-F", chain)
@@ -92,7 +101,7 @@ def intact(instance: str, bridge: str) -> bool:
     """Whether the instance's chains hold exactly its rules and both jumps to them are in place (a firewall
     reload or a flush by hand takes them away)."""
     names = chains(instance)
-    resolvers = host_resolvers(RESOLV_CONF.read_text()) if RESOLV_CONF.exists() else []
+    resolvers = _resolvers()
     for chain, rules in ((names.forward, forward_rules(resolvers)), (names.local, local_rules())):
         if _rules(chain) != [" ".join(["-A", chain, *rule]) for rule in rules]:
             return False

@@ -27,7 +27,8 @@ from orchestrator.config import Settings
 MAX_CHAT_CONNECTIONS = 32  # at once, per chat (the CLI uses a few)
 IDLE_SECONDS = 300  # a connection without a byte either way this long is closed (the API pings every few s)
 SOCKET = "model.sock"
-SOCKET_WAIT_SECONDS = 5.0  # the relay container picks a new chat's folder up within a second
+RELAY_POLL_SECONDS = 0.2  # how often the relay container looks for new chat folders (a shell loop: cheap)
+SOCKET_WAIT_SECONDS = 5.0
 
 
 def loopback_target(base_url: str | None) -> tuple[str, int] | None:
@@ -48,14 +49,21 @@ def loopback_target(base_url: str | None) -> tuple[str, int] | None:
 
 def relay_command(port: int) -> tuple[str, ...]:
     """What the relay container runs (images/claude-runner/model-relay). Pure."""
-    return ("model-relay", str(port), str(MAX_CHAT_CONNECTIONS), str(IDLE_SECONDS))
+    return ("model-relay", str(port), str(MAX_CHAT_CONNECTIONS), str(IDLE_SECONDS), str(RELAY_POLL_SECONDS))
 
 
-async def serve_chat(settings: Settings, chat_id: str) -> None:
-    """The chat's run folder (root's, read-only in its container), once the relay listens in it."""
+def prepare_chat(settings: Settings, chat_id: str) -> None:
+    """The chat's run folder (root's, read-only in its container): the relay starts serving it within
+    RELAY_POLL_SECONDS, while the chat's container is made ready."""
     folder = layout.chat_run_dir(settings, chat_id)
     folder.mkdir(exist_ok=True)
     os.chmod(folder, 0o755, follow_symlinks=False)  # whatever the umask: the agent connects to the socket
+
+
+async def wait_served(settings: Settings, chat_id: str) -> None:
+    """Until the relay listens in the chat's run folder (the CLI's first request would fail and be retried
+    after a pause otherwise); a missing relay is logged, not fatal."""
+    folder = layout.chat_run_dir(settings, chat_id)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + SOCKET_WAIT_SECONDS
     while not (folder / SOCKET).exists():

@@ -22,7 +22,7 @@ import docker
 import requests
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.models.containers import Container
-from docker.types import Mount, Ulimit
+from docker.types import LogConfig, Mount, Ulimit
 
 from orchestrator import layout, relay
 from orchestrator.config import INSTANCE_NETWORK, ChatSettings, Settings
@@ -64,6 +64,9 @@ class ContainerSpec:
     ulimits: tuple[tuple[str, int], ...]  # (name, soft and hard limit)
     environment: tuple[tuple[str, str], ...]
     command: tuple[str, ...] = ()  # empty: the image's
+    # The engine writes what PID 1 prints to the container's log, and the agent can write to PID 1's stdout
+    # (/proc/1/fd/1): without a cap that file grows on the engine's disk, outside any budget.
+    log_max_size: str = "1m"
 
     def fingerprint(self) -> str:
         """Changes when anything but the labels changes: a container with another one is re-created."""
@@ -327,6 +330,7 @@ class DockerRuntime:
                 ulimits=[Ulimit(name=name, soft=limit, hard=limit) for name, limit in spec.ulimits],
                 environment=dict(spec.environment),
                 command=list(spec.command) or None,
+                log_config=LogConfig(type="json-file", config={"max-size": spec.log_max_size, "max-file": "1"}),
                 cap_drop=["ALL"],
                 security_opt=["no-new-privileges"],
             )

@@ -281,8 +281,15 @@ class Service:
                 self._dispatch(message, kind="text" if message.text else "non-text")
 
     async def _stop_containers_over_budget(self) -> None:
-        """A chat's background jobs can fill its folders between turns: its container is stopped then."""
+        """A chat's background jobs can fill its folders between turns: its container is stopped then. When the
+        disk itself runs low every chat's container is stopped: what writes may not be measurable (a file deleted
+        but held open counts in no folder)."""
+        low = await self.turns.low_disk()
         for container in await self._count_containers():
+            if low is not None:
+                logger.bind(chat_id=container.chat_id).error(f"{low}: stopping the chat's container")
+                await self._stop_container(container.name, container.chat_id)
+                continue
             if container.chat_id in self.turns.running:
                 continue  # its turn measures and stops itself
             over = await self.turns.check_disk(container.chat_id)

@@ -36,6 +36,7 @@ RUN_TURN = "run-turn"  # in the agent image: keeps a turn's output in its turn f
 INTERRUPTED_BY_RESTART = ("This answer was interrupted because the bot is restarting. Send your message again "
                           "to continue where it stopped.")
 UNPARSED_LOGGED = 3  # lines of a turn that are not stream-json, logged (as excerpts); the rest are counted
+TOOLS_LOGGED = 20  # tool calls of a turn whose names are logged
 DISK_FULL = ("The bot's disk is nearly full, so no new answer can start now; the operators are told in the "
              "log. Please try again later.")
 
@@ -127,9 +128,11 @@ class TurnRunner:
         layout.prepare(paths, self.settings.agent.uid)
         record = self.store.chat(chat_id)
         if self.relay_port is not None:
-            await relay.serve_chat(self.settings, chat_id)
+            relay.prepare_chat(self.settings, chat_id)
         spec = container_spec(self.settings, chat, paths, record.name, self.relay_port)
         container = await self.runtime.ensure(spec)
+        if self.relay_port is not None:
+            await relay.wait_served(self.settings, chat_id)
         if container.id != record.container_id:
             logger.bind(chat_id=chat_id).info(f"container {container.name} is {container.id[:12]}")
             self.store.set_container(chat_id, container.name, container.id)
@@ -203,17 +206,23 @@ class TurnRunner:
 
     async def _disk_refusal(self, chat: ChatSettings, paths: layout.ChatPaths, log: Logger) -> Failure | None:
         """Why no turn may start now for lack of disk: the host's is nearly full, or the chat is over budget."""
-        floor = self.settings.limits.min_free_disk
-        for where in {self.settings.data_dir, self.settings.chats_dir}:
-            free = await asyncio.to_thread(disk.free_bytes, where)
-            if free < floor:
-                log.error(f"refusing a turn: {disk.human(free)} free on the disk of {where} "
-                          f"(limits.min_free_disk is {disk.human(floor)})")
-                return Failure(DISK_FULL)
+        low = await self.low_disk()
+        if low is not None:
+            log.error(f"refusing a turn: {low}")
+            return Failure(DISK_FULL)
         over = await self._over_budget(chat.chat_id, paths, fresh=False)
         if over is not None:
             log.warning(f"refusing a turn: {over}")
             return Failure(f"No answer can start: {over} An operator can raise the budget or free space.")
+        return None
+
+    async def low_disk(self) -> str | None:
+        """Why the disk of data_dir or chats_dir is too full for any turn (below limits.min_free_disk), or None."""
+        floor = self.settings.limits.min_free_disk
+        for where in {self.settings.data_dir, self.settings.chats_dir}:
+            free = await asyncio.to_thread(disk.free_bytes, where)
+            if free < floor:
+                return f"{disk.human(free)} free on the disk of {where} (limits.min_free_disk is {disk.human(floor)})"
         return None
 
     async def _over_budget(self, chat_id: str, paths: layout.ChatPaths, fresh: bool) -> str | None:
@@ -267,23 +276,25 @@ class TurnRunner:
 
     async def _take(self, lines: list[str], transcript: Transcript, message: MessageRecord, display: TurnDisplay,
                     log: Logger, unparsed: list[int]) -> None:
-        texts_before = len(transcript.texts)
+        # The output is the agent's to write: a read may hold 70,000 forged lines. Nothing here may cost the event
+        # loop more than parsing them: the session id is stored once per read, a few tool names are logged.
+        texts_before, session_before = len(transcript.texts), transcript.session_id
         for line in lines:
             for event in agent.parse_line(line):
                 transcript.add(event)
                 match event:
-                    case Init(session_id=session_id) if session_id:
-                        if self.store.chat(message.chat_id).session_id != session_id:
-                            self.store.set_session(message.chat_id, session_id)
-                            log.info(f"session {session_id}")
-                    case ToolUse(name=name):
+                    case ToolUse(name=name) if transcript.tools_used <= TOOLS_LOGGED:
                         log.info(f"tool {excerpt(name, 60)}")
                     case Unparsed(line=text):
                         unparsed[0] += 1
                         if unparsed[0] <= UNPARSED_LOGGED:
                             log.warning(f"CLI printed a line that is not stream-json: {excerpt(text)}")
-                    case Text():
+                    case Init() | Text() | ToolUse():
                         pass
+        session_id = transcript.session_id
+        if session_id and session_id != session_before and self.store.chat(message.chat_id).session_id != session_id:
+            self.store.set_session(message.chat_id, session_id)
+            log.info(f"session {session_id}")
         if len(transcript.texts) > texts_before:
             await display.update(transcript.text_so_far)
 

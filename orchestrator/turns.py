@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import shutil
 import stat
 import time
 from collections.abc import Iterator
@@ -199,7 +198,7 @@ def _prune_chat(chat_dir: Path, keep: int, busy: set[str | None]) -> int:
         finished = sorted(_finished_turns(turns_fd, busy))
         doomed = [name for _, name in finished[:-keep or None]]
         for name in doomed:
-            shutil.rmtree(name, dir_fd=turns_fd, ignore_errors=True)  # fd-based: no link is followed
+            untrusted.remove_tree(turns_fd, name)
         present = {entry.name for entry in os.scandir(turns_fd)}
     finally:
         os.close(turns_fd)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 _OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _REFUSED = (errno.ELOOP, errno.ENOTDIR, errno.ENXIO, errno.EISDIR, errno.EACCES, errno.EPERM)
+MAX_DEPTH = 128  # folders below a folder that `remove_tree` descends into
 
 
 class Refused(Exception):
@@ -133,6 +134,35 @@ def make_owned_dir(parent_fd: int, name: str, uid: int, mode: int = 0o700) -> No
             os.fchown(fd, uid, uid)
     finally:
         os.close(fd)
+
+
+def remove_tree(parent_fd: int, name: str, depth: int = 0) -> None:
+    """Delete the folder `name` and what it holds, opening each folder with O_NOFOLLOW|O_NONBLOCK|O_DIRECTORY: a
+    link or a FIFO swapped in for a folder is unlinked, never opened (shutil.rmtree opens what it lstat'ed
+    without O_NONBLOCK, so a FIFO swapped in between hangs it). Past MAX_DEPTH, and where the agent keeps
+    changing things, what is left stays for the next time."""
+    _check_name(name)
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | _OPEN_FLAGS, dir_fd=parent_fd)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=parent_fd)
+        return
+    try:
+        for entry in list(os.scandir(fd)):
+            if entry.is_dir(follow_symlinks=False):
+                if depth < MAX_DEPTH:
+                    remove_tree(fd, entry.name, depth + 1)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.name, dir_fd=fd)
+    finally:
+        os.close(fd)
+    with contextlib.suppress(OSError):
+        os.rmdir(name, dir_fd=parent_fd)
 
 
 def excerpt(data: bytes | str, limit: int = 200) -> str:

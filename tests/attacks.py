@@ -64,6 +64,7 @@ turn=/turns/$(ls -t /turns | head -1)
 head -c 1G /dev/zero | tr '\0' x >> "$turn/output.jsonl" &
 head -c 1G /dev/zero | tr '\0' y >> "$turn/stderr" &
 head -c 256M /dev/zero | tr '\0' z > /workspace/big-no-newline &
+head -c 64M /dev/zero | tr '\0' w > /proc/1/fd/1 &   # the container's log, written by the engine
 wait
 """
 

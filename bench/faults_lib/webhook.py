@@ -3,12 +3,17 @@ are too large, of a negative or missing length, floods, and slow clients, all at
 events in between. Every attack must be refused (and none reach the chat it names), every real event acked
 within Feishu's 3 s and answered exactly once, with the orchestrator's threads and memory bounded.
 
+Clients bind a loopback source address of their own: real events come from FEISHU_ADDRESS, the attacker
+from a fresh address per connection (a distributed attacker: the per-client cap never binds and the global
+cap, deadlines and checks are what is tested) or from one address (against the per-client cap).
+
 The attack clients and the /proc sampler are shared with tests/acceptance/test_webhook_security.py.
 """
 
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import os
 import random
@@ -37,6 +42,8 @@ RSS_BOUND = 300 * 1024**2  # the issue's target for the orchestrator's peak resi
 # connection would pass it with the 50 slow clients alone.
 THREAD_BOUND = 40
 REFUSAL = 401
+FEISHU_ADDRESS = "127.0.0.2"  # where real events come from; Linux answers the whole of 127.0.0.0/8 on loopback
+_FRESH = itertools.count()  # the attacker's next fresh address, in 127.1.0.0/16
 # kind → the statuses that mean "refused as it should be" (0: the server hung up without a word)
 EXPECTED = {"forged": {REFUSAL}, "unsigned": {REFUSAL}, "stale": {REFUSAL}, "bad padding": {REFUSAL},
             "replayed": {REFUSAL}, "oversized": {413}, "negative length": {400}, "no length": {411},
@@ -65,11 +72,18 @@ def raw_request(body: bytes, headers: dict[str, str], length: str | None = None,
     return "\r\n".join(lines).encode() + b"\r\n\r\n" + body
 
 
-def exchange(port: int, data: bytes, *, trickle: float = 0.0, stream: int = 0, timeout: float = 60.0) -> Answer:
-    """Send `data` (one byte per `trickle` seconds, or followed by `stream` bytes of body in 64 KiB pieces) and
-    read the answer. Whatever the server does (answer, hang up, reset) ends it; nothing is raised."""
+def fresh_address() -> str:
+    """A loopback address no connection has come from yet (65,000 of them)."""
+    n = next(_FRESH)
+    return f"127.1.{n // 254 % 256}.{n % 254 + 1}"
+
+
+def exchange(port: int, data: bytes, *, source: str = "127.0.0.1", trickle: float = 0.0, stream: int = 0,
+             timeout: float = 60.0) -> Answer:
+    """Send `data` from `source` (one byte per `trickle` seconds, or followed by `stream` bytes of body in 64 KiB
+    pieces) and read the answer. Whatever the server does (answer, hang up, reset) ends it; nothing is raised."""
     began, sent = time.monotonic(), 0
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0)) as sock:
         try:
             if trickle:
                 for byte in data:
@@ -102,11 +116,12 @@ def _read_answer(sock: socket.socket) -> tuple[int, bytes]:
 @dataclass
 class Attacker:
     """Sends the attack mix at one webhook and keeps every answer by kind. Attacks carry events for `victim`,
-    a chat that must never see one of them."""
+    a chat that must never see one of them; they come from `source`, or from a fresh address each when None."""
 
     port: int
     feishu: FakeFeishu
     victim: str
+    source: str | None = None
     max_body: int = 1024**2
     outcomes: dict[str, list[Answer]] = field(default_factory=lambda: defaultdict(list))
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -114,10 +129,10 @@ class Attacker:
     def post(self, event: Json) -> tuple[bytes, Answer]:
         """A real delivery, signed and encrypted as Feishu does it: the raw request (to replay) and its answer."""
         request = raw_request(*webhook_request(event, ENCRYPT_KEY))
-        return request, exchange(self.port, request)
+        return request, exchange(self.port, request, source=FEISHU_ADDRESS)
 
     def replay(self, request: bytes) -> Answer:
-        return self._record("replayed", exchange(self.port, request))
+        return self._record("replayed", exchange(self.port, request, source=self._address()))
 
     def send(self, kind: str) -> Answer:
         """One attack of `kind` (a key of EXPECTED, except replayed)."""
@@ -137,7 +152,7 @@ class Attacker:
             "slowloris": lambda: raw_request(body, sign(body, ENCRYPT_KEY)),
         }
         data = requests[kind]()
-        answer = exchange(self.port, data, trickle=1.0 if kind == "slowloris" else 0.0,
+        answer = exchange(self.port, data, source=self._address(), trickle=1.0 if kind == "slowloris" else 0.0,
                           stream=FLOOD_BYTES if kind == "flood" else 0)
         return self._record(kind, answer)
 
@@ -161,6 +176,9 @@ class Attacker:
         if kind == "slowloris":  # cut off within the time limit (plus a second of slack for a busy machine)
             return answer.status in EXPECTED[kind] and answer.seconds <= read_timeout + 2.0
         return answer.status in EXPECTED[kind]
+
+    def _address(self) -> str:
+        return self.source or fresh_address()
 
     def _record(self, kind: str, answer: Answer) -> Answer:
         with self._lock:

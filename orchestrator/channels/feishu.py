@@ -192,7 +192,7 @@ class FeishuChannel:
     async def _serve_webhook(self, handler: lark.EventDispatcherHandler) -> None:
         settings = self.settings
         limits = WebhookLimits(max_body=settings.webhook_max_body, max_connections=settings.webhook_max_concurrent,
-                               read_timeout=settings.webhook_timeout)
+                               max_per_client=settings.webhook_max_per_client, read_timeout=settings.webhook_timeout)
         self._webhook = WebhookServer(settings.webhook_host, settings.webhook_port, settings.webhook_path, limits,
                                       Verifier(settings.encrypt_key), functools.partial(self._dispatch, handler),
                                       self._challenge)

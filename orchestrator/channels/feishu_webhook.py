@@ -2,9 +2,12 @@
 says otherwise, and none may cost more than a bounded share of memory, threads and time.
 
 - One asyncio server reads requests; a slow client costs a socket and a coroutine, not a thread. At most
-  `max_connections` are open at once; the next one is answered 503 at once, without reading it.
-- The request line, headers and body must all arrive within `read_timeout` seconds in total (a client that
-  sends a byte every few seconds is cut off then: 408), headers within 16 KiB (431).
+  `max_connections` are open at once, and at most `max_per_client` from one client (an IPv4 address, an IPv6
+  /64): the next one is answered 503 at once, without reading it. Without the per-client cap one client
+  holding 64 idle connections made every genuine event get 503 (security review of issue 9).
+- The request line and headers must arrive within `head_timeout` seconds (Feishu sends them in one packet),
+  all of the request within `read_timeout` (a client that sends a byte every few seconds is cut off then:
+  408), headers within 16 KiB (431). So an idle connection holds its slot for `head_timeout`, not longer.
 - The body is read only after its Content-Length is checked: missing 411, not a plain number 400 (so a
   negative one too), over `max_body` 413. Chunked bodies are not taken (411 without a length).
 - Feishu's signature (sha256 of timestamp + nonce + Encrypt Key + raw body, lower-case hex) is checked before
@@ -26,6 +29,7 @@ import hashlib
 import hmac
 import http.client
 import io
+import ipaddress
 import re
 import time
 from collections import Counter, OrderedDict
@@ -64,6 +68,8 @@ BUSY = Reply(503, b'{"msg":"busy"}')
 class WebhookLimits:
     max_body: int = 1024 * 1024
     max_connections: int = 64
+    max_per_client: int = 8
+    head_timeout: float = 3.0  # capped by read_timeout
     read_timeout: float = 10.0
     workers: int = 4
 
@@ -135,7 +141,7 @@ class WebhookServer:
         self.dispatch = dispatch
         self.challenge = challenge
         self.refusals = _Refusals()
-        self._open = 0
+        self._open: Counter[str] = Counter()  # client → its open connections
         self._server: asyncio.Server | None = None
         self._workers = ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="feishu-webhook")
 
@@ -148,7 +154,8 @@ class WebhookServer:
         self._server = await asyncio.start_server(self._connection, self.host, self.port, limit=HEADER_LIMIT)
         host, port = self._server.sockets[0].getsockname()[:2]
         logger.info(f"listening for Feishu events on http://{host}:{port}{self.path} (at most "
-                    f"{self.limits.max_connections} connections, {self.limits.max_body} bytes a body)")
+                    f"{self.limits.max_connections} connections, {self.limits.max_per_client} from one client, "
+                    f"{self.limits.max_body} bytes a body)")
         try:
             await self._server.serve_forever()
         finally:
@@ -156,12 +163,13 @@ class WebhookServer:
             self._workers.shutdown(wait=False, cancel_futures=True)
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = _peer(writer)
-        if self._open >= self.limits.max_connections:
-            self.refusals.add(f"more than {self.limits.max_connections} connections at once", peer)
+        host, peer = _peer(writer)
+        client = client_of(host)
+        if busy := self._over_limit(client):
+            self.refusals.add(busy, peer)
             await _answer(writer, BUSY)
             return
-        self._open += 1
+        self._open[client] += 1
         try:
             reply = await self._request(reader, peer)
             if reply is not None:
@@ -169,20 +177,36 @@ class WebhookServer:
             else:
                 writer.transport.abort()
         finally:
-            self._open -= 1
+            self._open[client] -= 1
+            if not self._open[client]:
+                del self._open[client]
+
+    def _over_limit(self, client: str) -> str | None:
+        """Why one more connection from `client` is refused, or None."""
+        if self._open.total() >= self.limits.max_connections:
+            return f"more than {self.limits.max_connections} connections at once"
+        if self._open[client] >= self.limits.max_per_client:
+            return f"more than {self.limits.max_per_client} connections at once from {client}"
+        return None
 
     async def _request(self, reader: asyncio.StreamReader, peer: str) -> Reply | None:
         """The answer to one request, or None when the client went away before it was complete."""
+        limits = self.limits
+        deadline = asyncio.get_running_loop().time() + limits.read_timeout
+        head_timeout = min(limits.head_timeout, limits.read_timeout)
+        late = f"request line and headers not sent within {head_timeout:g} s"
         try:
-            async with asyncio.timeout(self.limits.read_timeout):
+            async with asyncio.timeout(head_timeout):
                 head = await reader.readuntil(b"\r\n\r\n")
-                headers, problem = self._parse(head)
-                if problem is not None:
-                    self.refusals.add(f"{problem.status}: {problem.body.decode()}", peer)
-                    return problem
+            headers, problem = self._parse(head)
+            if problem is not None:
+                self.refusals.add(f"{problem.status}: {problem.body.decode()}", peer)
+                return problem
+            late = f"not sent in full within {limits.read_timeout:g} s"
+            async with asyncio.timeout_at(deadline):
                 body = await reader.readexactly(int(headers["Content-Length"]))
         except TimeoutError:
-            self.refusals.add(f"not sent in full within {self.limits.read_timeout:g} s", peer)
+            self.refusals.add(late, peer)
             return Reply(408, b'{"msg":"request timeout"}')
         except asyncio.LimitOverrunError:
             self.refusals.add(f"headers over {HEADER_LIMIT} bytes", peer)
@@ -246,6 +270,21 @@ async def _answer(writer: asyncio.StreamWriter, reply: Reply) -> None:
         writer.transport.abort()
 
 
-def _peer(writer: asyncio.StreamWriter) -> str:
+def client_of(host: str) -> str:
+    """The client a connection counts against: its IPv4 address (also when mapped into IPv6), or its IPv6 /64,
+    since one IPv6 host is commonly given a whole /64 and could take a new address per connection."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
+def _peer(writer: asyncio.StreamWriter) -> tuple[str, str]:
+    """The peer's address, and address:port for the log."""
     peer: Any = writer.get_extra_info("peername")
-    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
+    return (str(peer[0]), f"{peer[0]}:{peer[1]}") if isinstance(peer, tuple) else ("?", "?")

@@ -99,7 +99,7 @@ def test_planted_links_and_folders_reach_no_host_file_secret_or_other_chat(
 # ---- 2. gigabytes without a newline -----------------------------------------------------------------------------
 
 def test_gigabytes_without_newlines_keep_the_orchestrator_small_and_the_answer_capped(
-        feishu: FakeFeishu, feishu_config, tmp_path: Path) -> None:
+        feishu: FakeFeishu, feishu_config, tmp_path: Path, instance: str, docker_client: docker.DockerClient) -> None:
     answer_cap = 200_000
     config = feishu_config(defaults={"disk": "20g"}, limits={"answer_bytes": answer_cap})
     bot = _start(feishu, config, "unused")
@@ -124,6 +124,8 @@ def test_gigabytes_without_newlines_keep_the_orchestrator_small_and_the_answer_c
     forged_answer = "".join(m.text for m in feishu.messages(attacker) if m.reply_to == forged_id)
     assert answer_cap < len(forged_answer.encode()) < answer_cap + 1000
     assert all(len(m.text) <= 8000 for m in feishu.messages())  # no chat message over the split size
+    log_path = docker_client.containers.get(f"{instance}-{attacker}").attrs["LogPath"]
+    assert Path(log_path).stat().st_size < 2 * attacks.MIB  # the engine's log of it is capped too
     assert "skipped" in bot.log() and "output line(s) over" in bot.log()
     assert max(len(line) for line in bot.log().splitlines()) < 2000  # only bounded excerpts are logged
     bot.stop()

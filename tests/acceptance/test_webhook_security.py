@@ -1,11 +1,13 @@
 """The webhook as an attacker meets it (issue 9): the real orchestrator in webhook mode, its real lark-oapi
 dispatcher, events signed and encrypted as Feishu does it (tests/fakes/feishu.py), and the attack clients of
-the fault suite (bench/faults_lib/webhook.py) on raw sockets."""
+the fault suite (bench/faults_lib/webhook.py) on raw sockets. Real events come from 127.0.0.2 (as from
+Feishu), attacks from 127.1.x.y (a fresh address each) or, against the per-client cap, all from 127.0.0.1."""
 
 from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 from bench.faults_lib.webhook import (
@@ -21,17 +23,20 @@ from bench.faults_lib.webhook import (
     raw_request,
     webhook_config,
 )
+from orchestrator.channels.feishu_webhook import WebhookLimits
 from tests.fakes.feishu import FakeFeishu, encrypt_body, url_verification, webhook_request
 from tests.harness import Orchestrator, StoreView, answers, chat, free_port, wait_answer, wait_until
 
 READ_TIMEOUT = 3.0
+HEAD_TIMEOUT = WebhookLimits.head_timeout  # the server's own, for the request line and headers
 SLOW_CLIENTS = 50
+PER_CLIENT = 8  # feishu.webhook_max_per_client's default
 FLOODS = 4  # each claims and streams 64 MiB: 256 MiB, which would not fit under RSS_BOUND if it were read
 
 
 def start_webhook(feishu_config, **overrides) -> tuple[Orchestrator, int]:
     port = free_port()
-    bot = Orchestrator(feishu_config(webhook_config(port, webhook_timeout=READ_TIMEOUT, **overrides)))
+    bot = Orchestrator(feishu_config(webhook_config(port, **{"webhook_timeout": READ_TIMEOUT, **overrides})))
     bot.wait_log("listening for Feishu events", timeout=120)
     return bot, port
 
@@ -128,5 +133,38 @@ def test_connections_over_the_limit_are_answered_503_at_once(feishu: FakeFeishu,
         wait_answer(feishu, chat_id, "Fake answer to: once there is room")
         assert answers(feishu, chat_id) == ["Fake answer to: once there is room"]
         assert "more than 4 connections at once" in bot.log()
+    finally:
+        bot.stop()
+
+
+def test_one_address_cannot_crowd_out_feishu(feishu: FakeFeishu, feishu_config) -> None:
+    """The security review's PoC: more idle connections than webhook_max_concurrent, all from one client, made
+    every genuine event get 503. Now that client holds 8 (the rest get 503 at once), each only until its
+    headers are due (3 s, though webhook_timeout is 10), and Feishu's event from another address is acked."""
+    bot, port = start_webhook(feishu_config, webhook_timeout=10)
+    attacker = Attacker(port, feishu, victim=chat(), source="127.0.0.1")
+    chat_id = chat()
+    holders = 72  # over webhook_max_concurrent (64)
+    try:
+        with ThreadPoolExecutor(holders) as pool:
+            slow = [pool.submit(attacker.send, "slowloris") for _ in range(holders)]
+            wait_until(lambda: [a.status for a in attacker.outcomes["slowloris"]].count(503) == holders - PER_CLIENT,
+                       30, "all but 8 refused at once")
+            answer = attacker.post(feishu.text_event(chat_id, "while one address holds its 8"))[1]
+            assert (answer.status, json.loads(answer.body)) == (200, {"msg": "success"})
+            assert answer.seconds < ACK_LIMIT, f"acked after {answer.seconds:.2f} s"
+            genuine = raw_request(*webhook_request(feishu.text_event(chat_id, "from the crowding address"),
+                                                   ENCRYPT_KEY))
+            busy = exchange(port, genuine, source="127.0.0.1")
+            assert (busy.status, busy.body) == (503, b'{"msg":"busy"}')  # refused unread, signed or not
+            assert sum(not f.done() for f in slow) == PER_CLIENT, "the address's 8 were cut off too early to matter"
+        statuses = Counter(a.status for a in attacker.outcomes["slowloris"])
+        assert statuses == {408: PER_CLIENT, 503: holders - PER_CLIENT}, statuses
+        held = [a.seconds for a in attacker.outcomes["slowloris"] if a.status == 408]
+        assert max(held) < 10, f"cut off after {max(held):.1f} s: the header deadline did not apply"
+        wait_answer(feishu, chat_id, "Fake answer to: while one address holds its 8")
+        assert answers(feishu, chat_id) == ["Fake answer to: while one address holds its 8"]
+        assert f"more than {PER_CLIENT} connections at once from 127.0.0.1" in bot.log()
+        assert f"request line and headers not sent within {HEAD_TIMEOUT:g} s" in bot.log()
     finally:
         bot.stop()

@@ -155,3 +155,12 @@ def test_the_clis_error_text_is_shown_bounded() -> None:
     assert isinstance(result, Failure)
     assert result.reason.startswith("Claude Code reported an error: EEE")
     assert len(result.reason) <= ERROR_SHOWN + 40
+
+
+def test_a_session_id_that_is_not_a_uuid_is_ignored() -> None:
+    """The output is the agent's to write: a forged id would be stored and passed to --resume= later."""
+    for forged in ("a", "x" * 1_000_000, "--dangerously-skip-permissions", 42, None, SESSION.upper() + "0"):
+        [init] = parse_line(json.dumps({**INIT, "session_id": forged}))
+        assert isinstance(init, Init) and init.session_id == ""
+    [init] = parse_line(json.dumps(INIT))
+    assert init.session_id == SESSION

@@ -1,12 +1,13 @@
 """The webhook's signature, timestamp window and replay checks (orchestrator/channels/feishu_webhook.py),
-against signatures made the way Feishu makes them (tests/fakes/feishu.py). The server around them is tested
-end to end in tests/acceptance/test_webhook_security.py."""
+against signatures made the way Feishu makes them (tests/fakes/feishu.py), and what counts as one client for
+its per-client connection cap. The server around them is tested end to end in
+tests/acceptance/test_webhook_security.py."""
 
 from __future__ import annotations
 
 import pytest
 
-from orchestrator.channels.feishu_webhook import SIGNATURE, Refused, Verifier
+from orchestrator.channels.feishu_webhook import SIGNATURE, Refused, Verifier, client_of
 from tests.fakes.feishu import signature_headers
 
 KEY = "encrypt-key"
@@ -80,3 +81,14 @@ def test_signatures_are_forgotten_after_the_window_and_capped_within_it() -> Non
     assert refusal(verifier, signed(NOW + 3)) == "more than 3 signed requests within the replay window"
     clock.now = NOW + 301  # the first one's timestamp is out of the window: it cannot be replayed anyway
     verifier.check(signed(NOW + 290), BODY)
+
+
+@pytest.mark.parametrize(("host", "client"), [
+    ("203.0.113.7", "203.0.113.7"),
+    ("::ffff:203.0.113.7", "203.0.113.7"),  # an IPv4 client of a dual-stack socket counts as itself
+    ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+    ("2001:db8:1:2:bbbb::9", "2001:db8:1:2::/64"),  # another address of the same host's /64
+    ("?", "?"),
+])
+def test_a_client_is_an_ipv4_address_or_an_ipv6_64(host: str, client: str) -> None:
+    assert client_of(host) == client

@@ -16,7 +16,7 @@ import pytest
 from orchestrator import relay
 from orchestrator.config import load_settings, resolve_chat
 from orchestrator.layout import chat_paths
-from orchestrator.relay import loopback_target, serve_chat
+from orchestrator.relay import loopback_target, prepare_chat, wait_served
 from orchestrator.runtime import CHAT_LABEL, container_spec, relay_container_spec
 
 
@@ -48,7 +48,8 @@ def test_the_relay_container_serves_the_run_folder_from_the_hosts_network_withou
     settings = load_settings(config, {})
     spec = relay_container_spec(settings, 4242)
     assert spec.name == "bot-relay" and spec.network == "host" and spec.user == "0:0"
-    assert spec.command == ("model-relay", "4242", str(relay.MAX_CHAT_CONNECTIONS), str(relay.IDLE_SECONDS))
+    assert spec.command == ("model-relay", "4242", str(relay.MAX_CHAT_CONNECTIONS), str(relay.IDLE_SECONDS),
+                            str(relay.RELAY_POLL_SECONDS))
     assert spec.mounts == ((str(tmp_path / "data" / "run"), "/relay", False),)
     assert CHAT_LABEL not in spec.labels and spec.labels["orchestrator.role"] == "model-relay"
     assert spec.image == settings.agent.image  # its socat; and rebuilt with the agent image
@@ -63,7 +64,8 @@ def test_a_chat_is_served_once_its_socket_is_there_and_its_folder_is_readable(tm
     folder = tmp_path / "data" / "run" / "oc_a"
 
     async def scenario() -> None:
-        waiting = asyncio.ensure_future(serve_chat(settings, "oc_a"))
+        prepare_chat(settings, "oc_a")
+        waiting = asyncio.ensure_future(wait_served(settings, "oc_a"))
         await asyncio.sleep(0.2)
         assert not waiting.done()  # the relay has not made its socket yet
         (folder / relay.SOCKET).touch()
@@ -84,7 +86,8 @@ def test_serving_a_chat_gives_up_waiting_for_a_relay_that_is_not_there(tmp_path:
     config.write_text("{}\n")
     settings = load_settings(config, {})
     (tmp_path / "data" / "run").mkdir(parents=True)
-    asyncio.run(asyncio.wait_for(serve_chat(settings, "oc_a"), 5))  # returns (and logs) instead of hanging
+    prepare_chat(settings, "oc_a")
+    asyncio.run(asyncio.wait_for(wait_served(settings, "oc_a"), 5))  # returns (and logs) instead of hanging
     chat = resolve_chat(settings, "oc_a")
     spec = container_spec(settings, chat, chat_paths(settings, chat), relay_port=None)
     assert not any(target == "/run/orchestrator" for _, target, _ in spec.mounts)

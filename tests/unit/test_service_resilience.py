@@ -252,3 +252,32 @@ def test_a_message_stored_but_never_queued_is_handed_on(tmp_path: Path, store: S
     asyncio.run(run())
     assert store.message("om_1").state is State.DELIVERED and store.message("om_2").state is State.RECEIVED
     assert [item.text for item in chat.delivered] == ["the answer"]
+
+
+def test_a_disk_below_the_floor_stops_every_chat_container(tmp_path: Path, store: Store) -> None:
+    """What writes may not be measurable (a file deleted but held open counts in no folder): below the floor,
+    every chat's container is stopped, not only those measured over their budget."""
+    import dataclasses
+
+    from orchestrator.config import LimitSettings
+
+    class Running(Engine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stopped: list[str] = []
+
+        async def list_managed(self, instance: str) -> list[ContainerState]:
+            return [ContainerState(f"bot-{chat}", chat, "running", chat_id=chat) for chat in ("oc_a", "oc_b")]
+
+        async def stop(self, name: str, grace_seconds: float) -> None:
+            self.stopped.append(name)
+
+    engine = Running()
+    svc = make_service(tmp_path, store, Chat(), engine)
+    (tmp_path / "chats").mkdir()
+    asyncio.run(svc._stop_containers_over_budget())
+    assert engine.stopped == []  # plenty of room, nothing measured over budget
+    svc.settings = dataclasses.replace(svc.settings, limits=LimitSettings(min_free_disk=2**60))
+    svc.turns.settings = svc.settings
+    asyncio.run(svc._stop_containers_over_budget())
+    assert sorted(engine.stopped) == ["bot-oc_a", "bot-oc_b"]

@@ -257,3 +257,39 @@ def test_excerpt_is_bounded() -> None:
     worst = untrusted.excerpt("\x1b" * 10_000, 50)
     assert worst.startswith("\\x1b") and len(worst) <= 50 * 4 + 1
     assert "\n" not in untrusted.excerpt("\n" * 10_000) and "\r" not in untrusted.excerpt(b"\r" * 10_000)
+
+
+def test_remove_tree_unlinks_links_and_fifos_and_never_opens_them(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("host file")
+    os.mkfifo(tmp_path / "fifo")
+    root = tmp_path / "turns"
+    tree = root / "1-1-x" / "a" / "b"
+    tree.mkdir(parents=True)
+    (tree / "file").write_text("x")
+    (root / "1-1-x" / "to-outside").symlink_to(outside)  # a folder swapped for a link
+    (root / "1-1-x" / "a" / "to-fifo").symlink_to(tmp_path / "fifo")  # a FIFO swapped in: must not hang
+    os.mkfifo(root / "1-1-x" / "a" / "fifo")
+    with untrusted.directory(root) as fd:
+        done = threading.Event()
+        worker = threading.Thread(target=lambda: (untrusted.remove_tree(fd, "1-1-x"), done.set()), daemon=True)
+        worker.start()
+        assert done.wait(5), "remove_tree hung"
+    assert not (root / "1-1-x").exists()
+    assert (outside / "keep.txt").read_text() == "host file"  # the link's target is untouched
+    assert (tmp_path / "fifo").exists()
+
+
+def test_remove_tree_of_a_link_or_a_file_removes_only_the_name(tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "x").write_text("x")
+    (tmp_path / "link").symlink_to(target)
+    (tmp_path / "plain").write_text("y")
+    with untrusted.directory(tmp_path) as fd:
+        untrusted.remove_tree(fd, "link")
+        untrusted.remove_tree(fd, "plain")
+        untrusted.remove_tree(fd, "missing")
+    assert not (tmp_path / "link").is_symlink() and not (tmp_path / "plain").exists()
+    assert (target / "x").exists()
