@@ -5,7 +5,6 @@ must say what is wrong meanwhile, and the figure is how long the service takes t
 from __future__ import annotations
 
 import json
-import math
 import random
 import sqlite3
 import time
@@ -14,6 +13,7 @@ import urllib.request
 from dataclasses import dataclass
 
 from bench.faults_lib.rig import Result, Rig, wait_for
+from bench.faults_lib.webhook import percentile
 from tests.harness import chat, free_port
 
 SETTLE_SECONDS = 240
@@ -52,7 +52,7 @@ def store_locked(quick: bool, rng: random.Random) -> Result:
                         f"arriving during it; {sum(t.redelivered for t in done)} unacked events pushed again")
     if recovery:
         result.notes.append(f"recovery (unlock to every message answered or failed): p50 "
-                            f"{_percentile(recovery, 0.5):.1f} s, p95 {_percentile(recovery, 0.95):.1f} s, "
+                            f"{percentile(recovery, 0.5):.1f} s, p95 {percentile(recovery, 0.95):.1f} s, "
                             f"max {max(recovery):.1f} s")
     result.notes.append(f"{answered} answered exactly once, {failed} failed with a reason; /healthz reported the "
                         f"lock in {reported}/{trials} trials and was healthy after {healthy_after}/{trials}")
@@ -127,7 +127,3 @@ def _count(rig: Rig, result: Result) -> tuple[int, int]:
     return answered, failed
 
 
-def _percentile(values: list[float], q: float) -> float:
-    """Nearest rank."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
