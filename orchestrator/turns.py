@@ -27,7 +27,7 @@ from pathlib import Path
 from loguru import logger
 
 from orchestrator import untrusted
-from orchestrator.layout import INPUT_PATH, TURNS_PATH, ChatPaths
+from orchestrator.layout import ChatPaths
 
 STDERR_TAIL = 4096
 READ_CHUNK = 4 * 1024**2  # output read per look: with the line cap, what one look can hold in memory
@@ -43,14 +43,6 @@ class TurnFiles:
     name: str
     paths: ChatPaths
     uid: int  # the agent's: what it writes is owned by it, and anything else is refused
-
-    @property
-    def container_dir(self) -> str:
-        return f"{TURNS_PATH}/{self.name}"
-
-    @property
-    def container_prompt(self) -> str:
-        return f"{INPUT_PATH}/{self.name}"
 
     @contextlib.contextmanager
     def folder(self) -> Iterator[int | None]:

@@ -93,7 +93,6 @@ def test_the_prompt_is_written_in_roots_input_folder(paths: ChatPaths) -> None:
     prompt = paths.input / files.name
     assert prompt.read_text() == "héllo\n--resume=x"
     assert prompt.stat().st_uid == 0 and stat.S_IMODE(prompt.stat().st_mode) == 0o644
-    assert (files.container_prompt, files.container_dir) == (f"/input/{files.name}", f"/turns/{files.name}")
     with pytest.raises(FileExistsError):
         write_prompt(files, "again")
     assert prompt.read_text() == "héllo\n--resume=x"
