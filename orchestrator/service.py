@@ -75,6 +75,7 @@ class Service:
         self.workers: dict[str, asyncio.Task[None]] = {}
         self.active: set[str] = set()  # chats whose worker is handling a message
         self.retrying: set[str] = set()  # chats whose message waits to be handled again (the store refused a write)
+        self._displays: dict[str, str] = {}  # by message id: display states not yet known to be stored
         self.exit_code = 0  # 1 once one of the service's tasks died
         self.accepting = True
         self._slots = asyncio.Semaphore(settings.scheduler.max_concurrent_turns)
@@ -503,9 +504,21 @@ class Service:
                 self.active.discard(message.chat_id)
                 metrics.BUSY_CHATS.set(len(self.active))
 
+    def _save_display(self, message_id: str, state: str, log: Logger) -> None:
+        """The display's state (its card, its reaction) kept in memory first: when the store refuses the write
+        (locked, full), the message is handled again in this process and must go on with the same card."""
+        self._displays[message_id] = state
+        try:
+            self.store.set_display(message_id, state)
+        except Exception as exc:
+            if not refused_for_now(exc):
+                raise
+            log.warning(f"the card's state could not be stored yet ({describe(exc)}); kept in memory")
+
     async def _turn(self, message: MessageRecord, log: Logger) -> None:
-        display = self.channel.display(message.chat_id, message.message_id, message.display,
-                                       lambda state: self.store.set_display(message.message_id, state))
+        saved = self._displays.get(message.message_id, message.display)
+        display = self.channel.display(message.chat_id, message.message_id, saved,
+                                       lambda state: self._save_display(message.message_id, state, log))
         await display.start()
         began = time.monotonic()
         try:
@@ -526,6 +539,7 @@ class Service:
                 metrics.OVERHEAD_SECONDS.observe(max(0.0, wall - result.duration_ms / 1000))
             self.store.answer(message.message_id, result.text, result.cost_usd, result.duration_ms, card)
             log.info(f"answered ({len(result.text)} chars, cost {result.cost_usd}, {result.duration_ms} ms)")
+        self._displays.pop(message.message_id, None)
         self.deliverer.wake()
 
 

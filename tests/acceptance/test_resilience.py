@@ -112,8 +112,10 @@ def test_a_store_locked_by_another_process_delays_messages_and_answers_which_all
     orchestrator, health = bot
     pushed, first, second = Pushed(feishu), chat(), chat()
     slow = pushed.push(first, "SLOW 6 answered while the store is locked")
-    wait_until(lambda: state(store_view, first, slow) == "running" and feishu.messages(first), 90,
-               "the slow turn to show its card")
+    # The CLI is running once its session is stored; its text (and so a card) comes only at the end of the
+    # slow block, so the card cannot be what is waited for (it raced the answer and lost in a CI run).
+    wait_until(lambda: state(store_view, first, slow) == "running" and store_view.chat(first)["session_id"], 90,
+               "the slow turn's CLI to start")
     notice = f"a notice due while the store is locked {uuid.uuid4().hex[:6]}"
     schedule_notice(store_view.db_path, first, notice, after=1)
 
