@@ -120,6 +120,10 @@ class _Refusal(_Table):
         table_name = "refusals"
 
 
+class TurnRefused(Exception):
+    """A turn was started for a message that is not waiting for one: a bug."""
+
+
 @dataclass(frozen=True)
 class ChatRecord:
     chat_id: str
@@ -273,6 +277,17 @@ class Store:
 
     def mark_running(self, message_id: str, turn: str) -> bool:
         return self._move(message_id, State.RUNNING, turn=turn)
+
+    def start_turn(self, message_id: str, turn: str) -> None:
+        """The message's turn is now `turn`: queued → running, or a running message's turn started anew (one
+        that never started before a restart, a retry after the pids limit). Recovery follows the turn stored
+        here, so a refusal is a bug and raises: the new turn's tool calls would run again after a restart."""
+        updated = (_Message.update(state=State.RUNNING, turn=turn, updated_at=time.time())
+                   .where((_Message.message_id == message_id)
+                          & (_Message.state.in_([str(State.QUEUED), str(State.RUNNING)])))
+                   .execute())
+        if updated != 1:
+            raise TurnRefused(f"message {message_id} is neither queued nor running: turn {turn} not recorded")
 
     def mark_answered(self, message_id: str, answer: str, cost_usd: float | None,
                       duration_ms: int | None) -> bool:

@@ -99,7 +99,7 @@ class TurnRunner:
             container = await self._container(chat, paths, message.chat_id)
             files = turns.turn_files(paths, turns.new_turn_name(message.id, attempt), self.settings.agent.uid)
             turns.write_prompt(files, message.text)
-            self.store.mark_running(message.message_id, files.name)
+            self.store.start_turn(message.message_id, files.name)  # before the exec: a restart follows this one
             argv = [RUN_TURN, files.name, *agent.turn_argv(self.settings.agent, session_id)]
             await self.runtime.start_process(container.id, argv, dict(self.settings.agent.env), self.agent_user)
             log.info(f"turn {files.name} started in {container.name}"

@@ -181,3 +181,23 @@ def test_only_a_busy_store_or_a_full_disk_is_refused_for_now() -> None:
     assert not refused_for_now(sqlite3.OperationalError("no such table: messages"))
     assert not refused_for_now(IntegrityError("UNIQUE constraint failed"))
     assert not refused_for_now(KeyError("database is locked"))
+
+
+def test_a_running_messages_new_turn_is_recorded_and_a_finished_message_refuses_one(tmp_path: Path) -> None:
+    """Recovery follows the stored turn: a turn started anew (never started before a restart, or retried after
+    the pids limit) must replace it, or every restart re-runs the new turn's tool calls (seen in kill9)."""
+    from orchestrator.store import TurnRefused
+
+    store = Store(tmp_path / "s.db")
+    store.ensure_chat("oc_a")
+    store.record_received("om_1", "oc_a", "ou_1", "hi")
+    store.mark_queued("om_1")
+    store.start_turn("om_1", "1-1-aaaa")
+    assert (store.message("om_1").state, store.message("om_1").turn) == (State.RUNNING, "1-1-aaaa")
+    store.start_turn("om_1", "1-1-bbbb")
+    assert store.message("om_1").turn == "1-1-bbbb"
+    store.answer("om_1", "done", None, None, card=None)
+    with pytest.raises(TurnRefused):
+        store.start_turn("om_1", "1-2-cccc")
+    assert store.message("om_1").turn == "1-1-bbbb"
+    store.close()
