@@ -160,13 +160,15 @@ def test_turns_are_serial_per_chat_parallel_across_chats_and_globally_bounded(
     wait_answer(feishu, other2, "Fake answer to: SLOW 3 in parallel two")
 
     assert answers(feishu, busy) == [f"Fake answer to: quick {n}" for n in range(5)]
+    # The card shows the answer's text as it streams, before the turn's CLI has ended and its exit code is
+    # written: read the turn files only once every answer is delivered (a loaded CI run read one too early).
+    wait_until(lambda: all(m["state"] == "delivered" for c in (busy, other1, other2)
+                           for m in store_view.messages(c)), 30, "delivery")
     data = tmp_path / "data"
     assert max_overlap(turn_intervals(data, busy)) == 1
     assert max_overlap(turn_intervals(data, other1) + turn_intervals(data, other2)) == 2
     everything = [i for c in (busy, other1, other2) for i in turn_intervals(data, c)]
     assert max_overlap(everything) == 2
-    wait_until(lambda: all(m["state"] == "delivered" for c in (busy, other1, other2)
-                           for m in store_view.messages(c)), 30, "delivery")
     assert_settled(store_view, config, busy, other1, other2)
 
 
