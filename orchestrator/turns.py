@@ -32,6 +32,7 @@ from orchestrator.layout import ChatPaths
 STDERR_TAIL = 4096
 READ_CHUNK = 4 * 1024**2  # output read per look: with the line cap, what one look can hold in memory
 ORPHAN_PROMPT_SECONDS = 3600.0  # a prompt whose turn never made a folder is kept this long, then pruned
+_REFUSALS_LOGGED: set[str] = set()  # turns whose refused output was logged
 
 
 def new_turn_name(message_row: int, attempt: int) -> str:
@@ -90,7 +91,9 @@ class TurnFiles:
             except FileNotFoundError:
                 return None
             except untrusted.Refused as exc:
-                logger.warning(f"turn {self.name}: its output is refused ({untrusted.excerpt(str(exc))})")
+                if self.name not in _REFUSALS_LOGGED:  # once per turn: the agent can keep it refused for long
+                    _REFUSALS_LOGGED.add(self.name)
+                    logger.warning(f"turn {self.name}: its output is refused ({untrusted.excerpt(str(exc))})")
                 return None
 
 
