@@ -19,7 +19,10 @@ from tests.fakes.feishu import FakeFeishu
 from tests.harness import wait_until
 
 MIB = 1024 * 1024
-LEAK_MARKERS = ("CANARY-", "sk-test-fake", "PATH=")  # a canary file's text, the agent's API key, any environ
+# A canary file's text. Not "PATH=" nor the agent's key: an environ read inside the container (the attacker's
+# `cat` of a stderr it linked to /proc/self/environ) is the agent's own; the orchestrator's environ is caught by the
+# secret the tests put in it.
+LEAK_MARKERS = ("CANARY-",)
 NEIGHBOUR_REPLY = "neighbour-open"
 Snapshot = dict[str, tuple[int, int, int, int, bytes]]
 
