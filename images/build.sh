@@ -38,7 +38,7 @@ case "$what" in
     default_tag=claude-runner:latest
     default_base=node:22-bookworm-slim
     local_base_tag=orchestrator-debian-node:bookworm
-    local_base_packages=nodejs,npm,ca-certificates,git,tini,procps,less,curl,socat ;;
+    local_base_packages=nodejs,npm,ca-certificates,git,tini,procps,less,curl,socat,python3-minimal ;;
   orchestrator)
     default_tag=orchestrator:latest
     default_base=python:3.11-slim
@@ -97,7 +97,8 @@ build() {  # build TAG BASE [docker build options] CONTEXT
 case "$what" in
   agent)
     mkdir "$scratch/agent"
-    cp "$here/claude-runner/Dockerfile" "$here/claude-runner/run-turn" "$here/claude-runner/agent-init" "$here/claude-runner/model-relay" "$scratch/agent/"
+    cp "$here/claude-runner/Dockerfile" "$here/claude-runner/agent-init" "$here/claude-runner/model-relay" \
+      "$repo/orchestrator/agent_host.py" "$scratch/agent/"
     stage_ca "$scratch/agent"
     build "$tag" "$base" "$scratch/agent" ;;
   orchestrator)

@@ -1,7 +1,9 @@
 """Durable state in SQLite (peewee): chats and messages. The only module that speaks SQL.
 
 Callers get plain records, never rows. Message state changes are conditional updates (see `states`),
-so a transition happens once even when two workers race for it. Nothing here clears a session id except
+so a transition happens once even when two workers race for it. A transition the message's state refuses
+raises `TransitionRefused` (the caller's idea of the message is wrong: going on would lose or repeat work),
+except where a method's docstring names the refusal a caller must expect; those return False. Nothing here clears a session id except
 `set_session`, which the service calls only on /new or when the CLI reports the session gone. Every text for
 a chat is kept with the secrets masked (`masking`).
 """
@@ -120,8 +122,8 @@ class _Refusal(_Table):
         table_name = "refusals"
 
 
-class TurnRefused(Exception):
-    """A turn was started for a message that is not waiting for one: a bug."""
+class TransitionRefused(Exception):
+    """A message's state does not allow the change asked for, and no caller expects that: a bug."""
 
 
 @dataclass(frozen=True)
@@ -271,12 +273,13 @@ class Store:
     def set_display(self, message_id: str, display: str) -> None:
         _Message.update(display=display).where(_Message.message_id == message_id).execute()
 
-    def mark_queued(self, message_id: str, error: str | None = None) -> bool:
-        """Queued for a turn; `error` notes why a message that already ran is queued again."""
-        return self._move(message_id, State.QUEUED, **({"error": error} if error else {}))
+    def mark_queued(self, message_id: str, error: str | None = None) -> None:
+        """Queued for a turn (received → queued, or running → queued to run again with a fresh session);
+        `error` notes why a message that already ran is queued again."""
+        self._transition(message_id, State.QUEUED, **({"error": error} if error else {}))
 
-    def mark_running(self, message_id: str, turn: str) -> bool:
-        return self._move(message_id, State.RUNNING, turn=turn)
+    def mark_running(self, message_id: str, turn: str) -> None:
+        self._transition(message_id, State.RUNNING, turn=turn)
 
     def start_turn(self, message_id: str, turn: str) -> None:
         """The message's turn is now `turn`: queued → running, or a running message's turn started anew (one
@@ -287,18 +290,41 @@ class Store:
                           & (_Message.state.in_([str(State.QUEUED), str(State.RUNNING)])))
                    .execute())
         if updated != 1:
-            raise TurnRefused(f"message {message_id} is neither queued nor running: turn {turn} not recorded")
+            raise self._refused(message_id, State.RUNNING, f"turn {turn} not recorded")
 
-    def mark_answered(self, message_id: str, answer: str, cost_usd: float | None,
-                      duration_ms: int | None) -> bool:
-        return self._move(message_id, State.ANSWERED, answer=self._mask(answer), cost_usd=cost_usd,
-                          duration_ms=duration_ms)
+    def answer(self, message_id: str, text: str, cost_usd: float | None, duration_ms: int | None,
+               card: str | None) -> bool:
+        """Running → answered, and the answer queued for delivery, in one transaction: it can't be lost between.
+        False when the message failed meanwhile (a shutdown that could not wait for the turn failed it and told
+        the user): the late answer is dropped. Any other refusal raises."""
+        with self.db.atomic():
+            if not self._move_unless_failed(message_id, State.ANSWERED, answer=self._mask(text), cost_usd=cost_usd,
+                                            duration_ms=duration_ms):
+                return False
+            self._say(self.message(message_id).chat_id, text, reply_to=message_id, message_id=message_id, card=card)
+        return True
 
-    def mark_delivered(self, message_id: str) -> bool:
-        return self._move(message_id, State.DELIVERED)
+    def fail(self, message_id: str, reason: str, text: str, card: str | None = None) -> bool:
+        """The message failed for `reason`; the user is told `text`, durably. False when it had failed already
+        (a shutdown failed it, then its turn ended with a failure of its own): the user was told once. Any other
+        refusal (a delivered message) raises."""
+        with self.db.atomic():
+            if not self._move_unless_failed(message_id, State.FAILED, error=self._mask(reason)):
+                return False
+            self._say(self.message(message_id).chat_id, text, reply_to=message_id, card=card)
+        return True
 
-    def mark_failed(self, message_id: str, reason: str) -> bool:
-        return self._move(message_id, State.FAILED, error=self._mask(reason))
+    def fail_unanswered(self, message_id: str, reason: str, text: str) -> bool:
+        """As `fail`, but only while the message has no answer yet (received, queued or running): an error
+        after its answer was stored must not take the answer back. Never raises for the message's state: an
+        unexpected error may come at any point of a message's life, so False (answered or finished already)
+        is an outcome the caller expects."""
+        with self.db.atomic():
+            if not self._move(message_id, State.FAILED, only_from=UNFINISHED - {State.ANSWERED},
+                              error=self._mask(reason)):
+                return False
+            self._say(self.message(message_id).chat_id, text, reply_to=message_id)
+        return True
 
     def _move(self, message_id: str, target: State, only_from: frozenset[State] | None = None,
               **fields: object) -> bool:
@@ -310,32 +336,28 @@ class Store:
                    .execute())
         return updated == 1
 
-    def answer(self, message_id: str, text: str, cost_usd: float | None, duration_ms: int | None,
-               card: str | None) -> bool:
-        """The answer is stored and queued for delivery in one transaction: it can't be lost between."""
-        with self.db.atomic():
-            if not self.mark_answered(message_id, text, cost_usd, duration_ms):
-                return False
-            self._say(self.message(message_id).chat_id, text, reply_to=message_id, message_id=message_id, card=card)
-        return True
+    def _transition(self, message_id: str, target: State, **fields: object) -> None:
+        """`_move`, where a refusal is a bug: it raises."""
+        if not self._move(message_id, target, **fields):
+            raise self._refused(message_id, target)
 
-    def fail(self, message_id: str, reason: str, text: str, card: str | None = None) -> bool:
-        """The message failed for `reason`; the user is told `text`, durably."""
-        with self.db.atomic():
-            if not self.mark_failed(message_id, reason):
-                return False
-            self._say(self.message(message_id).chat_id, text, reply_to=message_id, card=card)
-        return True
+    def _move_unless_failed(self, message_id: str, target: State, **fields: object) -> bool:
+        """`_move`; False when the message had failed already, and any other refusal raises."""
+        if self._move(message_id, target, **fields):
+            return True
+        if self._state(message_id) is State.FAILED:
+            return False
+        raise self._refused(message_id, target)
 
-    def fail_unanswered(self, message_id: str, reason: str, text: str) -> bool:
-        """As `fail`, but only while the message has no answer yet (received, queued or running): an error
-        after its answer was stored must not take the answer back."""
-        with self.db.atomic():
-            if not self._move(message_id, State.FAILED, only_from=UNFINISHED - {State.ANSWERED},
-                              error=self._mask(reason)):
-                return False
-            self._say(self.message(message_id).chat_id, text, reply_to=message_id)
-        return True
+    def _state(self, message_id: str) -> State | None:
+        row = _Message.get_or_none(_Message.message_id == message_id)
+        return State(row.state) if row else None
+
+    def _refused(self, message_id: str, target: State, note: str = "") -> TransitionRefused:
+        state = self._state(message_id)
+        where = f"is {state}" if state else "is not stored"
+        return TransitionRefused(f"message {message_id} {where}: it may not become {target}"
+                                 + (f" ({note})" if note else ""))
 
     # ---- outbox ----
 
@@ -373,23 +395,28 @@ class Store:
         return [_outbox_record(row) for row in _Outbox.select().where(_Outbox.chat_id == chat_id).order_by(_Outbox.id)]
 
     def mark_sent(self, item: OutboxRecord) -> None:
+        """The item went out, and the message it answers is delivered with it. Marking an item that is no longer
+        pending changes nothing (a sender that marks it twice: its message is delivered once); a pending answer
+        whose message is not answered raises."""
         with self.db.atomic():
-            _Outbox.update(state="sent", sent_at=time.time(), attempts=_Outbox.attempts + 1).where(
-                _Outbox.id == item.id).execute()
-            if item.message_id:
-                self.mark_delivered(item.message_id)
+            sent = (_Outbox.update(state="sent", sent_at=time.time(), attempts=_Outbox.attempts + 1)
+                    .where((_Outbox.id == item.id) & (_Outbox.state == "pending")).execute())
+            if sent and item.message_id:
+                self._transition(item.message_id, State.DELIVERED)
 
     def mark_retry(self, item: OutboxRecord, error: str, delay: float) -> None:
         _Outbox.update(attempts=_Outbox.attempts + 1, last_error=error, next_attempt_at=time.time() + delay).where(
             _Outbox.id == item.id).execute()
 
     def mark_dead(self, item: OutboxRecord, error: str) -> None:
-        """Undeliverable for good (the bot left the chat, the chat is gone): stop trying, keep the record."""
+        """Undeliverable for good (the bot left the chat, the chat is gone): stop trying, keep the record, and fail
+        the message it answers. As `mark_sent`, an item that is no longer pending is left as it is."""
         with self.db.atomic():
-            _Outbox.update(state="dead", attempts=_Outbox.attempts + 1, last_error=error).where(
-                _Outbox.id == item.id).execute()
-            if item.message_id:
-                self.mark_failed(item.message_id, f"the answer could not be delivered: {error}")
+            dead = (_Outbox.update(state="dead", attempts=_Outbox.attempts + 1, last_error=error)
+                    .where((_Outbox.id == item.id) & (_Outbox.state == "pending")).execute())
+            if dead and item.message_id:
+                self._transition(item.message_id, State.FAILED,
+                                 error=self._mask(f"the answer could not be delivered: {error}"))
 
     # ---- refusals ----
 

@@ -1,0 +1,475 @@
+"""The agent host: the main process of a chat's container (under tini), as the agent's user. Standard library
+only: images/build.sh copies this file into the agent image; the orchestrator imports its names and its request
+format from here, so both sides of the channel are one piece of code.
+
+It keeps one Claude Code CLI process in stream-json input mode (`claude -p --input-format stream-json`) and feeds
+it the chat's turns, one at a time. The channel with the orchestrator is two mounted folders, so a turn and its
+output outlive the orchestrator, and nothing needs `docker exec` or a socket (the folders may be on shared storage):
+
+    /input/<turn>            a turn request, written by the orchestrator (root's folder, read-only here): the CLI's
+                             argv and env, the session to resume, the user message, how long to stay hot
+    /input/<turn>.interrupt  the orchestrator asks to interrupt that turn (/stop, shutdown)
+    /turns/<turn>/           made by this host when it takes the turn (mkdir is the claim), then in it:
+        pid          the CLI process's pid (for the orchestrator's SIGINT fallback)
+        process      a random id of the CLI process, the same in every turn that process answers
+        cost_before  the process's cumulative total_cost_usd before this turn (a new process starts from 0)
+        output.jsonl the CLI's stream-json lines of this turn, up to and including its result
+        stderr       what the CLI wrote to stderr during this turn
+        exit_code    written last: 0 when the turn's result came, the CLI's exit status when it ended mid-turn,
+                     WITHDRAWN when the request was gone by the time it was taken
+
+The CLI is this host's child. It starts at the first turn (with `--resume=` of the chat's session), answers the
+following turns without starting again, and is closed after the request's `hot_idle` seconds without a turn, or
+when a turn asks for another argv, env or session. Everything here runs as the agent, so the orchestrator
+trusts none of it (see orchestrator/untrusted.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import re
+import secrets
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+INPUT = "/input"
+TURNS = "/turns"
+WORKSPACE = "/workspace"
+INTERRUPT_SUFFIX = ".interrupt"
+TURN_NAME = re.compile(r"(\d+)-(\d+)-[0-9a-f]{16}")
+OUTPUT, STDERR, EXIT_CODE, PID, PROCESS, COST_BEFORE = "output.jsonl", "stderr", "exit_code", "pid", "process", \
+    "cost_before"
+WITHDRAWN = -1
+INTERRUPTED_BEFORE_START = 130
+RESCAN_SECONDS = 1.0  # with inotify, /input is scanned again this often all the same (shared storage sends no event)
+POLL_SECONDS = 0.25  # without inotify
+READ_CHUNK = 256 * 1024
+MAX_PARSED_LINE = 16 * 1024**2  # a longer line is passed through to the turn's output without being parsed
+CLOSE_GRACE_SECONDS = 5.0  # for the CLI to exit after its stdin closes
+STOP_GRACE_SECONDS = 3.0  # at SIGTERM, for an interrupted turn to end with its result
+
+_IN_CLOSE_WRITE, _IN_MOVED_TO, _IN_CREATE = 0x8, 0x80, 0x100
+_IN_NONBLOCK, _IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
+
+
+# ---- the request (written by the orchestrator, read here) -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    session: str | None
+    message: dict[str, Any]  # the stream-json user message line
+    hot_idle: float
+
+    @property
+    def cli_key(self) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+        """What a running CLI must have been started with to take this turn."""
+        return self.argv, self.env
+
+
+def encode_request(argv: list[str], env: dict[str, str], session: str | None, text: str, hot_idle: float) -> bytes:
+    message = {"type": "user", "message": {"role": "user", "content": text}}
+    return json.dumps({"argv": argv, "env": env, "session": session, "message": message,
+                       "hot_idle": hot_idle}).encode()
+
+
+def decode_request(data: bytes) -> Request:
+    """A request, or ValueError naming what is wrong with it."""
+    raw = json.loads(data)
+    argv, env, session, message, hot_idle = (raw.get(k) for k in ("argv", "env", "session", "message", "hot_idle"))
+    if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
+        raise ValueError("argv must be a list of strings")
+    if not (isinstance(env, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
+        raise ValueError("env must map strings to strings")
+    if session is not None and not isinstance(session, str):
+        raise ValueError("session must be a string or null")
+    if not (isinstance(message, dict) and message.get("type") == "user"):
+        raise ValueError("message must be a stream-json user message")
+    if not isinstance(hot_idle, int | float) or hot_idle < 0:
+        raise ValueError("hot_idle must be a number of seconds")
+    return Request(tuple(argv), tuple(sorted(env.items())), session, message, float(hot_idle))
+
+
+def turn_order(name: str) -> tuple[int, int] | None:
+    """(message row, attempt) of a turn's name; None for any other name."""
+    match = TURN_NAME.fullmatch(name)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+# ---- inotify (Linux; via ctypes, the standard library has none) ---------------------------------------------
+
+
+class Inotify:
+    """Wake-ups when a watched folder changes. Only a hint: callers look at the folder itself afterwards."""
+
+    def __init__(self) -> None:
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self._libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+
+    def watch(self, path: str, mask: int = _IN_CREATE | _IN_MOVED_TO | _IN_CLOSE_WRITE) -> None:
+        if self._libc.inotify_add_watch(self.fd, os.fsencode(path), mask) < 0:
+            raise OSError(ctypes.get_errno(), f"inotify_add_watch {path}")
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def drain(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.fd, 65536):
+                pass
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+# ---- the CLI process -------------------------------------------------------------------------------------
+
+
+class Cli:
+    """One CLI process in stream-json input mode, its output read without blocking."""
+
+    def __init__(self, request: Request) -> None:
+        argv = [*request.argv, *([f"--resume={request.session}"] if request.session else [])]
+        self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        env={**os.environ, **dict(request.env)}, cwd=WORKSPACE)
+        assert self.process.stdout and self.process.stderr and self.process.stdin
+        self.stdout, self.stderr = self.process.stdout.fileno(), self.process.stderr.fileno()
+        os.set_blocking(self.stdout, False)
+        os.set_blocking(self.stderr, False)
+        self.key = request.cli_key
+        self.session = request.session
+        self.id = secrets.token_hex(8)
+        self.cost = 0.0  # the last result's cumulative total_cost_usd
+        self._partial = b""
+        self._passing = False  # inside a line longer than MAX_PARSED_LINE
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def send(self, message: dict[str, Any]) -> bool:
+        """One line to the CLI's stdin; False if it is gone."""
+        try:
+            assert self.process.stdin
+            self.process.stdin.write(json.dumps(message).encode() + b"\n")
+            self.process.stdin.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            return False
+        return True
+
+    def interrupt(self) -> bool:
+        return self.send({"type": "control_request", "request_id": f"interrupt-{secrets.token_hex(4)}",
+                          "request": {"subtype": "interrupt"}})
+
+    def lines(self, data: bytes) -> list[tuple[bytes, bool]]:
+        """The output `data` completes, as (bytes, whether it ends a line); a very long line comes in pieces."""
+        pieces: list[tuple[bytes, bool]] = []
+        *complete, rest = (self._partial + data).split(b"\n")
+        for line in complete:
+            pieces.append((line, True))
+            self._passing = False
+        if self._passing or len(rest) > MAX_PARSED_LINE:
+            pieces.append((rest, False))
+            rest, self._passing = b"", True
+        self._partial = rest
+        return pieces
+
+    def close(self) -> int:
+        """Close its stdin (it ends after the turn it is in), then end it if it does not; its exit status."""
+        with contextlib.suppress(OSError, ValueError):
+            assert self.process.stdin
+            self.process.stdin.close()
+        for ender in (None, self.process.terminate, self.process.kill):
+            if ender is not None:
+                ender()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                return exit_status(self.process.wait(CLOSE_GRACE_SECONDS if ender is None else 2.0))
+        return exit_status(self.process.wait())
+
+
+def exit_status(returncode: int) -> int:
+    """As a shell reports it: 128 + the signal for a process a signal ended."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def peek(line: bytes) -> dict[str, Any]:
+    """The line's JSON object, or {} (the host only needs a few fields of a few kinds of line)."""
+    if not line.startswith(b"{"):
+        return {}
+    try:
+        data = json.loads(line)
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+# ---- one turn's folder -----------------------------------------------------------------------------------
+
+
+class TurnFolder:
+    """The files this host writes for one turn."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.fd = os.open(os.path.join(TURNS, name), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        self._output = self._open(OUTPUT)
+        self._stderr = self._open(STDERR)
+        self.interrupt_sent = False
+
+    def _open(self, name: str) -> int:
+        return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644, dir_fd=self.fd)
+
+    def write_file(self, name: str, text: str) -> None:
+        """A whole small file, made visible at once (written aside, then renamed)."""
+        fd = os.open(f"{name}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644, dir_fd=self.fd)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+        os.rename(f"{name}.tmp", name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+
+    def output(self, data: bytes) -> None:
+        os.write(self._output, data)
+
+    def error(self, data: bytes) -> None:
+        os.write(self._stderr, data)
+
+    def end(self, code: int) -> None:
+        self.write_file(EXIT_CODE, f"{code}\n")
+        for fd in (self._output, self._stderr, self.fd):
+            os.close(fd)
+
+
+# ---- the host --------------------------------------------------------------------------------------------
+
+
+def log(text: str) -> None:
+    """One line to the container's log (`docker logs`)."""
+    print(f"agent-host: {text}", file=sys.stderr, flush=True)
+
+
+class Host:
+    def __init__(self) -> None:
+        self.cli: Cli | None = None
+        self.turn: TurnFolder | None = None
+        self.taken: set[str] = set()  # turns this host has seen claimed (by itself or an earlier host)
+        self.hot_idle = 600.0
+        self.idle_since = time.monotonic()
+        self.stop_at: float | None = None  # set by SIGTERM: the deadline for the turn in progress
+        self.selector = selectors.DefaultSelector()
+        self.inotify: Inotify | None = None
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, lambda *_: self._stop())
+        signal.signal(signal.SIGINT, lambda *_: self._forward(signal.SIGINT))
+        try:
+            self.inotify = Inotify()
+            self.inotify.watch(INPUT)
+            self.selector.register(self.inotify, selectors.EVENT_READ, "input")
+        except OSError as exc:
+            log(f"no inotify ({exc}); looking at {INPUT} every {POLL_SECONDS} s")
+            self.inotify = None
+        log(f"serving turns from {INPUT}")
+        while not self._finished():
+            if self.turn is None and self.stop_at is None:
+                self._take_next()
+            if self.turn is not None:
+                self._check_interrupt()
+            self._end_idle_cli()
+            self._wait()
+        if self.cli is not None:
+            self._close_cli("the container is stopping")
+        return 0
+
+    def _finished(self) -> bool:
+        return self.stop_at is not None and (self.turn is None or time.monotonic() > self.stop_at)
+
+    def _stop(self) -> None:
+        self.stop_at = time.monotonic() + STOP_GRACE_SECONDS
+        if self.turn is not None and self.cli is not None:
+            self.cli.interrupt()  # the CLI ends the turn with a result and keeps what it had
+
+    def _forward(self, sig: signal.Signals) -> None:
+        if self.cli is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.cli.process.send_signal(sig)
+
+    def _wait(self) -> None:
+        timeout = RESCAN_SECONDS if self.inotify else POLL_SECONDS
+        if self.cli is not None and self.turn is None:
+            timeout = max(0.0, min(timeout, self.idle_since + self.hot_idle - time.monotonic()))
+        if self.stop_at is not None:
+            timeout = max(0.0, min(timeout, self.stop_at - time.monotonic()))
+        for key, _ in self.selector.select(timeout):
+            if key.data == "input":
+                assert self.inotify
+                self.inotify.drain()
+            elif key.data == "stdout":
+                self._on_stdout()
+            elif key.data == "stderr":
+                self._on_stderr()
+
+    # ---- taking turns ----
+
+    def _take_next(self) -> None:
+        try:
+            names = sorted((order, name) for name in os.listdir(INPUT)
+                           if name not in self.taken and (order := turn_order(name)) is not None)
+        except OSError as exc:
+            log(f"cannot list {INPUT}: {exc}")
+            return
+        for _, name in names:
+            self.taken.add(name)
+            try:
+                os.mkdir(os.path.join(TURNS, name), 0o755)  # the claim: exactly one host takes a turn
+            except FileExistsError:
+                continue  # taken before (by this container's earlier host)
+            self._start(name)
+            return
+
+    def _start(self, name: str) -> None:
+        turn = TurnFolder(name)
+        try:
+            with open(os.path.join(INPUT, name), "rb") as request_file:
+                request = decode_request(request_file.read())
+        except FileNotFoundError:
+            log(f"turn {name}: withdrawn before it was taken")
+            turn.end(WITHDRAWN)
+            return
+        except ValueError as exc:
+            turn.error(f"agent-host: a request it cannot read: {exc}\n".encode())
+            turn.end(2)
+            return
+        if os.path.exists(os.path.join(INPUT, name + INTERRUPT_SUFFIX)):
+            turn.end(INTERRUPTED_BEFORE_START)
+            return
+        self.hot_idle = request.hot_idle
+        cli = self._cli_for(request)
+        turn.write_file(PID, f"{cli.pid}\n")
+        turn.write_file(PROCESS, f"{cli.id}\n")
+        turn.write_file(COST_BEFORE, f"{cli.cost!r}\n")
+        self.turn = turn
+        log(f"turn {name}: started, CLI {cli.pid}")
+        if not cli.send(request.message):
+            log(f"turn {name}: the CLI took no input")  # its end is seen on its stdout
+
+    def _cli_for(self, request: Request) -> Cli:
+        """The running CLI if it was started for this kind of turn and is in the requested session; else a new one."""
+        if self.cli is not None and (self.cli.key != request.cli_key or self.cli.session != request.session):
+            self._close_cli("the next turn needs another argv, env or session")
+        if self.cli is None:
+            self.cli = Cli(request)
+            self.selector.register(self.cli.stdout, selectors.EVENT_READ, "stdout")
+            self.selector.register(self.cli.stderr, selectors.EVENT_READ, "stderr")
+            log(f"CLI {self.cli.pid} started" + (f", resuming {request.session}" if request.session else ""))
+        return self.cli
+
+    def _check_interrupt(self) -> None:
+        assert self.turn is not None
+        if self.turn.interrupt_sent or self.cli is None:
+            return
+        if os.path.exists(os.path.join(INPUT, self.turn.name + INTERRUPT_SUFFIX)):
+            self.turn.interrupt_sent = True
+            log(f"turn {self.turn.name}: interrupting")
+            self.cli.interrupt()
+
+    # ---- the CLI's output ----
+
+    def _on_stdout(self) -> None:
+        assert self.cli is not None
+        try:
+            data = os.read(self.cli.stdout, READ_CHUNK)
+        except BlockingIOError:
+            return
+        if not data:
+            self._cli_ended()
+            return
+        for piece, whole in self.cli.lines(data):
+            if self.turn is not None:
+                self.turn.output(piece + b"\n" if whole else piece)
+            if whole:
+                self._on_line(piece)
+
+    def _on_line(self, line: bytes) -> None:
+        assert self.cli is not None
+        data = peek(line)
+        kind = data.get("type")
+        session = data.get("session_id")
+        if kind in ("system", "result") and isinstance(session, str):
+            self.cli.session = session
+        if kind == "control_request":  # a permission prompt: this host has no one to ask yet
+            self.cli.send({"type": "control_response", "response": {
+                "subtype": "error", "request_id": data.get("request_id"), "error": "no approvals here"}})
+        if kind == "result":
+            cost = data.get("total_cost_usd")
+            if isinstance(cost, int | float):
+                self.cli.cost = float(cost)
+            self._end_turn(0)
+
+    def _on_stderr(self) -> None:
+        assert self.cli is not None
+        try:
+            data = os.read(self.cli.stderr, READ_CHUNK)
+        except BlockingIOError:
+            return
+        if data and self.turn is not None:
+            self.turn.error(data)
+        elif data:
+            log(f"CLI {self.cli.pid} between turns: {data[:300]!r}")
+
+    def _cli_ended(self) -> None:
+        assert self.cli is not None
+        cli, self.cli = self.cli, None
+        for fd in (cli.stdout, cli.stderr):
+            self.selector.unregister(fd)
+        with contextlib.suppress(BlockingIOError, OSError):
+            rest = os.read(cli.stderr, READ_CHUNK)
+            if rest and self.turn is not None:
+                self.turn.error(rest)
+        status = cli.close()
+        log(f"CLI {cli.pid} ended with {status}" + (" during a turn" if self.turn else ""))
+        if self.turn is not None:
+            self._end_turn(status)
+
+    def _end_turn(self, code: int) -> None:
+        if self.turn is None:
+            return
+        self.turn.end(code)
+        log(f"turn {self.turn.name}: ended ({code})")
+        self.turn = None
+        self.idle_since = time.monotonic()
+
+    def _end_idle_cli(self) -> None:
+        if self.cli is not None and self.turn is None and time.monotonic() - self.idle_since >= self.hot_idle:
+            self._close_cli(f"no turn for {self.hot_idle:g} s")
+
+    def _close_cli(self, why: str) -> None:
+        assert self.cli is not None
+        log(f"closing CLI {self.cli.pid}: {why}")
+        for fd in (self.cli.stdout, self.cli.stderr):
+            self.selector.unregister(fd)
+        status = self.cli.close()
+        cli, self.cli = self.cli, None
+        log(f"CLI {cli.pid} ended with {status}")
+        if self.turn is not None:
+            self._end_turn(status)
+
+
+def main() -> int:
+    return Host().run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
