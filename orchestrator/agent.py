@@ -19,15 +19,25 @@ _SESSION_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a
 ERROR_SHOWN = 500  # characters of the CLI's own error text shown in the chat
 
 
-def turn_argv(agent: AgentSettings, session_id: str | None) -> list[str]:
-    argv = ["claude", "-p", "--output-format", "stream-json", "--verbose",
+def cli_argv(agent: AgentSettings) -> list[str]:
+    """The argv of a chat's long-lived CLI process (the agent host adds `--resume=<session>`): turns go to its
+    stdin as stream-json lines, so no chat text is ever part of it."""
+    argv = ["claude", "-p", "--input-format", "stream-json", "--output-format", "stream-json", "--verbose",
             "--permission-mode", agent.permission_mode]
     if agent.model:
         argv += ["--model", agent.model]
-    argv += agent.extra_args
-    if session_id:
-        argv.append(f"--resume={session_id}")  # with '=': the value is optional, a bare one can be misread
-    return argv
+    return argv + list(agent.extra_args)
+
+
+def turn_cost(total_cost_usd: float | None, cost_before: float | None) -> float | None:
+    """One turn's cost: a result's `total_cost_usd` is the running total of its CLI process, so the turn's share is
+    the difference from the total before the turn (a new process starts from 0). Both numbers come from the agent:
+    a total below the one before (a forged file) counts the total alone."""
+    if total_cost_usd is None or not isinstance(total_cost_usd, int | float):
+        return None
+    if cost_before is None or not 0 <= cost_before <= total_cost_usd:
+        return float(total_cost_usd)
+    return round(total_cost_usd - cost_before, 10)
 
 
 @dataclass(frozen=True)
@@ -185,7 +195,8 @@ def outcome(transcript: Transcript, exit_code: int | None, stderr: str) -> Answe
     if UNKNOWN_SESSION in stderr or (result and any(UNKNOWN_SESSION in e for e in result.errors)):
         return Failure("The previous conversation could not be found.", unknown_session=True)
     if result is None:
-        return Failure(f"Claude Code stopped without an answer (exit code {exit_code}).",
+        return Failure(f"Claude Code stopped in the middle of this answer (exit code {exit_code}). The conversation "
+                       "is kept: your next message continues it, and nothing of this one runs again unless you ask.",
                        partial_text=transcript.text_so_far, detail=_last_line(stderr) or "no output")
     if result.is_error:
         detail = "; ".join(result.errors) or result.text or result.subtype

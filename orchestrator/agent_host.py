@@ -140,10 +140,10 @@ class Inotify:
 class Cli:
     """One CLI process in stream-json input mode, its output read without blocking."""
 
-    def __init__(self, request: Request) -> None:
+    def __init__(self, request: Request, cwd: str) -> None:
         argv = [*request.argv, *([f"--resume={request.session}"] if request.session else [])]
         self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        env={**os.environ, **dict(request.env)}, cwd=WORKSPACE)
+                                        env={**os.environ, **dict(request.env)}, cwd=cwd)
         assert self.process.stdout and self.process.stderr and self.process.stdin
         self.stdout, self.stderr = self.process.stdout.fileno(), self.process.stderr.fileno()
         os.set_blocking(self.stdout, False)
@@ -221,9 +221,9 @@ def peek(line: bytes) -> dict[str, Any]:
 class TurnFolder:
     """The files this host writes for one turn."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, turns_dir: str, name: str) -> None:
         self.name = name
-        self.fd = os.open(os.path.join(TURNS, name), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        self.fd = os.open(os.path.join(turns_dir, name), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         self._output = self._open(OUTPUT)
         self._stderr = self._open(STDERR)
         self.interrupt_sent = False
@@ -261,7 +261,8 @@ def log(text: str) -> None:
 
 
 class Host:
-    def __init__(self) -> None:
+    def __init__(self, input_dir: str = INPUT, turns_dir: str = TURNS, workspace: str = WORKSPACE) -> None:
+        self.input_dir, self.turns_dir, self.workspace = input_dir, turns_dir, workspace
         self.cli: Cli | None = None
         self.turn: TurnFolder | None = None
         self.taken: set[str] = set()  # turns this host has seen claimed (by itself or an earlier host)
@@ -272,16 +273,21 @@ class Host:
         self.inotify: Inotify | None = None
 
     def run(self) -> int:
-        signal.signal(signal.SIGTERM, lambda *_: self._stop())
+        """As the container's main process: SIGTERM (the container stopping) ends it after the turn in progress
+        is interrupted; SIGINT goes on to the CLI."""
+        signal.signal(signal.SIGTERM, lambda *_: self.stop())
         signal.signal(signal.SIGINT, lambda *_: self._forward(signal.SIGINT))
+        return self.serve()
+
+    def serve(self) -> int:
         try:
             self.inotify = Inotify()
-            self.inotify.watch(INPUT)
+            self.inotify.watch(self.input_dir)
             self.selector.register(self.inotify, selectors.EVENT_READ, "input")
         except OSError as exc:
-            log(f"no inotify ({exc}); looking at {INPUT} every {POLL_SECONDS} s")
+            log(f"no inotify ({exc}); looking at {self.input_dir} every {POLL_SECONDS} s")
             self.inotify = None
-        log(f"serving turns from {INPUT}")
+        log(f"serving turns from {self.input_dir}")
         while not self._finished():
             if self.turn is None and self.stop_at is None:
                 self._take_next()
@@ -296,7 +302,7 @@ class Host:
     def _finished(self) -> bool:
         return self.stop_at is not None and (self.turn is None or time.monotonic() > self.stop_at)
 
-    def _stop(self) -> None:
+    def stop(self) -> None:
         self.stop_at = time.monotonic() + STOP_GRACE_SECONDS
         if self.turn is not None and self.cli is not None:
             self.cli.interrupt()  # the CLI ends the turn with a result and keeps what it had
@@ -325,24 +331,24 @@ class Host:
 
     def _take_next(self) -> None:
         try:
-            names = sorted((order, name) for name in os.listdir(INPUT)
+            names = sorted((order, name) for name in os.listdir(self.input_dir)
                            if name not in self.taken and (order := turn_order(name)) is not None)
         except OSError as exc:
-            log(f"cannot list {INPUT}: {exc}")
+            log(f"cannot list {self.input_dir}: {exc}")
             return
         for _, name in names:
             self.taken.add(name)
             try:
-                os.mkdir(os.path.join(TURNS, name), 0o755)  # the claim: exactly one host takes a turn
+                os.mkdir(os.path.join(self.turns_dir, name), 0o755)  # the claim: exactly one host takes a turn
             except FileExistsError:
                 continue  # taken before (by this container's earlier host)
             self._start(name)
             return
 
     def _start(self, name: str) -> None:
-        turn = TurnFolder(name)
+        turn = TurnFolder(self.turns_dir, name)
         try:
-            with open(os.path.join(INPUT, name), "rb") as request_file:
+            with open(os.path.join(self.input_dir, name), "rb") as request_file:
                 request = decode_request(request_file.read())
         except FileNotFoundError:
             log(f"turn {name}: withdrawn before it was taken")
@@ -352,7 +358,7 @@ class Host:
             turn.error(f"agent-host: a request it cannot read: {exc}\n".encode())
             turn.end(2)
             return
-        if os.path.exists(os.path.join(INPUT, name + INTERRUPT_SUFFIX)):
+        if os.path.exists(os.path.join(self.input_dir, name + INTERRUPT_SUFFIX)):
             turn.end(INTERRUPTED_BEFORE_START)
             return
         self.hot_idle = request.hot_idle
@@ -370,7 +376,7 @@ class Host:
         if self.cli is not None and (self.cli.key != request.cli_key or self.cli.session != request.session):
             self._close_cli("the next turn needs another argv, env or session")
         if self.cli is None:
-            self.cli = Cli(request)
+            self.cli = Cli(request, self.workspace)
             self.selector.register(self.cli.stdout, selectors.EVENT_READ, "stdout")
             self.selector.register(self.cli.stderr, selectors.EVENT_READ, "stderr")
             log(f"CLI {self.cli.pid} started" + (f", resuming {request.session}" if request.session else ""))
@@ -380,7 +386,7 @@ class Host:
         assert self.turn is not None
         if self.turn.interrupt_sent or self.cli is None:
             return
-        if os.path.exists(os.path.join(INPUT, self.turn.name + INTERRUPT_SUFFIX)):
+        if os.path.exists(os.path.join(self.input_dir, self.turn.name + INTERRUPT_SUFFIX)):
             self.turn.interrupt_sent = True
             log(f"turn {self.turn.name}: interrupting")
             self.cli.interrupt()

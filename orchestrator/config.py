@@ -64,6 +64,7 @@ class AgentSettings:
     model: str | None = None
     extra_args: tuple[str, ...] = ()
     idle_timeout: float = 600.0  # seconds without any CLI output before a turn is called hung
+    hot_idle: float = 600.0  # seconds a chat's CLI process stays after its last turn, then exits (its memory back)
     uid: int = 1000  # the image's agent user; owns the chat folders mounted into the container
 
 
@@ -357,6 +358,7 @@ class _Reader:
             model=self.value(section, "model", key, None, _string),
             extra_args=extra_args,
             idle_timeout=self.value(section, "idle_timeout", key, defaults.idle_timeout, _positive_number),
+            hot_idle=self.value(section, "hot_idle", key, defaults.hot_idle, _positive_number),
             uid=self.value(section, "uid", key, defaults.uid, _positive_int),
         )
 

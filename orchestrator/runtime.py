@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import docker
 import requests
@@ -108,6 +108,31 @@ class ContainerState:
         return self.status == "running"
 
 
+class Runtime(Protocol):
+    """What the service and the turn runner need of a container engine; `DockerRuntime` is the real one, and unit
+    tests of the middle use a fake."""
+
+    def ping(self) -> str | None: ...
+
+    def watch(self, instance: str, on_event: Callable[[str, str], None]) -> None: ...
+
+    async def ensure(self, spec: ContainerSpec) -> ContainerState: ...
+
+    async def ensure_network(self, instance: str) -> AgentNetwork: ...
+
+    async def inspect(self, name: str) -> ContainerState: ...
+
+    async def stop(self, name: str, grace_seconds: float) -> None: ...
+
+    async def list_managed(self, instance: str) -> list[ContainerState]: ...
+
+    async def usage(self, name: str) -> Usage | None: ...
+
+    async def process_limit_hits(self, container_id: str, user: str) -> int | None: ...
+
+    async def run(self, container_id: str, argv: list[str], user: str) -> tuple[int, str]: ...
+
+
 def container_name(instance: str, chat_id: str) -> str:
     return f"{instance}-{chat_id}"
 
@@ -192,7 +217,7 @@ def _state(container: Container) -> ContainerState:
     )
 
 
-class DockerRuntime:
+class DockerRuntime(Runtime):
     def __init__(self, timeout: float = 120) -> None:
         self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="docker")
         self._events: Any = None
@@ -391,15 +416,6 @@ class DockerRuntime:
         return [_state(c) for c in self._client.containers.list(all=True, filters={"label": labels})]
 
     # ---- processes in a container ----
-
-    async def start_process(self, container_id: str, argv: list[str], env: dict[str, str], user: str) -> None:
-        """Start argv in the container and return at once; it goes on without us (not our child)."""
-        await self._call(self._start_process, container_id, argv, env, user)
-
-    def _start_process(self, container_id: str, argv: list[str], env: dict[str, str], user: str) -> None:
-        exec_id = self._client.api.exec_create(container_id, argv, environment=env, user=user,
-                                               workdir=WORKSPACE_PATH, stdin=False, tty=False)
-        self._client.api.exec_start(exec_id, detach=True)
 
     async def process_limit_hits(self, container_id: str, user: str) -> int | None:
         """How often the kernel refused a new process in the container for its pids limit (cgroup v1 or v2),

@@ -1,24 +1,30 @@
-"""One agent turn: the chat's container made ready, `run-turn` started in it, its output followed to the end.
+"""One agent turn: the chat's container made ready, the turn's request written for the agent host in it, its
+output followed to the end. No `docker exec` per turn: the agent host (the container's main process, see
+orchestrator/agent_host.py) keeps the chat's CLI between turns and takes each request from the chat's input folder.
 
-The turn's process is not ours (it is exec'd in the container and writes into the chat's turns folder),
-so a turn that was running when the orchestrator stopped is followed again by the next one: `run` sees a
-message already in the running state and reads the same files.
+The turn's process is not ours (it is the agent host's child and writes into the chat's turns folder), so a
+turn that was running when the orchestrator stopped is followed again by the next one: `run` sees a message
+already in the running state and reads the same files.
+
+The service talks to this module only through `TurnRunner`'s public methods: run a message's turn, stop (/stop)
+or interrupt (shutdown) turns, note an OOM kill, and ask which chats are running.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from orchestrator import agent, disk, layout, relay, turns
+from orchestrator import agent, agent_host, disk, layout, relay, turns
 from orchestrator.agent import Answer, Failure, Init, Text, ToolUse, Transcript, Unparsed
 from orchestrator.channels import TurnDisplay
 from orchestrator.config import ChatSettings, Settings, resolve_chat
-from orchestrator.runtime import ContainerState, DockerRuntime, RuntimeFailure, container_spec
+from orchestrator.runtime import ContainerState, Runtime, RuntimeFailure, container_spec
 from orchestrator.states import State
 from orchestrator.store import MessageRecord, Store
 from orchestrator.untrusted import excerpt
@@ -29,38 +35,44 @@ if TYPE_CHECKING:
     from loguru import Logger
 
 POLL_SECONDS = 0.1
-FIRST_POLL_SECONDS = 0.01  # right after output, look again soon: the next line (or the end) is often close
+FIRST_POLL_SECONDS = 0.005  # right after output, look again soon: a hot CLI's next line (or its result) is close
+POLL_GROWTH = 1.3
 CONTAINER_CHECK_SECONDS = 2.0
 KILL_GRACE_SECONDS = 5.0
-RUN_TURN = "run-turn"  # in the agent image: keeps a turn's output in its turn folder
+CLAIM_SECONDS = 10.0  # after a restart, how long a running container's agent host gets to take a pending request
+INTERRUPT_GRACE_SECONDS = 5.0  # after an interrupt request, before the fallback: SIGINT to the CLI
 INTERRUPTED_BY_RESTART = ("This answer was interrupted because the bot is restarting. Send your message again "
                           "to continue where it stopped.")
 UNPARSED_LOGGED = 3  # lines of a turn that are not stream-json, logged (as excerpts); the rest are counted
 TOOLS_LOGGED = 20  # tool calls of a turn whose names are logged
 DISK_FULL = ("The bot's disk is nearly full, so no new answer can start now; the operators are told in the "
              "log. Please try again later.")
+CLI_ENDED = ("Claude Code stopped in the middle of this answer (exit code {code}){why}. The conversation is kept: "
+             "your next message continues it, and nothing of this one is run again unless you ask.")
 
 
 @dataclass
-class RunningTurn:
+class _RunningTurn:
+    """A turn being followed; owned by the runner, changed only through its methods."""
+
     message_id: str
     container_id: str
     files: turns.TurnFiles
     output_bytes: int = 0  # read so far
-    stop_requested: bool = False  # /stop
+    stopped_by_user: bool = False  # /stop
     interrupted: bool = False  # a shutdown that could not wait for it
     oom: bool = False  # the kernel killed a process of this chat's container for memory meanwhile
 
 
 class TurnRunner:
-    def __init__(self, settings: Settings, store: Store, runtime: DockerRuntime,
+    def __init__(self, settings: Settings, store: Store, runtime: Runtime,
                  on_container_started: Callable[[str], Awaitable[None]], relay_port: int | None = None) -> None:
         self.settings = settings
         self.store = store
         self.runtime = runtime
         self.on_container_started = on_container_started
         self.relay_port = relay_port
-        self.running: dict[str, RunningTurn] = {}  # by chat id
+        self._running: dict[str, _RunningTurn] = {}  # by chat id
         self._limit_hits: dict[str, int] = {}  # by container id: pids-limit refusals seen after failed turns
         self._disk: dict[str, disk.Measurement] = {}  # by chat id: the latest measurement of its folders
 
@@ -68,17 +80,68 @@ class TurnRunner:
     def agent_user(self) -> str:
         return f"{self.settings.agent.uid}:{self.settings.agent.uid}"
 
+    # ---- the API the service uses ----
+
+    def running_chats(self) -> set[str]:
+        """Chats whose turn is being followed now."""
+        return set(self._running)
+
+    def running_message(self, chat_id: str) -> str | None:
+        """The message id of the chat's running turn, or None."""
+        turn = self._running.get(chat_id)
+        return turn.message_id if turn else None
+
+    def running_turn_names(self) -> set[str]:
+        return {turn.files.name for turn in self._running.values()}
+
+    def note_oom(self, chat_id: str) -> None:
+        """The kernel killed a process of the chat's container for memory: the turn's answer says so."""
+        turn = self._running.get(chat_id)
+        if turn is not None:
+            turn.oom = True
+
+    async def stop(self, chat_id: str) -> str | None:
+        """/stop: interrupt the chat's turn through the control protocol (the CLI keeps what it had and the session
+        goes on); the id of the message it was answering, or None when nothing runs."""
+        turn = self._running.get(chat_id)
+        if turn is None:
+            return None
+        turn.stopped_by_user = True
+        await self._interrupt(turn)
+        return turn.message_id
+
+    async def interrupt_all(self) -> list[str]:
+        """Shutdown: interrupt every running turn; their message ids."""
+        running = list(self._running.values())
+        for turn in running:
+            turn.interrupted = True
+        await asyncio.gather(*(self._interrupt(turn) for turn in running))
+        return [turn.message_id for turn in running]
+
+    async def _interrupt(self, turn: _RunningTurn) -> None:
+        """Ask the agent host to interrupt; if the turn has not ended after a grace period (the host did not
+        answer), SIGINT to the CLI, which ends the turn the same way."""
+        await asyncio.to_thread(turns.request_interrupt, turn.files)
+        deadline = asyncio.get_running_loop().time() + INTERRUPT_GRACE_SECONDS
+        while turn.files.exit_code() is None and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(POLL_SECONDS)
+        if turn.files.exit_code() is None:
+            logger.bind(message_id=turn.message_id).warning("the agent host did not interrupt the turn; SIGINT")
+            await self._signal(turn, "INT")
+
+    # ---- one message's turn ----
+
     async def run(self, message: MessageRecord, display: TurnDisplay, log: Logger) -> Answer | Failure:
         chat = resolve_chat(self.settings, message.chat_id)
         paths = layout.chat_paths(self.settings, chat)
         try:
             if message.state is State.RUNNING and message.turn:
                 files = turns.turn_files(paths, message.turn, self.settings.agent.uid)
-                if files.started():
+                if await self._taken_before(message, files, log):
                     log.info(f"following turn {message.turn}, started before a restart")
                     container = await self.runtime.inspect(self.store.chat(message.chat_id).container_name)
                     return await self._follow(message, container, files, display, log)
-                log.info(f"turn {message.turn} was never started before the restart; starting it now")
+                log.info(f"turn {message.turn} was never taken before the restart; starting it now")
             refusal = await self._disk_refusal(chat, paths, log)
             if refusal is not None:
                 return refusal
@@ -87,10 +150,22 @@ class TurnRunner:
             log.error(f"container failure: {exc}")
             return Failure("The chat's container could not be started; the operators have the details in the log.",
                            detail=str(exc))
-        finally:
-            turn = self.running.pop(message.chat_id, None)
-            if turn is not None and turn.oom:
-                log.warning("a process of the chat's container was killed for memory during the turn")
+
+    async def _taken_before(self, message: MessageRecord, files: turns.TurnFiles, log: Logger) -> bool:
+        """Whether the agent host took the turn that was recorded before a restart, so it must be followed, not run
+        again. A request still pending in a running container gets CLAIM_SECONDS to be taken; then it is withdrawn
+        (and looked at once more: the host may have taken it just before)."""
+        if files.started():
+            return True
+        if files.requested():
+            container = await self.runtime.inspect(self.store.chat(message.chat_id).container_name)
+            deadline = asyncio.get_running_loop().time() + CLAIM_SECONDS
+            while container.running and not files.started() and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(POLL_SECONDS)
+            if not files.started():
+                log.info(f"turn {files.name} was not taken; withdrawing its request")
+                await asyncio.to_thread(turns.withdraw, files)
+        return files.started()
 
     async def _start(self, message: MessageRecord, chat: ChatSettings, paths: layout.ChatPaths, display: TurnDisplay,
                      log: Logger) -> Answer | Failure:
@@ -98,11 +173,11 @@ class TurnRunner:
             session_id = self.store.chat(message.chat_id).session_id
             container = await self._container(chat, paths, message.chat_id)
             files = turns.turn_files(paths, turns.new_turn_name(message.id, attempt), self.settings.agent.uid)
-            turns.write_prompt(files, message.text)
-            self.store.start_turn(message.message_id, files.name)  # before the exec: a restart follows this one
-            argv = [RUN_TURN, files.name, *agent.turn_argv(self.settings.agent, session_id)]
-            await self.runtime.start_process(container.id, argv, dict(self.settings.agent.env), self.agent_user)
-            log.info(f"turn {files.name} started in {container.name}"
+            self.store.start_turn(message.message_id, files.name)  # before the request: a restart follows this one
+            request = agent_host.encode_request(agent.cli_argv(self.settings.agent), dict(self.settings.agent.env),
+                                                session_id, message.text, self.settings.agent.hot_idle)
+            await asyncio.to_thread(turns.write_request, files, request)
+            log.info(f"turn {files.name} requested in {container.name}"
                      + (f", resuming {session_id}" if session_id else ""))
             result = await self._follow(message, container, files, display, log)
             if isinstance(result, Failure) and await self._hit_process_limit(container):
@@ -110,7 +185,7 @@ class TurnRunner:
                 # container ends them; its state is in the mounts. A turn that could not even start is retried.
                 log.warning("the container's process limit refused processes; restarting the container")
                 await self.runtime.stop(container.name, self.settings.containers.stop_timeout)
-                if attempt == 1 and not self.running[message.chat_id].output_bytes:
+                if attempt == 1 and not files.has_output():
                     continue
                 result = Failure(f"This chat's container reached its limit of {chat.options.pids_limit} processes, "
                                  f"so new ones were refused; it was restarted to clear them. {result.reason}",
@@ -141,19 +216,23 @@ class TurnRunner:
 
     async def _follow(self, message: MessageRecord, container: ContainerState, files: turns.TurnFiles,
                       display: TurnDisplay, log: Logger) -> Answer | Failure:
-        """Read the turn's output as it grows until the CLI ends, goes silent, its container stops, or it passes
-        a limit (its output, its chat's disk budget)."""
-        turn = self.running[message.chat_id] = RunningTurn(message.message_id, container.id, files)
+        """Read the turn's output as it grows until the turn ends, goes silent, its container stops, or it passes
+        a limit (its output, its chat's disk budget). Afterwards its request is withdrawn: nothing takes it later."""
+        turn = self._running[message.chat_id] = _RunningTurn(message.message_id, container.id, files)
         limits = self.settings.limits
         reader = turns.OutputReader(files, limits.line_bytes, limits.output_bytes)
         try:
             return await self._follow_output(turn, message, container, reader, display, log)
         finally:
             reader.close()
+            del self._running[message.chat_id]
+            await asyncio.to_thread(turns.withdraw, files)
             if reader.skipped_lines:
                 log.warning(f"skipped {reader.skipped_lines} output line(s) over {limits.line_bytes} bytes")
+            if turn.oom:
+                log.warning("a process of the chat's container was killed for memory during the turn")
 
-    async def _follow_output(self, turn: RunningTurn, message: MessageRecord, container: ContainerState,
+    async def _follow_output(self, turn: _RunningTurn, message: MessageRecord, container: ContainerState,
                              reader: turns.OutputReader, display: TurnDisplay, log: Logger) -> Answer | Failure:
         loop = asyncio.get_running_loop()
         files = turn.files
@@ -175,6 +254,8 @@ class TurnRunner:
                 result = self._ending(turn, agent.outcome(transcript, exit_code, stderr), transcript)
                 if isinstance(result, Failure) and result.detail:
                     log.warning(f"the CLI said: {excerpt(result.detail, 300)}")
+                if isinstance(result, Answer):  # the result's total is its CLI process's: this turn's share
+                    result = dataclasses.replace(result, cost_usd=agent.turn_cost(result.cost_usd, files.cost_before()))
                 return result
             if reader.over_limit:
                 await self.kill(turn)
@@ -200,7 +281,7 @@ class TurnRunner:
                     reason = self._memory_note(message.chat_id) if state.oom_killed else _stopped_reason(state)
                     return Failure(reason, partial_text=transcript.text_so_far)
             await asyncio.sleep(poll)
-            poll = min(POLL_SECONDS, poll * 1.5)
+            poll = min(POLL_SECONDS, poll * POLL_GROWTH)
 
     # ---- disk ----
 
@@ -256,11 +337,11 @@ class TurnRunner:
         self._limit_hits[container.id] = hits
         return hits > before
 
-    def _ending(self, turn: RunningTurn, result: Answer | Failure, transcript: Transcript) -> Answer | Failure:
+    def _ending(self, turn: _RunningTurn, result: Answer | Failure, transcript: Transcript) -> Answer | Failure:
         """What the user is told, given why the turn ended."""
         if turn.interrupted:
             return Failure(INTERRUPTED_BY_RESTART, partial_text=transcript.text_so_far)
-        if turn.stop_requested:
+        if turn.stopped_by_user:
             return Failure("Stopped at your request.", partial_text=transcript.text_so_far)
         if turn.oom:
             note = self._memory_note(self.store.message(turn.message_id).chat_id)
@@ -298,17 +379,18 @@ class TurnRunner:
         if len(transcript.texts) > texts_before:
             await display.update(transcript.text_so_far)
 
-    async def signal(self, turn: RunningTurn, sig: str) -> None:
+    async def _signal(self, turn: _RunningTurn, sig: str) -> None:
+        """A signal to the turn's CLI (a fallback: one `docker exec` of kill, never on a turn's normal path)."""
         pid = turn.files.pid()
         if pid is not None:
             with contextlib.suppress(RuntimeFailure):
                 await self.runtime.run(turn.container_id, ["kill", f"-{sig}", str(pid)], self.agent_user)
 
-    async def kill(self, turn: RunningTurn) -> None:
+    async def kill(self, turn: _RunningTurn) -> None:
         """SIGTERM to the CLI, SIGKILL if it is still there after a grace period."""
         loop = asyncio.get_running_loop()
         for sig, grace in (("TERM", KILL_GRACE_SECONDS), ("KILL", 0.0)):
-            await self.signal(turn, sig)
+            await self._signal(turn, sig)
             deadline = loop.time() + grace
             while turn.files.exit_code() is None and loop.time() < deadline:
                 await asyncio.sleep(POLL_SECONDS)

@@ -1,16 +1,21 @@
-"""The files of one agent turn. The prompt is written by us where only root can write; everything else is
-written inside the chat's container by `run-turn` (images/claude-runner), and so is hostile input:
+"""The files of one agent turn: the channel between the orchestrator and the agent host in the chat's container
+(orchestrator/agent_host.py, where each file is described). The request is written by us where only root can
+write; everything else is written inside the container, and so is hostile input:
 
-<chat>/input/<turn>               the user's text, the CLI's stdin (root's folder, read-only in the container)
+<chat>/input/<turn>               the turn's request (the CLI's argv and env, the session, the user's text)
+<chat>/input/<turn>.interrupt     our request to interrupt it
 <chat>/turns/<turn>/pid           the CLI's pid inside the container
+                    process       the id of the CLI process that answers it (the same across a hot CLI's turns)
+                    cost_before   that process's cumulative cost before the turn
                     output.jsonl  the CLI's stream-json output, read incrementally, with bounds
-                    stderr        the CLI's stderr
-                    exit_code     written last, when the CLI has ended
+                    stderr        the CLI's stderr during the turn
+                    exit_code     written last, when the turn has ended
 
 A turn's name holds a random part, so the agent cannot plant the folder of a turn to come; and whatever it
 does to the folder meanwhile, we open nothing in it by a path that follows a link (see `untrusted`).
 The process writing them is not the orchestrator's child, so a turn and its answer survive a restart of
-the orchestrator: the next one reads the same files.
+the orchestrator: the next one reads the same files. A request lives only while its turn may still be taken:
+it is withdrawn (deleted) when we stop following the turn, so a container started later never runs it.
 """
 
 from __future__ import annotations
@@ -23,20 +28,24 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from loguru import logger
 
-from orchestrator import untrusted
+from orchestrator import agent_host, untrusted
 from orchestrator.layout import ChatPaths
 
 STDERR_TAIL = 4096
 READ_CHUNK = 4 * 1024**2  # output read per look: with the line cap, what one look can hold in memory
 ORPHAN_PROMPT_SECONDS = 3600.0  # a prompt whose turn never made a folder is kept this long, then pruned
 _REFUSALS_LOGGED: set[str] = set()  # turns whose refused output was logged
+_Number = TypeVar("_Number", int, float)
 
 
 def new_turn_name(message_row: int, attempt: int) -> str:
-    return f"{message_row}-{attempt}-{secrets.token_hex(8)}"
+    name = f"{message_row}-{attempt}-{secrets.token_hex(8)}"
+    assert agent_host.turn_order(name) is not None  # the agent host takes only names of this form
+    return name
 
 
 @dataclass(frozen=True)
@@ -60,34 +69,59 @@ class TurnFiles:
             os.close(fd)
 
     def started(self) -> bool:
-        """Whether run-turn got as far as making the turn's folder (so it must be followed, not run again)."""
+        """Whether the agent host took the turn, making its folder (so it must be followed, not run again)."""
         with self.folder() as fd:
             return fd is not None
 
+    def requested(self) -> bool:
+        """Whether the turn's request is still there for the agent host to take."""
+        return (self.paths.input / self.name).is_file()
+
     def pid(self) -> int | None:
-        return self._number("pid")
+        return self._number(agent_host.PID, int)
 
     def exit_code(self) -> int | None:
-        return self._number("exit_code")
+        return self._number(agent_host.EXIT_CODE, int)
 
-    def _number(self, name: str) -> int | None:
+    def cost_before(self) -> float | None:
+        return self._number(agent_host.COST_BEFORE, float)
+
+    def process(self) -> str | None:
+        """The id of the CLI process that took the turn."""
+        with self.folder() as fd:
+            data = untrusted.read_small(fd, agent_host.PROCESS, self.uid, 64) if fd is not None else None
+        text = data.decode(errors="replace").strip() if data else ""
+        return text if text.isalnum() else None
+
+    def _number(self, name: str, kind: type[_Number]) -> _Number | None:
         with self.folder() as fd:
             data = untrusted.read_small(fd, name, self.uid, 32) if fd is not None else None
         try:
-            return int(data.strip()) if data else None
+            return kind(data.strip()) if data else None
         except ValueError:
             return None  # not yet complete, or not a number
 
     def stderr(self) -> str:
         with self.folder() as fd:
-            return untrusted.read_tail(fd, "stderr", self.uid, STDERR_TAIL).decode(errors="replace") if fd else ""
+            tail = untrusted.read_tail(fd, agent_host.STDERR, self.uid, STDERR_TAIL) if fd is not None else b""
+        return tail.decode(errors="replace")
+
+    def has_output(self) -> bool:
+        """Whether the turn wrote any output (a turn the pids limit kept from starting wrote none)."""
+        fd = self.open_output()
+        if fd is None:
+            return False
+        try:
+            return os.fstat(fd).st_size > 0
+        finally:
+            os.close(fd)
 
     def open_output(self) -> int | None:
         with self.folder() as fd:
             if fd is None:
                 return None
             try:
-                return untrusted.open_beneath(fd, "output.jsonl", self.uid)
+                return untrusted.open_beneath(fd, agent_host.OUTPUT, self.uid)
             except FileNotFoundError:
                 return None
             except untrusted.Refused as exc:
@@ -101,10 +135,26 @@ def turn_files(paths: ChatPaths, turn: str, uid: int) -> TurnFiles:
     return TurnFiles(name=turn, paths=paths, uid=uid)
 
 
-def write_prompt(files: TurnFiles, text: str) -> None:
-    """The turn's prompt, in root's input folder under the turn's new name."""
+def write_request(files: TurnFiles, request: bytes) -> None:
+    """The turn's request, in root's input folder under the turn's new name; written aside and renamed, so the agent
+    host never reads half of it."""
     with untrusted.directory(files.paths.input) as folder:
-        untrusted.write_new(folder, files.name, text.encode())
+        untrusted.write_new(folder, f".{files.name}", request)
+        os.rename(f".{files.name}", files.name, src_dir_fd=folder, dst_dir_fd=folder)
+
+
+def request_interrupt(files: TurnFiles) -> None:
+    """Ask the agent host to interrupt the turn (it sends the CLI an interrupt through the control protocol)."""
+    with untrusted.directory(files.paths.input) as folder, contextlib.suppress(FileExistsError):
+        untrusted.write_new(folder, files.name + agent_host.INTERRUPT_SUFFIX, b"")
+
+
+def withdraw(files: TurnFiles) -> None:
+    """The turn's request and interrupt, deleted: once we stop following a turn, no agent host may take it."""
+    with untrusted.directory(files.paths.input) as folder:
+        for name in (files.name, files.name + agent_host.INTERRUPT_SUFFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=folder)
 
 
 class OutputReader:
@@ -211,7 +261,7 @@ def _finished_turns(turns_fd: int, busy: set[str | None]) -> Iterator[tuple[floa
         except (FileNotFoundError, untrusted.Refused):
             continue
         try:
-            if untrusted.exists(fd, "exit_code"):
+            if untrusted.exists(fd, agent_host.EXIT_CODE):
                 yield os.fstat(fd).st_mtime, entry.name
         finally:
             os.close(fd)

@@ -175,11 +175,11 @@ def test_a_crashed_cli_ends_the_turn_with_a_recorded_error(
     pid = wait_until(lambda: pid_file.read_text().strip(), 60, "the CLI's pid")
     wait_until(lambda: fake_api.requests_mentioning("SLOW 30 then crash"), 60, "the CLI to call the model")
     docker_client.containers.get(f"{instance}-epsilon").exec_run(["kill", "-KILL", pid])
-    bot.wait_output("Claude Code stopped without an answer")
+    bot.wait_output("Claude Code stopped in the middle of this answer")
     assert bot.finish() == 0
     message = store_view.messages("epsilon")[0]
     assert message["state"] == "failed"
-    assert "stopped without an answer (exit code 137)" in message["error"]
+    assert "stopped in the middle of this answer (exit code 137)" in message["error"]
     assert message["turn"] == pid_file.parent.name and re.fullmatch(r"\d+-1-[0-9a-f]{16}", message["turn"])
 
 

@@ -11,9 +11,10 @@ from orchestrator.agent import (
     ToolUse,
     Transcript,
     Unparsed,
+    cli_argv,
     outcome,
     parse_line,
-    turn_argv,
+    turn_cost,
 )
 from orchestrator.config import AgentSettings
 
@@ -35,17 +36,25 @@ def transcript_of(*objects: object) -> Transcript:
     return transcript
 
 
-def test_argv_of_a_fresh_and_a_resumed_turn() -> None:
+def test_argv_of_the_long_lived_cli() -> None:
     agent = AgentSettings(permission_mode="acceptEdits", model="sonnet", extra_args=("--max-turns", "5"))
-    assert turn_argv(agent, None) == ["claude", "-p", "--output-format", "stream-json", "--verbose",
-                                      "--permission-mode", "acceptEdits", "--model", "sonnet", "--max-turns", "5"]
-    assert turn_argv(agent, SESSION)[-1] == f"--resume={SESSION}"
+    assert cli_argv(agent) == ["claude", "-p", "--input-format", "stream-json", "--output-format", "stream-json",
+                               "--verbose", "--permission-mode", "acceptEdits", "--model", "sonnet", "--max-turns", "5"]
 
 
 def test_the_prompt_is_never_in_the_argv() -> None:
-    # The prompt is stdin data; nothing a user types can become a flag.
-    argv = turn_argv(AgentSettings(), SESSION)
-    assert argv.count("-p") == 1 and all(not arg.startswith("--resume=-") for arg in argv)
+    # The prompt is a stream-json line on stdin; nothing a user types can become a flag.
+    argv = cli_argv(AgentSettings())
+    assert argv.count("-p") == 1 and not any(arg.startswith("--resume") for arg in argv)
+
+
+def test_a_turns_cost_is_the_difference_of_its_processs_running_totals() -> None:
+    assert turn_cost(0.0018, 0.0012) == 0.0006
+    assert turn_cost(0.0006, 0.0) == 0.0006  # the first turn of a process
+    assert turn_cost(0.0006, None) == 0.0006  # no cost_before file
+    assert turn_cost(0.0006, 0.5) == 0.0006  # a forged "before" above the total: the total alone
+    assert turn_cost(0.0006, -1.0) == 0.0006
+    assert turn_cost(None, 0.1) is None
 
 
 def test_parse_the_documented_stream() -> None:
@@ -94,7 +103,8 @@ def test_error_result_is_a_failure_with_the_cli_reason() -> None:
 def test_cli_that_exits_without_a_result() -> None:
     result = outcome(transcript_of(INIT, TEXT), 137, "some warning\nKilled\n")
     assert isinstance(result, Failure) and not result.unknown_session
-    assert result.reason == "Claude Code stopped without an answer (exit code 137)."
+    assert result.reason.startswith("Claude Code stopped in the middle of this answer (exit code 137). The conversation "
+                                    "is kept")
     assert result.detail == "Killed"  # stderr is the operator's, in the log: the chat does not see it
     assert result.partial_text == "Done: the answer is 4."
     silent = outcome(Transcript(), 1, "")
