@@ -65,7 +65,7 @@ def through_orchestrator(setup: Rig, chat_ids: list[str], per_chat: int
     waits: dict[str, list[float]] = {}
     for chat_id in chat_ids:
         for message in store.messages(chat_id):
-            started = (setup.data / "chats" / chat_id / "input" / message["turn"]).stat().st_mtime  # its prompt
+            started = (setup.data / "chats" / chat_id / "turns" / message["turn"] / "pid").stat().st_mtime  # taken
             waits.setdefault(chat_id, []).append(started - message["received_at"])
     return len(wanted) / elapsed, replied(), waits
 

@@ -8,60 +8,23 @@ chat's container (the service starts it again on the chat's next message).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import Any
 
-from orchestrator.config import Settings, resolve_chat
-from orchestrator.runtime import ContainerState, DockerRuntime, RuntimeFailure, Usage
-from orchestrator.states import State
-from orchestrator.store import ChatRecord, MessageRecord, Store
+from orchestrator import status
+from orchestrator.config import Settings
+from orchestrator.runtime import DockerRuntime, RuntimeFailure
+from orchestrator.store import Store
 
 STATUS_COLUMNS = ("chat_id", "container_name", "container_state", "cpu_percent", "memory_mib", "memory_limit_mib",
                   "session_id", "last_activity", "busy", "queued", "last_turn_cost_usd", "last_turn_seconds")
 
 
-def status_rows(settings: Settings, store: Store, runtime: DockerRuntime | None) -> list[dict[str, Any]]:
-    """One row per known chat; container state and use are 'unknown' when the engine cannot be asked."""
-    chats = store.chats()
-    containers: dict[str, ContainerState] = {}
-    usage: dict[str, Usage | None] = {}
-    if runtime is not None:
-        async def ask() -> None:
-            containers.update({c.name: c for c in await runtime.list_managed(settings.instance)})
-            running = [c.name for c in containers.values() if c.running]
-            usage.update(zip(running, await asyncio.gather(*(runtime.usage(n) for n in running)), strict=True))
-
-        asyncio.run(ask())
-    unfinished = store.unfinished_messages()
-    return [_status_row(settings, chat, containers.get(chat.container_name) if runtime else None,
-                        usage.get(chat.container_name), runtime is None,
-                        [m for m in unfinished if m.chat_id == chat.chat_id], store.messages(chat.chat_id))
-            for chat in chats]
-
-
-def _status_row(settings: Settings, chat: ChatRecord, container: ContainerState | None, use: Usage | None,
-                engine_unknown: bool, unfinished: list[MessageRecord], messages: list[MessageRecord]) -> dict[str, Any]:
-    last_turn = next((m for m in reversed(messages) if m.duration_ms is not None), None)
-    options = resolve_chat(settings, chat.chat_id).options
-    return {
-        "chat_id": chat.chat_id,
-        "name": chat.name,
-        "container_name": chat.container_name,
-        "container_id": container.id if container else chat.container_id,
-        "container_state": "unknown" if engine_unknown else container.status if container else "missing",
-        "cpu_percent": use.cpu_percent if use else None,
-        "cpus": container.nano_cpus / 1e9 if container and container.nano_cpus else options.cpus,
-        "memory_mib": round(use.memory_bytes / 2**20, 1) if use else None,
-        "memory_limit_mib": (container.memory if container and container.memory else options.memory) // 2**20,
-        "pids": use.pids if use else None,
-        "pids_limit": container.pids_limit if container and container.pids_limit else options.pids_limit,
-        "session_id": chat.session_id,
-        "last_activity": chat.last_activity,
-        "busy": any(m.state is State.RUNNING for m in unfinished),
-        "queued": sum(1 for m in unfinished if m.state in (State.RECEIVED, State.QUEUED)),
-        "last_turn_cost_usd": last_turn.cost_usd if last_turn else None,
-        "last_turn_seconds": last_turn.duration_ms / 1000 if last_turn and last_turn.duration_ms else None,
-    }
+def status_rows(settings: Settings, store: Store, engine: status.Engine | None) -> list[dict[str, Any]]:
+    """One row per known chat (`status.chat_status`, as /status shows it); container state and use are 'unknown'
+    when the engine cannot be asked."""
+    return [dataclasses.asdict(row) for row in asyncio.run(status.every_chat(settings, store, engine))]
 
 
 def format_table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:

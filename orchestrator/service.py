@@ -15,17 +15,17 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from orchestrator import firewall, layout, metrics, relay, turns
-from orchestrator.agent import Answer, Failure
+from orchestrator import commands, firewall, layout, metrics, relay, turns
+from orchestrator.agent import Failure
 from orchestrator.channels import Channel, Incoming
-from orchestrator.config import Settings, resolve_chat
+from orchestrator.config import Settings
 from orchestrator.delivery import Deliverer
 from orchestrator.housekeeping import Candidate, Finding, containers_to_stop, reconcile
 from orchestrator.ids import is_valid_chat_id
 from orchestrator.masking import MaskedChannel, Masker
 from orchestrator.runtime import (
     ContainerState,
-    DockerRuntime,
+    Runtime,
     RuntimeFailure,
     bridge_name,
     relay_container_name,
@@ -48,11 +48,6 @@ FLUSH_SECONDS = 10.0  # at shutdown, how long to keep trying to deliver what is 
 STRANDED_SECONDS = 60.0  # a message stored this long ago and still not queued was never handed on
 UNEXPECTED_ERROR = ("Something went wrong on our side while answering this message; the operators have the "
                     "details.")
-HELP = ("Send a message and Claude Code answers it in this chat's own container.\n"
-        "/new  start a new conversation (Claude forgets this chat's earlier context)\n"
-        "/stop  stop the answer being worked on\n"
-        "/status  this chat's container, limits, session and queue\n"
-        "/help  this text")
 
 
 class ShuttingDown(Exception):
@@ -60,7 +55,7 @@ class ShuttingDown(Exception):
 
 
 class Service:
-    def __init__(self, settings: Settings, store: Store, runtime: DockerRuntime, channel: Channel) -> None:
+    def __init__(self, settings: Settings, store: Store, runtime: Runtime, channel: Channel) -> None:
         self.settings = settings
         self.store = store
         self.runtime = runtime
@@ -169,20 +164,21 @@ class Service:
         """Let running turns finish, interrupt the rest and tell their chats, then stop the containers.
         With `shutdown.keep_containers`, leave containers and turns running for the next start to adopt."""
         if self.settings.shutdown.keep_containers:
-            logger.info(f"leaving {len(self.turns.running)} running turn(s) and the containers for the next start")
+            logger.info(f"leaving {len(self.turns.running_chats())} running turn(s) and the containers for the next "
+                        "start")
             return
         drain = self.settings.shutdown.drain_timeout
-        if self.turns.running:
-            logger.info(f"waiting up to {drain:g} s for {len(self.turns.running)} running turn(s)")
-            await self._until(lambda: not self.turns.running, drain, self._hurry)
-        for chat_id, turn in list(self.turns.running.items()):
-            logger.bind(chat_id=chat_id, message_id=turn.message_id).info("interrupting the turn (SIGINT)")
-            turn.interrupted = True
-            await self.turns.signal(turn, "INT")  # Claude ends the turn and keeps what it had
+        if self.turns.running_chats():
+            logger.info(f"waiting up to {drain:g} s for {len(self.turns.running_chats())} running turn(s)")
+            await self._until(lambda: not self.turns.running_chats(), drain, self._hurry)
+        interrupted = await self.turns.interrupt_all()  # Claude ends each turn and keeps what it had
+        if interrupted:
+            logger.info(f"interrupted {len(interrupted)} turn(s)")
         await self._until(lambda: not self.active, INTERRUPT_WAIT_SECONDS)
-        for chat_id, turn in list(self.turns.running.items()):  # did not end in time: record it all the same
-            self.store.fail(turn.message_id, "interrupted by a restart", INTERRUPTED_BY_RESTART)
-            logger.bind(chat_id=chat_id, message_id=turn.message_id).warning("turn did not end after SIGINT")
+        for message_id in interrupted:  # did not end in time: record it all the same
+            if self.store.message(message_id).state is State.RUNNING:
+                self.store.fail(message_id, "interrupted by a restart", INTERRUPTED_BY_RESTART)
+                logger.bind(message_id=message_id).warning("turn did not end after its interrupt")
         if not await self.deliverer.flush(FLUSH_SECONDS):
             logger.warning("some replies could not be delivered before stopping; they go out after the next start")
         containers = [c for c in await self.runtime.list_managed(self.settings.instance) if c.running]
@@ -236,13 +232,12 @@ class Service:
 
     def _on_container_event(self, chat_id: str, action: str) -> None:
         log = logger.bind(chat_id=chat_id or "-")
-        turn = self.turns.running.get(chat_id)
         if action == "oom":
             log.warning("the kernel killed a process in the chat's container: out of memory")
-            if turn is not None:
-                turn.oom = True
+            self.turns.note_oom(chat_id)
         elif action == "die":
-            log.info("the chat's container stopped" + (" during a turn" if turn else ""))
+            during = " during a turn" if chat_id in self.turns.running_chats() else ""
+            log.info(f"the chat's container stopped{during}")
         if action in ("start", "die"):
             self._in_background(self._count_containers())
 
@@ -269,7 +264,7 @@ class Service:
             await asyncio.to_thread(firewall.install, self.settings.instance, bridge)
 
     async def _prune_turns(self) -> None:
-        busy = {self.store.message(t.message_id).turn for t in self.turns.running.values()}
+        busy = self.turns.running_turn_names()
         await asyncio.to_thread(turns.prune, self.settings.chats_dir, KEEP_TURNS, busy)
 
     async def _resume_stranded(self) -> None:
@@ -291,7 +286,7 @@ class Service:
                 logger.bind(chat_id=container.chat_id).error(f"{low}: stopping the chat's container")
                 await self._stop_container(container.name, container.chat_id)
                 continue
-            if container.chat_id in self.turns.running:
+            if container.chat_id in self.turns.running_chats():
                 continue  # its turn measures and stops itself
             over = await self.turns.check_disk(container.chat_id)
             if over is not None:
@@ -352,9 +347,9 @@ class Service:
         if kind != "text":
             self._reply_directly(message, f"I can read text and rich-text messages; {kind} messages "
                                           "are not supported yet.")
-        elif (command := message.text.strip().lower()) in COMMANDS:
+        elif (command := commands.find(message.text)) is not None:
             # not awaited: the channel acks once the message is stored, and /status asks the engine
-            self._in_background(COMMANDS[command](self, message))
+            self._in_background(commands.run(command, self._command_context(), message))
         elif self._waiting(message.chat_id) >= self.settings.scheduler.queue_depth:
             depth = self.settings.scheduler.queue_depth
             logger.bind(chat_id=message.chat_id, message_id=message.message_id).warning(
@@ -414,40 +409,8 @@ class Service:
 
     # ---- commands ----
 
-    async def _help(self, message: MessageRecord) -> None:
-        self._reply_directly(message, HELP)
-
-    async def _new(self, message: MessageRecord) -> None:
-        self.store.set_session(message.chat_id, None)
-        logger.bind(chat_id=message.chat_id, message_id=message.message_id).info("session cleared by /new")
-        self._reply_directly(message, "Started a new conversation: the next message begins with a fresh context.")
-
-    async def _stop_turn(self, message: MessageRecord) -> None:
-        turn = self.turns.running.get(message.chat_id)
-        if turn is None:
-            self._reply_directly(message, "Nothing is running in this chat.")
-            return
-        turn.stop_requested = True
-        await self.turns.signal(turn, "INT")  # the CLI ends the turn and keeps what it had in its transcript
-        logger.bind(chat_id=message.chat_id, message_id=turn.message_id).info("turn interrupted by /stop")
-        self._reply_directly(message, "Stopping the current answer.")
-
-    async def _status(self, message: MessageRecord) -> None:
-        chat = self.store.chat(message.chat_id)
-        options = resolve_chat(self.settings, message.chat_id).options
-        state = await self.runtime.inspect(chat.container_name) if chat.container_name else None
-        last = next((m for m in reversed(self.store.messages(message.chat_id)) if m.duration_ms is not None), None)
-        lines = [
-            f"Container: {chat.container_name or '(none yet)'} {state.status if state else ''}".rstrip(),
-            f"Limits: {options.cpus:g} CPUs, {options.memory // (1024 * 1024)} MiB memory, "
-            f"{options.pids_limit} processes, network {options.network}",
-            f"Session: {chat.session_id or '(new)'}",
-            f"Running: {'yes' if message.chat_id in self.turns.running else 'no'}; "
-            f"queued: {self._waiting(message.chat_id)}",
-        ]
-        if last is not None:
-            lines.append(f"Last turn: {last.duration_ms / 1000:.1f} s, ${last.cost_usd or 0:.4f}")
-        self._reply_directly(message, "\n".join(lines))
+    def _command_context(self) -> commands.Context:
+        return commands.Context(self.settings, self.store, self.runtime, self.turns, self._reply_directly)
 
     # ---- one chat's turns ----
 
@@ -529,18 +492,18 @@ class Service:
         wall = time.monotonic() - began
         metrics.TURN_SECONDS.observe(wall)
         if isinstance(result, Failure):
-            log.warning(f"failed: {result.reason}")
-            metrics.MESSAGES.labels("failed").inc()
             text = f"{result.partial_text}\n\n{result.reason}" if result.partial_text else result.reason
-            self.store.fail(message.message_id, result.reason, text, card)
-        elif isinstance(result, Answer):
+            if self.store.fail(message.message_id, result.reason, text, card):
+                log.warning(f"failed: {result.reason}")
+                metrics.MESSAGES.labels("failed").inc()
+            else:
+                log.warning(f"the turn ended ({result.reason}) after its message was failed; dropped")
+        elif self.store.answer(message.message_id, result.text, result.cost_usd, result.duration_ms, card):
             metrics.MESSAGES.labels("answered").inc()
             if result.duration_ms is not None:
                 metrics.OVERHEAD_SECONDS.observe(max(0.0, wall - result.duration_ms / 1000))
-            self.store.answer(message.message_id, result.text, result.cost_usd, result.duration_ms, card)
             log.info(f"answered ({len(result.text)} chars, cost {result.cost_usd}, {result.duration_ms} ms)")
+        else:
+            log.warning("the answer came after its message was failed (at a shutdown); dropped")
         self._displays.pop(message.message_id, None)
         self.deliverer.wake()
-
-
-COMMANDS = {"/help": Service._help, "/new": Service._new, "/stop": Service._stop_turn, "/status": Service._status}

@@ -29,6 +29,7 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 
 FINAL = frozenset(state for state, following in TRANSITIONS.items() if not following)
 UNFINISHED = frozenset(State) - FINAL
+UNANSWERED = UNFINISHED - {State.ANSWERED}  # waiting for its turn or in it: failing it takes nothing back
 
 
 def predecessors(target: State) -> frozenset[State]:

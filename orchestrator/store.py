@@ -3,9 +3,9 @@
 Callers get plain records, never rows. Message state changes are conditional updates (see `states`),
 so a transition happens once even when two workers race for it. A transition the message's state refuses
 raises `TransitionRefused` (the caller's idea of the message is wrong: going on would lose or repeat work),
-except where a method's docstring names the refusal a caller must expect; those return False. Nothing here clears a session id except
-`set_session`, which the service calls only on /new or when the CLI reports the session gone. Every text for
-a chat is kept with the secrets masked (`masking`).
+except where a method's docstring names the refusal its callers expect; those return False. Nothing here
+clears a session id except `set_session`, which the service calls only on /new or when the CLI reports the
+session gone. Every text for a chat is kept with the secrets masked (`masking`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from peewee import (
 )
 
 from orchestrator.masking import Masker
-from orchestrator.states import UNFINISHED, State, predecessors
+from orchestrator.states import UNANSWERED, UNFINISHED, State, predecessors
 
 _database = DatabaseProxy()
 # SQLite's words for a write it refuses for now: another process holds the database (past busy_timeout), or
@@ -266,9 +266,17 @@ class Store:
             query = query.where(_Message.chat_id == chat_id)
         return [_message_record(row) for row in query]
 
-    def unfinished_messages(self) -> list[MessageRecord]:
+    def unfinished_messages(self, chat_id: str | None = None) -> list[MessageRecord]:
         query = _Message.select().where(_Message.state.in_([str(s) for s in UNFINISHED])).order_by(_Message.id)
+        if chat_id is not None:
+            query = query.where(_Message.chat_id == chat_id)
         return [_message_record(row) for row in query]
+
+    def last_turn(self, chat_id: str) -> MessageRecord | None:
+        """The chat's latest message whose turn reported its duration (and cost), or None."""
+        row = (_Message.select().where((_Message.chat_id == chat_id) & _Message.duration_ms.is_null(False))
+               .order_by(_Message.id.desc()).first())
+        return _message_record(row) if row else None
 
     def set_display(self, message_id: str, display: str) -> None:
         _Message.update(display=display).where(_Message.message_id == message_id).execute()
@@ -279,6 +287,7 @@ class Store:
         self._transition(message_id, State.QUEUED, **({"error": error} if error else {}))
 
     def mark_running(self, message_id: str, turn: str) -> None:
+        """Queued → running (a turn is recorded with `start_turn`, which also takes a running message's new one)."""
         self._transition(message_id, State.RUNNING, turn=turn)
 
     def start_turn(self, message_id: str, turn: str) -> None:
@@ -307,9 +316,10 @@ class Store:
     def fail(self, message_id: str, reason: str, text: str, card: str | None = None) -> bool:
         """The message failed for `reason`; the user is told `text`, durably. False when it had failed already
         (a shutdown failed it, then its turn ended with a failure of its own): the user was told once. Any other
-        refusal (a delivered message) raises."""
+        refusal raises: a delivered message, or an answered one (only `mark_dead` takes an answer back, when it
+        proved undeliverable; failing it here would leave its answer in the outbox)."""
         with self.db.atomic():
-            if not self._move_unless_failed(message_id, State.FAILED, error=self._mask(reason)):
+            if not self._move_unless_failed(message_id, State.FAILED, only_from=UNANSWERED, error=self._mask(reason)):
                 return False
             self._say(self.message(message_id).chat_id, text, reply_to=message_id, card=card)
         return True
@@ -320,8 +330,7 @@ class Store:
         unexpected error may come at any point of a message's life, so False (answered or finished already)
         is an outcome the caller expects."""
         with self.db.atomic():
-            if not self._move(message_id, State.FAILED, only_from=UNFINISHED - {State.ANSWERED},
-                              error=self._mask(reason)):
+            if not self._move(message_id, State.FAILED, only_from=UNANSWERED, error=self._mask(reason)):
                 return False
             self._say(self.message(message_id).chat_id, text, reply_to=message_id)
         return True
@@ -341,9 +350,10 @@ class Store:
         if not self._move(message_id, target, **fields):
             raise self._refused(message_id, target)
 
-    def _move_unless_failed(self, message_id: str, target: State, **fields: object) -> bool:
+    def _move_unless_failed(self, message_id: str, target: State, only_from: frozenset[State] | None = None,
+                            **fields: object) -> bool:
         """`_move`; False when the message had failed already, and any other refusal raises."""
-        if self._move(message_id, target, **fields):
+        if self._move(message_id, target, only_from, **fields):
             return True
         if self._state(message_id) is State.FAILED:
             return False

@@ -136,11 +136,14 @@ def turn_files(paths: ChatPaths, turn: str, uid: int) -> TurnFiles:
 
 
 def write_request(files: TurnFiles, request: bytes) -> None:
-    """The turn's request, in root's input folder under the turn's new name; written aside and renamed, so the agent
-    host never reads half of it."""
+    """The turn's request, in root's input folder under the turn's new name; written aside and linked in place, so
+    the agent host never reads half of it (and, unlike a rename, a request already there is never replaced)."""
     with untrusted.directory(files.paths.input) as folder:
         untrusted.write_new(folder, f".{files.name}", request)
-        os.rename(f".{files.name}", files.name, src_dir_fd=folder, dst_dir_fd=folder)
+        try:
+            os.link(f".{files.name}", files.name, src_dir_fd=folder, dst_dir_fd=folder, follow_symlinks=False)
+        finally:
+            os.unlink(f".{files.name}", dir_fd=folder)
 
 
 def request_interrupt(files: TurnFiles) -> None:

@@ -34,11 +34,10 @@ def assert_settled(store_view: StoreView, config: Path, *chat_ids: str) -> None:
 
 
 def turn_intervals(data_dir: Path, chat_id: str) -> list[tuple[float, float]]:
-    """When each turn of a chat started and ended, from its files (prompt written in the chat's input folder,
-    exit code written in the turn's folder)."""
-    chat_dir = data_dir / "chats" / chat_id
-    return [((chat_dir / "input" / turn.name).stat().st_mtime, (turn / "exit_code").stat().st_mtime)
-            for turn in (chat_dir / "turns").iterdir()]
+    """When each turn of a chat started and ended, from the files the agent host writes in the turn's folder (its
+    CLI's pid when it takes the turn, the exit code last)."""
+    turns = data_dir / "chats" / chat_id / "turns"
+    return [((turn / "pid").stat().st_mtime, (turn / "exit_code").stat().st_mtime) for turn in turns.iterdir()]
 
 
 def max_overlap(intervals: list[tuple[float, float]]) -> int:

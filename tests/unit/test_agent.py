@@ -103,8 +103,7 @@ def test_error_result_is_a_failure_with_the_cli_reason() -> None:
 def test_cli_that_exits_without_a_result() -> None:
     result = outcome(transcript_of(INIT, TEXT), 137, "some warning\nKilled\n")
     assert isinstance(result, Failure) and not result.unknown_session
-    assert result.reason.startswith("Claude Code stopped in the middle of this answer (exit code 137). The conversation "
-                                    "is kept")
+    assert result.reason.startswith("Claude Code stopped in the middle of this answer (exit code 137).")
     assert result.detail == "Killed"  # stderr is the operator's, in the log: the chat does not see it
     assert result.partial_text == "Done: the answer is 4."
     silent = outcome(Transcript(), 1, "")

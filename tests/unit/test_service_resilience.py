@@ -87,7 +87,7 @@ class Turns:
 
     async def run(self, message: MessageRecord, display: object, log: object) -> Answer | Failure:
         self.seen.append(message.state)
-        self.store.mark_running(message.message_id, "t1")
+        self.store.start_turn(message.message_id, "t1")
         outcome = self.outcomes.pop(0)
         if isinstance(outcome, Exception):
             raise outcome

@@ -2,7 +2,7 @@ import itertools
 
 import pytest
 
-from orchestrator.states import FINAL, TRANSITIONS, UNFINISHED, State, predecessors
+from orchestrator.states import FINAL, TRANSITIONS, UNANSWERED, UNFINISHED, State, predecessors
 
 
 def test_the_happy_path_is_allowed() -> None:
@@ -26,6 +26,7 @@ def test_transitions_that_would_lose_or_repeat_work_are_refused(current: State, 
 def test_final_and_unfinished_states() -> None:
     assert frozenset({State.DELIVERED, State.FAILED}) == FINAL
     assert State.ANSWERED in UNFINISHED and State.RUNNING in UNFINISHED
+    assert frozenset({State.RECEIVED, State.QUEUED, State.RUNNING}) == UNANSWERED
 
 
 def test_predecessors() -> None:

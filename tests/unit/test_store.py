@@ -10,7 +10,7 @@ from peewee import IntegrityError
 
 from orchestrator.masking import MASK
 from orchestrator.states import State
-from orchestrator.store import Store, refused_for_now
+from orchestrator.store import Store, TransitionRefused, refused_for_now
 
 
 @pytest.fixture
@@ -35,16 +35,74 @@ def test_a_message_id_is_recorded_once(store: Store) -> None:
 
 def test_transitions_happen_once_and_in_order(store: Store) -> None:
     store.record_received("om_1", "oc_a", "ou_1", "hello")
-    assert not store.mark_running("om_1", "1-1")  # not queued yet
-    assert store.mark_queued("om_1")
-    assert store.mark_running("om_1", "1-1")
-    assert store.mark_answered("om_1", "hi there", 0.01, 120)
-    assert not store.mark_answered("om_1", "a second answer", None, None)
-    assert not store.mark_queued("om_1")
-    assert store.mark_delivered("om_1")
+    store.mark_queued("om_1")
+    store.mark_running("om_1", "1-1")
+    assert store.answer("om_1", "hi there", 0.01, 120, card=None)
+    store.mark_sent(store.due_outbox()[0])
     message = store.message("om_1")
     assert (message.state, message.answer, message.turn, message.error) == (State.DELIVERED, "hi there", "1-1", None)
     assert store.unfinished_messages() == []
+
+
+def test_a_refused_transition_that_means_a_bug_raises_and_changes_nothing(store: Store) -> None:
+    """A caller whose idea of the message is wrong must not go on as if the change happened: `running → running`
+    refused silently is how recovery came to follow a turn that never ran (issue 10)."""
+    store.ensure_chat("oc_a")
+    store.record_received("om_1", "oc_a", "ou_1", "hello")
+    with pytest.raises(TransitionRefused, match="om_1 is received: it may not become running"):
+        store.mark_running("om_1", "1-1")  # not queued yet
+    with pytest.raises(TransitionRefused, match="is received: it may not become answered"):
+        store.answer("om_1", "an answer without a turn", None, None, card=None)
+    store.mark_queued("om_1")
+    with pytest.raises(TransitionRefused):
+        store.mark_queued("om_1")
+    store.mark_running("om_1", "1-1")
+    with pytest.raises(TransitionRefused, match="is running: it may not become running"):
+        store.mark_running("om_1", "1-2")
+    assert store.answer("om_1", "hi there", 0.01, 120, card=None)
+    with pytest.raises(TransitionRefused, match="is answered: it may not become answered"):
+        store.answer("om_1", "a second answer", None, None, card=None)
+    with pytest.raises(TransitionRefused):
+        store.mark_queued("om_1")  # an answer is delivered, never run a second time
+    with pytest.raises(TransitionRefused, match="is answered: it may not become failed"):
+        store.fail("om_1", "late", "too late")  # only an undeliverable answer is taken back (mark_dead)
+    store.mark_sent(store.due_outbox()[0])
+    with pytest.raises(TransitionRefused, match="is delivered: it may not become failed"):
+        store.fail("om_1", "late", "too late")
+    with pytest.raises(TransitionRefused, match="om_2 is not stored"):
+        store.mark_queued("om_2")
+    message = store.message("om_1")
+    assert (message.state, message.turn, message.answer) == (State.DELIVERED, "1-1", "hi there")
+    assert [item.text for item in store.outbox("oc_a")] == ["hi there"]
+
+
+def test_a_turn_that_ends_after_a_shutdown_failed_its_message_is_dropped_quietly(store: Store) -> None:
+    """A shutdown that could not wait fails the running turn's message and tells the user; the turn may still
+    end before the service stops: its answer or failure is refused without raising, and nothing more is said."""
+    store.ensure_chat("oc_a")
+    for message_id in ("om_1", "om_2"):
+        store.record_received(message_id, "oc_a", "ou_1", "hello")
+        store.mark_queued(message_id)
+        store.start_turn(message_id, f"{message_id}-turn")
+        assert store.fail(message_id, "interrupted by a restart", "interrupted")
+    assert not store.answer("om_1", "the late answer", 0.01, 100, card="card_1")
+    assert not store.fail("om_2", "the CLI was interrupted", "partial\n\ninterrupted")
+    assert {store.message(m).error for m in ("om_1", "om_2")} == {"interrupted by a restart"}
+    assert store.message("om_1").answer is None
+    assert [item.text for item in store.outbox("oc_a")] == ["interrupted", "interrupted"]
+
+
+def test_an_item_marked_twice_delivers_its_message_once(store: Store) -> None:
+    answered(store, "om_1")
+    answered(store, "om_2")
+    first, second = store.due_outbox()
+    store.mark_sent(first)
+    store.mark_sent(first)
+    store.mark_dead(second, "bot was removed from the chat")
+    store.mark_dead(second, "bot was removed from the chat")
+    assert [(m.state, m.error) for m in store.messages("oc_a")] == \
+        [(State.DELIVERED, None), (State.FAILED, "the answer could not be delivered: bot was removed from the chat")]
+    assert [(item.state, item.attempts) for item in store.outbox("oc_a")] == [("sent", 1), ("dead", 1)]
 
 
 def test_unfinished_messages_in_arrival_order(store: Store) -> None:
@@ -52,8 +110,23 @@ def test_unfinished_messages_in_arrival_order(store: Store) -> None:
         store.record_received(f"om_{n}", "oc_a", "ou_1", f"m{n}")
     store.mark_queued("om_1")
     store.mark_queued("om_2")
-    store.mark_failed("om_2", "nope")
-    assert [m.message_id for m in store.unfinished_messages()] == ["om_0", "om_1", "om_3"]
+    store.fail("om_2", "nope", "nope")
+    store.record_received("om_4", "oc_b", "ou_1", "another chat")
+    assert [m.message_id for m in store.unfinished_messages()] == ["om_0", "om_1", "om_3", "om_4"]
+    assert [m.message_id for m in store.unfinished_messages("oc_a")] == ["om_0", "om_1", "om_3"]
+
+
+def test_the_last_turn_is_the_latest_message_that_reported_its_duration(store: Store) -> None:
+    store.ensure_chat("oc_a")
+    assert store.last_turn("oc_a") is None
+    answered(store, "om_1")
+    store.record_received("om_2", "oc_a", "ou_1", "/status")
+    store.mark_queued("om_2")
+    store.mark_running("om_2", "")
+    store.answer("om_2", "a command's reply has no turn", None, None, card=None)
+    answered(store, "om_3", chat_id="oc_b")
+    last = store.last_turn("oc_a")
+    assert last is not None and (last.message_id, last.cost_usd, last.duration_ms) == ("om_1", 0.01, 100)
 
 
 def test_session_ids_survive_reopening(tmp_path: Path) -> None:
@@ -186,8 +259,6 @@ def test_only_a_busy_store_or_a_full_disk_is_refused_for_now() -> None:
 def test_a_running_messages_new_turn_is_recorded_and_a_finished_message_refuses_one(tmp_path: Path) -> None:
     """Recovery follows the stored turn: a turn started anew (never started before a restart, or retried after
     the pids limit) must replace it, or every restart re-runs the new turn's tool calls (seen in kill9)."""
-    from orchestrator.store import TurnRefused
-
     store = Store(tmp_path / "s.db")
     store.ensure_chat("oc_a")
     store.record_received("om_1", "oc_a", "ou_1", "hi")
@@ -197,7 +268,7 @@ def test_a_running_messages_new_turn_is_recorded_and_a_finished_message_refuses_
     store.start_turn("om_1", "1-1-bbbb")
     assert store.message("om_1").turn == "1-1-bbbb"
     store.answer("om_1", "done", None, None, card=None)
-    with pytest.raises(TurnRefused):
+    with pytest.raises(TransitionRefused, match="is answered: it may not become running"):
         store.start_turn("om_1", "1-2-cccc")
     assert store.message("om_1").turn == "1-1-bbbb"
     store.close()

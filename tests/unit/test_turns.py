@@ -12,7 +12,15 @@ import pytest
 
 from orchestrator import layout, turns, untrusted
 from orchestrator.layout import ChatPaths
-from orchestrator.turns import OutputReader, TurnFiles, new_turn_name, prune, write_prompt
+from orchestrator.turns import (
+    OutputReader,
+    TurnFiles,
+    new_turn_name,
+    prune,
+    request_interrupt,
+    withdraw,
+    write_request,
+)
 
 AGENT = 1000
 MiB = 1024**2
@@ -87,23 +95,29 @@ def test_prepare_gives_the_agent_its_folders_and_root_the_input(paths: ChatPaths
     assert [m for m in paths.mounts() if m[2]] == [(str(paths.input), "/input", True)]
 
 
-def test_the_prompt_is_written_in_roots_input_folder(paths: ChatPaths) -> None:
+def test_the_request_is_written_in_roots_input_folder_whole_and_withdrawn(paths: ChatPaths) -> None:
     files = TurnFiles(new_turn_name(3, 1), paths, AGENT)
-    write_prompt(files, "héllo\n--resume=x")
-    prompt = paths.input / files.name
-    assert prompt.read_text() == "héllo\n--resume=x"
-    assert prompt.stat().st_uid == 0 and stat.S_IMODE(prompt.stat().st_mode) == 0o644
+    write_request(files, b'{"text": "h\xc3\xa9llo"}')
+    request = paths.input / files.name
+    assert request.read_bytes() == b'{"text": "h\xc3\xa9llo"}' and files.requested()
+    assert request.stat().st_uid == 0 and stat.S_IMODE(request.stat().st_mode) == 0o644
+    assert [p.name for p in paths.input.iterdir()] == [files.name]  # the temporary name is gone
     with pytest.raises(FileExistsError):
-        write_prompt(files, "again")
-    assert prompt.read_text() == "héllo\n--resume=x"
+        write_request(files, b"again")
+    request_interrupt(files)
+    request_interrupt(files)  # twice is once
+    assert (paths.input / f"{files.name}.interrupt").exists()
+    withdraw(files)
+    withdraw(files)  # nothing left to withdraw is fine
+    assert not files.requested() and list(paths.input.iterdir()) == []
 
 
-def test_a_prompt_is_never_written_through_a_link(tmp_path: Path, paths: ChatPaths) -> None:
+def test_a_request_is_never_written_through_a_link(tmp_path: Path, paths: ChatPaths) -> None:
     files = TurnFiles(new_turn_name(3, 1), paths, AGENT)
     target = tmp_path / "evil.pth"
-    (paths.input / files.name).symlink_to(target)
+    (paths.input / f".{files.name}").symlink_to(target)
     with pytest.raises(FileExistsError):
-        write_prompt(files, "import os")
+        write_request(files, b"import os")
     assert not target.exists()
 
 

@@ -1,0 +1,90 @@
+"""Chat commands: /help, /new, /stop and /status, answered without a turn.
+
+A command gets a `Context` with what it may use (the store, the settings, the engine to inspect, the turn
+runner's stop, a way to reply), never the service itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from loguru import logger
+
+from orchestrator import status
+from orchestrator.config import Settings
+from orchestrator.store import MessageRecord, Store, refused_for_now
+from orchestrator.supervise import describe
+
+HELP = ("Send a message and Claude Code answers it in this chat's own container.\n"
+        "/new  start a new conversation (Claude forgets this chat's earlier context)\n"
+        "/stop  stop the answer being worked on\n"
+        "/status  this chat's container, limits, session and queue\n"
+        "/help  this text")
+
+
+class Turns(Protocol):
+    """What of the turn runner a command needs."""
+
+    async def stop(self, chat_id: str) -> str | None:
+        """Interrupt the chat's running turn; its message id, or None when nothing ran."""
+        ...
+
+
+@dataclass(frozen=True)
+class Context:
+    settings: Settings
+    store: Store
+    engine: status.Engine
+    turns: Turns
+    reply: Callable[[MessageRecord, str], None]  # answers the command's message, durably, without a turn
+
+
+Command = Callable[[Context, MessageRecord], Awaitable[None]]
+
+
+def find(text: str) -> Command | None:
+    """The command a message is (its whole text, in any case), or None."""
+    return COMMANDS.get(text.strip().lower())
+
+
+async def run(command: Command, context: Context, message: MessageRecord) -> None:
+    """Run a command; what it raises is logged, not raised (it runs in the background). A command whose reply
+    the store refused for now is handed on again by the service's housekeeping, like any stranded message."""
+    try:
+        await command(context, message)
+    except Exception as exc:
+        log = logger.bind(chat_id=message.chat_id, message_id=message.message_id)
+        if refused_for_now(exc):
+            log.warning(f"the command {message.text.strip()} could not be answered yet: {describe(exc)}")
+        else:
+            log.opt(exception=exc).error(f"the command {message.text.strip()} failed: {describe(exc)}")
+
+
+async def _help(context: Context, message: MessageRecord) -> None:
+    context.reply(message, HELP)
+
+
+async def _new(context: Context, message: MessageRecord) -> None:
+    context.store.set_session(message.chat_id, None)
+    logger.bind(chat_id=message.chat_id, message_id=message.message_id).info("session cleared by /new")
+    context.reply(message, "Started a new conversation: the next message begins with a fresh context.")
+
+
+async def _stop(context: Context, message: MessageRecord) -> None:
+    stopped = await context.turns.stop(message.chat_id)
+    if stopped is None:
+        context.reply(message, "Nothing is running in this chat.")
+        return
+    logger.bind(chat_id=message.chat_id, message_id=stopped).info("turn interrupted by /stop")
+    context.reply(message, "Stopping the current answer.")
+
+
+async def _status(context: Context, message: MessageRecord) -> None:
+    now = await status.chat_status(context.settings, context.store, context.engine, message.chat_id,
+                                   asking=message.message_id)
+    context.reply(message, status.render(now))
+
+
+COMMANDS: dict[str, Command] = {"/help": _help, "/new": _new, "/stop": _stop, "/status": _status}

@@ -1,0 +1,124 @@
+"""What a chat is doing: its container, caps and use, session, turn and queue, and its last turn's cost.
+
+One function for `/status` in the chat and for `orchestrator status` beside the service, so the two agree.
+Everything comes from the store and the engine, never from a running service's memory: a turn is running
+when the store has the chat's message running, and the queue is what the store holds waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Protocol
+
+from orchestrator.config import Settings, resolve_chat
+from orchestrator.runtime import ContainerState, RuntimeFailure, Usage
+from orchestrator.states import State
+from orchestrator.store import Store
+
+MIB = 2**20
+
+
+class Engine(Protocol):
+    """What of the container runtime a status needs."""
+
+    async def inspect(self, name: str) -> ContainerState: ...
+
+    async def usage(self, name: str) -> Usage | None: ...
+
+
+@dataclass(frozen=True)
+class ChatStatus:
+    chat_id: str
+    name: str
+    container_name: str
+    container_id: str
+    container_state: str  # the engine's (running, exited, …), missing, or unknown (the engine did not answer)
+    cpu_percent: float | None  # use now, None unless running
+    cpus: float  # caps: the container's own, or the config's while it has none
+    memory_mib: float | None
+    memory_limit_mib: int
+    pids: int | None
+    pids_limit: int
+    network: str
+    session_id: str | None
+    last_activity: float | None
+    busy: bool  # a turn is running
+    queued: int  # messages waiting for their turn
+    last_turn_cost_usd: float | None
+    last_turn_seconds: float | None
+
+
+async def chat_status(settings: Settings, store: Store, engine: Engine | None, chat_id: str,
+                      asking: str | None = None) -> ChatStatus:
+    """The chat's status; `engine` None: its container is unknown. `asking`: the message that asks (a /status
+    waiting to be answered), not counted as queued."""
+    chat = store.chat(chat_id)
+    container, use = await _container(engine, chat.container_name)
+    options = resolve_chat(settings, chat_id).options
+    unfinished = [m for m in store.unfinished_messages(chat_id) if m.message_id != asking]
+    last = store.last_turn(chat_id)
+    known = container is not None and container.status != "missing"
+    return ChatStatus(
+        chat_id=chat_id,
+        name=chat.name,
+        container_name=chat.container_name,
+        container_id=container.id if known else chat.container_id,
+        container_state=container.status if container else "unknown",
+        cpu_percent=use.cpu_percent if use else None,
+        cpus=container.nano_cpus / 1e9 if container and container.nano_cpus else options.cpus,
+        memory_mib=round(use.memory_bytes / MIB, 1) if use else None,
+        memory_limit_mib=(container.memory if container and container.memory else options.memory) // MIB,
+        pids=use.pids if use else None,
+        pids_limit=container.pids_limit if container and container.pids_limit else options.pids_limit,
+        network=options.network,
+        session_id=chat.session_id,
+        last_activity=chat.last_activity,
+        busy=any(m.state is State.RUNNING for m in unfinished),
+        queued=sum(1 for m in unfinished if m.state in (State.RECEIVED, State.QUEUED)),
+        last_turn_cost_usd=last.cost_usd if last else None,
+        last_turn_seconds=last.duration_ms / 1000 if last and last.duration_ms is not None else None,
+    )
+
+
+async def every_chat(settings: Settings, store: Store, engine: Engine | None) -> list[ChatStatus]:
+    """Every known chat's status, in chat id order."""
+    return list(await asyncio.gather(*(chat_status(settings, store, engine, chat.chat_id)
+                                       for chat in store.chats())))
+
+
+async def _container(engine: Engine | None, name: str) -> tuple[ContainerState | None, Usage | None]:
+    """The container as the engine has it ("missing" when there is none) and its use while it runs; None for
+    what the engine could not be asked."""
+    if not name:
+        return ContainerState(name="", id="", status="missing"), None  # no container made yet
+    if engine is None:
+        return None, None
+    try:
+        container = await engine.inspect(name)
+    except RuntimeFailure:
+        return None, None
+    try:
+        return container, await engine.usage(name) if container.running else None
+    except RuntimeFailure:  # stopped between the two questions, or the engine went away
+        return container, None
+
+
+def render(status: ChatStatus) -> str:
+    """The status as a chat message."""
+    lines = [
+        f"Container: {status.container_name} {status.container_state}" if status.container_name
+        else "Container: none yet (the next message starts one)",
+        f"Limits: {status.cpus:g} CPUs, {status.memory_limit_mib} MiB memory, {status.pids_limit} processes, "
+        f"network {status.network}",
+    ]
+    if status.memory_mib is not None:
+        lines.append(f"In use: {status.cpu_percent:g}% CPU, {status.memory_mib:g} MiB memory, {status.pids} "
+                     "processes")
+    lines += [
+        f"Session: {status.session_id or '(new)'}",
+        f"Running: {'yes' if status.busy else 'no'}; queued: {status.queued}",
+    ]
+    if status.last_turn_seconds is not None:
+        lines.append(f"Last turn: {status.last_turn_seconds:.1f} s, ${status.last_turn_cost_usd or 0:.4f}")
+    return "\n".join(lines)

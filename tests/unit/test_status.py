@@ -1,0 +1,151 @@
+"""One status for `/status` and `orchestrator status`, from a real store and a fake engine: the container's
+own caps and use, busy and queued from the store, the last turn's cost and seconds."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from orchestrator import operations, status
+from orchestrator.config import ChatOptions, Settings
+from orchestrator.runtime import ContainerState, RuntimeFailure, Usage
+from orchestrator.status import ChatStatus, chat_status
+from orchestrator.store import Store
+
+MIB = 2**20
+
+
+class Engine:
+    """Containers by name; asking for one that is not there says "missing", as the engine does."""
+
+    def __init__(self, *containers: ContainerState, usage: Usage | None = None, down: bool = False) -> None:
+        self.containers = {c.name: c for c in containers}
+        self._usage = usage
+        self.down = down
+        self.asked: list[str] = []
+
+    async def inspect(self, name: str) -> ContainerState:
+        self.asked.append(name)
+        if self.down:
+            raise RuntimeFailure("the Docker engine cannot be reached")
+        return self.containers.get(name, ContainerState(name=name, id="", status="missing"))
+
+    async def usage(self, name: str) -> Usage | None:
+        return self._usage if self.containers[name].running else None
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(source=tmp_path / "config.yaml", data_dir=tmp_path / "data", chats_dir=tmp_path / "chats",
+                    defaults=ChatOptions(cpus=1.0, memory=2048 * MIB, pids_limit=256),
+                    groups={"oc_a": {"cpus": 0.5, "memory": 300 * MIB, "network": "none"}})
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    store = Store(tmp_path / "data" / "orchestrator.db")
+    yield store
+    store.close()
+
+
+def message(store: Store, message_id: str, chat_id: str = "oc_a") -> None:
+    store.record_received(message_id, chat_id, "ou_1", f"question {message_id}")
+
+
+def answered(store: Store, message_id: str, cost_usd: float | None, duration_ms: int | None) -> None:
+    message(store, message_id)
+    store.mark_queued(message_id)
+    store.start_turn(message_id, f"turn-{message_id}")
+    store.answer(message_id, "answer", cost_usd, duration_ms, card=None)
+
+
+def status_of(settings: Settings, store: Store, engine: Engine | None, asking: str | None = None) -> ChatStatus:
+    return asyncio.run(chat_status(settings, store, engine, "oc_a", asking=asking))
+
+
+def test_a_running_chat_shows_its_containers_caps_and_use_and_the_stores_turns(settings: Settings,
+                                                                              store: Store) -> None:
+    store.ensure_chat("oc_a", "Team A")
+    store.set_container("oc_a", "bot-oc_a", "stale-id")
+    store.set_session("oc_a", "sess-1")
+    answered(store, "om_1", 0.5, 4000)
+    answered(store, "om_2", 0.02, 1500)  # the last turn: its own cost, not the CLI's running total
+    answered(store, "om_3", None, None)  # a command's reply: no turn
+    message(store, "om_4")
+    store.mark_queued("om_4")
+    store.start_turn("om_4", "turn-om_4")  # running
+    message(store, "om_5")
+    store.mark_queued("om_5")  # waits for its turn
+    message(store, "om_6")  # the /status that asks: not counted
+    message(store, "om_7", chat_id="oc_b")  # another chat's
+    container = ContainerState("bot-oc_a", "c0ffee", "running", chat_id="oc_a", nano_cpus=250_000_000,
+                               memory=512 * MIB, pids_limit=100)
+    engine = Engine(container, usage=Usage(cpu_percent=12.5, memory_bytes=45 * MIB + 1, memory_limit=512 * MIB,
+                                           pids=7))
+    assert status_of(settings, store, engine, asking="om_6") == ChatStatus(
+        chat_id="oc_a", name="Team A", container_name="bot-oc_a", container_id="c0ffee", container_state="running",
+        cpu_percent=12.5, cpus=0.25, memory_mib=45.0, memory_limit_mib=512, pids=7, pids_limit=100, network="none",
+        session_id="sess-1", last_activity=None, busy=True, queued=1, last_turn_cost_usd=0.02,
+        last_turn_seconds=1.5)
+    assert status_of(settings, store, engine).queued == 2  # `orchestrator status` counts a command still waiting
+
+
+def test_a_chat_without_a_container_shows_the_configs_caps_and_the_engine_is_not_asked(settings: Settings,
+                                                                                      store: Store) -> None:
+    store.ensure_chat("oc_a")
+    engine = Engine()
+    now = status_of(settings, store, engine)
+    assert engine.asked == []
+    assert (now.container_state, now.container_id, now.cpus, now.memory_limit_mib, now.pids_limit) == \
+        ("missing", "", 0.5, 300, 256)
+    assert (now.cpu_percent, now.memory_mib, now.pids, now.busy, now.queued) == (None, None, None, False, 0)
+    assert (now.last_turn_cost_usd, now.last_turn_seconds) == (None, None)
+
+
+@pytest.mark.parametrize(("engine", "state"), [
+    (None, "unknown"),  # the CLI could not reach the engine at all
+    (Engine(down=True), "unknown"),
+    (Engine(ContainerState("bot-oc_a", "c0ffee", "exited", chat_id="oc_a", memory=512 * MIB)), "exited"),
+    (Engine(), "missing"),  # removed behind the store's back
+])
+def test_a_stopped_missing_or_unknown_container(settings: Settings, store: Store, engine: Engine | None,
+                                                state: str) -> None:
+    store.ensure_chat("oc_a")
+    store.set_container("oc_a", "bot-oc_a", "stored-id")
+    now = status_of(settings, store, engine)
+    assert now.container_state == state and now.memory_mib is None and now.cpu_percent is None
+    assert now.container_id == ("c0ffee" if state == "exited" else "stored-id")
+    assert now.memory_limit_mib == (512 if state == "exited" else 300)
+
+
+def test_the_chat_and_the_cli_render_the_same_status(settings: Settings, store: Store) -> None:
+    store.ensure_chat("oc_a")
+    store.set_container("oc_a", "bot-oc_a", "c0ffee")
+    store.set_session("oc_a", "sess-1")
+    answered(store, "om_1", 0.0123, 2345)
+    engine = Engine(ContainerState("bot-oc_a", "c0ffee", "running", chat_id="oc_a"),
+                    usage=Usage(cpu_percent=3.0, memory_bytes=60 * MIB, memory_limit=300 * MIB, pids=9))
+    now = status_of(settings, store, engine)
+    assert status.render(now) == (
+        "Container: bot-oc_a running\n"
+        "Limits: 0.5 CPUs, 300 MiB memory, 256 processes, network none\n"
+        "In use: 3% CPU, 60 MiB memory, 9 processes\n"
+        "Session: sess-1\n"
+        "Running: no; queued: 0\n"
+        "Last turn: 2.3 s, $0.0123")
+    [row] = operations.status_rows(settings, store, engine)
+    assert row == dataclasses.asdict(now)
+    assert set(operations.STATUS_COLUMNS) <= set(row)
+
+
+def test_a_chat_that_never_had_a_container_says_so(settings: Settings, store: Store) -> None:
+    store.ensure_chat("oc_b")
+    now = asyncio.run(chat_status(settings, store, Engine(), "oc_b"))
+    assert status.render(now).splitlines()[:3] == [
+        "Container: none yet (the next message starts one)",
+        "Limits: 1 CPUs, 2048 MiB memory, 256 processes, network instance",
+        "Session: (new)"]
