@@ -53,6 +53,8 @@ RESCAN_SECONDS = 1.0  # with inotify, /input is scanned again this often all the
 POLL_SECONDS = 0.25  # without inotify
 READ_CHUNK = 256 * 1024
 MAX_PARSED_LINE = 16 * 1024**2  # a longer line is passed through to the turn's output without being parsed
+HEAD_BYTES = 64
+RESULT_HEAD = b'{"type":"result"'  # how the CLI starts a result line: enough to end a turn whose result is huge
 CLOSE_GRACE_SECONDS = 5.0  # for the CLI to exit after its stdin closes
 STOP_GRACE_SECONDS = 3.0  # at SIGTERM, for an interrupted turn to end with its result
 
@@ -86,6 +88,8 @@ def encode_request(argv: list[str], env: dict[str, str], session: str | None, te
 def decode_request(data: bytes) -> Request:
     """A request, or ValueError naming what is wrong with it."""
     raw = json.loads(data)
+    if not isinstance(raw, dict):
+        raise ValueError("a request must be a JSON object")
     argv, env, session, message, hot_idle = (raw.get(k) for k in ("argv", "env", "session", "message", "hot_idle"))
     if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
         raise ValueError("argv must be a list of strings")
@@ -95,7 +99,7 @@ def decode_request(data: bytes) -> Request:
         raise ValueError("session must be a string or null")
     if not (isinstance(message, dict) and message.get("type") == "user"):
         raise ValueError("message must be a stream-json user message")
-    if not isinstance(hot_idle, int | float) or hot_idle < 0:
+    if isinstance(hot_idle, bool) or not isinstance(hot_idle, int | float) or not 0 <= hot_idle < 10**9:
         raise ValueError("hot_idle must be a number of seconds")
     return Request(tuple(argv), tuple(sorted(env.items())), session, message, float(hot_idle))
 
@@ -154,6 +158,7 @@ class Cli:
         self.cost = 0.0  # the last result's cumulative total_cost_usd
         self._partial = b""
         self._passing = False  # inside a line longer than MAX_PARSED_LINE
+        self._head = b""  # the start of that line
 
     @property
     def pid(self) -> int:
@@ -173,15 +178,18 @@ class Cli:
         return self.send({"type": "control_request", "request_id": f"interrupt-{secrets.token_hex(4)}",
                           "request": {"subtype": "interrupt"}})
 
-    def lines(self, data: bytes) -> list[tuple[bytes, bool]]:
-        """The output `data` completes, as (bytes, whether it ends a line); a very long line comes in pieces."""
-        pieces: list[tuple[bytes, bool]] = []
+    def lines(self, data: bytes) -> list[tuple[bytes, bool, bytes]]:
+        """The output `data` completes, as (bytes, whether it ends a line, the line's start); a line longer than
+        MAX_PARSED_LINE comes in pieces, and only its start is kept to be looked at."""
+        pieces: list[tuple[bytes, bool, bytes]] = []
         *complete, rest = (self._partial + data).split(b"\n")
         for line in complete:
-            pieces.append((line, True))
+            pieces.append((line, True, self._head if self._passing else line[:HEAD_BYTES]))
             self._passing = False
         if self._passing or len(rest) > MAX_PARSED_LINE:
-            pieces.append((rest, False))
+            if not self._passing:
+                self._head = rest[:HEAD_BYTES]
+            pieces.append((rest, False, self._head))
             rest, self._passing = b"", True
         self._partial = rest
         return pieces
@@ -271,6 +279,8 @@ class Host:
         self.stop_at: float | None = None  # set by SIGTERM: the deadline for the turn in progress
         self.selector = selectors.DefaultSelector()
         self.inotify: Inotify | None = None
+        self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # stop() ends a wait at once
+        self.selector.register(self._wake_read, selectors.EVENT_READ, "wake")
 
     def run(self) -> int:
         """As the container's main process: SIGTERM (the container stopping) ends it after the turn in progress
@@ -306,6 +316,8 @@ class Host:
         self.stop_at = time.monotonic() + STOP_GRACE_SECONDS
         if self.turn is not None and self.cli is not None:
             self.cli.interrupt()  # the CLI ends the turn with a result and keeps what it had
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_write, b"x")
 
     def _forward(self, sig: signal.Signals) -> None:
         if self.cli is not None:
@@ -322,6 +334,9 @@ class Host:
             if key.data == "input":
                 assert self.inotify
                 self.inotify.drain()
+            elif key.data == "wake":
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_read, 4096)
             elif key.data == "stdout":
                 self._on_stdout()
             elif key.data == "stderr":
@@ -362,7 +377,13 @@ class Host:
             turn.end(INTERRUPTED_BEFORE_START)
             return
         self.hot_idle = request.hot_idle
-        cli = self._cli_for(request)
+        try:
+            cli = self._cli_for(request)
+        except OSError as exc:
+            turn.error(f"agent-host: cannot start the CLI: {exc}\n".encode())
+            turn.end(127)
+            log(f"turn {name}: cannot start the CLI: {exc}")
+            return
         turn.write_file(PID, f"{cli.pid}\n")
         turn.write_file(PROCESS, f"{cli.id}\n")
         turn.write_file(COST_BEFORE, f"{cli.cost!r}\n")
@@ -394,7 +415,8 @@ class Host:
     # ---- the CLI's output ----
 
     def _on_stdout(self) -> None:
-        assert self.cli is not None
+        if self.cli is None:  # ended while handling another event of the same wake-up
+            return
         try:
             data = os.read(self.cli.stdout, READ_CHUNK)
         except BlockingIOError:
@@ -402,16 +424,17 @@ class Host:
         if not data:
             self._cli_ended()
             return
-        for piece, whole in self.cli.lines(data):
+        for piece, whole, head in self.cli.lines(data):
             if self.turn is not None:
                 self.turn.output(piece + b"\n" if whole else piece)
             if whole:
-                self._on_line(piece)
+                self._on_line(piece if piece.startswith(head) else b"", head)
 
-    def _on_line(self, line: bytes) -> None:
+    def _on_line(self, line: bytes, head: bytes) -> None:
+        """A whole line of the CLI's (`line` is empty when it was too long to keep)."""
         assert self.cli is not None
         data = peek(line)
-        kind = data.get("type")
+        kind = "result" if head.startswith(RESULT_HEAD) else data.get("type")
         session = data.get("session_id")
         if kind in ("system", "result") and isinstance(session, str):
             self.cli.session = session
@@ -425,7 +448,8 @@ class Host:
             self._end_turn(0)
 
     def _on_stderr(self) -> None:
-        assert self.cli is not None
+        if self.cli is None:  # its stdout ended first, in the same wake-up
+            return
         try:
             data = os.read(self.cli.stderr, READ_CHUNK)
         except BlockingIOError:

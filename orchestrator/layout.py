@@ -16,13 +16,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator import untrusted
+from orchestrator import agent_host, untrusted
 from orchestrator.config import ChatSettings, Settings
 
-WORKSPACE_PATH = "/workspace"
+WORKSPACE_PATH = agent_host.WORKSPACE  # the container's side of the channel is the agent host's: one definition
 CLAUDE_CONFIG_PATH = "/home/agent/.claude"
-TURNS_PATH = "/turns"
-INPUT_PATH = "/input"
+TURNS_PATH = agent_host.TURNS
+INPUT_PATH = agent_host.INPUT
 RUN_PATH = "/run/orchestrator"
 
 

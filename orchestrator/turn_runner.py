@@ -75,6 +75,7 @@ class TurnRunner:
         self._running: dict[str, _RunningTurn] = {}  # by chat id
         self._limit_hits: dict[str, int] = {}  # by container id: pids-limit refusals seen after failed turns
         self._disk: dict[str, disk.Measurement] = {}  # by chat id: the latest measurement of its folders
+        self._fallbacks: set[asyncio.Task[None]] = set()  # SIGINTs waiting to see whether an interrupt worked
 
     @property
     def agent_user(self) -> str:
@@ -102,26 +103,30 @@ class TurnRunner:
 
     async def stop(self, chat_id: str) -> str | None:
         """/stop: interrupt the chat's turn through the control protocol (the CLI keeps what it had and the session
-        goes on); the id of the message it was answering, or None when nothing runs."""
+        goes on); the id of the message it was answering, or None when nothing runs. Returns at once: the
+        SIGINT fallback, if the host does not answer, runs in the background."""
         turn = self._running.get(chat_id)
         if turn is None:
             return None
         turn.stopped_by_user = True
-        await self._interrupt(turn)
+        await asyncio.to_thread(turns.request_interrupt, turn.files)
+        fallback = asyncio.create_task(self._unless_ended(turn))
+        self._fallbacks.add(fallback)
+        fallback.add_done_callback(self._fallbacks.discard)
         return turn.message_id
 
     async def interrupt_all(self) -> list[str]:
-        """Shutdown: interrupt every running turn; their message ids."""
+        """Shutdown: interrupt every running turn, and SIGINT those whose host did not answer; their message ids."""
         running = list(self._running.values())
         for turn in running:
             turn.interrupted = True
-        await asyncio.gather(*(self._interrupt(turn) for turn in running))
+            await asyncio.to_thread(turns.request_interrupt, turn.files)
+        await asyncio.gather(*(self._unless_ended(turn) for turn in running))
         return [turn.message_id for turn in running]
 
-    async def _interrupt(self, turn: _RunningTurn) -> None:
-        """Ask the agent host to interrupt; if the turn has not ended after a grace period (the host did not
+    async def _unless_ended(self, turn: _RunningTurn) -> None:
+        """After an interrupt request: if the turn has not ended within a grace period (the agent host did not
         answer), SIGINT to the CLI, which ends the turn the same way."""
-        await asyncio.to_thread(turns.request_interrupt, turn.files)
         deadline = asyncio.get_running_loop().time() + INTERRUPT_GRACE_SECONDS
         while turn.files.exit_code() is None and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(POLL_SECONDS)

@@ -33,9 +33,10 @@ def claude_processes(client: docker.DockerClient, instance: str, chat_id: str) -
 
 
 def ask(bot: Orchestrator) -> str:
+    """A question, answered (after an interrupt, the CLI puts "[Request interrupted by user]" before it)."""
     marker = uuid.uuid4().hex[:8]
     bot.send(f"are you there {marker}")
-    return bot.wait_output(f"Fake answer to: are you there {marker}", timeout=90)
+    return bot.wait_output(f"are you there {marker}", timeout=90)
 
 
 def test_later_messages_are_answered_by_the_same_cli_process_without_exec(
@@ -136,3 +137,16 @@ def test_the_agent_host_outlives_a_kill_9_of_the_orchestrator_and_the_answer_is_
     assert container.attrs["State"]["StartedAt"] == started_at  # the same container and agent host throughout
     turns = turn_dirs(tmp_path / "data", chat_id)
     assert len({cli_of(t) for t in turns}) == 1  # and the same CLI process
+
+
+def test_a_config_change_that_needs_a_new_cli_takes_effect_at_the_next_turn(
+        make_config, fake_api: FakeAnthropic, tmp_path: Path) -> None:
+    bot = Orchestrator(make_config(), chat="reconfigured")
+    ask(bot)
+    bot.kill()  # the container and its hot CLI stay
+    bot = Orchestrator(make_config(agent={"model": "claude-other-model"}), chat="reconfigured")
+    ask(bot)
+    first, second = (cli_of(t) for t in turn_dirs(tmp_path / "data", "reconfigured"))
+    assert first[1] != second[1]  # a new process for the new argv
+    assert fake_api.requests[-1]["model"] == "claude-other-model"
+    assert bot.finish() == 0
