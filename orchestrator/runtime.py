@@ -102,6 +102,7 @@ class ContainerState:
     nano_cpus: int = 0  # the caps it really has (the config may have changed since it was made)
     memory: int = 0
     pids_limit: int = 0
+    started_at: str = ""  # when it last started: a restart gives it a new cgroup, whose counters start at 0
 
     @property
     def running(self) -> bool:
@@ -214,6 +215,7 @@ def _state(container: Container) -> ContainerState:
         nano_cpus=host.get("NanoCpus") or 0,
         memory=host.get("Memory") or 0,
         pids_limit=host.get("PidsLimit") or 0,
+        started_at=state.get("StartedAt") or "",
     )
 
 

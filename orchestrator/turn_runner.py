@@ -73,7 +73,7 @@ class TurnRunner:
         self.on_container_started = on_container_started
         self.relay_port = relay_port
         self._running: dict[str, _RunningTurn] = {}  # by chat id
-        self._limit_hits: dict[str, int] = {}  # by container id: pids-limit refusals seen after failed turns
+        self._limit_hits: dict[str, int] = {}  # by container start: pids-limit refusals seen after failed turns
         self._disk: dict[str, disk.Measurement] = {}  # by chat id: the latest measurement of its folders
         self._fallbacks: set[asyncio.Task[None]] = set()  # SIGINTs waiting to see whether an interrupt worked
 
@@ -338,8 +338,9 @@ class TurnRunner:
         hits = await self.runtime.process_limit_hits(container.id, self.agent_user)
         if hits is None:
             return False
-        before = self._limit_hits.get(container.id, 0)
-        self._limit_hits[container.id] = hits
+        run = f"{container.id}@{container.started_at}"  # the count is per start: each start has a new cgroup
+        before = self._limit_hits.get(run, 0)
+        self._limit_hits[run] = hits
         return hits > before
 
     def _ending(self, turn: _RunningTurn, result: Answer | Failure, transcript: Transcript) -> Answer | Failure:

@@ -86,13 +86,6 @@ class TurnFiles:
     def cost_before(self) -> float | None:
         return self._number(agent_host.COST_BEFORE, float)
 
-    def process(self) -> str | None:
-        """The id of the CLI process that took the turn."""
-        with self.folder() as fd:
-            data = untrusted.read_small(fd, agent_host.PROCESS, self.uid, 64) if fd is not None else None
-        text = data.decode(errors="replace").strip() if data else ""
-        return text if text.isalnum() else None
-
     def _number(self, name: str, kind: type[_Number]) -> _Number | None:
         with self.folder() as fd:
             data = untrusted.read_small(fd, name, self.uid, 32) if fd is not None else None

@@ -1,0 +1,311 @@
+"""The turn runner against a fake engine and a fake agent host that writes the real turn files in tmp_path
+(a real store, real settings): the pids-limit retry records the attempt that runs, a turn recorded before a
+restart is followed and never requested twice, requests are withdrawn when their turn ends, /stop interrupts
+through the host and falls back to SIGINT, a turn's cost is its own share of its CLI process's running total, and
+a container that stops or cannot start ends the turn with a reason."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from loguru import logger
+
+from orchestrator import agent, agent_host, layout, turn_runner, turns
+from orchestrator.agent import Answer, Failure
+from orchestrator.config import Settings, resolve_chat
+from orchestrator.layout import ChatPaths
+from orchestrator.runtime import container_name, container_spec
+from orchestrator.states import State
+from orchestrator.store import MessageRecord, Store
+from orchestrator.turn_runner import TurnRunner
+from tests.fakes.agent_host import WAIT_SECONDS, FakeAgentHost, Reply, until
+from tests.fakes.runtime import FakeRuntime, Ran
+
+CHAT = "oc_a"
+
+
+@dataclass
+class Display:
+    """A TurnDisplay that records what the chat was shown."""
+
+    shown: list[str] = field(default_factory=list)
+
+    async def start(self) -> None:
+        pass
+
+    async def update(self, text_so_far: str) -> None:
+        self.shown.append(text_so_far)
+
+    async def end(self) -> str | None:
+        return None
+
+
+@dataclass
+class Bench:
+    settings: Settings
+    store: Store
+    runtime: FakeRuntime
+    host: FakeAgentHost
+    paths: ChatPaths
+    runner: TurnRunner
+
+    @property
+    def container(self) -> str:
+        return container_name(self.settings.instance, CHAT)
+
+    def message(self, text: str = "hello", message_id: str = "om_1") -> MessageRecord:
+        self.store.record_received(message_id, CHAT, "ou_1", text)
+        self.store.mark_queued(message_id)
+        return self.store.message(message_id)
+
+    def run(self, message: MessageRecord, display: Display | None = None) -> asyncio.Task[Answer | Failure]:
+        """The message's turn, on a task that gives up after WAIT_SECONDS (a broken runner fails, never hangs)."""
+        log = logger.bind(chat_id=CHAT, message_id=message.message_id)
+        return asyncio.create_task(asyncio.wait_for(self.runner.run(message, display or Display(), log), WAIT_SECONDS))
+
+    def requests(self) -> list[str]:
+        return sorted(os.listdir(self.paths.input))
+
+
+@pytest.fixture
+def bench(tmp_path: Path) -> Iterator[Bench]:
+    settings = Settings(source=tmp_path / "config.yaml", data_dir=tmp_path / "data", chats_dir=tmp_path / "chats")
+    store = Store(settings.data_dir / "orchestrator.db")
+    store.ensure_chat(CHAT)
+    layout.prepare_instance(settings)
+    paths = layout.chat_paths(settings, resolve_chat(settings, CHAT))
+    layout.prepare(paths, settings.agent.uid)
+    host = FakeAgentHost(paths, settings.agent.uid)
+    runtime = FakeRuntime(on_run=host.run_in_container)
+
+    async def started(chat_id: str) -> None:
+        pass
+
+    host.start()
+    yield Bench(settings, store, runtime, host, paths, TurnRunner(settings, store, runtime, started))
+    host.stop()
+    store.close()
+
+
+def test_a_turn_is_answered_and_its_request_withdrawn_when_it_ends(bench: Bench) -> None:
+    display = Display()
+
+    async def scenario() -> Answer | Failure:
+        return await bench.run(bench.message("hello"), display)
+
+    result = asyncio.run(scenario())
+    assert isinstance(result, Answer) and result.text == "Fake answer to: hello"
+    assert display.shown == ["Fake answer to: hello"]
+    [name] = bench.host.taken
+    assert bench.store.message("om_1").turn == name and agent_host.turn_order(name) == (1, 1)
+    assert bench.host.requests[0].argv == tuple(agent.cli_argv(bench.settings.agent))
+    assert bench.requests() == []  # nothing left for a container started later to take
+    assert (bench.paths.turns / name / agent_host.EXIT_CODE).read_text() == "0\n"
+
+
+def test_the_pids_limit_retry_records_the_attempt_that_runs(bench: Bench) -> None:
+    """Attempt 1 ends with no output and the engine counts a pids-limit refusal: the container is restarted and
+    attempt 2 runs. The message's row names attempt 2's turn while it runs, so a restart now follows attempt 2
+    (the row once kept attempt 1's: `running → running` was refused silently)."""
+    bench.host.replies = [Reply(output=False, exit_code=1), Reply(hold=True)]
+    bench.runtime.limit_hits = [1]
+
+    async def scenario() -> Answer | Failure:
+        task = bench.run(bench.message())
+        await until(lambda: len(bench.host.taken) == 2, "attempt 2 to be taken")
+        assert bench.store.message("om_1").turn == bench.host.taken[1]
+        bench.host.release()
+        return await task
+
+    result = asyncio.run(scenario())
+    assert isinstance(result, Answer)
+    first, second = bench.host.taken
+    assert [agent_host.turn_order(first), agent_host.turn_order(second)] == [(1, 1), (1, 2)]
+    message = bench.store.message("om_1")
+    assert message.state is State.RUNNING and message.turn == second
+    assert bench.runtime.stopped == [bench.container]  # restarted to clear the processes left over
+    assert bench.runtime.started == [bench.container, bench.container]
+    assert bench.requests() == []
+
+
+def test_a_turn_that_wrote_output_is_not_run_again_after_the_pids_limit(bench: Bench) -> None:
+    """Its tool calls may have run: the user is told, and nothing runs twice."""
+    bench.host.replies = [Reply(hold=True)]
+    bench.runtime.limit_hits = [1]
+
+    async def scenario() -> Answer | Failure:
+        task = bench.run(bench.message())
+        await until(lambda: bench.host.taken, "the turn to be taken")
+        bench.host.kill()
+        return await task
+
+    result = asyncio.run(scenario())
+    assert isinstance(result, Failure) and "limit of" in result.reason
+    assert len(bench.host.taken) == 1 and bench.runtime.stopped == [bench.container]
+
+
+def test_the_pids_limit_is_seen_again_after_the_restart_that_cleared_it(bench: Bench) -> None:
+    """Attempt 2 is refused processes too: the count of the restarted container's new cgroup is 1 again."""
+    bench.host.replies = [Reply(output=False), Reply(output=False)]
+    bench.runtime.limit_hits = [1, 1]
+
+    async def scenario() -> Answer | Failure:
+        return await bench.run(bench.message())
+
+    result = asyncio.run(scenario())
+    assert len(bench.host.taken) == 2
+    assert isinstance(result, Failure) and "limit of" in result.reason
+    assert bench.runtime.stopped == [bench.container, bench.container]
+
+
+def test_a_container_that_stops_mid_turn_ends_the_turn_and_says_why(bench: Bench,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(turn_runner, "CONTAINER_CHECK_SECONDS", 0.05)
+    bench.host.replies = [Reply(hold=True)]
+
+    async def scenario() -> Answer | Failure:
+        task = bench.run(bench.message())
+        await until(lambda: bench.host.taken, "the turn to be taken")
+        bench.runtime.crash(bench.container, oom=True)  # the host's turn never ends: it died with the container
+        return await task
+
+    result = asyncio.run(scenario())
+    assert isinstance(result, Failure) and "ran out of memory" in result.reason
+    assert result.partial_text == "Fake answer to: hello"
+    assert bench.requests() == []
+
+
+def pending_turn(bench: Bench, message: MessageRecord) -> turns.TurnFiles:
+    """What an orchestrator killed right after requesting a turn leaves: the running message names the turn, and
+    its request waits in the chat's input folder of a running container."""
+    asyncio.run(bench.runtime.ensure(container_spec(bench.settings, resolve_chat(bench.settings, CHAT), bench.paths)))
+    bench.store.set_container(CHAT, bench.container, bench.runtime.containers[bench.container].id)
+    files = turns.turn_files(bench.paths, turns.new_turn_name(message.id, 1), bench.settings.agent.uid)
+    bench.store.start_turn(message.message_id, files.name)
+    turns.write_request(files, agent_host.encode_request(agent.cli_argv(bench.settings.agent), {}, None,
+                                                         message.text, 600))
+    return files
+
+
+def test_a_turn_taken_before_a_restart_is_followed_not_requested_again(bench: Bench) -> None:
+    bench.host.replies = [Reply(hold=True)]
+    files = pending_turn(bench, bench.message())
+
+    async def scenario() -> Answer | Failure:
+        await until(lambda: bench.host.taken, "the host to take the turn")
+        task = bench.run(bench.store.message("om_1"))
+        await until(lambda: bench.runner.running_message(CHAT) == "om_1", "the runner to follow the turn")
+        bench.host.release()
+        return await task
+
+    result = asyncio.run(scenario())
+    assert isinstance(result, Answer) and result.text == "Fake answer to: hello"
+    assert bench.host.taken == [files.name] and bench.store.message("om_1").turn == files.name
+    assert bench.requests() == [] and bench.runtime.started == [bench.container]
+
+
+def test_a_pending_request_taken_within_the_claim_time_is_followed(bench: Bench,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(turn_runner, "CLAIM_SECONDS", 5.0)
+    bench.host.pause()  # the container's agent host is still starting
+    files = pending_turn(bench, bench.message())
+
+    async def scenario() -> Answer | Failure:
+        task = bench.run(bench.store.message("om_1"))
+        await until(lambda: bench.runtime.inspected, "the runner to look at the container")
+        bench.host.resume()
+        return await task
+
+    result = asyncio.run(scenario())
+    assert isinstance(result, Answer)
+    assert bench.host.taken == [files.name] and bench.store.message("om_1").turn == files.name
+    assert bench.requests() == []
+
+
+def test_a_request_never_taken_is_withdrawn_and_a_new_turn_requested(bench: Bench,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(turn_runner, "CLAIM_SECONDS", 0.2)
+    bench.host.pause()
+    old = pending_turn(bench, bench.message())
+
+    async def scenario() -> Answer | Failure:
+        task = bench.run(bench.store.message("om_1"))
+        await until(lambda: bench.requests() and old.name not in bench.requests(), "a new request")
+        bench.host.resume()
+        return await task
+
+    result = asyncio.run(scenario())
+    assert isinstance(result, Answer)
+    [new] = bench.host.taken
+    assert new != old.name and agent_host.turn_order(new) == (1, 1)
+    assert bench.store.message("om_1").turn == new
+    assert bench.requests() == []
+
+
+def stop_held_turn(bench: Bench) -> tuple[Answer | Failure, str | None]:
+    async def scenario() -> tuple[Answer | Failure, str | None]:
+        task = bench.run(bench.message())
+        await until(lambda: bench.host.taken and bench.runner.running_message(CHAT), "the turn to run")
+        stopped = await bench.runner.stop(CHAT)
+        return await task, stopped
+
+    return asyncio.run(scenario())
+
+
+def test_stop_interrupts_through_the_agent_host(bench: Bench) -> None:
+    bench.host.replies = [Reply(hold=True)]
+    result, stopped = stop_held_turn(bench)
+    assert stopped == "om_1"
+    assert isinstance(result, Failure) and result.reason == "Stopped at your request."
+    assert result.partial_text == "Fake answer to: hello"
+    assert bench.host.interrupts_seen == bench.host.taken
+    assert bench.runtime.ran == []  # no SIGINT, no docker exec
+    assert bench.requests() == []  # the request and its interrupt withdrawn
+
+
+def test_stop_falls_back_to_sigint_when_the_host_does_not_interrupt(bench: Bench,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(turn_runner, "INTERRUPT_GRACE_SECONDS", 0.2)
+    bench.host.replies = [Reply(hold=True, obey_interrupt=False)]
+    result, stopped = stop_held_turn(bench)
+    assert stopped == "om_1"
+    assert isinstance(result, Failure) and result.reason == "Stopped at your request."
+    [name] = bench.host.interrupts_seen
+    pid = (bench.paths.turns / name / agent_host.PID).read_text().strip()
+    container_id = bench.runtime.containers[bench.container].id
+    assert bench.runtime.ran == [Ran(container_id, ["kill", "-INT", pid], "1000:1000")]
+    assert bench.requests() == []
+
+
+def test_a_container_the_engine_cannot_start_fails_the_turn_for_the_operators_log(bench: Bench) -> None:
+    bench.runtime.ensure_failure = "image claude-runner:latest not found"
+
+    async def scenario() -> Answer | Failure:
+        return await bench.run(bench.message())
+
+    result = asyncio.run(scenario())
+    assert isinstance(result, Failure) and "could not be started" in result.reason
+    assert "not found" in result.detail and "not found" not in result.reason
+    assert bench.host.taken == [] and bench.requests() == []
+
+
+def test_stop_with_nothing_running_says_so(bench: Bench) -> None:
+    assert asyncio.run(bench.runner.stop(CHAT)) is None
+    assert bench.requests() == [] and bench.runtime.ran == []
+
+
+def test_cost_per_turn_is_the_difference_of_the_process_running_totals(bench: Bench) -> None:
+    async def scenario() -> list[Answer | Failure]:
+        return [await bench.run(bench.message(text, message_id)) for text, message_id in
+                (("one", "om_1"), ("two", "om_2"))]
+
+    first, second = asyncio.run(scenario())
+    assert len(set(bench.host.processes)) == 1  # one hot CLI process answered both, its totals 0.0006 and 0.0012
+    assert bench.host.requests[1].session == bench.store.chat(CHAT).session_id is not None  # the first's session
+    assert isinstance(first, Answer) and isinstance(second, Answer)
+    assert first.cost_usd == pytest.approx(0.0006) and second.cost_usd == pytest.approx(0.0006)
