@@ -46,7 +46,7 @@ def run(quick: bool) -> list[str]:
         took = time.monotonic() - began
         left = setup.client.containers.list(filters={"label": f"orchestrator.instance={setup.instance}"})
         lines.append(f"restart: graceful shutdown with {busy} busy chats took {took:.1f} s (drain_timeout 2 s, then "
-                     f"SIGINT, tell, stop containers); exit code {code}; containers left running {len(left)}")
+                     f"interrupt, tell, stop containers); exit code {code}; containers left running {len(left)}")
     return lines
 
 

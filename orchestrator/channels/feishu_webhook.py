@@ -264,7 +264,8 @@ async def _answer(writer: asyncio.StreamWriter, reply: Reply) -> None:
             "Connection: close\r\n\r\n")
     try:
         writer.write(head.encode() + reply.body)
-        await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+        async with asyncio.timeout(WRITE_TIMEOUT):  # not wait_for: on 3.11 it can swallow a cancel
+            await writer.drain()
         writer.close()
     except (TimeoutError, ConnectionError):
         writer.transport.abort()

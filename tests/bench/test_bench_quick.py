@@ -17,10 +17,18 @@ def test_every_benchmark_runs_and_prints_its_figures() -> None:
     out = result.stdout
     for benchmark in ("warm/real-cli", "warm/stub-cli", "cold/real-cli", "cold/stub-cli"):
         assert re.search(rf"^{benchmark}: ratio=\d+\.\d+x median", out, re.M), out
+    for benchmark in ("warm/real-cli", "warm/stub-cli"):
+        assert re.search(rf"^{benchmark}: overhead on the hot CLI: median=-?\d+ ms p90=-?\d+ ms .*"
+                         r"target <= 30 ms median: (meets|misses)$", out, re.M), out
     assert re.search(r"^throughput: messages=20 chats=5 answered_once=20 answered_twice_or_more=0 unanswered=0$",
                      out, re.M), out
     assert re.search(r"^throughput: orchestrator=[\d.]+ msg/s, bare docker exec=[\d.]+ msg/s", out, re.M), out
+    assert re.search(r"^throughput: against the full run before issue 10 \([\d.]+ msg/s, [\d.]+x of bare\): "
+                     r"rate (at least as high|lower), ratio (at least as high|lower)", out, re.M), out
     assert re.search(r"^footprint: 100 known chats and 5 running containers, idle: RSS=\d+ MiB", out, re.M), out
+    assert re.search(r"^hot_memory: chats=1 the idle CLI's RSS median=\d+ MiB", out, re.M), out
+    assert re.search(r"^hot_memory: container memory with the CLI hot median=\d+ MiB, after hot_idle \(3 s\) and "
+                     r"the CLI's exit median=\d+ MiB: hot_idle gives back -?\d+ MiB per chat", out, re.M), out
     assert re.search(r"^restart: adopted 10 of 10 running containers", out, re.M), out
     assert re.search(r"^restart: graceful shutdown with 3 busy chats took [\d.]+ s .* exit code 0; "
                      r"containers left running 0$", out, re.M), out

@@ -64,3 +64,19 @@ def test_a_locked_store_delays_the_outbox_which_recovers_and_sends_nothing_twice
     assert store.pending_outbox() == 0
     holder.close()
     store.close()
+
+
+def test_the_outbox_loop_ends_when_cancelled_as_it_is_woken(tmp_path: Path) -> None:
+    """A shutdown cancels the outbox loop; an answer may wake it in the same moment. On Python 3.11 wait_for
+    swallowed that cancel and the loop outlived the service (seen as a hung restart)."""
+    deliverer = Deliverer(Store(tmp_path / "o.db"), Chat())
+
+    async def scenario() -> None:
+        waiting = asyncio.create_task(deliverer._next_round())
+        await asyncio.sleep(0.01)  # it waits for a wake-up
+        deliverer.wake()
+        waiting.cancel()
+        done, _ = await asyncio.wait({waiting}, timeout=2)
+        assert done and waiting.cancelled()
+
+    asyncio.run(scenario())
