@@ -7,8 +7,10 @@ starts with `-` or looks like a flag is just text.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from orchestrator.config import AgentSettings
 
@@ -17,6 +19,8 @@ UNKNOWN_SESSION = "No conversation found with session ID"
 # passed to --resume= later), so it is ignored.
 _SESSION_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 ERROR_SHOWN = 500  # characters of the CLI's own error text shown in the chat
+MAX_COST_USD = 10_000.0  # a process's running total above this is not believed
+MAX_DURATION_MS = 10**10
 
 
 def cli_argv(agent: AgentSettings) -> list[str]:
@@ -86,7 +90,7 @@ def parse_line(line: str) -> list[Event]:
         return []
     try:
         data = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: a forged line nested thousands deep
         return [Unparsed(line)]
     if not isinstance(data, dict):
         return [Unparsed(line)]
@@ -94,19 +98,25 @@ def parse_line(line: str) -> list[Event]:
     if kind == "system" and data.get("subtype") == "init":
         return [Init(session_id=_session_id(data), model=str(data.get("model", ""))[:100])]
     if kind == "assistant":
-        return _assistant_events(data.get("message") or {})
+        return _assistant_events(data.get("message"))
     if kind == "result":
         return [_result(data)]
     return []
 
 
-def _assistant_events(message: dict) -> list[Event]:
+def _assistant_events(message: object) -> list[Event]:
+    """The text and tool-use blocks of an assistant line; what is not shaped like one is skipped."""
+    content = message.get("content") if isinstance(message, dict) else None
     events: list[Event] = []
-    for block in message.get("content") or []:
-        if block.get("type") == "text" and block.get("text"):
+    for block in content if isinstance(content, list) else []:
+        if not isinstance(block, dict):
+            continue
+        if block.get("type") == "text" and isinstance(block.get("text"), str) and block["text"]:
             events.append(Text(block["text"]))
         elif block.get("type") == "tool_use":
-            events.append(ToolUse(name=str(block.get("name", "")), input=block.get("input") or {}))
+            tool_input = block.get("input")
+            events.append(ToolUse(name=str(block.get("name", "")),
+                                  input=tool_input if isinstance(tool_input, dict) else {}))
     return events
 
 
@@ -123,10 +133,20 @@ def _result(data: dict) -> Result:
         text=str(data.get("result") or ""),
         errors=tuple(str(e) for e in errors) if isinstance(errors, list) else (str(errors),),
         session_id=_session_id(data),
-        cost_usd=data.get("total_cost_usd"),
-        duration_ms=data.get("duration_ms"),
-        num_turns=data.get("num_turns"),
+        cost_usd=_number(data.get("total_cost_usd"), float, MAX_COST_USD),
+        duration_ms=_number(data.get("duration_ms"), int, MAX_DURATION_MS),
+        num_turns=_number(data.get("num_turns"), int, MAX_DURATION_MS),
     )
+
+
+def _number(value: object, kind: type[float] | type[int], most: float) -> Any:
+    """A result's number as `kind`, or None when it is not one a CLI could have meant (the line is the agent's to
+    forge: infinity, 1e300, a string or a bool would break the store and `orchestrator status`)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    if kind is int and value != int(value):
+        return None
+    return kind(value) if 0 <= value <= most else None
 
 
 @dataclass

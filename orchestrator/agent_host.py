@@ -57,6 +57,7 @@ HEAD_BYTES = 64
 RESULT_HEAD = b'{"type":"result"'  # how the CLI starts a result line: enough to end a turn whose result is huge
 CLOSE_GRACE_SECONDS = 5.0  # for the CLI to exit after its stdin closes
 STOP_GRACE_SECONDS = 3.0  # at SIGTERM, for an interrupted turn to end with its result
+INTERRUPT_RESEND_SECONDS = 1.0
 
 _IN_CLOSE_WRITE, _IN_MOVED_TO, _IN_CREATE = 0x8, 0x80, 0x100
 _IN_NONBLOCK, _IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
@@ -218,7 +219,7 @@ def peek(line: bytes) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: a model's tool input nested thousands deep
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -234,7 +235,8 @@ class TurnFolder:
         self.fd = os.open(os.path.join(turns_dir, name), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         self._output = self._open(OUTPUT)
         self._stderr = self._open(STDERR)
-        self.interrupt_sent = False
+        self.interrupts_sent = 0
+        self.interrupted_at = float("-inf")
 
     def _open(self, name: str) -> int:
         return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644, dir_fd=self.fd)
@@ -326,6 +328,8 @@ class Host:
 
     def _wait(self) -> None:
         timeout = RESCAN_SECONDS if self.inotify else POLL_SECONDS
+        if self.turn is not None and self.turn.interrupts_sent == 1:
+            timeout = min(timeout, INTERRUPT_RESEND_SECONDS)
         if self.cli is not None and self.turn is None:
             timeout = max(0.0, min(timeout, self.idle_since + self.hot_idle - time.monotonic()))
         if self.stop_at is not None:
@@ -379,7 +383,7 @@ class Host:
         self.hot_idle = request.hot_idle
         try:
             cli = self._cli_for(request)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: an env name with "=" or a NUL in a value
             turn.error(f"agent-host: cannot start the CLI: {exc}\n".encode())
             turn.end(127)
             log(f"turn {name}: cannot start the CLI: {exc}")
@@ -404,12 +408,16 @@ class Host:
         return self.cli
 
     def _check_interrupt(self) -> None:
+        """Send the CLI an interrupt when the orchestrator asks for one, and once more if no result came a second
+        later: one that arrives just after the user message, before the CLI starts the turn, is ignored."""
         assert self.turn is not None
-        if self.turn.interrupt_sent or self.cli is None:
+        turn, now = self.turn, time.monotonic()
+        if self.cli is None or turn.interrupts_sent >= 2 or now - turn.interrupted_at < INTERRUPT_RESEND_SECONDS:
             return
-        if os.path.exists(os.path.join(self.input_dir, self.turn.name + INTERRUPT_SUFFIX)):
-            self.turn.interrupt_sent = True
-            log(f"turn {self.turn.name}: interrupting")
+        if os.path.exists(os.path.join(self.input_dir, turn.name + INTERRUPT_SUFFIX)):
+            turn.interrupts_sent += 1
+            turn.interrupted_at = now
+            log(f"turn {turn.name}: interrupting" + (" again" if turn.interrupts_sent > 1 else ""))
             self.cli.interrupt()
 
     # ---- the CLI's output ----

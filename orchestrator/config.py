@@ -24,6 +24,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Flags the orchestrator sets itself on every turn; `agent.extra_args` may not override them.
 RESERVED_CLI_FLAGS = ("-p", "--print", "--output-format", "--input-format", "--resume", "-r",
                       "--session-id", "--continue", "-c", "--verbose")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)([bkmg]?)", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
@@ -64,6 +65,7 @@ class AgentSettings:
     model: str | None = None
     extra_args: tuple[str, ...] = ()
     idle_timeout: float = 600.0  # seconds without any CLI output before a turn is called hung
+    turn_timeout: float = 3600.0  # seconds a turn may take in all: no chat holds a turn slot for ever
     hot_idle: float = 600.0  # seconds a chat's CLI process stays after its last turn, then exits (its memory back)
     uid: int = 1000  # the image's agent user; owns the chat folders mounted into the container
 
@@ -345,6 +347,11 @@ class _Reader:
         if not isinstance(env, dict):
             raise self.error("agent.env", "must map variable names to values")
         env = {str(name): self.interpolate(value, f"agent.env.{name}") for name, value in env.items()}
+        for name, value in env.items():
+            if not _ENV_NAME.fullmatch(name):
+                raise self.error(f"agent.env.{name}", "is not a variable name (letters, digits and _)")
+            if "\0" in str(value):
+                raise self.error(f"agent.env.{name}", "may not hold a NUL character")
         extra_args = self.value(section, "extra_args", key, (), _string_list)
         for arg in extra_args:
             if arg.split("=", 1)[0] in RESERVED_CLI_FLAGS:
@@ -358,6 +365,7 @@ class _Reader:
             model=self.value(section, "model", key, None, _string),
             extra_args=extra_args,
             idle_timeout=self.value(section, "idle_timeout", key, defaults.idle_timeout, _positive_number),
+            turn_timeout=self.value(section, "turn_timeout", key, defaults.turn_timeout, _positive_number),
             hot_idle=self.value(section, "hot_idle", key, defaults.hot_idle, _positive_number),
             uid=self.value(section, "uid", key, defaults.uid, _positive_int),
         )

@@ -28,16 +28,16 @@ def status_rows(settings: Settings, store: Store, engine: status.Engine | None) 
 
 
 def format_table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
-    table = [columns, *[tuple(_cell(row[c]) for c in columns) for row in rows]]
+    table = [columns, *[tuple(_cell(c, row[c]) for c in columns) for row in rows]]
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
                      for line in table)
 
 
-def _cell(value: object) -> str:
+def _cell(column: str, value: object) -> str:
     if value is None:
         return "-"
-    if isinstance(value, float) and value > 1e9:  # a unix time
+    if column == "last_activity" and isinstance(value, float):  # a unix time
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
     return f"{value:g}" if isinstance(value, float) else str(value)
 

@@ -264,7 +264,9 @@ class Service:
             await asyncio.to_thread(firewall.install, self.settings.instance, bridge)
 
     async def _prune_turns(self) -> None:
-        busy = self.turns.running_turn_names()
+        # Every turn a message still waits on, not only those followed now: after a restart a running turn may wait
+        # for its slot while the agent plants newer finished folders, and its folder must not be pruned meanwhile.
+        busy = self.turns.running_turn_names() | {m.turn for m in self.store.unfinished_messages() if m.turn}
         await asyncio.to_thread(turns.prune, self.settings.chats_dir, KEEP_TURNS, busy)
 
     async def _resume_stranded(self) -> None:

@@ -45,10 +45,9 @@ INTERRUPTED_BY_RESTART = ("This answer was interrupted because the bot is restar
                           "to continue where it stopped.")
 UNPARSED_LOGGED = 3  # lines of a turn that are not stream-json, logged (as excerpts); the rest are counted
 TOOLS_LOGGED = 20  # tool calls of a turn whose names are logged
+YIELD_EVERY_LINES = 2000  # lines parsed between two yields to the event loop (~7 ms)
 DISK_FULL = ("The bot's disk is nearly full, so no new answer can start now; the operators are told in the "
              "log. Please try again later.")
-CLI_ENDED = ("Claude Code stopped in the middle of this answer (exit code {code}){why}. The conversation is kept: "
-             "your next message continues it, and nothing of this one is run again unless you ask.")
 
 
 @dataclass
@@ -57,6 +56,7 @@ class _RunningTurn:
 
     message_id: str
     container_id: str
+    container_name: str
     files: turns.TurnFiles
     output_bytes: int = 0  # read so far
     stopped_by_user: bool = False  # /stop
@@ -126,13 +126,14 @@ class TurnRunner:
 
     async def _unless_ended(self, turn: _RunningTurn) -> None:
         """After an interrupt request: if the turn has not ended within a grace period (the agent host did not
-        answer), SIGINT to the CLI, which ends the turn the same way."""
-        deadline = asyncio.get_running_loop().time() + INTERRUPT_GRACE_SECONDS
-        while turn.files.exit_code() is None and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(POLL_SECONDS)
-        if turn.files.exit_code() is None:
-            logger.bind(message_id=turn.message_id).warning("the agent host did not interrupt the turn; SIGINT")
-            await self._signal(turn, "INT")
+        answer), SIGINT to the CLI, which ends the turn the same way; if even that fails (a stopped host), the
+        container is stopped, which ends the turn's follow."""
+        if await self._ended_within(turn, INTERRUPT_GRACE_SECONDS):
+            return
+        logger.bind(message_id=turn.message_id).warning("the agent host did not interrupt the turn; SIGINT")
+        await self._signal(turn, "INT")
+        if not await self._ended_within(turn, KILL_GRACE_SECONDS):
+            await self._stop_container(turn, "the turn did not end after SIGINT")
 
     # ---- one message's turn ----
 
@@ -170,7 +171,13 @@ class TurnRunner:
             if not files.started():
                 log.info(f"turn {files.name} was not taken; withdrawing its request")
                 await asyncio.to_thread(turns.withdraw, files)
-        return files.started()
+                # Taken at that very moment? The host then either read the request (and writes the CLI's pid) or
+                # found it gone (and ends the turn WITHDRAWN at once).
+                deadline = asyncio.get_running_loop().time() + CLAIM_SECONDS
+                while (files.started() and files.pid() is None and files.exit_code() is None
+                       and asyncio.get_running_loop().time() < deadline):
+                    await asyncio.sleep(POLL_SECONDS)
+        return files.started() and files.exit_code() != agent_host.WITHDRAWN
 
     async def _start(self, message: MessageRecord, chat: ChatSettings, paths: layout.ChatPaths, display: TurnDisplay,
                      log: Logger) -> Answer | Failure:
@@ -223,7 +230,7 @@ class TurnRunner:
                       display: TurnDisplay, log: Logger) -> Answer | Failure:
         """Read the turn's output as it grows until the turn ends, goes silent, its container stops, or it passes
         a limit (its output, its chat's disk budget). Afterwards its request is withdrawn: nothing takes it later."""
-        turn = self._running[message.chat_id] = _RunningTurn(message.message_id, container.id, files)
+        turn = self._running[message.chat_id] = _RunningTurn(message.message_id, container.id, container.name, files)
         limits = self.settings.limits
         reader = turns.OutputReader(files, limits.line_bytes, limits.output_bytes)
         try:
@@ -244,16 +251,22 @@ class TurnRunner:
         transcript = Transcript(answer_bytes=self.settings.limits.answer_bytes)
         unparsed = [0]
         idle_timeout = self.settings.agent.idle_timeout
-        last_output = last_check = last_disk = loop.time()
+        began = last_output = last_check = last_disk = loop.time()
         poll = FIRST_POLL_SECONDS
         while True:
             exit_code = files.exit_code()  # before reading: once it is there, the output is complete
-            lines = reader.rest() if exit_code is not None else reader.new_lines()
+            offset = reader.offset
+            lines = reader.new_lines()  # one chunk: a turn that ended with much unread is taken chunk by chunk
+            drained = exit_code is not None and reader.offset == offset
+            if drained:
+                lines += reader.rest()  # what follows the last newline
             turn.output_bytes = reader.offset
             if lines:
                 last_output = loop.time()
                 poll = FIRST_POLL_SECONDS
                 await self._take(lines, transcript, message, display, log, unparsed)
+            if exit_code is not None and not drained:
+                continue
             if exit_code is not None:
                 stderr = files.stderr()
                 result = self._ending(turn, agent.outcome(transcript, exit_code, stderr), transcript)
@@ -264,9 +277,14 @@ class TurnRunner:
                 return result
             if reader.over_limit:
                 await self.kill(turn)
-                return Failure(f"This answer was stopped: Claude Code wrote more than "
-                               f"{disk.human(self.settings.limits.output_bytes)} of output in one turn.",
+                much = (f"{turns.MAX_LINES:,} lines" if reader.too_many_lines
+                        else disk.human(self.settings.limits.output_bytes))
+                return Failure(f"This answer was stopped: Claude Code wrote more than {much} of output in one turn.",
                                partial_text=transcript.text_so_far)
+            if loop.time() - began > self.settings.agent.turn_timeout:
+                await self.kill(turn)
+                return Failure(f"This answer was stopped: it took longer than {self.settings.agent.turn_timeout:g} "
+                               "seconds (agent.turn_timeout).", partial_text=transcript.text_so_far)
             if loop.time() - last_output > idle_timeout:
                 await self.kill(turn)
                 return Failure(f"Claude Code produced no output for {idle_timeout:g} seconds and was stopped.",
@@ -366,7 +384,9 @@ class TurnRunner:
         # The output is the agent's to write: a read may hold 70,000 forged lines. Nothing here may cost the event
         # loop more than parsing them: the session id is stored once per read, a few tool names are logged.
         texts_before, session_before = len(transcript.texts), transcript.session_id
-        for line in lines:
+        for number, line in enumerate(lines):
+            if number % YIELD_EVERY_LINES == YIELD_EVERY_LINES - 1:
+                await asyncio.sleep(0)  # other chats go on: a chunk of forged 3-byte lines takes ~1 s to parse
             for event in agent.parse_line(line):
                 transcript.add(event)
                 match event:
@@ -393,16 +413,24 @@ class TurnRunner:
                 await self.runtime.run(turn.container_id, ["kill", f"-{sig}", str(pid)], self.agent_user)
 
     async def kill(self, turn: _RunningTurn) -> None:
-        """SIGTERM to the CLI, SIGKILL if it is still there after a grace period."""
-        loop = asyncio.get_running_loop()
-        for sig, grace in (("TERM", KILL_GRACE_SECONDS), ("KILL", 0.0)):
+        """SIGTERM to the CLI, SIGKILL if it is still there after a grace period, and the container stopped if the
+        turn still does not end (its agent host stopped or wedged): no turn holds its slot for ever."""
+        for sig, grace in (("TERM", KILL_GRACE_SECONDS), ("KILL", KILL_GRACE_SECONDS)):
             await self._signal(turn, sig)
-            deadline = loop.time() + grace
-            while turn.files.exit_code() is None and loop.time() < deadline:
-                await asyncio.sleep(POLL_SECONDS)
-            if turn.files.exit_code() is not None:
+            if await self._ended_within(turn, grace):
                 return
+        await self._stop_container(turn, "the turn did not end after SIGKILL")
 
+    async def _ended_within(self, turn: _RunningTurn, seconds: float) -> bool:
+        deadline = asyncio.get_running_loop().time() + seconds
+        while turn.files.exit_code() is None and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(POLL_SECONDS)
+        return turn.files.exit_code() is not None
+
+    async def _stop_container(self, turn: _RunningTurn, why: str) -> None:
+        logger.bind(message_id=turn.message_id).error(f"{why}; stopping the chat's container")
+        with contextlib.suppress(RuntimeFailure):
+            await self.runtime.stop(turn.container_name, self.settings.containers.stop_timeout)
 
 def _stopped_reason(state: ContainerState) -> str:
     if state.status == "missing":

@@ -36,7 +36,10 @@ from orchestrator import agent_host, untrusted
 from orchestrator.layout import ChatPaths
 
 STDERR_TAIL = 4096
-READ_CHUNK = 4 * 1024**2  # output read per look: with the line cap, what one look can hold in memory
+READ_CHUNK = 1024**2  # output read per look: with the line cap, what one look can hold in memory
+# Lines of one turn at most. A real turn writes one line per content block and tool result (hundreds, a few
+# thousand for a long one); 3-byte forged lines cost ~3.5 µs each to parse, so this bounds a turn's parsing to ~1 s.
+MAX_LINES = 200_000
 ORPHAN_PROMPT_SECONDS = 3600.0  # a prompt whose turn never made a folder is kept this long, then pruned
 _REFUSALS_LOGGED: set[str] = set()  # turns whose refused output was logged
 _Number = TypeVar("_Number", int, float)
@@ -78,7 +81,10 @@ class TurnFiles:
         return (self.paths.input / self.name).is_file()
 
     def pid(self) -> int | None:
-        return self._number(agent_host.PID, int)
+        """The CLI's pid in the container; only a plain one (it becomes `kill -INT <pid>`: not 0, -1 or 1, which
+        would signal the whole container or its init)."""
+        pid = self._number(agent_host.PID, int)
+        return pid if pid is not None and 1 < pid < 2**22 else None
 
     def exit_code(self) -> int | None:
         return self._number(agent_host.EXIT_CODE, int)
@@ -162,6 +168,7 @@ class OutputReader:
         self.line_bytes = line_bytes
         self.output_bytes = output_bytes
         self.offset = 0
+        self.lines = 0  # read so far, skipped ones included
         self.skipped_lines = 0
         self._fd: int | None = None
         self._partial = b""
@@ -169,7 +176,11 @@ class OutputReader:
 
     @property
     def over_limit(self) -> bool:
-        return self.offset >= self.output_bytes
+        return self.offset >= self.output_bytes or self.too_many_lines
+
+    @property
+    def too_many_lines(self) -> bool:
+        return self.lines >= MAX_LINES
 
     def close(self) -> None:
         if self._fd is not None:
@@ -177,6 +188,9 @@ class OutputReader:
             self._fd = None
 
     def new_lines(self) -> list[str]:
+        """The complete lines of the next chunk (at most READ_CHUNK bytes)."""
+        if self.too_many_lines:
+            return []
         if self._fd is None:
             self._fd = self.files.open_output()
             if self._fd is None:
@@ -193,6 +207,7 @@ class OutputReader:
             return []
         if lines:
             lines[0], self._partial = self._partial + lines[0], b""
+        self.lines += len(lines)
         kept = [line for line in lines if len(line) <= self.line_bytes]
         self.skipped_lines += len(lines) - len(kept)
         self._partial += rest

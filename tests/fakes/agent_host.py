@@ -46,6 +46,7 @@ class Reply:
     exit_code: int = 1  # when it ends without output
     hold: bool = False  # after its first text, it works on until interrupted, signalled or `release`d
     obey_interrupt: bool = True  # False: the host does not pass `<turn>.interrupt` on (the SIGINT fallback's case)
+    obey_signals: bool = True  # False: signals change nothing either (a wedged host: only a stopped container helps)
 
 
 @dataclass
@@ -70,7 +71,7 @@ class FakeAgentHost:
         self._claiming = threading.Lock()  # held while a request is claimed: `pause` waits for it
         self._release = threading.Event()
         self._signal: str | None = None  # a `kill -<sig>` of the current turn's CLI, from `run_in_container`
-        self._current: tuple[str, int] | None = None  # (turn, pid) being answered
+        self._current: tuple[str, int, Reply] | None = None  # (turn, pid, its reply) being answered
         self._process: _Process | None = None
         self._pids = 4000
         self._stopping = threading.Event()
@@ -108,7 +109,8 @@ class FakeAgentHost:
         """`FakeRuntime.on_run`: a `kill -<SIG> <pid>` reaches the CLI of the turn being answered."""
         current = self._current
         if len(argv) == 3 and argv[0] == "kill" and argv[1] in SIGNALS and current and argv[2] == str(current[1]):
-            self.kill(argv[1])
+            if current[2].obey_signals:
+                self.kill(argv[1])
             return 0, ""
         return 1, f"{argv[0]}: no such process"
 
@@ -139,7 +141,7 @@ class FakeAgentHost:
         folder = self.paths.turns / name
         reply = self.replies.pop(0) if self.replies else Reply()
         process = self._process_for(request)
-        self._current, self._signal = (name, process.pid), None
+        self._current, self._signal = (name, process.pid, reply), None
         for file, text in ((agent_host.PID, f"{process.pid}\n"), (agent_host.PROCESS, f"{process.id}\n"),
                            (agent_host.COST_BEFORE, f"{process.cost!r}\n"), (agent_host.OUTPUT, ""),
                            (agent_host.STDERR, "")):

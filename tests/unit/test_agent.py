@@ -173,3 +173,24 @@ def test_a_session_id_that_is_not_a_uuid_is_ignored() -> None:
         assert isinstance(init, Init) and init.session_id == ""
     [init] = parse_line(json.dumps(INIT))
     assert init.session_id == SESSION
+
+
+def test_forged_numbers_in_a_result_are_not_believed() -> None:
+    """The result line is the agent's to forge: what it cannot have meant must not reach the store or status."""
+    for cost in (float("inf"), 1e300, -1.0, "0.5", True, None):
+        for duration in ("abc", 1e300, -5, 1.5, {"a": 1}, False):
+            line = json.dumps({**SUCCESS, "total_cost_usd": cost, "duration_ms": duration, "num_turns": "x"})
+            [result] = parse_line(line.replace('"Infinity"', "Infinity"))
+            assert result.cost_usd is None and result.duration_ms is None and result.num_turns is None
+    [fine] = parse_line(json.dumps({**SUCCESS, "total_cost_usd": 2, "duration_ms": 276.0}))
+    assert fine.cost_usd == 2.0 and isinstance(fine.cost_usd, float) and fine.duration_ms == 276
+
+
+def test_assistant_lines_of_the_wrong_shape_or_nested_thousands_deep_are_skipped() -> None:
+    deep = '{"type":"assistant","message":{"content":[{"type":"tool_use","input":' + "[" * 5000 + "]" * 5000 + "}]}}"
+    assert parse_line(deep) == [Unparsed(deep)]
+    for message in ("x", {"content": "text"}, {"content": ["x", 1, None]}, {"content": [{"type": "text", "text": 5}]}):
+        assert parse_line(json.dumps({"type": "assistant", "message": message})) == []
+    [tool] = parse_line(json.dumps({"type": "assistant", "message": {"content": [
+        {"type": "tool_use", "name": "Bash", "input": "not a dict"}]}}))
+    assert tool == ToolUse(name="Bash", input={})

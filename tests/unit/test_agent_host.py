@@ -350,3 +350,8 @@ def test_decode_request_rejects_what_is_not_json() -> None:
 def test_decode_request_rejects_json_that_is_not_an_object(data: bytes) -> None:
     with pytest.raises(ValueError):
         agent_host.decode_request(data)
+
+
+def test_a_line_nested_thousands_deep_is_passed_on_not_fatal() -> None:
+    """A model's tool input nested 1,500 deep came back in the CLI's output and ended the host (RecursionError)."""
+    assert agent_host.peek(b'{"type":"assistant","x":' + b"[" * 5000 + b"]" * 5000 + b"}") == {}

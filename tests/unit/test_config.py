@@ -98,6 +98,9 @@ def test_memory_sizes(tmp_path: Path) -> None:
     ({"feishu": {"app_key": "x"}}, "feishu.app_key", "unknown key"),
     ({"instance": "my bot"}, "instance", "letters, digits"),
     ({"defaults": ["cpus"]}, "defaults", "must be a mapping"),
+    ({"agent": {"env": {"A=B": "x"}}}, "agent.env.A=B", "is not a variable name"),
+    ({"agent": {"env": {"KEY": "a\0b"}}}, "agent.env.KEY", "may not hold a NUL"),
+    ({"agent": {"turn_timeout": 0}}, "agent.turn_timeout", ""),
 ])
 def test_bad_values_name_the_file_and_the_key(tmp_path: Path, config: dict, key: str, problem: str) -> None:
     message = error_of(tmp_path, config)

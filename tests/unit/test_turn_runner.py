@@ -282,6 +282,21 @@ def test_stop_falls_back_to_sigint_when_the_host_does_not_interrupt(bench: Bench
     assert bench.requests() == []
 
 
+def test_a_wedged_host_that_ignores_the_interrupt_and_sigint_gets_its_container_stopped(
+        bench: Bench, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No turn holds its slot for ever: when neither the interrupt nor SIGINT ends it, the container is stopped."""
+    monkeypatch.setattr(turn_runner, "INTERRUPT_GRACE_SECONDS", 0.2)
+    monkeypatch.setattr(turn_runner, "KILL_GRACE_SECONDS", 0.2)
+    monkeypatch.setattr(turn_runner, "CONTAINER_CHECK_SECONDS", 0.1)
+    bench.host.replies = [Reply(hold=True, obey_interrupt=False, obey_signals=False)]
+    result, stopped = stop_held_turn(bench)
+    assert stopped == "om_1"
+    assert isinstance(result, Failure) and "container stopped" in result.reason
+    assert bench.runtime.stopped == [bench.container]
+    assert [ran.argv[:2] for ran in bench.runtime.ran] == [["kill", "-INT"]]
+    bench.host.release()
+
+
 def test_a_container_the_engine_cannot_start_fails_the_turn_for_the_operators_log(bench: Bench) -> None:
     bench.runtime.ensure_failure = "image claude-runner:latest not found"
 

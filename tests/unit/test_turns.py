@@ -376,3 +376,22 @@ def _remove(folder: Path) -> None:
         for child in folder.iterdir():
             child.unlink()
         folder.rmdir()
+
+
+@pytest.mark.parametrize("forged", ["-1", "0", "1", "99999999999", "4194304"])
+def test_a_pid_that_would_signal_the_whole_container_or_its_init_is_refused(paths: ChatPaths, forged: str) -> None:
+    files, folder = started_turn(paths)
+    agent_write(folder / "pid", forged)  # it becomes `kill -INT <pid>` in the container
+    assert files.pid() is None
+    agent_write(folder / "pid", "42")
+    assert files.pid() == 42
+
+
+def test_forged_tiny_lines_stop_at_the_line_cap(paths: ChatPaths, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(turns, "MAX_LINES", 1000)
+    files, folder = started_turn(paths)
+    agent_write(folder / "output.jsonl", b"{}\n" * 5000)
+    reader = OutputReader(files, MiB, 64 * MiB)
+    taken = reader.new_lines()
+    assert len(taken) == 5000 and reader.too_many_lines and reader.over_limit  # one chunk, then no more
+    assert reader.new_lines() == []
