@@ -129,6 +129,17 @@ def test_split_event_is_joined_by_the_client(fake: FakeFeishu, ws: WsClientThrea
     assert fake.wait_ack(frame_id).code == 200
 
 
+def test_an_event_over_the_clients_frame_cap_arrives_split_and_is_acked(
+        fake: FakeFeishu, ws: WsClientThread, received: queue.Queue[P2ImMessageReceiveV1]) -> None:
+    """The fault suite's fuzz once sent a 1.25 MB event in one frame: lark-oapi's websocket (1 MiB frames) closed
+    the connection and the event was never acked. Feishu splits big payloads; so does the fake."""
+    text = "x" * (1536 * 1024)
+    frame_id = fake.push_event(fake.text_event(CHAT, text))
+    data = received.get(timeout=10)
+    assert json.loads(data.event.message.content)["text"] == text
+    assert fake.wait_ack(frame_id, timeout=10).code == 200
+
+
 def test_client_reconnects_after_the_server_drops_it(fake: FakeFeishu, ws: WsClientThread,
                                                      received: queue.Queue[P2ImMessageReceiveV1]) -> None:
     before = fake.connection_count

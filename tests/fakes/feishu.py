@@ -93,6 +93,8 @@ _TEXT_TAGS = {"markdown", "plain_text", "lark_md"}
 
 Json = dict[str, Any]
 
+MAX_FRAME_PAYLOAD = 512 * 1024  # bytes of one event frame's payload; a bigger event is split
+
 
 @dataclass
 class Call:
@@ -405,6 +407,9 @@ class FakeFeishu:
         payload = json.dumps(event, ensure_ascii=False).encode()
         if not 1 <= parts <= len(payload):
             raise ValueError(f"parts must be between 1 and {len(payload)}")
+        # Feishu splits a big payload over frames (sum/seq); none may pass the client's frame cap (websockets'
+        # default 1 MiB, which lark-oapi keeps): a bigger one closed the connection and was never acked.
+        parts = max(parts, -(-len(payload) // MAX_FRAME_PAYLOAD))
         with self._cond:
             if not (open_conns := self._open()):
                 raise RuntimeError("fake feishu: no long-connection client is connected")
