@@ -404,9 +404,7 @@ class Service:
 
     def _reply_directly(self, message: MessageRecord, text: str) -> None:
         """Answer without a turn (commands, unsupported messages); the answer goes out like any other."""
-        self.store.mark_queued(message.message_id)
-        self.store.mark_running(message.message_id, "")
-        self.store.answer(message.message_id, text, None, None, card=None)
+        self.store.answer_without_turn(message.message_id, text)
         self.deliverer.wake()
 
     # ---- commands ----

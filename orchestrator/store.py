@@ -313,6 +313,16 @@ class Store:
             self._say(self.message(message_id).chat_id, text, reply_to=message_id, message_id=message_id, card=card)
         return True
 
+    def answer_without_turn(self, message_id: str, text: str) -> None:
+        """A command's reply (or a notice for a message no turn can read): received → queued → running → answered
+        and the reply queued for delivery, in one transaction, so a store that refuses a write part-way leaves the
+        message received, never queued (where the next start would hand "/status" to Claude as a prompt)."""
+        with self.db.atomic():
+            self._transition(message_id, State.QUEUED)
+            self._transition(message_id, State.RUNNING, turn="")
+            if not self.answer(message_id, text, None, None, card=None):
+                raise self._refused(message_id, State.ANSWERED)
+
     def fail(self, message_id: str, reason: str, text: str, card: str | None = None) -> bool:
         """The message failed for `reason`; the user is told `text`, durably. False when it had failed already
         (a shutdown failed it, then its turn ended with a failure of its own): the user was told once. Any other

@@ -272,3 +272,15 @@ def test_a_running_messages_new_turn_is_recorded_and_a_finished_message_refuses_
         store.start_turn("om_1", "1-2-cccc")
     assert store.message("om_1").turn == "1-1-bbbb"
     store.close()
+
+
+def test_a_reply_without_a_turn_is_all_or_nothing(tmp_path: Path) -> None:
+    store = Store(tmp_path / "o.db")
+    store.ensure_chat("oc_1")
+    store.record_received("om_1", "oc_1", "ou_1", "/status")
+    store.answer_without_turn("om_1", "Container: none")
+    assert store.message("om_1").state is State.ANSWERED and [i.text for i in store.outbox("oc_1")] == [
+        "Container: none"]
+    with pytest.raises(TransitionRefused):  # answered already: nothing changes, nothing is queued twice
+        store.answer_without_turn("om_1", "again")
+    assert store.message("om_1").state is State.ANSWERED and len(store.outbox("oc_1")) == 1
