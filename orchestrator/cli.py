@@ -157,7 +157,7 @@ def _run(settings: Settings, console_chat: str, log_json: bool) -> int:
 
 
 def _keep_data_private(settings: Settings) -> None:
-    """Everything the service writes from now on (the store, the chats' folders, prompts) has no group or other
+    """Everything the service writes from now on (the store, the chats' folders, turn requests) has no group or other
     bits, and data_dir is 0700 even if it existed with wider ones. What an agent must read or write is given
     its owner or mode explicitly where it is made (layout, untrusted, relay): a mkdir mode is cut by the umask."""
     os.umask(0o077)

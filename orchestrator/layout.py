@@ -5,7 +5,7 @@
     claude/      → /home/agent/.claude    the agent's: Claude's config and sessions, so --resume survives a
                                           re-created container
     turns/       → /turns                 the agent's: each turn's output, written inside the container
-    input/       → /input (read-only)     root's: each turn's prompt, written by the orchestrator, so no name
+    input/       → /input (read-only)     root's: each turn's request, written by the orchestrator, so no name
                                           it writes to can have been planted by the agent
 <data_dir>/run/<chat_id>/  → /run/orchestrator (read-only)   root's: the chat's model relay socket
 """
@@ -63,7 +63,7 @@ def prepare(paths: ChatPaths, uid: int) -> None:
     could change), the input folder root's and readable by the agent."""
     paths.root.mkdir(mode=0o700, parents=True, exist_ok=True)
     paths.input.mkdir(exist_ok=True)
-    os.chmod(paths.input, 0o755, follow_symlinks=False)  # whatever the umask: the agent reads its prompts
+    os.chmod(paths.input, 0o755, follow_symlinks=False)  # whatever the umask: the agent host reads its requests
     with untrusted.directory(paths.root) as root:
         for folder in (paths.claude_config, paths.turns):
             untrusted.make_owned_dir(root, folder.name, uid)

@@ -40,7 +40,7 @@ READ_CHUNK = 1024**2  # output read per look: with the line cap, what one look c
 # Lines of one turn at most. A real turn writes one line per content block and tool result (hundreds, a few
 # thousand for a long one); 3-byte forged lines cost ~3.5 µs each to parse, so this bounds a turn's parsing to ~1 s.
 MAX_LINES = 200_000
-ORPHAN_PROMPT_SECONDS = 3600.0  # a prompt whose turn never made a folder is kept this long, then pruned
+ORPHAN_REQUEST_SECONDS = 3600.0  # a request never taken is kept this long, then pruned
 _REFUSALS_LOGGED: set[str] = set()  # turns whose refused output was logged
 _Number = TypeVar("_Number", int, float)
 
@@ -234,7 +234,7 @@ class OutputReader:
 
 
 def prune(chats_dir: Path, keep: int, busy: set[str | None]) -> int:
-    """Delete all but the newest `keep` finished turn folders of each chat, and their prompts; how many
+    """Delete all but the newest `keep` finished turn folders of each chat, and their requests; how many
     were deleted. The agent may be changing its turns folder meanwhile: nothing is followed, and what
     vanishes is skipped."""
     deleted = 0
@@ -258,7 +258,7 @@ def _prune_chat(chat_dir: Path, keep: int, busy: set[str | None]) -> int:
         present = {entry.name for entry in os.scandir(turns_fd)}
     finally:
         os.close(turns_fd)
-    _prune_prompts(chat_dir / "input", present, busy)
+    _prune_requests(chat_dir / "input", present, busy)
     return len(doomed)
 
 
@@ -278,13 +278,13 @@ def _finished_turns(turns_fd: int, busy: set[str | None]) -> Iterator[tuple[floa
             os.close(fd)
 
 
-def _prune_prompts(input_dir: Path, turns_present: set[str], busy: set[str | None]) -> None:
-    """Prompts of turns pruned away, and of turns that never started long ago."""
+def _prune_requests(input_dir: Path, turns_present: set[str], busy: set[str | None]) -> None:
+    """Requests left by turns pruned away, and by turns never taken long ago (a withdrawn request is gone already)."""
     now = time.time()
     with contextlib.suppress(FileNotFoundError), untrusted.directory(input_dir) as fd:
         for entry in os.scandir(fd):
             if entry.name in turns_present or entry.name in busy:
                 continue
             info = entry.stat(follow_symlinks=False)
-            if stat.S_ISREG(info.st_mode) and now - info.st_mtime > ORPHAN_PROMPT_SECONDS:
+            if stat.S_ISREG(info.st_mode) and now - info.st_mtime > ORPHAN_REQUEST_SECONDS:
                 os.unlink(entry.name, dir_fd=fd)

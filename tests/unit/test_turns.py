@@ -309,7 +309,7 @@ def names(folder: Path) -> list[str]:
 
 
 def test_prune_keeps_the_newest_finished_turns_and_never_a_busy_one(paths: ChatPaths) -> None:
-    old = turns.ORPHAN_PROMPT_SECONDS + 60
+    old = turns.ORPHAN_REQUEST_SECONDS + 60
     for n in range(6):
         make_turn(paths, f"{n}-1-r", exit_code=None if n == 0 else "0", mtime=1000 + n)
         prompt(paths, f"{n}-1-r", old)
