@@ -58,7 +58,6 @@ class _RunningTurn:
     container_id: str
     container_name: str
     files: turns.TurnFiles
-    output_bytes: int = 0  # read so far
     stopped_by_user: bool = False  # /stop
     interrupted: bool = False  # a shutdown that could not wait for it
     oom: bool = False  # the kernel killed a process of this chat's container for memory meanwhile
@@ -165,18 +164,15 @@ class TurnRunner:
             return True
         if files.requested():
             container = await self.runtime.inspect(self.store.chat(message.chat_id).container_name)
-            deadline = asyncio.get_running_loop().time() + CLAIM_SECONDS
-            while container.running and not files.started() and asyncio.get_running_loop().time() < deadline:
-                await asyncio.sleep(POLL_SECONDS)
+            if container.running:
+                await _within(CLAIM_SECONDS, files.started)
             if not files.started():
                 log.info(f"turn {files.name} was not taken; withdrawing its request")
                 await asyncio.to_thread(turns.withdraw, files)
                 # Taken at that very moment? The host then either read the request (and writes the CLI's pid) or
                 # found it gone (and ends the turn WITHDRAWN at once).
-                deadline = asyncio.get_running_loop().time() + CLAIM_SECONDS
-                while (files.started() and files.pid() is None and files.exit_code() is None
-                       and asyncio.get_running_loop().time() < deadline):
-                    await asyncio.sleep(POLL_SECONDS)
+                if files.started():
+                    await _within(CLAIM_SECONDS, lambda: files.pid() is not None or files.exit_code() is not None)
         return files.started() and files.exit_code() != agent_host.WITHDRAWN
 
     async def _start(self, message: MessageRecord, chat: ChatSettings, paths: layout.ChatPaths, display: TurnDisplay,
@@ -260,7 +256,6 @@ class TurnRunner:
             drained = exit_code is not None and reader.offset == offset
             if drained:
                 lines += reader.rest()  # what follows the last newline
-            turn.output_bytes = reader.offset
             if lines:
                 last_output = loop.time()
                 poll = FIRST_POLL_SECONDS
@@ -421,16 +416,23 @@ class TurnRunner:
                 return
         await self._stop_container(turn, "the turn did not end after SIGKILL")
 
-    async def _ended_within(self, turn: _RunningTurn, seconds: float) -> bool:
-        deadline = asyncio.get_running_loop().time() + seconds
-        while turn.files.exit_code() is None and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(POLL_SECONDS)
-        return turn.files.exit_code() is not None
+    @staticmethod
+    async def _ended_within(turn: _RunningTurn, seconds: float) -> bool:
+        return await _within(seconds, lambda: turn.files.exit_code() is not None)
 
     async def _stop_container(self, turn: _RunningTurn, why: str) -> None:
         logger.bind(message_id=turn.message_id).error(f"{why}; stopping the chat's container")
         with contextlib.suppress(RuntimeFailure):
             await self.runtime.stop(turn.container_name, self.settings.containers.stop_timeout)
+
+
+async def _within(seconds: float, done: Callable[[], bool]) -> bool:
+    """Whether `done()` holds within `seconds`, looked at every POLL_SECONDS."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not done() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(POLL_SECONDS)
+    return done()
+
 
 def _stopped_reason(state: ContainerState) -> str:
     if state.status == "missing":
