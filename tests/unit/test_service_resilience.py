@@ -17,13 +17,14 @@ from peewee import OperationalError
 
 from orchestrator import delivery, service, supervise
 from orchestrator.agent import Answer, Failure
-from orchestrator.channels import Outgoing, Submit
+from orchestrator.channels import Submit
 from orchestrator.config import Settings
 from orchestrator.runtime import ContainerState
 from orchestrator.service import UNEXPECTED_ERROR, Service
 from orchestrator.states import State
 from orchestrator.store import MessageRecord, Store
 from orchestrator.supervise import Liveness
+from tests.fakes.channel import RecordingChannel
 
 
 class Engine:
@@ -43,36 +44,18 @@ class Engine:
         return None
 
 
-class Chat:
+class Chat(RecordingChannel):
     """A channel: `run` does what the test says; deliveries and turn displays are recorded."""
 
     def __init__(self, run: Callable[[], Any] | None = None) -> None:
+        super().__init__()
         self._run = run
-        self.delivered: list[Outgoing] = []
 
     async def run(self, submit: Submit) -> None:
         if self._run is None:
             await asyncio.Event().wait()
         else:
             await self._run()
-
-    def display(self, chat_id: str, message_id: str, saved: str | None, save: Callable[[str], None]) -> Chat:
-        return self
-
-    async def start(self) -> None:
-        pass
-
-    async def update(self, text_so_far: str) -> None:
-        pass
-
-    async def end(self) -> str | None:
-        return None
-
-    async def deliver(self, item: Outgoing) -> None:
-        self.delivered.append(item)
-
-    def health(self) -> str | None:
-        return None
 
 
 class Turns:

@@ -15,7 +15,7 @@ import pytest
 
 from orchestrator import layout
 from orchestrator.agent import cli_argv
-from orchestrator.channels import Incoming, Outgoing, Submit
+from orchestrator.channels import Incoming, Submit
 from orchestrator.config import AccessSettings, Settings, ShutdownSettings, resolve_chat
 from orchestrator.runtime import container_name
 from orchestrator.service import Service
@@ -23,18 +23,18 @@ from orchestrator.states import State
 from orchestrator.store import Store
 from orchestrator.turn_runner import INTERRUPTED_BY_RESTART
 from tests.fakes.agent_host import WAIT_SECONDS, FakeAgentHost, Reply, until
+from tests.fakes.channel import RecordingChannel
 from tests.fakes.runtime import FakeRuntime
 
 CHAT = "oc_a"
 
 
-class FakeChannel:
+class FakeChannel(RecordingChannel):
     """Messages the test sends go to the service; what it delivers, and what its turns showed, are recorded."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.inbox: asyncio.Queue[Incoming] = asyncio.Queue()
-        self.delivered: list[Outgoing] = []
-        self.shown: list[str] = []
 
     def send(self, message_id: str, text: str) -> None:
         self.inbox.put_nowait(Incoming(CHAT, message_id, "ou_1", text))
@@ -42,24 +42,6 @@ class FakeChannel:
     async def run(self, submit: Submit) -> None:
         while True:
             await submit(await self.inbox.get())
-
-    def display(self, chat_id: str, message_id: str, saved: str | None, save: Callable[[str], None]) -> FakeChannel:
-        return self
-
-    async def start(self) -> None:
-        pass
-
-    async def update(self, text_so_far: str) -> None:
-        self.shown.append(text_so_far)
-
-    async def end(self) -> str | None:
-        return None
-
-    async def deliver(self, item: Outgoing) -> None:
-        self.delivered.append(item)
-
-    def health(self) -> str | None:
-        return None
 
 
 @dataclass

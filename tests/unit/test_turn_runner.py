@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,25 +24,10 @@ from orchestrator.states import State
 from orchestrator.store import MessageRecord, Store
 from orchestrator.turn_runner import TurnRunner
 from tests.fakes.agent_host import WAIT_SECONDS, FakeAgentHost, Reply, until
+from tests.fakes.channel import RecordingDisplay
 from tests.fakes.runtime import FakeRuntime, Ran
 
 CHAT = "oc_a"
-
-
-@dataclass
-class Display:
-    """A TurnDisplay that records what the chat was shown."""
-
-    shown: list[str] = field(default_factory=list)
-
-    async def start(self) -> None:
-        pass
-
-    async def update(self, text_so_far: str) -> None:
-        self.shown.append(text_so_far)
-
-    async def end(self) -> str | None:
-        return None
 
 
 @dataclass
@@ -63,10 +48,11 @@ class Bench:
         self.store.mark_queued(message_id)
         return self.store.message(message_id)
 
-    def run(self, message: MessageRecord, display: Display | None = None) -> asyncio.Task[Answer | Failure]:
+    def run(self, message: MessageRecord, display: RecordingDisplay | None = None) -> asyncio.Task[Answer | Failure]:
         """The message's turn, on a task that gives up after WAIT_SECONDS (a broken runner fails, never hangs)."""
         log = logger.bind(chat_id=CHAT, message_id=message.message_id)
-        return asyncio.create_task(asyncio.wait_for(self.runner.run(message, display or Display(), log), WAIT_SECONDS))
+        turn = self.runner.run(message, display or RecordingDisplay(), log)
+        return asyncio.create_task(asyncio.wait_for(turn, WAIT_SECONDS))
 
     def requests(self) -> list[str]:
         return sorted(os.listdir(self.paths.input))
@@ -93,7 +79,7 @@ def bench(tmp_path: Path) -> Iterator[Bench]:
 
 
 def test_a_turn_is_answered_and_its_request_withdrawn_when_it_ends(bench: Bench) -> None:
-    display = Display()
+    display = RecordingDisplay()
 
     async def scenario() -> Answer | Failure:
         return await bench.run(bench.message("hello"), display)

@@ -1,0 +1,42 @@
+"""A channel and a turn display for unit tests of the middle (a fake of our own seam, orchestrator.channels):
+what a turn showed and what was delivered are recorded."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from orchestrator.channels import Outgoing
+
+
+class RecordingDisplay:
+    """A TurnDisplay that records the text each update showed."""
+
+    def __init__(self) -> None:
+        self.shown: list[str] = []
+
+    async def start(self) -> None:
+        pass
+
+    async def update(self, text_so_far: str) -> None:
+        self.shown.append(text_so_far)
+
+    async def end(self) -> str | None:
+        return None
+
+
+class RecordingChannel(RecordingDisplay):
+    """A channel whose every turn display is itself; it records what it delivers. Subclasses say how it runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.delivered: list[Outgoing] = []
+
+    def display(self, chat_id: str, message_id: str, saved: str | None,
+                save: Callable[[str], None]) -> RecordingChannel:
+        return self
+
+    async def deliver(self, item: Outgoing) -> None:
+        self.delivered.append(item)
+
+    def health(self) -> str | None:
+        return None
