@@ -26,7 +26,7 @@ from orchestrator.config import AgentSettings
 from tests.conftest import remove_instance
 from tests.fakes.anthropic import FakeAnthropic
 from tests.fakes.feishu import FakeFeishu
-from tests.harness import AGENT_IMAGE, Orchestrator, write_config
+from tests.harness import AGENT_IMAGE, MODEL_KEY, Orchestrator, write_config
 
 STUB_IMAGE = "claude-stub:latest"
 STUB_DIR = Path(__file__).parent / "stub"
@@ -76,7 +76,7 @@ class Rig:
         return bot
 
     def env(self) -> dict[str, str]:
-        return {"ANTHROPIC_BASE_URL": self.api.base_url, "ANTHROPIC_API_KEY": "sk-bench"}
+        return {"ANTHROPIC_BASE_URL": self.api.base_url, "ANTHROPIC_API_KEY": MODEL_KEY}  # the baselines: straight to the API
 
     def container(self, chat_id: str) -> Any:
         return self.client.containers.get(f"{self.instance}-{chat_id}")

@@ -22,10 +22,6 @@ from orchestrator.runtime import DockerRuntime, RuntimeFailure
 from orchestrator.service import Service
 from orchestrator.store import Store
 
-CREDENTIAL_VARIABLES = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN",
-                        "ANTHROPIC_BASE_URL")
-
-
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="orchestrator", description=__doc__)
     commands = top.add_subparsers(dest="command", required=True)
@@ -119,10 +115,10 @@ def _operate(args: argparse.Namespace, settings: Settings, store: Store) -> int:
 
 def _run(settings: Settings, console_chat: str, log_json: bool) -> int:
     setup_logging(json_lines=log_json, level=settings.logging.level, secrets=settings.secrets)
-    if not any(name in settings.agent.env for name in CREDENTIAL_VARIABLES):
-        print("No credentials for Claude: set ANTHROPIC_API_KEY (or CLAUDE_CODE_OAUTH_TOKEN, ANTHROPIC_AUTH_TOKEN, "
-              "or ANTHROPIC_BASE_URL for a gateway) in the environment; the config passes it on through "
-              f"agent.env ({settings.source}).", file=sys.stderr)
+    if not settings.gateway.configured:
+        print("No credentials for the model: set ANTHROPIC_API_KEY (or ANTHROPIC_AUTH_TOKEN) in the environment; the "
+              f"config passes it to the model gateway through gateway.api_key (or gateway.auth_token) "
+              f"({settings.source}).", file=sys.stderr)
         return 2
     try:
         runtime = DockerRuntime()

@@ -11,8 +11,10 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
@@ -31,6 +33,26 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 _MIN_MEMORY = 6 * 1024**2  # the Docker engine refuses less
 INSTANCE_NETWORK = "instance"
 SAFE_NETWORKS = (INSTANCE_NETWORK, "none")
+# Set by the orchestrator in every agent container (the gateway's address and the chat's token, the proxy):
+# `agent.env` may not set them, and the model's key goes to `gateway`, never into a container.
+RESERVED_AGENT_ENV = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL", "CLAUDE_CODE_OAUTH_TOKEN",
+                      "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy")
+EGRESS_MODES = ("allowlist", "open", "none")
+# What an agent may reach through the egress proxy unless the config says otherwise: the usual package
+# registries (npm, PyPI, Debian, GitHub, Go, crates.io, RubyGems, Maven Central). The model is not here: agents
+# reach it through the gateway's socket in their container, not over the network.
+DEFAULT_EGRESS_ALLOW = (
+    "registry.npmjs.org", "registry.yarnpkg.com",
+    "pypi.org", "files.pythonhosted.org",
+    "deb.debian.org", "security.debian.org",
+    "github.com", "codeload.github.com", "objects.githubusercontent.com", "raw.githubusercontent.com",
+    "proxy.golang.org", "sum.golang.org",
+    "crates.io", "static.crates.io", "index.crates.io",
+    "rubygems.org", "repo.maven.apache.org", "repo1.maven.org",
+)
+_DOMAIN_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_DOMAIN_PATTERN = re.compile(rf"(?:\*\.)?{_DOMAIN_LABEL}(?:\.{_DOMAIN_LABEL})*")
+_TIME_OF_DAY = re.compile(r"([01]\d|2[0-3]):([0-5]\d)(?::([0-5]\d))?")
 
 
 T = TypeVar("T")
@@ -38,6 +60,16 @@ T = TypeVar("T")
 
 class ConfigError(Exception):
     """A config problem, worded for the operator: file, key, what is wrong."""
+
+
+@dataclass(frozen=True)
+class Egress:
+    """Where a chat's agent may connect. `allowlist`: only through the instance's proxy, to `allow` (domains, and
+    `*.suffix` for a domain's subdomains); `open`: straight out (still not to the host or private addresses);
+    `none`: no network at all. The model is reached through the gateway whatever this says."""
+
+    mode: str = "allowlist"
+    allow: tuple[str, ...] = DEFAULT_EGRESS_ALLOW
 
 
 @dataclass(frozen=True)
@@ -55,6 +87,7 @@ class ChatOptions:
     require_mention: bool = True  # in a group chat, answer only when the bot is mentioned
     disk: int = 10 * 1024**3  # the chat's folders at most; over it, its turn is stopped and the chat told
     tmp_size: int = 256 * 1024**2  # the container's /tmp (a tmpfs, counted in its memory); its root is read-only
+    egress: Egress = field(default_factory=Egress)  # on the instance network: what the agent may reach
 
 
 @dataclass(frozen=True)
@@ -141,6 +174,70 @@ class LimitSettings:
 
 
 @dataclass(frozen=True)
+class GatewaySettings:
+    """The model gateway: the only place that holds the model's key. Agents reach it through their chat's socket."""
+
+    upstream_url: str = "https://api.anthropic.com"  # the Messages API, or the operator's own gateway in front of it
+    api_key: str = ""  # sent upstream as x-api-key
+    auth_token: str = ""  # or this, as Authorization: Bearer (an operator's gateway that wants one)
+    image: str = "orchestrator:latest"  # the gateway container runs this image (the orchestrator's own)
+    max_request_bytes: int = 32 * 1024**2  # one request body at most (413 beyond)
+    request_timeout: float = 900.0  # seconds one model request may take upstream in all, streaming included
+    max_concurrent: int = 8  # model requests at once per chat (429 beyond)
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.api_key or self.auth_token)
+
+
+@dataclass(frozen=True)
+class Price:
+    """USD per million tokens."""
+
+    input: Decimal
+    output: Decimal
+    cache_write: Decimal
+    cache_read: Decimal
+
+
+def _price(input: str, output: str, cache_write: str, cache_read: str) -> Price:
+    return Price(Decimal(input), Decimal(output), Decimal(cache_write), Decimal(cache_read))
+
+
+# Anthropic's list prices (USD per million tokens; cache writes at the 5-minute rate). A model is priced by the
+# longest key its name starts with; `default` prices any other (the dearest, so an unknown model errs on the safe
+# side of a budget).
+DEFAULT_PRICES: Mapping[str, Price] = {
+    "claude-opus-4-5": _price("5", "25", "6.25", "0.50"),
+    "claude-opus-4": _price("15", "75", "18.75", "1.50"),
+    "claude-sonnet-4": _price("3", "15", "3.75", "0.30"),
+    "claude-3-7-sonnet": _price("3", "15", "3.75", "0.30"),
+    "claude-haiku-4": _price("1", "5", "1.25", "0.10"),
+    "claude-3-5-haiku": _price("0.80", "4", "1", "0.08"),
+    "default": _price("15", "75", "18.75", "1.50"),
+}
+BUDGET_LIMITS = ("per_chat_daily_usd", "per_user_daily_usd", "instance_daily_usd",
+                 "per_chat_monthly_usd", "per_user_monthly_usd", "instance_monthly_usd")
+
+
+@dataclass(frozen=True)
+class BudgetSettings:
+    """Spending caps in USD, priced from the gateway's usage records; None: no cap. A day starts at `reset_at` in
+    `timezone`, a month on its first day at that time."""
+
+    per_chat_daily_usd: Decimal | None = None
+    per_user_daily_usd: Decimal | None = None
+    instance_daily_usd: Decimal | None = None
+    per_chat_monthly_usd: Decimal | None = None
+    per_user_monthly_usd: Decimal | None = None
+    instance_monthly_usd: Decimal | None = None
+    timezone: str = "UTC"
+    reset_at: str = "00:00"  # HH:MM or HH:MM:SS
+    footer: bool = True  # every answer ends with a line of what the turn and the chat's day cost
+    prices: Mapping[str, Price] = field(default_factory=lambda: dict(DEFAULT_PRICES))
+
+
+@dataclass(frozen=True)
 class MetricsSettings:
     listen: str = ""  # host:port for /metrics and /healthz; empty: off
 
@@ -166,6 +263,8 @@ class Settings:
     containers: ContainerSettings = field(default_factory=ContainerSettings)
     shutdown: ShutdownSettings = field(default_factory=ShutdownSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    budgets: BudgetSettings = field(default_factory=BudgetSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
 
@@ -182,6 +281,7 @@ class Settings:
         """Values that must never be printed: the app secret, webhook keys, credentials passed to agents."""
         sensitive = ("KEY", "TOKEN", "SECRET", "PASSWORD")
         values = [self.feishu.app_secret, self.feishu.encrypt_key, self.feishu.verification_token,
+                  self.gateway.api_key, self.gateway.auth_token,
                   *(value for name, value in self.agent.env.items() if any(s in name.upper() for s in sensitive))]
         return [value for value in values if len(value) >= 4]
 
@@ -222,7 +322,8 @@ def load_settings(path: str | os.PathLike[str], environ: Mapping[str, str] | Non
 def parse_settings(raw: object, source: Path, environ: Mapping[str, str]) -> Settings:
     reader = _Reader(source.name, environ)
     top = reader.section(raw, "", ("data_dir", "chats_dir", "instance", "agent", "defaults", "groups", "access",
-                                   "feishu", "scheduler", "containers", "shutdown", "limits", "metrics", "logging"))
+                                   "feishu", "scheduler", "containers", "shutdown", "limits", "gateway", "budgets",
+                                   "metrics", "logging"))
     data_dir = _absolute(Path(reader.string(top, "data_dir", "./data")), source)
     defaults = reader.options(top.get("defaults"), "defaults", ChatOptions())
     if defaults.workspace is not None and "{chat_id}" not in defaults.workspace:
@@ -254,6 +355,10 @@ def parse_settings(raw: object, source: Path, environ: Mapping[str, str]) -> Set
         limits=reader.flat(top.get("limits"), "limits", LimitSettings, {
             "line_bytes": _size(1024), "output_bytes": _size(1024), "answer_bytes": _size(1024),
             "min_free_disk": _size(0), "disk_check_interval": _positive_number}),
+        gateway=reader.flat(top.get("gateway"), "gateway", GatewaySettings, {
+            "upstream_url": _http_url, "max_request_bytes": _size(1024), "request_timeout": _positive_number,
+            "max_concurrent": _positive_int}),
+        budgets=reader.budgets(top.get("budgets")),
         metrics=reader.flat(top.get("metrics"), "metrics", MetricsSettings, {"listen": _listen_address}),
         logging=reader.flat(top.get("logging"), "logging", LoggingSettings, {
             "json": _boolean, "level": _choice(LOG_LEVELS)}),
@@ -317,7 +422,7 @@ class _Reader:
     def option_overrides(self, raw: object, key: str) -> dict[str, Any]:
         fields = {"cpus": _cpus, "memory": _memory, "pids_limit": _positive_int, "network": _network,
                   "unsafe_network": _boolean, "workspace": _string, "require_mention": _boolean,
-                  "disk": _size(1024**2), "tmp_size": _size(1024**2)}
+                  "disk": _size(1024**2), "tmp_size": _size(1024**2), "egress": _egress}
         section = self.section(raw, key, tuple(fields))
         return {name: self.value(section, name, key, None, convert)
                 for name, convert in fields.items() if section.get(name) is not None}
@@ -352,6 +457,10 @@ class _Reader:
                 raise self.error(f"agent.env.{name}", "is not a variable name (letters, digits and _)")
             if "\0" in str(value):
                 raise self.error(f"agent.env.{name}", "may not hold a NUL character")
+            if name in RESERVED_AGENT_ENV and value not in (None, ""):
+                raise self.error(f"agent.env.{name}", "is set by the orchestrator: agents reach the model through the "
+                                 "gateway and the network through the egress proxy; the model's key and address go "
+                                 "in gateway.api_key (or gateway.auth_token) and gateway.upstream_url")
         extra_args = self.value(section, "extra_args", key, (), _string_list)
         for arg in extra_args:
             if arg.split("=", 1)[0] in RESERVED_CLI_FLAGS:
@@ -368,6 +477,29 @@ class _Reader:
             turn_timeout=self.value(section, "turn_timeout", key, defaults.turn_timeout, _positive_number),
             hot_idle=self.value(section, "hot_idle", key, defaults.hot_idle, _positive_number),
             uid=self.value(section, "uid", key, defaults.uid, _positive_int),
+        )
+
+    def budgets(self, raw: object) -> BudgetSettings:
+        key = "budgets"
+        section = self.section(raw, key, tuple(f.name for f in dataclasses.fields(BudgetSettings)))
+        limits = {name: self.value(section, name, key, None, _money) for name in BUDGET_LIMITS}
+        prices = dict(DEFAULT_PRICES)
+        raw_prices = section.get("prices") or {}
+        if not isinstance(raw_prices, dict):
+            raise self.error("budgets.prices", "must map model name prefixes to prices")
+        for model, raw_price in raw_prices.items():
+            where = f"budgets.prices.{model}"
+            price = self.section(raw_price, where, ("input", "output", "cache_write", "cache_read"))
+            missing = [name for name in ("input", "output", "cache_write", "cache_read") if name not in price]
+            if missing:
+                raise self.error(where, f"needs {', '.join(missing)} (USD per million tokens)")
+            prices[str(model)] = Price(**{name: self.value(price, name, where, None, _money) for name in price})
+        return BudgetSettings(
+            **{name: value for name, value in limits.items() if value is not None},
+            timezone=self.value(section, "timezone", key, "UTC", _timezone),
+            reset_at=self.value(section, "reset_at", key, "00:00", _time_of_day),
+            footer=self.value(section, "footer", key, True, _boolean),
+            prices=prices,
         )
 
     def access(self, raw: object) -> AccessSettings:
@@ -534,3 +666,53 @@ def _choice(choices: tuple[str, ...]) -> Callable[[Any], str]:
         return str(value)
 
     return convert
+
+
+def _http_url(value: Any) -> str:
+    url = _string(value).rstrip("/")
+    if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", url):
+        raise ValueError(f"{value!r} must be an http:// or https:// URL")
+    return url
+
+
+def _money(value: Any) -> Decimal:
+    """USD, 0 or more, from a number or a string; kept exact (a budget is compared to the cent)."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError(f"{value!r} must be an amount in USD, like 5 or 2.50")
+    try:
+        amount = Decimal(str(value).strip())
+    except InvalidOperation:
+        raise ValueError(f"{value!r} must be an amount in USD, like 5 or 2.50") from None
+    if not amount.is_finite() or amount < 0:
+        raise ValueError(f"{value!r} must be an amount in USD, 0 or more")
+    return amount
+
+
+def _timezone(value: Any) -> str:
+    name = _string(value)
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"{value!r} is not a known time zone (an IANA name like UTC or Asia/Shanghai)") from None
+    return name
+
+
+def _time_of_day(value: Any) -> str:
+    text = _string(value)
+    if not _TIME_OF_DAY.fullmatch(text):
+        raise ValueError(f"{value!r} must be a time of day, HH:MM or HH:MM:SS (24-hour)")
+    return text
+
+
+def _egress(value: Any) -> Egress:
+    """`open`, `none`, or `{allow: [domains]}` (an allowlist replacing the default one)."""
+    if value in ("open", "none", "allowlist"):
+        return Egress(mode=value) if value != "allowlist" else Egress()
+    if not isinstance(value, dict) or set(value) - {"allow"}:
+        raise ValueError(f"{value!r} must be open, none, or a mapping with an allow list of domains")
+    allow = _string_list(value.get("allow") or [])
+    for pattern in allow:
+        if not _DOMAIN_PATTERN.fullmatch(pattern) or len(pattern) > 253:
+            raise ValueError(f"{pattern!r} is not a domain (like pypi.org) or a *.suffix pattern (like *.example.com),"
+                             " in lower case")
+    return Egress(mode="allowlist", allow=allow)

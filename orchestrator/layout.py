@@ -50,6 +50,11 @@ def chat_paths(settings: Settings, chat: ChatSettings) -> ChatPaths:
                      input=root / "input")
 
 
+def secret_path(settings: Settings) -> Path:
+    """The instance's secret (`credentials`): root's, 0600, never mounted into an agent's container."""
+    return settings.data_dir / "secret"
+
+
 def run_dir(settings: Settings) -> Path:
     return settings.data_dir / "run"
 

@@ -24,7 +24,7 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.models.containers import Container
 from docker.types import LogConfig, Mount, Ulimit
 
-from orchestrator import layout, relay
+from orchestrator import credentials, layout, relay
 from orchestrator.config import INSTANCE_NETWORK, ChatSettings, Settings
 from orchestrator.layout import WORKSPACE_PATH, ChatPaths
 from orchestrator.supervise import LIVENESS
@@ -41,6 +41,8 @@ BRIDGE_NAME_OPTION = "com.docker.network.bridge.name"
 IMAGE_CHECK_SECONDS = 30.0
 HOME_TMPFS_SIZE = 64 * 1024**2  # the agent's home: the CLI's and tools' caches; its .claude is a mount
 OPEN_FILES = 8192
+MODEL_PORT = 4141  # the model gateway, on the agent's loopback (agent-init relays it to the chat's socket)
+HOST_MODEL_PORTS = (20000, 20000)  # on the host's network: the first port, and how many, to spread chats over
 
 T = TypeVar("T")
 
@@ -171,17 +173,31 @@ def bridge_name(instance: str) -> str:
     return f"orch-{hashlib.sha256(instance.encode()).hexdigest()[:10]}"
 
 
-def container_spec(settings: Settings, chat: ChatSettings, paths: ChatPaths, chat_name: str = "",
-                   relay_port: int | None = None) -> ContainerSpec:
+def model_port(network: str, chat_id: str) -> int:
+    """Where the chat's model gateway is served inside its container (on its loopback, by agent-init): one port
+    for all, except on the host's network, where the chats share one loopback and each needs its own. Pure."""
+    if network != "host":
+        return MODEL_PORT
+    return HOST_MODEL_PORTS[0] + int(hashlib.sha256(chat_id.encode()).hexdigest()[:8], 16) % HOST_MODEL_PORTS[1]
+
+
+def model_environment(secret: bytes, network: str, chat_id: str) -> tuple[tuple[str, str], ...]:
+    """The agent's model settings: the gateway on its loopback, and the chat's token, worthless anywhere else. Pure."""
+    port = model_port(network, chat_id)
+    return (("ANTHROPIC_API_KEY", credentials.model_token(secret, chat_id)),
+            ("ANTHROPIC_BASE_URL", f"http://127.0.0.1:{port}"), ("MODEL_RELAY_PORT", str(port)))
+
+
+def container_spec(settings: Settings, chat: ChatSettings, paths: ChatPaths, secret: bytes,
+                   chat_name: str = "") -> ContainerSpec:
     """What the chat's container must look like: caps, labels, mounts, user, hardening. Pure."""
     options = chat.options
     labels = {MANAGED_LABEL: "true", CHAT_LABEL: chat.chat_id, INSTANCE_LABEL: settings.instance}
     if chat_name:
         labels[CHAT_NAME_LABEL] = chat_name
     network = network_name(settings.instance) if options.network == INSTANCE_NETWORK else options.network
-    relayed = relay_port is not None and network != "host"
-    relay_mount = (str(layout.chat_run_dir(settings, chat.chat_id)), layout.RUN_PATH, True)
-    mounts = paths.mounts() + ((relay_mount,) if relayed else ())
+    gateway_mount = (str(layout.chat_run_dir(settings, chat.chat_id)), layout.RUN_PATH, True)
+    mounts = paths.mounts() + (gateway_mount,)
     return ContainerSpec(
         name=container_name(settings.instance, chat.chat_id),
         image=settings.agent.image,
@@ -199,7 +215,7 @@ def container_spec(settings: Settings, chat: ChatSettings, paths: ChatPaths, cha
                                f"gid={settings.agent.uid},mode=0700")),
         # One file may not outgrow the chat's whole disk budget; no core dumps (they could hold secrets).
         ulimits=(("nofile", OPEN_FILES), ("fsize", options.disk), ("core", 0)),
-        environment=(("MODEL_RELAY_PORT", str(relay_port)),) if relayed else (),
+        environment=model_environment(secret, network, chat.chat_id),
     )
 
 

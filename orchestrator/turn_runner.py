@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from orchestrator import agent, agent_host, disk, layout, relay, turns
+from orchestrator import agent, agent_host, credentials, disk, layout, relay, turns
 from orchestrator.agent import Answer, Failure, Init, Text, ToolUse, Transcript, Unparsed
 from orchestrator.channels import TurnDisplay
 from orchestrator.config import ChatSettings, Settings, resolve_chat
@@ -65,12 +65,12 @@ class _RunningTurn:
 
 class TurnRunner:
     def __init__(self, settings: Settings, store: Store, runtime: Runtime,
-                 on_container_started: Callable[[str], Awaitable[None]], relay_port: int | None = None) -> None:
+                 on_container_started: Callable[[str], Awaitable[None]]) -> None:
         self.settings = settings
         self.store = store
         self.runtime = runtime
         self.on_container_started = on_container_started
-        self.relay_port = relay_port
+        self._secret: bytes | None = None
         self._running: dict[str, _RunningTurn] = {}  # by chat id
         self._limit_hits: dict[str, int] = {}  # by container start: pids-limit refusals seen after failed turns
         self._disk: dict[str, disk.Measurement] = {}  # by chat id: the latest measurement of its folders
@@ -210,12 +210,11 @@ class TurnRunner:
     async def _container(self, chat: ChatSettings, paths: layout.ChatPaths, chat_id: str) -> ContainerState:
         layout.prepare(paths, self.settings.agent.uid)
         record = self.store.chat(chat_id)
-        if self.relay_port is not None:
-            relay.prepare_chat(self.settings, chat_id)
-        spec = container_spec(self.settings, chat, paths, record.name, self.relay_port)
-        container = await self.runtime.ensure(spec)
-        if self.relay_port is not None:
-            await relay.wait_served(self.settings, chat_id)
+        relay.prepare_chat(self.settings, chat_id)
+        if self._secret is None:
+            self._secret = credentials.load_or_make_secret(layout.secret_path(self.settings))
+        container = await self.runtime.ensure(container_spec(self.settings, chat, paths, self._secret, record.name))
+        await relay.wait_served(self.settings, chat_id)
         if container.id != record.container_id:
             logger.bind(chat_id=chat_id).info(f"container {container.name} is {container.id[:12]}")
             self.store.set_container(chat_id, container.name, container.id)

@@ -22,6 +22,9 @@ from tests.fakes.feishu import FakeFeishu
 
 T = TypeVar("T")
 AGENT_IMAGE = os.environ.get("ORCHESTRATOR_TEST_IMAGE", "claude-runner:latest")
+# The model's real key in tests: recognizable, so a test can look for it wherever an agent could (it must be nowhere
+# but in the gateway); the fake API answers only requests that carry it.
+MODEL_KEY = "sk-ant-api03-CANARY-model-key-0123456789abcdef"
 
 
 def wait_until(check: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
@@ -36,13 +39,13 @@ def wait_until(check: Callable[[], T], timeout: float, what: str, interval: floa
 
 
 def write_config(path: Path, *, instance: str, api_url: str, **sections: Any) -> Path:
-    """A config for tests: the instance network (the fake API on 127.0.0.1 is reached through the model relay),
-    small caps, fast timeouts."""
+    """A config for tests: the instance network (the fake API on 127.0.0.1 is reached through the model gateway,
+    which alone holds MODEL_KEY), small caps, fast timeouts."""
     config: dict[str, Any] = {
         "data_dir": "./data",
         "instance": instance,
-        "agent": {"image": AGENT_IMAGE, "idle_timeout": 60,
-                  "env": {"ANTHROPIC_BASE_URL": api_url, "ANTHROPIC_API_KEY": "sk-test-fake"}},
+        "agent": {"image": AGENT_IMAGE, "idle_timeout": 60},
+        "gateway": {"upstream_url": api_url, "api_key": MODEL_KEY},
         "defaults": {"cpus": 1, "memory": "512m", "pids_limit": 200},
     }
     for key, value in sections.items():

@@ -203,8 +203,7 @@ def test_no_secret_in_logs_or_labels(feishu: FakeFeishu, feishu_config, docker_c
                                      instance: str, fake_api: FakeAnthropic) -> None:
     secrets = {"ANTHROPIC_API_KEY": "sk-ant-very-secret-4f1d", "FEISHU_SECRET": feishu.app_secret}
     config = feishu_config({"app_secret": "${FEISHU_SECRET}", "encrypt_key": "enc-secret-77aa"},
-                           agent={"env": {"ANTHROPIC_BASE_URL": fake_api.base_url,
-                                          "ANTHROPIC_API_KEY": "${ANTHROPIC_API_KEY}"}},
+                           gateway={"upstream_url": fake_api.base_url, "api_key": "${ANTHROPIC_API_KEY}"},
                            logging={"level": "DEBUG"})
     bot = Orchestrator(config, env=secrets)
     feishu.wait_connected(timeout=60)
@@ -220,5 +219,5 @@ def test_no_secret_in_logs_or_labels(feishu: FakeFeishu, feishu_config, docker_c
     inspected = json.dumps(container.attrs)
     for value in (*secrets.values(), "enc-secret-77aa"):
         assert value not in json.dumps(container.labels)
-        assert value not in inspected  # credentials reach turns as exec environment, not the container's
-    assert secrets["ANTHROPIC_API_KEY"] in fake_api.api_keys  # and yet the agent had its key
+        assert value not in inspected  # the key stays in the gateway; the agent has a token of its chat's
+    assert secrets["ANTHROPIC_API_KEY"] in fake_api.api_keys  # and yet the model was asked with the key

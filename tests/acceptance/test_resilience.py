@@ -183,11 +183,10 @@ def test_a_failing_housekeeping_step_shows_in_healthz_holds_up_no_other_and_reco
 def test_a_secret_the_agent_prints_reaches_the_chat_and_the_store_masked(
         feishu: FakeFeishu, feishu_config, start, store_view: StoreView, fake_api: FakeAnthropic) -> None:
     key, token = f"sk-ant-api03-{uuid.uuid4().hex}", f"tok-{uuid.uuid4().hex}"
-    config = feishu_config(agent={"env": {"ANTHROPIC_BASE_URL": fake_api.base_url, "ANTHROPIC_API_KEY": key,
-                                          "SERVICE_TOKEN": token}})
+    config = feishu_config(agent={"env": {"SERVICE_KEY": key, "SERVICE_TOKEN": token}})
     start(config)
     chat_id = chat()
-    feishu.push_event(feishu.text_event(chat_id, "RUN_BASH: printenv ANTHROPIC_API_KEY SERVICE_TOKEN; echo end"))
+    feishu.push_event(feishu.text_event(chat_id, "RUN_BASH: printenv SERVICE_KEY SERVICE_TOKEN; echo end"))
     wait_answer(feishu, chat_id, "end")
     wait_until(lambda: [m["state"] for m in store_view.messages(chat_id)] == ["delivered"], 30, "delivered")
 

@@ -10,6 +10,10 @@ import asyncio
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from orchestrator.layout import RUN_PATH
+from orchestrator.relay import SOCKET
 
 from orchestrator.runtime import (
     CHAT_LABEL,
@@ -86,7 +90,16 @@ class FakeRuntime:
             self.started.append(spec.name)
             self.emit(state.chat_id, "start")
         self.containers[spec.name] = state
+        self._serve_model_socket(spec)
         return state
+
+    @staticmethod
+    def _serve_model_socket(spec: ContainerSpec) -> None:
+        """The instance's gateway container serves each chat's model socket; in this engine nothing runs, so the
+        socket's place is marked served when the chat's container is made."""
+        for source, target, _ in spec.mounts:
+            if target == RUN_PATH:
+                (Path(source) / SOCKET).touch()
 
     async def ensure_network(self, instance: str) -> AgentNetwork:
         return AgentNetwork(network_name(instance), bridge_name(instance), ("10.254.0.0/24",))

@@ -2,12 +2,21 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 import yaml
 
-from orchestrator.config import ChatOptions, ConfigError, load_settings, resolve_chat
+from orchestrator.config import (
+    DEFAULT_EGRESS_ALLOW,
+    DEFAULT_PRICES,
+    ChatOptions,
+    ConfigError,
+    Egress,
+    load_settings,
+    resolve_chat,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,11 +52,60 @@ def test_empty_config_gives_defaults(tmp_path: Path) -> None:
 def test_env_interpolation_with_and_without_defaults(tmp_path: Path) -> None:
     settings = load_settings(write(tmp_path, {
         "data_dir": "${ROOT}/state",
-        "agent": {"env": {"ANTHROPIC_API_KEY": "${KEY}", "ANTHROPIC_BASE_URL": "${URL:-http://gw.local}",
-                          "EMPTY": "${NOPE:-}"}},
+        "agent": {"env": {"DEPLOY_TOKEN": "${KEY}", "REGION": "${REGION:-eu}", "EMPTY": "${NOPE:-}"}},
+        "gateway": {"api_key": "${KEY}", "upstream_url": "${URL:-http://gw.local/}"},
     }), {"ROOT": "/srv/bot", "KEY": "sk-1"})
     assert settings.data_dir == Path("/srv/bot/state")
-    assert settings.agent.env == {"ANTHROPIC_API_KEY": "sk-1", "ANTHROPIC_BASE_URL": "http://gw.local"}
+    assert settings.agent.env == {"DEPLOY_TOKEN": "sk-1", "REGION": "eu"}
+    assert (settings.gateway.api_key, settings.gateway.upstream_url) == ("sk-1", "http://gw.local")
+
+
+@pytest.mark.parametrize("name", ["ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "CLAUDE_CODE_OAUTH_TOKEN", "HTTPS_PROXY"])
+def test_agent_env_may_not_set_the_model_credentials_or_the_proxy(tmp_path: Path, name: str) -> None:
+    message = error_of(tmp_path, {"agent": {"env": {name: "value"}}})
+    assert message.startswith(f"bot.yaml: agent.env.{name}: is set by the orchestrator")
+    assert "gateway.api_key" in message
+    assert load_settings(write(tmp_path, {"agent": {"env": {name: ""}}}), {}).agent.env == {}  # empty: dropped
+
+
+def test_gateway_budget_and_egress_values(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, {
+        "gateway": {"auth_token": "tok", "max_request_bytes": "1m", "request_timeout": 30, "max_concurrent": 2},
+        "budgets": {"per_chat_daily_usd": "2.50", "instance_monthly_usd": 100, "timezone": "Asia/Shanghai",
+                    "reset_at": "06:30:15", "footer": False,
+                    "prices": {"claude-fake": {"input": 1, "output": 2, "cache_write": "1.25", "cache_read": 0.1}}},
+        "defaults": {"egress": {"allow": ["pypi.org", "*.example.com"]}},
+        "groups": {"oc_open": {"egress": "open"}, "oc_none": {"egress": "none"}},
+    }), {})
+    assert settings.gateway.configured and settings.gateway.max_request_bytes == 1024**2
+    assert settings.budgets.per_chat_daily_usd == Decimal("2.50") and settings.budgets.per_user_daily_usd is None
+    assert (settings.budgets.timezone, settings.budgets.reset_at, settings.budgets.footer) == (
+        "Asia/Shanghai", "06:30:15", False)
+    assert settings.budgets.prices["claude-fake"].cache_read == Decimal("0.1")
+    assert settings.budgets.prices["claude-sonnet-4"] == DEFAULT_PRICES["claude-sonnet-4"]  # merged over defaults
+    assert settings.defaults.egress == Egress("allowlist", ("pypi.org", "*.example.com"))
+    assert resolve_chat(settings, "oc_open").options.egress.mode == "open"
+    assert resolve_chat(settings, "oc_none").options.egress.mode == "none"
+    assert resolve_chat(settings, "oc_other").options.egress.allow == ("pypi.org", "*.example.com")
+    assert ChatOptions().egress.allow == DEFAULT_EGRESS_ALLOW and "pypi.org" in DEFAULT_EGRESS_ALLOW
+
+
+@pytest.mark.parametrize(("section", "problem"), [
+    ({"gateway": {"upstream_url": "ftp://x"}}, "gateway.upstream_url: 'ftp://x' must be an http:// or https:// URL"),
+    ({"budgets": {"per_chat_daily_usd": -1}}, "budgets.per_chat_daily_usd: -1 must be an amount in USD, 0 or more"),
+    ({"budgets": {"per_user_daily_usd": "lots"}}, "budgets.per_user_daily_usd: 'lots' must be an amount in USD"),
+    ({"budgets": {"timezone": "Mars/Olympus"}}, "budgets.timezone: 'Mars/Olympus' is not a known time zone"),
+    ({"budgets": {"reset_at": "24:00"}}, "budgets.reset_at: '24:00' must be a time of day"),
+    ({"budgets": {"prices": {"m": {"input": 1}}}}, "budgets.prices.m: needs output, cache_write, cache_read"),
+    ({"budgets": {"prices": {"m": {"input": 1, "output": 1, "cache_write": 1, "cache_read": 1, "x": 1}}}},
+     "budgets.prices.m.x: unknown key"),
+    ({"defaults": {"egress": "closed"}}, "defaults.egress: 'closed' must be open, none, or a mapping"),
+    ({"defaults": {"egress": {"allow": ["evil.com\nhttp_access allow all"]}}}, "is not a domain"),
+    ({"defaults": {"egress": {"allow": ["Example.COM"]}}}, "is not a domain"),
+    ({"groups": {"oc_a": {"egress": {"deny": ["x.com"]}}}}, "groups.oc_a.egress: {'deny': ['x.com']} must be"),
+])
+def test_bad_gateway_budget_and_egress_values_name_the_key(tmp_path: Path, section: dict, problem: str) -> None:
+    assert problem in error_of(tmp_path, section)
 
 
 def test_group_settings_override_defaults_for_one_chat(tmp_path: Path) -> None:
@@ -111,8 +169,8 @@ def test_bad_values_name_the_file_and_the_key(tmp_path: Path, config: dict, key:
 def test_missing_environment_variable_names_the_key(tmp_path: Path) -> None:
     message = error_of(tmp_path, {"feishu": {"app_secret": "${FEISHU_SECRET}"}})
     assert message == "bot.yaml: feishu.app_secret: ${FEISHU_SECRET} is not set in the environment"
-    message = error_of(tmp_path, {"agent": {"env": {"ANTHROPIC_API_KEY": "${KEY}"}}})
-    assert message.startswith("bot.yaml: agent.env.ANTHROPIC_API_KEY: ${KEY} is not set")
+    message = error_of(tmp_path, {"gateway": {"api_key": "${KEY}"}})
+    assert message.startswith("bot.yaml: gateway.api_key: ${KEY} is not set")
 
 
 def test_broken_yaml_and_missing_file(tmp_path: Path) -> None:
@@ -142,11 +200,11 @@ def test_config_check_command_reports_and_exits_non_zero(tmp_path: Path) -> None
 
 
 def test_run_without_credentials_says_what_to_set(tmp_path: Path) -> None:
-    config = write(tmp_path, {"agent": {"env": {}}})
+    config = write(tmp_path, {"gateway": {"api_key": ""}})
     result = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", "--config", str(config)],
                             capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert result.returncode == 2
-    assert "No credentials for Claude: set ANTHROPIC_API_KEY" in result.stderr
+    assert "No credentials for the model: set ANTHROPIC_API_KEY" in result.stderr
 
 
 def test_numbers_booleans_and_list_items_from_the_environment(tmp_path: Path) -> None:
@@ -165,7 +223,7 @@ def test_numbers_booleans_and_list_items_from_the_environment(tmp_path: Path) ->
 def test_webhook_mode_without_both_keys_is_refused_by_config_check_and_run(tmp_path: Path, missing: str) -> None:
     """Without them lark-oapi checks nothing: anyone reaching the port could post events as any user."""
     feishu = {"app_id": "cli_x", "app_secret": "s", "mode": "webhook", "encrypt_key": "k", "verification_token": "t"}
-    config = write(tmp_path, {"feishu": {**feishu, missing: ""}, "agent": {"env": {"ANTHROPIC_API_KEY": "sk-x"}}})
+    config = write(tmp_path, {"feishu": {**feishu, missing: ""}, "gateway": {"api_key": "sk-x"}})
     for command in (["config", "check"], ["run"]):
         result = subprocess.run([sys.executable, "-m", "orchestrator.cli", *command, "--config", str(config)],
                                 capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)

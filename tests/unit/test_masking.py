@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from orchestrator.channels import Outgoing, Submit
-from orchestrator.config import AgentSettings, FeishuSettings, Settings
+from orchestrator.config import AgentSettings, FeishuSettings, GatewaySettings, Settings
 from orchestrator.masking import MASK, MaskedChannel, Masker
 
 KEY = "sk-ant-api03-Zq9fake4f1d"
@@ -22,10 +22,11 @@ def test_every_occurrence_is_masked_and_a_longer_secret_whole() -> None:
 def test_the_secrets_are_the_settings_secret_values() -> None:
     settings = Settings(source=Path("config.yaml"), data_dir=Path("/data"),
                         feishu=FeishuSettings(app_id="cli_x", app_secret="app-secret-1"),
-                        agent=AgentSettings(env={"ANTHROPIC_API_KEY": KEY, "DEPLOY_TOKEN": "dt-9999",
-                                                 "ANTHROPIC_BASE_URL": "http://127.0.0.1:1"}))
+                        gateway=GatewaySettings(api_key=KEY, auth_token="gw-token-1", upstream_url="http://127.0.0.1:1"),
+                        agent=AgentSettings(env={"DEPLOY_TOKEN": "dt-9999", "REGION": "eu-1"}))
     mask = Masker(settings.secrets)
-    assert mask(f"{KEY} app-secret-1 dt-9999 http://127.0.0.1:1") == f"{MASK} {MASK} {MASK} http://127.0.0.1:1"
+    assert mask(f"{KEY} app-secret-1 dt-9999 gw-token-1 http://127.0.0.1:1 eu-1") == (
+        f"{MASK} {MASK} {MASK} {MASK} http://127.0.0.1:1 eu-1")
 
 
 def test_streamed_text_holds_back_what_could_be_the_start_of_a_secret() -> None:
