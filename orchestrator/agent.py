@@ -33,17 +33,6 @@ def cli_argv(agent: AgentSettings) -> list[str]:
     return argv + list(agent.extra_args)
 
 
-def turn_cost(total_cost_usd: float | None, cost_before: float | None) -> float | None:
-    """One turn's cost: a result's `total_cost_usd` is the running total of its CLI process, so the turn's share is
-    the difference from the total before the turn (a new process starts from 0). Both numbers come from the agent:
-    a total below the one before (a forged file) counts the total alone."""
-    if total_cost_usd is None or not isinstance(total_cost_usd, int | float):
-        return None
-    if cost_before is None or not 0 <= cost_before <= total_cost_usd:
-        return float(total_cost_usd)
-    return round(total_cost_usd - cost_before, 10)
-
-
 @dataclass(frozen=True)
 class Init:
     session_id: str

@@ -12,7 +12,6 @@ output outlive the orchestrator, and nothing needs `docker exec` or a socket (th
     /turns/<turn>/           made by this host when it takes the turn (mkdir is the claim), then in it:
         pid          the CLI process's pid (for the orchestrator's SIGINT fallback)
         process      a random id of the CLI process, the same in every turn that process answers
-        cost_before  the process's cumulative total_cost_usd before this turn (a new process starts from 0)
         output.jsonl the CLI's stream-json lines of this turn, up to and including its result
         stderr       what the CLI wrote to stderr during this turn
         exit_code    written last: 0 when the turn's result came, the CLI's exit status when it ended mid-turn,
@@ -45,8 +44,7 @@ TURNS = "/turns"
 WORKSPACE = "/workspace"
 INTERRUPT_SUFFIX = ".interrupt"
 TURN_NAME = re.compile(r"(\d+)-(\d+)-[0-9a-f]{16}")
-OUTPUT, STDERR, EXIT_CODE, PID, PROCESS, COST_BEFORE = "output.jsonl", "stderr", "exit_code", "pid", "process", \
-    "cost_before"
+OUTPUT, STDERR, EXIT_CODE, PID, PROCESS = "output.jsonl", "stderr", "exit_code", "pid", "process"
 WITHDRAWN = -1
 INTERRUPTED_BEFORE_START = 130
 RESCAN_SECONDS = 1.0  # with inotify, /input is scanned again this often all the same (shared storage sends no event)
@@ -156,7 +154,6 @@ class Cli:
         self.key = request.cli_key
         self.session = request.session
         self.id = secrets.token_hex(8)
-        self.cost = 0.0  # the last result's cumulative total_cost_usd
         self._partial = b""
         self._passing = False  # inside a line longer than MAX_PARSED_LINE
         self._head = b""  # the start of that line
@@ -390,7 +387,6 @@ class Host:
             return
         turn.write_file(PID, f"{cli.pid}\n")
         turn.write_file(PROCESS, f"{cli.id}\n")
-        turn.write_file(COST_BEFORE, f"{cli.cost!r}\n")
         self.turn = turn
         log(f"turn {name}: started, CLI {cli.pid}")
         if not cli.send(request.message):
@@ -450,9 +446,6 @@ class Host:
             self.cli.send({"type": "control_response", "response": {
                 "subtype": "error", "request_id": data.get("request_id"), "error": "no approvals here"}})
         if kind == "result":
-            cost = data.get("total_cost_usd")
-            if isinstance(cost, int | float):
-                self.cli.cost = float(cost)
             self._end_turn(0)
 
     def _on_stderr(self) -> None:

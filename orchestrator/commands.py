@@ -1,4 +1,4 @@
-"""Chat commands: /help, /new, /stop and /status, answered without a turn.
+"""Chat commands: /help, /new, /stop, /status and /cost, answered without a turn.
 
 A command gets a `Context` with what it may use (the store, the settings, the engine to inspect, the turn
 runner's stop, a way to reply), never the service itself.
@@ -12,7 +12,7 @@ from typing import Protocol
 
 from loguru import logger
 
-from orchestrator import status
+from orchestrator import budgets, status
 from orchestrator.config import Settings
 from orchestrator.store import MessageRecord, Store, refused_for_now
 from orchestrator.supervise import describe
@@ -21,6 +21,7 @@ HELP = ("Send a message and Claude Code answers it in this chat's own container.
         "/new  start a new conversation (Claude forgets this chat's earlier context)\n"
         "/stop  stop the answer being worked on\n"
         "/status  this chat's container, limits, session and queue\n"
+        "/cost  what this chat and you spent today and this month, and the budgets\n"
         "/help  this text")
 
 
@@ -87,4 +88,8 @@ async def _status(context: Context, message: MessageRecord) -> None:
     context.reply(message, status.render(now))
 
 
-COMMANDS: dict[str, Command] = {"/help": _help, "/new": _new, "/stop": _stop, "/status": _status}
+async def _cost(context: Context, message: MessageRecord) -> None:
+    context.reply(message, budgets.cost_report(context.settings, context.store, message.chat_id, message.sender_id))
+
+
+COMMANDS: dict[str, Command] = {"/help": _help, "/new": _new, "/stop": _stop, "/status": _status, "/cost": _cost}

@@ -24,7 +24,7 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.models.containers import Container
 from docker.types import LogConfig, Mount, Ulimit
 
-from orchestrator import credentials, layout, relay
+from orchestrator import credentials, gateway, layout
 from orchestrator.config import INSTANCE_NETWORK, ChatSettings, Settings
 from orchestrator.layout import WORKSPACE_PATH, ChatPaths
 from orchestrator.supervise import LIVENESS
@@ -33,7 +33,7 @@ MANAGED_LABEL = "orchestrator.managed"
 CHAT_LABEL = "orchestrator.chat_id"
 CHAT_NAME_LABEL = "orchestrator.chat_name"
 INSTANCE_LABEL = "orchestrator.instance"
-ROLE_LABEL = "orchestrator.role"  # a container of the instance's that serves no one chat (the model relay)
+ROLE_LABEL = "orchestrator.role"  # a container of the instance's that serves no one chat (the model gateway)
 SPEC_LABEL = "orchestrator.spec"
 
 ICC_OPTION = "com.docker.network.bridge.enable_icc"
@@ -140,27 +140,29 @@ def container_name(instance: str, chat_id: str) -> str:
     return f"{instance}-{chat_id}"
 
 
-def relay_container_name(instance: str) -> str:
-    return f"{instance}-relay"
+def gateway_container_name(instance: str) -> str:
+    return f"{instance}-gateway"
 
 
-def relay_container_spec(settings: Settings, port: int) -> ContainerSpec:
-    """The instance's model relay (see `relay`): the agent image's socat on the host's network, serving each
-    chat's socket in the run folder; root there only to own the sockets in root's folders, with no capability."""
+def gateway_container_spec(settings: Settings, settings_digest: str) -> ContainerSpec:
+    """The instance's model gateway (see `gateway`): the orchestrator's image on the host's network (the model's
+    API may be on the host's loopback), serving each chat's socket in the run folder and writing usage to the
+    store, so data_dir is mounted at its own path; root there only to own the sockets in root's folders and the
+    store, with no capability. The settings' digest in its environment makes a changed config re-create it."""
     return ContainerSpec(
-        name=relay_container_name(settings.instance),
-        image=settings.agent.image,
-        labels={MANAGED_LABEL: "true", INSTANCE_LABEL: settings.instance, ROLE_LABEL: "model-relay"},
-        nano_cpus=500_000_000,
-        mem_limit=128 * 1024**2,
-        pids_limit=2048,  # a socat per chat, and one per connection
+        name=gateway_container_name(settings.instance),
+        image=settings.gateway.image,
+        labels={MANAGED_LABEL: "true", INSTANCE_LABEL: settings.instance, ROLE_LABEL: "model-gateway"},
+        nano_cpus=1_000_000_000,
+        mem_limit=256 * 1024**2,  # gateway.BODY_MEMORY of request bodies at most, and Python
+        pids_limit=64,  # one process, a few threads
         network="host",
         user="0:0",
-        mounts=((str(layout.run_dir(settings)), "/relay", False),),
+        mounts=((str(settings.data_dir), str(settings.data_dir), False),),
         tmpfs=(("/tmp", "rw,nosuid,nodev,noexec,size=1m"),),
         ulimits=(("nofile", OPEN_FILES), ("core", 0)),
-        environment=(),
-        command=relay.relay_command(port),
+        environment=(("GATEWAY_SETTINGS_DIGEST", settings_digest),),
+        command=("python", "-m", "orchestrator.gateway", str(gateway.settings_path(settings))),
     )
 
 

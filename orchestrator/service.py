@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from orchestrator import commands, firewall, layout, metrics, relay, turns
+from orchestrator import budgets, commands, credentials, firewall, gateway, layout, metrics, turns
 from orchestrator.agent import Failure
 from orchestrator.channels import Channel, Incoming
 from orchestrator.config import Settings
@@ -28,8 +28,8 @@ from orchestrator.runtime import (
     Runtime,
     RuntimeFailure,
     bridge_name,
-    relay_container_name,
-    relay_container_spec,
+    gateway_container_name,
+    gateway_container_spec,
 )
 from orchestrator.states import State
 from orchestrator.store import MessageRecord, Store, refused_for_now
@@ -61,10 +61,7 @@ class Service:
         self.runtime = runtime
         self.mask = Masker(settings.secrets)
         self.channel: Channel = MaskedChannel(channel, self.mask)  # secrets never reach a chat
-        target = relay.loopback_target(settings.agent.env.get("ANTHROPIC_BASE_URL"))
-        self.relay_port = target[1] if target else None
-        self.turns = TurnRunner(settings, store, runtime, on_container_started=self._enforce_max_running,
-                                relay_port=self.relay_port)
+        self.turns = TurnRunner(settings, store, runtime, on_container_started=self._enforce_max_running)
         self.deliverer = Deliverer(store, self.channel)
         self.queues: dict[str, asyncio.Queue[str]] = {}
         self.workers: dict[str, asyncio.Task[None]] = {}
@@ -89,6 +86,7 @@ class Service:
             loop.add_signal_handler(sig, self._on_signal, sig)
         layout.prepare_instance(self.settings)
         await self.close_network()
+        await self.start_gateway()
         await self.reconcile()
         if self.settings.metrics.listen:
             host, _, port = self.settings.metrics.listen.rpartition(":")
@@ -135,15 +133,22 @@ class Service:
         self._stop.set()
 
     async def close_network(self) -> None:
-        """The instance network for the agents, closed by the host's firewall, and the model relay into it."""
+        """The instance network for the agents, closed by the host's firewall."""
         network = await self.runtime.ensure_network(self.settings.instance)
         chains = await asyncio.to_thread(firewall.install, self.settings.instance, network.bridge)
         logger.info(f"agents' network {network.name} ({', '.join(network.subnets)}) on {network.bridge}: closed to "
                     f"the host, private and link-local addresses and each other (iptables {chains.forward}, "
                     f"{chains.local})")
-        if self.relay_port is not None:
-            relay_container = await self.runtime.ensure(relay_container_spec(self.settings, self.relay_port))
-            logger.info(f"model relay {relay_container.name}: the agents' model API is 127.0.0.1:{self.relay_port}")
+
+    async def start_gateway(self) -> None:
+        """The model gateway, the only holder of the model's key: its settings written, its container adopted or made
+        (and made again when the settings changed). It runs on its own, so turns reach their model while this
+        service restarts."""
+        await asyncio.to_thread(credentials.load_or_make_secret, layout.secret_path(self.settings))
+        await asyncio.to_thread(gateway.write_settings, self.settings)
+        spec = gateway_container_spec(self.settings, gateway.settings_digest(self.settings))
+        container = await self.runtime.ensure(spec)
+        logger.info(f"model gateway {container.name}: agents reach {self.settings.gateway.upstream_url} through it")
 
     def health(self) -> dict[str, str | None]:
         """Each dependency and each of the service's loops, and what is wrong with it (None: fine). Runs on the
@@ -184,8 +189,8 @@ class Service:
         containers = [c for c in await self.runtime.list_managed(self.settings.instance) if c.running]
         logger.info(f"stopping {len(containers)} container(s)")
         await asyncio.gather(*(self._stop_container(c.name, c.chat_id) for c in containers))
-        if self.relay_port is not None:  # last: it carried the model requests of the turns that just ended
-            await self._stop_container(relay_container_name(self.settings.instance), "-")
+        # Last: it carried the model requests of the turns that just ended.
+        await self._stop_container(gateway_container_name(self.settings.instance), "-")
 
     async def _stop_container(self, name: str, chat_id: str) -> None:
         try:
@@ -252,7 +257,7 @@ class Service:
         interval = max(1.0, min(HOUSEKEEPING_SECONDS, self.settings.containers.idle_stop / 2))
         steps = {"idle_stop": self._stop_idle_containers, "prune": self._prune_turns,
                  "disk_budget": self._stop_containers_over_budget, "stranded": self._resume_stranded,
-                 "firewall": self._keep_network_closed}
+                 "firewall": self._keep_network_closed, "spending": self._publish_spending}
         await asyncio.gather(*(repeat(LIVENESS.streak(f"housekeeping.{name}"), step, lambda: asyncio.sleep(interval))
                                for name, step in steps.items()))
 
@@ -262,6 +267,12 @@ class Service:
         if not await asyncio.to_thread(firewall.intact, self.settings.instance, bridge):
             logger.error("the instance network's firewall rules were changed or removed; installing them again")
             await asyncio.to_thread(firewall.install, self.settings.instance, bridge)
+
+    async def _publish_spending(self) -> None:
+        """Each chat's spending of the day and the month, for /metrics."""
+        for period, spent in budgets.spent_by_chat(self.settings, self.store).items():
+            for chat_id, usd in spent.items():
+                metrics.CHAT_SPENT_USD.labels(chat_id, period).set(usd)
 
     async def _prune_turns(self) -> None:
         # Every turn a message still waits on, not only those followed now: after a restart a running turn may wait

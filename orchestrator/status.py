@@ -11,6 +11,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Protocol
 
+from orchestrator import budgets
 from orchestrator.config import Settings, resolve_chat
 from orchestrator.runtime import ContainerState, RuntimeFailure, Usage
 from orchestrator.states import State
@@ -47,6 +48,7 @@ class ChatStatus:
     queued: int  # messages waiting for their turn
     last_turn_cost_usd: float | None
     last_turn_seconds: float | None
+    spent_today_usd: float  # priced from the gateway's usage records, since the day's reset (budgets.reset_at)
 
 
 async def chat_status(settings: Settings, store: Store, engine: Engine | None, chat_id: str,
@@ -78,6 +80,7 @@ async def chat_status(settings: Settings, store: Store, engine: Engine | None, c
         queued=sum(1 for m in unfinished if m.state in (State.RECEIVED, State.QUEUED)),
         last_turn_cost_usd=last.cost_usd if last else None,
         last_turn_seconds=last.duration_ms / 1000 if last and last.duration_ms is not None else None,
+        spent_today_usd=budgets.spent_today_usd(settings, store, chat_id),
     )
 
 
@@ -121,4 +124,5 @@ def render(status: ChatStatus) -> str:
     ]
     if status.last_turn_seconds is not None:
         lines.append(f"Last turn: {status.last_turn_seconds:.1f} s, ${status.last_turn_cost_usd or 0:.4f}")
+    lines.append(f"Spent today: ${status.spent_today_usd:.4f}")
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Durable state in SQLite (peewee): chats and messages. The only module that speaks SQL.
+"""Durable state in SQLite (peewee): chats, messages and the model's usage. The only module that speaks SQL.
 
 Callers get plain records, never rows. Message state changes are conditional updates (see `states`),
 so a transition happens once even when two workers race for it. A transition the message's state refuses
@@ -21,6 +21,7 @@ from pathlib import Path
 
 from peewee import (
     AutoField,
+    BooleanField,
     CharField,
     DatabaseProxy,
     FloatField,
@@ -30,6 +31,7 @@ from peewee import (
     OperationalError,
     SqliteDatabase,
     TextField,
+    fn,
 )
 
 from orchestrator.masking import Masker
@@ -122,6 +124,26 @@ class _Refusal(_Table):
         table_name = "refusals"
 
 
+class _Usage(_Table):
+    """One model request's tokens and price, written by the gateway (another process) as the response streams."""
+
+    id = AutoField()
+    chat_id = CharField(index=True)
+    user_id = CharField(index=True, default="")  # the sender of the message the chat was running; "" if none
+    message_id = CharField(index=True, null=True)  # that message
+    model = CharField(default="")
+    input_tokens = IntegerField(default=0)
+    output_tokens = IntegerField(default=0)
+    cache_write_tokens = IntegerField(default=0)
+    cache_read_tokens = IntegerField(default=0)
+    cost_nano = IntegerField(default=0)  # USD × 1e9, from the config's prices when the row was written
+    at = FloatField(index=True)  # when the response started
+    complete = BooleanField(default=False)  # the response ended (message_stop); False: cut off, counted so far
+
+    class Meta:
+        table_name = "usage"
+
+
 class TransitionRefused(Exception):
     """A message's state does not allow the change asked for, and no caller expects that: a bug."""
 
@@ -168,6 +190,22 @@ class OutboxRecord:
     last_error: str | None
 
 
+@dataclass(frozen=True)
+class UsageRecord:
+    id: int
+    chat_id: str
+    user_id: str
+    message_id: str | None
+    model: str
+    input_tokens: int
+    output_tokens: int
+    cache_write_tokens: int
+    cache_read_tokens: int
+    cost_nano: int
+    at: float
+    complete: bool
+
+
 def _chat_record(row: _Chat) -> ChatRecord:
     return ChatRecord(row.chat_id, row.name, row.container_name, row.container_id, row.session_id,
                       row.last_activity)
@@ -177,6 +215,12 @@ def _message_record(row: _Message) -> MessageRecord:
     return MessageRecord(row.id, row.message_id, row.chat_id, row.sender_id, row.text, State(row.state),
                          row.turn, row.display, row.error, row.answer, row.cost_usd, row.duration_ms, row.received_at,
                          row.updated_at)
+
+
+def _usage_record(row: _Usage) -> UsageRecord:
+    return UsageRecord(row.id, row.chat_id, row.user_id, row.message_id, row.model, row.input_tokens,
+                       row.output_tokens, row.cache_write_tokens, row.cache_read_tokens, row.cost_nano, row.at,
+                       row.complete)
 
 
 def _outbox_record(row: _Outbox) -> OutboxRecord:
@@ -202,7 +246,7 @@ class Store:
             "synchronous": "normal",
         })
         _database.initialize(self.db)
-        self.db.create_tables([_Chat, _Message, _Outbox, _Refusal])
+        self.db.create_tables([_Chat, _Message, _Outbox, _Refusal, _Usage])
 
     def close(self) -> None:
         self.db.close()
@@ -275,6 +319,12 @@ class Store:
     def last_turn(self, chat_id: str) -> MessageRecord | None:
         """The chat's latest message whose turn reported its duration (and cost), or None."""
         row = (_Message.select().where((_Message.chat_id == chat_id) & _Message.duration_ms.is_null(False))
+               .order_by(_Message.id.desc()).first())
+        return _message_record(row) if row else None
+
+    def running_message(self, chat_id: str) -> MessageRecord | None:
+        """The chat's message whose turn is running (its sender pays for the model's requests), or None."""
+        row = (_Message.select().where((_Message.chat_id == chat_id) & (_Message.state == str(State.RUNNING)))
                .order_by(_Message.id.desc()).first())
         return _message_record(row) if row else None
 
@@ -450,3 +500,49 @@ class Store:
             pass
         _Refusal.update(messages=_Refusal.messages + 1).where(_Refusal.chat_id == chat_id).execute()
         return False
+
+    # ---- usage ----
+
+    def open_usage(self, chat_id: str, user_id: str, message_id: str | None, model: str, *, input_tokens: int,
+                   output_tokens: int, cache_write_tokens: int, cache_read_tokens: int, cost_nano: int,
+                   complete: bool = False) -> int:
+        """Record a model response as it starts (so what was streamed counts even if the gateway dies); its id."""
+        return _Usage.insert(chat_id=chat_id, user_id=user_id, message_id=message_id, model=model,
+                             input_tokens=input_tokens, output_tokens=output_tokens,
+                             cache_write_tokens=cache_write_tokens, cache_read_tokens=cache_read_tokens,
+                             cost_nano=cost_nano, at=time.time(), complete=complete).execute()
+
+    def update_usage(self, usage_id: int, *, input_tokens: int, output_tokens: int, cache_write_tokens: int,
+                     cache_read_tokens: int, cost_nano: int, complete: bool) -> None:
+        """The response's counts so far (they only grow: the API's are cumulative)."""
+        _Usage.update(input_tokens=input_tokens, output_tokens=output_tokens, cache_write_tokens=cache_write_tokens,
+                      cache_read_tokens=cache_read_tokens, cost_nano=cost_nano, complete=complete).where(
+            _Usage.id == usage_id).execute()
+
+    def usage(self, chat_id: str | None = None) -> list[UsageRecord]:
+        query = _Usage.select().order_by(_Usage.id)
+        if chat_id is not None:
+            query = query.where(_Usage.chat_id == chat_id)
+        return [_usage_record(row) for row in query]
+
+    def spent(self, since: float, until: float | None = None, chat_id: str | None = None,
+              user_id: str | None = None) -> int:
+        """nano-USD of the responses that started in [since, until), of one chat or user if given, or of all."""
+        condition = _Usage.at >= since
+        if until is not None:
+            condition &= _Usage.at < until
+        if chat_id is not None:
+            condition &= _Usage.chat_id == chat_id
+        if user_id is not None:
+            condition &= _Usage.user_id == user_id
+        return _Usage.select(fn.COALESCE(fn.SUM(_Usage.cost_nano), 0)).where(condition).scalar()
+
+    def turn_spent(self, message_id: str) -> int:
+        """nano-USD of the model requests made while this message's turn ran."""
+        return _Usage.select(fn.COALESCE(fn.SUM(_Usage.cost_nano), 0)).where(_Usage.message_id == message_id).scalar()
+
+    def spent_by_chat(self, since: float) -> dict[str, int]:
+        """nano-USD per chat of the responses that started since then (chats that spent nothing are left out)."""
+        query = (_Usage.select(_Usage.chat_id, fn.SUM(_Usage.cost_nano).alias("total")).where(_Usage.at >= since)
+                 .group_by(_Usage.chat_id).order_by(_Usage.chat_id))
+        return {row.chat_id: row.total for row in query}

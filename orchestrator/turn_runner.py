@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from orchestrator import agent, agent_host, credentials, disk, layout, relay, turns
+from orchestrator import agent, agent_host, budgets, credentials, disk, layout, relay, turns
 from orchestrator.agent import Answer, Failure, Init, Text, ToolUse, Transcript, Unparsed
 from orchestrator.channels import TurnDisplay
 from orchestrator.config import ChatSettings, Settings, resolve_chat
@@ -137,6 +137,9 @@ class TurnRunner:
     # ---- one message's turn ----
 
     async def run(self, message: MessageRecord, display: TurnDisplay, log: Logger) -> Answer | Failure:
+        return self._priced(message, await self._run(message, display, log))
+
+    async def _run(self, message: MessageRecord, display: TurnDisplay, log: Logger) -> Answer | Failure:
         chat = resolve_chat(self.settings, message.chat_id)
         paths = layout.chat_paths(self.settings, chat)
         try:
@@ -145,12 +148,13 @@ class TurnRunner:
                 if await self._taken_before(message, files, log):
                     log.info(f"following turn {message.turn}, started before a restart")
                     container = await self.runtime.inspect(self.store.chat(message.chat_id).container_name)
-                    return await self._follow(message, container, files, display, log)
+                    return self._stopped_by_budget(message, await self._follow(message, container, files, display, log),
+                                                   log)
                 log.info(f"turn {message.turn} was never taken before the restart; starting it now")
-            refusal = await self._disk_refusal(chat, paths, log)
+            refusal = await self._disk_refusal(chat, paths, log) or self._budget_refusal(message, log)
             if refusal is not None:
                 return refusal
-            return await self._start(message, chat, paths, display, log)
+            return self._stopped_by_budget(message, await self._start(message, chat, paths, display, log), log)
         except RuntimeFailure as exc:
             log.error(f"container failure: {exc}")
             return Failure("The chat's container could not be started; the operators have the details in the log.",
@@ -266,8 +270,6 @@ class TurnRunner:
                 result = self._ending(turn, agent.outcome(transcript, exit_code, stderr), transcript)
                 if isinstance(result, Failure) and result.detail:
                     log.warning(f"the CLI said: {excerpt(result.detail, 300)}")
-                if isinstance(result, Answer):  # the result's total is its CLI process's: this turn's share
-                    result = dataclasses.replace(result, cost_usd=agent.turn_cost(result.cost_usd, files.cost_before()))
                 return result
             if reader.over_limit:
                 await self.kill(turn)
@@ -299,6 +301,37 @@ class TurnRunner:
                     return Failure(reason, partial_text=transcript.text_so_far)
             await asyncio.sleep(poll)
             poll = min(POLL_SECONDS, poll * POLL_GROWTH)
+
+    # ---- budgets ----
+
+    def _budget_refusal(self, message: MessageRecord, log: Logger) -> Failure | None:
+        """Why no turn may start for the chat or its sender: a budget is spent."""
+        refused = budgets.refusal(self.settings, self.store, message.chat_id, message.sender_id)
+        if refused is None:
+            return None
+        log.warning(f"refusing a turn: the {refused.scope} budget is spent")
+        return Failure(refused.text)
+
+    def _priced(self, message: MessageRecord, result: Answer | Failure) -> Answer | Failure:
+        """An answer's cost as the gateway priced its model requests (the CLI's own figure is an estimate whose
+        meaning changes between versions), and its footer."""
+        if isinstance(result, Failure):
+            return result
+        text = result.text
+        if self.settings.budgets.footer:
+            text += "\n\n" + budgets.footer(self.settings, self.store, message.message_id, message.chat_id)
+        return dataclasses.replace(result, text=text, cost_usd=budgets.turn_cost_usd(self.store, message.message_id))
+
+    def _stopped_by_budget(self, message: MessageRecord, result: Answer | Failure, log: Logger) -> Answer | Failure:
+        """A turn that ended in an error after crossing a budget was stopped by the gateway, which refused its next
+        model request: say so, rather than the CLI's words for the refusal."""
+        if isinstance(result, Answer):
+            return result
+        refused = budgets.refusal(self.settings, self.store, message.chat_id, message.sender_id)
+        if refused is None:
+            return result
+        log.warning(f"the turn was stopped: the {refused.scope} budget is spent")
+        return Failure(f"This answer was stopped: {refused.text}", partial_text=result.partial_text)
 
     # ---- disk ----
 

@@ -6,7 +6,6 @@ write; everything else is written inside the container, and so is hostile input:
 <chat>/input/<turn>.interrupt     our request to interrupt it
 <chat>/turns/<turn>/pid           the CLI's pid inside the container
                     process       the id of the CLI process that answers it (the same across a hot CLI's turns)
-                    cost_before   that process's cumulative cost before the turn
                     output.jsonl  the CLI's stream-json output, read incrementally, with bounds
                     stderr        the CLI's stderr during the turn
                     exit_code     written last, when the turn has ended
@@ -88,9 +87,6 @@ class TurnFiles:
 
     def exit_code(self) -> int | None:
         return self._number(agent_host.EXIT_CODE, int)
-
-    def cost_before(self) -> float | None:
-        return self._number(agent_host.COST_BEFORE, float)
 
     def _number(self, name: str, kind: type[_Number]) -> _Number | None:
         with self.folder() as fd:

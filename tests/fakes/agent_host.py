@@ -3,7 +3,7 @@ orchestrator/turn_runner.py): a thread that plays orchestrator/agent_host.py aga
 with a scripted CLI in place of Claude Code.
 
 It takes the requests in the chat's input folder in (row, attempt) order, claims each by making its folder in
-turns/, and writes pid, process, cost_before, output.jsonl, stderr and, last, exit_code there, every file owned by
+turns/, and writes pid, process, output.jsonl, stderr and, last, exit_code there, every file owned by
 the agent's uid as the real host's are (the tests run as root; the orchestrator refuses files of another owner).
 Each file appears whole (written aside, chowned, renamed), as the real host's small files do.
 
@@ -47,6 +47,7 @@ class Reply:
     hold: bool = False  # after its first text, it works on until interrupted, signalled or `release`d
     obey_interrupt: bool = True  # False: the host does not pass `<turn>.interrupt` on (the SIGINT fallback's case)
     obey_signals: bool = True  # False: signals change nothing either (a wedged host: only a stopped container helps)
+    error: str | None = None  # the turn ends in an error result with these words (the model API refused, say)
 
 
 @dataclass
@@ -143,7 +144,7 @@ class FakeAgentHost:
         process = self._process_for(request)
         self._current, self._signal = (name, process.pid, reply), None
         for file, text in ((agent_host.PID, f"{process.pid}\n"), (agent_host.PROCESS, f"{process.id}\n"),
-                           (agent_host.COST_BEFORE, f"{process.cost!r}\n"), (agent_host.OUTPUT, ""),
+                           (agent_host.OUTPUT, ""),
                            (agent_host.STDERR, "")):
             self._write(folder / file, text)
         self.requests.append(request)
@@ -180,9 +181,12 @@ class FakeAgentHost:
             self._process = None
             return SIGNALS[ending]
         process.cost += COST_PER_TURN
-        result: dict[str, Any] = {"type": "result", "is_error": ending != ANSWERED, "session_id": process.session,
-                                  "total_cost_usd": process.cost, "duration_ms": 5, "num_turns": 1}
-        if ending == ANSWERED:
+        result: dict[str, Any] = {"type": "result", "is_error": ending != ANSWERED or reply.error is not None,
+                                  "session_id": process.session, "total_cost_usd": process.cost, "duration_ms": 5,
+                                  "num_turns": 1}
+        if reply.error is not None:
+            result.update(subtype="success", result=reply.error, errors=[reply.error])
+        elif ending == ANSWERED:
             result.update(subtype="success", result=text)
         else:  # interrupted, through the control protocol or by SIGINT: a result, and the session goes on
             result.update(subtype="error_during_execution", errors=[], terminal_reason="aborted_streaming")

@@ -7,9 +7,13 @@ JSON message when stream is false) and answers by what the latest user prompt as
 - `SLOW <seconds>`       stream a first piece of text, wait, then finish
 - `SILENT <seconds>`     wait before sending anything at all
 - `STREAM <n> <gap>`     answer in n text blocks `part i of n.`, `gap` seconds apart
+- `TOKENS <in> <out> [<cache written> <cache read>]`  report these token counts (default 10 in, 10 out)
 - anything else          `Fake answer to: <prompt>`
 
-Every request body is recorded in `requests`, so a test can see what the CLI sent (resumed history).
+Every request body is recorded in `requests`, so a test can see what the CLI sent (resumed history); the usage
+the fake reported for each (the API's `usage` fields, and `model`) in `usages`, and the bytes of its answer in
+`responses`. Given an `api_key`, it answers any request without that key (x-api-key, or Authorization: Bearer)
+with 401, as the real API does.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ _BASH = re.compile(r"RUN_BASH:\s*(.+)", re.DOTALL)
 _SLOW = re.compile(r"SLOW\s+(\d+(?:\.\d+)?)")
 _SILENT = re.compile(r"SILENT\s+(\d+(?:\.\d+)?)")
 _STREAM = re.compile(r"STREAM\s+(\d+)\s+(\d+(?:\.\d+)?)")
+_TOKENS = re.compile(r"TOKENS\s+(\d+)\s+(\d+)(?:\s+(\d+)\s+(\d+))?")
 
 
 def text_of(content: Any) -> str:
@@ -50,9 +55,12 @@ def latest_user_blocks(body: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 class FakeAnthropic:
-    def __init__(self) -> None:
+    def __init__(self, api_key: str | None = None) -> None:
+        self.api_key = api_key  # the only key it accepts; None: any
         self.requests: list[dict[str, Any]] = []
         self.api_keys: set[str] = set()  # the x-api-key each request came with
+        self.usages: list[dict[str, Any]] = []  # the usage it reported for each Messages request, in order
+        self.responses: list[bytes] = []  # the body it sent for each, byte for byte
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
@@ -87,6 +95,20 @@ class FakeAnthropic:
             self.requests.append(body)
             self.api_keys.add(api_key)
 
+    def _answered(self, usage: dict[str, Any], response: bytes) -> None:
+        with self._lock:
+            self.usages.append(usage)
+            self.responses.append(response)
+
+    def _authorized(self, headers: Any) -> bool:
+        """Whether the request has the key; a refused one's x-api-key is recorded too."""
+        given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ")
+        if self.api_key is None or given == self.api_key:
+            return True
+        with self._lock:
+            self.api_keys.add(headers.get("x-api-key", ""))
+        return False
+
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         fake = self
 
@@ -99,18 +121,24 @@ class FakeAnthropic:
             def do_POST(self) -> None:
                 length = int(self.headers.get("content-length", 0))
                 body = json.loads(self.rfile.read(length) or b"{}")
+                if not fake._authorized(self.headers):
+                    self._json(401, {"type": "error", "error": {"type": "authentication_error",
+                                                                "message": "invalid x-api-key"}})
+                    return
                 if not self.path.startswith("/v1/messages") or self.path.startswith("/v1/messages/count"):
                     self._json(200, {"input_tokens": 10}) if "count_tokens" in self.path else self._json(
                         404, {"type": "error", "error": {"type": "not_found_error", "message": self.path}})
                     return
                 fake._record(body, self.headers.get("x-api-key", ""))
                 blocks, delay_before, delay_mid, block_gap = plan_answer(body)
+                usage = planned_usage(body)
                 if delay_before:
                     time.sleep(delay_before)
                 if body.get("stream"):
-                    self._stream(body, blocks, delay_mid, block_gap)
+                    sent = self._stream(body, blocks, usage, delay_mid, block_gap)
                 else:
-                    self._json(200, message_json(body, blocks))
+                    sent = self._json(200, message_json(body, blocks, usage))
+                fake._answered({"model": body.get("model", "claude-fake"), **usage}, sent)
 
             def do_GET(self) -> None:
                 self._json(404, {"type": "error", "error": {"type": "not_found_error", "message": self.path}})
@@ -120,26 +148,30 @@ class FakeAnthropic:
                 self.send_header("content-length", "0")
                 self.end_headers()
 
-            def _json(self, status: int, payload: dict[str, Any]) -> None:
+            def _json(self, status: int, payload: dict[str, Any]) -> bytes:
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
+                return data
 
-            def _stream(self, body: dict[str, Any], blocks: list[dict[str, Any]], delay_mid: float,
-                        block_gap: float) -> None:
+            def _stream(self, body: dict[str, Any], blocks: list[dict[str, Any]], usage: dict[str, int],
+                        delay_mid: float, block_gap: float) -> bytes:
                 self.send_response(200)
                 self.send_header("content-type", "text/event-stream")
                 self.send_header("cache-control", "no-cache")
                 self.send_header("connection", "close")
                 self.end_headers()
                 self.close_connection = True
+                sent = bytearray()
                 try:
-                    for name, data in sse_events(body, blocks):
-                        self.wfile.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+                    for name, data in sse_events(body, blocks, usage):
+                        event = f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+                        self.wfile.write(event)
                         self.wfile.flush()
+                        sent += event
                         if name == "content_block_delta" and delay_mid:
                             time.sleep(delay_mid)
                             delay_mid = 0
@@ -147,6 +179,7 @@ class FakeAnthropic:
                             time.sleep(block_gap)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the CLI went away mid-answer (a test killed or interrupted it)
+                return bytes(sent)
 
         return Handler
 
@@ -172,24 +205,33 @@ def plan_answer(body: dict[str, Any]) -> tuple[list[dict[str, Any]], float, floa
     return answer, float(silent.group(1)) if silent else 0, float(slow.group(1)) if slow else 0, 0
 
 
-def _message_start(body: dict[str, Any]) -> dict[str, Any]:
+def planned_usage(body: dict[str, Any]) -> dict[str, int]:
+    """The usage to report: what the latest prompt's `TOKENS in out [cache_written cache_read]` asks, or 10 and 10."""
+    match = _TOKENS.search(text_of(latest_user_blocks(body)))
+    counts = [int(n) for n in match.groups(default="0")] if match else [10, 10, 0, 0]
+    return dict(zip(("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"),
+                    counts, strict=True))
+
+
+def _message_start(body: dict[str, Any], usage: dict[str, int]) -> dict[str, Any]:
+    """As the API sends it: the input counts in full, one output token so far."""
     return {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant",
             "model": body.get("model", "claude-fake"), "content": [], "stop_reason": None,
-            "stop_sequence": None, "usage": {"input_tokens": 10, "output_tokens": 1}}
+            "stop_sequence": None, "usage": {**usage, "output_tokens": min(1, usage["output_tokens"])}}
 
 
 def _stop_reason(blocks: list[dict[str, Any]]) -> str:
     return "tool_use" if any(b["type"] == "tool_use" for b in blocks) else "end_turn"
 
 
-def message_json(body: dict[str, Any], blocks: list[dict[str, Any]]) -> dict[str, Any]:
-    return {**_message_start(body), "content": blocks, "stop_reason": _stop_reason(blocks),
-            "usage": {"input_tokens": 10, "output_tokens": 10}}
+def message_json(body: dict[str, Any], blocks: list[dict[str, Any]], usage: dict[str, int]) -> dict[str, Any]:
+    return {**_message_start(body, usage), "content": blocks, "stop_reason": _stop_reason(blocks), "usage": usage}
 
 
-def sse_events(body: dict[str, Any], blocks: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+def sse_events(body: dict[str, Any], blocks: list[dict[str, Any]],
+               usage: dict[str, int]) -> list[tuple[str, dict[str, Any]]]:
     events: list[tuple[str, dict[str, Any]]] = [
-        ("message_start", {"type": "message_start", "message": _message_start(body)})]
+        ("message_start", {"type": "message_start", "message": _message_start(body, usage)})]
     for index, block in enumerate(blocks):
         if block["type"] == "text":
             start = {"type": "text", "text": ""}
@@ -206,7 +248,7 @@ def sse_events(body: dict[str, Any], blocks: list[dict[str, Any]]) -> list[tuple
         events.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
     events.append(("message_delta", {"type": "message_delta",
                                      "delta": {"stop_reason": _stop_reason(blocks), "stop_sequence": None},
-                                     "usage": {"output_tokens": 10}}))
+                                     "usage": {"output_tokens": usage["output_tokens"]}}))
     events.append(("message_stop", {"type": "message_stop"}))
     return events
 

@@ -99,6 +99,7 @@ class FakeRuntime:
         socket's place is marked served when the chat's container is made."""
         for source, target, _ in spec.mounts:
             if target == RUN_PATH:
+                Path(source).mkdir(parents=True, exist_ok=True)
                 (Path(source) / SOCKET).touch()
 
     async def ensure_network(self, instance: str) -> AgentNetwork:

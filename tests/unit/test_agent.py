@@ -14,7 +14,6 @@ from orchestrator.agent import (
     cli_argv,
     outcome,
     parse_line,
-    turn_cost,
 )
 from orchestrator.config import AgentSettings
 
@@ -46,15 +45,6 @@ def test_the_prompt_is_never_in_the_argv() -> None:
     # The prompt is a stream-json line on stdin; nothing a user types can become a flag.
     argv = cli_argv(AgentSettings())
     assert argv.count("-p") == 1 and not any(arg.startswith("--resume") for arg in argv)
-
-
-def test_a_turns_cost_is_the_difference_of_its_processs_running_totals() -> None:
-    assert turn_cost(0.0018, 0.0012) == 0.0006
-    assert turn_cost(0.0006, 0.0) == 0.0006  # the first turn of a process
-    assert turn_cost(0.0006, None) == 0.0006  # no cost_before file
-    assert turn_cost(0.0006, 0.5) == 0.0006  # a forged "before" above the total: the total alone
-    assert turn_cost(0.0006, -1.0) == 0.0006
-    assert turn_cost(None, 0.1) is None
 
 
 def test_parse_the_documented_stream() -> None:

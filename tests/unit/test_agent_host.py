@@ -57,8 +57,9 @@ class Turn:
         return self._text(agent_host.PROCESS).strip()
 
     @property
-    def cost_before(self) -> float:
-        return float(self._text(agent_host.COST_BEFORE))
+    def cumulative_cost(self) -> float:
+        """The CLI process's running total at this turn's result (the fake CLI's: +0.0006 a turn)."""
+        return float(self.lines[-1]["total_cost_usd"])
 
     @property
     def stderr(self) -> str:
@@ -155,8 +156,7 @@ def test_two_turns_are_answered_by_one_cli_process_each_with_its_own_output(host
     second = host.ask("again", session=first.session)
     assert (first.exit_code, second.exit_code) == (0, 0)
     assert first.pid == second.pid and first.process == second.process and not gone(first.pid)
-    assert first.cost_before == 0.0
-    assert second.cost_before == first.lines[-1]["total_cost_usd"] == pytest.approx(0.0006)
+    assert (first.cumulative_cost, second.cumulative_cost) == (pytest.approx(0.0006), pytest.approx(0.0012))
     for turn, text in ((first, "hello"), (second, "again")):
         assert [line["type"] for line in turn.lines] == ["system", "assistant", "result"]
         assert turn.answer == turn.lines[-1]["result"] == f"Fake answer to: {text}"
@@ -173,7 +173,7 @@ def test_another_argv_env_or_session_starts_a_new_cli(host: Channel) -> None:
     turns = [first, other_env, other_argv, other_session]
     assert len({turn.pid for turn in turns}) == len({turn.process for turn in turns}) == 4
     assert all(gone(turn.pid) for turn in turns[:3]), "a replaced CLI is closed"
-    assert [turn.cost_before for turn in turns] == [0.0] * 4
+    assert [turn.cumulative_cost for turn in turns] == [pytest.approx(0.0006)] * 4  # each a new process's first
     assert other_env.answer == other_argv.answer == "FAKE_MODE=b"
     assert other_argv.session == first.session, "the new CLI resumes the chat's session"
     assert other_session.session == session, "--resume= is passed when the request names a session"
@@ -183,7 +183,7 @@ def test_the_cli_exits_after_hot_idle_and_the_next_turn_starts_another(host: Cha
     first = host.ask("one", hot_idle=0.5)
     wait_until(lambda: gone(first.pid), TURN_SECONDS, "the idle CLI to exit")
     second = host.ask("two", session=first.session, hot_idle=0.5)
-    assert second.exit_code == 0 and second.pid != first.pid and second.cost_before == 0.0
+    assert second.exit_code == 0 and second.pid != first.pid and second.cumulative_cost == pytest.approx(0.0006)
     assert second.session == first.session
 
 
@@ -234,7 +234,7 @@ def test_a_cli_killed_mid_turn_ends_it_with_137_and_the_next_turn_resumes_in_a_n
     assert crashed.exit_code == 128 + 9 and crashed.pid == first.pid and gone(crashed.pid)
     assert [line["type"] for line in crashed.lines] == ["system"]
     after = host.ask("after", session=first.session)
-    assert after.exit_code == 0 and after.pid != crashed.pid and after.cost_before == 0.0
+    assert after.exit_code == 0 and after.pid != crashed.pid and after.cumulative_cost == pytest.approx(0.0006)
     assert after.session == first.session
 
 
@@ -268,7 +268,7 @@ def test_requests_are_taken_in_row_and_attempt_order_and_other_names_are_ignored
         (channel.paths.input / ignored).write_bytes(request)
     channel.start()
     turns = {name: channel.ended(name) for name in names}
-    by_cost = sorted(turns, key=lambda name: turns[name].cost_before)
+    by_cost = sorted(turns, key=lambda name: turns[name].cumulative_cost)
     assert [names[name] for name in by_cost] == order
     assert len({turn.pid for turn in turns.values()}) == 1
     assert sorted(os.listdir(channel.paths.turns)) == sorted(names)

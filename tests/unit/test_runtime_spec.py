@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator import credentials
 from orchestrator.config import Settings, load_settings, resolve_chat
 from orchestrator.layout import chat_paths
-from orchestrator.runtime import ContainerSpec, bridge_name, container_spec, network_name
+from orchestrator.runtime import MODEL_PORT, ContainerSpec, bridge_name, container_spec, network_name
 
 MiB = 1024**2
 
@@ -17,10 +18,12 @@ def settings_of(tmp_path: Path, text: str) -> Settings:
     return load_settings(config, {})
 
 
-def spec_of(settings: Settings, chat_id: str = "oc_x", chat_name: str = "",
-            relay_port: int | None = None) -> ContainerSpec:
+SECRET = b"k" * 32
+
+
+def spec_of(settings: Settings, chat_id: str = "oc_x", chat_name: str = "", secret: bytes = SECRET) -> ContainerSpec:
     chat = resolve_chat(settings, chat_id)
-    return container_spec(settings, chat, chat_paths(settings, chat), chat_name=chat_name, relay_port=relay_port)
+    return container_spec(settings, chat, chat_paths(settings, chat), secret, chat_name=chat_name)
 
 
 def test_spec_from_resolved_settings(tmp_path: Path) -> None:
@@ -36,8 +39,8 @@ def test_spec_from_resolved_settings(tmp_path: Path) -> None:
     assert spec.mounts == ((str(chat_dir / "workspace"), "/workspace", False),
                            (str(chat_dir / "claude"), "/home/agent/.claude", False),
                            (str(chat_dir / "turns"), "/turns", False),
-                           (str(chat_dir / "input"), "/input", True))
-    assert spec.environment == ()
+                           (str(chat_dir / "input"), "/input", True),
+                           (str(tmp_path / "data" / "run" / "oc_x"), "/run/orchestrator", True))  # its gateway socket
 
 
 def test_chats_dir_places_the_chat_folders(tmp_path: Path) -> None:
@@ -81,19 +84,21 @@ def test_network_and_bridge_names() -> None:
 
 
 @pytest.mark.parametrize("network", ["instance", "none"])
-def test_the_relay_is_mounted_and_announced_only_when_given(tmp_path: Path, network: str) -> None:
+def test_the_agent_reaches_the_gateway_on_its_loopback_with_its_chats_token(tmp_path: Path, network: str) -> None:
     settings = settings_of(tmp_path, f"defaults: {{network: {network}}}\n")
-    relayed = spec_of(settings, relay_port=4321)
-    assert relayed.environment == (("MODEL_RELAY_PORT", "4321"),)
-    assert relayed.mounts[-1] == (str(tmp_path / "data" / "run" / "oc_x"), "/run/orchestrator", True)  # its own
-    assert len(relayed.mounts) == 5
-    plain = spec_of(settings)
-    assert plain.environment == () and all(target != "/run/orchestrator" for _, target, _ in plain.mounts)
+    env = dict(spec_of(settings).environment)
+    assert env["ANTHROPIC_BASE_URL"] == f"http://127.0.0.1:{MODEL_PORT}" and env["MODEL_RELAY_PORT"] == str(MODEL_PORT)
+    assert env["ANTHROPIC_API_KEY"] == credentials.model_token(SECRET, "oc_x")
+    assert dict(spec_of(settings, "oc_y").environment)["ANTHROPIC_API_KEY"] != env["ANTHROPIC_API_KEY"]
+    assert dict(spec_of(settings, secret=b"j" * 32).environment)["ANTHROPIC_API_KEY"] != env["ANTHROPIC_API_KEY"]
 
 
-def test_no_relay_on_the_host_network(tmp_path: Path) -> None:
-    spec = spec_of(settings_of(tmp_path, "defaults: {network: host, unsafe_network: true}\n"), relay_port=4321)
-    assert spec.environment == () and all(target != "/run/orchestrator" for _, target, _ in spec.mounts)
+def test_on_the_host_network_each_chat_has_its_own_model_port(tmp_path: Path) -> None:
+    """Chats on the host's network share its loopback: one port for all would let a chat's relay serve another's."""
+    settings = settings_of(tmp_path, "defaults: {network: host, unsafe_network: true}\n")
+    ports = {dict(spec_of(settings, f"oc_{n}").environment)["MODEL_RELAY_PORT"] for n in range(20)}
+    assert len(ports) == 20 and all(int(port) >= 20000 for port in ports)
+    assert ports == {dict(spec_of(settings, f"oc_{n}").environment)["MODEL_RELAY_PORT"] for n in range(20)}
 
 
 def test_fingerprint_follows_caps_not_labels(tmp_path: Path) -> None:
@@ -101,7 +106,7 @@ def test_fingerprint_follows_caps_not_labels(tmp_path: Path) -> None:
     base = spec_of(settings)
     assert spec_of(settings, chat_name="renamed").fingerprint() == base.fingerprint()
     assert spec_of(settings, "oc_y").fingerprint() != base.fingerprint()
-    assert spec_of(settings, relay_port=4321).fingerprint() != base.fingerprint()
+    assert spec_of(settings, secret=b"j" * 32).fingerprint() != base.fingerprint()  # a new secret: new tokens
     for change in ("{memory: 1g, tmp_size: 32m}", "{memory: 1g, disk: 1g}", "{memory: 1g, network: none}"):
         other = settings_of(tmp_path, f"groups: {{oc_x: {change}}}\n")
         assert spec_of(other).fingerprint() != base.fingerprint(), change

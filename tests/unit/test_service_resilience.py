@@ -19,7 +19,7 @@ from orchestrator import delivery, service, supervise
 from orchestrator.agent import Answer, Failure
 from orchestrator.channels import Submit
 from orchestrator.config import Settings
-from orchestrator.runtime import ContainerState
+from orchestrator.runtime import ContainerSpec, ContainerState
 from orchestrator.service import UNEXPECTED_ERROR, Service
 from orchestrator.states import State
 from orchestrator.store import MessageRecord, Store
@@ -36,6 +36,12 @@ class Engine:
     async def list_managed(self, instance: str) -> list[ContainerState]:
         self.listed += 1
         return []
+
+    async def ensure(self, spec: ContainerSpec) -> ContainerState:  # the gateway's: the only container made here
+        return ContainerState(spec.name, "gateway-id", "running")
+
+    async def stop(self, name: str, grace_seconds: float) -> None:
+        pass
 
     def watch(self, instance: str, on_event: Callable[[str, str], None]) -> None:
         pass

@@ -16,8 +16,8 @@ import pytest
 from orchestrator import layout
 from orchestrator.agent import cli_argv
 from orchestrator.channels import Incoming, Submit
-from orchestrator.config import AccessSettings, Settings, ShutdownSettings, resolve_chat
-from orchestrator.runtime import container_name
+from orchestrator.config import AccessSettings, BudgetSettings, Settings, ShutdownSettings, resolve_chat
+from orchestrator.runtime import container_name, gateway_container_name
 from orchestrator.service import Service
 from orchestrator.states import State
 from orchestrator.store import Store
@@ -84,7 +84,7 @@ class Bench:
 def bench(tmp_path: Path) -> Iterator[Bench]:
     settings = Settings(source=tmp_path / "config.yaml", data_dir=tmp_path / "data", chats_dir=tmp_path / "chats",
                         access=AccessSettings(allowed_chats=(CHAT,), allowed_users=("*",)),
-                        shutdown=ShutdownSettings(drain_timeout=0.1))
+                        shutdown=ShutdownSettings(drain_timeout=0.1), budgets=BudgetSettings(footer=False))
     store = Store(settings.data_dir / "orchestrator.db")
     paths = layout.chat_paths(settings, resolve_chat(settings, CHAT))
     layout.prepare_instance(settings)
@@ -97,6 +97,10 @@ def bench(tmp_path: Path) -> Iterator[Bench]:
 
 
 def test_messages_are_answered_by_one_hot_cli_each_turn_costing_its_own_share(bench: Bench) -> None:
+    for message_id, nano_usd in (("om_1", 2_100_000), ("om_2", 1_300_000)):  # as the gateway priced their requests
+        bench.store.open_usage(CHAT, "ou_1", message_id, "claude-x", input_tokens=1, output_tokens=1,
+                               cache_write_tokens=0, cache_read_tokens=0, cost_nano=nano_usd, complete=True)
+
     async def scenario(service: Service, channel: FakeChannel) -> None:
         for message_id, text in (("om_1", "hello"), ("om_2", "again")):
             channel.send(message_id, text)
@@ -108,12 +112,14 @@ def test_messages_are_answered_by_one_hot_cli_each_turn_costing_its_own_share(be
     assert [item.text for item in channel.delivered] == ["Fake answer to: hello", "Fake answer to: again"]
     assert channel.shown == ["Fake answer to: hello", "Fake answer to: again"]
     first, second = bench.store.messages(CHAT)
-    assert first.cost_usd == pytest.approx(0.0006) and second.cost_usd == pytest.approx(0.0006)
-    assert len(set(bench.host.processes)) == 1  # the CLI stayed hot: its running totals were 0.0006, 0.0012
+    assert first.cost_usd == pytest.approx(0.0021) and second.cost_usd == pytest.approx(0.0013)  # the gateway's
+    assert len(set(bench.host.processes)) == 1  # the CLI stayed hot
     session = bench.store.chat(CHAT).session_id
     assert [r.session for r in bench.host.requests] == [None, session] and session is not None
     assert bench.host.requests[0].argv == tuple(cli_argv(bench.settings.agent))
-    assert bench.runtime.started == [bench.container] and bench.runtime.stopped == [bench.container]
+    gateway = gateway_container_name(bench.settings.instance)
+    assert bench.runtime.started == [gateway, bench.container]  # the model gateway first, at the start
+    assert bench.runtime.stopped == [bench.container, gateway]  # and stopped last: it served the turns
     assert bench.runtime.ran == []  # no docker exec on a turn's path
 
 
@@ -148,4 +154,4 @@ def test_a_shutdown_interrupts_the_running_turn_through_the_agent_host(bench: Be
     message = bench.store.messages(CHAT)[0]
     assert message.state is State.FAILED and message.error == INTERRUPTED_BY_RESTART
     assert [item.text for item in channel.delivered] == [f"Fake answer to: hello\n\n{INTERRUPTED_BY_RESTART}"]
-    assert bench.runtime.stopped == [bench.container]
+    assert bench.runtime.stopped == [bench.container, gateway_container_name(bench.settings.instance)]

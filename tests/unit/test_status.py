@@ -86,11 +86,15 @@ def test_a_running_chat_shows_its_containers_caps_and_use_and_the_stores_turns(s
                                memory=512 * MIB, pids_limit=100)
     engine = Engine(container, usage=Usage(cpu_percent=12.5, memory_bytes=45 * MIB + 1, memory_limit=512 * MIB,
                                            pids=7))
+    store.open_usage("oc_a", "ou_1", "om_5", "claude-x", input_tokens=10, output_tokens=10, cache_write_tokens=0,
+                     cache_read_tokens=0, cost_nano=25_000_000, complete=True)  # the gateway priced a request
+    store.open_usage("oc_b", "ou_1", None, "claude-x", input_tokens=10, output_tokens=10, cache_write_tokens=0,
+                     cache_read_tokens=0, cost_nano=7_000_000, complete=True)  # another chat's: not this one's
     assert status_of(settings, store, engine, asking="om_6") == ChatStatus(
         chat_id="oc_a", name="Team A", container_name="bot-oc_a", container_id="c0ffee", container_state="running",
         cpu_percent=12.5, cpus=0.25, memory_mib=45.0, memory_limit_mib=512, pids=7, pids_limit=100, network="none",
         session_id="sess-1", last_activity=None, busy=True, queued=1, last_turn_cost_usd=0.02,
-        last_turn_seconds=1.5)
+        last_turn_seconds=1.5, spent_today_usd=0.025)
     assert status_of(settings, store, engine).queued == 2  # `orchestrator status` counts a command still waiting
 
 
@@ -136,7 +140,8 @@ def test_the_chat_and_the_cli_render_the_same_status(settings: Settings, store: 
         "In use: 3% CPU, 60 MiB memory, 9 processes\n"
         "Session: sess-1\n"
         "Running: no; queued: 0\n"
-        "Last turn: 2.3 s, $0.0123")
+        "Last turn: 2.3 s, $0.0123\n"
+        "Spent today: $0.0000")
     [row] = operations.status_rows(settings, store, engine)
     assert row == dataclasses.asdict(now)
     assert set(operations.STATUS_COLUMNS) <= set(row)

@@ -7,9 +7,11 @@ a container that stops or cannot start ends the turn with a reason."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from loguru import logger
 
 from orchestrator import agent, agent_host, layout, turn_runner, turns
 from orchestrator.agent import Answer, Failure
-from orchestrator.config import Settings, resolve_chat
+from orchestrator.config import BudgetSettings, Settings, resolve_chat
 from orchestrator.layout import ChatPaths
 from orchestrator.runtime import container_name, container_spec
 from orchestrator.states import State
@@ -60,7 +62,8 @@ class Bench:
 
 @pytest.fixture
 def bench(tmp_path: Path) -> Iterator[Bench]:
-    settings = Settings(source=tmp_path / "config.yaml", data_dir=tmp_path / "data", chats_dir=tmp_path / "chats")
+    settings = Settings(source=tmp_path / "config.yaml", data_dir=tmp_path / "data", chats_dir=tmp_path / "chats",
+                        budgets=BudgetSettings(footer=False))
     store = Store(settings.data_dir / "orchestrator.db")
     store.ensure_chat(CHAT)
     layout.prepare_instance(settings)
@@ -169,7 +172,8 @@ def test_a_container_that_stops_mid_turn_ends_the_turn_and_says_why(bench: Bench
 def pending_turn(bench: Bench, message: MessageRecord) -> turns.TurnFiles:
     """What an orchestrator killed right after requesting a turn leaves: the running message names the turn, and
     its request waits in the chat's input folder of a running container."""
-    asyncio.run(bench.runtime.ensure(container_spec(bench.settings, resolve_chat(bench.settings, CHAT), bench.paths)))
+    asyncio.run(bench.runtime.ensure(container_spec(bench.settings, resolve_chat(bench.settings, CHAT), bench.paths,
+                                                    b"s" * 32)))
     bench.store.set_container(CHAT, bench.container, bench.runtime.containers[bench.container].id)
     files = turns.turn_files(bench.paths, turns.new_turn_name(message.id, 1), bench.settings.agent.uid)
     bench.store.start_turn(message.message_id, files.name)
@@ -300,13 +304,57 @@ def test_stop_with_nothing_running_says_so(bench: Bench) -> None:
     assert bench.requests() == [] and bench.runtime.ran == []
 
 
-def test_cost_per_turn_is_the_difference_of_the_process_running_totals(bench: Bench) -> None:
-    async def scenario() -> list[Answer | Failure]:
-        return [await bench.run(bench.message(text, message_id)) for text, message_id in
-                (("one", "om_1"), ("two", "om_2"))]
+def priced(bench: Bench, message_id: str | None, nano_usd: int, chat_id: str = CHAT) -> None:
+    """A model request of the chat's, as the gateway records it while the message's turn runs."""
+    bench.store.open_usage(chat_id, "ou_1", message_id, "claude-x", input_tokens=10, output_tokens=10,
+                           cache_write_tokens=0, cache_read_tokens=0, cost_nano=nano_usd, complete=True)
 
-    first, second = asyncio.run(scenario())
-    assert len(set(bench.host.processes)) == 1  # one hot CLI process answered both, its totals 0.0006 and 0.0012
-    assert bench.host.requests[1].session == bench.store.chat(CHAT).session_id is not None  # the first's session
-    assert isinstance(first, Answer) and isinstance(second, Answer)
-    assert first.cost_usd == pytest.approx(0.0006) and second.cost_usd == pytest.approx(0.0006)
+
+def with_budgets(bench: Bench, **budgets: object) -> None:
+    bench.runner.settings = dataclasses.replace(bench.settings, budgets=BudgetSettings(**budgets))  # type: ignore[arg-type]
+
+
+def test_a_turns_cost_is_what_the_gateway_priced_for_its_message_and_the_footer_says_it(bench: Bench) -> None:
+    with_budgets(bench, per_chat_daily_usd=Decimal("5"))
+    priced(bench, "om_0", 10_000_000)  # an earlier turn of the chat's, today
+    priced(bench, None, 99_000_000, chat_id="oc_other")  # another chat's
+
+    async def scenario() -> Answer | Failure:
+        task = bench.run(bench.message("one", "om_1"))
+        priced(bench, "om_1", 20_000_000)  # two model requests of this turn's
+        priced(bench, "om_1", 1_500_000)
+        return await task
+
+    answer = asyncio.run(scenario())
+    assert isinstance(answer, Answer) and answer.cost_usd == pytest.approx(0.0215)  # not the CLI's 0.0006
+    assert answer.text == ("Fake answer to: one\n\n"
+                           "Cost: $0.02 this answer, $0.03 today in this chat of a budget of $5.00")
+
+
+def test_a_spent_budget_refuses_the_turn_before_it_starts_with_the_figure(bench: Bench) -> None:
+    with_budgets(bench, per_chat_daily_usd=Decimal("0.03"))
+    priced(bench, "om_0", 30_000_000)
+    async def scenario() -> Answer | Failure:
+        return await bench.run(bench.message("one", "om_1"))
+
+    result = asyncio.run(scenario())
+    assert isinstance(result, Failure)
+    assert result.reason.startswith("This chat has spent $0.03 of its daily budget of $0.03; it resets at ")
+    assert result.reason.endswith(" UTC.")
+    assert bench.host.requests == [] and bench.requests() == []  # nothing was asked of the agent
+
+
+def test_a_turn_the_gateway_stopped_at_the_budget_says_why(bench: Bench) -> None:
+    with_budgets(bench, per_user_daily_usd=Decimal("0.03"))
+    bench.host.replies = [Reply(hold=True, error='API Error: 403 {"type":"error","error":{"type":"permission_error"}}')]
+
+    async def scenario() -> Answer | Failure:
+        task = bench.run(bench.message("one", "om_1"))
+        await until(lambda: bench.host.taken and bench.runner.running_message(CHAT), "the turn to run")
+        priced(bench, "om_1", 40_000_000)  # its first request crossed the budget; the gateway refused the next
+        bench.host.release()
+        return await task
+
+    result = asyncio.run(scenario())
+    assert isinstance(result, Failure) and result.partial_text == "Fake answer to: one"
+    assert result.reason.startswith("This answer was stopped: You have spent $0.04 of your daily budget of $0.03")

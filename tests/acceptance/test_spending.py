@@ -1,0 +1,155 @@
+"""The model gateway and budgets (issue 11): agents reach the model only through the instance's gateway, which alone
+holds the key, records every request's usage and enforces the budgets. The real engine, the real CLI in the agent
+image, the real gateway container, against the fake Messages API (which answers only requests with the real key).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import docker
+
+from tests.fakes.anthropic import FakeAnthropic
+from tests.fakes.feishu import FakeFeishu
+from tests.harness import MODEL_KEY, StoreView, answers, chat, wait_answer, wait_until
+
+MODEL = "claude-sonnet-4-5-test"
+# $0.001 a token of every kind, so that one request of the fake (10 tokens in, 10 out) costs $0.02.
+# The key as a grep pattern that does not match itself: the prompt that asks for the search is kept in the
+# container's files (the turn's request, the session), and the search's own command line is in /proc.
+KEY_PATTERN = MODEL_KEY[:-1] + f"[{MODEL_KEY[-1]}]"
+PRICE = {"input": 1000, "output": 1000, "cache_write": 1000, "cache_read": 1000}
+
+
+def priced_config(feishu_config, **budgets):
+    return feishu_config(agent={"model": MODEL}, budgets={"prices": {MODEL: PRICE}, **budgets})
+
+
+def dollars(usage: dict) -> Decimal:
+    """What the fake's reported usage of one request costs at PRICE, computed here on its own."""
+    tokens = sum(int(usage.get(k) or 0) for k in ("input_tokens", "output_tokens", "cache_creation_input_tokens",
+                                                  "cache_read_input_tokens"))
+    return Decimal(tokens) * Decimal("0.001")
+
+
+def spent_since(fake_api: FakeAnthropic, first: int) -> Decimal:
+    return sum((dollars(usage) for usage in fake_api.usages[first:]), Decimal(0))
+
+
+def usd(amount: Decimal) -> str:
+    return f"${amount:.2f}"
+
+
+def last_text(feishu: FakeFeishu, chat_id: str) -> str:
+    return answers(feishu, chat_id)[-1]
+
+
+def test_answers_end_with_the_spend_and_cost_agrees_with_the_upstream_to_the_cent(
+        feishu: FakeFeishu, feishu_config, start, fake_api: FakeAnthropic, store_view: StoreView) -> None:
+    start(priced_config(feishu_config, per_chat_daily_usd=50))
+    chat_id, first = chat(), len(fake_api.usages)
+    feishu.push_event(feishu.text_event(chat_id, "hello there"))
+    wait_answer(feishu, chat_id, "Cost: ")
+    one = spent_since(fake_api, first)
+    assert one > 0
+    assert f"Cost: {usd(one)} this answer, {usd(one)} today in this chat of a budget of $50.00" in last_text(
+        feishu, chat_id)
+    feishu.push_event(feishu.text_event(chat_id, "RUN_BASH: echo tool-ran"))
+    wait_answer(feishu, chat_id, "ran: tool-ran")
+    total = spent_since(fake_api, first)
+    assert f"this answer, {usd(total)} today in this chat" in last_text(feishu, chat_id)
+    [_, second] = store_view.messages(chat_id)
+    assert Decimal(str(second["cost_usd"])).quantize(Decimal("0.01")) == total - one  # the gateway's price, stored
+    feishu.push_event(feishu.text_event(chat_id, "/cost"))
+    wait_answer(feishu, chat_id, "This chat: ")
+    report = last_text(feishu, chat_id)
+    assert f"This chat: {usd(total)} today of a budget of $50.00, {usd(total)} this month" in report
+    assert f"You: {usd(total)} today" in report  # the sender's, over all chats (this test's only)
+
+
+def test_a_spent_budget_stops_the_turn_midway_then_refuses_the_next_until_it_resets(
+        feishu: FakeFeishu, feishu_config, start, fake_api: FakeAnthropic) -> None:
+    # The day starts 40 s from now (UTC): until then the spending of this test counts, then a new day begins.
+    reset = datetime.now(UTC) + timedelta(seconds=40)
+    start(priced_config(feishu_config, per_chat_daily_usd="0.03", reset_at=reset.strftime("%H:%M:%S")))
+    chat_id, first = chat(), len(fake_api.usages)
+    feishu.push_event(feishu.text_event(chat_id, "first question"))
+    wait_answer(feishu, chat_id, "Fake answer to: first question")
+    requests = len(fake_api.usages)
+    # $0.02 spent of $0.03: the turn starts; its first request takes it to $0.04; the one after the tool is refused.
+    feishu.push_event(feishu.text_event(chat_id, "RUN_BASH: echo over-budget"))
+    wait_answer(feishu, chat_id, "This answer was stopped: This chat has spent")
+    spent = spent_since(fake_api, first)
+    stopped = last_text(feishu, chat_id)
+    assert f"This chat has spent {usd(spent)} of its daily budget of $0.03" in stopped
+    assert len(fake_api.usages) == requests + 1  # the refused request never reached the upstream
+    # Now no turn starts at all: the chat is told the figure and when the budget resets.
+    feishu.push_event(feishu.text_event(chat_id, "are you still there"))
+    wait_until(lambda: len(answers(feishu, chat_id)) == 3, 60, "the refusal")
+    refused = last_text(feishu, chat_id)
+    assert f"This chat has spent {usd(spent)} of its daily budget of $0.03; it resets at" in refused
+    assert f"{reset.strftime('%H:%M:%S')} UTC" in refused
+    assert not fake_api.requests_mentioning("are you still there")
+    wait_until(lambda: datetime.now(UTC) > reset + timedelta(seconds=1), 60, "the budget's reset")
+    feishu.push_event(feishu.text_event(chat_id, "a new day"))
+    wait_answer(feishu, chat_id, "Fake answer to: a new day")
+
+
+def test_the_real_key_is_nowhere_an_agent_can_look_and_its_token_is_worthless_elsewhere(
+        feishu: FakeFeishu, feishu_config, start, instance: str, docker_client: docker.DockerClient,
+        fake_api: FakeAnthropic, tmp_path: Path, store_view: StoreView) -> None:
+    bot = start(feishu_config(logging={"level": "DEBUG"}))
+    chat_id, other = chat(), chat()
+    # The agent looks everywhere it can: its environment, every process's, its files; and it prints them.
+    feishu.push_event(feishu.text_event(
+        chat_id, "RUN_BASH: env; cat /proc/*/environ /proc/*/cmdline | tr '\\0' '\\n'; ps aux; "
+                 f"grep -rl '{KEY_PATTERN}' / --exclude-dir=proc --exclude-dir=sys 2>/dev/null; echo searched"))
+    wait_answer(feishu, chat_id, "searched")
+    feishu.push_event(feishu.text_event(other, "hello from the other chat"))
+    wait_answer(feishu, other, "Fake answer to: hello from the other chat")
+    assert fake_api.api_keys == {MODEL_KEY}  # every model request reached the upstream with the real key
+
+    container = docker_client.containers.get(f"{instance}-{chat_id}")
+    assert MODEL_KEY not in json.dumps(container.attrs)  # not in its config, environment or labels
+    code, found = container.exec_run(
+        ["sh", "-c", f"cat /proc/*/environ /proc/*/cmdline 2>/dev/null | tr '\\0' '\\n' | grep -c '{KEY_PATTERN}'; "
+                     f"grep -rl '{KEY_PATTERN}' / --exclude-dir=proc --exclude-dir=sys 2>/dev/null; true"], user="0")
+    assert found.decode().split() == ["0"], found  # as root in the container: no process, no file holds it
+    for text in answers(feishu, chat_id) + answers(feishu, other):
+        assert MODEL_KEY not in text
+    assert MODEL_KEY not in bot.log()
+    assert not any(MODEL_KEY in json.dumps(row) for row in store_view.messages(chat_id))
+
+    # The chat's token, replayed outside the instance: the upstream has never heard of it.
+    env = dict(item.split("=", 1) for item in container.attrs["Config"]["Env"])
+    token = env["ANTHROPIC_API_KEY"]
+    assert token != MODEL_KEY and env["ANTHROPIC_BASE_URL"].startswith("http://127.0.0.1:")
+    request = urllib.request.Request(f"{fake_api.base_url}/v1/messages", method="POST", headers={
+        "x-api-key": token, "content-type": "application/json", "anthropic-version": "2023-06-01"},
+        data=json.dumps({"model": MODEL, "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}).encode())
+    try:
+        urllib.request.urlopen(request, timeout=10)
+        raise AssertionError("the upstream answered a chat's token")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 401
+    # And at another chat's socket of the gateway, it is refused too.
+    status = post_on_socket(tmp_path / "data" / "run" / other / "model.sock", token)
+    assert status.startswith("HTTP/1.1 401"), status
+
+
+def post_on_socket(path: Path, token: str) -> str:
+    """A Messages API request on a gateway socket, as the agent's relay would carry it; the status line back."""
+    body = json.dumps({"model": MODEL, "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    head = (f"POST /v1/messages HTTP/1.1\r\nHost: gateway\r\nx-api-key: {token}\r\ncontent-type: application/json\r\n"
+            f"anthropic-version: 2023-06-01\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
+    with socket.socket(socket.AF_UNIX) as client:
+        client.settimeout(10)
+        client.connect(str(path))
+        client.sendall(head + body)
+        return client.recv(4096).decode(errors="replace").split("\r\n", 1)[0]

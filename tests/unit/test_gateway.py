@@ -1,0 +1,392 @@
+"""The model gateway, for real: aiohttp on unix sockets in a temporary run folder, the fake Messages API upstream
+(which answers only the real key), a real SQLite store. No Docker: the container that runs it is in
+tests/acceptance (test_spending)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from loguru import logger
+
+from orchestrator import credentials, gateway, layout
+from orchestrator.config import BudgetSettings, GatewaySettings, Price, load_settings
+from orchestrator.gateway import Gateway, GatewayConfig, read_settings, settings_digest, write_settings
+from orchestrator.spending import Usage
+from orchestrator.store import Store
+from tests.fakes.anthropic import FakeAnthropic
+from tests.harness import wait_until
+
+KEY = "sk-ant-api03-CANARY-gateway-test-key-0123456789"
+SECRET = bytes(range(32))
+MODEL = "claude-test-1"
+PRICES = {MODEL: Price(Decimal(1), Decimal(2), Decimal(3), Decimal(4)),
+          "default": Price(Decimal(15), Decimal(75), Decimal("18.75"), Decimal("1.5"))}
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeAnthropic]:
+    fake = FakeAnthropic(api_key=KEY).start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A unix socket's path has at most 107 bytes: pytest's tmp_path can be longer."""
+    with tempfile.TemporaryDirectory(prefix="gw", dir="/tmp") as folder:
+        yield Path(folder)
+
+
+@pytest.fixture
+def logs() -> Iterator[list[str]]:
+    lines: list[str] = []
+    sink = logger.add(lambda message: lines.append(str(message)), level="DEBUG",
+                      format="{message} {extra} {exception}")
+    yield lines
+    logger.remove(sink)
+
+
+class Served:
+    def __init__(self, gw: Gateway, store: Store, run_dir: Path) -> None:
+        self.gateway, self.store, self.run_dir = gw, store, run_dir
+
+    def socket(self, chat_id: str = "oc_a") -> Path:
+        return self.run_dir / chat_id / gateway.SOCKET
+
+    @contextlib.asynccontextmanager
+    async def client(self, chat_id: str = "oc_a") -> AsyncIterator[aiohttp.ClientSession]:
+        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(self.socket(chat_id)))) as session:
+            yield session
+
+    async def post(self, prompt: str = "hello", chat_id: str = "oc_a", token: str | None = None,
+                   path: str = "/v1/messages?beta=true", stream: bool = True,
+                   **headers: str) -> tuple[int, dict[str, str], bytes]:
+        token = credentials.model_token(SECRET, chat_id) if token is None else token
+        body = {"model": MODEL, "max_tokens": 100, "stream": stream, "messages": [{"role": "user", "content": prompt}]}
+        async with self.client(chat_id) as session, session.post(
+                f"http://gateway{path}", json=body,
+                headers={"x-api-key": token, "anthropic-version": "2023-06-01", **headers}) as response:
+            return response.status, dict(response.headers), await response.read()
+
+
+def config_of(run_dir: Path, upstream_url: str, budgets: BudgetSettings | None = None,
+              **gateway_fields: Any) -> GatewayConfig:
+    return GatewayConfig(gateway=GatewaySettings(**{"upstream_url": upstream_url, "api_key": KEY, **gateway_fields}),
+                         budgets=budgets or BudgetSettings(prices=PRICES), db_path=run_dir.parent / "orchestrator.db",
+                         run_dir=run_dir, secret_path=run_dir.parent / "secret")
+
+
+@contextlib.asynccontextmanager
+async def serving(folder: Path, upstream_url: str, chats: tuple[str, ...] = ("oc_a",),
+                  budgets: BudgetSettings | None = None, **gateway_fields: Any) -> AsyncIterator[Served]:
+    run_dir = folder / "run"
+    for chat_id in chats:
+        (run_dir / chat_id).mkdir(parents=True, exist_ok=True)
+    config = config_of(run_dir, upstream_url, budgets, **gateway_fields)
+    store = Store(config.db_path)
+    gw = Gateway(config, store, SECRET)
+    await gw.start()
+    try:
+        yield Served(gw, store, run_dir)
+    finally:
+        await gw.close()
+        store.close()
+
+
+def error_of(body: bytes) -> tuple[str, str]:
+    payload = json.loads(body)
+    assert payload["type"] == "error"
+    return payload["error"]["type"], payload["error"]["message"]
+
+
+def test_a_stream_passes_through_byte_for_byte_and_its_usage_is_stored(short_dir: Path,
+                                                                      upstream: FakeAnthropic) -> None:
+    async def scenario() -> None:
+        async with serving(short_dir, upstream.base_url) as served:
+            served.store.record_received("om_1", "oc_a", "ou_1", "the chat's message")
+            served.store.mark_queued("om_1")
+            served.store.mark_running("om_1", "1-1")
+            status, headers, body = await served.post("TOKENS 1234 567 89 10 please")
+            assert status == 200 and headers["Content-Type"] == "text/event-stream"
+            assert body == upstream.responses[-1]  # unchanged, byte for byte
+            reported = upstream.usages[-1]
+            [row] = served.store.usage("oc_a")
+            assert (row.input_tokens, row.output_tokens, row.cache_write_tokens, row.cache_read_tokens) == (
+                reported["input_tokens"], reported["output_tokens"], reported["cache_creation_input_tokens"],
+                reported["cache_read_input_tokens"]) == (1234, 567, 89, 10)
+            # $1, $2, $3 and $4 per million: 1234 + 1134 + 267 + 40 = 2675 micro-USD
+            assert (row.model, row.cost_nano, row.complete) == (MODEL, 2_675_000, True)
+            assert (row.user_id, row.message_id) == ("ou_1", "om_1")  # the running message's sender pays
+            assert served.store.turn_spent("om_1") == 2_675_000
+            assert upstream.requests[-1]["messages"][0]["content"] == "TOKENS 1234 567 89 10 please"
+
+    asyncio.run(scenario())
+
+
+def test_a_whole_message_and_count_tokens(short_dir: Path, upstream: FakeAnthropic) -> None:
+    async def scenario() -> None:
+        async with serving(short_dir, upstream.base_url) as served:
+            status, headers, body = await served.post("TOKENS 100 200", stream=False)
+            assert status == 200 and headers["Content-Type"] == "application/json"
+            assert body == upstream.responses[-1] and json.loads(body)["usage"]["output_tokens"] == 200
+            [row] = served.store.usage()
+            assert (row.input_tokens, row.output_tokens, row.complete, row.user_id, row.message_id) == (
+                100, 200, True, "", None)  # no message was running: the chat pays, no user
+            status, _, body = await served.post(path="/v1/messages/count_tokens?beta=true", stream=False)
+            assert (status, json.loads(body)) == (200, {"input_tokens": 10})
+            assert len(served.store.usage()) == 1  # counting tokens costs nothing
+
+    asyncio.run(scenario())
+
+
+def test_only_the_chats_own_token_is_let_in(short_dir: Path, upstream: FakeAnthropic, logs: list[str]) -> None:
+    async def scenario() -> None:
+        async with serving(short_dir, upstream.base_url, chats=("oc_a", "oc_b")) as served:
+            before = len(upstream.requests)
+            for token in ("", "wrong", KEY, credentials.model_token(SECRET, "oc_b"),
+                          credentials.model_token(b"another instance's secret", "oc_a")):
+                status, _, body = await served.post(token=token)
+                assert status == 401 and error_of(body)[0] == "authentication_error"
+            bearer = f"Bearer {credentials.model_token(SECRET, 'oc_a')}"
+            async with served.client() as session, session.post(
+                    "http://gateway/v1/messages", json={"model": MODEL, "stream": True, "messages": []},
+                    headers={"authorization": bearer}) as response:
+                assert response.status == 200
+            assert len(upstream.requests) == before + 1
+            assert upstream.api_keys == {KEY}  # the real key went upstream, never the chat's token
+
+    asyncio.run(scenario())
+    assert not any(KEY in line or credentials.model_token(SECRET, "oc_a") in line for line in logs)
+
+
+def test_other_paths_and_methods_are_not_found(short_dir: Path, upstream: FakeAnthropic) -> None:
+    async def scenario() -> None:
+        async with serving(short_dir, upstream.base_url) as served:
+            for path in ("/v1/complete", "/v1/messages/batches", "/v1/messages/", "/v1/models", "/"):
+                status, _, body = await served.post(path=path)
+                assert status == 404 and error_of(body)[0] == "not_found_error", path
+            async with served.client() as session, session.get(
+                    "http://gateway/v1/messages", headers={"x-api-key": credentials.model_token(SECRET, "oc_a")}
+            ) as response:
+                assert response.status == 404
+
+    asyncio.run(scenario())
+
+
+def test_a_body_too_big_or_without_a_length_is_refused(short_dir: Path, upstream: FakeAnthropic) -> None:
+    async def chunked() -> AsyncIterator[bytes]:
+        yield b'{"model": "x"}'
+
+    async def scenario() -> None:
+        async with serving(short_dir, upstream.base_url, max_request_bytes=2000) as served:
+            before = len(upstream.requests)
+            status, _, body = await served.post("x" * 3000)
+            assert status == 413 and error_of(body)[0] == "request_too_large"
+            async with served.client() as session, session.post(
+                    "http://gateway/v1/messages", data=chunked(),
+                    headers={"x-api-key": credentials.model_token(SECRET, "oc_a")}) as response:
+                assert response.status == 411
+            assert len(upstream.requests) == before
+
+    asyncio.run(scenario())
+
+
+def test_a_body_that_does_not_arrive_in_time_is_refused(short_dir: Path, upstream: FakeAnthropic,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gateway, "BODY_SECONDS", 0.3)
+
+    async def scenario() -> None:
+        async with serving(short_dir, upstream.base_url) as served:
+            reader, writer = await asyncio.open_unix_connection(str(served.socket()))
+            writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: g\r\ncontent-length: 100\r\nx-api-key: "
+                         + credentials.model_token(SECRET, "oc_a").encode() + b"\r\n\r\n{\"model\":")
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(4096), 10)
+            assert answer.startswith(b"HTTP/1.1 408"), answer
+            assert b"did not arrive within 0.3 s" in answer
+            writer.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_chat_gets_its_share_of_requests_at_once(short_dir: Path, upstream: FakeAnthropic) -> None:
+    async def scenario() -> None:
+        async with serving(short_dir, upstream.base_url, chats=("oc_a", "oc_b"), max_concurrent=1) as served:
+            slow = asyncio.create_task(served.post("SLOW 1"))
+            await asyncio.to_thread(wait_until, lambda: any("SLOW 1" in p for p in upstream.prompts()), 10,
+                                    "the slow request upstream")
+            status, _, body = await served.post("meanwhile")
+            assert status == 429 and error_of(body)[0] == "rate_limit_error"
+            assert (await served.post("another chat meanwhile", chat_id="oc_b"))[0] == 200
+            assert (await slow)[0] == 200
+            assert (await served.post("afterwards"))[0] == 200
+
+    asyncio.run(scenario())
+
+
+def test_a_spent_budget_is_refused_with_its_figure_and_no_retry(short_dir: Path, upstream: FakeAnthropic) -> None:
+    # One request of 10000 tokens in and 10000 out at $1 and $2 per million costs $0.03; the cap is $0.05.
+    budgets = BudgetSettings(per_chat_daily_usd=Decimal("0.05"), prices=PRICES)
+
+    async def scenario() -> None:
+        async with serving(short_dir, upstream.base_url, chats=("oc_a", "oc_b"), budgets=budgets) as served:
+            assert (await served.post("TOKENS 10000 10000"))[0] == 200
+            assert (await served.post("TOKENS 10000 10000"))[0] == 200  # $0.03 < $0.05: allowed, crosses it
+            before = len(upstream.requests)
+            status, headers, body = await served.post("one more")
+            assert (status, headers["x-should-retry"]) == (403, "false")
+            kind, message = error_of(body)
+            assert kind == "permission_error"
+            assert message.startswith("This chat has spent $0.06 of its daily budget of $0.05; it resets at ")
+            assert message.endswith(" 00:00 UTC.")
+            assert len(upstream.requests) == before  # never went upstream
+            assert (await served.post("TOKENS 1 1", chat_id="oc_b"))[0] == 200  # another chat's budget is its own
+
+    asyncio.run(scenario())
+
+
+def test_upstream_unreachable_or_too_slow(short_dir: Path, upstream: FakeAnthropic) -> None:
+    async def scenario() -> None:
+        async with serving(short_dir, "http://127.0.0.1:1") as served:  # nothing listens there
+            status, _, body = await served.post()
+            assert status == 502 and error_of(body)[0] == "api_error"
+        async with serving(short_dir, upstream.base_url, request_timeout=0.5) as served:
+            status, _, body = await served.post("SILENT 2")
+            assert status == 504 and error_of(body)[0] == "timeout_error"
+
+    asyncio.run(scenario())
+
+
+def test_the_key_is_in_no_answer_and_no_log_line(short_dir: Path, upstream: FakeAnthropic, logs: list[str]) -> None:
+    async def scenario() -> list[bytes]:
+        seen = []
+        async with serving(short_dir, upstream.base_url) as served:
+            for prompt, token in (("hello", None), ("hi", "wrong"), ("RUN_BASH: env", None)):
+                status, headers, body = await served.post(prompt, token=token)
+                seen.append(json.dumps(headers).encode() + body)
+        async with serving(short_dir, "http://127.0.0.1:1") as served:
+            seen.append((await served.post())[2])
+        async with serving(short_dir, upstream.base_url, api_key="") as served:  # no key: the upstream's 401
+            status, _, body = await served.post()
+            assert status == 401
+            seen.append(body)
+        return seen
+
+    for answer in asyncio.run(scenario()):
+        assert KEY.encode() not in answer
+    assert logs and not any(KEY in line for line in logs)
+
+
+def test_chat_folders_are_served_as_they_come_and_go(short_dir: Path, upstream: FakeAnthropic) -> None:
+    async def scenario() -> None:
+        async with serving(short_dir, upstream.base_url, chats=()) as served:
+            run_dir = served.run_dir
+            (run_dir / "oc_new").mkdir()
+            (run_dir / "-bad").mkdir()  # not a chat id
+            (short_dir / "elsewhere").mkdir()
+            (run_dir / "oc_link").symlink_to(short_dir / "elsewhere")  # never followed
+            await asyncio.to_thread(wait_until, lambda: served.socket("oc_new").exists(), 5, "the new chat's socket")
+            assert stat.S_IMODE(os.lstat(served.socket("oc_new")).st_mode) == 0o666
+            assert (await served.post(chat_id="oc_new"))[0] == 200
+            await asyncio.sleep(gateway.POLL_SECONDS * 3)
+            assert not (run_dir / "-bad" / gateway.SOCKET).exists()
+            assert list((short_dir / "elsewhere").iterdir()) == []
+            os.unlink(served.socket("oc_new"))
+            (run_dir / "oc_new").rmdir()
+            await asyncio.to_thread(wait_until, lambda: "oc_new" not in served.gateway._sites, 5, "the chat gone")
+
+    asyncio.run(scenario())
+
+
+def test_a_stale_socket_is_replaced(short_dir: Path, upstream: FakeAnthropic) -> None:
+    async def scenario() -> None:
+        (short_dir / "run" / "oc_a").mkdir(parents=True)
+        (short_dir / "run" / "oc_a" / gateway.SOCKET).write_text("left by a gateway before")
+        async with serving(short_dir, upstream.base_url) as served:
+            assert stat.S_ISSOCK(os.lstat(served.socket()).st_mode)
+            assert (await served.post())[0] == 200
+
+    asyncio.run(scenario())
+
+
+# ---- the process: its settings file, and a kill -9 mid-stream ----
+
+def test_the_settings_file_round_trips_and_is_the_roots_alone(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data_dir: {tmp_path / 'data'}\ngateway: {{api_key: {KEY}, max_concurrent: 3}}\n"
+                      "budgets: {per_user_monthly_usd: '12.5', timezone: Asia/Shanghai, reset_at: '04:00:30',\n"
+                      "          prices: {claude-x: {input: 1, output: 2, cache_write: 3, cache_read: '0.1'}}}\n")
+    settings = load_settings(config, {})
+    (tmp_path / "data").mkdir()
+    path = write_settings(settings)
+    assert path == tmp_path / "data" / "gateway.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    loaded = read_settings(path)
+    assert loaded.gateway == settings.gateway and loaded.budgets == settings.budgets
+    assert (loaded.db_path, loaded.run_dir, loaded.secret_path) == (
+        settings.db_path, layout.run_dir(settings), layout.secret_path(settings))
+    changed = replace(settings, budgets=replace(settings.budgets, per_chat_daily_usd=Decimal(1)))
+    assert settings_digest(changed) != settings_digest(settings) == settings_digest(load_settings(config, {}))
+    assert write_settings(changed) == path and read_settings(path).budgets.per_chat_daily_usd == Decimal(1)
+
+
+def test_a_gateway_killed_mid_stream_leaves_what_was_streamed_counted(short_dir: Path,
+                                                                      upstream: FakeAnthropic) -> None:
+    data = short_dir / "data"
+    config = short_dir / "c.yaml"
+    config.write_text(f"data_dir: {data}\ngateway: {{upstream_url: '{upstream.base_url}', api_key: {KEY}}}\n"
+                      f"budgets: {{prices: {{{MODEL}: {{input: 1, output: 2, cache_write: 3, cache_read: 4}}}}}}\n")
+    settings = load_settings(config, {})
+    layout.prepare_instance(settings)
+    secret = credentials.load_or_make_secret(layout.secret_path(settings))
+    (layout.run_dir(settings) / "oc_a").mkdir()
+    Store(settings.db_path).close()
+    process = subprocess.Popen([sys.executable, "-m", "orchestrator.gateway", str(write_settings(settings))],
+                               stderr=subprocess.PIPE, text=True)
+    socket_path = layout.run_dir(settings) / "oc_a" / gateway.SOCKET
+    try:
+        wait_until(lambda: socket_path.exists() or process.poll() is not None, 20, "the gateway's socket")
+        assert process.poll() is None
+
+        async def scenario() -> bytes:
+            body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "TOKENS 5000 99 SLOW 30"}]}
+            async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(socket_path))) as session:
+                async with session.post("http://g/v1/messages", json=body,
+                                        headers={"x-api-key": credentials.model_token(secret, "oc_a")}) as response:
+                    seen = b""
+                    while b"text_delta" not in seen:  # the first piece of the answer: the fake now waits 30 s
+                        seen += await response.content.readany()
+                    os.kill(process.pid, signal.SIGKILL)
+                    with contextlib.suppress(aiohttp.ClientError):
+                        seen += await response.content.read()
+                    return seen
+
+        seen = asyncio.run(scenario())
+        assert b"message_start" in seen and b"message_stop" not in seen
+        assert process.wait(10) == -signal.SIGKILL
+    finally:
+        process.kill()
+        stderr = process.communicate()[1]
+    store = Store(settings.db_path)
+    try:
+        [row] = store.usage("oc_a")
+    finally:
+        store.close()
+    assert (row.input_tokens, row.output_tokens, row.complete) == (5000, 1, False)
+    assert row.cost_nano == Usage(MODEL, 5000, 1).cost(PRICES) == 5_002_000
+    assert "model gateway serving 1 chats" in stderr and KEY not in stderr
