@@ -76,7 +76,8 @@ class Rig:
         return bot
 
     def env(self) -> dict[str, str]:
-        return {"ANTHROPIC_BASE_URL": self.api.base_url, "ANTHROPIC_API_KEY": MODEL_KEY}  # the baselines: straight to the API
+        """The baselines' CLI: straight to the API with its key (no gateway, no orchestrator)."""
+        return {"ANTHROPIC_BASE_URL": self.api.base_url, "ANTHROPIC_API_KEY": MODEL_KEY}
 
     def container(self, chat_id: str) -> Any:
         return self.client.containers.get(f"{self.instance}-{chat_id}")
@@ -98,7 +99,7 @@ def rig() -> Iterator[Rig]:
     root = Path(tempfile.mkdtemp(prefix="bench-"))
     client = docker.from_env(timeout=300)
     setup = Rig(root=root, instance=f"b{uuid.uuid4().hex[:8]}", feishu=FakeFeishu().start(),
-                api=FakeAnthropic().start(), client=client)
+                api=FakeAnthropic(api_key=MODEL_KEY).start(), client=client)
     try:
         yield setup
     finally:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 
-from bench import cold, footprint, hot_memory, restart, streaming, throughput, warm
+from bench import cold, footprint, gateway, hot_memory, restart, streaming, throughput, warm
 from bench.common import main
 
-BENCHMARKS = (warm, cold, throughput, footprint, hot_memory, restart, streaming)
+BENCHMARKS = (warm, cold, throughput, footprint, hot_memory, restart, streaming, gateway)
 
 
 def run(quick: bool) -> list[str]:

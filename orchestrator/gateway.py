@@ -41,12 +41,12 @@ from yarl import URL
 from orchestrator import credentials, ids, layout, spending
 from orchestrator.config import BUDGET_LIMITS, BudgetSettings, GatewaySettings, Price, Settings
 from orchestrator.logs import setup_logging
+from orchestrator.relay import SOCKET
 from orchestrator.store import Store
 
 T = TypeVar("T")
 
 SETTINGS_FILE = "gateway.json"
-SOCKET = "model.sock"
 POLL_SECONDS = 0.2  # how often new chat folders are looked for (a chat's container waits for its socket)
 BODY_SECONDS = 60.0  # a request body must have arrived by then (408)
 MAX_CHAT_CONNECTIONS = 64  # open connections per chat; more are closed at once (the CLI keeps a few)
@@ -202,9 +202,12 @@ class Gateway:
     async def scan(self) -> None:
         """Serve every chat folder of the run folder (real folders only, never a link), and stop serving those
         that are gone."""
-        with os.scandir(self.config.run_dir) as entries:
-            folders = {entry.name for entry in entries
-                       if ids.is_valid_chat_id(entry.name) and entry.is_dir(follow_symlinks=False)}
+        try:
+            with os.scandir(self.config.run_dir) as entries:
+                folders = {entry.name for entry in entries
+                           if ids.is_valid_chat_id(entry.name) and entry.is_dir(follow_symlinks=False)}
+        except FileNotFoundError:  # not made yet (the orchestrator makes it at its start)
+            folders = set()
         for chat_id in self._sites.keys() - folders:
             await self._sites.pop(chat_id).stop()
         for chat_id in sorted(folders - self._sites.keys()):

@@ -199,7 +199,7 @@ def container_spec(settings: Settings, chat: ChatSettings, paths: ChatPaths, sec
         labels[CHAT_NAME_LABEL] = chat_name
     network = network_name(settings.instance) if options.network == INSTANCE_NETWORK else options.network
     gateway_mount = (str(layout.chat_run_dir(settings, chat.chat_id)), layout.RUN_PATH, True)
-    mounts = paths.mounts() + (gateway_mount,)
+    mounts = (*paths.mounts(), gateway_mount)
     return ContainerSpec(
         name=container_name(settings.instance, chat.chat_id),
         image=settings.agent.image,

@@ -11,12 +11,12 @@ import pytest
 
 from orchestrator import firewall, runtime
 from tests.fakes.anthropic import FakeAnthropic
-from tests.harness import AGENT_IMAGE, StoreView, write_config
+from tests.harness import AGENT_IMAGE, MODEL_KEY, StoreView, write_config
 
 
 @pytest.fixture(scope="session")
 def fake_api() -> Iterator[FakeAnthropic]:
-    server = FakeAnthropic().start()
+    server = FakeAnthropic(api_key=MODEL_KEY).start()  # the real key only: the gateway must add it
     yield server
     server.stop()
 

@@ -33,3 +33,6 @@ def test_every_benchmark_runs_and_prints_its_figures() -> None:
     assert re.search(r"^restart: graceful shutdown with 3 busy chats took [\d.]+ s .* exit code 0; "
                      r"containers left running 0$", out, re.M), out
     assert re.search(r"^streaming: first text to first card: median=\d+ ms", out, re.M), out
+    assert re.search(r"^gateway latency: added per request median=-?[\d.]+ ms p95=-?[\d.]+ ms", out, re.M), out
+    assert re.search(r"^gateway throughput: \d+ req/s through the gateway, \d+ req/s direct \(concurrency 8\); "
+                     r"ratio=[\d.]+x of direct$", out, re.M), out

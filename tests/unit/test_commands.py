@@ -4,7 +4,9 @@ that a failing command is logged, never raised into the service."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from peewee import OperationalError
 
 from orchestrator import commands
 from orchestrator.commands import HELP, Context
-from orchestrator.config import Settings
+from orchestrator.config import BudgetSettings, Settings
 from orchestrator.runtime import ContainerState, Usage
 from orchestrator.store import MessageRecord, Store
 
@@ -117,3 +119,27 @@ def test_a_failing_command_is_logged_not_raised(tmp_path: Path, store: Store) ->
         logger.remove(sink)
     assert logged == [("ERROR", "the command /stop failed: KeyError: \"the runner's bug\""),
                       ("WARNING", "the command /stop could not be answered yet: OperationalError: database is locked")]
+
+
+def spend(store: Store, chat_id: str, user_id: str, nano_usd: int, days_ago: float = 0) -> None:
+    """A model request, as the gateway records it (`days_ago` moves it back in time)."""
+    usage_id = store.open_usage(chat_id, user_id, None, "claude-x", input_tokens=1, output_tokens=1,
+                                cache_write_tokens=0, cache_read_tokens=0, cost_nano=nano_usd, complete=True)
+    if days_ago:
+        store.db.execute_sql("update usage set at = at - ? where id = ?", (days_ago * 86400, usage_id))
+
+
+def test_cost_shows_the_chats_and_the_senders_spending_today_and_this_month(tmp_path: Path, store: Store) -> None:
+    spend(store, "oc_a", "ou_1", 1_250_000_000)  # this chat, the one asking
+    spend(store, "oc_a", "ou_2", 20_000_000)  # this chat, someone else
+    spend(store, "oc_b", "ou_1", 30_000_000)  # another chat, the one asking
+    spend(store, "oc_a", "ou_1", 5_000_000_000, days_ago=40)  # last month or before: in neither figure
+    chat = Chat(tmp_path, store)
+    chat.context = dataclasses.replace(chat.context, settings=dataclasses.replace(
+        chat.context.settings, budgets=BudgetSettings(per_chat_daily_usd=Decimal("2"), per_user_monthly_usd=Decimal(
+            "50"), timezone="Asia/Shanghai", reset_at="06:00")))
+    [(_, text)] = chat.send("/cost")
+    lines = text.splitlines()
+    assert lines[0] == "This chat: $1.27 today of a budget of $2.00, $1.27 this month"
+    assert lines[1] == "You: $1.28 today, $1.28 this month of a budget of $50.00"
+    assert lines[2].startswith("A new day starts at ") and lines[2].endswith(" 06:00 Asia/Shanghai.")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -26,6 +27,7 @@ from loguru import logger
 from orchestrator import credentials, gateway, layout
 from orchestrator.config import BudgetSettings, GatewaySettings, Price, load_settings
 from orchestrator.gateway import Gateway, GatewayConfig, read_settings, settings_digest, write_settings
+from orchestrator.runtime import CHAT_LABEL, ROLE_LABEL, gateway_container_spec
 from orchestrator.spending import Usage
 from orchestrator.store import Store
 from tests.fakes.anthropic import FakeAnthropic
@@ -95,6 +97,7 @@ def config_of(run_dir: Path, upstream_url: str, budgets: BudgetSettings | None =
 async def serving(folder: Path, upstream_url: str, chats: tuple[str, ...] = ("oc_a",),
                   budgets: BudgetSettings | None = None, **gateway_fields: Any) -> AsyncIterator[Served]:
     run_dir = folder / "run"
+    run_dir.mkdir(exist_ok=True)
     for chat_id in chats:
         (run_dir / chat_id).mkdir(parents=True, exist_ok=True)
     config = config_of(run_dir, upstream_url, budgets, **gateway_fields)
@@ -134,8 +137,24 @@ def test_a_stream_passes_through_byte_for_byte_and_its_usage_is_stored(short_dir
             assert (row.user_id, row.message_id) == ("ou_1", "om_1")  # the running message's sender pays
             assert served.store.turn_spent("om_1") == 2_675_000
             assert upstream.requests[-1]["messages"][0]["content"] == "TOKENS 1234 567 89 10 please"
+            rows_at_stop = await stored_when_the_stream_stops(served)
+            assert [(row.output_tokens, row.complete) for row in rows_at_stop] == [(567, True), (10, True)]
 
     asyncio.run(scenario())
+
+
+async def stored_when_the_stream_stops(served: Served) -> list[Any]:
+    """The usage rows as they are the moment message_stop reaches the client: its cost is stored before."""
+    token = credentials.model_token(SECRET, "oc_a")
+    body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "STREAM 3 0"}]}
+    async with served.client() as session, session.post("http://g/v1/messages", json=body,
+                                                        headers={"x-api-key": token}) as response:
+        seen = b""
+        while b"message_stop" not in seen:
+            chunk = await response.content.readany()
+            assert chunk, "the stream ended without message_stop"
+            seen += chunk
+        return served.store.usage("oc_a")
 
 
 def test_a_whole_message_and_count_tokens(short_dir: Path, upstream: FakeAnthropic) -> None:
@@ -272,6 +291,54 @@ def test_upstream_unreachable_or_too_slow(short_dir: Path, upstream: FakeAnthrop
     asyncio.run(scenario())
 
 
+def test_a_stream_the_upstream_breaks_off_reaches_the_client_broken_and_stays_counted(short_dir: Path) -> None:
+    start = {"type": "message_start", "message": {"type": "message", "model": MODEL,
+                                                  "usage": {"input_tokens": 700, "output_tokens": 1}}}
+
+    async def broken_upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        event = f"event: message_start\ndata: {json.dumps(start)}\n\n".encode()
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                     + f"{len(event):x}\r\n".encode() + event + b"\r\n")
+        await writer.drain()
+        writer.close()  # without the last chunk: the answer broke off
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(broken_upstream, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server, serving(short_dir, f"http://127.0.0.1:{port}") as served:
+            body = {"model": MODEL, "stream": True, "messages": []}
+            async with served.client() as session, session.post(
+                    "http://g/v1/messages", json=body,
+                    headers={"x-api-key": credentials.model_token(SECRET, "oc_a")}) as response:
+                assert response.status == 200
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await response.read()
+            [row] = served.store.usage()
+            assert (row.input_tokens, row.output_tokens, row.complete) == (700, 1, False)
+
+    asyncio.run(scenario())
+
+
+def test_a_chat_cannot_take_every_connection(short_dir: Path, upstream: FakeAnthropic,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gateway, "MAX_CHAT_CONNECTIONS", 3)
+
+    async def scenario() -> None:
+        async with serving(short_dir, upstream.base_url, chats=("oc_a", "oc_b")) as served:
+            held = [await asyncio.open_unix_connection(str(served.socket())) for _ in range(5)]
+            closed = [await asyncio.wait_for(reader.read(1), 5) == b"" for reader, _ in held[3:]]
+            assert closed == [True, True]  # over the chat's share: closed at once
+            assert (await served.post(chat_id="oc_b"))[0] == 200  # another chat is served
+            for _, writer in held:
+                writer.close()
+            await asyncio.to_thread(wait_until, lambda: len(served.gateway._runner.server.connections) <= 1, 5,
+                                    "the connections closed")
+            assert (await served.post())[0] == 200  # and the chat again, once it let go
+
+    asyncio.run(scenario())
+
+
 def test_the_key_is_in_no_answer_and_no_log_line(short_dir: Path, upstream: FakeAnthropic, logs: list[str]) -> None:
     async def scenario() -> list[bytes]:
         seen = []
@@ -365,16 +432,16 @@ def test_a_gateway_killed_mid_stream_leaves_what_was_streamed_counted(short_dir:
 
         async def scenario() -> bytes:
             body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "TOKENS 5000 99 SLOW 30"}]}
-            async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(socket_path))) as session:
-                async with session.post("http://g/v1/messages", json=body,
-                                        headers={"x-api-key": credentials.model_token(secret, "oc_a")}) as response:
-                    seen = b""
-                    while b"text_delta" not in seen:  # the first piece of the answer: the fake now waits 30 s
-                        seen += await response.content.readany()
-                    os.kill(process.pid, signal.SIGKILL)
-                    with contextlib.suppress(aiohttp.ClientError):
-                        seen += await response.content.read()
-                    return seen
+            token = credentials.model_token(secret, "oc_a")
+            async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(socket_path))) as session, \
+                    session.post("http://g/v1/messages", json=body, headers={"x-api-key": token}) as response:
+                seen = b""
+                while b"text_delta" not in seen:  # the first piece of the answer: the fake now waits 30 s
+                    seen += await response.content.readany()
+                os.kill(process.pid, signal.SIGKILL)
+                with contextlib.suppress(aiohttp.ClientError):
+                    seen += await response.content.read()
+                return seen
 
         seen = asyncio.run(scenario())
         assert b"message_start" in seen and b"message_stop" not in seen
@@ -390,3 +457,19 @@ def test_a_gateway_killed_mid_stream_leaves_what_was_streamed_counted(short_dir:
     assert (row.input_tokens, row.output_tokens, row.complete) == (5000, 1, False)
     assert row.cost_nano == Usage(MODEL, 5000, 1).cost(PRICES) == 5_002_000
     assert "model gateway serving 1 chats" in stderr and KEY not in stderr
+
+
+def test_the_gateway_container(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(f"instance: bot\ndata_dir: {tmp_path / 'data'}\ngateway: {{api_key: {KEY}}}\n")
+    settings = load_settings(config, {})
+    spec = gateway_container_spec(settings, settings_digest(settings))
+    data = str(tmp_path / "data")
+    assert (spec.name, spec.image, spec.network, spec.user) == ("bot-gateway", "orchestrator:latest", "host", "0:0")
+    assert spec.command == ("python", "-m", "orchestrator.gateway", f"{data}/gateway.json")
+    assert spec.mounts == ((data, data, False),)  # the same path: the settings name the store and the run folder
+    assert spec.labels[ROLE_LABEL] == "model-gateway" and CHAT_LABEL not in spec.labels
+    assert spec.mem_limit == 256 * 1024**2
+    assert KEY not in json.dumps(dataclasses.asdict(spec))  # the key is in the settings file only
+    changed = replace(settings, gateway=replace(settings.gateway, max_concurrent=2))
+    assert gateway_container_spec(changed, settings_digest(changed)).fingerprint() != spec.fingerprint()
