@@ -11,8 +11,9 @@ MAX_CHAT_CONNECTIONS connections) and the budgets. Then it goes upstream with th
 comes back unchanged, chunk by chunk, while its usage is read from it and written to the store: the row at
 message_start (what was streamed counts even if the gateway dies), its counts at message_delta, and its end
 before the chunk with message_stop reaches the CLI, so a turn's result never arrives before its cost is stored.
-A request past a budget is refused with the Messages API's permission_error and `x-should-retry: false`: the
-CLI does not retry it and shows the message, which says what was spent and when the budget resets.
+A request past a budget is refused with the Messages API's billing_error (402) and `x-should-retry: false`: the CLI
+(2.1.332, measured) does not retry it and ends the turn with "API Error: 402 <our text>", which says what was spent
+and when the budget resets (a 403 permission_error reads "Failed to authenticate. API Error: 403 …").
 """
 
 from __future__ import annotations
@@ -210,6 +211,8 @@ class Gateway:
             folders = set()
         for chat_id in self._sites.keys() - folders:
             await self._sites.pop(chat_id).stop()
+            self._tokens.pop(chat_id)
+            self._chats = {path: chat for path, chat in self._chats.items() if chat != chat_id}
         for chat_id in sorted(folders - self._sites.keys()):
             await self._serve(chat_id)
 
@@ -282,6 +285,8 @@ class Gateway:
             yield
         finally:
             self._busy[chat_id] -= 1
+            if not self._busy[chat_id]:
+                del self._busy[chat_id]
 
     @contextlib.asynccontextmanager
     async def _memory(self, length: int) -> AsyncIterator[None]:
@@ -318,7 +323,7 @@ class Gateway:
         payer = _Payer(running.sender_id, running.message_id) if running else _Payer("", None)
         refusal = spending.check(self.config.budgets, datetime.now(UTC), chat_id, payer.user_id, self.store.spent)
         if refusal is not None:
-            raise Refused(403, "permission_error", refusal.text, {"x-should-retry": "false"})
+            raise Refused(402, "billing_error", refusal.text, {"x-should-retry": "false"})
         return payer
 
     async def _send(self, request: web.BaseRequest, body: bytearray) -> aiohttp.ClientResponse:

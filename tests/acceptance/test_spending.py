@@ -98,7 +98,9 @@ def test_a_spent_budget_stops_the_turn_midway_then_refuses_the_next_until_it_res
     assert not fake_api.requests_mentioning("are you still there")
     wait_until(lambda: datetime.now(UTC) > reset + timedelta(seconds=1), 60, "the budget's reset")
     feishu.push_event(feishu.text_event(chat_id, "a new day"))
-    wait_answer(feishu, chat_id, "Fake answer to: a new day")
+    wait_until(lambda: len(answers(feishu, chat_id)) == 4, 90, "an answer on the new day")
+    assert "Cost: $0.02 this answer, $0.02 today in this chat" in last_text(feishu, chat_id)  # the day starts at 0
+    assert fake_api.requests_mentioning("a new day")
 
 
 def test_the_real_key_is_nowhere_an_agent_can_look_and_its_token_is_worthless_elsewhere(

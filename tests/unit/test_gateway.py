@@ -268,9 +268,9 @@ def test_a_spent_budget_is_refused_with_its_figure_and_no_retry(short_dir: Path,
             assert (await served.post("TOKENS 10000 10000"))[0] == 200  # $0.03 < $0.05: allowed, crosses it
             before = len(upstream.requests)
             status, headers, body = await served.post("one more")
-            assert (status, headers["x-should-retry"]) == (403, "false")
+            assert (status, headers["x-should-retry"]) == (402, "false")
             kind, message = error_of(body)
-            assert kind == "permission_error"
+            assert kind == "billing_error"
             assert message.startswith("This chat has spent $0.06 of its daily budget of $0.05; it resets at ")
             assert message.endswith(" 00:00 UTC.")
             assert len(upstream.requests) == before  # never went upstream
