@@ -1,13 +1,17 @@
-"""The host's firewall rules that close the instance network (iptables; the only module that runs it).
+"""The host's firewall rules that close the instance's networks (iptables; the only module that runs it).
 
-Agents on the instance's bridge may reach the internet (an allowlisting proxy comes later), but not:
-- the host itself, on any of its addresses (INPUT from the bridge: the webhook, metrics, every local service);
-- link-local addresses (169.254.0.0/16: the cloud metadata service), private and shared ranges (the LAN, the
-  cloud's VPC, other Docker networks and their published ports, which DNAT into them), loopback, multicast;
-- each other: the bridge is made with enable_icc=false, so the engine drops container-to-container traffic.
-The one exception is DNS to the host's own resolvers, which are often private addresses.
+The instance has two bridges (see `runtime`):
+- the agents' network (internal: the engine gives it no route out). From it, only the egress proxy's port on the
+  proxy's address is let through (ACCEPT: the bridge is made with enable_icc=false, so the engine drops all
+  container-to-container traffic, the agents' to the proxy too), and its answers; anything else is rejected.
+- the egress network (the proxy's way out, and that of chats with `egress: open`): the internet, but not
+  link-local addresses (169.254.0.0/16: the cloud metadata service), private and shared ranges (the LAN, the
+  cloud's VPC, other Docker networks and their published ports, which DNAT into them), loopback, multicast. The
+  one exception is DNS to the host's own resolvers, which are often private addresses.
+From neither does anything reach the host itself, on any of its addresses (INPUT: the webhook, metrics, every
+local service).
 
-The rules live in two chains of their own per instance, re-made at every start, so the result is the same
+The rules live in three chains of their own per instance, re-made at every start, so the result is the same
 whatever was there before; the jumps to them are added once.
 """
 
@@ -19,6 +23,8 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+from orchestrator.egress import PROXY_PORT
 
 BLOCKED_RANGES = ("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
                   "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15", "224.0.0.0/4", "240.0.0.0/4")
@@ -33,13 +39,20 @@ class FirewallError(Exception):
 
 @dataclass(frozen=True)
 class Chains:
-    forward: str  # traffic from the bridge leaving through the host (jumped to from DOCKER-USER)
-    local: str  # traffic from the bridge to the host itself (jumped to from INPUT)
+    forward: str  # traffic from the egress bridge leaving through the host (jumped to from DOCKER-USER)
+    agents: str  # traffic from the agents' bridge through the host: to the proxy only (from DOCKER-USER)
+    local: str  # traffic from either bridge to the host itself (jumped to from INPUT)
+
+
+@dataclass(frozen=True)
+class Bridges:
+    agents: str
+    egress: str
 
 
 def chains(instance: str) -> Chains:
     digest = hashlib.sha256(instance.encode()).hexdigest()[:10]
-    return Chains(forward=f"ORCH-{digest}-FWD", local=f"ORCH-{digest}-IN")
+    return Chains(forward=f"ORCH-{digest}-FWD", agents=f"ORCH-{digest}-AGT", local=f"ORCH-{digest}-IN")
 
 
 def host_resolvers(resolv_conf: str) -> list[str]:
@@ -78,35 +91,56 @@ def forward_rules(resolvers: list[str]) -> list[list[str]]:
     return rules
 
 
+def agents_rules(proxy: str | None) -> list[list[str]]:
+    """The agents' chain: to the proxy's port at its address (when it runs) and its answers back, nothing else.
+    Pure."""
+    through = [] if proxy is None else [
+        ["-s", f"{proxy}/32", "-p", "tcp", "-m", "tcp", "--sport", str(PROXY_PORT),
+         "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"],
+        ["-d", f"{proxy}/32", "-p", "tcp", "-m", "tcp", "--dport", str(PROXY_PORT), "-j", "ACCEPT"]]
+    return [*through, ["-j", "REJECT", "--reject-with", "icmp-net-prohibited"]]
+
+
 def local_rules() -> list[list[str]]:
     """The host chain's rules: answers to what the host started, nothing else. Pure."""
     return [ANSWERS, ["-j", "REJECT", "--reject-with", "icmp-host-prohibited"]]
 
 
-def install(instance: str, bridge: str) -> Chains:
-    """Make (or re-make) the instance's chains and jump to them from DOCKER-USER and INPUT for its bridge."""
+def _chain_rules(names: Chains, proxy: str | None) -> list[tuple[str, list[list[str]]]]:
+    return [(names.forward, forward_rules(_resolvers())), (names.agents, agents_rules(proxy)),
+            (names.local, local_rules())]
+
+
+def _jumps(names: Chains, bridges: Bridges) -> list[tuple[str, list[str]]]:
+    return [("DOCKER-USER", ["-i", bridges.egress, "-j", names.forward]),
+            ("DOCKER-USER", ["-i", bridges.agents, "-j", names.agents]),
+            ("INPUT", ["-i", bridges.egress, "-j", names.local]),
+            ("INPUT", ["-i", bridges.agents, "-j", names.local])]
+
+
+def install(instance: str, bridges: Bridges, proxy: str | None) -> Chains:
+    """Make (or re-make) the instance's chains and jump to them from DOCKER-USER and INPUT for its bridges.
+    `proxy`: the egress proxy's address on the agents' network (None: it does not run)."""
     names = chains(instance)
-    resolvers = _resolvers()
-    for chain, rules in ((names.forward, forward_rules(resolvers)), (names.local, local_rules())):
+    for chain, rules in _chain_rules(names, proxy):
         _ensure_chain(chain)
         _iptables("-F", chain)
         for rule in rules:
             _iptables("-A", chain, *rule)
-    _ensure_jump("DOCKER-USER", ["-i", bridge, "-j", names.forward])
-    _ensure_jump("INPUT", ["-i", bridge, "-j", names.local])
+    for parent, rule in _jumps(names, bridges):
+        _ensure_jump(parent, rule)
+    _delete_jump("DOCKER-USER", ["-i", bridges.agents, "-j", names.forward])  # an earlier version's, now wrong
     return names
 
 
-def intact(instance: str, bridge: str) -> bool:
-    """Whether the instance's chains hold exactly its rules and both jumps to them are in place (a firewall
-    reload or a flush by hand takes them away)."""
+def intact(instance: str, bridges: Bridges, proxy: str | None) -> bool:
+    """Whether the instance's chains hold exactly its rules (for this proxy address) and every jump to them is
+    in place (a firewall reload or a flush by hand takes them away)."""
     names = chains(instance)
-    resolvers = _resolvers()
-    for chain, rules in ((names.forward, forward_rules(resolvers)), (names.local, local_rules())):
+    for chain, rules in _chain_rules(names, proxy):
         if _rules(chain) != [" ".join(["-A", chain, *rule]) for rule in rules]:
             return False
-    return (_succeeds("-C", "DOCKER-USER", "-i", bridge, "-j", names.forward)
-            and _succeeds("-C", "INPUT", "-i", bridge, "-j", names.local))
+    return all(_succeeds("-C", parent, *rule) for parent, rule in _jumps(names, bridges))
 
 
 def _rules(chain: str) -> list[str]:
@@ -115,15 +149,20 @@ def _rules(chain: str) -> list[str]:
     return [line for line in run.stdout.splitlines() if line.startswith("-A ")] if run.returncode == 0 else []
 
 
-def remove(instance: str, bridge: str) -> None:
+def remove(instance: str, bridges: Bridges) -> None:
     """Take the instance's rules away (tests; an operator retiring an instance)."""
     names = chains(instance)
-    for parent, chain in (("DOCKER-USER", names.forward), ("INPUT", names.local)):
-        while _succeeds("-C", parent, "-i", bridge, "-j", chain):
-            _iptables("-D", parent, "-i", bridge, "-j", chain)
+    for parent, rule in _jumps(names, bridges):
+        _delete_jump(parent, rule)
+    for chain in (names.forward, names.agents, names.local):
         if _succeeds("-L", chain, "-n"):
             _iptables("-F", chain)
             _iptables("-X", chain)
+
+
+def _delete_jump(parent: str, rule: list[str]) -> None:
+    while _succeeds("-C", parent, *rule):
+        _iptables("-D", parent, *rule)
 
 
 def _ensure_chain(chain: str) -> None:

@@ -36,6 +36,8 @@ RATE_LIMIT_WAIT = Counter("orchestrator_feishu_rate_limit_wait_seconds_total",
                           "Seconds sends waited for the rate limiter", registry=REGISTRY)
 CONTAINERS_RUNNING = Gauge("orchestrator_containers_running", "Chat containers running", registry=REGISTRY)
 BUSY_CHATS = Gauge("orchestrator_busy_chats", "Chats with a turn running", registry=REGISTRY)
+EGRESS_REFUSED = Counter("orchestrator_egress_refused_total", "Requests the egress proxy refused, by chat ('-': bad "
+                         "proxy credentials)", ["chat_id"], registry=REGISTRY)
 CHAT_SPENT_USD = Gauge("orchestrator_chat_spent_usd", "What each chat spent in the current budget day and month, "
                        "priced from the gateway's usage records", ["chat_id", "period"], registry=REGISTRY)
 

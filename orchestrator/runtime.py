@@ -24,8 +24,8 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.models.containers import Container
 from docker.types import LogConfig, Mount, Ulimit
 
-from orchestrator import credentials, gateway, layout
-from orchestrator.config import INSTANCE_NETWORK, ChatSettings, Settings
+from orchestrator import credentials, egress, gateway, layout
+from orchestrator.config import INSTANCE_NETWORK, ChatOptions, ChatSettings, Settings
 from orchestrator.layout import WORKSPACE_PATH, ChatPaths
 from orchestrator.supervise import LIVENESS
 
@@ -33,7 +33,7 @@ MANAGED_LABEL = "orchestrator.managed"
 CHAT_LABEL = "orchestrator.chat_id"
 CHAT_NAME_LABEL = "orchestrator.chat_name"
 INSTANCE_LABEL = "orchestrator.instance"
-ROLE_LABEL = "orchestrator.role"  # a container of the instance's that serves no one chat (the model gateway)
+ROLE_LABEL = "orchestrator.role"  # a container of the instance's that serves no one chat (gateway, egress proxy)
 SPEC_LABEL = "orchestrator.spec"
 
 ICC_OPTION = "com.docker.network.bridge.enable_icc"
@@ -69,11 +69,17 @@ class ContainerSpec:
     # The engine writes what PID 1 prints to the container's log, and the agent can write to PID 1's stdout
     # (/proc/1/fd/1): without a cap that file grows on the engine's disk, outside any budget.
     log_max_size: str = "1m"
+    networks: tuple[str, ...] = ()  # more networks than `network`, connected before the first start
+    cap_add: tuple[str, ...] = ()  # the capabilities it keeps (all others are dropped)
 
     def fingerprint(self) -> str:
-        """Changes when anything but the labels changes: a container with another one is re-created."""
-        decisive = {k: v for k, v in asdict(self).items() if k != "labels"}
+        """Changes when anything but the labels changes: a container with another one is re-created. Fields added
+        since count only when set, so a container made before they existed keeps its fingerprint."""
+        decisive = {k: v for k, v in asdict(self).items() if k != "labels" and not (k in _LATER_FIELDS and not v)}
         return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_LATER_FIELDS = ("networks", "cap_add")
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,12 @@ class AgentNetwork:
     name: str
     bridge: str  # the host's interface for it
     subnets: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class InstanceNetworks:
+    agents: AgentNetwork  # internal: agents whose egress is an allowlist, and the proxy
+    egress: AgentNetwork  # goes out: the proxy, and agents whose egress is open
 
 
 @dataclass(frozen=True)
@@ -121,7 +133,9 @@ class Runtime(Protocol):
 
     async def ensure(self, spec: ContainerSpec) -> ContainerState: ...
 
-    async def ensure_network(self, instance: str) -> AgentNetwork: ...
+    async def ensure_networks(self, instance: str) -> InstanceNetworks: ...
+
+    async def address(self, name: str, network: str) -> str | None: ...
 
     async def inspect(self, name: str) -> ContainerState: ...
 
@@ -167,12 +181,57 @@ def gateway_container_spec(settings: Settings, settings_digest: str) -> Containe
 
 
 def network_name(instance: str) -> str:
+    """The agents' network: internal (no route out); the egress proxy is on it."""
     return f"{instance}-agents"
 
 
 def bridge_name(instance: str) -> str:
-    """The host's interface of the instance network, named so the firewall rules can match it (15 chars)."""
+    """The host's interface of the agents' network, named so the firewall rules can match it (15 chars)."""
     return f"orch-{hashlib.sha256(instance.encode()).hexdigest()[:10]}"
+
+
+def egress_network_name(instance: str) -> str:
+    """The network that goes out (closed by the firewall to the host and private addresses): the egress proxy's,
+    and that of chats with `egress: open`."""
+    return f"{instance}-egress"
+
+
+def egress_bridge_name(instance: str) -> str:
+    """The host's interface of the egress network (15 chars)."""
+    return f"oegr-{hashlib.sha256(instance.encode()).hexdigest()[:10]}"
+
+
+def chat_network(instance: str, options: ChatOptions) -> str:
+    """The network of a chat's container: on the instance network, the one its egress mode needs. Pure."""
+    if options.network != INSTANCE_NETWORK:
+        return options.network  # `none`, or one the operator named unsafe
+    return {"allowlist": network_name(instance), "open": egress_network_name(instance), "none": "none"}[
+        options.egress.mode]
+
+
+def egress_proxy_spec(settings: Settings, files_digest: str) -> ContainerSpec:
+    """The instance's egress proxy (see `egress`): squid from the orchestrator's image, on the agents' network (where
+    agents resolve it by its name) and the egress network. Root only to start: squid drops to user proxy, which
+    takes SETUID and SETGID and no other capability; read-only, its config folder read-only, writing only its
+    refusal log. The digest of its config and key in its environment makes a changed config re-create it."""
+    return ContainerSpec(
+        name=egress.proxy_name(settings.instance),
+        image=settings.gateway.image,  # the orchestrator's own, like the gateway's
+        labels={MANAGED_LABEL: "true", INSTANCE_LABEL: settings.instance, ROLE_LABEL: "egress-proxy"},
+        nano_cpus=1_000_000_000,
+        mem_limit=256 * 1024**2,  # squid without a cache takes about 15 MiB, plus buffers per connection
+        pids_limit=64,  # squid and its few helpers
+        network=network_name(settings.instance),
+        user="0:0",
+        mounts=((str(egress.conf_dir(settings)), egress.CONF_PATH, True),
+                (str(egress.log_dir(settings)), egress.LOG_PATH, False)),
+        tmpfs=(("/tmp", "rw,nosuid,nodev,noexec,size=16m"),),
+        ulimits=(("nofile", OPEN_FILES), ("core", 0)),
+        environment=(("EGRESS_FILES_DIGEST", files_digest),),
+        command=("squid", "-N", "-f", f"{egress.CONF_PATH}/{egress.CONFIG_NAME}"),
+        networks=(egress_network_name(settings.instance),),
+        cap_add=("SETUID", "SETGID"),
+    )
 
 
 def model_port(network: str, chat_id: str) -> int:
@@ -197,7 +256,7 @@ def container_spec(settings: Settings, chat: ChatSettings, paths: ChatPaths, sec
     labels = {MANAGED_LABEL: "true", CHAT_LABEL: chat.chat_id, INSTANCE_LABEL: settings.instance}
     if chat_name:
         labels[CHAT_NAME_LABEL] = chat_name
-    network = network_name(settings.instance) if options.network == INSTANCE_NETWORK else options.network
+    network = chat_network(settings.instance, options)
     gateway_mount = (str(layout.chat_run_dir(settings, chat.chat_id)), layout.RUN_PATH, True)
     mounts = (*paths.mounts(), gateway_mount)
     return ContainerSpec(
@@ -217,7 +276,8 @@ def container_spec(settings: Settings, chat: ChatSettings, paths: ChatPaths, sec
                                f"gid={settings.agent.uid},mode=0700")),
         # One file may not outgrow the chat's whole disk budget; no core dumps (they could hold secrets).
         ulimits=(("nofile", OPEN_FILES), ("fsize", options.disk), ("core", 0)),
-        environment=model_environment(secret, network, chat.chat_id),
+        environment=(*model_environment(secret, network, chat.chat_id),
+                     *sorted(egress.proxy_environment(settings, chat, secret).items())),
     )
 
 
@@ -356,7 +416,7 @@ class DockerRuntime(Runtime):
 
     def _create(self, spec: ContainerSpec, fingerprint: str) -> Container:
         try:
-            return self._client.containers.create(
+            container = self._client.containers.create(
                 spec.image,
                 name=spec.name,
                 labels={**spec.labels, SPEC_LABEL: fingerprint},
@@ -377,40 +437,85 @@ class DockerRuntime(Runtime):
                 command=list(spec.command) or None,
                 log_config=LogConfig(type="json-file", config={"max-size": spec.log_max_size, "max-file": "1"}),
                 cap_drop=["ALL"],
+                cap_add=list(spec.cap_add) or None,
                 security_opt=["no-new-privileges"],
             )
         except APIError as exc:
             if exc.status_code != 409:
                 raise
             return self._client.containers.get(spec.name)  # created meanwhile by someone else: adopt it
+        try:
+            for network in spec.networks:  # the engine's API before 1.44 takes one network at create
+                self._client.networks.get(network).connect(container)
+        except Exception:
+            container.remove(force=True)  # not adopted half-connected: the next ensure makes it again
+            raise
+        return container
 
-    # ---- the instance's network ----
+    # ---- the instance's networks ----
 
-    async def ensure_network(self, instance: str) -> AgentNetwork:
-        """The instance's own bridge for its agents, made if missing: labelled, and with inter-container
-        traffic off (enable_icc=false), so no chat reaches another's container."""
-        return await self._call(self._ensure_network, instance)
+    async def ensure_networks(self, instance: str) -> InstanceNetworks:
+        """The instance's own bridges, made if missing, labelled, with inter-container traffic off (enable_icc=false,
+        so no chat reaches another's container): the agents' network, internal (no route out), and the egress
+        network, which goes out (the firewall closes it to the host and private addresses)."""
+        return await self._call(self._ensure_networks, instance)
 
-    def _ensure_network(self, instance: str) -> AgentNetwork:
-        name = network_name(instance)
+    def _ensure_networks(self, instance: str) -> InstanceNetworks:
+        return InstanceNetworks(
+            agents=self._network(instance, network_name(instance), bridge_name(instance), internal=True),
+            egress=self._network(instance, egress_network_name(instance), egress_bridge_name(instance), internal=False))
+
+    def _network(self, instance: str, name: str, bridge: str, internal: bool) -> AgentNetwork:
         try:
             network = self._client.networks.get(name)
         except NotFound:
+            network = None
+        if network is not None and internal and not network.attrs.get("Internal"):
+            self._remove_outdated(network)
+            network = None
+        if network is None:
             try:
                 network = self._client.networks.create(
-                    name, driver="bridge", labels={MANAGED_LABEL: "true", INSTANCE_LABEL: instance},
-                    options={ICC_OPTION: "false", BRIDGE_NAME_OPTION: bridge_name(instance)}, check_duplicate=True)
+                    name, driver="bridge", internal=internal, labels={MANAGED_LABEL: "true", INSTANCE_LABEL: instance},
+                    options={ICC_OPTION: "false", BRIDGE_NAME_OPTION: bridge}, check_duplicate=True)
             except APIError as exc:
                 if exc.status_code != 409:
                     raise
                 network = self._client.networks.get(name)  # made meanwhile by another start: use it
             network.reload()
         options = network.attrs.get("Options") or {}
-        if options.get(ICC_OPTION) != "false" or options.get(BRIDGE_NAME_OPTION) != bridge_name(instance):
+        if (options.get(ICC_OPTION) != "false" or options.get(BRIDGE_NAME_OPTION) != bridge
+                or bool(network.attrs.get("Internal")) != internal):
             raise RuntimeFailure(f"the network {name} exists but was not made by the orchestrator (it lets "
-                                 "containers reach each other); remove it with `docker network rm` and start again")
+                                 "containers reach each other, or goes out where it must not, or not where it must); "
+                                 "remove it with `docker network rm` and start again")
         subnets = [c.get("Subnet", "") for c in (network.attrs.get("IPAM") or {}).get("Config") or []]
-        return AgentNetwork(name=name, bridge=bridge_name(instance), subnets=tuple(s for s in subnets if s))
+        return AgentNetwork(name=name, bridge=bridge, subnets=tuple(s for s in subnets if s))
+
+    @staticmethod
+    def _remove_outdated(network: Any) -> None:
+        """The agents' network of a version before the egress proxy went out to the internet: it is made again as an
+        internal one, which the engine allows only once no running container is on it (those of turns left
+        running for an upgrade). Stopped chat containers are made again by their next turn (their spec changed)."""
+        network.reload()
+        attached = sorted(c.get("Name", "?") for c in (network.attrs.get("Containers") or {}).values())
+        if attached:
+            raise RuntimeFailure(
+                f"the network {network.name} was made by an older version and goes out to the internet; it must be "
+                f"made again as an internal network, and {len(attached)} container(s) still run on it "
+                f"({', '.join(attached[:5])}): once their turns are done, remove them (`docker rm -f NAME`; their "
+                "chats keep their folders and sessions) and start again")
+        network.remove()
+
+    async def address(self, name: str, network: str) -> str | None:
+        """A running container's IPv4 address on a network, or None."""
+        return await self._call(self._address, name, network)
+
+    def _address(self, name: str, network: str) -> str | None:
+        container = self._find(name)
+        if container is None or container.status != "running":
+            return None
+        return (container.attrs["NetworkSettings"].get("Networks") or {}).get(network, {}).get("IPAddress") or None
 
     async def inspect(self, name: str) -> ContainerState:
         return await self._call(self._inspect, name)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from orchestrator import budgets, commands, credentials, firewall, gateway, layout, metrics, turns
+from orchestrator import budgets, commands, credentials, egress, firewall, gateway, layout, metrics, turns
 from orchestrator.agent import Failure
 from orchestrator.channels import Channel, Incoming
 from orchestrator.config import Settings
@@ -24,12 +24,16 @@ from orchestrator.housekeeping import Candidate, Finding, containers_to_stop, re
 from orchestrator.ids import is_valid_chat_id
 from orchestrator.masking import MaskedChannel, Masker
 from orchestrator.runtime import (
+    ContainerSpec,
     ContainerState,
     Runtime,
     RuntimeFailure,
     bridge_name,
+    egress_bridge_name,
+    egress_proxy_spec,
     gateway_container_name,
     gateway_container_spec,
+    network_name,
 )
 from orchestrator.states import State
 from orchestrator.store import MessageRecord, Store, refused_for_now
@@ -42,6 +46,7 @@ if TYPE_CHECKING:
     from loguru import Logger
 
 HOUSEKEEPING_SECONDS = 30.0
+REFUSALS_SECONDS = 2.0  # how often the egress proxy's refusal log is read (an fstat when nothing is new)
 KEEP_TURNS = 200  # turn folders (prompt, output, stderr) kept per chat, for `orchestrator logs` and debugging
 INTERRUPT_WAIT_SECONDS = 10.0  # after SIGINT, how long interrupted turns get to end and be recorded
 FLUSH_SECONDS = 10.0  # at shutdown, how long to keep trying to deliver what is pending
@@ -74,6 +79,8 @@ class Service:
         self._stop = asyncio.Event()
         self._hurry = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
+        self._egress_proxy: ContainerSpec | None = None  # made by close_network when a chat's egress is an allowlist
+        self._refusals = egress.RefusalLog(egress.log_dir(settings))
 
     # ---- lifecycle ----
 
@@ -133,12 +140,36 @@ class Service:
         self._stop.set()
 
     async def close_network(self) -> None:
-        """The instance network for the agents, closed by the host's firewall."""
-        network = await self.runtime.ensure_network(self.settings.instance)
-        chains = await asyncio.to_thread(firewall.install, self.settings.instance, network.bridge)
-        logger.info(f"agents' network {network.name} ({', '.join(network.subnets)}) on {network.bridge}: closed to "
-                    f"the host, private and link-local addresses and each other (iptables {chains.forward}, "
-                    f"{chains.local})")
+        """The instance's networks (the agents' internal one, the egress one), the egress proxy between them when
+        some chat's egress is an allowlist (its config written, its container adopted or made), and the host's
+        firewall closing both."""
+        networks = await self.runtime.ensure_networks(self.settings.instance)
+        proxy_name = egress.proxy_name(self.settings.instance)
+        policies = egress.policies(self.settings)
+        if policies:
+            secret = await asyncio.to_thread(credentials.load_or_make_secret, layout.secret_path(self.settings))
+            digest = await asyncio.to_thread(egress.write_files, self.settings, secret)
+            self._egress_proxy = egress_proxy_spec(self.settings, digest)
+            await self.runtime.ensure(self._egress_proxy)
+            logger.info(f"egress proxy {proxy_name}: {len(policies)} allowlist(s) "
+                        f"({', '.join(p.name for p in policies)})")
+        elif (await self.runtime.inspect(proxy_name)).running:
+            await self._stop_container(proxy_name, "-")  # no chat uses it any more
+        chains = await asyncio.to_thread(firewall.install, self.settings.instance, self._bridges(),
+                                         await self._proxy_address())
+        logger.info(f"agents' network {networks.agents.name} ({', '.join(networks.agents.subnets)}): internal, only "
+                    f"the egress proxy's port; egress network {networks.egress.name} "
+                    f"({', '.join(networks.egress.subnets)}): closed to the host, private and link-local addresses "
+                    f"(iptables {chains.agents}, {chains.forward}, {chains.local})")
+
+    def _bridges(self) -> firewall.Bridges:
+        return firewall.Bridges(agents=bridge_name(self.settings.instance),
+                                egress=egress_bridge_name(self.settings.instance))
+
+    async def _proxy_address(self) -> str | None:
+        if self._egress_proxy is None:
+            return None
+        return await self.runtime.address(self._egress_proxy.name, network_name(self.settings.instance))
 
     async def start_gateway(self) -> None:
         """The model gateway, the only holder of the model's key: its settings written, its container adopted or made
@@ -189,6 +220,8 @@ class Service:
         containers = [c for c in await self.runtime.list_managed(self.settings.instance) if c.running]
         logger.info(f"stopping {len(containers)} container(s)")
         await asyncio.gather(*(self._stop_container(c.name, c.chat_id) for c in containers))
+        if self._egress_proxy is not None:
+            await self._stop_container(self._egress_proxy.name, "-")
         # Last: it carried the model requests of the turns that just ended.
         await self._stop_container(gateway_container_name(self.settings.instance), "-")
 
@@ -259,14 +292,28 @@ class Service:
                  "disk_budget": self._stop_containers_over_budget, "stranded": self._resume_stranded,
                  "firewall": self._keep_network_closed, "spending": self._publish_spending}
         await asyncio.gather(*(repeat(LIVENESS.streak(f"housekeeping.{name}"), step, lambda: asyncio.sleep(interval))
-                               for name, step in steps.items()))
+                               for name, step in steps.items()),
+                             repeat(LIVENESS.streak("housekeeping.egress_refusals"), self._report_refusals,
+                                    lambda: asyncio.sleep(REFUSALS_SECONDS)))
 
     async def _keep_network_closed(self) -> None:
-        """The firewall rules, put back if something took them away (a firewall reload, a flush by hand)."""
-        bridge = bridge_name(self.settings.instance)
-        if not await asyncio.to_thread(firewall.intact, self.settings.instance, bridge):
-            logger.error("the instance network's firewall rules were changed or removed; installing them again")
-            await asyncio.to_thread(firewall.install, self.settings.instance, bridge)
+        """The egress proxy started again when it stopped, and the firewall rules put back if something took them
+        away (a firewall reload, a flush by hand) or the proxy's address changed."""
+        if self._egress_proxy is not None and not (await self.runtime.inspect(self._egress_proxy.name)).running:
+            logger.error(f"the egress proxy {self._egress_proxy.name} is not running; starting it again")
+            await self.runtime.ensure(self._egress_proxy)
+        bridges, proxy = self._bridges(), await self._proxy_address()
+        if not await asyncio.to_thread(firewall.intact, self.settings.instance, bridges, proxy):
+            logger.error("the instance network's firewall rules were changed or removed (or the egress proxy's "
+                         "address changed); installing them again")
+            await asyncio.to_thread(firewall.install, self.settings.instance, bridges, proxy)
+
+    async def _report_refusals(self) -> None:
+        """Each request the egress proxy refused since the last pass: logged with its chat and host, and counted."""
+        for refusal in await asyncio.to_thread(self._refusals.read):
+            logger.bind(chat_id=refusal.chat_id).warning(
+                f"egress refused: {refusal.method} {refusal.host}:{refusal.port} ({refusal.reason})")
+            metrics.EGRESS_REFUSED.labels(refusal.chat_id).inc()
 
     async def _publish_spending(self) -> None:
         """Each chat's spending of the day and the month, for /metrics."""

@@ -45,12 +45,13 @@ def instance(docker_client: docker.DockerClient) -> Iterator[str]:
 
 
 def remove_instance(client: docker.DockerClient, instance: str) -> None:
-    """Everything an orchestrator instance leaves on the host: containers, network, firewall chains."""
+    """Everything an orchestrator instance leaves on the host: containers, networks, firewall chains."""
     for container in client.containers.list(all=True, filters={"label": f"orchestrator.instance={instance}"}):
         container.remove(force=True)
-    with contextlib.suppress(docker.errors.NotFound):
-        client.networks.get(runtime.network_name(instance)).remove()
-    firewall.remove(instance, runtime.bridge_name(instance))
+    for network in (runtime.network_name(instance), runtime.egress_network_name(instance)):
+        with contextlib.suppress(docker.errors.NotFound):
+            client.networks.get(network).remove()
+    firewall.remove(instance, firewall.Bridges(runtime.bridge_name(instance), runtime.egress_bridge_name(instance)))
 
 
 @pytest.fixture

@@ -202,10 +202,11 @@ def test_agents_reach_neither_each_other_nor_the_host_and_the_model_still_works(
         feishu: FakeFeishu, feishu_config, instance: str, docker_client: docker.DockerClient, tmp_path: Path) -> None:
     bot = _start(feishu, feishu_config(), "unused")
     attacker, neighbour = chat(), chat()
-    _ask(feishu, attacker)  # the model on the host's loopback is reached through the relay
+    _ask(feishu, attacker)  # the model on the host's loopback is reached through the gateway
     _ask(feishu, neighbour)
 
     network = docker_client.networks.get(f"{instance}-agents")
+    assert network.attrs["Internal"] is True  # no route out: only the egress proxy is reachable on it
     assert network.attrs["Options"]["com.docker.network.bridge.enable_icc"] == "false"
     assert network.attrs["Labels"]["orchestrator.instance"] == instance
     target = docker_client.containers.get(f"{instance}-{neighbour}")
@@ -219,17 +220,29 @@ def test_agents_reach_neither_each_other_nor_the_host_and_the_model_still_works(
     assert attacks.NEIGHBOUR_REPLY not in "\n".join(answers(feishu, attacker))
 
     # The host and everything private or link-local: proven from the rules installed, not by probing them.
-    bridge = network.attrs["Options"]["com.docker.network.bridge.name"]
+    egress_network = docker_client.networks.get(f"{instance}-egress")
+    agents_bridge = network.attrs["Options"]["com.docker.network.bridge.name"]
+    egress_bridge = egress_network.attrs["Options"]["com.docker.network.bridge.name"]
     docker_user, host_input = _iptables("-S", "DOCKER-USER"), _iptables("-S", "INPUT")
-    [forward_chain] = [line.split()[-1] for line in docker_user.splitlines() if f"-i {bridge} " in line]
-    [local_chain] = [line.split()[-1] for line in host_input.splitlines() if f"-i {bridge} " in line]
-    forward = _iptables("-S", forward_chain)
+    [agents_chain] = [line.split()[-1] for line in docker_user.splitlines() if f"-i {agents_bridge} " in line]
+    [forward_chain] = [line.split()[-1] for line in docker_user.splitlines() if f"-i {egress_bridge} " in line]
+    proxy = docker_client.containers.get(f"{instance}-egress-proxy")
+    proxy_address = proxy.attrs["NetworkSettings"]["Networks"][f"{instance}-agents"]["IPAddress"]
+    agents_rules = _iptables("-S", agents_chain).splitlines()[1:]
+    assert [rule for rule in agents_rules if "ACCEPT" in rule] == [
+        f"-A {agents_chain} -s {proxy_address}/32 -p tcp -m tcp --sport 3128 -m conntrack --ctstate "
+        "RELATED,ESTABLISHED -j ACCEPT",
+        f"-A {agents_chain} -d {proxy_address}/32 -p tcp -m tcp --dport 3128 -j ACCEPT"]  # the proxy's port only
+    assert agents_rules[-1] == f"-A {agents_chain} -j REJECT --reject-with icmp-net-prohibited"
+    forward = _iptables("-S", forward_chain)  # the egress network's way out: the proxy's, and `egress: open`'s
     for blocked in ("169.254.0.0/16", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10"):
         assert f"-d {blocked} -j REJECT" in forward
-    assert _iptables("-S", local_chain).splitlines()[-1].startswith(f"-A {local_chain} -j REJECT")
+    for bridge in (agents_bridge, egress_bridge):
+        [local_chain] = [line.split()[-1] for line in host_input.splitlines() if f"-i {bridge} " in line]
+        assert _iptables("-S", local_chain).splitlines()[-1].startswith(f"-A {local_chain} -j REJECT")
     rules = docker_user.splitlines()[1:]  # after "-N DOCKER-USER"
-    before = rules[:next(n for n, rule in enumerate(rules) if rule.endswith(forward_chain))]
-    assert all("-j ORCH-" in rule for rule in before)  # nothing accepts before it (other instances' jumps may)
+    before = rules[:max(n for n, rule in enumerate(rules) if rule.endswith((forward_chain, agents_chain)))]
+    assert all("-j ORCH-" in rule for rule in before)  # nothing accepts before them (other instances' jumps may)
     bot.stop()
 
 
@@ -257,5 +270,5 @@ def test_firewall_rules_taken_away_are_put_back(feishu: FakeFeishu, feishu_confi
     _iptables("-D", *first_reject.split()[1:])
     wait_until(lambda: jump in _iptables("-S", "DOCKER-USER") and first_reject in _iptables("-S", chain), 30,
                "the rules to be put back")
-    bot.wait_log("firewall rules were changed or removed; installing them again")
+    bot.wait_log("firewall rules were changed or removed (or the egress proxy's address changed); installing them")
     bot.stop()

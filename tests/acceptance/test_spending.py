@@ -28,7 +28,7 @@ PRICE = {"input": 1000, "output": 1000, "cache_write": 1000, "cache_read": 1000}
 
 
 def priced_config(feishu_config, **budgets):
-    return feishu_config(agent={"model": MODEL}, budgets={"prices": {MODEL: PRICE}, **budgets})
+    return feishu_config(agent={"model": MODEL}, budgets={"prices": {MODEL: PRICE}, "footer": True, **budgets})
 
 
 def dollars(usage: dict) -> Decimal:

@@ -14,16 +14,18 @@ from pathlib import Path
 
 from orchestrator.layout import RUN_PATH
 from orchestrator.relay import SOCKET
-
 from orchestrator.runtime import (
     CHAT_LABEL,
     INSTANCE_LABEL,
     AgentNetwork,
     ContainerSpec,
     ContainerState,
+    InstanceNetworks,
     RuntimeFailure,
     Usage,
     bridge_name,
+    egress_bridge_name,
+    egress_network_name,
     network_name,
 )
 
@@ -102,8 +104,13 @@ class FakeRuntime:
                 Path(source).mkdir(parents=True, exist_ok=True)
                 (Path(source) / SOCKET).touch()
 
-    async def ensure_network(self, instance: str) -> AgentNetwork:
-        return AgentNetwork(network_name(instance), bridge_name(instance), ("10.254.0.0/24",))
+    async def ensure_networks(self, instance: str) -> InstanceNetworks:
+        return InstanceNetworks(
+            agents=AgentNetwork(network_name(instance), bridge_name(instance), ("10.254.0.0/24",)),
+            egress=AgentNetwork(egress_network_name(instance), egress_bridge_name(instance), ("10.253.0.0/24",)))
+
+    async def address(self, name: str, network: str) -> str | None:
+        return "10.254.0.2" if name in self.containers and self.containers[name].running else None
 
     async def inspect(self, name: str) -> ContainerState:
         await asyncio.sleep(0)

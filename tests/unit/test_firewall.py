@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import subprocess
+
+import pytest
 
 from orchestrator import firewall
 
@@ -24,11 +27,22 @@ REJECT = ["-j", "REJECT", "--reject-with", "icmp-net-prohibited"]
 def test_chains_are_named_per_instance_within_iptables_limits() -> None:
     a, b = firewall.chains("orchestrator"), firewall.chains("staging")
     assert a == firewall.chains("orchestrator")
-    assert len({a.forward, a.local, b.forward, b.local}) == 4
-    for name in (a.forward, a.local, b.forward, b.local):
+    names = (a.forward, a.agents, a.local, b.forward, b.agents, b.local)
+    assert len(set(names)) == 6
+    for name in names:
         assert name.startswith("ORCH-") and len(name) <= 28  # iptables' limit for a chain name
     long = firewall.chains("x" * 200)
-    assert len(long.forward) <= 28 and len(long.local) <= 28
+    assert max(len(long.forward), len(long.agents), len(long.local)) <= 28
+
+
+def test_agents_reach_the_proxys_port_at_its_address_and_nothing_else() -> None:
+    rules = firewall.agents_rules("172.30.0.2")
+    assert rules == [
+        ["-s", "172.30.0.2/32", "-p", "tcp", "-m", "tcp", "--sport", "3128", "-m", "conntrack", "--ctstate",
+         "RELATED,ESTABLISHED", "-j", "ACCEPT"],  # its answers
+        ["-d", "172.30.0.2/32", "-p", "tcp", "-m", "tcp", "--dport", "3128", "-j", "ACCEPT"],
+        ["-j", "REJECT", "--reject-with", "icmp-net-prohibited"]]
+    assert firewall.agents_rules(None) == [["-j", "REJECT", "--reject-with", "icmp-net-prohibited"]]
 
 
 def test_host_resolvers_are_the_ipv4_non_loopback_nameservers() -> None:
@@ -68,3 +82,68 @@ def test_no_resolvers_means_no_dns_exceptions() -> None:
 def test_local_rules_let_answers_in_and_reject_everything_else() -> None:
     assert firewall.local_rules() == [["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "RETURN"],
                                       ["-j", "REJECT", "--reject-with", "icmp-host-prohibited"]]
+
+
+class FakeIptables:
+    """iptables' chains in memory, answering the commands firewall runs (-N -F -X -A -I -D -C -L -S)."""
+
+    def __init__(self) -> None:
+        self.chains: dict[str, list[str]] = {"DOCKER-USER": ["-j RETURN"], "INPUT": []}
+
+    def run(self, argv: list[str], **_: object) -> subprocess.CompletedProcess[str]:
+        op, chain, *rest = argv
+        rule = " ".join(rest)
+        rules = self.chains.get(chain)
+        ok, out = rules is not None, ""
+        if op == "-N":
+            ok = rules is None
+            self.chains.setdefault(chain, [])
+        elif rules is None:
+            pass
+        elif op == "-F":
+            rules.clear()
+        elif op == "-X":
+            del self.chains[chain]
+        elif op == "-A":
+            rules.append(rule)
+        elif op == "-I":
+            rules.insert(int(rest[0]) - 1, " ".join(rest[1:]))
+        elif op in ("-C", "-D"):
+            ok = rule in rules
+            if ok and op == "-D":
+                rules.remove(rule)
+        elif op == "-S":
+            out = "\n".join([f"-N {chain}", *(f"-A {chain} {r}" for r in rules)]) + "\n"
+        return subprocess.CompletedProcess(argv, 0 if ok else 1, out, "")
+
+
+@pytest.fixture
+def iptables(monkeypatch: pytest.MonkeyPatch) -> FakeIptables:
+    fake = FakeIptables()
+    monkeypatch.setattr(firewall, "_command", lambda: [])
+    monkeypatch.setattr(firewall.subprocess, "run", fake.run)
+    monkeypatch.setattr(firewall, "_resolvers", lambda: ["10.1.2.3"])
+    return fake
+
+
+BRIDGES = firewall.Bridges(agents="orch-a", egress="oegr-a")
+
+
+def test_install_jumps_from_both_bridges_and_intact_notices_every_change(iptables: FakeIptables) -> None:
+    names = firewall.chains("bot")
+    iptables.chains["DOCKER-USER"].insert(0, f"-i orch-a -j {names.forward}")  # an earlier version's jump
+    firewall.install("bot", BRIDGES, "172.30.0.2")
+    assert iptables.chains["DOCKER-USER"] == [f"-i orch-a -j {names.agents}", f"-i oegr-a -j {names.forward}",
+                                              "-j RETURN"]  # each inserted first; the old jump gone
+    assert sorted(iptables.chains["INPUT"]) == [f"-i oegr-a -j {names.local}", f"-i orch-a -j {names.local}"]
+    assert firewall.intact("bot", BRIDGES, "172.30.0.2")
+    assert not firewall.intact("bot", BRIDGES, "172.30.0.9")  # the proxy got another address
+    assert not firewall.intact("bot", BRIDGES, None)
+    iptables.chains[names.agents].pop(1)
+    assert not firewall.intact("bot", BRIDGES, "172.30.0.2")
+    firewall.install("bot", BRIDGES, "172.30.0.2")  # again: the same rules, the jumps not doubled
+    assert firewall.intact("bot", BRIDGES, "172.30.0.2") and len(iptables.chains["INPUT"]) == 2
+    iptables.chains["INPUT"].pop()
+    assert not firewall.intact("bot", BRIDGES, "172.30.0.2")
+    firewall.remove("bot", BRIDGES)
+    assert iptables.chains == {"DOCKER-USER": ["-j RETURN"], "INPUT": []}

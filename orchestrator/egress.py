@@ -1,0 +1,343 @@
+"""The egress proxy: how agents on the instance's internal network reach the hosts their chat may reach.
+
+Agents with `egress: {allow: [...]}` sit on `<instance>-agents`, an internal network with no route out; the one
+thing on it they can connect to is the instance's proxy (`<instance>-egress-proxy`, squid from Debian, in this
+image), which is also on `<instance>-egress`, a bridge that goes out (closed by the firewall to the host and to
+private addresses). Squid allows plain HTTP (to any port) and CONNECT to port 443 only to the domains of the
+chat's policy, and only for proxy users whose password checks out.
+
+- A policy is one distinct allowlist (the defaults' and each group's), named by a hash of its domains.
+- A chat's proxy user is `<policy>.<chat_id>`; its password an HMAC of that name under the proxy's own key
+  (derived from the instance's secret: squid holds this key, never the secret that makes the chats' model tokens).
+  So the user name says which policy applies, and a chat cannot claim another chat's or another policy's name.
+- Squid checks passwords with `python -m orchestrator.egress <key file>` (a basic-auth helper, `main` below).
+- Squid logs only refusals (403: not on the policy; 407 with a user name: bad credentials) to
+  `<data_dir>/egress/log/refused.log`; the orchestrator reads it with bounds (`RefusalLog`), logs and counts each.
+
+Pure but for writing the proxy's files and reading its log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import hashlib
+import hmac
+import os
+import re
+import stat
+import sys
+import urllib.parse
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator import credentials, untrusted
+from orchestrator.config import INSTANCE_NETWORK, ChatOptions, ChatSettings, Egress, Settings
+
+PROXY_PORT = 3128
+PROXY_UID = 13  # Debian's `proxy` user and group (base-passwd: the same on every Debian), squid's effective user
+CONF_PATH = "/etc/egress"  # in the proxy's container: this module's config folder, read-only
+LOG_PATH = "/var/log/egress"  # in the proxy's container: where squid writes the refusals, the only folder it writes
+LOG_NAME = "refused.log"
+KEY_NAME = "key"
+CONFIG_NAME = "squid.conf"
+# The helper runs in the proxy's container (the orchestrator's image: its virtualenv), isolated from PYTHON* variables
+# and the working folder. Through env: squid starts helpers with argv[0] = "(python)", from which Python cannot find
+# its virtualenv (No module named 'orchestrator'); env runs it with its real path.
+HELPER = ("/usr/bin/env", "/opt/orchestrator/bin/python", "-I", "-m", "orchestrator.egress")
+NO_PROXY = "127.0.0.1,localhost"  # the model gateway, on the agent's loopback
+MAX_CONNECTIONS = 256  # at once from one chat's container (one address): no chat takes all of squid's files
+MAX_READ = 1024**2  # bytes of the refusal log read per pass; the rest waits for the next
+MAX_LINE = 2048  # a refusal line is about 100 bytes; anything longer is skipped
+TRUNCATE_AT = 4 * 1024**2  # the log, once read to its end past this size, is emptied (squid appends: O_APPEND)
+_DOMAIN = re.compile(r"(\*\.)?[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*")
+_HOST = re.compile(r"[A-Za-z0-9.:_\[\]-]{1,255}")  # a domain, an IPv4 or a bracketed IPv6 address
+_USER = re.compile(r"(p[0-9a-f]{12})\.([A-Za-z0-9][A-Za-z0-9_-]{0,63})")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """One allowlist, as squid sees it: `*.suffix` becomes `.suffix` (the domain and its subdomains), and a name
+    covered by another entry is dropped (squid refuses to start on overlapping entries)."""
+
+    domains: tuple[str, ...]  # sorted, in squid's notation
+
+    @property
+    def name(self) -> str:
+        return "p" + hashlib.sha256("\n".join(self.domains).encode()).hexdigest()[:12]
+
+
+def policy(egress: Egress) -> Policy:
+    """The policy of an allowlist; every entry validated again (the config text is built from it). Pure."""
+    for domain in egress.allow:
+        if not _DOMAIN.fullmatch(domain) or len(domain) > 253:
+            raise ValueError(f"{domain!r} is not a domain or a *.suffix pattern")
+    entries = {"." + domain[2:] if domain.startswith("*.") else domain for domain in egress.allow}
+    wildcards = {entry for entry in entries if entry.startswith(".")}
+    return Policy(tuple(sorted(entry for entry in entries if not _covered(entry, wildcards))))
+
+
+def _covered(entry: str, wildcards: set[str]) -> bool:
+    """Whether another wildcard (`.suffix`) matches everything `entry` matches."""
+    bare = entry.lstrip(".")
+    return any(wildcard != entry and (bare == wildcard[1:] or bare.endswith(wildcard)) for wildcard in wildcards)
+
+
+def proxied(options: ChatOptions) -> bool:
+    """Whether the chat goes out through the proxy: the instance network with an allowlist."""
+    return options.network == INSTANCE_NETWORK and options.egress.mode == "allowlist"
+
+
+def policies(settings: Settings) -> list[Policy]:
+    """The distinct policies of the defaults and every group that uses the proxy, by name. Pure."""
+    groups = (dataclasses.replace(settings.defaults, **group) for group in settings.groups.values())
+    options = [settings.defaults, *groups]
+    found = {p.name: p for p in (policy(o.egress) for o in options if proxied(o))}
+    return [found[name] for name in sorted(found)]
+
+
+def proxy_name(instance: str) -> str:
+    """The proxy's container name, which agents resolve on their network."""
+    return f"{instance}-egress-proxy"
+
+
+def proxy_key(secret: bytes) -> bytes:
+    """The proxy's own key, derived from the instance's secret: what squid's helper holds."""
+    return hmac.new(secret, b"egress proxy key", hashlib.sha256).digest()
+
+
+def proxy_username(chat_id: str, chat_policy: Policy) -> str:
+    return f"{chat_policy.name}.{chat_id}"
+
+
+def proxy_environment(settings: Settings, chat: ChatSettings, secret: bytes) -> dict[str, str]:
+    """HTTP(S)_PROXY with the chat's credentials, for a chat on the proxy; nothing for `open`, `none` or a network
+    of the operator's. Pure."""
+    if not proxied(chat.options):
+        return {}
+    username = proxy_username(chat.chat_id, policy(chat.options.egress))
+    password = credentials.proxy_password(proxy_key(secret), username)
+    url = f"http://{username}:{password}@{proxy_name(settings.instance)}:{PROXY_PORT}"
+    return {"HTTP_PROXY": url, "HTTPS_PROXY": url, "http_proxy": url, "https_proxy": url,
+            "NO_PROXY": NO_PROXY, "no_proxy": NO_PROXY}
+
+
+def squid_config(chat_policies: Iterable[Policy]) -> str:
+    """squid.conf for these policies. Pure."""
+    lines = [
+        "# Made by the orchestrator from its config at every start (orchestrator/egress.py); edits are lost.",
+        f"http_port {PROXY_PORT}",
+        "visible_hostname egress-proxy",
+        "cache_effective_user proxy",
+        "pid_filename none",
+        "cache_log stdio:/dev/stderr",
+        "coredump_dir /tmp",
+        "pinger_enable off",
+        "shutdown_lifetime 1 seconds",
+        "# A proxy, not a cache; nothing about the agent leaves in headers.",
+        "cache deny all",
+        "cache_mem 0 MB",
+        "forwarded_for delete",
+        "via off",
+        "httpd_suppress_version_string on",
+        "# Only refusals are logged: 403 (not allowed) and 407 (no or bad credentials).",
+        "logformat refused %ts %>Hs %>rm %>rd %>rP %un",
+        "acl refused http_status 403 407",
+        f"access_log stdio:{LOG_PATH}/{LOG_NAME} logformat=refused refused",
+        "logfile_rotate 0",
+        f"auth_param basic program {' '.join(HELPER)} {CONF_PATH}/{KEY_NAME}",
+        "auth_param basic children 4 startup=1 idle=1",
+        "auth_param basic realm egress",
+        "auth_param basic credentialsttl 1 hour",
+        "auth_param basic casesensitive on",
+        "acl authenticated proxy_auth REQUIRED",
+        "acl CONNECT method CONNECT",
+        "acl tls_port port 443",
+        "acl link_local dst 169.254.0.0/16",
+        f"acl too_many maxconn {MAX_CONNECTIONS}",
+        "http_access deny !authenticated",
+        "http_access deny CONNECT !tls_port",
+        "http_access deny too_many",
+    ]
+    for chat_policy in chat_policies:
+        if not chat_policy.domains:
+            continue  # an empty allowlist: its users match no allow line
+        name = chat_policy.name
+        lines.append(f"acl user_{name} proxy_auth_regex ^{name}\\.")
+        for domain in chat_policy.domains:
+            if not re.fullmatch(r"\.?[a-z0-9.-]+", domain):  # never a space or a newline in the config
+                raise ValueError(f"{domain!r} is not a domain")
+            lines.append(f"acl allow_{name} dstdomain -n {domain}")
+        # Not to the proxy's own loopback or the metadata service even when a listed name resolves there; private
+        # addresses are closed by the firewall on the egress network.
+        lines.append(f"http_access allow user_{name} allow_{name} !to_localhost !link_local")
+    lines.append("http_access deny all")
+    return "\n".join(lines) + "\n"
+
+
+# ---- the proxy's files on the host ----
+
+
+def folder(settings: Settings) -> Path:
+    """<data_dir>/egress: root's. conf/ (mounted read-only) holds squid.conf and the key; log/ (squid's) the log."""
+    return settings.data_dir / "egress"
+
+
+def conf_dir(settings: Settings) -> Path:
+    return folder(settings) / "conf"
+
+
+def log_dir(settings: Settings) -> Path:
+    return folder(settings) / "log"
+
+
+def write_files(settings: Settings, secret: bytes) -> str:
+    """The proxy's config and key, replaced whole (a helper starting meanwhile reads the old or the new one), and its
+    log folder; a digest of both, which changes the proxy's container spec when they change."""
+    config = squid_config(policies(settings))
+    key = proxy_key(secret).hex()
+    for path, mode in ((folder(settings), 0o755), (conf_dir(settings), 0o755)):
+        path.mkdir(mode=mode, exist_ok=True)
+        os.chmod(path, mode, follow_symlinks=False)
+    _replace(conf_dir(settings) / CONFIG_NAME, config, 0o644, group=None)
+    _replace(conf_dir(settings) / KEY_NAME, key + "\n", 0o640, group=PROXY_UID)  # squid's helpers read it
+    logs = log_dir(settings)
+    logs.mkdir(mode=0o750, exist_ok=True)
+    os.chown(logs, PROXY_UID, PROXY_UID, follow_symlinks=False)
+    return hashlib.sha256(f"{config}\0{key}".encode()).hexdigest()[:16]
+
+
+def _replace(path: Path, text: str, mode: int, group: int | None) -> None:
+    temporary = path.with_name(f".{path.name}.new")
+    temporary.unlink(missing_ok=True)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        if group is not None:
+            os.fchown(fd, 0, group)
+        os.fchmod(fd, mode)
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+
+
+# ---- the refusals ----
+
+
+@dataclass(frozen=True)
+class Refusal:
+    chat_id: str  # "-" when the credentials were bad: the user name is the client's claim, not a chat
+    method: str
+    host: str
+    port: str
+    reason: str
+
+
+def parse_refusal(line: str) -> Refusal | None:
+    """One line of the refusal log (`logformat refused`), or None for a challenge without credentials (a client
+    that sends them once asked) or a line of another shape. Pure."""
+    fields = line.split(" ", 5)
+    if len(fields) != 6:
+        return None
+    _, status, method, host, port, user = fields
+    host = host if _HOST.fullmatch(host) else untrusted.excerpt(host, 80)
+    method, port = untrusted.excerpt(method, 20), untrusted.excerpt(port, 8)
+    if status == "403":
+        match = _USER.fullmatch(user)
+        return Refusal(match.group(2) if match else "-", method, host, port, "not allowed by the chat's egress policy")
+    if status == "407" and user != "-":
+        return Refusal("-", method, host, port, f"bad proxy credentials for user {untrusted.excerpt(user, 80)}")
+    return None
+
+
+class RefusalLog:
+    """Follows squid's refusal log: what was added since the last pass, at most MAX_READ bytes a pass. Starts where
+    the log ends when it is made (what an earlier run of the orchestrator read is not reported again). Squid writes
+    with O_APPEND, so the log, read to its end past TRUNCATE_AT, is emptied in place: a line written between the
+    last read and the truncation (a few microseconds) goes unreported. Squid's folder is not the agents', but the
+    file is still opened without following links and read with bounds."""
+
+    def __init__(self, folder_path: Path) -> None:
+        self.folder = folder_path
+        with self._open() as fd:
+            self.offset = 0 if fd is None else os.fstat(fd).st_size
+
+    def read(self) -> list[Refusal]:
+        with self._open() as fd:
+            if fd is None:
+                return []
+            size = os.fstat(fd).st_size
+            if size < self.offset:  # emptied or replaced since
+                self.offset = 0
+            data = os.pread(fd, min(MAX_READ, size - self.offset), self.offset)
+            lines, consumed = _complete_lines(data, whole=len(data) >= MAX_READ)
+            self.offset += consumed
+            if self.offset >= TRUNCATE_AT and os.fstat(fd).st_size == self.offset:
+                os.ftruncate(fd, 0)
+                self.offset = 0
+        return [refusal for refusal in map(parse_refusal, lines) if refusal is not None]
+
+    @contextlib.contextmanager
+    def _open(self) -> Iterator[int | None]:
+        """The log, read-write (to empty it), a regular file and not a link; None while there is none."""
+        try:
+            with untrusted.directory(self.folder) as parent:
+                fd = os.open(LOG_NAME, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=parent)
+        except FileNotFoundError:
+            yield None
+            return
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENXIO):
+                raise untrusted.Refused(f"{self.folder / LOG_NAME}: {os.strerror(exc.errno)}") from None
+            raise
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise untrusted.Refused(f"{self.folder / LOG_NAME}: not a regular file")
+            yield fd
+        finally:
+            os.close(fd)
+
+
+def _complete_lines(data: bytes, whole: bool) -> tuple[list[str], int]:
+    """The complete lines of `data` and how many bytes they take; lines over MAX_LINE skipped. A last line without
+    its newline waits for the next pass, unless the read was full and it alone fills it (then it is skipped)."""
+    end = data.rfind(b"\n") + 1
+    if end == 0 and whole:
+        return [], len(data)
+    lines = [line.decode(errors="replace") for line in data[:end].split(b"\n")[:-1] if len(line) <= MAX_LINE]
+    return lines, end
+
+
+# ---- squid's basic-auth helper ----
+
+
+def check(key: bytes, request: str) -> bool:
+    """One helper request, `user password` (each URL-encoded by squid): whether the password is the user's."""
+    fields = request.strip("\n").split(" ")
+    if len(fields) != 2:
+        return False
+    username, password = (urllib.parse.unquote(field) for field in fields)
+    if not _USER.fullmatch(username):
+        return False
+    return credentials.matches(credentials.proxy_password(key, username), password)
+
+
+def main(argv: list[str]) -> int:
+    """`python -m orchestrator.egress KEY_FILE`: answers squid's requests on stdin, one `OK` or `ERR` a line."""
+    if len(argv) != 2:
+        print("usage: python -m orchestrator.egress KEY_FILE", file=sys.stderr)
+        return 2
+    key = bytes.fromhex(Path(argv[1]).read_text().strip())
+    if len(key) != credentials.SECRET_BYTES:
+        print(f"{argv[1]} does not hold a key of {credentials.SECRET_BYTES} bytes", file=sys.stderr)
+        return 2
+    for request in sys.stdin:
+        sys.stdout.write("OK\n" if check(key, request) else "ERR\n")
+        sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
