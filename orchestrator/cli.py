@@ -22,6 +22,7 @@ from orchestrator.runtime import DockerRuntime, RuntimeFailure
 from orchestrator.service import Service
 from orchestrator.store import Store
 
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="orchestrator", description=__doc__)
     commands = top.add_subparsers(dest="command", required=True)

@@ -5,15 +5,28 @@ capability, read-only), so a turn's model requests go on while the orchestrator 
 socket per chat, `<data_dir>/run/<chat_id>/model.sock`, in root's folder that the chat's container mounts
 read-only (agent-init serves it there on 127.0.0.1:MODEL_RELAY_PORT). The socket a request comes in on names
 the chat; the request must carry that chat's token (`credentials.model_token`: x-api-key, or Authorization:
-Bearer), go to the Messages API (POST /v1/messages or /v1/messages/count_tokens), send a body of at most
-gateway.max_request_bytes within BODY_SECONDS, and fit the chat's share (gateway.max_concurrent requests at once,
-MAX_CHAT_CONNECTIONS connections) and the budgets. Then it goes upstream with the real key, and the response
-comes back unchanged, chunk by chunk, while its usage is read from it and written to the store: the row at
-message_start (what was streamed counts even if the gateway dies), its counts at message_delta, and its end
-before the chunk with message_stop reaches the CLI, so a turn's result never arrives before its cost is stored.
-A request past a budget is refused with the Messages API's billing_error (402) and `x-should-retry: false`: the CLI
-(2.1.332, measured) does not retry it and ends the turn with "API Error: 402 <our text>", which says what was spent
-and when the budget resets (a 403 permission_error reads "Failed to authenticate. API Error: 403 …").
+Bearer), go to the Messages API (POST /v1/messages or /v1/messages/count_tokens), and fit the chat's share:
+gateway.max_concurrent requests and MAX_CHAT_CONNECTIONS connections at once, bodies of gateway.max_request_bytes
+together (by their Content-Length), each arriving within BODY_SECONDS. A body's memory grows as its bytes come
+(all chats' together at most BODY_MEMORY) and is given back as soon as it is sent upstream. A Messages body is
+read as JSON (one at a time, within PARSE_MEMORY): it must give max_tokens, and must not have Anthropic's servers
+fetch anything, which would go past the chat's egress allowlist (mcp_servers, web_fetch and code_execution tools
+are refused; web_search is let through, and priced).
+
+Billing: in one call on the store's one thread, the budgets are checked and the request's reservation written
+(its input estimated from the body, its max_tokens of output, at its model's price), so requests in flight count
+in the sums the next check sees. Then it goes upstream with the real key (redirects are not followed: the key
+would go along), and the response comes back unchanged, chunk by chunk, while its usage is read from it:
+message_start replaces the input estimate with the real counts, message_delta (or a whole message's usage)
+settles the output, and the row is complete before the chunk with message_stop reaches the CLI, so a turn's
+result never arrives before its cost is stored. A request that does not finish (the client left, a timeout, the
+upstream broke off) keeps its real input and the output that was streamed (`StreamUsage.cut`), or all its
+reservation if it was not a stream; one the API never got or refused costs nothing; a gateway killed mid-stream
+leaves the reservation's output counted. A request past a budget is refused with the Messages API's
+billing_error (402) and `x-should-retry: false`: the CLI (2.1.332, measured) does not retry it and ends the turn
+with "API Error: 402 <our text>", which says what was spent and when the budget resets (a 403 permission_error
+reads "Failed to authenticate. API Error: 403 …"). Refusals are logged at most once per chat every
+REFUSAL_LOG_SECONDS, with how many there were.
 """
 
 from __future__ import annotations
@@ -23,12 +36,16 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
+import math
 import os
+import re
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -52,9 +69,20 @@ POLL_SECONDS = 0.2  # how often new chat folders are looked for (a chat's contai
 BODY_SECONDS = 60.0  # a request body must have arrived by then (408)
 MAX_CHAT_CONNECTIONS = 64  # open connections per chat; more are closed at once (the CLI keeps a few)
 IDLE_SECONDS = 75.0  # a kept-alive connection without a request this long is closed
-BODY_MEMORY = 128 * 1024**2  # request bodies held at once, all chats together (the container has 256 MiB)
+BODY_MEMORY = 128 * 1024**2  # request bodies' bytes held at once, all chats together (the container has 384 MiB)
+PARSE_MEMORY = 128 * 1024**2  # what reading one body's JSON may take (bodies are read one at a time)
+READ_PIECE = 256 * 1024  # a body is read and sent upstream in pieces of this size
 MAX_JSON_RESPONSE = 8 * 1024**2  # a non-streaming answer is read whole to find its usage (a long one is ~1 MB)
-PATHS = ("/v1/messages", "/v1/messages/count_tokens")
+REFUSAL_LOG_SECONDS = 10.0  # a chat's refused requests are logged once in this time at most (it may send no end)
+MESSAGES = "/v1/messages"
+PATHS = (MESSAGES, "/v1/messages/count_tokens")
+IN_FLIGHT_RETRY = 2  # seconds a request waits (429) when only other requests' reservations reach a budget
+# Tool types Anthropic's servers run that reach any address, and fields that make them connect to one: past the
+# egress allowlist. web_search (Claude Code's WebSearch) only searches: it is let through, and priced.
+SERVER_TOOLS = ("web_fetch", "code_execution")
+SERVER_FIELDS = ("mcp_servers",)
+_PAST_BMP = tuple(bytes([lead]) for lead in range(0xF0, 0xF5))  # how UTF-8 starts a character past U+FFFF
+_ESCAPED_PAST_BMP = re.compile(rb"\\u[dD][89abAB]")  # and how JSON escapes one (a high surrogate first)
 FORWARDED_HEADERS = ("anthropic-version", "anthropic-beta", "content-type", "accept", "user-agent")
 RETURNED_HEADERS = ("content-type", "request-id", "retry-after", "x-should-retry")
 
@@ -147,10 +175,35 @@ class _Server(web.Server):
             transport.close()
 
 
-@dataclass(frozen=True)
-class _Payer:
-    user_id: str
+@dataclass
+class _Held:
+    """A request body from its first byte until it is sent upstream: its Content-Length counts in the chat's share,
+    its bytes that came in the gateway's BODY_MEMORY."""
+
+    chat_id: str
+    length: int
+    data: bytearray = field(default_factory=bytearray)
+    released: bool = False
+
+
+@dataclass
+class _Bill:
+    """One model request's usage row: its reservation before it goes upstream, then what it cost."""
+
+    chat_id: str
+    user_id: str  # the sender of the chat's running message, who pays; "" when none runs
     message_id: str | None
+    ask: spending.Request | None  # None: a request that costs nothing (count_tokens)
+    row: int | None = None
+    streaming: bool = False  # the answer is (or, until it comes, was asked to be) an event stream
+    sent: bool = False  # all the body went upstream
+    status: int | None = None  # the upstream's answer's
+    done: bool = False  # what it cost is stored
+    stream: spending.StreamUsage = field(default_factory=spending.StreamUsage)
+
+    @property
+    def log(self) -> Any:
+        return logger.bind(chat_id=self.chat_id, message_id=self.message_id or "-")
 
 
 class Gateway:
@@ -161,11 +214,17 @@ class Gateway:
             ("x-api-key", config.gateway.api_key),
             ("authorization", f"Bearer {config.gateway.auth_token}" if config.gateway.auth_token else "")) if value}
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-store")  # one writer, in order
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-json")  # one body at a time
         self._sites: dict[str, web.UnixSite] = {}  # chat id → its socket's site
         self._chats: dict[str, str] = {}  # socket path → chat id
         self._tokens: dict[str, str] = {}
         self._busy: dict[str, int] = {}  # requests in progress per chat
-        self._body_bytes = 0
+        self._chat_bodies: dict[str, int] = {}  # per chat, the Content-Length of its bodies not sent upstream yet
+        self._body_bytes = 0  # the bytes of all bodies held
+        self._refusals: dict[str, tuple[float, int]] = {}  # per chat: when its last refusal was logged, how many since
+        # Rows whose cost is still a reservation (the request is in flight): row → (chat id, user id, nano-USD).
+        # Read and changed on the store thread only.
+        self._reserved: dict[int, tuple[str, str, int]] = {}
         self._unservable: set[str] = set()  # folders whose socket could not be made (logged once)
         self._runner: web.ServerRunner | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -191,6 +250,7 @@ class Gateway:
         if self._session is not None:
             await self._session.close()
         self._db.shutdown(wait=True)
+        self._reader.shutdown(wait=True)
 
     async def _poll(self) -> None:
         while True:
@@ -212,6 +272,7 @@ class Gateway:
         for chat_id in self._sites.keys() - folders:
             await self._sites.pop(chat_id).stop()
             self._tokens.pop(chat_id)
+            self._refusals.pop(chat_id, None)
             self._chats = {path: chat for path, chat in self._chats.items() if chat != chat_id}
         for chat_id in sorted(folders - self._sites.keys()):
             await self._serve(chat_id)
@@ -239,31 +300,33 @@ class Gateway:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         chat_id = self._chats.get(str(request.transport.get_extra_info("sockname")) if request.transport else "")
-        log = logger.bind(chat_id=chat_id or "-")
         try:
             self._authorize(request, chat_id)
             assert chat_id is not None
             if request.method != "POST" or request.path not in PATHS:
                 raise Refused(404, "not_found_error", f"this gateway serves only POST {' and '.join(PATHS)}")
-            length = self._length(request)
-            async with self._share(chat_id):
-                async with self._memory(length):  # the body is held until the upstream has it
-                    payer = await self._in_store(self._payer, chat_id)
-                    body = await self._read_body(request, length)
-                    upstream = await self._send(request, body)
-                async with upstream:
-                    return await self._answer(request, upstream, chat_id, payer)
+            async with self._share(chat_id), self._holding(chat_id, self._length(request)) as held:
+                await self._read_body(request, held)
+                ask = await self._ask(request.path, held.data)
+                bill = await self._in_store(self._admit, chat_id, ask)
+                try:
+                    upstream = await self._send(request, held, bill)
+                    async with upstream:
+                        return await self._answer(request, upstream, bill)
+                finally:
+                    await self._settle(bill)
         except Refused as refused:
-            log.warning(f"model request refused ({refused.status}): {refused.message}")
+            self._log_refusal(chat_id, refused)
             return refused.response()
         except Exception as exc:  # the store refused a write, or a bug: logged here, the connection closed
-            log.opt(exception=exc).error(f"model request failed: {exc.__class__.__name__}: {exc}")
+            logger.bind(chat_id=chat_id or "-").opt(exception=exc).error(
+                f"model request failed: {exc.__class__.__name__}: {exc}")
             raise
 
     def _authorize(self, request: web.BaseRequest, chat_id: str | None) -> None:
         given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
         expected = self._tokens.get(chat_id or "")
-        if expected is None or not credentials.matches(expected, given):
+        if expected is None or not given.isascii() or not credentials.matches(expected, given):
             raise Refused(401, "authentication_error", "this is not the chat's token for the model gateway")
 
     def _length(self, request: web.BaseRequest) -> int:
@@ -273,6 +336,19 @@ class Gateway:
         if request.content_length > limit:
             raise Refused(413, "request_too_large", f"the request body is over the gateway's {limit} bytes")
         return request.content_length
+
+    def _log_refusal(self, chat_id: str | None, refused: Refused) -> None:
+        """A warning, but at most one per chat every REFUSAL_LOG_SECONDS (with how many were left out), so no
+        chat can flood the gateway's log."""
+        key = chat_id or "-"
+        now = time.monotonic()
+        logged_at, unlogged = self._refusals.get(key, (-math.inf, 0))
+        if now - logged_at < REFUSAL_LOG_SECONDS:
+            self._refusals[key] = (logged_at, unlogged + 1)
+            return
+        self._refusals[key] = (now, 0)
+        more = f" ({unlogged} more refused since the last of these lines)" if unlogged else ""
+        logger.bind(chat_id=key).warning(f"model request refused ({refused.status}): {refused.message}{more}")
 
     @contextlib.asynccontextmanager
     async def _share(self, chat_id: str) -> AsyncIterator[None]:
@@ -288,78 +364,141 @@ class Gateway:
             if not self._busy[chat_id]:
                 del self._busy[chat_id]
 
-    @contextlib.asynccontextmanager
-    async def _memory(self, length: int) -> AsyncIterator[None]:
-        """Room for a body in BODY_MEMORY, or 529 overloaded (the CLI retries it after a pause)."""
-        if self._body_bytes and self._body_bytes + length > BODY_MEMORY:
-            raise Refused(529, "overloaded_error", "the gateway holds too many request bodies at once")
-        self._body_bytes += length
-        try:
-            yield
-        finally:
-            self._body_bytes -= length
+    # ---- the body: held while it comes, until it is sent ----
 
-    async def _read_body(self, request: web.BaseRequest, length: int) -> bytearray:
-        body = bytearray(length)
-        received = 0
+    @contextlib.asynccontextmanager
+    async def _holding(self, chat_id: str, length: int) -> AsyncIterator[_Held]:
+        """Room for a body of this length in the chat's share (gateway.max_request_bytes for all its bodies not
+        sent yet), or 429; its memory is given back once it is sent, or at the end of the request."""
+        limit, share = self.config.gateway.max_request_bytes, self._chat_bodies.get(chat_id, 0)
+        if share + length > limit:
+            raise Refused(429, "rate_limit_error", f"this chat's request bodies not sent upstream yet would be over "
+                          f"the gateway's {limit} bytes with this one")
+        self._chat_bodies[chat_id] = share + length
+        held = _Held(chat_id, length)
+        try:
+            yield held
+        finally:
+            self._release(held)
+
+    def _take(self, held: _Held, chunk: bytes) -> None:
+        """More of a body, if BODY_MEMORY has room for it; else 529 overloaded (the CLI retries after a pause)."""
+        if self._body_bytes + len(chunk) > BODY_MEMORY:
+            raise Refused(529, "overloaded_error", "the gateway holds too many request bodies at once")
+        self._body_bytes += len(chunk)
+        held.data += chunk
+
+    def _release(self, held: _Held) -> None:
+        if held.released:
+            return
+        held.released = True
+        self._body_bytes -= len(held.data)
+        held.data.clear()
+        self._chat_bodies[held.chat_id] -= held.length
+        if not self._chat_bodies[held.chat_id]:
+            del self._chat_bodies[held.chat_id]
+
+    async def _read_body(self, request: web.BaseRequest, held: _Held) -> None:
         try:
             async with asyncio.timeout(BODY_SECONDS):
-                while received < length:
-                    chunk = await request.content.read(min(length - received, 256 * 1024))
+                while len(held.data) < held.length:
+                    chunk = await request.content.read(min(held.length - len(held.data), READ_PIECE))
                     if not chunk:
                         break
-                    body[received:received + len(chunk)] = chunk
-                    received += len(chunk)
+                    self._take(held, chunk)
         except TimeoutError:
             raise Refused(408, "timeout_error", f"the request body did not arrive within {BODY_SECONDS:g} s") from None
-        if received < length:
+        if len(held.data) < held.length:
             raise Refused(400, "invalid_request_error", "the request body ended before its Content-Length")
-        return body
 
-    def _payer(self, chat_id: str) -> _Payer:
-        """Who pays (the sender of the chat's running message), once the budgets allow the request. In the
-        store's thread."""
-        running = self.store.running_message(chat_id)
-        payer = _Payer(running.sender_id, running.message_id) if running else _Payer("", None)
-        refusal = spending.check(self.config.budgets, datetime.now(UTC), chat_id, payer.user_id, self.store.spent)
-        if refusal is not None:
-            raise Refused(402, "billing_error", refusal.text, {"x-should-retry": "false"})
-        return payer
+    async def _ask(self, path: str, body: bytearray) -> spending.Request | None:
+        """What a Messages request asks for (read in the reader's one thread: one body at a time), or None for
+        count_tokens, which costs nothing."""
+        if path != MESSAGES:
+            return None
+        ask = await asyncio.get_running_loop().run_in_executor(self._reader, _read, body)
+        refused = [f"the field {name}" for name in SERVER_FIELDS if name in ask.fields] + [
+            f"a {kind} tool" for kind in ask.tool_types if kind.startswith(SERVER_TOOLS)]
+        if refused:
+            raise Refused(400, "invalid_request_error", f"this gateway does not pass on {refused[0]}: Anthropic's "
+                          "servers would reach the internet for it, past the chat's egress allowlist")
+        return ask
 
-    async def _send(self, request: web.BaseRequest, body: bytearray) -> aiohttp.ClientResponse:
+    async def _send(self, request: web.BaseRequest, held: _Held, bill: _Bill) -> aiohttp.ClientResponse:
         assert self._session is not None
         headers = {name: request.headers[name] for name in FORWARDED_HEADERS if name in request.headers}
-        headers.update(self._credentials, **{"accept-encoding": "identity"})  # usage is read from the bytes
+        headers.update(self._credentials, **{"accept-encoding": "identity",  # usage is read from the bytes
+                                             "content-length": str(held.length)})
         url = URL(self.upstream + request.path).with_query(request.query)
-        try:
-            return await self._session.post(url, data=body, headers=headers)
+        try:  # a redirect is not followed: aiohttp would send the key along to wherever it points
+            return await self._session.post(url, data=self._upload(held, bill), headers=headers,
+                                            allow_redirects=False)
         except TimeoutError:
             raise Refused(504, "timeout_error", "the model API did not answer in time") from None
         except aiohttp.ClientError as exc:
-            logger.warning(f"the model API cannot be reached: {exc.__class__.__name__}: {exc}")
+            bill.log.warning(f"the model API cannot be reached: {exc.__class__.__name__}: {exc}")
             raise Refused(502, "api_error", "the model API cannot be reached from the gateway") from None
 
-    async def _answer(self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, chat_id: str,
-                      payer: _Payer) -> web.StreamResponse:
+    async def _upload(self, held: _Held, bill: _Bill) -> AsyncIterator[bytes]:
+        """The body for the upstream, a piece at a time; its memory is given back once all of it is sent."""
+        for start in range(0, held.length, READ_PIECE):
+            yield bytes(held.data[start:start + READ_PIECE])
+        bill.sent = True
+        self._release(held)
+
+    # ---- the answer, and what it cost ----
+
+    def _admit(self, chat_id: str, ask: spending.Request | None) -> _Bill:
+        """Who pays (the sender of the chat's running message), whether the budgets allow the request, and its
+        reservation: in the store's one thread, so no other request's check comes between."""
+        running = self.store.running_message(chat_id)
+        bill = _Bill(chat_id, running.sender_id if running else "", running.message_id if running else None, ask)
+        now = datetime.now(UTC)
+        refusal = spending.check(self.config.budgets, now, chat_id, bill.user_id, self.store.spent)
+        if refusal is not None:
+            if spending.check(self.config.budgets, now, chat_id, bill.user_id, self._settled) is None:
+                # Only the reservations of requests still in flight reach the cap: they settle at far less, as a
+                # rule, so this one waits (the CLI retries a 429) rather than ending the turn.
+                raise Refused(429, "rate_limit_error", "other model requests of this chat are still running and "
+                              "may reach its budget; try again in a moment", {"retry-after": str(IN_FLIGHT_RETRY)})
+            raise Refused(402, "billing_error", refusal.text, {"x-should-retry": "false"})
+        if ask is not None:
+            reserved = ask.reservation()
+            cost = reserved.cost(self.config.budgets.prices)
+            bill.streaming = ask.stream
+            bill.row = self.store.open_usage(chat_id, bill.user_id, bill.message_id, ask.model, **reserved.counts(),
+                                             cost_nano=cost)
+            self._reserved[bill.row] = (chat_id, bill.user_id, cost)
+        return bill
+
+    def _settled(self, since: float, until: float | None = None, chat_id: str | None = None,
+                 user_id: str | None = None) -> int:
+        """`Store.spent` without the reservations of requests in flight (they all started within any window)."""
+        held = sum(cost for chat, user, cost in self._reserved.values()
+                   if chat_id in (None, chat) and user_id in (None, user))
+        return self.store.spent(since, until, chat_id, user_id) - held
+
+    async def _answer(self, request: web.BaseRequest, upstream: aiohttp.ClientResponse,
+                      bill: _Bill) -> web.StreamResponse:
+        bill.status = upstream.status
+        bill.streaming = upstream.content_type == "text/event-stream"
         headers = {name: upstream.headers[name] for name in RETURNED_HEADERS if name in upstream.headers}
-        meter = _Meter(self, chat_id, payer)
-        if upstream.content_type != "text/event-stream":
+        if not bill.streaming:
             body = await self._whole(upstream)
             usage = spending.usage_of_message(body) if upstream.status == 200 else None
             if usage is not None:
-                await meter.record(usage, complete=True)
+                await self._record(bill, usage, complete=True)
             return web.Response(status=upstream.status, headers=headers, body=body)
         response = web.StreamResponse(status=upstream.status, headers=headers)
         await response.prepare(request)
-        stream = spending.StreamUsage()
         try:
             async for chunk in upstream.content.iter_any():
-                if (usage := stream.feed(chunk)) is not None:
-                    await meter.record(usage, stream.complete)
+                if bill.ask and bill.stream.feed(chunk) is not None:
+                    await self._record(bill, bill.stream.so_far(bill.ask.max_tokens), bill.stream.complete)
                 await response.write(chunk)
         except (aiohttp.ClientError, TimeoutError) as exc:
             # The client must see a broken stream, not a finished one: its connection is closed, unfinished.
-            meter.log.warning(f"the model API's stream broke off: {exc.__class__.__name__} {exc}")
+            bill.log.warning(f"the model API's stream broke off: {exc.__class__.__name__} {exc}")
             request.protocol.force_close()
         return response
 
@@ -376,34 +515,77 @@ class Gateway:
             raise Refused(502, "api_error", "the model API's answer broke off") from None
         return bytes(body)
 
+    async def _record(self, bill: _Bill, usage: spending.Usage, complete: bool, final: bool = False) -> None:
+        """The row's counts and cost so far; `complete`: the API said what it all cost; `final`: nothing more of
+        the request will come (either way its cost is no longer a reservation)."""
+        if bill.row is None:
+            return
+        row, cost = bill.row, usage.cost(self.config.budgets.prices)
+
+        def update() -> None:
+            self.store.update_usage(row, **usage.counts(), cost_nano=cost, complete=complete)
+            if complete or final:
+                self._reserved.pop(row, None)
+            elif row in self._reserved:
+                self._reserved[row] = (bill.chat_id, bill.user_id, cost)
+
+        await self._in_store(update)
+        bill.done = complete
+        if complete:
+            bill.log.info(f"model request: {_counted(usage)}: {spending.usd(cost)}")
+
+    async def _settle(self, bill: _Bill) -> None:
+        """The row of a request that did not finish: dropped if the API never got it or refused it (that costs
+        nothing); a stream's counts what was streamed; a whole message's keeps its reservation. Shielded: a
+        request cancelled again while it settles is still billed."""
+        if bill.row is None or bill.done or bill.ask is None:
+            return
+        row = bill.row
+        if not bill.sent or bill.status not in (None, 200):
+            await asyncio.shield(self._in_store(lambda: (self._reserved.pop(row, None), self.store.drop_usage(row))))
+            return
+        usage = bill.ask.reservation()
+        if bill.streaming:
+            usage = bill.stream.cut(usage, bill.ask.max_tokens)
+            await asyncio.shield(self._record(bill, usage, complete=False, final=True))
+        else:
+            await asyncio.shield(self._in_store(self._reserved.pop, row, None))  # it keeps its reservation
+        bill.log.info(f"model request did not finish, counted: {_counted(usage)}: "
+                      f"{spending.usd(usage.cost(self.config.budgets.prices))}")
+
     async def _in_store(self, fn: Callable[..., T], *args: Any) -> T:
         """Store calls run on the gateway's one store thread: a busy database never holds the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
 
 
-class _Meter:
-    """One response's usage row: made at the first usage seen, then kept up to date."""
+def _counted(usage: spending.Usage) -> str:
+    searches = f", {usage.web_searches} web searches" if usage.web_searches else ""
+    return (f"{usage.model}, {usage.input_tokens} in, {usage.output_tokens} out, cache {usage.cache_write_tokens} "
+            f"written ({usage.cache_write_1h_tokens} for an hour), {usage.cache_read_tokens} read{searches}")
 
-    def __init__(self, gateway: Gateway, chat_id: str, payer: _Payer) -> None:
-        self.gateway, self.chat_id, self.payer = gateway, chat_id, payer
-        self.row: int | None = None
-        self.log = logger.bind(chat_id=chat_id, message_id=payer.message_id or "-")
 
-    async def record(self, usage: spending.Usage, complete: bool) -> None:
-        cost = usage.cost(self.gateway.config.budgets.prices)
-        store = self.gateway.store
-        if self.row is None:
-            self.row = await self.gateway._in_store(lambda: store.open_usage(
-                self.chat_id, self.payer.user_id, self.payer.message_id, usage.model, **usage.counts(),
-                cost_nano=cost, complete=complete))
-        else:
-            row = self.row
-            await self.gateway._in_store(lambda: store.update_usage(row, **usage.counts(), cost_nano=cost,
-                                                                    complete=complete))
-        if complete:
-            self.log.info(f"model request: {usage.model}, {usage.input_tokens} in, {usage.output_tokens} out, "
-                          f"cache {usage.cache_write_tokens} written, {usage.cache_read_tokens} read: "
-                          f"{spending.usd(cost)}")
+def _read(body: bytearray) -> spending.Request:
+    """The request a Messages body makes, if reading it fits in PARSE_MEMORY. In the reader's thread: a body of
+    32 MiB takes a tenth of a second to measure, and as long to read."""
+    if (needed := _reading_memory(body)) > PARSE_MEMORY:
+        raise Refused(413, "request_too_large", f"the request body would take {needed // 1024**2} MiB to read, "
+                      f"over the gateway's {PARSE_MEMORY // 1024**2} MiB")
+    try:
+        return spending.read_request(body)
+    except ValueError as exc:
+        raise Refused(400, "invalid_request_error", str(exc)) from None
+
+
+def _reading_memory(body: bytearray) -> int:
+    """The most json.loads takes for this body (measured with tracemalloc): the body decoded and its strings, at
+    a byte a character for ASCII, 2 for the rest of the BMP, 4 once a character past it is there; up to 80
+    bytes for each array, object, item or member, counted by their punctuation (some of it inside strings); and
+    64 kB for the rest."""
+    if body.isascii() and b"\\u" not in body:
+        width = 1
+    else:
+        width = 4 if any(lead in body for lead in _PAST_BMP) or _ESCAPED_PAST_BMP.search(body) else 2
+    return 2 * width * len(body) + 80 * sum(body.count(mark) for mark in (b"[", b"{", b",", b":")) + 64 * 1024
 
 
 # ---- the process ----
@@ -432,6 +614,9 @@ def main(argv: list[str] | None = None) -> None:
     config = read_settings(Path(args[0]))
     setup_logging(config.log_json, config.log_level,
                   secrets=[s for s in (config.gateway.api_key, config.gateway.auth_token) if s])
+    # aiohttp's own lines are a traceback for each malformed request, which anyone in a chat can send without end,
+    # and for each request that failed, which `handle` has logged already.
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
     asyncio.run(serve(config))
 
 

@@ -18,7 +18,8 @@ from orchestrator.runtime import DockerRuntime, RuntimeFailure
 from orchestrator.store import Store
 
 STATUS_COLUMNS = ("chat_id", "container_name", "container_state", "cpu_percent", "memory_mib", "memory_limit_mib",
-                  "session_id", "last_activity", "busy", "queued", "last_turn_cost_usd", "last_turn_seconds", "spent_today_usd")
+                  "session_id", "last_activity", "busy", "queued", "last_turn_cost_usd", "last_turn_seconds",
+                  "spent_today_usd")
 
 
 def status_rows(settings: Settings, store: Store, engine: status.Engine | None) -> list[dict[str, Any]]:

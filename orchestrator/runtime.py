@@ -71,6 +71,9 @@ class ContainerSpec:
     log_max_size: str = "1m"
     networks: tuple[str, ...] = ()  # more networks than `network`, connected before the first start
     cap_add: tuple[str, ...] = ()  # the capabilities it keeps (all others are dropped)
+    # The engine's restart policy: the instance's own services (the gateway, the proxy) come back at once when they
+    # die (an OOM kill, a crash) or the engine restarts, without waiting for the orchestrator; chats' need none.
+    restart: str = ""
 
     def fingerprint(self) -> str:
         """Changes when anything but the labels changes: a container with another one is re-created. Fields added
@@ -79,7 +82,7 @@ class ContainerSpec:
         return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
 
 
-_LATER_FIELDS = ("networks", "cap_add")
+_LATER_FIELDS = ("networks", "cap_add", "restart")
 
 
 @dataclass(frozen=True)
@@ -161,22 +164,29 @@ def gateway_container_name(instance: str) -> str:
 def gateway_container_spec(settings: Settings, settings_digest: str) -> ContainerSpec:
     """The instance's model gateway (see `gateway`): the orchestrator's image on the host's network (the model's
     API may be on the host's loopback), serving each chat's socket in the run folder and writing usage to the
-    store, so data_dir is mounted at its own path; root there only to own the sockets in root's folders and the
-    store, with no capability. The settings' digest in its environment makes a changed config re-create it."""
+    store, at their own paths; root there only to own the sockets in root's folders and the store, with no
+    capability. The settings' digest in its environment makes a changed config re-create it."""
+    data_dir = str(settings.data_dir)
+    read_only = (str(gateway.settings_path(settings)), str(layout.secret_path(settings)))
     return ContainerSpec(
         name=gateway_container_name(settings.instance),
         image=settings.gateway.image,
         labels={MANAGED_LABEL: "true", INSTANCE_LABEL: settings.instance, ROLE_LABEL: "model-gateway"},
         nano_cpus=1_000_000_000,
-        mem_limit=256 * 1024**2,  # gateway.BODY_MEMORY of request bodies at most, and Python
+        mem_limit=384 * 1024**2,  # gateway.BODY_MEMORY of request bodies, PARSE_MEMORY to read one, and Python
         pids_limit=64,  # one process, a few threads
         network="host",
         user="0:0",
-        mounts=((str(settings.data_dir), str(settings.data_dir), False),),
+        # data_dir itself is read-write, not only run/ and the store's file: the store is data_dir/orchestrator.db,
+        # and SQLite in WAL mode makes (and at the last close removes) its -wal and -shm files beside it, which a
+        # file mount would pin to an inode the orchestrator may have replaced. Its settings and the instance's
+        # secret are mounted read-only over it.
+        mounts=((data_dir, data_dir, False), *((path, path, True) for path in read_only)),
         tmpfs=(("/tmp", "rw,nosuid,nodev,noexec,size=1m"),),
         ulimits=(("nofile", OPEN_FILES), ("core", 0)),
         environment=(("GATEWAY_SETTINGS_DIGEST", settings_digest),),
         command=("python", "-m", "orchestrator.gateway", str(gateway.settings_path(settings))),
+        restart="unless-stopped",
     )
 
 
@@ -231,6 +241,7 @@ def egress_proxy_spec(settings: Settings, files_digest: str) -> ContainerSpec:
         command=("squid", "-N", "-f", f"{egress.CONF_PATH}/{egress.CONFIG_NAME}"),
         networks=(egress_network_name(settings.instance),),
         cap_add=("SETUID", "SETGID"),
+        restart="unless-stopped",
     )
 
 
@@ -438,6 +449,7 @@ class DockerRuntime(Runtime):
                 log_config=LogConfig(type="json-file", config={"max-size": spec.log_max_size, "max-file": "1"}),
                 cap_drop=["ALL"],
                 cap_add=list(spec.cap_add) or None,
+                restart_policy={"Name": spec.restart} if spec.restart else None,
                 security_opt=["no-new-privileges"],
             )
         except APIError as exc:

@@ -137,8 +137,8 @@ class _Usage(_Table):
     cache_write_tokens = IntegerField(default=0)
     cache_read_tokens = IntegerField(default=0)
     cost_nano = IntegerField(default=0)  # USD × 1e9, from the config's prices when the row was written
-    at = FloatField(index=True)  # when the response started
-    complete = BooleanField(default=False)  # the response ended (message_stop); False: cut off, counted so far
+    at = FloatField(index=True)  # when the request was let through
+    complete = BooleanField(default=False)  # the response ended (message_stop); False: in flight, or cut off
 
     class Meta:
         table_name = "usage"
@@ -506,7 +506,8 @@ class Store:
     def open_usage(self, chat_id: str, user_id: str, message_id: str | None, model: str, *, input_tokens: int,
                    output_tokens: int, cache_write_tokens: int, cache_read_tokens: int, cost_nano: int,
                    complete: bool = False) -> int:
-        """Record a model response as it starts (so what was streamed counts even if the gateway dies); its id."""
+        """Record a model request before it goes upstream, at the most it may cost (its reservation: requests in
+        flight count in the sums), to be brought to its real counts as the response comes; its id."""
         return _Usage.insert(chat_id=chat_id, user_id=user_id, message_id=message_id, model=model,
                              input_tokens=input_tokens, output_tokens=output_tokens,
                              cache_write_tokens=cache_write_tokens, cache_read_tokens=cache_read_tokens,
@@ -514,10 +515,14 @@ class Store:
 
     def update_usage(self, usage_id: int, *, input_tokens: int, output_tokens: int, cache_write_tokens: int,
                      cache_read_tokens: int, cost_nano: int, complete: bool) -> None:
-        """The response's counts so far (they only grow: the API's are cumulative)."""
+        """The request's counts as now known: its reservation's, then its response's (the API's are cumulative)."""
         _Usage.update(input_tokens=input_tokens, output_tokens=output_tokens, cache_write_tokens=cache_write_tokens,
                       cache_read_tokens=cache_read_tokens, cost_nano=cost_nano, complete=complete).where(
             _Usage.id == usage_id).execute()
+
+    def drop_usage(self, usage_id: int) -> None:
+        """Forget a request's reservation: it never reached the API, or the API refused it (which costs nothing)."""
+        _Usage.delete().where(_Usage.id == usage_id).execute()
 
     def usage(self, chat_id: str | None = None) -> list[UsageRecord]:
         query = _Usage.select().order_by(_Usage.id)
@@ -527,7 +532,7 @@ class Store:
 
     def spent(self, since: float, until: float | None = None, chat_id: str | None = None,
               user_id: str | None = None) -> int:
-        """nano-USD of the responses that started in [since, until), of one chat or user if given, or of all."""
+        """nano-USD of the requests let through in [since, until), of one chat or user if given, or of all."""
         condition = _Usage.at >= since
         if until is not None:
             condition &= _Usage.at < until
@@ -542,7 +547,7 @@ class Store:
         return _Usage.select(fn.COALESCE(fn.SUM(_Usage.cost_nano), 0)).where(_Usage.message_id == message_id).scalar()
 
     def spent_by_chat(self, since: float) -> dict[str, int]:
-        """nano-USD per chat of the responses that started since then (chats that spent nothing are left out)."""
+        """nano-USD per chat of the requests let through since then (chats that spent nothing are left out)."""
         query = (_Usage.select(_Usage.chat_id, fn.SUM(_Usage.cost_nano).alias("total")).where(_Usage.at >= since)
                  .group_by(_Usage.chat_id).order_by(_Usage.chat_id))
         return {row.chat_id: row.total for row in query}

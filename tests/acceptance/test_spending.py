@@ -6,6 +6,8 @@ image, the real gateway container, against the fake Messages API (which answers 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import urllib.error
 import urllib.request
@@ -119,7 +121,7 @@ def test_the_real_key_is_nowhere_an_agent_can_look_and_its_token_is_worthless_el
 
     container = docker_client.containers.get(f"{instance}-{chat_id}")
     assert MODEL_KEY not in json.dumps(container.attrs)  # not in its config, environment or labels
-    code, found = container.exec_run(
+    _, found = container.exec_run(
         ["sh", "-c", f"cat /proc/*/environ /proc/*/cmdline 2>/dev/null | tr '\\0' '\\n' | grep -c '{KEY_PATTERN}'; "
                      f"grep -rl '{KEY_PATTERN}' / --exclude-dir=proc --exclude-dir=sys 2>/dev/null; true"], user="0")
     assert found.decode().split() == ["0"], found  # as root in the container: no process, no file holds it
@@ -155,3 +157,24 @@ def post_on_socket(path: Path, token: str) -> str:
         client.connect(str(path))
         client.sendall(head + body)
         return client.recv(4096).decode(errors="replace").split("\r\n", 1)[0]
+
+
+def test_a_gateway_killed_mid_answer_comes_back_and_what_was_streamed_stays_counted(
+        feishu: FakeFeishu, feishu_config, start, instance: str, docker_client: docker.DockerClient,
+        fake_api: FakeAnthropic, store_view: StoreView) -> None:
+    start(priced_config(feishu_config, per_chat_daily_usd=50))
+    chat_id = chat()
+    feishu.push_event(feishu.text_event(chat_id, "SLOW 5 through a crash"))
+    usage = "select * from usage where chat_id = ? order by id"
+    # The row is a reservation from before the request goes upstream; message_start gives it the real input.
+    wait_until(lambda: any(row["input_tokens"] == 10 for row in store_view._rows(usage, chat_id)), 60,
+               "the answer to start streaming")
+    gateway = f"{instance}-gateway"
+    os.kill(docker_client.api.inspect_container(gateway)["State"]["Pid"], signal.SIGKILL)  # a crash, not a stop
+    wait_answer(feishu, chat_id, "Fake answer to: SLOW 5 through a crash", timeout=120)
+    assert docker_client.api.inspect_container(gateway)["RestartCount"] >= 1  # the engine brought it back
+    rows = store_view._rows(usage, chat_id)
+    cut = [row for row in rows if not row["complete"]]
+    # Counted as far as it went: the real input, and the output still reserved (no one was left to settle it).
+    assert cut and all(row["input_tokens"] == 10 and row["output_tokens"] > 0 for row in cut)
+    assert any(row["complete"] for row in rows)  # the CLI's retry, through the gateway that came back

@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from decimal import Decimal
@@ -76,14 +77,35 @@ class Served:
             yield session
 
     async def post(self, prompt: str = "hello", chat_id: str = "oc_a", token: str | None = None,
-                   path: str = "/v1/messages?beta=true", stream: bool = True,
+                   path: str = "/v1/messages?beta=true", stream: bool = True, body: Any = None,
                    **headers: str) -> tuple[int, dict[str, str], bytes]:
         token = credentials.model_token(SECRET, chat_id) if token is None else token
-        body = {"model": MODEL, "max_tokens": 100, "stream": stream, "messages": [{"role": "user", "content": prompt}]}
+        sent = {"data": body} if isinstance(body, bytes) else {"json": body or body_of(prompt, stream)}
         async with self.client(chat_id) as session, session.post(
-                f"http://gateway{path}", json=body,
+                f"http://gateway{path}", **sent,
                 headers={"x-api-key": token, "anthropic-version": "2023-06-01", **headers}) as response:
             return response.status, dict(response.headers), await response.read()
+
+    def rows(self) -> list[tuple[int, int, bool]]:
+        """(input, output, complete) of each usage row."""
+        return [(row.input_tokens, row.output_tokens, row.complete) for row in self.store.usage()]
+
+    async def rows_become(self, rows: list[tuple[int, int, bool]]) -> None:
+        """Wait for the usage rows to be these: a request that did not finish is settled after its client saw it
+        end."""
+        with contextlib.suppress(AssertionError):
+            await asyncio.to_thread(wait_until, lambda: self.rows() == rows, 10, "the usage rows")
+        assert self.rows() == rows
+
+
+def body_of(prompt: str = "hello", stream: bool = True, max_tokens: int = 100, **fields: Any) -> dict[str, Any]:
+    return {"model": MODEL, "max_tokens": max_tokens, "stream": stream,
+            "messages": [{"role": "user", "content": prompt}], **fields}
+
+
+def estimate(body: dict[str, Any]) -> int:
+    """The gateway's estimate of a body's input tokens: a third of its bytes (aiohttp's json= is json.dumps)."""
+    return len(json.dumps(body).encode()) // 3
 
 
 def config_of(run_dir: Path, upstream_url: str, budgets: BudgetSettings | None = None,
@@ -109,6 +131,34 @@ async def serving(folder: Path, upstream_url: str, chats: tuple[str, ...] = ("oc
     finally:
         await gw.close()
         store.close()
+
+
+@contextlib.asynccontextmanager
+async def raw_upstream(answer: bytes) -> AsyncIterator[str]:
+    """An upstream on 127.0.0.1 that reads a request whole, sends these bytes and closes; its URL."""
+    async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
+                      if line.startswith(b"content-length:"))
+        await reader.readexactly(length)
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(respond, "127.0.0.1", 0)
+    async with server:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+async def upload(served: Served, chat_id: str, length: int, sent: bytes) -> tuple[asyncio.StreamReader,
+                                                                                 asyncio.StreamWriter]:
+    """A request to the chat's socket that says it has `length` bytes of body and sends only `sent` of them."""
+    reader, writer = await asyncio.open_unix_connection(str(served.socket(chat_id)))
+    token = credentials.model_token(SECRET, chat_id).encode()
+    writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: g\r\ncontent-length: %d\r\nx-api-key: %s\r\n\r\n%s"
+                 % (length, token, sent))
+    await writer.drain()
+    return reader, writer
 
 
 def error_of(body: bytes) -> tuple[str, str]:
@@ -146,8 +196,7 @@ def test_a_stream_passes_through_byte_for_byte_and_its_usage_is_stored(short_dir
 async def stored_when_the_stream_stops(served: Served) -> list[Any]:
     """The usage rows as they are the moment message_stop reaches the client: its cost is stored before."""
     token = credentials.model_token(SECRET, "oc_a")
-    body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "STREAM 3 0"}]}
-    async with served.client() as session, session.post("http://g/v1/messages", json=body,
+    async with served.client() as session, session.post("http://g/v1/messages", json=body_of("STREAM 3 0"),
                                                         headers={"x-api-key": token}) as response:
         seen = b""
         while b"message_stop" not in seen:
@@ -183,8 +232,7 @@ def test_only_the_chats_own_token_is_let_in(short_dir: Path, upstream: FakeAnthr
                 assert status == 401 and error_of(body)[0] == "authentication_error"
             bearer = f"Bearer {credentials.model_token(SECRET, 'oc_a')}"
             async with served.client() as session, session.post(
-                    "http://gateway/v1/messages", json={"model": MODEL, "stream": True, "messages": []},
-                    headers={"authorization": bearer}) as response:
+                    "http://gateway/v1/messages", json=body_of(), headers={"authorization": bearer}) as response:
                 assert response.status == 200
             assert len(upstream.requests) == before + 1
             assert upstream.api_keys == {KEY}  # the real key went upstream, never the chat's token
@@ -243,6 +291,66 @@ def test_a_body_that_does_not_arrive_in_time_is_refused(short_dir: Path, upstrea
     asyncio.run(scenario())
 
 
+def test_one_chats_stalled_uploads_do_not_fail_another_chats_request(short_dir: Path, upstream: FakeAnthropic,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gateway, "BODY_MEMORY", 8100)
+
+    async def scenario() -> None:
+        async with serving(short_dir, upstream.base_url, chats=("oc_a", "oc_b"), max_request_bytes=4000) as served:
+            _, stalled = await upload(served, "oc_a", 4000, b'{"model":')  # the chat's share, 9 bytes of memory
+            reader, writer = await upload(served, "oc_a", 4000, b"")
+            answer = await asyncio.wait_for(reader.read(4096), 10)  # over its share: refused before a byte is read
+            assert answer.startswith(b"HTTP/1.1 429") and b"would be over the gateway's 4000 bytes" in answer
+            writer.close()
+            assert (await served.post("another chat meanwhile", chat_id="oc_b"))[0] == 200
+            # what did come in counts for all chats: 3009 bytes of oc_a's and 2000 of oc_b's are over 5000
+            monkeypatch.setattr(gateway, "BODY_MEMORY", 5000)
+            stalled.write(b"x" * 3000)
+            await stalled.drain()
+            await asyncio.to_thread(wait_until, lambda: served.gateway._body_bytes == 3009, 10, "the bytes in")
+            status, _, body = await served.post("x" * 2000, chat_id="oc_b")
+            assert (status, error_of(body)[0]) == (529, "overloaded_error")
+            stalled.close()
+            await asyncio.to_thread(wait_until, lambda: not served.gateway._chat_bodies, 10, "the body let go")
+            assert served.gateway._body_bytes == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_body_is_let_go_once_it_is_sent_upstream(short_dir: Path, upstream: FakeAnthropic) -> None:
+    async def scenario() -> None:
+        async with serving(short_dir, upstream.base_url) as served:
+            answer = asyncio.create_task(served.post("SILENT 1 to let go " + "x" * 100_000))
+            await asyncio.to_thread(wait_until, lambda: any("to let go" in p for p in upstream.prompts()), 10,
+                                    "the request upstream")
+            # the API has not answered yet: the body's memory is free again
+            assert (served.gateway._body_bytes, served.gateway._chat_bodies) == (0, {})
+            assert (await answer)[0] == 200
+
+    asyncio.run(scenario())
+
+
+def test_a_token_that_is_not_text_is_refused_and_refusals_are_logged_sparingly(
+        short_dir: Path, upstream: FakeAnthropic, logs: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    async def scenario() -> None:
+        async with serving(short_dir, upstream.base_url) as served:
+            for _ in range(5):
+                reader, writer = await asyncio.open_unix_connection(str(served.socket()))
+                writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: g\r\nconnection: close\r\ncontent-length: 2\r\n"
+                             b"x-api-key: \xff\r\n\r\n{}")
+                answer = await asyncio.wait_for(reader.read(), 10)
+                assert answer.startswith(b"HTTP/1.1 401") and b"authentication_error" in answer
+                writer.close()
+            monkeypatch.setattr(gateway, "REFUSAL_LOG_SECONDS", 0)
+            assert (await served.post(token="wrong"))[0] == 401
+
+    asyncio.run(scenario())
+    refused = [line for line in logs if "model request refused" in line]
+    assert len(refused) == 2, refused  # one for the first five, and one with their count once the time passed
+    assert "4 more refused since the last of these lines" in refused[1]
+    assert not any("Traceback" in line or "failed" in line for line in logs)
+
+
 def test_a_chat_gets_its_share_of_requests_at_once(short_dir: Path, upstream: FakeAnthropic) -> None:
     async def scenario() -> None:
         async with serving(short_dir, upstream.base_url, chats=("oc_a", "oc_b"), max_concurrent=1) as served:
@@ -284,9 +392,72 @@ def test_upstream_unreachable_or_too_slow(short_dir: Path, upstream: FakeAnthrop
         async with serving(short_dir, "http://127.0.0.1:1") as served:  # nothing listens there
             status, _, body = await served.post()
             assert status == 502 and error_of(body)[0] == "api_error"
+            assert served.rows() == []  # the API never had it: its reservation is dropped
         async with serving(short_dir, upstream.base_url, request_timeout=0.5) as served:
-            status, _, body = await served.post("SILENT 2")
-            assert status == 504 and error_of(body)[0] == "timeout_error"
+            body = body_of("SILENT 2")
+            status, _, answer = await served.post(body=body)
+            assert status == 504 and error_of(answer)[0] == "timeout_error"
+            await served.rows_become([(estimate(body), 0, False)])  # it went up, nothing was streamed
+
+    asyncio.run(scenario())
+
+
+def test_a_request_is_reserved_before_it_goes_upstream_then_billed_what_it_used(short_dir: Path,
+                                                                               upstream: FakeAnthropic) -> None:
+    async def scenario() -> None:
+        async with serving(short_dir, upstream.base_url) as served:
+            body = body_of("SILENT 1 TOKENS 300 40 to reserve", max_tokens=5000)
+            answer = asyncio.create_task(served.post(body=body))
+            await asyncio.to_thread(wait_until, lambda: any("to reserve" in p for p in upstream.prompts()), 10,
+                                    "the request upstream")
+            [row] = served.store.usage()  # while the API has not answered yet
+            assert (row.model, row.input_tokens, row.output_tokens, row.complete) == (
+                MODEL, estimate(body), 5000, False)
+            assert row.cost_nano == Usage(MODEL, estimate(body), 5000).cost(PRICES)
+            assert (await answer)[0] == 200
+            assert served.rows() == [(300, 40, True)]
+
+    asyncio.run(scenario())
+
+
+def test_a_client_that_leaves_mid_stream_is_billed_for_what_was_streamed(short_dir: Path,
+                                                                         upstream: FakeAnthropic) -> None:
+    prompt = "TOKENS 900 5000 SLOW 30 " + "words " * 100
+    answer = f"Fake answer to: {prompt.strip()}"
+    streamed = answer[:len(answer) // 2]  # the fake's first piece of text; it then waits 30 s
+
+    async def scenario() -> None:
+        async with serving(short_dir, upstream.base_url) as served:
+            async with served.client() as session, session.post(
+                    "http://g/v1/messages", json=body_of(prompt, max_tokens=8000),
+                    headers={"x-api-key": credentials.model_token(SECRET, "oc_a")}) as response:
+                seen = b""
+                while b"text_delta" not in seen:
+                    seen += await response.content.readany()
+                # message_start's input, and the reservation's output until message_delta says
+                assert served.rows() == [(900, 8000, False)]
+            # the client went away: a third of the streamed text's bytes, not message_start's one token
+            await served.rows_become([(900, len(streamed.encode()) // 3, False)])
+
+    asyncio.run(scenario())
+
+
+def test_a_whole_message_cut_off_keeps_its_reservation_and_a_refusal_costs_nothing(short_dir: Path) -> None:
+    cut = b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{"type": "message"'
+    error = b'{"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}'
+    overloaded = (b"HTTP/1.1 529 Overloaded\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                  % (len(error), error))
+
+    async def scenario() -> None:
+        body = body_of(stream=False, max_tokens=3000)
+        async with raw_upstream(cut) as url, serving(short_dir, url) as served:
+            status, _, answer = await served.post(body=body)
+            assert (status, error_of(answer)) == (502, ("api_error", "the model API's answer broke off"))
+            await served.rows_become([(estimate(body), 3000, False)])  # what it used is not known: all it may
+        async with raw_upstream(overloaded) as url, serving(short_dir, url) as served:
+            status, _, answer = await served.post(body=body)
+            assert (status, answer) == (529, error)
+            assert served.rows() == [(estimate(body), 3000, False)]  # the one before; this one is dropped
 
     asyncio.run(scenario())
 
@@ -294,30 +465,133 @@ def test_upstream_unreachable_or_too_slow(short_dir: Path, upstream: FakeAnthrop
 def test_a_stream_the_upstream_breaks_off_reaches_the_client_broken_and_stays_counted(short_dir: Path) -> None:
     start = {"type": "message_start", "message": {"type": "message", "model": MODEL,
                                                   "usage": {"input_tokens": 700, "output_tokens": 1}}}
-
-    async def broken_upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        event = f"event: message_start\ndata: {json.dumps(start)}\n\n".encode()
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
-                     + f"{len(event):x}\r\n".encode() + event + b"\r\n")
-        await writer.drain()
-        writer.close()  # without the last chunk: the answer broke off
+    event = f"event: message_start\ndata: {json.dumps(start)}\n\n".encode()
+    broken = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+              + f"{len(event):x}\r\n".encode() + event + b"\r\n")  # without the last chunk: the answer broke off
 
     async def scenario() -> None:
-        server = await asyncio.start_server(broken_upstream, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        async with server, serving(short_dir, f"http://127.0.0.1:{port}") as served:
-            body = {"model": MODEL, "stream": True, "messages": []}
+        async with raw_upstream(broken) as url, serving(short_dir, url) as served:
             async with served.client() as session, session.post(
-                    "http://g/v1/messages", json=body,
+                    "http://g/v1/messages", json=body_of(),
                     headers={"x-api-key": credentials.model_token(SECRET, "oc_a")}) as response:
                 assert response.status == 200
                 with pytest.raises(aiohttp.ClientPayloadError):
                     await response.read()
-            [row] = served.store.usage()
-            assert (row.input_tokens, row.output_tokens, row.complete) == (700, 1, False)
+            await served.rows_become([(700, 1, False)])  # nothing but message_start was streamed
 
     asyncio.run(scenario())
+
+
+def test_a_redirect_is_not_followed_with_the_key(short_dir: Path) -> None:
+    heads: list[bytes] = []
+
+    async def elsewhere(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.close()
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(elsewhere, "127.0.0.1", 0)
+        target = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/messages"
+        redirect = f"HTTP/1.1 307 Temporary Redirect\r\nlocation: {target}\r\ncontent-length: 0\r\n\r\n".encode()
+        async with server, raw_upstream(redirect) as url, serving(short_dir, url) as served:
+            assert (await served.post())[0] == 307  # passed back as it came
+            assert served.rows() == []
+        assert heads == []  # nothing went to where it pointed, with the key or without
+
+    asyncio.run(scenario())
+
+
+def test_requests_in_flight_count_in_the_budget(short_dir: Path, upstream: FakeAnthropic) -> None:
+    # A request's reservation: 100000 tokens out at $2 per million, $0.20, reaches the $0.10 cap alone; what it
+    # uses (10 in, 10 out: $0.00003) is far under it.
+    budgets = BudgetSettings(per_chat_daily_usd=Decimal("0.10"), prices=PRICES)
+
+    async def scenario() -> None:
+        async with serving(short_dir, upstream.base_url, budgets=budgets) as served:
+            body = body_of("SLOW 2", max_tokens=100_000)
+            answers = await asyncio.gather(*(served.post(body=body) for _ in range(5)))
+            # Only the first one's reservation reached the cap: the others are asked to come back (the CLI retries
+            # a 429), not refused for good (a 402 would end the turn).
+            assert sorted(status for status, _, _ in answers) == [200, 429, 429, 429, 429]
+            assert all({k.lower(): v for k, v in headers.items()}["retry-after"] == "2"
+                       for status, headers, _ in answers if status == 429)
+            assert served.rows() == [(10, 10, True)]  # the refused ones reserved nothing
+            assert (await served.post(body=body))[0] == 200  # settled at what it used, it leaves room again
+
+    asyncio.run(scenario())
+
+
+def test_a_body_must_say_what_it_may_cost_and_not_have_anthropic_fetch_anything(short_dir: Path,
+                                                                                upstream: FakeAnthropic) -> None:
+    refused: list[tuple[Any, str]] = [
+        ({"model": MODEL, "messages": []}, "the request must give max_tokens, a whole number from 1 to 16777216"),
+        (body_of(max_tokens=0), "must give max_tokens"),
+        (body_of(max_tokens="100"), "must give max_tokens"),
+        (body_of(max_tokens=True), "must give max_tokens"),
+        (body_of(max_tokens=2**24 + 1), "must give max_tokens"),
+        ([body_of()], "the request body is not a JSON object"),
+        (b"{not json", "the request body is not JSON"),
+        (b'{"max_tokens": 1, "max_tokens": 100000, "messages": []}', "the request body repeats a key in an object"),
+        (body_of(mcp_servers=[{"type": "url", "url": "https://example.com/sse", "name": "x"}]),
+         "this gateway does not pass on the field mcp_servers: Anthropic's servers would reach the internet for "
+         "it, past the chat's egress allowlist"),
+        (body_of(tools=[{"type": "web_fetch_20250910", "name": "web_fetch"}]), "a web_fetch_20250910 tool"),
+        (body_of(tools=[{"name": "Bash", "input_schema": {"type": "object"}},
+                        {"type": "code_execution_20250825", "name": "code_execution"}]),
+         "a code_execution_20250825 tool"),
+    ]
+
+    async def scenario() -> None:
+        async with serving(short_dir, upstream.base_url) as served:
+            before = len(upstream.requests)
+            for body, words in refused:
+                status, _, answer = await served.post(body=body)
+                kind, message = error_of(answer)
+                assert (status, kind) == (400, "invalid_request_error") and words in message, body
+            assert len(upstream.requests) == before and served.rows() == []
+            search = body_of(tools=[{"name": "Bash", "input_schema": {"type": "object"}},
+                                    {"type": "web_search_20250305", "name": "web_search", "max_uses": 5}])
+            assert (await served.post(body=search))[0] == 200  # Claude Code's WebSearch: let through, and priced
+
+    asyncio.run(scenario())
+
+
+def test_a_body_too_dense_to_read_is_refused(short_dir: Path, upstream: FakeAnthropic,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gateway, "PARSE_MEMORY", 2 * 1024**2)
+    dense = b'{"max_tokens": 1, "messages": [' + b"[]," * 20_000 + b"[]]}"  # 60 kB that json.loads makes 1.3 MB of
+
+    async def scenario() -> None:
+        async with serving(short_dir, upstream.base_url) as served:
+            status, _, answer = await served.post(body=dense)
+            assert (status, error_of(answer)) == (413, ("request_too_large", "the request body would take 3 MiB to "
+                                                        "read, over the gateway's 2 MiB"))
+            assert (await served.post("words " * 40_000))[0] == 200  # four times as long, but text
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("body", [
+    b"[" + b"[]," * 50_000 + b"[]]",
+    b"[" + b"{}," * 50_000 + b"{}]",
+    b"{" + b",".join(b'"k%d": 0' % n for n in range(20_000)) + b"}",
+    b"[" + b"1.5," * 50_000 + b"1]",
+    b"[" + b'"ab",' * 50_000 + b'"a"]',
+    json.dumps(["a" * 200_000 + "\U0001f600"], ensure_ascii=False).encode(),  # an emoji: 4 bytes a character
+    json.dumps(["a" * 200_000 + "\U0001f600"]).encode(),  # the same, escaped as a surrogate pair
+    json.dumps(["中文" * 50_000], ensure_ascii=False).encode(),
+    json.dumps(["中文" * 50_000]).encode(),
+    json.dumps({"messages": [{"content": [{"type": "text", "text": "x, y: [z]" * 30}]}] * 500}).encode(),
+], ids=["arrays", "objects", "members", "floats", "short strings", "emoji", "escaped emoji", "chinese",
+        "escaped chinese", "messages"])
+def test_what_reading_a_body_takes_is_bounded_before_it_is_read(body: bytes) -> None:
+    tracemalloc.start()
+    try:
+        json.loads(body)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= gateway._reading_memory(bytearray(body)) <= 60 * len(body)
 
 
 def test_a_chat_cannot_take_every_connection(short_dir: Path, upstream: FakeAnthropic,
@@ -431,10 +705,10 @@ def test_a_gateway_killed_mid_stream_leaves_what_was_streamed_counted(short_dir:
         assert process.poll() is None
 
         async def scenario() -> bytes:
-            body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "TOKENS 5000 99 SLOW 30"}]}
             token = credentials.model_token(secret, "oc_a")
             async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(socket_path))) as session, \
-                    session.post("http://g/v1/messages", json=body, headers={"x-api-key": token}) as response:
+                    session.post("http://g/v1/messages", json=body_of("TOKENS 5000 99 SLOW 30", max_tokens=1000),
+                                 headers={"x-api-key": token}) as response:
                 seen = b""
                 while b"text_delta" not in seen:  # the first piece of the answer: the fake now waits 30 s
                     seen += await response.content.readany()
@@ -454,8 +728,9 @@ def test_a_gateway_killed_mid_stream_leaves_what_was_streamed_counted(short_dir:
         [row] = store.usage("oc_a")
     finally:
         store.close()
-    assert (row.input_tokens, row.output_tokens, row.complete) == (5000, 1, False)
-    assert row.cost_nano == Usage(MODEL, 5000, 1).cost(PRICES) == 5_002_000
+    # message_start's input, and the reservation's output: the gateway died before it knew what was streamed
+    assert (row.input_tokens, row.output_tokens, row.complete) == (5000, 1000, False)
+    assert row.cost_nano == Usage(MODEL, 5000, 1000).cost(PRICES) == 7_000_000
     assert "model gateway serving 1 chats" in stderr and KEY not in stderr
 
 
@@ -467,9 +742,11 @@ def test_the_gateway_container(tmp_path: Path) -> None:
     data = str(tmp_path / "data")
     assert (spec.name, spec.image, spec.network, spec.user) == ("bot-gateway", "orchestrator:latest", "host", "0:0")
     assert spec.command == ("python", "-m", "orchestrator.gateway", f"{data}/gateway.json")
-    assert spec.mounts == ((data, data, False),)  # the same path: the settings name the store and the run folder
+    # the same paths: the settings name the store and the run folder; the settings and the secret read-only
+    assert spec.mounts == ((data, data, False), (f"{data}/gateway.json", f"{data}/gateway.json", True),
+                           (f"{data}/secret", f"{data}/secret", True))
     assert spec.labels[ROLE_LABEL] == "model-gateway" and CHAT_LABEL not in spec.labels
-    assert spec.mem_limit == 256 * 1024**2
+    assert spec.mem_limit == 384 * 1024**2 >= gateway.BODY_MEMORY + gateway.PARSE_MEMORY + 64 * 1024**2
     assert KEY not in json.dumps(dataclasses.asdict(spec))  # the key is in the settings file only
     changed = replace(settings, gateway=replace(settings.gateway, max_concurrent=2))
     assert gateway_container_spec(changed, settings_digest(changed)).fingerprint() != spec.fingerprint()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,15 @@ import pytest
 from orchestrator import credentials
 from orchestrator.config import Settings, load_settings, resolve_chat
 from orchestrator.layout import chat_paths
-from orchestrator.runtime import MODEL_PORT, ContainerSpec, bridge_name, container_spec, network_name
+from orchestrator.runtime import (
+    MODEL_PORT,
+    ContainerSpec,
+    bridge_name,
+    container_spec,
+    egress_proxy_spec,
+    gateway_container_spec,
+    network_name,
+)
 
 MiB = 1024**2
 
@@ -110,3 +119,15 @@ def test_fingerprint_follows_caps_not_labels(tmp_path: Path) -> None:
     for change in ("{memory: 1g, tmp_size: 32m}", "{memory: 1g, disk: 1g}", "{memory: 1g, network: none}"):
         other = settings_of(tmp_path, f"groups: {{oc_x: {change}}}\n")
         assert spec_of(other).fingerprint() != base.fingerprint(), change
+
+
+def test_only_the_instances_own_services_restart_by_themselves(tmp_path: Path) -> None:
+    """The gateway and the proxy come back at once when they die (the engine restarts them); a chat's container
+    does not (the orchestrator decides when a chat runs), and its fingerprint is what it was before `restart`."""
+    settings = settings_of(tmp_path, "")
+    services = (gateway_container_spec(settings, "d1"), egress_proxy_spec(settings, "d2"))
+    assert [service.restart for service in services] == ["unless-stopped"] * 2
+    chat = spec_of(settings)
+    assert chat.restart == ""
+    assert chat.fingerprint() == dataclasses.replace(chat, restart="").fingerprint()
+    assert dataclasses.replace(chat, restart="always").fingerprint() != chat.fingerprint()

@@ -11,7 +11,9 @@ import pytest
 
 from orchestrator.config import DEFAULT_PRICES, BudgetSettings, Price
 from orchestrator.spending import (
+    IMAGE_TOKENS,
     MAX_LINE_BYTES,
+    WEB_SEARCH_NANO,
     Refusal,
     Spent,
     StreamUsage,
@@ -22,6 +24,7 @@ from orchestrator.spending import (
     measure,
     nano,
     price_for,
+    read_request,
     usage_of_message,
     usd,
     verdict,
@@ -160,6 +163,81 @@ def test_a_line_over_the_cap_is_dropped_without_growing_and_the_stream_goes_on()
     # A long line that ends inside one chunk is dropped too.
     stream = StreamUsage()
     assert stream.feed(b"data: " + b"y" * (MAX_LINE_BYTES + 1) + b"\n\n" + sse(START)) is not None
+
+
+def test_one_hour_cache_writes_and_web_searches_are_priced() -> None:
+    delta = {"type": "message_delta", "usage": {
+        "input_tokens": 100, "output_tokens": 42, "cache_creation_input_tokens": 1000, "cache_read_input_tokens": 0,
+        "cache_creation": {"ephemeral_5m_input_tokens": 400, "ephemeral_1h_input_tokens": 600},
+        "server_tool_use": {"web_search_requests": 3}}}
+    stream = StreamUsage()
+    usage = stream.feed(sse(START, delta))
+    assert usage == Usage("claude-opus-4-5", 100, 42, 1000, 0, cache_write_1h_tokens=600, web_searches=3)
+    assert usage.counts() == {"input_tokens": 100, "output_tokens": 42, "cache_write_tokens": 1000,
+                              "cache_read_tokens": 0}  # the store's columns
+    prices = {"default": price("2", "10", "2.5", "0.2")}
+    # 100 in at $2/M, 42 out at $10/M, 400 written for 5 minutes at $2.50/M, 600 for an hour at twice $2/M:
+    # 200 + 420 + 1000 + 2400 micro-USD; and 3 searches at $10 per 1000
+    assert WEB_SEARCH_NANO == 10_000_000
+    assert usage.cost(prices) == 4_020_000 + 3 * WEB_SEARCH_NANO
+    odd = Usage(cache_write_tokens=10, cache_write_1h_tokens=50)  # more 1-hour writes than writes: no negative count
+    assert odd.cost(prices) == cost_nano(prices["default"], 0, 0, 0, 0, 10) == 40_000
+
+
+TEXT = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "é" * 300}}  # 600 bytes
+TOOL = {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "x" * 90}}
+THINKING = {"type": "content_block_delta", "index": 2, "delta": {"type": "thinking_delta", "thinking": "y" * 30}}
+
+
+def test_a_stream_that_does_not_finish_counts_what_was_streamed() -> None:
+    reserved = Usage("claude-opus-4-5", 5000, 8000)
+    stream = StreamUsage()
+    assert stream.cut(reserved, 8000) == Usage("claude-opus-4-5", 5000, 0)  # nothing came: the estimated input
+    stream.feed(sse(START))
+    assert stream.so_far(8000) == Usage("claude-opus-4-5", 100, 8000, 20, 30)  # the reservation's output
+    assert stream.cut(reserved, 8000) == Usage("claude-opus-4-5", 100, 1, 20, 30)  # message_start's one token
+    assert stream.feed(sse(TEXT, TOOL, THINKING)) is None  # not a change of usage: nothing to store
+    assert stream.streamed_bytes == 720
+    assert stream.cut(reserved, 8000) == Usage("claude-opus-4-5", 100, 240, 20, 30)  # a token for 3 bytes
+    assert stream.cut(reserved, 200).output_tokens == 200  # never past max_tokens
+    stream.feed(sse(END))
+    assert stream.so_far(8000) == stream.cut(reserved, 8000) == FINAL  # message_delta's count is the answer's
+
+
+def test_a_request_body_gives_its_model_max_tokens_and_an_input_estimate() -> None:
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "A" * 300_000}}
+    body = json.dumps({
+        "model": "claude-opus-4-5", "max_tokens": 32000, "stream": True, "system": "s" * 3000,
+        "tools": [{"name": "Bash", "input_schema": {}}, {"type": "web_search_20250305", "name": "web_search"}],
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "look"}, image]},
+                     {"role": "user", "content": [{"type": "tool_result", "content": [image]}]}]}).encode()
+    request = read_request(body)
+    assert (request.model, request.max_tokens, request.stream) == ("claude-opus-4-5", 32000, True)
+    assert request.tool_types == ("web_search_20250305",)
+    assert request.fields == {"model", "max_tokens", "stream", "system", "tools", "messages"}
+    # the images by their pixels, the rest of the body a token for 3 bytes
+    assert request.input_tokens == (len(body) - 600_000) // 3 + 2 * IMAGE_TOKENS
+    assert request.reservation() == Usage("claude-opus-4-5", request.input_tokens, 32000)
+    plain = read_request(bytearray(b'{"max_tokens": 5, "model": 7, "tools": "x"}'))
+    assert (plain.model, plain.stream, plain.tool_types, plain.input_tokens) == ("", False, (), 14)
+
+
+@pytest.mark.parametrize(("body", "reason"), [
+    (b'{"model": "m"}', "the request must give max_tokens, a whole number from 1 to 16777216"),
+    (b'{"max_tokens": 0}', "must give max_tokens"),
+    (b'{"max_tokens": 1.5}', "must give max_tokens"),
+    (b'{"max_tokens": true}', "must give max_tokens"),
+    (b'{"max_tokens": 16777217}', "must give max_tokens"),
+    (b'[{"max_tokens": 1}]', "the request body is not a JSON object"),
+    (b"\xff\xfe", "the request body is not JSON"),
+    (b'{"max_tokens": 1', "the request body is not JSON"),
+    (b"[" * 100_000, "the request body is nested too deeply"),
+    (b'{"max_tokens": 1, "max_tokens": 9000}', "the request body repeats a key in an object"),
+    (b'{"max_tokens": 1, "tools": [{"type": "a", "type": "web_fetch_20250910"}]}', "repeats a key"),
+])
+def test_a_body_that_cannot_be_priced_says_why(body: bytes, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        read_request(body)
 
 
 # ---- periods ----

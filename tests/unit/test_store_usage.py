@@ -25,7 +25,7 @@ def spend(store: Store, chat_id: str, user_id: str, nano: int, message_id: str |
     return store.open_usage(chat_id, user_id, message_id, "claude-x", **NO_TOKENS, cost_nano=nano, complete=True)
 
 
-def test_a_row_opened_at_message_start_is_counted_and_then_completed(store: Store) -> None:
+def test_a_row_opened_before_the_request_is_counted_and_then_completed(store: Store) -> None:
     row = store.open_usage("oc_a", "ou_1", "om_1", "claude-sonnet-4-5", input_tokens=100, output_tokens=1,
                            cache_write_tokens=20, cache_read_tokens=30, cost_nano=500)
     [opened] = store.usage("oc_a")
@@ -37,6 +37,14 @@ def test_a_row_opened_at_message_start_is_counted_and_then_completed(store: Stor
                        cost_nano=900, complete=True)
     [done] = store.usage()
     assert (done.output_tokens, done.cost_nano, done.complete, done.at) == (42, 900, True, opened.at)
+
+
+def test_a_reservation_the_api_never_had_is_dropped(store: Store) -> None:
+    kept = spend(store, "oc_a", "ou_1", 100)
+    dropped = spend(store, "oc_a", "ou_1", 7000)
+    assert store.spent(0, chat_id="oc_a") == 7100  # in flight: counted
+    store.drop_usage(dropped)
+    assert [row.id for row in store.usage()] == [kept] and store.spent(0) == 100
 
 
 def test_sums_by_window_chat_and_user(store: Store) -> None:

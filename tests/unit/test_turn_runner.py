@@ -346,7 +346,8 @@ def test_a_spent_budget_refuses_the_turn_before_it_starts_with_the_figure(bench:
 
 def test_a_turn_the_gateway_stopped_at_the_budget_says_why(bench: Bench) -> None:
     with_budgets(bench, per_user_daily_usd=Decimal("0.03"))
-    bench.host.replies = [Reply(hold=True, error="API Error: 402 This chat has spent $0.04 of its daily budget of $0.03")]
+    refusal = "API Error: 402 This chat has spent $0.04 of its daily budget of $0.03"
+    bench.host.replies = [Reply(hold=True, error=refusal)]
 
     async def scenario() -> Answer | Failure:
         task = bench.run(bench.message("one", "om_1"))
