@@ -76,7 +76,7 @@ class Rig:
         return bot
 
     def env(self) -> dict[str, str]:
-        """The baselines' CLI: straight to the API with its key (no gateway, no orchestrator)."""
+        """A bare container's CLI on the host's network (the cold baseline): straight to the API with its key."""
         return {"ANTHROPIC_BASE_URL": self.api.base_url, "ANTHROPIC_API_KEY": MODEL_KEY}
 
     def container(self, chat_id: str) -> Any:

@@ -471,8 +471,8 @@ def hostile_input(quick: bool, rng: random.Random) -> Result:
 
 
 def _stray(relative: Path, valid: set[str]) -> bool:
-    """A path in the rig's folder that is none of: config, logs, the store, a valid chat's folder, a valid chat's
-    model relay folder."""
+    """A path in the rig's folder that is none of: config, logs, the store, the instance's secret, the gateway's
+    settings, the egress proxy's folder, a valid chat's folder, a valid chat's model socket folder."""
     parts = relative.parts
     if parts[0] != "data":
         return len(parts) > 1 or not parts[0].endswith((".log", ".yaml"))
@@ -480,7 +480,7 @@ def _stray(relative: Path, valid: set[str]) -> bool:
         return False
     if parts[1] in ("chats", "run"):
         return len(parts) > 2 and parts[2] not in valid
-    return not parts[1].startswith("orchestrator.db")
+    return not (parts[1].startswith("orchestrator.db") or parts[1] in ("secret", "gateway.json", "egress"))
 
 
 def _hostile_chat_ids(rig: Rig, result: Result) -> None:

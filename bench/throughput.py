@@ -86,7 +86,7 @@ def through_docker_exec(setup: Rig, chat_ids: list[str], per_chat: int) -> float
     containers = [setup.container(chat_id) for chat_id in chat_ids]
 
     def execute(container: object) -> None:
-        container.exec_run([*CLI_ARGS, "bare"], environment=setup.env(), user=AGENT_USER)  # type: ignore[attr-defined]
+        container.exec_run([*CLI_ARGS, "bare"], user=AGENT_USER)  # type: ignore[attr-defined]
 
     began = time.monotonic()
     with ThreadPoolExecutor(CONCURRENCY) as pool:

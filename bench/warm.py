@@ -73,7 +73,9 @@ def measure(setup: Rig, samples: int) -> Samples:
     setup.reply_time(warm_up)
     container = setup.container(chat_id)
     store = StoreView(setup.data / "orchestrator.db")
-    hot = HotCli(container.id, setup.env())
+    # The bare paths run in the chat's container with its own environment: the model through the chat's gateway
+    # socket with its token, as the chat's turns reach it (the container has no other way out).
+    hot = HotCli(container.id, {})
     hot.ask("warm up the bare hot CLI")  # its start, as the chat's own CLI started at the warm-up message
     measured = Samples()
     try:
@@ -84,7 +86,7 @@ def measure(setup: Rig, samples: int) -> Samples:
             setup.feishu.push_event(event)
             measured.ours.append(setup.reply_time(message_id) - pushed)
             argv = [*CLI_ARGS, f"--resume={store.chat(chat_id)['session_id']}", f"bare message {n}"]
-            measured.one_shot.append(timed(lambda argv=argv: _exec(container, argv, setup.env())))
+            measured.one_shot.append(timed(lambda argv=argv: _exec(container, argv)))
             measured.hot.append(hot.ask(f"bare hot message {n}"))
     finally:
         hot.close()
@@ -100,8 +102,8 @@ def overhead(label: str, measured: Samples) -> str:
             f"absolute, this machine); target <= {ms(OVERHEAD_TARGET)} median: {verdict}")
 
 
-def _exec(container: object, argv: list[str], env: dict[str, str]) -> None:
-    result = container.exec_run(argv, environment=env, user=AGENT_USER, workdir="/workspace")  # type: ignore[attr-defined]
+def _exec(container: object, argv: list[str]) -> None:
+    result = container.exec_run(argv, user=AGENT_USER, workdir="/workspace")  # type: ignore[attr-defined]
     if result.exit_code != 0:
         raise RuntimeError(f"bare exec failed: {result.output[-500:]!r}")
 

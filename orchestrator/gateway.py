@@ -41,6 +41,7 @@ import math
 import os
 import re
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -60,7 +61,7 @@ from orchestrator import credentials, ids, layout, spending
 from orchestrator.config import BUDGET_LIMITS, BudgetSettings, GatewaySettings, Price, Settings
 from orchestrator.logs import setup_logging
 from orchestrator.relay import SOCKET
-from orchestrator.store import Store
+from orchestrator.store import Store, refused_for_now
 
 T = TypeVar("T")
 
@@ -76,6 +77,7 @@ MAX_JSON_RESPONSE = 8 * 1024**2  # a non-streaming answer is read whole to find 
 REFUSAL_LOG_SECONDS = 10.0  # a chat's refused requests are logged once in this time at most (it may send no end)
 MESSAGES = "/v1/messages"
 PATHS = (MESSAGES, "/v1/messages/count_tokens")
+WRITE_RETRY_SECONDS = 1.0  # a usage write the store refused (locked, disk full) is tried again this often
 IN_FLIGHT_RETRY = 2  # seconds a request waits (429) when only other requests' reservations reach a budget
 # Tool types Anthropic's servers run that reach any address, and fields that make them connect to one: past the
 # egress allowlist. web_search (Claude Code's WebSearch) only searches: it is let through, and priced.
@@ -215,7 +217,8 @@ class Gateway:
             ("authorization", f"Bearer {config.gateway.auth_token}" if config.gateway.auth_token else "")) if value}
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-store")  # one writer, in order
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-json")  # one body at a time
-        self._sites: dict[str, web.UnixSite] = {}  # chat id → its socket's site
+        self._sites: dict[str, web.SockSite] = {}  # chat id → its socket's site
+        self._folders: dict[str, int] = {}  # chat id → its folder's descriptor, which names its socket
         self._chats: dict[str, str] = {}  # socket path → chat id
         self._tokens: dict[str, str] = {}
         self._busy: dict[str, int] = {}  # requests in progress per chat
@@ -225,6 +228,8 @@ class Gateway:
         # Rows whose cost is still a reservation (the request is in flight): row → (chat id, user id, nano-USD).
         # Read and changed on the store thread only.
         self._reserved: dict[int, tuple[str, str, int]] = {}
+        self._unwritten: dict[int, Callable[[], None]] = {}  # row → its latest usage write the store refused
+        self._writer: asyncio.Task[None] | None = None
         self._unservable: set[str] = set()  # folders whose socket could not be made (logged once)
         self._runner: web.ServerRunner | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -247,6 +252,9 @@ class Gateway:
             await asyncio.gather(self._poller, return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
+        for fd in self._folders.values():
+            os.close(fd)
+        self._folders.clear()
         if self._session is not None:
             await self._session.close()
         self._db.shutdown(wait=True)
@@ -271,6 +279,7 @@ class Gateway:
             folders = set()
         for chat_id in self._sites.keys() - folders:
             await self._sites.pop(chat_id).stop()
+            os.close(self._folders.pop(chat_id))
             self._tokens.pop(chat_id)
             self._refusals.pop(chat_id, None)
             self._chats = {path: chat for path, chat in self._chats.items() if chat != chat_id}
@@ -278,23 +287,38 @@ class Gateway:
             await self._serve(chat_id)
 
     async def _serve(self, chat_id: str) -> None:
-        path = self.config.run_dir / chat_id / SOCKET
+        folder = self.config.run_dir / chat_id
+        try:
+            fd = os.open(folder, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)  # a link is refused (ENOTDIR)
+        except OSError as exc:
+            self._cannot_serve(chat_id, folder, exc)
+            return
+        # A unix socket's name is at most 107 bytes, which a deep data_dir passes: named through the folder's
+        # descriptor, it is short whatever data_dir is (and it is the name its connections report).
+        path = f"/proc/self/fd/{fd}/{SOCKET}"
         try:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)  # one a gateway before this one left (never followed: unlink removes the link)
-            assert self._runner is not None
-            site = web.UnixSite(self._runner, str(path))
-            await site.start()
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(path)
             os.chmod(path, 0o666)  # the agent's uid connects; the folder (root's, 0755) keeps it from replacing it
+            assert self._runner is not None
+            site = web.SockSite(self._runner, listener)
+            await site.start()
         except OSError as exc:
-            if chat_id not in self._unservable:
-                logger.bind(chat_id=chat_id).warning(f"cannot serve the chat's model socket {path}: {exc}")
-            self._unservable.add(chat_id)
+            os.close(fd)
+            self._cannot_serve(chat_id, folder, exc)
             return
         self._unservable.discard(chat_id)
         self._sites[chat_id] = site
-        self._chats[str(path)] = chat_id
+        self._folders[chat_id] = fd
+        self._chats[path] = chat_id
         self._tokens[chat_id] = credentials.model_token(self.secret, chat_id)
+
+    def _cannot_serve(self, chat_id: str, folder: Path, error: OSError) -> None:
+        if chat_id not in self._unservable:
+            logger.bind(chat_id=chat_id).warning(f"cannot serve the chat's model socket in {folder}: {error}")
+        self._unservable.add(chat_id)
 
     # ---- one request ----
 
@@ -308,7 +332,7 @@ class Gateway:
             async with self._share(chat_id), self._holding(chat_id, self._length(request)) as held:
                 await self._read_body(request, held)
                 ask = await self._ask(request.path, held.data)
-                bill = await self._in_store(self._admit, chat_id, ask)
+                bill = await self._admitted(chat_id, ask)
                 try:
                     upstream = await self._send(request, held, bill)
                     async with upstream:
@@ -448,6 +472,15 @@ class Gateway:
 
     # ---- the answer, and what it cost ----
 
+    async def _admitted(self, chat_id: str, ask: spending.Request | None) -> _Bill:
+        try:
+            return await self._in_store(self._admit, chat_id, ask)
+        except Exception as exc:
+            if not refused_for_now(exc):
+                raise
+            raise Refused(529, "overloaded_error", "the gateway's store is busy for a moment; try again",
+                          {"retry-after": "1"}) from None
+
     def _admit(self, chat_id: str, ask: spending.Request | None) -> _Bill:
         """Who pays (the sender of the chat's running message), whether the budgets allow the request, and its
         reservation: in the store's one thread, so no other request's check comes between."""
@@ -529,7 +562,17 @@ class Gateway:
             elif row in self._reserved:
                 self._reserved[row] = (bill.chat_id, bill.user_id, cost)
 
-        await self._in_store(update)
+        try:
+            await self._in_store(update)
+        except Exception as exc:
+            if not refused_for_now(exc):
+                raise
+            # The answer goes on (a turn must not wait on a locked or full store, nor be broken and asked again,
+            # paid twice); the row's latest counts are written as soon as the store takes them.
+            bill.log.warning(f"the store refused a usage write for now ({exc}); it is tried again meanwhile")
+            self._unwritten[row] = update
+            if self._writer is None or self._writer.done():
+                self._writer = asyncio.create_task(self._write_later())
         bill.done = complete
         if complete:
             bill.log.info(f"model request: {_counted(usage)}: {spending.usd(cost)}")
@@ -552,6 +595,20 @@ class Gateway:
             await asyncio.shield(self._in_store(self._reserved.pop, row, None))  # it keeps its reservation
         bill.log.info(f"model request did not finish, counted: {_counted(usage)}: "
                       f"{spending.usd(usage.cost(self.config.budgets.prices))}")
+
+    async def _write_later(self) -> None:
+        """The usage writes the store refused, each row's latest, tried again every second until it takes them."""
+        while self._unwritten:
+            await asyncio.sleep(WRITE_RETRY_SECONDS)
+            for row, update in list(self._unwritten.items()):
+                try:
+                    await self._in_store(update)
+                except Exception as exc:
+                    if not refused_for_now(exc):
+                        raise
+                    break
+                if self._unwritten.get(row) is update:
+                    del self._unwritten[row]
 
     async def _in_store(self, fn: Callable[..., T], *args: Any) -> T:
         """Store calls run on the gateway's one store thread: a busy database never holds the event loop."""

@@ -48,12 +48,10 @@ def test_later_messages_are_answered_by_the_same_cli_process_without_exec(
     turns = turn_dirs(data, "hot")
     assert len(turns) == 4 and len({cli_of(t) for t in turns}) == 1  # one process answered them all
     assert len(claude_processes(docker_client, instance, "hot")) == 1
-    # The costs stored are each turn's own, not the process's running total (which grows with every turn).
+    # The costs stored are each turn's own, as the gateway priced its requests (not a running total).
     costs = [m["cost_usd"] for m in store_view.messages("hot")]
     assert len(costs) == 4 and all(c is not None and c > 0 for c in costs)
     assert max(costs) < 1.5 * min(costs)
-    befores = [float((t / "cost_before").read_text()) for t in turns]
-    assert befores[0] == 0 and befores == sorted(befores) and befores[-1] > 0
     # No `docker exec` served a turn: the engine counts every exec a container ever had.
     assert docker_client.api.inspect_container(f"{instance}-hot")["ExecIDs"] in (None, [])
     assert bot.finish() == 0

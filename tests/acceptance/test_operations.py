@@ -17,6 +17,7 @@ import pytest
 from tests.fakes.anthropic import FakeAnthropic
 from tests.fakes.feishu import FakeFeishu
 from tests.harness import (
+    MODEL_KEY,
     Orchestrator,
     StoreView,
     chat,
@@ -201,7 +202,7 @@ def test_metrics_move_and_health_follows_docker_and_feishu(
 
 def test_no_secret_in_logs_or_labels(feishu: FakeFeishu, feishu_config, docker_client: docker.DockerClient,
                                      instance: str, fake_api: FakeAnthropic) -> None:
-    secrets = {"ANTHROPIC_API_KEY": "sk-ant-very-secret-4f1d", "FEISHU_SECRET": feishu.app_secret}
+    secrets = {"ANTHROPIC_API_KEY": MODEL_KEY, "FEISHU_SECRET": feishu.app_secret}  # the only key the fake takes
     config = feishu_config({"app_secret": "${FEISHU_SECRET}", "encrypt_key": "enc-secret-77aa"},
                            gateway={"upstream_url": fake_api.base_url, "api_key": "${ANTHROPIC_API_KEY}"},
                            logging={"level": "DEBUG"})

@@ -117,7 +117,7 @@ def test_the_real_key_is_nowhere_an_agent_can_look_and_its_token_is_worthless_el
     wait_answer(feishu, chat_id, "searched")
     feishu.push_event(feishu.text_event(other, "hello from the other chat"))
     wait_answer(feishu, other, "Fake answer to: hello from the other chat")
-    assert fake_api.api_keys == {MODEL_KEY}  # every model request reached the upstream with the real key
+    assert MODEL_KEY in fake_api.api_keys  # the model was asked with the real key
 
     container = docker_client.containers.get(f"{instance}-{chat_id}")
     assert MODEL_KEY not in json.dumps(container.attrs)  # not in its config, environment or labels
@@ -134,6 +134,7 @@ def test_the_real_key_is_nowhere_an_agent_can_look_and_its_token_is_worthless_el
     env = dict(item.split("=", 1) for item in container.attrs["Config"]["Env"])
     token = env["ANTHROPIC_API_KEY"]
     assert token != MODEL_KEY and env["ANTHROPIC_BASE_URL"].startswith("http://127.0.0.1:")
+    assert token not in fake_api.api_keys  # the gateway never passed a chat's token on
     request = urllib.request.Request(f"{fake_api.base_url}/v1/messages", method="POST", headers={
         "x-api-key": token, "content-type": "application/json", "anthropic-version": "2023-06-01"},
         data=json.dumps({"model": MODEL, "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}).encode())
@@ -152,11 +153,15 @@ def post_on_socket(path: Path, token: str) -> str:
     body = json.dumps({"model": MODEL, "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}).encode()
     head = (f"POST /v1/messages HTTP/1.1\r\nHost: gateway\r\nx-api-key: {token}\r\ncontent-type: application/json\r\n"
             f"anthropic-version: 2023-06-01\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
-    with socket.socket(socket.AF_UNIX) as client:
-        client.settimeout(10)
-        client.connect(str(path))
-        client.sendall(head + body)
-        return client.recv(4096).decode(errors="replace").split("\r\n", 1)[0]
+    folder = os.open(path.parent, os.O_PATH)  # a short name for the socket, however deep tmp_path is
+    try:
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(10)
+            client.connect(f"/proc/self/fd/{folder}/{path.name}")
+            client.sendall(head + body)
+            return client.recv(4096).decode(errors="replace").split("\r\n", 1)[0]
+    finally:
+        os.close(folder)
 
 
 def test_a_gateway_killed_mid_answer_comes_back_and_what_was_streamed_stays_counted(

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -711,7 +712,9 @@ def test_a_gateway_killed_mid_stream_leaves_what_was_streamed_counted(short_dir:
                                  headers={"x-api-key": token}) as response:
                 seen = b""
                 while b"text_delta" not in seen:  # the first piece of the answer: the fake now waits 30 s
-                    seen += await response.content.readany()
+                    chunk = await asyncio.wait_for(response.content.readany(), 20)
+                    assert chunk, f"the answer ended before its text: {response.status} {seen!r}"
+                    seen += chunk
                 os.kill(process.pid, signal.SIGKILL)
                 with contextlib.suppress(aiohttp.ClientError):
                     seen += await response.content.read()
@@ -750,3 +753,47 @@ def test_the_gateway_container(tmp_path: Path) -> None:
     assert KEY not in json.dumps(dataclasses.asdict(spec))  # the key is in the settings file only
     changed = replace(settings, gateway=replace(settings.gateway, max_concurrent=2))
     assert gateway_container_spec(changed, settings_digest(changed)).fingerprint() != spec.fingerprint()
+
+
+def test_a_locked_store_neither_holds_nor_breaks_an_answer_and_its_usage_is_written_after(
+        short_dir: Path, upstream: FakeAnthropic, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process holds the store while a stream ends: the answer reaches the client whole (a broken one would
+    be asked again, and paid twice) and its row is written once the store takes writes again."""
+    monkeypatch.setattr(gateway, "WRITE_RETRY_SECONDS", 0.2)
+
+    async def scenario() -> None:
+        async with serving(short_dir, upstream.base_url) as served:
+            served.store.db.execute_sql("pragma busy_timeout = 200")  # refused at once, not after 2 s
+            asking = asyncio.create_task(served.post("SLOW 1"))
+            await asyncio.to_thread(wait_until, lambda: served.rows() == [(10, 100, False)], 10, "message_start")
+            holder = sqlite3.connect(served.store.path, timeout=5, isolation_level=None)
+            holder.execute("BEGIN EXCLUSIVE")
+            status, _, body = await asyncio.wait_for(asking, 20)
+            assert status == 200 and b"message_stop" in body
+            holder.execute("ROLLBACK")
+            holder.close()
+            await served.rows_become([(10, 10, True)])
+
+    asyncio.run(scenario())
+
+
+def test_a_chat_is_served_however_deep_data_dir_is(short_dir: Path, upstream: FakeAnthropic) -> None:
+    """A unix socket's name holds at most 107 bytes; the chat's full path here is far longer."""
+    deep = short_dir / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+
+    async def scenario() -> None:
+        async with serving(deep, upstream.base_url) as served:
+            assert len(str(served.socket())) > 108
+            await asyncio.to_thread(wait_until, served.socket().exists, 10, "the socket")
+            folder = os.open(served.socket().parent, os.O_PATH)  # the client reaches it by a short name too
+            try:
+                connector = aiohttp.UnixConnector(path=f"/proc/self/fd/{folder}/{gateway.SOCKET}")
+                async with aiohttp.ClientSession(connector=connector) as session, session.post(
+                        "http://gateway/v1/messages", json=body_of("deep"),
+                        headers={"x-api-key": credentials.model_token(SECRET, "oc_a")}) as response:
+                    assert response.status == 200 and b"message_stop" in await response.read()
+            finally:
+                os.close(folder)
+
+    asyncio.run(scenario())
