@@ -77,6 +77,7 @@ MAX_JSON_RESPONSE = 8 * 1024**2  # a non-streaming answer is read whole to find 
 REFUSAL_LOG_SECONDS = 10.0  # a chat's refused requests are logged once in this time at most (it may send no end)
 MESSAGES = "/v1/messages"
 PATHS = (MESSAGES, "/v1/messages/count_tokens")
+ADMIT_WAIT_SECONDS = 60.0  # a request waits this long for a store that refuses for now, then gets 529
 WRITE_RETRY_SECONDS = 1.0  # a usage write the store refused (locked, disk full) is tried again this often
 IN_FLIGHT_RETRY = 2  # seconds a request waits (429) when only other requests' reservations reach a budget
 # Tool types Anthropic's servers run that reach any address, and fields that make them connect to one: past the
@@ -473,13 +474,19 @@ class Gateway:
     # ---- the answer, and what it cost ----
 
     async def _admitted(self, chat_id: str, ask: spending.Request | None) -> _Bill:
-        try:
-            return await self._in_store(self._admit, chat_id, ask)
-        except Exception as exc:
-            if not refused_for_now(exc):
-                raise
-            raise Refused(529, "overloaded_error", "the gateway's store is busy for a moment; try again",
-                          {"retry-after": "1"}) from None
+        """`_admit`, waiting up to ADMIT_WAIT_SECONDS while the store refuses for now (locked by another process,
+        disk full): the request waits, as the CLI would between its few retries, rather than ending the turn."""
+        deadline = asyncio.get_running_loop().time() + ADMIT_WAIT_SECONDS
+        while True:
+            try:
+                return await self._in_store(self._admit, chat_id, ask)
+            except Exception as exc:
+                if not refused_for_now(exc):
+                    raise
+                if asyncio.get_running_loop().time() > deadline:
+                    raise Refused(529, "overloaded_error", "the gateway's store is busy; try again in a moment",
+                                  {"retry-after": "1"}) from None
+            await asyncio.sleep(WRITE_RETRY_SECONDS)
 
     def _admit(self, chat_id: str, ask: spending.Request | None) -> _Bill:
         """Who pays (the sender of the chat's running message), whether the budgets allow the request, and its

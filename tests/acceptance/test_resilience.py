@@ -23,7 +23,9 @@ from tests.fakes.anthropic import FakeAnthropic
 from tests.fakes.feishu import FakeFeishu
 from tests.harness import Orchestrator, StoreView, answers, chat, free_port, wait_answer, wait_until
 
-LOCK_SECONDS = 15
+# Long enough for the slow answer to fall due while it lasts: its model request ends 6 s in, and each write the
+# orchestrator and the gateway try meanwhile waits out its busy timeout (2 s) before it is refused (measured: 13 s).
+LOCK_SECONDS = 25
 GENERIC = "Something went wrong on our side"
 
 
@@ -108,14 +110,16 @@ def bot(feishu: FakeFeishu, feishu_config, start) -> Iterator[tuple[Orchestrator
 
 
 def test_a_store_locked_by_another_process_delays_messages_and_answers_which_all_end_once(
-        feishu: FakeFeishu, bot: tuple[Orchestrator, Health], store_view: StoreView) -> None:
+        feishu: FakeFeishu, bot: tuple[Orchestrator, Health], store_view: StoreView, fake_api: FakeAnthropic) -> None:
     orchestrator, health = bot
     pushed, first, second = Pushed(feishu), chat(), chat()
     slow = pushed.push(first, "SLOW 6 answered while the store is locked")
-    # The CLI is running once its session is stored; its text (and so a card) comes only at the end of the
-    # slow block, so the card cannot be what is waited for (it raced the answer and lost in a CI run).
-    wait_until(lambda: state(store_view, first, slow) == "running" and store_view.chat(first)["session_id"], 90,
-               "the slow turn's CLI to start")
+    # The slow answer is being made once the model has its request (through the gateway, which needs the store to
+    # let a request in); its text (and so a card) comes only at the end of the slow block, so the card cannot be
+    # what is waited for (it raced the answer and lost in a CI run). The answer then falls due during the lock.
+    wait_until(lambda: state(store_view, first, slow) == "running"
+               and fake_api.requests_mentioning("SLOW 6 answered while the store is locked"), 90,
+               "the slow turn's model request")
     notice = f"a notice due while the store is locked {uuid.uuid4().hex[:6]}"
     schedule_notice(store_view.db_path, first, notice, after=1)
 

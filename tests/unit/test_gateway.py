@@ -797,3 +797,24 @@ def test_a_chat_is_served_however_deep_data_dir_is(short_dir: Path, upstream: Fa
                 os.close(folder)
 
     asyncio.run(scenario())
+
+
+def test_a_request_waits_for_a_locked_store_rather_than_fail(short_dir: Path, upstream: FakeAnthropic,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gateway, "WRITE_RETRY_SECONDS", 0.2)
+
+    async def scenario() -> None:
+        async with serving(short_dir, upstream.base_url) as served:
+            served.store.db.execute_sql("pragma busy_timeout = 200")
+            holder = sqlite3.connect(served.store.path, timeout=5, isolation_level=None)
+            holder.execute("BEGIN EXCLUSIVE")
+            asking = asyncio.create_task(served.post("while locked"))
+            await asyncio.sleep(1.5)  # the store is held this long: several admissions refused meanwhile
+            assert not asking.done()
+            holder.execute("ROLLBACK")
+            holder.close()
+            status, _, body = await asyncio.wait_for(asking, 20)
+            assert status == 200 and b"message_stop" in body
+            assert served.rows() == [(10, 10, True)]
+
+    asyncio.run(scenario())
