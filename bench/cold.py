@@ -3,7 +3,7 @@ Feishu event to the reply API call, against a bare `docker run --rm` of the same
 command. Target: <= 1.3x. Real CLI against the fake Messages API, and the stand-in CLI.
 
 Ours runs as deployed: on the instance's closed network, hardened, reaching the fake on the host's loopback
-through the model relay. The bare run has none of that: it sits on the host's network, the only way a plain
+through the model gateway. The bare run has none of that: it sits on the host's network, the only way a plain
 container reaches a loopback address, so the ratio includes what the boundary costs.
 
     python -m bench.cold [--quick]

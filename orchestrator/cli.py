@@ -156,7 +156,8 @@ def _run(settings: Settings, console_chat: str, log_json: bool) -> int:
 def _keep_data_private(settings: Settings) -> None:
     """Everything the service writes from now on (the store, the chats' folders, turn requests) has no group or other
     bits, and data_dir is 0700 even if it existed with wider ones. What an agent must read or write is given
-    its owner or mode explicitly where it is made (layout, untrusted, relay): a mkdir mode is cut by the umask."""
+    its owner or mode explicitly where it is made (layout, untrusted, model_socket): a mkdir mode is cut by the
+    umask."""
     os.umask(0o077)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(settings.data_dir, 0o700)

@@ -60,7 +60,7 @@ from yarl import URL
 from orchestrator import credentials, ids, layout, spending
 from orchestrator.config import BUDGET_LIMITS, BudgetSettings, GatewaySettings, Price, Settings
 from orchestrator.logs import setup_logging
-from orchestrator.relay import SOCKET
+from orchestrator.model_socket import SOCKET
 from orchestrator.store import Store, refused_for_now
 
 T = TypeVar("T")

@@ -7,7 +7,7 @@
     turns/       → /turns                 the agent's: each turn's output, written inside the container
     input/       → /input (read-only)     root's: each turn's request, written by the orchestrator, so no name
                                           it writes to can have been planted by the agent
-<data_dir>/run/<chat_id>/  → /run/orchestrator (read-only)   root's: the chat's model relay socket
+<data_dir>/run/<chat_id>/  → /run/orchestrator (read-only)   root's: the chat's model gateway socket
 """
 
 from __future__ import annotations

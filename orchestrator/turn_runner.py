@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from orchestrator import agent, agent_host, budgets, credentials, disk, layout, relay, turns
+from orchestrator import agent, agent_host, budgets, credentials, disk, layout, model_socket, turns
 from orchestrator.agent import Answer, Failure, Init, Text, ToolUse, Transcript, Unparsed
 from orchestrator.channels import TurnDisplay
 from orchestrator.config import ChatSettings, Settings, resolve_chat
@@ -214,11 +214,11 @@ class TurnRunner:
     async def _container(self, chat: ChatSettings, paths: layout.ChatPaths, chat_id: str) -> ContainerState:
         layout.prepare(paths, self.settings.agent.uid)
         record = self.store.chat(chat_id)
-        relay.prepare_chat(self.settings, chat_id)
+        model_socket.prepare_chat(self.settings, chat_id)
         if self._secret is None:
             self._secret = credentials.load_or_make_secret(layout.secret_path(self.settings))
         container = await self.runtime.ensure(container_spec(self.settings, chat, paths, self._secret, record.name))
-        await relay.wait_served(self.settings, chat_id)
+        await model_socket.wait_served(self.settings, chat_id)
         if container.id != record.container_id:
             logger.bind(chat_id=chat_id).info(f"container {container.name} is {container.id[:12]}")
             self.store.set_container(chat_id, container.name, container.id)

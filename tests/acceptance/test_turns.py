@@ -46,11 +46,11 @@ def test_new_chat_gets_a_capped_labelled_non_root_container_and_an_answer(
     data = tmp_path / "data"
     chat_dir = data / "chats" / "alpha"
     mounts = {m["Destination"]: (m["Source"], m["RW"]) for m in container.attrs["Mounts"]}
-    # the agent writes its folders; its prompts and the model relay's socket are root's, read-only to it
+    # the agent writes its folders; its prompts and the model gateway's socket are root's, read-only to it
     assert mounts == {"/workspace": (str(chat_dir / "workspace"), True),
                       "/home/agent/.claude": (str(chat_dir / "claude"), True),
                       "/turns": (str(chat_dir / "turns"), True), "/input": (str(chat_dir / "input"), False),
-                      "/run/orchestrator": (str(data / "run" / "alpha"), False)}  # its own relay folder
+                      "/run/orchestrator": (str(data / "run" / "alpha"), False)}  # its own model socket folder
     assert not any("docker.sock" in source for source, _ in mounts.values())
     assert container.attrs["Config"]["User"] == "1000:1000"
     assert container.exec_run(["id", "-u"]).output.decode().strip() == "1000"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from orchestrator.layout import RUN_PATH
-from orchestrator.relay import SOCKET
+from orchestrator.model_socket import SOCKET
 from orchestrator.runtime import (
     CHAT_LABEL,
     INSTANCE_LABEL,

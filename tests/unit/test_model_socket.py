@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import relay
+from orchestrator import model_socket
 from orchestrator.config import load_settings
-from orchestrator.relay import prepare_chat, wait_served
+from orchestrator.model_socket import prepare_chat, wait_served
 
 
 def test_a_chat_is_served_once_its_socket_is_there_and_its_folder_is_readable(tmp_path: Path) -> None:
@@ -28,7 +28,7 @@ def test_a_chat_is_served_once_its_socket_is_there_and_its_folder_is_readable(tm
         waiting = asyncio.ensure_future(wait_served(settings, "oc_a"))
         await asyncio.sleep(0.2)
         assert not waiting.done()  # the gateway has not made its socket yet
-        (folder / relay.SOCKET).touch()
+        (folder / model_socket.SOCKET).touch()
         await asyncio.wait_for(waiting, 2)
 
     old = os.umask(0o077)
@@ -41,7 +41,7 @@ def test_a_chat_is_served_once_its_socket_is_there_and_its_folder_is_readable(tm
 
 def test_serving_a_chat_gives_up_waiting_for_a_gateway_that_is_not_there(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(relay, "SOCKET_WAIT_SECONDS", 0.2)
+    monkeypatch.setattr(model_socket, "SOCKET_WAIT_SECONDS", 0.2)
     config = tmp_path / "c.yaml"
     config.write_text("{}\n")
     settings = load_settings(config, {})
