@@ -134,11 +134,17 @@ class FakeAnthropic:
                 usage = planned_usage(body)
                 if delay_before:
                     time.sleep(delay_before)
+                # Recorded before it is sent, as the API bills a request: a test that sees the answer arrive
+                # sees its usage here too (recorded after, it raced the answer through the gateway and the CLI).
                 if body.get("stream"):
-                    sent = self._stream(body, blocks, usage, delay_mid, block_gap)
+                    events = [f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+                              for name, data in sse_events(body, blocks, usage)]
+                    fake._answered({"model": body.get("model", "claude-fake"), **usage}, b"".join(events))
+                    self._stream(events, delay_mid, block_gap)
                 else:
-                    sent = self._json(200, message_json(body, blocks, usage))
-                fake._answered({"model": body.get("model", "claude-fake"), **usage}, sent)
+                    data = json.dumps(message_json(body, blocks, usage)).encode()
+                    fake._answered({"model": body.get("model", "claude-fake"), **usage}, data)
+                    self._send_json(200, data)
 
             def do_GET(self) -> None:
                 self._json(404, {"type": "error", "error": {"type": "not_found_error", "message": self.path}})
@@ -148,38 +154,34 @@ class FakeAnthropic:
                 self.send_header("content-length", "0")
                 self.end_headers()
 
-            def _json(self, status: int, payload: dict[str, Any]) -> bytes:
-                data = json.dumps(payload).encode()
+            def _json(self, status: int, payload: dict[str, Any]) -> None:
+                self._send_json(status, json.dumps(payload).encode())
+
+            def _send_json(self, status: int, data: bytes) -> None:
                 self.send_response(status)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
-                return data
 
-            def _stream(self, body: dict[str, Any], blocks: list[dict[str, Any]], usage: dict[str, int],
-                        delay_mid: float, block_gap: float) -> bytes:
+            def _stream(self, events: list[bytes], delay_mid: float, block_gap: float) -> None:
                 self.send_response(200)
                 self.send_header("content-type", "text/event-stream")
                 self.send_header("cache-control", "no-cache")
                 self.send_header("connection", "close")
                 self.end_headers()
                 self.close_connection = True
-                sent = bytearray()
                 try:
-                    for name, data in sse_events(body, blocks, usage):
-                        event = f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+                    for event in events:
                         self.wfile.write(event)
                         self.wfile.flush()
-                        sent += event
-                        if name == "content_block_delta" and delay_mid:
+                        if event.startswith(b"event: content_block_delta") and delay_mid:
                             time.sleep(delay_mid)
                             delay_mid = 0
-                        if name == "content_block_stop" and block_gap:
+                        if event.startswith(b"event: content_block_stop") and block_gap:
                             time.sleep(block_gap)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the CLI went away mid-answer (a test killed or interrupted it)
-                return bytes(sent)
 
         return Handler
 
