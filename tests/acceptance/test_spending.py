@@ -100,7 +100,9 @@ def test_a_spent_budget_stops_the_turn_midway_then_refuses_the_next_until_it_res
     assert not fake_api.requests_mentioning("are you still there")
     wait_until(lambda: datetime.now(UTC) > reset + timedelta(seconds=1), 60, "the budget's reset")
     feishu.push_event(feishu.text_event(chat_id, "a new day"))
-    wait_until(lambda: len(answers(feishu, chat_id)) == 4, 90, "an answer on the new day")
+    # The new day's answer, finished (its card streams first; the footer comes with its end).
+    wait_until(lambda: len(answers(feishu, chat_id)) == 4 and "Cost: " in last_text(feishu, chat_id), 90,
+               "an answer on the new day")
     assert "Cost: $0.02 this answer, $0.02 today in this chat" in last_text(feishu, chat_id)  # the day starts at 0
     assert fake_api.requests_mentioning("a new day")
 
