@@ -25,13 +25,12 @@ def cost_report(settings: Settings, store: Store, chat_id: str, user_id: str) ->
     day, month = periods.day_start.timestamp(), periods.month_start.timestamp()
     chat = (store.spent(day, chat_id=chat_id), store.spent(month, chat_id=chat_id))
     user = (store.spent(day, user_id=user_id), store.spent(month, user_id=user_id))
-    resets = periods.next_day.strftime("%Y-%m-%d %H:%M" + (":%S" if periods.next_day.second else ""))
     return "\n".join([
         f"This chat: {spending.usd(chat[0])} today{_of(budgets.per_chat_daily_usd)}, {spending.usd(chat[1])} this "
         f"month{_of(budgets.per_chat_monthly_usd)}",
         f"You: {spending.usd(user[0])} today{_of(budgets.per_user_daily_usd)}, {spending.usd(user[1])} this "
         f"month{_of(budgets.per_user_monthly_usd)}",
-        f"A new day starts at {resets} {budgets.timezone}.",
+        f"A new day starts at {spending.when(periods.next_day)} {budgets.timezone}.",
     ])
 
 

@@ -65,7 +65,6 @@ from orchestrator.store import Store, refused_for_now
 
 T = TypeVar("T")
 
-SETTINGS_FILE = "gateway.json"
 POLL_SECONDS = 0.2  # how often new chat folders are looked for (a chat's container waits for its socket)
 BODY_SECONDS = 60.0  # a request body must have arrived by then (408)
 MAX_CHAT_CONNECTIONS = 64  # open connections per chat; more are closed at once (the CLI keeps a few)
@@ -105,10 +104,6 @@ class GatewayConfig:
 
 # ---- the settings file (written by the orchestrator, read by the gateway) ----
 
-def settings_path(settings: Settings) -> Path:
-    return settings.data_dir / SETTINGS_FILE
-
-
 def settings_json(settings: Settings) -> str:
     """The gateway's settings as JSON (amounts as strings: exact). Pure."""
     return json.dumps({
@@ -127,8 +122,8 @@ def settings_digest(settings: Settings) -> str:
 
 def write_settings(settings: Settings) -> Path:
     """<data_dir>/gateway.json, root's and 0600 (it holds the key), replaced whole."""
-    path = settings_path(settings)
-    partial = path.with_name(f".{SETTINGS_FILE}.partial")
+    path = layout.gateway_settings_path(settings)
+    partial = path.with_name(f".{path.name}.partial")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(partial)
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)

@@ -55,6 +55,11 @@ def secret_path(settings: Settings) -> Path:
     return settings.data_dir / "secret"
 
 
+def gateway_settings_path(settings: Settings) -> Path:
+    """The model gateway's settings (the model's key among them): root's, 0600, mounted read-only into its container."""
+    return settings.data_dir / "gateway.json"
+
+
 def run_dir(settings: Settings) -> Path:
     return settings.data_dir / "run"
 

@@ -24,7 +24,7 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.models.containers import Container
 from docker.types import LogConfig, Mount, Ulimit
 
-from orchestrator import credentials, egress, gateway, layout
+from orchestrator import credentials, egress, layout
 from orchestrator.config import INSTANCE_NETWORK, ChatOptions, ChatSettings, Settings
 from orchestrator.layout import WORKSPACE_PATH, ChatPaths
 from orchestrator.supervise import LIVENESS
@@ -167,7 +167,7 @@ def gateway_container_spec(settings: Settings, settings_digest: str) -> Containe
     store, at their own paths; root there only to own the sockets in root's folders and the store, with no
     capability. The settings' digest in its environment makes a changed config re-create it."""
     data_dir = str(settings.data_dir)
-    read_only = (str(gateway.settings_path(settings)), str(layout.secret_path(settings)))
+    read_only = (str(layout.gateway_settings_path(settings)), str(layout.secret_path(settings)))
     return ContainerSpec(
         name=gateway_container_name(settings.instance),
         image=settings.gateway.image,
@@ -185,7 +185,7 @@ def gateway_container_spec(settings: Settings, settings_digest: str) -> Containe
         tmpfs=(("/tmp", "rw,nosuid,nodev,noexec,size=1m"),),
         ulimits=(("nofile", OPEN_FILES), ("core", 0)),
         environment=(("GATEWAY_SETTINGS_DIGEST", settings_digest),),
-        command=("python", "-m", "orchestrator.gateway", str(gateway.settings_path(settings))),
+        command=("python", "-m", "orchestrator.gateway", str(layout.gateway_settings_path(settings))),
         restart="unless-stopped",
     )
 

@@ -348,9 +348,13 @@ class Refusal:
         who = {"chat": "This chat has", "user": "You have", "instance": "This bot has"}[self.scope]
         whose = "your" if self.scope == "user" else "its"
         budget = "daily" if self.period == "day" else "monthly"
-        when = self.resets_at.strftime("%Y-%m-%d %H:%M" + (":%S" if self.resets_at.second else ""))
         return (f"{who} spent {usd(self.spent_nano)} of {whose} {budget} budget of {usd(nano(self.limit))}; "
-                f"it resets at {when} {self.timezone}.")
+                f"it resets at {when(self.resets_at)} {self.timezone}.")
+
+
+def when(moment: datetime) -> str:
+    """A budget period's start for people: to the minute, or to the second when reset_at has seconds."""
+    return moment.strftime("%Y-%m-%d %H:%M" + (":%S" if moment.second else ""))
 
 
 def verdict(budgets: BudgetSettings, spent: Spent, periods: Windows) -> Refusal | None:

@@ -755,6 +755,20 @@ def test_the_gateway_container(tmp_path: Path) -> None:
     assert gateway_container_spec(changed, settings_digest(changed)).fingerprint() != spec.fingerprint()
 
 
+@contextlib.contextmanager
+def locked(store: Store) -> Iterator[None]:
+    """Another process holds the store (an exclusive transaction); the gateway's writes are refused at once (a busy
+    timeout of 0.2 s, not 2 s) meanwhile."""
+    store.db.execute_sql("pragma busy_timeout = 200")
+    holder = sqlite3.connect(store.path, timeout=5, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        yield
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
 def test_a_locked_store_neither_holds_nor_breaks_an_answer_and_its_usage_is_written_after(
         short_dir: Path, upstream: FakeAnthropic, monkeypatch: pytest.MonkeyPatch) -> None:
     """Another process holds the store while a stream ends: the answer reaches the client whole (a broken one would
@@ -763,15 +777,11 @@ def test_a_locked_store_neither_holds_nor_breaks_an_answer_and_its_usage_is_writ
 
     async def scenario() -> None:
         async with serving(short_dir, upstream.base_url) as served:
-            served.store.db.execute_sql("pragma busy_timeout = 200")  # refused at once, not after 2 s
             asking = asyncio.create_task(served.post("SLOW 1"))
             await asyncio.to_thread(wait_until, lambda: served.rows() == [(10, 100, False)], 10, "message_start")
-            holder = sqlite3.connect(served.store.path, timeout=5, isolation_level=None)
-            holder.execute("BEGIN EXCLUSIVE")
-            status, _, body = await asyncio.wait_for(asking, 20)
-            assert status == 200 and b"message_stop" in body
-            holder.execute("ROLLBACK")
-            holder.close()
+            with locked(served.store):
+                status, _, body = await asyncio.wait_for(asking, 20)
+                assert status == 200 and b"message_stop" in body
             await served.rows_become([(10, 10, True)])
 
     asyncio.run(scenario())
@@ -805,14 +815,10 @@ def test_a_request_waits_for_a_locked_store_rather_than_fail(short_dir: Path, up
 
     async def scenario() -> None:
         async with serving(short_dir, upstream.base_url) as served:
-            served.store.db.execute_sql("pragma busy_timeout = 200")
-            holder = sqlite3.connect(served.store.path, timeout=5, isolation_level=None)
-            holder.execute("BEGIN EXCLUSIVE")
-            asking = asyncio.create_task(served.post("while locked"))
-            await asyncio.sleep(1.5)  # the store is held this long: several admissions refused meanwhile
-            assert not asking.done()
-            holder.execute("ROLLBACK")
-            holder.close()
+            with locked(served.store):
+                asking = asyncio.create_task(served.post("while locked"))
+                await asyncio.sleep(1.5)  # the store is held this long: several admissions refused meanwhile
+                assert not asking.done()
             status, _, body = await asyncio.wait_for(asking, 20)
             assert status == 200 and b"message_stop" in body
             assert served.rows() == [(10, 10, True)]
