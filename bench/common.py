@@ -22,7 +22,7 @@ from typing import Any
 import docker
 
 from orchestrator.agent import cli_argv
-from orchestrator.config import AgentSettings
+from orchestrator.config import AgentSettings, ChatOptions
 from tests.conftest import remove_instance
 from tests.fakes.anthropic import FakeAnthropic
 from tests.fakes.feishu import FakeFeishu
@@ -34,7 +34,7 @@ AGENT_USER = "1000:1000"
 # The one-shot command each turn ran before issue 10 (`docker exec` per turn, the prompt as its last argument): the
 # bare baselines' command.
 CLI_ARGS = ["claude", "-p", "--output-format", "stream-json", "--verbose", "--permission-mode", "bypassPermissions"]
-HOT_CLI_ARGS = cli_argv(AgentSettings())  # the long-lived stream-json CLI, exactly as the agent host starts it
+HOT_CLI_ARGS = cli_argv(AgentSettings(), ChatOptions())  # the long-lived stream-json CLI, as the agent host starts it
 
 
 def stub_image(client: docker.DockerClient) -> str:

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.config import AgentSettings
+from orchestrator.config import AgentSettings, ChatOptions
 
 UNKNOWN_SESSION = "No conversation found with session ID"
 # The CLI's session ids are UUIDs; anything else in an init or result line was forged (it would be stored and
@@ -23,11 +23,16 @@ MAX_COST_USD = 10_000.0  # a process's running total above this is not believed
 MAX_DURATION_MS = 10**10
 
 
-def cli_argv(agent: AgentSettings) -> list[str]:
+def cli_argv(agent: AgentSettings, chat: ChatOptions) -> list[str]:
     """The argv of a chat's long-lived CLI process (the agent host adds `--resume=<session>`): turns go to its
-    stdin as stream-json lines, so no chat text is ever part of it."""
+    stdin as stream-json lines, so no chat text is ever part of it. A chat that asks for approvals gets the CLI's
+    permission prompts on its stdio (the agent host hands them to the orchestrator), except for `auto_allow`'s
+    rules, which the CLI's own matcher lets through (it splits compound shell commands; ours would not)."""
     argv = ["claude", "-p", "--input-format", "stream-json", "--output-format", "stream-json", "--verbose",
-            "--permission-mode", agent.permission_mode]
+            "--permission-mode", chat.permission_mode]
+    if chat.asks_approval:
+        argv += ["--permission-prompt-tool", "stdio"]
+        argv += [f"--allowedTools={rule}" for rule in chat.auto_allow]
     if agent.model:
         argv += ["--model", agent.model]
     return argv + list(agent.extra_args)

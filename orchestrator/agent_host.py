@@ -9,6 +9,8 @@ output outlive the orchestrator, and nothing needs `docker exec` or a socket (th
     /input/<turn>            a turn request, written by the orchestrator (root's folder, read-only here): the CLI's
                              argv and env, the session to resume, the user message, how long to stay hot
     /input/<turn>.interrupt  the orchestrator asks to interrupt that turn (/stop, shutdown)
+    /input/<turn>.decision-<n>  the orchestrator's answer to the turn's n-th permission request:
+                             {"behavior": "allow"|"deny", "message": why (deny), "answers": {question: answer}}
     /turns/<turn>/           made by this host when it takes the turn (mkdir is the claim), then in it:
         pid          the CLI process's pid (for the orchestrator's SIGINT fallback)
         process      a random id of the CLI process, the same in every turn that process answers
@@ -16,6 +18,9 @@ output outlive the orchestrator, and nothing needs `docker exec` or a socket (th
         stderr       what the CLI wrote to stderr during this turn
         exit_code    written last: 0 when the turn's result came, the CLI's exit status when it ended mid-turn,
                      WITHDRAWN when the request was gone by the time it was taken
+        ask-<n>      the CLI's n-th permission request of the turn (n = 1, 2, ...): {"tool": name, "input": {...}};
+                     the CLI waits until the decision comes (a chat whose permission mode asks: see approvals.py)
+        ask-<n>.cancelled  the CLI withdrew that request (the turn was interrupted meanwhile)
 
 The CLI is this host's child. It starts at the first turn (with `--resume=` of the chat's session), answers the
 following turns without starting again, and is closed after the request's `hot_idle` seconds without a turn, or
@@ -43,6 +48,10 @@ INPUT = "/input"
 TURNS = "/turns"
 WORKSPACE = "/workspace"
 INTERRUPT_SUFFIX = ".interrupt"
+ASK_PREFIX = "ask-"
+CANCELLED_SUFFIX = ".cancelled"
+DECISION_INFIX = ".decision-"
+MAX_DECISION_BYTES = 1024**2
 TURN_NAME = re.compile(r"(\d+)-(\d+)-[0-9a-f]{16}")
 OUTPUT, STDERR, EXIT_CODE, PID, PROCESS = "output.jsonl", "stderr", "exit_code", "pid", "process"
 WITHDRAWN = -1
@@ -101,6 +110,37 @@ def decode_request(data: bytes) -> Request:
     if isinstance(hot_idle, bool) or not isinstance(hot_idle, int | float) or not 0 <= hot_idle < 10**9:
         raise ValueError("hot_idle must be a number of seconds")
     return Request(tuple(argv), tuple(sorted(env.items())), session, message, float(hot_idle))
+
+
+def ask_name(number: int) -> str:
+    return f"{ASK_PREFIX}{number}"
+
+
+def decision_name(turn: str, number: int) -> str:
+    return f"{turn}{DECISION_INFIX}{number}"
+
+
+def encode_decision(allow: bool, message: str = "", answers: dict[str, str] | None = None) -> bytes:
+    decision: dict[str, Any] = {"behavior": "allow" if allow else "deny", "message": message}
+    if answers:
+        decision["answers"] = answers
+    return json.dumps(decision).encode()
+
+
+def permission_response(decision: bytes, tool_input: dict[str, Any]) -> dict[str, Any]:
+    """The CLI's answer to a permission request, from the orchestrator's decision: allow runs the tool with its own
+    input (and, for AskUserQuestion, the answers the chat gave); anything unreadable denies."""
+    try:
+        raw = json.loads(decision)
+    except ValueError:
+        raw = None
+    if not isinstance(raw, dict) or raw.get("behavior") not in ("allow", "deny"):
+        return {"behavior": "deny", "message": "The approval could not be read; denied."}
+    if raw["behavior"] == "deny":
+        return {"behavior": "deny", "message": str(raw.get("message") or "Denied.")}
+    answers = raw.get("answers")
+    extra = {"answers": answers} if isinstance(answers, dict) and answers else {}
+    return {"behavior": "allow", "updatedInput": {**tool_input, **extra}}
 
 
 def turn_order(name: str) -> tuple[int, int] | None:
@@ -234,6 +274,8 @@ class TurnFolder:
         self._stderr = self._open(STDERR)
         self.interrupts_sent = 0
         self.interrupted_at = float("-inf")
+        self.asks = 0  # permission requests so far
+        self.waiting: dict[int, tuple[str, dict[str, Any]]] = {}  # by number: (the CLI's request id, its tool input)
 
     def _open(self, name: str) -> int:
         return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644, dir_fd=self.fd)
@@ -249,6 +291,19 @@ class TurnFolder:
 
     def output(self, data: bytes) -> None:
         os.write(self._output, data)
+
+    def ask(self, request_id: str, tool: str, tool_input: dict[str, Any]) -> int:
+        """A permission request of the CLI's, for the orchestrator to decide; its number."""
+        self.asks += 1
+        self.waiting[self.asks] = (request_id, tool_input)
+        self.write_file(ask_name(self.asks), json.dumps({"tool": tool, "input": tool_input}))
+        return self.asks
+
+    def cancel(self, request_id: str) -> None:
+        for number, (waiting_id, _) in list(self.waiting.items()):
+            if waiting_id == request_id:
+                del self.waiting[number]
+                self.write_file(ask_name(number) + CANCELLED_SUFFIX, "")
 
     def error(self, data: bytes) -> None:
         os.write(self._stderr, data)
@@ -302,6 +357,7 @@ class Host:
                 self._take_next()
             if self.turn is not None:
                 self._check_interrupt()
+                self._check_decisions()
             self._end_idle_cli()
             self._wait()
         if self.cli is not None:
@@ -416,6 +472,24 @@ class Host:
             log(f"turn {turn.name}: interrupting" + (" again" if turn.interrupts_sent > 1 else ""))
             self.cli.interrupt()
 
+    def _check_decisions(self) -> None:
+        """Answer the CLI's permission requests the orchestrator has decided."""
+        assert self.turn is not None
+        turn = self.turn
+        for number, (request_id, tool_input) in list(turn.waiting.items()):
+            path = os.path.join(self.input_dir, decision_name(turn.name, number))
+            try:
+                with open(path, "rb") as decision_file:
+                    decision = decision_file.read(MAX_DECISION_BYTES)
+            except FileNotFoundError:
+                continue
+            del turn.waiting[number]
+            response = permission_response(decision, tool_input)
+            log(f"turn {turn.name}: permission request {number}: {response['behavior']}")
+            if self.cli is not None:
+                self.cli.send({"type": "control_response", "response": {
+                    "subtype": "success", "request_id": request_id, "response": response}})
+
     # ---- the CLI's output ----
 
     def _on_stdout(self) -> None:
@@ -442,11 +516,27 @@ class Host:
         session = data.get("session_id")
         if kind in ("system", "result") and isinstance(session, str):
             self.cli.session = session
-        if kind == "control_request":  # a permission prompt: this host has no one to ask yet
-            self.cli.send({"type": "control_response", "response": {
-                "subtype": "error", "request_id": data.get("request_id"), "error": "no approvals here"}})
+        if kind == "control_request":
+            self._on_control_request(data)
+        elif kind == "control_cancel_request" and self.turn is not None:
+            self.turn.cancel(str(data.get("request_id")))
         if kind == "result":
             self._end_turn(0)
+
+    def _on_control_request(self, data: dict[str, Any]) -> None:
+        """A permission request goes to the orchestrator (as a file of the turn); the CLI asks nothing else of a
+        host (hooks, MCP servers) that this one can answer."""
+        assert self.cli is not None
+        request, request_id = data.get("request"), data.get("request_id")
+        request = request if isinstance(request, dict) else {}
+        tool_input = request.get("input")
+        if (request.get("subtype") == "can_use_tool" and self.turn is not None and isinstance(request_id, str)
+                and isinstance(tool_input, dict)):
+            number = self.turn.ask(request_id, str(request.get("tool_name") or ""), tool_input)
+            log(f"turn {self.turn.name}: permission request {number} for {str(request.get('tool_name'))[:60]}")
+            return
+        self.cli.send({"type": "control_response", "response": {
+            "subtype": "error", "request_id": request_id, "error": "not supported by this host"}})
 
     def _on_stderr(self) -> None:
         if self.cli is None:  # its stdout ended first, in the same wake-up

@@ -1,4 +1,4 @@
-"""Chat commands: /help, /new, /stop, /status and /cost, answered without a turn.
+"""Chat commands: /help, /new, /stop, /status, /cost and /permissions reset, answered without a turn.
 
 A command gets a `Context` with what it may use (the store, the settings, the engine to inspect, the turn
 runner's stop, a way to reply), never the service itself.
@@ -22,6 +22,7 @@ HELP = ("Send a message and Claude Code answers it in this chat's own container.
         "/stop  stop the answer being worked on\n"
         "/status  this chat's container, limits, session and queue\n"
         "/cost  what this chat and you spent today and this month, and the budgets\n"
+        "/permissions reset  forget the tools an approver allowed for good in this chat\n"
         "/help  this text")
 
 
@@ -92,4 +93,13 @@ async def _cost(context: Context, message: MessageRecord) -> None:
     context.reply(message, budgets.cost_report(context.settings, context.store, message.chat_id, message.sender_id))
 
 
-COMMANDS: dict[str, Command] = {"/help": _help, "/new": _new, "/stop": _stop, "/status": _status, "/cost": _cost}
+async def _reset_permissions(context: Context, message: MessageRecord) -> None:
+    forgotten = context.store.reset_always_allowed(message.chat_id)
+    logger.bind(chat_id=message.chat_id, message_id=message.message_id).info(
+        f"/permissions reset by {message.sender_id}: {forgotten} always-allowed tool(s) forgotten")
+    context.reply(message, f"Forgot {forgotten} tool(s) allowed for good in this chat: each asks an approver again."
+                  if forgotten else "No tool was allowed for good in this chat.")
+
+
+COMMANDS: dict[str, Command] = {"/help": _help, "/new": _new, "/stop": _stop, "/status": _status, "/cost": _cost,
+                                "/permissions reset": _reset_permissions}

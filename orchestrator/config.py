@@ -25,7 +25,13 @@ FEISHU_MODES = ("websocket", "webhook")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Flags the orchestrator sets itself on every turn; `agent.extra_args` may not override them.
 RESERVED_CLI_FLAGS = ("-p", "--print", "--output-format", "--input-format", "--resume", "-r",
-                      "--session-id", "--continue", "-c", "--verbose")
+                      "--session-id", "--continue", "-c", "--verbose", "--permission-mode", "--permission-prompt-tool",
+                      "--allowedTools", "--allowed-tools", "--dangerously-skip-permissions")
+# A chat in this mode never asks; any other mode asks an approver in the chat before the tools it guards.
+NO_APPROVALS = "bypassPermissions"
+_OPEN_ID = re.compile(r"ou_[A-Za-z0-9_-]{1,64}")
+# Claude Code's permission-rule syntax: a tool name, optionally with a specifier in parentheses (Bash(ls:*)).
+_PERMISSION_RULE = re.compile(r"[A-Za-z][A-Za-z0-9_-]*(\([^()\n]{1,200}\))?")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)([bkmg]?)", re.IGNORECASE)
@@ -88,13 +94,22 @@ class ChatOptions:
     disk: int = 10 * 1024**3  # the chat's folders at most; over it, its turn is stopped and the chat told
     tmp_size: int = 256 * 1024**2  # the container's /tmp (a tmpfs, counted in its memory); its root is read-only
     egress: Egress = field(default_factory=Egress)  # on the instance network: what the agent may reach
+    # bypassPermissions: the container is the sandbox, nothing is asked. Another mode (default, acceptEdits, ...):
+    # the CLI asks before the tools that mode guards, and an approver decides in the chat.
+    permission_mode: str = NO_APPROVALS
+    approvers: tuple[str, ...] = ()  # open ids who may decide, besides the sender of the message being answered
+    auto_allow: tuple[str, ...] = ()  # permission rules never asked (Claude Code's syntax: Read, Bash(git status:*))
+    approval_timeout: float = 600.0  # seconds an approval waits; then the tool is denied and the chat told
+
+    @property
+    def asks_approval(self) -> bool:
+        return self.permission_mode != NO_APPROVALS
 
 
 @dataclass(frozen=True)
 class AgentSettings:
     image: str = "claude-runner:latest"
     env: Mapping[str, str] = field(default_factory=dict)
-    permission_mode: str = "bypassPermissions"
     model: str | None = None
     extra_args: tuple[str, ...] = ()
     idle_timeout: float = 600.0  # seconds without any CLI output before a turn is called hung
@@ -422,7 +437,9 @@ class _Reader:
     def option_overrides(self, raw: object, key: str) -> dict[str, Any]:
         fields = {"cpus": _cpus, "memory": _memory, "pids_limit": _positive_int, "network": _network,
                   "unsafe_network": _boolean, "workspace": _string, "require_mention": _boolean,
-                  "disk": _size(1024**2), "tmp_size": _size(1024**2), "egress": _egress}
+                  "disk": _size(1024**2), "tmp_size": _size(1024**2), "egress": _egress,
+                  "permission_mode": _choice(PERMISSION_MODES), "approvers": _open_ids,
+                  "auto_allow": _permission_rules, "approval_timeout": _positive_number}
         section = self.section(raw, key, tuple(fields))
         return {name: self.value(section, name, key, None, convert)
                 for name, convert in fields.items() if section.get(name) is not None}
@@ -469,8 +486,6 @@ class _Reader:
         return AgentSettings(
             image=self.value(section, "image", key, defaults.image, _string),
             env={name: str(value) for name, value in env.items() if value not in (None, "")},
-            permission_mode=self.value(section, "permission_mode", key, defaults.permission_mode,
-                                       _choice(PERMISSION_MODES)),
             model=self.value(section, "model", key, None, _string),
             extra_args=extra_args,
             idle_timeout=self.value(section, "idle_timeout", key, defaults.idle_timeout, _positive_number),
@@ -579,6 +594,22 @@ def _number(value: Any, whole: bool, minimum: float, problem: str) -> Any:
     if isinstance(value, bool) or not isinstance(value, int if whole else int | float) or value < minimum:
         raise ValueError(f"{value!r} {problem}")
     return value
+
+
+def _open_ids(value: Any) -> tuple[str, ...]:
+    ids = _string_list(value)
+    for open_id in ids:
+        if not _OPEN_ID.fullmatch(open_id):
+            raise ValueError(f"{open_id[:80]!r} is not a Feishu open id (ou_...)")
+    return ids
+
+
+def _permission_rules(value: Any) -> tuple[str, ...]:
+    rules = _string_list(value)
+    for rule in rules:
+        if not _PERMISSION_RULE.fullmatch(rule):
+            raise ValueError(f"{rule[:80]!r} is not a permission rule (a tool name, or Tool(specifier))")
+    return rules
 
 
 def _positive_number(value: Any) -> float:

@@ -1,7 +1,7 @@
-"""Secrets kept out of what the bot says. Every text for a chat (answers, failures, notices, and the streaming
-card while a turn runs) has the values of the secret settings replaced by a mask, so an agent that prints its
-environment shows the chat the mask, not the key. The store masks what it keeps; the channel wrapper masks
-what leaves.
+"""Secrets kept out of what the bot says. Every text for a chat (answers, failures, notices, the streaming
+card while a turn runs, and approval cards: what the agent asks to run is its text too) has the values of the
+secret settings replaced by a mask, so an agent that prints its environment shows the chat the mask, not the key.
+The store masks what it keeps; the channel wrapper masks what leaves.
 """
 
 from __future__ import annotations
@@ -9,7 +9,17 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable
 
-from orchestrator.channels import Channel, Outgoing, Submit, TurnDisplay
+from orchestrator.channels import (
+    Act,
+    ActionReply,
+    ApprovalView,
+    CardAction,
+    Channel,
+    Outgoing,
+    Question,
+    Submit,
+    TurnDisplay,
+)
 
 # Not `***` (as in the logs): in card markdown that is a rule or the start of bold italics.
 MASK = "[secret]"
@@ -24,6 +34,14 @@ class Masker:
         for secret in self.secrets:
             text = text.replace(secret, MASK)
         return text
+
+    def view(self, view: ApprovalView) -> ApprovalView:
+        """Every text of an approval card masked: the tool, the details, the questions, the outcome."""
+        return dataclasses.replace(
+            view, tool=self(view.tool), details=tuple((self(label), self(text)) for label, text in view.details),
+            questions=tuple(Question(self(question.text), self(question.header), tuple(map(self, question.options)))
+                            for question in view.questions),
+            outcome=None if view.outcome is None else self(view.outcome))
 
     def settled(self, text: str) -> str:
         """Streamed text, masked, less a tail that could be the start of a secret whose rest is still to come
@@ -50,21 +68,32 @@ class MaskedDisplay:
 
 
 class MaskedChannel:
-    """A channel whose every text to a chat is masked: outbox items (also those other processes queued) and
-    streamed turns."""
+    """A channel whose every text to a chat is masked: outbox items (also those other processes queued), streamed
+    turns, approval cards (also the one a click's answer shows)."""
 
     def __init__(self, channel: Channel, mask: Masker) -> None:
         self.channel = channel
         self.mask = mask
 
-    async def run(self, submit: Submit) -> None:
-        await self.channel.run(submit)
+    async def run(self, submit: Submit, act: Act) -> None:
+        async def masked_act(action: CardAction) -> ActionReply:
+            reply = await act(action)  # its toast may quote the outcome: what was typed, an option the agent wrote
+            view = None if reply.view is None else self.mask.view(reply.view)
+            return dataclasses.replace(reply, toast=self.mask(reply.toast), view=view)
+
+        await self.channel.run(submit, masked_act)
 
     def display(self, chat_id: str, message_id: str, saved: str | None, save: Callable[[str], None]) -> TurnDisplay:
         return MaskedDisplay(self.channel.display(chat_id, message_id, saved, save), self.mask)
 
     async def deliver(self, item: Outgoing) -> None:
         await self.channel.deliver(dataclasses.replace(item, text=self.mask(item.text)))
+
+    async def show_approval(self, view: ApprovalView) -> str:
+        return await self.channel.show_approval(self.mask.view(view))
+
+    async def update_approval(self, message_id: str, view: ApprovalView) -> None:
+        await self.channel.update_approval(message_id, self.mask.view(view))
 
     def health(self) -> str | None:
         return self.channel.health()

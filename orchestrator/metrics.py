@@ -41,6 +41,11 @@ EGRESS_REFUSED = Counter("orchestrator_egress_refused_total", "Requests the egre
 CHAT_SPENT_USD = Gauge("orchestrator_chat_spent_usd", "What each chat spent in the current budget day and month, "
                        "priced from the gateway's usage records", ["chat_id", "period"], registry=REGISTRY)
 
+APPROVALS = Counter("orchestrator_approvals_total", "Permission requests of agents, by what became of them",
+                    ["outcome"], registry=REGISTRY)  # asked, allowed, denied, timed_out, cancelled
+APPROVAL_WAIT_SECONDS = Histogram("orchestrator_approval_wait_seconds", "From a permission request to its decision",
+                                  buckets=_SECONDS, registry=REGISTRY)
+
 
 def serve(host: str, port: int, health: Callable[[], dict[str, str | None]]) -> ThreadingHTTPServer:
     """Start the endpoint on a thread of its own. `health` maps each check to None (fine) or a problem."""

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 from typing import Any
 
 from orchestrator import status
 from orchestrator.config import Settings
 from orchestrator.runtime import DockerRuntime, RuntimeFailure
-from orchestrator.store import Store
+from orchestrator.store import ApprovalRecord, Store
 
 STATUS_COLUMNS = ("chat_id", "container_name", "container_state", "cpu_percent", "memory_mib", "memory_limit_mib",
                   "session_id", "last_activity", "busy", "queued", "last_turn_cost_usd", "last_turn_seconds",
@@ -48,6 +49,9 @@ def recent_turns(store: Store, chat_id: str, count: int) -> str:
     if store.find_chat(chat_id) is None:
         raise LookupError(f"chat {chat_id} is not known")
     lines = []
+    asked: dict[str, list[ApprovalRecord]] = {}
+    for approval in store.approvals(chat_id):
+        asked.setdefault(approval.message_id, []).append(approval)
     for m in store.messages(chat_id)[-count:]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.received_at))
         cost = f", ${m.cost_usd:.4f}" if m.cost_usd is not None else ""
@@ -58,7 +62,23 @@ def recent_turns(store: Store, chat_id: str, count: int) -> str:
             lines.append(f"  < {_one_line(m.answer)}")
         if m.error:
             lines.append(f"  ! {_one_line(m.error)}")
+        lines += [f"  ? {_approval_line(approval)}" for approval in asked.get(m.message_id, [])]
     return "\n".join(lines)
+
+
+def _approval_line(approval: ApprovalRecord) -> str:
+    """One permission request for the audit: what was asked, and who decided what, when."""
+    details = json.loads(approval.request)["details"]
+    asked = _one_line(details[0][1], 120) if details else ""
+    decided = "waiting"
+    if approval.decided_at is not None:
+        when = time.strftime("%H:%M:%S", time.localtime(approval.decided_at))
+        how = "always allowed" if approval.always else approval.state
+        decided = (f"{how} by {approval.decided_by or 'the bot'} at {when} after "
+                   f"{approval.decided_at - approval.asked_at:.1f} s")
+        if approval.reason:
+            decided += f" ({_one_line(approval.reason, 80)})"
+    return f"approval {approval.key[:8]} {approval.tool}: {asked} -> {decided}"
 
 
 def _one_line(text: str, limit: int = 200) -> str:

@@ -17,6 +17,7 @@ from loguru import logger
 
 from orchestrator import budgets, commands, credentials, egress, firewall, gateway, layout, metrics, turns
 from orchestrator.agent import Failure
+from orchestrator.approvals import Approvals
 from orchestrator.channels import Channel, Incoming
 from orchestrator.config import Settings
 from orchestrator.delivery import Deliverer
@@ -66,7 +67,9 @@ class Service:
         self.runtime = runtime
         self.mask = Masker(settings.secrets)
         self.channel: Channel = MaskedChannel(channel, self.mask)  # secrets never reach a chat
-        self.turns = TurnRunner(settings, store, runtime, on_container_started=self._enforce_max_running)
+        self.approvals = Approvals(settings, store, self.channel)
+        self.turns = TurnRunner(settings, store, runtime, self.approvals,
+                                on_container_started=self._enforce_max_running)
         self.deliverer = Deliverer(store, self.channel)
         self.queues: dict[str, asyncio.Queue[str]] = {}
         self.workers: dict[str, asyncio.Task[None]] = {}
@@ -104,7 +107,7 @@ class Service:
         self.recover()
         tasks = [asyncio.create_task(self.deliverer.run(), name="outbox"),
                  asyncio.create_task(self._housekeep_forever(), name="housekeeping")]
-        channel_task = asyncio.create_task(self.channel.run(self.submit), name="channel")
+        channel_task = asyncio.create_task(self.channel.run(self.submit, self.approvals.act), name="channel")
         LIVENESS.streak("channel")
         for task in (*tasks, channel_task):
             task.add_done_callback(self._on_task_end)
@@ -203,6 +206,9 @@ class Service:
             logger.info(f"leaving {len(self.turns.running_chats())} running turn(s) and the containers for the next "
                         "start")
             return
+        denied = self.approvals.deny_waiting("the bot is restarting")
+        if denied:
+            logger.info(f"denied {denied} permission request(s) that waited for an approver")
         drain = self.settings.shutdown.drain_timeout
         if self.turns.running_chats():
             logger.info(f"waiting up to {drain:g} s for {len(self.turns.running_chats())} running turn(s)")
@@ -372,6 +378,7 @@ class Service:
 
     def recover(self) -> None:
         """Queue every message that was waiting or running again, in arrival order per chat."""
+        self.approvals.cancel_orphans()
         for message in self.store.unfinished_messages():
             if message.state is State.ANSWERED:
                 continue  # its answer is in the outbox

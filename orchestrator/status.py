@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from orchestrator import budgets
-from orchestrator.config import Settings, resolve_chat
+from orchestrator.config import NO_APPROVALS, Settings, resolve_chat
 from orchestrator.runtime import ContainerState, RuntimeFailure, Usage
 from orchestrator.states import State
 from orchestrator.store import Store
@@ -49,6 +49,9 @@ class ChatStatus:
     last_turn_cost_usd: float | None
     last_turn_seconds: float | None
     spent_today_usd: float  # priced from the gateway's usage records, since the day's reset (budgets.reset_at)
+    permission_mode: str = "bypassPermissions"
+    always_allowed: tuple[str, ...] = ()  # tools an approver allowed for good in this chat
+    approvals_waiting: int = 0
 
 
 async def chat_status(settings: Settings, store: Store, engine: Engine | None, chat_id: str,
@@ -81,6 +84,9 @@ async def chat_status(settings: Settings, store: Store, engine: Engine | None, c
         last_turn_cost_usd=last.cost_usd if last else None,
         last_turn_seconds=last.duration_ms / 1000 if last and last.duration_ms is not None else None,
         spent_today_usd=budgets.spent_today_usd(settings, store, chat_id),
+        permission_mode=options.permission_mode,
+        always_allowed=tuple(allowed.tool for allowed in store.always_allowed(chat_id)),
+        approvals_waiting=len(store.approvals(chat_id, pending=True)),
     )
 
 
@@ -125,4 +131,9 @@ def render(status: ChatStatus) -> str:
     if status.last_turn_seconds is not None:
         lines.append(f"Last turn: {status.last_turn_seconds:.1f} s, ${status.last_turn_cost_usd or 0:.4f}")
     lines.append(f"Spent today: ${status.spent_today_usd:.4f}")
+    if status.permission_mode != NO_APPROVALS:
+        always = f"{', '.join(status.always_allowed)} (/permissions reset clears them)" if status.always_allowed \
+            else "none"
+        lines.append(f"Approvals: {status.permission_mode} mode, {status.approvals_waiting} waiting; always allowed "
+                     f"here: {always}")
     return "\n".join(lines)

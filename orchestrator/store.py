@@ -23,6 +23,7 @@ from peewee import (
     AutoField,
     BooleanField,
     CharField,
+    CompositeKey,
     DatabaseProxy,
     FloatField,
     IntegerField,
@@ -144,6 +145,48 @@ class _Usage(_Table):
         table_name = "usage"
 
 
+class _Approval(_Table):
+    """One permission request of a turn's, and how it was decided: the audit trail, and what a card's buttons find."""
+
+    id = AutoField()
+    key = CharField(unique=True)  # random: the card's buttons carry it
+    chat_id = CharField(index=True)
+    message_id = CharField(index=True)  # the message whose turn asked
+    turn = CharField()
+    number = IntegerField()  # the turn's n-th request
+    tool = CharField()
+    request = TextField()  # what the card shows (JSON, masked, bounded)
+    requested_by = CharField(default="")  # the sender of that message
+    state = CharField(index=True)  # pending, allowed, denied, timed_out, cancelled
+    always = BooleanField(default=False)  # allowed for the rest of the chat's life (until /permissions reset)
+    answers = TextField(null=True)  # AskUserQuestion: JSON {question: answer}
+    reason = TextField(null=True)
+    decided_by = CharField(null=True)
+    asked_at = FloatField()
+    deadline = FloatField()
+    decided_at = FloatField(null=True)
+    card = CharField(null=True)  # the card's message id, once sent
+    shown = CharField(null=True)  # the state the card shows: pending when sent, the outcome once updated
+    answered = BooleanField(default=False)  # the decision was written for the agent host
+
+    class Meta:
+        table_name = "approvals"
+        indexes = ((("turn", "number"), True),)
+
+
+class _AlwaysAllowed(_Table):
+    """Tools a chat's approver allowed for good ("Always allow"), until /permissions reset."""
+
+    chat_id = CharField()
+    tool = CharField()
+    allowed_by = CharField(default="")
+    allowed_at = FloatField()
+
+    class Meta:
+        table_name = "always_allowed"
+        primary_key = CompositeKey("chat_id", "tool")
+
+
 class TransitionRefused(Exception):
     """A message's state does not allow the change asked for, and no caller expects that: a bug."""
 
@@ -206,6 +249,50 @@ class UsageRecord:
     complete: bool
 
 
+PENDING = "pending"
+APPROVAL_OUTCOMES = ("allowed", "denied", "timed_out", "cancelled")
+
+
+@dataclass(frozen=True)
+class ApprovalRecord:
+    key: str
+    chat_id: str
+    message_id: str
+    turn: str
+    number: int
+    tool: str
+    request: str
+    requested_by: str
+    state: str
+    always: bool
+    answers: str | None
+    reason: str | None
+    decided_by: str | None
+    asked_at: float
+    deadline: float
+    decided_at: float | None
+    card: str | None
+    shown: str | None
+    answered: bool
+
+    @property
+    def pending(self) -> bool:
+        return self.state == PENDING
+
+
+@dataclass(frozen=True)
+class AlwaysAllowed:
+    tool: str
+    allowed_by: str
+    allowed_at: float
+
+
+def _approval_record(row: _Approval) -> ApprovalRecord:
+    return ApprovalRecord(row.key, row.chat_id, row.message_id, row.turn, row.number, row.tool, row.request,
+                          row.requested_by, row.state, row.always, row.answers, row.reason, row.decided_by,
+                          row.asked_at, row.deadline, row.decided_at, row.card, row.shown, row.answered)
+
+
 def _chat_record(row: _Chat) -> ChatRecord:
     return ChatRecord(row.chat_id, row.name, row.container_name, row.container_id, row.session_id,
                       row.last_activity)
@@ -246,7 +333,7 @@ class Store:
             "synchronous": "normal",
         })
         _database.initialize(self.db)
-        self.db.create_tables([_Chat, _Message, _Outbox, _Refusal, _Usage])
+        self.db.create_tables([_Chat, _Message, _Outbox, _Refusal, _Usage, _Approval, _AlwaysAllowed])
 
     def close(self) -> None:
         self.db.close()
@@ -551,3 +638,74 @@ class Store:
         query = (_Usage.select(_Usage.chat_id, fn.SUM(_Usage.cost_nano).alias("total")).where(_Usage.at >= since)
                  .group_by(_Usage.chat_id).order_by(_Usage.chat_id))
         return {row.chat_id: row.total for row in query}
+
+    # ---- approvals ----
+
+    def open_approval(self, key: str, chat_id: str, message_id: str, turn: str, number: int, tool: str, request: str,
+                      requested_by: str, asked_at: float, deadline: float) -> ApprovalRecord:
+        """A turn's permission request, pending; the one stored before when the turn's request was seen already (a
+        restarted orchestrator reads the turn's requests again)."""
+        try:
+            with self.db.atomic():
+                _Approval.create(key=key, chat_id=chat_id, message_id=message_id, turn=turn, number=number, tool=tool,
+                                 request=self._mask(request), requested_by=requested_by, state=PENDING,
+                                 asked_at=asked_at, deadline=deadline)
+        except IntegrityError:
+            pass
+        return _approval_record(_Approval.get((_Approval.turn == turn) & (_Approval.number == number)))
+
+    def approval(self, key: str) -> ApprovalRecord | None:
+        row = _Approval.get_or_none(_Approval.key == key)
+        return _approval_record(row) if row else None
+
+    def turn_approval(self, turn: str, number: int) -> ApprovalRecord | None:
+        row = _Approval.get_or_none((_Approval.turn == turn) & (_Approval.number == number))
+        return _approval_record(row) if row else None
+
+    def approvals(self, chat_id: str | None = None, *, pending: bool = False, turn: str | None = None
+                  ) -> list[ApprovalRecord]:
+        query = _Approval.select().order_by(_Approval.id)
+        if chat_id is not None:
+            query = query.where(_Approval.chat_id == chat_id)
+        if pending:
+            query = query.where(_Approval.state == PENDING)
+        if turn is not None:
+            query = query.where(_Approval.turn == turn)
+        return [_approval_record(row) for row in query]
+
+    def decide(self, key: str, outcome: str, decided_by: str | None, decided_at: float, reason: str = "",
+               always: bool = False, answers: str | None = None) -> bool:
+        """Pending → `outcome`, once: of two decisions at once (two approvers, a click and the timeout) the first
+        wins and the other gets False. "Always" also allows the tool in the chat from now on."""
+        if outcome not in APPROVAL_OUTCOMES:
+            raise ValueError(f"{outcome!r} is not an approval's outcome")
+        with self.db.atomic():
+            decided = (_Approval.update(state=outcome, decided_by=decided_by, reason=self._mask(reason)[:2000],
+                                        always=always, answers=answers, decided_at=decided_at)
+                       .where((_Approval.key == key) & (_Approval.state == PENDING)).execute())
+            if decided and always:
+                row = _Approval.get(_Approval.key == key)
+                _AlwaysAllowed.insert(chat_id=row.chat_id, tool=row.tool, allowed_by=decided_by or "",
+                                      allowed_at=decided_at).on_conflict_ignore().execute()
+        return decided == 1
+
+    def note_answers(self, key: str, answers: str) -> None:
+        """Some of a waiting question's answers (the request stays pending until all are given)."""
+        _Approval.update(answers=answers).where((_Approval.key == key) & (_Approval.state == PENDING)).execute()
+
+    def set_approval_card(self, key: str, card: str) -> None:
+        _Approval.update(card=card, shown=PENDING).where((_Approval.key == key) & _Approval.card.is_null()).execute()
+
+    def set_approval_shown(self, key: str, shown: str) -> None:
+        _Approval.update(shown=shown).where(_Approval.key == key).execute()
+
+    def set_approval_answered(self, key: str) -> None:
+        _Approval.update(answered=True).where(_Approval.key == key).execute()
+
+    def always_allowed(self, chat_id: str) -> list[AlwaysAllowed]:
+        rows = _AlwaysAllowed.select().where(_AlwaysAllowed.chat_id == chat_id).order_by(_AlwaysAllowed.tool)
+        return [AlwaysAllowed(row.tool, row.allowed_by, row.allowed_at) for row in rows]
+
+    def reset_always_allowed(self, chat_id: str) -> int:
+        """/permissions reset: the chat's "always allow" decisions forgotten; how many."""
+        return _AlwaysAllowed.delete().where(_AlwaysAllowed.chat_id == chat_id).execute()

@@ -22,11 +22,12 @@ from loguru import logger
 
 from orchestrator import agent, agent_host, budgets, credentials, disk, layout, model_socket, turns
 from orchestrator.agent import Answer, Failure, Init, Text, ToolUse, Transcript, Unparsed
+from orchestrator.approvals import Approvals, FollowedTurn
 from orchestrator.channels import TurnDisplay
 from orchestrator.config import ChatSettings, Settings, resolve_chat
 from orchestrator.runtime import ContainerState, Runtime, RuntimeFailure, container_spec
 from orchestrator.states import State
-from orchestrator.store import MessageRecord, Store
+from orchestrator.store import ApprovalRecord, MessageRecord, Store
 from orchestrator.untrusted import excerpt
 
 if TYPE_CHECKING:
@@ -64,11 +65,12 @@ class _RunningTurn:
 
 
 class TurnRunner:
-    def __init__(self, settings: Settings, store: Store, runtime: Runtime,
+    def __init__(self, settings: Settings, store: Store, runtime: Runtime, approvals: Approvals,
                  on_container_started: Callable[[str], Awaitable[None]]) -> None:
         self.settings = settings
         self.store = store
         self.runtime = runtime
+        self.approvals = approvals
         self.on_container_started = on_container_started
         self._secret: bytes | None = None
         self._running: dict[str, _RunningTurn] = {}  # by chat id
@@ -186,7 +188,8 @@ class TurnRunner:
             container = await self._container(chat, paths, message.chat_id)
             files = turns.turn_files(paths, turns.new_turn_name(message.id, attempt), self.settings.agent.uid)
             self.store.start_turn(message.message_id, files.name)  # before the request: a restart follows this one
-            request = agent_host.encode_request(agent.cli_argv(self.settings.agent), dict(self.settings.agent.env),
+            request = agent_host.encode_request(agent.cli_argv(self.settings.agent, chat.options),
+                                                dict(self.settings.agent.env),
                                                 session_id, message.text, self.settings.agent.hot_idle)
             await asyncio.to_thread(turns.write_request, files, request)
             log.info(f"turn {files.name} requested in {container.name}"
@@ -232,11 +235,15 @@ class TurnRunner:
         turn = self._running[message.chat_id] = _RunningTurn(message.message_id, container.id, container.name, files)
         limits = self.settings.limits
         reader = turns.OutputReader(files, limits.line_bytes, limits.output_bytes)
+        asking = FollowedTurn(message.chat_id, message, files) if resolve_chat(
+            self.settings, message.chat_id).options.asks_approval else None
         try:
-            return await self._follow_output(turn, message, container, reader, display, log)
+            return await self._follow_output(turn, message, container, reader, display, log, asking)
         finally:
             reader.close()
             del self._running[message.chat_id]
+            if asking is not None:
+                await self._end_approvals(asking, log)
             await asyncio.to_thread(turns.withdraw, files)
             if reader.skipped_lines:
                 log.warning(f"skipped {reader.skipped_lines} output line(s) over {limits.line_bytes} bytes")
@@ -244,15 +251,28 @@ class TurnRunner:
                 log.warning("a process of the chat's container was killed for memory during the turn")
 
     async def _follow_output(self, turn: _RunningTurn, message: MessageRecord, container: ContainerState,
-                             reader: turns.OutputReader, display: TurnDisplay, log: Logger) -> Answer | Failure:
+                             reader: turns.OutputReader, display: TurnDisplay, log: Logger,
+                             asking: FollowedTurn | None) -> Answer | Failure:
         loop = asyncio.get_running_loop()
         files = turn.files
         transcript = Transcript(answer_bytes=self.settings.limits.answer_bytes)
         unparsed = [0]
         idle_timeout = self.settings.agent.idle_timeout
-        began = last_output = last_check = last_disk = loop.time()
+        began = last_output = last_check = last_disk = looked = loop.time()
         poll = FIRST_POLL_SECONDS
+        waiting_note = ""
         while True:
+            if asking is not None:
+                # Time spent waiting for a person counts as neither silence nor the turn's work: both clocks stop.
+                waiting = await self.approvals.follow(asking)
+                if waiting:
+                    pause = loop.time() - looked
+                    began, last_output = began + pause, max(last_output, loop.time())
+                note = _waiting_note(waiting)
+                if note != waiting_note:
+                    waiting_note = note
+                    await display.update(transcript.text_so_far + note)
+                looked = loop.time()
             exit_code = files.exit_code()  # before reading: once it is there, the output is complete
             offset = reader.offset
             lines = reader.new_lines()  # one chunk: a turn that ended with much unread is taken chunk by chunk
@@ -299,8 +319,27 @@ class TurnRunner:
                 if not state.running and files.exit_code() is None:
                     reason = self._memory_note(message.chat_id) if state.oom_killed else _stopped_reason(state)
                     return Failure(reason, partial_text=transcript.text_so_far)
-            await asyncio.sleep(poll)
+            await self._pause(poll, asking)
             poll = min(POLL_SECONDS, poll * POLL_GROWTH)
+
+    async def _pause(self, seconds: float, asking: FollowedTurn | None) -> None:
+        """Until the next look at the turn: `seconds`, or less when a decision for the chat came (a click)."""
+        if asking is None:
+            await asyncio.sleep(seconds)
+            return
+        wake = self.approvals.wakeup(asking.chat_id)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await wake.wait()
+        wake.clear()
+
+    async def _end_approvals(self, asking: FollowedTurn, log: Logger) -> None:
+        """What still waits is cancelled and the cards show how each request ended; a failure here is logged, never
+        raised over the turn's answer."""
+        try:
+            await self.approvals.end_turn(asking)
+        except Exception as exc:
+            log.opt(exception=exc).error(f"the turn's approvals could not be closed: {exc!r}")
 
     # ---- budgets ----
 
@@ -456,6 +495,14 @@ class TurnRunner:
         logger.bind(message_id=turn.message_id).error(f"{why}; stopping the chat's container")
         with contextlib.suppress(RuntimeFailure):
             await self.runtime.stop(turn.container_name, self.settings.containers.stop_timeout)
+
+
+def _waiting_note(waiting: list[ApprovalRecord]) -> str:
+    """What the answer's card says while the agent waits for people."""
+    if not waiting:
+        return ""
+    tools = ", ".join(dict.fromkeys(approval.tool for approval in waiting))
+    return f"\n\n⏳ Waiting for approval: {tools} (see the card below)"
 
 
 async def _within(seconds: float, done: Callable[[], bool]) -> bool:

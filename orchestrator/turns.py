@@ -4,11 +4,13 @@ write; everything else is written inside the container, and so is hostile input:
 
 <chat>/input/<turn>               the turn's request (the CLI's argv and env, the session, the user's text)
 <chat>/input/<turn>.interrupt     our request to interrupt it
+<chat>/input/<turn>.decision-<n>  our answer to its n-th permission request
 <chat>/turns/<turn>/pid           the CLI's pid inside the container
                     process       the id of the CLI process that answers it (the same across a hot CLI's turns)
                     output.jsonl  the CLI's stream-json output, read incrementally, with bounds
                     stderr        the CLI's stderr during the turn
                     exit_code     written last, when the turn has ended
+                    ask-<n>       the CLI's n-th permission request (ask-<n>.cancelled: withdrawn)
 
 A turn's name holds a random part, so the agent cannot plant the folder of a turn to come; and whatever it
 does to the folder meanwhile, we open nothing in it by a path that follows a link (see `untrusted`).
@@ -20,7 +22,9 @@ it is withdrawn (deleted) when we stop following the turn, so a container starte
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import secrets
 import stat
 import time
@@ -40,6 +44,10 @@ READ_CHUNK = 1024**2  # output read per look: with the line cap, what one look c
 # thousand for a long one); 3-byte forged lines cost ~3.5 µs each to parse, so this bounds a turn's parsing to ~1 s.
 MAX_LINES = 200_000
 ORPHAN_REQUEST_SECONDS = 3600.0  # a request never taken is kept this long, then pruned
+# A permission request's file at most: a Write of a big file carries the whole file. Past it only the tool's name
+# (written first by the host) is read, and the card says the input was too large to show.
+MAX_ASK_BYTES = 2 * 1024**2
+_ASK_HEAD = re.compile(rb'\{"tool": "([A-Za-z0-9_.:-]{1,100})"')
 _REFUSALS_LOGGED: set[str] = set()  # turns whose refused output was logged
 _Number = TypeVar("_Number", int, float)
 
@@ -96,6 +104,34 @@ class TurnFiles:
         except ValueError:
             return None  # not yet complete, or not a number
 
+    def ask_made(self, number: int) -> bool:
+        """Whether the host wrote the turn's `number`-th permission request (they come numbered 1, 2, ...: looking for
+        the next one costs one stat, however many files the agent puts in the folder)."""
+        with self.folder() as fd:
+            return fd is not None and untrusted.exists(fd, agent_host.ask_name(number))
+
+    def ask_cancelled(self, number: int) -> bool:
+        with self.folder() as fd:
+            return fd is not None and untrusted.exists(fd, agent_host.ask_name(number) + agent_host.CANCELLED_SUFFIX)
+
+    def read_ask(self, number: int) -> Ask:
+        """The request as the host wrote it, read with bounds; what cannot be read is an Ask with no input."""
+        with self.folder() as fd:
+            data = None if fd is None else untrusted.read_small(fd, agent_host.ask_name(number), self.uid,
+                                                                MAX_ASK_BYTES + 1)
+        if data is None:
+            return Ask(number, "", None, "the request could not be read")
+        if len(data) > MAX_ASK_BYTES:
+            head = _ASK_HEAD.match(data)
+            return Ask(number, head[1].decode() if head else "", None, f"its input is over {MAX_ASK_BYTES:,} bytes")
+        try:
+            raw = json.loads(data)
+        except (ValueError, RecursionError):
+            raw = None
+        if not (isinstance(raw, dict) and isinstance(raw.get("tool"), str) and isinstance(raw.get("input"), dict)):
+            return Ask(number, "", None, "the request is not in the host's format")
+        return Ask(number, raw["tool"][:100], raw["input"])
+
     def stderr(self) -> str:
         with self.folder() as fd:
             tail = untrusted.read_tail(fd, agent_host.STDERR, self.uid, STDERR_TAIL) if fd is not None else b""
@@ -126,6 +162,16 @@ class TurnFiles:
                 return None
 
 
+@dataclass(frozen=True)
+class Ask:
+    """A permission request of the CLI's, as the agent host wrote it (hostile: everything in it is the agent's)."""
+
+    number: int
+    tool: str
+    input: dict | None  # None when it could not be read
+    problem: str = ""  # why not
+
+
 def turn_files(paths: ChatPaths, turn: str, uid: int) -> TurnFiles:
     return TurnFiles(name=turn, paths=paths, uid=uid)
 
@@ -147,10 +193,19 @@ def request_interrupt(files: TurnFiles) -> None:
         untrusted.write_new(folder, files.name + agent_host.INTERRUPT_SUFFIX, b"")
 
 
+def write_decision(files: TurnFiles, number: int, decision: bytes) -> None:
+    """Our answer to the turn's `number`-th permission request, for the agent host (written once; a second write of
+    the same decision, after a restart, finds it there)."""
+    with untrusted.directory(files.paths.input) as folder, contextlib.suppress(FileExistsError):
+        untrusted.write_new(folder, agent_host.decision_name(files.name, number), decision)
+
+
 def withdraw(files: TurnFiles) -> None:
-    """The turn's request and interrupt, deleted: once we stop following a turn, no agent host may take it."""
+    """The turn's request, interrupt and decisions, deleted: once we stop following a turn, no agent host may take
+    it. (Its decisions are in our own folder: listing it costs what we wrote.)"""
     with untrusted.directory(files.paths.input) as folder:
-        for name in (files.name, files.name + agent_host.INTERRUPT_SUFFIX):
+        decisions = [name for name in os.listdir(folder) if name.startswith(files.name + agent_host.DECISION_INFIX)]
+        for name in (files.name, files.name + agent_host.INTERRUPT_SUFFIX, *decisions):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name, dir_fd=folder)
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import queue
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import lark_oapi as lark
 import pytest
@@ -38,8 +41,19 @@ from lark_oapi.api.im.v1 import (
     UpdateMessageRequest,
     UpdateMessageRequestBody,
 )
+from lark_oapi.event.callback.model.p2_card_action_trigger import P2CardActionTrigger, P2CardActionTriggerResponse
 
-from tests.fakes.feishu import FakeFeishu, WsClientThread, url_verification, webhook_request
+from tests.fakes.feishu import (
+    CALLBACK_DEADLINE,
+    PATCH_QPS,
+    Button,
+    FakeFeishu,
+    Toast,
+    Webhook,
+    WsClientThread,
+    url_verification,
+    webhook_request,
+)
 
 CHAT = "oc_chat"
 
@@ -376,3 +390,257 @@ def test_url_verification_challenge_round_trips(fake: FakeFeishu) -> None:
 
     response = handler.do(_raw_request(body, headers))
     assert json.loads(response.content) == {"challenge": "challenge-123"}
+
+
+# ----- card callbacks ------------------------------------------------------------------------------------
+
+KEY = "k-approval"
+APPROVER, OTHER = "ou_approver", "ou_other"
+
+
+def _button(label: str, name: str, value: Any, **extra: Any) -> dict[str, Any]:
+    return {"tag": "button", "name": name, "text": {"tag": "plain_text", "content": label}, "type": "default",
+            "behaviors": [{"type": "callback", "value": value}], **extra}
+
+
+def _approval_card() -> dict[str, Any]:
+    """A card like the approval card of docs/plan: a form with a text input and submit buttons, one in columns."""
+    def choice(label: str, name: str) -> dict[str, Any]:
+        return _button(label, name, {"approval": KEY, "choice": name}, form_action_type="submit")
+
+    return {"schema": "2.0", "config": {"update_multi": True, "summary": {"content": "Approval needed"}},
+            "header": {"title": {"tag": "plain_text", "content": "Bash wants to run"}, "template": "orange"},
+            "body": {"elements": [
+                {"tag": "markdown", "content": "```\ntouch x\n```"},
+                {"tag": "form", "name": "decision", "elements": [
+                    {"tag": "input", "name": "text", "placeholder": {"tag": "plain_text", "content": "Reason"}},
+                    choice("Allow once", "allow"),
+                    {"tag": "column_set", "columns": [{"tag": "column", "elements": [choice("Deny", "deny")]}]},
+                ]},
+            ]}}
+
+
+def _decided_card(outcome: str) -> dict[str, Any]:
+    return {"schema": "2.0", "config": {"update_multi": True},
+            "header": {"title": {"tag": "plain_text", "content": "Bash"}, "template": "green"},
+            "body": {"elements": [{"tag": "markdown", "content": outcome}]}}
+
+
+def _send_card(api: lark.Client, card: dict[str, Any]) -> str:
+    sent = api.im.v1.message.create(CreateMessageRequest.builder().receive_id_type("chat_id").request_body(
+        CreateMessageRequestBody.builder().receive_id(CHAT).msg_type("interactive").content(json.dumps(card))
+        .build()).build())
+    assert sent.success(), sent.msg
+    return sent.data.message_id
+
+
+def _deciding(clicks: list[P2CardActionTrigger]) -> Callable[[P2CardActionTrigger], P2CardActionTriggerResponse]:
+    """An app's click handler: answers with a toast and the decided card; a reason "slow" makes it miss 3 s."""
+    def on_click(data: P2CardActionTrigger) -> P2CardActionTriggerResponse:
+        clicks.append(data)
+        if (data.event.action.form_value or {}).get("text") == "slow":
+            time.sleep(CALLBACK_DEADLINE + 0.3)  # the behaviour under test: a handler slower than Feishu waits
+        outcome = f"{data.event.action.value['choice']} by {data.event.operator.open_id}"
+        return P2CardActionTriggerResponse({"toast": {"type": "success", "content": outcome},
+                                            "card": {"type": "raw", "data": _decided_card(outcome)}})
+    return on_click
+
+
+@pytest.fixture
+def clicks() -> list[P2CardActionTrigger]:
+    return []
+
+
+@pytest.fixture
+def card_ws(fake: FakeFeishu, clicks: list[P2CardActionTrigger]) -> Iterator[WsClientThread]:
+    """A real lark.ws.Client whose dispatcher answers card.action.trigger as `_deciding` does."""
+    def make_client() -> lark.ws.Client:
+        handler = lark.EventDispatcherHandler.builder("", "").register_p2_card_action_trigger(_deciding(clicks)).build()
+        return lark.ws.Client(fake.app_id, fake.app_secret, event_handler=handler, domain=fake.base_url,
+                              log_level=lark.LogLevel.CRITICAL)
+
+    runner = WsClientThread(make_client).start()
+    fake.wait_connected()
+    yield runner
+    runner.stop()
+
+
+class SdkWebhook:
+    """The SDK's own dispatcher (EventDispatcherHandler.do) behind an HTTP server on 127.0.0.1, as an app in webhook
+    mode runs it; it keeps the raw body of every request."""
+
+    def __init__(self, dispatcher: lark.EventDispatcherHandler) -> None:
+        self.bodies: list[bytes] = []
+        bodies = self.bodies
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                request = lark.RawRequest()
+                request.uri, request.body = self.path, self.rfile.read(int(self.headers["Content-Length"]))
+                request.headers = dict(self.headers.items())  # case kept: the SDK's header lookup is case-sensitive
+                bodies.append(request.body)
+                response = dispatcher.do(request)
+                self.send_response(response.status_code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(response.content)))
+                self.end_headers()
+                self.wfile.write(response.content)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def webhook(self, encrypt_key: str | None) -> Webhook:
+        return Webhook(f"http://127.0.0.1:{self.server.server_address[1]}/feishu/card", encrypt_key)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def sdk_webhook(fake: FakeFeishu, clicks: list[P2CardActionTrigger]) -> Iterator[SdkWebhook]:
+    handler = (lark.EventDispatcherHandler.builder("encrypt-key", fake.verification_token)
+               .register_p2_card_action_trigger(_deciding(clicks)).build())
+    server = SdkWebhook(handler)
+    yield server
+    server.close()
+
+
+def test_buttons_are_found_in_forms_and_columns_and_a_click_sends_the_form(fake: FakeFeishu, api: lark.Client) -> None:
+    card = _approval_card()
+    card["body"]["elements"] += [
+        {"tag": "button", "name": "legacy", "text": {"tag": "plain_text", "content": "Legacy"}, "value": {"v": 1}},
+        _button("Greyed", "greyed", {"v": 2}, disabled=True),
+        {"tag": "button", "text": {"tag": "plain_text", "content": "Docs"},
+         "behaviors": [{"type": "open_url", "default_url": "https://open.feishu.cn"}]},
+    ]
+    message_id = _send_card(api, card)
+
+    allow, deny, legacy, greyed, docs = fake.buttons(message_id)
+    assert allow == Button("Allow once", "allow", {"approval": KEY, "choice": "allow"}, "decision", "submit")
+    assert (deny.text, deny.form, deny.value["choice"]) == ("Deny", "decision", "deny")
+    assert (legacy.value, legacy.form, greyed.disabled, docs.value) == ({"v": 1}, None, True, None)
+
+    event = fake.card_action_event(message_id, deny, APPROVER, form_value={"text": "not now"})
+    assert event["schema"] == "2.0"
+    assert {k: event["header"][k] for k in ("event_type", "token", "app_id", "tenant_key")} == {
+        "event_type": "card.action.trigger", "token": fake.verification_token, "app_id": fake.app_id,
+        "tenant_key": fake.tenant_key}
+    body = event["event"]
+    assert body["operator"]["open_id"] == APPROVER and body["token"].startswith("c-") and body["host"] == "im_message"
+    assert body["action"] == {"tag": "button", "name": "deny", "value": {"approval": KEY, "choice": "deny"},
+                              "form_value": {"text": "not now"}}
+    assert body["context"] == {"open_message_id": message_id, "open_chat_id": CHAT}
+    assert fake.card_action_event(message_id, "Allow once", OTHER)["event"]["action"]["form_value"] == {"text": ""}
+    assert "form_value" not in fake.card_action_event(message_id, legacy, OTHER)["event"]["action"]
+
+    for bad in (lambda: fake.card_action_event(message_id, greyed, OTHER),  # the client sends nothing
+                lambda: fake.card_action_event(message_id, docs, OTHER),
+                lambda: fake.card_action_event(message_id, "Allow once", OTHER, form_value={"nope": "x"}),
+                lambda: fake.card_action_event(message_id, legacy, OTHER, form_value={"text": "x"}),
+                lambda: fake.card_action_event(message_id, "Allow once", OTHER, form_value={"text": "x" * 1001}),
+                lambda: fake.card_action_event(message_id, "Missing", OTHER)):
+        with pytest.raises(ValueError):
+            bad()
+    card["body"]["elements"][1]["elements"][0]["required"] = True
+    required = _send_card(api, card)
+    with pytest.raises(ValueError, match="required input 'text' is empty"):
+        fake.card_action_event(required, "Deny", OTHER)
+
+    unconnected = fake.click(message_id, "Allow once", APPROVER)  # no long connection: the click fails
+    assert (unconnected.ok, unconnected.status) == (False, 0)
+    assert "no long-connection client" in (unconnected.failure or "")
+
+
+def test_ws_event_frame_callback_is_answered_in_the_ack_and_its_card_replaces_the_card(
+        fake: FakeFeishu, api: lark.Client, card_ws: WsClientThread, clicks: list[P2CardActionTrigger]) -> None:
+    message_id = _send_card(api, _approval_card())
+    calls_before = len(fake.calls)
+
+    answer = fake.click(message_id, "Allow once", APPROVER, form_value={"text": "go"}, frame_type="event")
+
+    assert answer.ok, answer.failure
+    assert (answer.status, answer.toast) == (200, Toast("success", f"allow by {APPROVER}"))
+    assert answer.card == _decided_card(f"allow by {APPROVER}")
+    [data] = clicks
+    assert (data.header.event_type, data.header.token) == ("card.action.trigger", fake.verification_token)
+    assert data.event.action.value == {"approval": KEY, "choice": "allow"}
+    assert data.event.action.form_value == {"text": "go"}
+    assert (data.event.context.open_message_id, data.event.context.open_chat_id) == (message_id, CHAT)
+    assert fake.buttons(message_id) == []
+    assert fake.message(message_id).text == f"allow by {APPROVER}"
+    assert [u.source for u in fake.card_updates(message_id)] == ["callback"]
+    assert len(fake.calls) == calls_before  # Feishu applied the answer's card: no API call
+
+
+def test_the_stock_ws_client_drops_card_frames(fake: FakeFeishu, api: lark.Client, card_ws: WsClientThread,
+                                              clicks: list[P2CardActionTrigger]) -> None:
+    """lark-oapi 1.7.5 returns from _handle_data_frame for a `card` frame without calling the handler or acking:
+    Feishu's click fails (the user sees error 200340). Our channel routes such frames itself."""
+    message_id = _send_card(api, _approval_card())
+
+    answer = fake.click(message_id, "Deny", APPROVER)  # frame_type="card", as Feishu sends callbacks
+
+    assert (answer.ok, answer.status, answer.toast) == (False, 0, None)
+    assert clicks == []
+    assert [b.text for b in fake.buttons(message_id)] == ["Allow once", "Deny"]
+    assert fake.card_updates() == []
+
+
+def test_webhook_callback_through_the_sdk_dispatcher_and_forged_or_replayed_ones(
+        fake: FakeFeishu, api: lark.Client, sdk_webhook: SdkWebhook, clicks: list[P2CardActionTrigger]) -> None:
+    message_id = _send_card(api, _approval_card())
+    webhook = sdk_webhook.webhook("encrypt-key")
+    forged_event = fake.card_action_event(message_id, "Allow once", OTHER)
+
+    forged = fake.send_callback(forged_event, via="webhook", webhook=webhook, signature="0" * 64)
+    assert (forged.ok, forged.status, clicks) == (False, 500, [])
+    answer = fake.click(message_id, "Deny", APPROVER, form_value={"text": "no"}, via="webhook", webhook=webhook)
+    assert answer.ok, answer.failure
+    assert answer.toast == Toast("success", f"deny by {APPROVER}")
+    assert json.loads(sdk_webhook.bodies[-1]).keys() == {"encrypt"}  # encrypted as Feishu does with a key
+    assert fake.buttons(message_id) == []
+
+    replayed = fake.replay(answer)
+    assert sdk_webhook.bodies[-1] == sdk_webhook.bodies[-2] == answer.request.body
+    assert replayed.status == 200 and len(clicks) == 2  # the stock dispatcher has no replay defence: the app needs one
+    assert [u.source for u in fake.card_updates(message_id)] == ["callback"]  # an attacker's answer updates nothing
+
+
+def test_an_answer_later_than_3_s_fails_the_callback_and_changes_no_card(
+        fake: FakeFeishu, api: lark.Client, sdk_webhook: SdkWebhook, clicks: list[P2CardActionTrigger]) -> None:
+    message_id = _send_card(api, _approval_card())
+
+    answer = fake.click(message_id, "Deny", APPROVER, form_value={"text": "slow"}, via="webhook",
+                        webhook=sdk_webhook.webhook("encrypt-key"))
+
+    assert len(clicks) == 1 and answer.status == 200 and answer.seconds > CALLBACK_DEADLINE
+    assert not answer.ok and "answered after" in (answer.failure or "")
+    assert [b.text for b in fake.buttons(message_id)] == ["Allow once", "Deny"]
+
+
+def test_patch_replaces_a_card_and_buttons_follow(fake: FakeFeishu, api: lark.Client) -> None:
+    message_id = _send_card(api, _approval_card())
+
+    def patch(target: str, card: dict[str, Any] | str) -> int:
+        content = card if isinstance(card, str) else json.dumps(card)
+        return api.im.v1.message.patch(PatchMessageRequest.builder().message_id(target).request_body(
+            PatchMessageRequestBody.builder().content(content).build()).build()).code
+
+    assert patch(message_id, _decided_card("Timed out")) == 0
+    assert fake.buttons(message_id) == []
+    assert fake.message(message_id).content["header"]["template"] == "green"
+    assert patch("om_unknown", _decided_card("x")) == 230001
+    assert patch(message_id, _decided_card("x" * 31 * 1024)) == 230025
+    assert [u.source for u in fake.card_updates(message_id)] == ["patch"]
+
+    codes = [patch(message_id, _approval_card())]
+    while codes[-1] == 0 and len(codes) < 100:  # until the per-message limit refuses one
+        codes.append(patch(message_id, _approval_card()))
+    assert codes[-1] == 230020
+    refused_at = next(c.time for c in reversed(fake.calls) if c.code == 230020)
+    assert sum(1 for u in fake.card_updates(message_id) if refused_at - u.time < 1.0) == PATCH_QPS
+    assert [b.text for b in fake.buttons(message_id)] == ["Allow once", "Deny"]

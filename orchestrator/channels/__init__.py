@@ -40,7 +40,57 @@ class DeliveryFailed(Exception):
         self.permanent = permanent
 
 
+@dataclass(frozen=True)
+class Question:
+    """One question of the agent's AskUserQuestion: its options become buttons, and a text field takes any answer."""
+
+    text: str
+    header: str = ""
+    options: tuple[str, ...] = ()  # the option labels, in order
+
+
+@dataclass(frozen=True)
+class ApprovalView:
+    """What an approval card shows: who asked for what, who may decide, and once settled how it ended. Every text
+    in it that came from the agent is bounded by the middle and escaped by the channel."""
+
+    key: str  # the approval's random key: every button of the card carries it
+    chat_id: str
+    reply_to: str  # the user message whose turn asks
+    tool: str  # the tool's name (Bash, Edit, WebFetch, AskUserQuestion, ...)
+    details: tuple[tuple[str, str], ...]  # (label, text) lines: ("Command", "touch x"), ("File", ...), ("Diff", ...)
+    approvers: tuple[str, ...]  # open ids of who may decide
+    questions: tuple[Question, ...] = ()  # AskUserQuestion: answered instead of allowed or denied
+    outcome: str | None = None  # None while it waits (buttons shown); else one line, e.g. "Allowed once"
+    decided_by: str | None = None  # open id of who decided; None for a timeout, a shutdown, a turn that ended
+    decided_at: float | None = None  # epoch seconds
+
+
+@dataclass(frozen=True)
+class CardAction:
+    """A click on an approval card (or its form sent), parsed by the channel; nothing in it is trusted yet."""
+
+    key: str  # the approval key the button carried
+    choice: str  # "allow" (once), "always" (this tool in this chat), "deny", "answer" (a question)
+    operator_id: str  # open id of who clicked
+    chat_id: str  # the chat the card is in, as Feishu says
+    message_id: str  # the card's message, as Feishu says
+    text: str = ""  # the form's text field: a reason to deny, or a typed answer
+    question: int | None = None  # "answer" by a button: which question (index) ...
+    option: int | None = None  # ... and which of its options (index)
+
+
+@dataclass(frozen=True)
+class ActionReply:
+    """The answer to a click, within Feishu's 3 s: a toast, and the card to show from now on (None: unchanged)."""
+
+    toast: str
+    level: str = "info"  # success, info, warning, error
+    view: ApprovalView | None = None
+
+
 Submit = Callable[[Incoming], Awaitable[None]]
+Act = Callable[[CardAction], Awaitable[ActionReply]]
 
 
 class TurnDisplay(Protocol):
@@ -55,8 +105,9 @@ class TurnDisplay(Protocol):
 
 
 class Channel(Protocol):
-    async def run(self, submit: Submit) -> None:
-        """Receive messages and hand each to `submit` until the channel ends (or is cancelled)."""
+    async def run(self, submit: Submit, act: Act) -> None:
+        """Receive messages and hand each to `submit`, and clicks on approval cards to `act` (whose reply is shown
+        to the clicker), until the channel ends (or is cancelled)."""
 
     def display(self, chat_id: str, message_id: str, saved: str | None, save: Callable[[str], None]) -> TurnDisplay:
         """How this message's turn shows in its chat. `save` keeps what the display made (a card, a reaction)
@@ -64,6 +115,14 @@ class Channel(Protocol):
 
     async def deliver(self, item: Outgoing) -> None:
         """Send one outbox item; raise DeliveryFailed when it did not go through."""
+
+    async def show_approval(self, view: ApprovalView) -> str:
+        """Send an approval card (a reply to `view.reply_to`); its message id. Raise DeliveryFailed when it did not
+        go through."""
+
+    async def update_approval(self, message_id: str, view: ApprovalView) -> None:
+        """Show `view` in the approval card sent before (its buttons gone once it has an outcome). Raise
+        DeliveryFailed when it did not go through."""
 
     def health(self) -> str | None:
         """None when the channel works; otherwise what is wrong. Called from another thread."""

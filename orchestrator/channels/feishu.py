@@ -1,4 +1,5 @@
-"""Feishu (Lark) through the official lark-oapi SDK: events in, replies and streaming cards out.
+"""Feishu (Lark) through the official lark-oapi SDK: events and card clicks in, replies, streaming cards and
+approval cards out.
 
 The only module that imports lark_oapi. Events arrive on the SDK's own thread (the long-connection
 client, which insists on its own event loop; a watchdog builds it anew when it stays down) or from the
@@ -7,6 +8,9 @@ acknowledged once the service has stored it, so an event is never acked and then
 never delays an ack. Every REST call that writes goes through one limiter (per chat and app-wide) and is
 retried on Feishu's rate-limit answers; the SDK's blocking calls run on this module's thread pool. Text
 leaves made safe to show as the bot (feishu_render: no mentions, tags or hidden links from the agent).
+A click on an approval card (`card.action.trigger`, by either way in) is parsed, handed to the service's `act`
+and answered within Feishu's 3 s with a toast and the card to show from then on; it never raises (the SDK
+would answer 500, and the clicker would see Feishu's own error).
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ import hmac
 import json
 import threading
 import time
-from collections.abc import Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Coroutine, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
@@ -42,17 +46,23 @@ from lark_oapi.api.im.v1 import (
     DeleteMessageReactionRequest,
     Emoji,
     P2ImMessageReceiveV1,
+    PatchMessageRequest,
+    PatchMessageRequestBody,
     ReplyMessageRequest,
     ReplyMessageRequestBody,
 )
 from lark_oapi.core.exception import AccessTokenException, ObtainAccessTokenException
 from lark_oapi.core.utils import AESCipher
+from lark_oapi.event.callback.model.p2_card_action_trigger import P2CardActionTrigger, P2CardActionTriggerResponse
+from lark_oapi.ws.const import HEADER_TYPE
+from lark_oapi.ws.enum import MessageType
+from lark_oapi.ws.pb.pbbp2_pb2 import Frame
 from loguru import logger
 
 from orchestrator import metrics
-from orchestrator.channels import DeliveryFailed, Outgoing, Submit
-from orchestrator.channels.feishu_events import Ignored, parse_message_event
-from orchestrator.channels.feishu_render import card_markdown, message_text
+from orchestrator.channels import Act, ActionReply, ApprovalView, CardAction, DeliveryFailed, Outgoing, Submit
+from orchestrator.channels.feishu_events import Ignored, parse_card_action, parse_message_event
+from orchestrator.channels.feishu_render import approval_card, card_markdown, message_text
 from orchestrator.channels.feishu_webhook import Refused, Verifier, WebhookLimits, WebhookServer
 from orchestrator.config import FeishuSettings
 from orchestrator.ratelimit import Limiter
@@ -71,6 +81,10 @@ ANSWER_ELEMENT = "answer"
 WATCH_INTERVAL = 1.0  # seconds between the watchdog's looks at the long connection
 REST_HEALTH_SECONDS = 60  # a failed API call makes the channel unhealthy this long, unless one succeeds
 TYPING = "Typing"
+TOAST_LEVELS = ("success", "info", "warning", "error")
+TOAST_CHARS = 200
+CANNOT_HANDLE = ActionReply("This card cannot be handled.", "error")
+BUSY = ActionReply("The bot is busy; try again in a moment.", "warning")
 
 
 class FeishuError(Exception):
@@ -106,16 +120,21 @@ class FeishuChannel:
 
     # ---- inbound ----
 
-    async def run(self, submit: Submit) -> None:
+    async def run(self, submit: Submit, act: Act) -> None:
         self.bot_open_id = await self._bot_open_id()
-        loop = asyncio.get_running_loop()
-        handler = (lark.EventDispatcherHandler.builder(self.settings.encrypt_key, self.settings.verification_token)
-                   .register_p2_im_message_receive_v1(lambda data: self._on_message(loop, submit, data)).build())
+        handler = self.handler(asyncio.get_running_loop(), submit, act)
         if self.settings.mode == "webhook":
             await self._serve_webhook(handler)
         else:
             threading.Thread(target=self._run_long_connection, args=(handler,), name="feishu-ws", daemon=True).start()
             await self._watch_long_connection()
+
+    def handler(self, loop: asyncio.AbstractEventLoop, submit: Submit, act: Act) -> lark.EventDispatcherHandler:
+        """The SDK's dispatcher for both ways in (the long connection, the webhook): messages and card clicks, each
+        handed to the service on `loop`."""
+        return (lark.EventDispatcherHandler.builder(self.settings.encrypt_key, self.settings.verification_token)
+                .register_p2_im_message_receive_v1(lambda data: self._on_message(loop, submit, data))
+                .register_p2_card_action_trigger(lambda data: self._on_card_action(loop, act, data)).build())
 
     def _on_message(self, loop: asyncio.AbstractEventLoop, submit: Submit, data: P2ImMessageReceiveV1) -> None:
         """On an SDK thread. Returns (and so acks) only once the service has stored the message."""
@@ -133,6 +152,49 @@ class FeishuChannel:
             future.cancel()
             raise TimeoutError("the service did not take the message in time; Feishu will deliver it again") from None
 
+    def _on_card_action(self, loop: asyncio.AbstractEventLoop, act: Act, data: P2CardActionTrigger
+                        ) -> P2CardActionTriggerResponse:
+        """On an SDK thread: a click, answered with what `act` said (within ACK_WAIT_SECONDS), never an error."""
+        try:
+            event = json.loads(lark.JSON.marshal(data.event) or "null")
+            action = parse_card_action(event)
+            if isinstance(action, Ignored):
+                context = event.get("context") if isinstance(event, dict) else None
+                ids = context if isinstance(context, dict) else {}
+                logger.bind(chat_id=str(ids.get("open_chat_id", "-"))[:80],
+                            message_id=str(ids.get("open_message_id", "-"))[:80]).warning(
+                    f"card action ignored: {action.reason}")
+                return card_response(CANNOT_HANDLE)
+            return card_response(self._act(loop, act, action))
+        except Exception as exc:  # a raise would make the SDK answer 500
+            logger.opt(exception=exc).error(f"a card action could not be handled: {exc!r}")
+            return card_response(CANNOT_HANDLE)
+
+    def _act(self, loop: asyncio.AbstractEventLoop, act: Act, action: CardAction) -> ActionReply:
+        future = asyncio.run_coroutine_threadsafe(act(action), loop)
+        try:
+            return future.result(ACK_WAIT_SECONDS)
+        except FutureTimeout:
+            # Not cancelled: the click may have decided by now, and then its card must still lose its buttons,
+            # which the answer to Feishu no longer can do: the card is updated once `act` is done.
+            future.add_done_callback(lambda done: loop.call_soon_threadsafe(self._late_reply, action, done))
+            logger.bind(chat_id=action.chat_id, message_id=action.message_id).warning(
+                f"a click on approval {action.key[:8]} took over {ACK_WAIT_SECONDS:g} s; its card is updated later")
+            return BUSY
+
+    def _late_reply(self, action: CardAction, done: Future[ActionReply]) -> None:
+        """On the service's loop: the card of a click answered after Feishu stopped waiting, updated."""
+        view = None if done.cancelled() or done.exception() is not None else done.result().view
+        if view is not None:
+            self.in_background(self._update_after_click(action, view))
+
+    async def _update_after_click(self, action: CardAction, view: ApprovalView) -> None:
+        try:
+            await self.update_approval(action.message_id, view)
+        except DeliveryFailed as exc:
+            logger.bind(chat_id=action.chat_id, message_id=action.message_id).warning(
+                f"approval {action.key[:8]}: its card could not be updated after a slow click ({exc})")
+
     def _run_long_connection(self, handler: lark.EventDispatcherHandler) -> None:
         """On its own thread: a client, until it fails for good or the watchdog drops it; then a new one."""
         while True:
@@ -148,8 +210,8 @@ class FeishuChannel:
         # fresh one per client, so nothing of a dropped client can run beside the next one.
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
-        client = lark.ws.Client(self.settings.app_id, self.settings.app_secret, event_handler=handler,
-                                domain=self.settings.domain, log_level=lark.LogLevel.WARNING)
+        client = CardFrameClient(self.settings.app_id, self.settings.app_secret, event_handler=handler,
+                                 domain=self.settings.domain, log_level=lark.LogLevel.WARNING)
         with self._ws_lock:
             lark_ws_client.loop = self._ws_loop = loop
             self._ws = client
@@ -248,10 +310,21 @@ class FeishuChannel:
         return FeishuDisplay(self, chat_id, message_id, json.loads(saved) if saved else {}, save)
 
     async def deliver(self, item: Outgoing) -> None:
-        try:
+        with _delivery():
             await self._deliver(item)
-        except FeishuError as exc:
-            raise DeliveryFailed(str(exc), exc.retry_after, exc.permanent) from exc
+
+    async def show_approval(self, view: ApprovalView) -> str:
+        """The approval card, a reply to the message whose turn asks; the same key for every attempt, so Feishu
+        sends it once."""
+        with _delivery():
+            return await self._send(view.chat_id, "interactive", _card_content(view), view.reply_to,
+                                    f"approval-{view.key}")
+
+    async def update_approval(self, message_id: str, view: ApprovalView) -> None:
+        body = PatchMessageRequestBody.builder().content(_card_content(view)).build()
+        request = PatchMessageRequest.builder().message_id(message_id).request_body(body).build()
+        with _delivery():
+            await self._call(self.client.im.v1.message.patch, request, view.chat_id, ("chat", view.chat_id))
 
     async def _deliver(self, item: Outgoing) -> None:
         chunks = split_text(item.text, CARD_TEXT_LIMIT if item.card else TEXT_LIMIT)
@@ -454,6 +527,41 @@ class FeishuDisplay:
                 await self.channel.remove_reaction(self.chat_id, self.message_id, self.reaction_id)
             except FeishuError as exc:
                 self.log.warning(f"could not remove the Typing reaction: {exc}")
+
+
+class CardFrameClient(lark.ws.Client):
+    """The long-connection client, also for card callbacks in frames whose `type` header is `card`: Feishu has
+    been seen to send them so, and lark-oapi 1.7.5 drops such frames unanswered (`_handle_data_frame` returns
+    early). Taken as `event` frames, their payload (the v2 callback JSON) reaches the dispatcher, which routes it
+    by its event type to the card handler, and the answer goes back in the frame as for any event."""
+
+    async def _handle_data_frame(self, frame: Frame) -> None:
+        for header in frame.headers:
+            if header.key == HEADER_TYPE and header.value == MessageType.CARD.value:
+                header.value = MessageType.EVENT.value
+        await super()._handle_data_frame(frame)
+
+
+def card_response(reply: ActionReply) -> P2CardActionTriggerResponse:
+    """The answer to a card callback: a toast, and the card to show from now on when there is one."""
+    level = reply.level if reply.level in TOAST_LEVELS else "info"
+    body: dict[str, Any] = {"toast": {"type": level, "content": message_text(reply.toast[:TOAST_CHARS])}}
+    if reply.view is not None:
+        body["card"] = {"type": "raw", "data": approval_card(reply.view)}
+    return P2CardActionTriggerResponse(body)
+
+
+def _card_content(view: ApprovalView) -> str:
+    return json.dumps(approval_card(view), ensure_ascii=False)
+
+
+@contextlib.contextmanager
+def _delivery() -> Iterator[None]:
+    """A FeishuError as the DeliveryFailed the service handles."""
+    try:
+        yield
+    except FeishuError as exc:
+        raise DeliveryFailed(str(exc), exc.retry_after, exc.permanent) from exc
 
 
 def _dispose(loop: asyncio.AbstractEventLoop, client: lark.ws.Client) -> None:

@@ -16,11 +16,21 @@ text leaves for Feishu:
 - inside a fenced code block (```), only Feishu's own tags and entities are broken, and links are left
   alone: code copied from a card stays exact (`#include <stdio.h>`, `List<String>`, `a[i](x)`). Mentions
   must not depend on Feishu's renderer treating code as code.
+
+Approval cards (`approval_card`) are built here too: what the agent asks for is shown with this escaping, the
+agent's code in fenced blocks it cannot close, and the card is cut to fit Feishu's 30 KB however much the agent
+wrote.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import time
+from typing import Any
+
+from orchestrator.channels import ApprovalView, Question
+from orchestrator.channels.feishu_events import is_open_id
 
 BREAK = "\u200b"  # zero-width space
 _TAG_START = re.compile(r"<(?=[A-Za-z/!?])")
@@ -73,3 +83,139 @@ def _fenced(text: str) -> list[tuple[str, bool]]:
         position = end
     parts.append((text[position:], False))
     return [(part, is_code) for part, is_code in parts if part]
+
+
+# ---- approval cards (card JSON 2.0) ----
+
+CARD_BYTES = 28 * 1024  # Feishu refuses a card over 30 KB of JSON; the rest is room for the message around it
+AGENT_TEXT_CHARS = 6000  # of the agent's text on one card; cut harder while the card's JSON is still too big
+DETAIL_CHARS = 3000  # of one detail (a command, a diff)
+QUESTION_CHARS = 1000  # of one question, with its header
+OUTCOME_CHARS = 1000  # of the outcome line (a typed reason or answer)
+TITLE_CHARS = 100  # of the header's title
+TOOL_CHARS = 60  # of the tool's name
+BUTTON_CHARS = 40  # of a button's label
+INPUT_CHARS = 1000  # the most Feishu's input field takes
+MAX_DETAILS, MAX_QUESTIONS, MAX_OPTIONS, MAX_APPROVERS = 10, 4, 8, 20
+# Shown in a fenced block (as code) also when they fit on one line; any text that does not is shown so too.
+CODE_LABELS = frozenset({"Command", "Content", "Diff", "Input", "Source"})
+_BACKTICK_RUN = re.compile(r"`(?=`)")
+_LINE_BREAK = re.compile("[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")  # what str.splitlines splits at
+INTROS = {"Bash": "Claude wants to run a command", "Write": "Claude wants to write a file",
+          "Edit": "Claude wants to edit a file", "MultiEdit": "Claude wants to edit a file",
+          "NotebookEdit": "Claude wants to edit a notebook", "WebFetch": "Claude wants to fetch a web page",
+          "WebSearch": "Claude wants to search the web", "AskUserQuestion": "Claude asks"}
+# The header's colour by how the outcome (approvals.Approvals.outcome) begins; any other outcome is a denial.
+OUTCOME_TEMPLATES = (("Allowed", "green"), ("Always allowed", "green"), ("Answered", "green"),
+                     ("No longer needed", "grey"))
+
+
+class _Room:
+    """What is left of a card's allowance for the agent's text; each text is cut to fit it."""
+
+    def __init__(self, chars: int) -> None:
+        self.chars = chars
+
+    def cut(self, text: str, most: int) -> str:
+        keep = max(0, min(most, self.chars))
+        self.chars -= min(len(text), keep)
+        return text if len(text) <= keep else text[:keep] + "…"
+
+
+def approval_card(view: ApprovalView) -> dict[str, Any]:
+    """The card of an approval: the request, who may decide and, while it waits, a form with its buttons (each
+    carrying the approval's key); once settled, the outcome instead. Its JSON stays under CARD_BYTES however long
+    the agent's text (cut harder until it does)."""
+    chars = AGENT_TEXT_CHARS
+    while True:
+        card = _approval_card(view, _Room(chars))
+        if chars == 0 or len(json.dumps(card, ensure_ascii=False).encode()) <= CARD_BYTES:
+            return card
+        chars //= 4
+
+
+def _approval_card(view: ApprovalView, room: _Room) -> dict[str, Any]:
+    tool = room.cut(view.tool, TOOL_CHARS)
+    title = f"Approval needed: {tool}" if view.outcome is None else room.cut(view.outcome, TITLE_CHARS)
+    template = "orange" if view.outcome is None else _template(view.outcome)
+    elements = [_markdown(f"{card_markdown(INTROS.get(view.tool, f'Claude wants to use {tool}'))}:")]
+    elements += [_markdown(_detail(label, room.cut(text, DETAIL_CHARS))) for label, text in view.details[:MAX_DETAILS]]
+    if view.outcome is None:
+        elements += [_markdown(_approvers(view.approvers)), _form(view, tool, room)]
+    else:
+        elements += [_markdown(_question(question, room)) for question in view.questions[:MAX_QUESTIONS]]
+        elements.append(_markdown(_settled(view, room)))
+    return {"schema": "2.0",
+            "config": {"update_multi": True, "summary": {"content": message_text(title)}},
+            "header": {"title": {"tag": "plain_text", "content": message_text(title)}, "template": template},
+            "body": {"elements": elements}}
+
+
+def _form(view: ApprovalView, tool: str, room: _Room) -> dict[str, Any]:
+    """The buttons (a form, so a click sends the text field along) while the approval waits."""
+    elements: list[dict[str, Any]] = []
+    for number, question in enumerate(view.questions[:MAX_QUESTIONS]):
+        elements.append(_markdown(_question(question, room)))
+        elements += [_button(room.cut(option, BUTTON_CHARS), "default", view.key, "answer", question=number,
+                             option=index)
+                     for index, option in enumerate(question.options[:MAX_OPTIONS])]
+    placeholder = "Or type an answer" if view.questions else "Reason to deny (optional)"
+    elements.append({"tag": "input", "name": "text", "max_length": INPUT_CHARS,
+                     "placeholder": {"tag": "plain_text", "content": placeholder}})
+    if view.questions:
+        elements += [_button("Send typed answer", "primary", view.key, "answer"),
+                     _button("Decline to answer", "danger", view.key, "deny")]
+    else:
+        elements += [_button("Allow once", "primary", view.key, "allow"),
+                     _button(f"Always allow {tool} here", "default", view.key, "always"),
+                     _button("Deny", "danger", view.key, "deny")]
+    return {"tag": "form", "name": "decision", "elements": elements}
+
+
+def button_name(key: str, choice: str, question: int | None = None, option: int | None = None) -> str:
+    """A button's name carries what its value does (`allow-<key>`, `answer-<key>-0-1`): a form's submit sends its
+    button's name in any case, and its value has been reported missing (feishu_events.parse_card_action reads both)."""
+    return "-".join([choice, key, *([str(question), str(option)] if question is not None else [])])
+
+
+def _button(label: str, kind: str, key: str, choice: str, **picked: int) -> dict[str, Any]:
+    name = button_name(key, choice, picked.get("question"), picked.get("option"))
+    return {"tag": "button", "name": name, "text": {"tag": "plain_text", "content": message_text(label)},
+            "type": kind, "form_action_type": "submit",
+            "behaviors": [{"type": "callback", "value": {"approval": key, "choice": choice, **picked}}]}
+
+
+def _markdown(content: str) -> dict[str, Any]:
+    return {"tag": "markdown", "content": content}
+
+
+def _detail(label: str, text: str) -> str:
+    """`**Label:** text`, or the text as code in a fenced block that nothing in it can close: every run of
+    backticks in it is broken, so no fence (of any length) can form."""
+    if label in CODE_LABELS or "`" in text or _LINE_BREAK.search(text):
+        return f"**{card_markdown(label)}:**\n" + card_markdown(f"```\n{_BACKTICK_RUN.sub('`' + BREAK, text)}\n```")
+    return f"**{card_markdown(label)}:** {card_markdown(text)}"
+
+
+def _question(question: Question, room: _Room) -> str:
+    header = room.cut(question.header, BUTTON_CHARS)
+    text = card_markdown(room.cut(question.text, QUESTION_CHARS))
+    return f"**{card_markdown(header)}:** {text}" if header else text
+
+
+def _approvers(approvers: tuple[str, ...]) -> str:
+    mentions = [f"<at id={open_id}></at>" for open_id in approvers if is_open_id(open_id)][:MAX_APPROVERS]
+    return f"Who may decide: {' '.join(mentions)}" if mentions else "Who may decide: this chat's approvers"
+
+
+def _settled(view: ApprovalView, room: _Room) -> str:
+    line = card_markdown(room.cut(view.outcome or "", OUTCOME_CHARS))
+    if is_open_id(view.decided_by):
+        line += f" by <at id={view.decided_by}></at>"
+    if view.decided_at is not None:
+        line += time.strftime(" at %H:%M UTC", time.gmtime(view.decided_at))
+    return line
+
+
+def _template(outcome: str) -> str:
+    return next((colour for start, colour in OUTCOME_TEMPLATES if outcome.startswith(start)), "red")

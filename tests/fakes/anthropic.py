@@ -4,11 +4,20 @@ It speaks the real wire protocol (POST /v1/messages, SSE events message_start â€
 JSON message when stream is false) and answers by what the latest user prompt asks for:
 
 - `RUN_BASH: <command>`  say `Running it now.` and ask for a Bash tool_use; after its result, `ran: <result>`
+                       (a denied call's result too: the CLI's refusal text, or the deny message)
+- `WRITE_FILE: <path> <text>`  say `Writing it now.` and ask for a Write tool_use (file_path, content); after its
+                       result, `ran: <result>`
+- `ASK_USER: <question> | <option> | <option> [| ...]`  say `Let me ask.` and ask for an AskUserQuestion tool_use
+                       with that one question (header `Choice`, single select; the CLI takes 2 to 4 options and
+                       returns an error for other counts without asking); after its result, `answered: <result>`
 - `SLOW <seconds>`       stream a first piece of text, wait, then finish
 - `SILENT <seconds>`     wait before sending anything at all
 - `STREAM <n> <gap>`     answer in n text blocks `part i of n.`, `gap` seconds apart
 - `TOKENS <in> <out> [<cache written> <cache read>]`  report these token counts (default 10 in, 10 out)
 - anything else          `Fake answer to: <prompt>`
+
+A prompt sent after an interrupt comes in one user message with the refused tool's result: it is answered afresh;
+text the CLI adds next to a tool result (a message sent mid-turn) is not, the result is.
 
 Every request body is recorded in `requests`, so a test can see what the CLI sent (resumed history); the usage
 the fake reported for each (the API's `usage` fields, and `model`) in `usages`, and the bytes of its answer in
@@ -27,9 +36,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 _BASH = re.compile(r"RUN_BASH:\s*(.+)", re.DOTALL)
+_WRITE = re.compile(r"WRITE_FILE:\s*(\S+)\s+(.+)", re.DOTALL)
+_ASK = re.compile(r"ASK_USER:\s*(.+)", re.DOTALL)
 _SLOW = re.compile(r"SLOW\s+(\d+(?:\.\d+)?)")
 _SILENT = re.compile(r"SILENT\s+(\d+(?:\.\d+)?)")
 _STREAM = re.compile(r"STREAM\s+(\d+)\s+(\d+(?:\.\d+)?)")
+_INTERRUPTED = "[Request interrupted by user"
 _TOKENS = re.compile(r"TOKENS\s+(\d+)\s+(\d+)(?:\s+(\d+)\s+(\d+))?")
 
 
@@ -190,14 +202,19 @@ def plan_answer(body: dict[str, Any]) -> tuple[list[dict[str, Any]], float, floa
     """The content blocks to answer with, a delay before answering, one after the first piece of text, and
     one after each block."""
     blocks = latest_user_blocks(body)
-    results = [b for b in blocks if b.get("type") == "tool_result"]
-    if results:
-        return [{"type": "text", "text": f"ran: {text_of(results[-1].get('content')).strip()}"}], 0, 0, 0
-    prompt = text_of(blocks).strip()
-    if match := _BASH.search(prompt):
-        tool = {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:20]}", "name": "Bash",
-                "input": {"command": match.group(1).strip(), "description": "run the requested command"}}
-        return [{"type": "text", "text": "Running it now."}, tool], 0, 0, 0
+    # After an interrupt the CLI sends the refused tool's result, a "[Request interrupted by user for tool use]" text
+    # block and the next prompt in one user message; a message sent mid-turn comes as a text block next to the
+    # running turn's tool result (measured, /work/notes/cli_approvals.md). Only what follows an interrupt is new.
+    marks = [index for index, block in enumerate(blocks) if block.get("text", "").startswith(_INTERRUPTED)]
+    later = blocks[marks[-1] + 1:] if marks else blocks
+    if results := [block for block in later if block.get("type") == "tool_result"]:
+        verb = "answered" if tool_names(body).get(results[-1].get("tool_use_id")) == "AskUserQuestion" else "ran"
+        return [{"type": "text", "text": f"{verb}: {text_of(results[-1].get('content')).strip()}"}], 0, 0, 0
+    prompt = text_of(later).strip()
+    if requested := requested_tool(prompt):
+        intro, name, tool_input = requested
+        tool = {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:20]}", "name": name, "input": tool_input}
+        return [{"type": "text", "text": intro}, tool], 0, 0, 0
     if match := _STREAM.search(prompt):
         count, gap = int(match.group(1)), float(match.group(2))
         return [{"type": "text", "text": f"part {n} of {count}."} for n in range(1, count + 1)], 0, 0, gap
@@ -205,6 +222,30 @@ def plan_answer(body: dict[str, Any]) -> tuple[list[dict[str, Any]], float, floa
     slow = _SLOW.search(prompt)
     answer = [{"type": "text", "text": f"Fake answer to: {prompt}"}]
     return answer, float(silent.group(1)) if silent else 0, float(slow.group(1)) if slow else 0, 0
+
+
+def tool_names(body: dict[str, Any]) -> dict[str, str]:
+    """The name of every tool_use the assistant asked for in the history, by its id."""
+    return {block["id"]: block.get("name", "") for message in body.get("messages", [])
+            if message.get("role") == "assistant" and isinstance(message.get("content"), list)
+            for block in message["content"] if block.get("type") == "tool_use" and "id" in block}
+
+
+def requested_tool(prompt: str) -> tuple[str, str, dict[str, Any]] | None:
+    """The text to say, and the tool and input to ask for, when the prompt asks for a tool call."""
+    if match := _BASH.search(prompt):
+        return "Running it now.", "Bash", {"command": match.group(1).strip(),
+                                           "description": "run the requested command"}
+    if match := _WRITE.search(prompt):
+        return "Writing it now.", "Write", {"file_path": match.group(1), "content": match.group(2).strip()}
+    if match := _ASK.search(prompt):
+        question, *labels = [part.strip() for part in match.group(1).split("|")]
+        options = [{"label": label, "description": f"Answer {label}"} for label in labels]
+        # The CLI checks this input before it asks (measured, /work/notes/cli_approvals.md): header and each
+        # option's description required, 2 to 4 options with distinct labels; other counts come back as errors.
+        return "Let me ask.", "AskUserQuestion", {"questions": [
+            {"question": question, "header": "Choice", "options": options, "multiSelect": False}]}
+    return None
 
 
 def planned_usage(body: dict[str, Any]) -> dict[str, int]:

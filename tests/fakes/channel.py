@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from orchestrator.channels import Outgoing
+from orchestrator.channels import ApprovalView, DeliveryFailed, Outgoing
 
 
 class RecordingDisplay:
@@ -30,6 +30,8 @@ class RecordingChannel(RecordingDisplay):
     def __init__(self) -> None:
         super().__init__()
         self.delivered: list[Outgoing] = []
+        self.cards: dict[str, list[ApprovalView]] = {}  # approval cards by message id: each version shown
+        self.failing_cards = 0  # the next this many approval card sends or updates fail
 
     def display(self, chat_id: str, message_id: str, saved: str | None,
                 save: Callable[[str], None]) -> RecordingChannel:
@@ -37,6 +39,21 @@ class RecordingChannel(RecordingDisplay):
 
     async def deliver(self, item: Outgoing) -> None:
         self.delivered.append(item)
+
+    async def show_approval(self, view: ApprovalView) -> str:
+        self._maybe_fail()
+        card = f"card-{len(self.cards) + 1}"
+        self.cards[card] = [view]
+        return card
+
+    async def update_approval(self, message_id: str, view: ApprovalView) -> None:
+        self._maybe_fail()
+        self.cards[message_id].append(view)
+
+    def _maybe_fail(self) -> None:
+        if self.failing_cards:
+            self.failing_cards -= 1
+            raise DeliveryFailed("the card could not be sent (a test's failure)", retry_after=0.01)
 
     def health(self) -> str | None:
         return None

@@ -17,6 +17,11 @@ It serves what our service uses, on the real wire protocol:
 - Event builders (`text_event`, `post_event`) producing real `im.message.receive_v1` v2 envelopes, and
   webhook helpers (`encrypt_body`, `signature_headers`, `webhook_request`, `url_verification`) that the
   SDK's own EventDispatcherHandler decrypts and verifies.
+- Card callbacks: `buttons(message_id)` lists the buttons of the card a message shows now, `click(...)` delivers
+  Feishu's `card.action.trigger` for one of them over the long connection or a webhook and returns how Feishu
+  took the answer (`CallbackAnswer`: toast, card, time, or why it failed); an answer's card replaces the
+  message's card (`card_updates`). `send_callback` delivers a hand-made or forged envelope, `replay` re-posts
+  a webhook request byte for byte (as an attacker would; neither changes a card).
 
 Running the SDK's long-connection client in tests (lark_oapi.ws.Client)
 -----------------------------------------------------------------------
@@ -48,7 +53,7 @@ Other SDK behaviour the fake relies on or mimics:
   as Feishu does.
 - The SDK caches tenant tokens per app_id for the whole process, so the token is the constant `t-fake`
   (a later fake may see no token request at all).
-- Error codes follow Feishu's documentation where it names one (230001, 230025, 230054, 230071, 230072,
+- Error codes follow Feishu's documentation where it names one (230001, 230020, 230025, 230054, 230071, 230072,
   200740, 200860, 300317, 99991400); codes the fake invents are in `msg` marked "(fake)".
 """
 
@@ -58,6 +63,7 @@ import asyncio
 import base64
 import copy
 import hashlib
+import http.client
 import json
 import os
 import random
@@ -65,7 +71,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
@@ -93,6 +99,12 @@ _TEXT_TAGS = {"markdown", "plain_text", "lark_md"}
 
 Json = dict[str, Any]
 
+CALLBACK_DEADLINE = 3.0  # seconds Feishu waits for a callback's answer; later, the clicker sees error 200340
+CALLBACK_WAIT = 5.0  # seconds the fake waits anyway, so that a late answer is reported with its time
+PATCH_QPS = 5  # card updates (PATCH) per second on one message
+INPUT_MAX_LENGTH = 1000  # a card input's default max_length: the client takes no longer text
+TOAST_TYPES = {"success", "info", "warning", "error"}
+
 MAX_FRAME_PAYLOAD = 512 * 1024  # bytes of one event frame's payload; a bigger event is split
 
 
@@ -114,12 +126,14 @@ class Call:
 
 @dataclass(frozen=True)
 class Ack:
-    """The client's answer to a pushed event: its code (200, or 500 if the handler raised)."""
+    """The client's answer to a pushed event: its code (200, or 500 if the handler raised), and for a callback
+    `data`, the base64 of the handler's answer JSON (what lark-oapi puts in the ack frame's payload)."""
 
     message_id: str
     code: int
     latency: float
     biz_rt_ms: int | None
+    data: str | None = None
 
 
 @dataclass
@@ -161,6 +175,80 @@ class Card:
     @property
     def text(self) -> str:
         return "\n".join(text for _, text in card_texts(self.json))
+
+
+@dataclass(frozen=True)
+class Button:
+    """A button of a card as a chat member sees it."""
+
+    text: str
+    name: str
+    value: Any  # what a click sends as action.value: its behaviors' callback value, or a legacy top-level value
+    form: str | None  # the name of the form it is in
+    form_action: str | None = None  # in a form: "submit" sends the form's inputs, "reset" only clears them
+    disabled: bool = False
+
+    @property
+    def calls_back(self) -> bool:
+        """Whether a click reaches the app at all."""
+        if self.disabled or self.form_action == "reset":
+            return False
+        return self.form_action == "submit" or self.value is not None
+
+
+@dataclass(frozen=True)
+class CardUpdate:
+    """A change of a card message's card: by the app's PATCH, or by the card in a callback's answer."""
+
+    message_id: str
+    source: Literal["patch", "callback"]
+    card: Json
+    time: float
+
+
+@dataclass(frozen=True)
+class Toast:
+    type: str  # success, info, warning, error
+    content: str
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """Where the app takes callbacks over HTTP (127.0.0.1 only), and its Encrypt Key (None: plain JSON, which
+    the app checks by the verification token)."""
+
+    url: str
+    encrypt_key: str | None = None
+
+
+@dataclass(frozen=True)
+class WebhookRequest:
+    url: str
+    body: bytes
+    headers: dict[str, str]
+
+
+@dataclass(frozen=True)
+class CallbackAnswer:
+    """How Feishu took the app's answer to one card callback."""
+
+    message_id: str | None  # the card's message, as the envelope said
+    via: Literal["ws", "webhook"]
+    envelope: Json  # what was delivered
+    status: int  # webhook: the HTTP status; ws: the ack's code; 0: no answer within CALLBACK_WAIT
+    seconds: float  # from delivery to the answer
+    toast: Toast | None = None
+    card: Json | None = None  # the card the answer carried (its `data`)
+    failure: str | None = None  # why Feishu counts the callback failed: the clicker sees error 200340, no update
+    request: WebhookRequest | None = None  # the webhook request as sent, for replay()
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
+
+
+class NotConnected(RuntimeError):
+    """No long-connection client is connected (and Feishu does not replay what it could not push)."""
 
 
 @dataclass(frozen=True)
@@ -222,6 +310,7 @@ class FakeFeishu:
         self._uuids: dict[str, str] = {}
         self._cards: dict[str, Card] = {}
         self._reactions: dict[str, tuple[str, str]] = {}
+        self._updates: list[CardUpdate] = []
         self._limit: _RateLimit | None = None
         self._down: Literal["503", "hang_up"] | None = None
         self._conns: list[_Conn] = []
@@ -351,6 +440,19 @@ class FakeFeishu:
         with self._cond:
             return copy.deepcopy(self._cards[card_id])
 
+    def message(self, message_id: str) -> BotMessage:
+        """One of the bot's messages as it shows now (for a card message, `content` is its current card)."""
+        with self._cond:
+            if message_id not in self._sent:
+                raise ValueError(f"fake feishu: the bot sent no message {message_id}")
+            found = self._sent[message_id]
+            return replace(copy.deepcopy(found), text=self._shown_text(found))
+
+    def card_updates(self, message_id: str | None = None) -> list[CardUpdate]:
+        """Every change of a card message's card (of one message, or all), in order."""
+        with self._cond:
+            return [copy.deepcopy(u) for u in self._updates if message_id is None or u.message_id == message_id]
+
     def reactions(self, message_id: str) -> list[str]:
         """Emoji types currently on a message (added and not deleted), in the order they were added."""
         with self._cond:
@@ -407,17 +509,22 @@ class FakeFeishu:
         payload = json.dumps(event, ensure_ascii=False).encode()
         if not 1 <= parts <= len(payload):
             raise ValueError(f"parts must be between 1 and {len(payload)}")
+        with self._cond:
+            self._learn(event)
+        return self._push(payload, parts, "event")
+
+    def _push(self, payload: bytes, parts: int, frame_type: Literal["event", "card"]) -> str:
+        """Send a payload to the newest connected client in data frames of `frame_type`; their message_id."""
         # Feishu splits a big payload over frames (sum/seq); none may pass the client's frame cap (websockets'
         # default 1 MiB, which lark-oapi keeps): a bigger one closed the connection and was never acked.
         parts = max(parts, -(-len(payload) // MAX_FRAME_PAYLOAD))
         with self._cond:
             if not (open_conns := self._open()):
-                raise RuntimeError("fake feishu: no long-connection client is connected")
+                raise NotConnected("fake feishu: no long-connection client is connected")
             conn = open_conns[-1]
             message_id = f"fm_{uuid.uuid4().hex}"
             self._pushed[message_id] = time.monotonic()
-            self._learn(event)
-        frames = _data_frames(payload, message_id, parts, conn.service_id)
+        frames = _data_frames(payload, message_id, parts, conn.service_id, frame_type)
         self._on_loop(_send_all(conn.ws, frames))
         return message_id
 
@@ -473,7 +580,8 @@ class FakeFeishu:
         with self._cond:
             latency = time.monotonic() - self._pushed.get(message_id, time.monotonic())
             biz_rt = int(headers["biz_rt"]) if "biz_rt" in headers else None
-            self._acks.append(Ack(message_id, int(json.loads(payload).get("code", 0)), latency, biz_rt))
+            answer = json.loads(payload)
+            self._acks.append(Ack(message_id, int(answer.get("code", 0)), latency, biz_rt, answer.get("data")))
             self._cond.notify_all()
 
     # ----- event builders ----------------------------------------------------------------------------
@@ -542,6 +650,106 @@ class FakeFeishu:
             sender = event["event"].get("sender", {}).get("sender_id", {}).get("open_id")
             if message.get("chat_type") == "p2p" and sender:
                 self._p2p[sender] = message["chat_id"]
+
+    # ----- card callbacks -----------------------------------------------------------------------------
+
+    def buttons(self, message_id: str) -> list[Button]:
+        """The buttons of the card a message shows now, in display order ([] once it has none)."""
+        with self._cond:
+            return card_buttons(self._shown_card(message_id))
+
+    def card_action_event(self, message_id: str, button: Button | str, operator_open_id: str, *,
+                          form_value: dict[str, str] | None = None) -> Json:
+        """The `card.action.trigger` envelope Feishu sends when `operator_open_id` clicks `button` (one of
+        `buttons()`, or its text) on the card the message shows now. A form's submit button sends all the form's
+        inputs: as typed (`form_value`) or as left (their default_value, or "")."""
+        with self._cond:
+            card = self._shown_card(message_id)
+            chat_id = self._sent[message_id].chat_id
+        pressed = _pressed(card_buttons(card), button)
+        action: Json = {"tag": "button", "name": pressed.name}
+        if pressed.value is not None:
+            action["value"] = pressed.value
+        if pressed.form is not None and pressed.form_action == "submit":
+            action["form_value"] = _form_value(card, pressed.form, form_value or {})
+        elif form_value:
+            raise ValueError(f"button {pressed.text!r} submits no form, so a click on it sends no form_value")
+        operator = {"tenant_key": self.tenant_key, "user_id": f"u_{operator_open_id}", "open_id": operator_open_id,
+                    "union_id": f"on_{operator_open_id}"}
+        return {"schema": "2.0",
+                "header": {"event_id": uuid.uuid4().hex, "token": self.verification_token,
+                           "create_time": str(int(time.time() * 1000)), "event_type": "card.action.trigger",
+                           "tenant_key": self.tenant_key, "app_id": self.app_id},
+                "event": {"operator": operator, "token": f"c-{uuid.uuid4().hex}", "action": action,
+                          "host": "im_message", "context": {"open_message_id": message_id, "open_chat_id": chat_id}}}
+
+    def click(self, message_id: str, button: Button | str, operator_open_id: str, *,
+              form_value: dict[str, str] | None = None, via: Literal["ws", "webhook"] = "ws",
+              frame_type: Literal["card", "event"] = "card", webhook: Webhook | None = None) -> CallbackAnswer:
+        """A click as Feishu delivers it: over the long connection in a data frame of `frame_type` (Feishu sends
+        callbacks as `card` frames; `event` ones have been seen too), or to `webhook`. See send_callback."""
+        envelope = self.card_action_event(message_id, button, operator_open_id, form_value=form_value)
+        return self.send_callback(envelope, via=via, frame_type=frame_type, webhook=webhook)
+
+    def send_callback(self, envelope: Json, *, via: Literal["ws", "webhook"] = "ws",
+                      frame_type: Literal["card", "event"] = "card", webhook: Webhook | None = None,
+                      signature: str | None = None) -> CallbackAnswer:
+        """Deliver a callback envelope (from card_action_event, altered or not) and wait for the answer; Feishu
+        takes one within CALLBACK_DEADLINE, and a card in it replaces the message's card. `signature` forges the
+        webhook request's X-Lark-Signature: such a request comes from an attacker, whose answer changes no card."""
+        if via == "ws":
+            if signature is not None:
+                raise ValueError("the long connection carries no signature to forge")
+            answer = self._callback_over_ws(envelope, frame_type)
+        elif webhook is None:
+            raise ValueError("via='webhook' needs webhook=Webhook(url, encrypt_key)")
+        else:
+            answer = _post_callback(_webhook_request(webhook, envelope, signature), envelope)
+        if signature is None:
+            self._apply(answer)
+        return answer
+
+    def replay(self, answer: CallbackAnswer) -> CallbackAnswer:
+        """Post a webhook callback's request again byte for byte, as an attacker who captured it would (Feishu
+        never does): the app's answer is returned and changes no card."""
+        if answer.request is None:
+            raise ValueError("only a webhook callback can be replayed")
+        return _post_callback(answer.request, answer.envelope)
+
+    def _callback_over_ws(self, envelope: Json, frame_type: Literal["card", "event"]) -> CallbackAnswer:
+        """Push the callback in one data frame; the client's ack carries the answer (base64 JSON in `data`)."""
+        started = time.monotonic()
+        try:
+            ack = self.wait_ack(self._push(json.dumps(envelope, ensure_ascii=False).encode(), 1, frame_type),
+                                CALLBACK_WAIT)
+        except (NotConnected, TimeoutError) as exc:
+            return _failed(envelope, "ws", 0, time.monotonic() - started, f"no answer: {exc}")
+        try:
+            body = base64.b64decode(ack.data or "", validate=True)
+        except ValueError:
+            return _failed(envelope, "ws", ack.code, ack.latency, f"the ack's data is not base64: {ack.data!r:.200}")
+        return _callback_answer(envelope, "ws", ack.code, ack.latency, body)
+
+    def _apply(self, answer: CallbackAnswer) -> None:
+        """Feishu shows the card of an answer it took in place of the clicked one (an update, not an API call)."""
+        if not answer.ok or answer.card is None:
+            return
+        with self._cond:
+            message = self._sent.get(answer.message_id or "")
+            if message is not None and message.msg_type == "interactive":
+                self._show_card(message, answer.card, "callback")
+
+    def _shown_card(self, message_id: str) -> Json:
+        """The card a card message shows now: its CardKit card's, or its own."""
+        message = self._sent.get(message_id)
+        if message is None or message.msg_type != "interactive":
+            raise ValueError(f"fake feishu: {message_id} is not a card message the bot sent")
+        return copy.deepcopy(self._cards[message.card_id].json if message.card_id else message.content)
+
+    def _show_card(self, message: BotMessage, content: Json, source: Literal["patch", "callback"]) -> None:
+        message.content, message.card_id = content, _card_ref(content)
+        self._updates.append(CardUpdate(message.message_id, source, copy.deepcopy(content), time.monotonic()))
+        self._cond.notify_all()
 
     # ----- HTTP --------------------------------------------------------------------------------------
 
@@ -733,16 +941,20 @@ class FakeFeishu:
         return _ok(self._message_data(message))
 
     def _patch(self, params: dict[str, str], query: dict[str, str], body: Json) -> _Reply:
-        """Replace a card message's card (PATCH)."""
+        """Replace a card message's card (PATCH): at most PATCH_QPS a second on one message."""
         message = self._own_message(params["message_id"])
         if isinstance(message, _Reply):
             return message
         if message.msg_type != "interactive":
             return _error(400, 230054, "This operation is not supported for this message type.")
+        now = time.monotonic()
+        if sum(1 for u in self._updates if u.message_id == message.message_id and u.source == "patch"
+               and now - u.time < 1.0) >= PATCH_QPS:
+            return _error(400, 230020, "This message triggers the frequency limit (5 updates a second).")
         content, error = _parse_content("interactive", body.get("content"))
         if error or (error := self._unknown_card(content)):
             return error
-        message.content, message.card_id = content, _card_ref(content)
+        self._show_card(message, content, "patch")
         return _ok({})
 
     def _unknown_card(self, content: Json) -> _Reply | None:
@@ -894,6 +1106,97 @@ def url_verification(challenge: str, token: str) -> Json:
     return {"challenge": challenge, "token": token, "type": "url_verification"}
 
 
+# ----- card callbacks: delivery over the webhook, and how Feishu takes an answer ----------------------------
+
+
+def _webhook_request(webhook: Webhook, envelope: Json, signature: str | None) -> WebhookRequest:
+    """A callback request signed (and encrypted) like an event; `signature` replaces the real signature."""
+    body, headers = webhook_request(envelope, webhook.encrypt_key)
+    if signature is not None:
+        headers["X-Lark-Signature"] = signature
+    return WebhookRequest(webhook.url, body, headers)
+
+
+def _post_callback(request: WebhookRequest, envelope: Json) -> CallbackAnswer:
+    """POST a callback request (to 127.0.0.1 only) and read the answer, waiting up to CALLBACK_WAIT."""
+    url = urlsplit(request.url)
+    if url.scheme != "http" or url.hostname not in ("127.0.0.1", "localhost") or url.port is None:
+        raise ValueError(f"fake feishu posts callbacks to http://127.0.0.1:PORT/... only, not {request.url}")
+    started = time.monotonic()
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=CALLBACK_WAIT)
+    try:
+        connection.request("POST", url.path + (f"?{url.query}" if url.query else ""), request.body, request.headers)
+        response = connection.getresponse()
+        status, body = response.status, response.read()
+    except (OSError, http.client.HTTPException) as exc:  # a timeout is an OSError too
+        return _failed(envelope, "webhook", 0, time.monotonic() - started, f"no answer: {exc!r}", request)
+    finally:
+        connection.close()
+    return _callback_answer(envelope, "webhook", status, time.monotonic() - started, body, request)
+
+
+def _failed(envelope: Json, via: Literal["ws", "webhook"], status: int, seconds: float, why: str,
+            request: WebhookRequest | None = None) -> CallbackAnswer:
+    return CallbackAnswer(_clicked_message(envelope), via, envelope, status, seconds, failure=why, request=request)
+
+
+def _callback_answer(envelope: Json, via: Literal["ws", "webhook"], status: int, seconds: float, body: bytes,
+                     request: WebhookRequest | None = None) -> CallbackAnswer:
+    """How Feishu takes an answer: it must come in time, with status 200, as a JSON object (empty: nothing to
+    show) whose toast and card are well formed; anything else fails the callback."""
+    if seconds > CALLBACK_DEADLINE:
+        why = f"answered after {seconds:.2f} s; Feishu waits {CALLBACK_DEADLINE:.0f} s"
+    elif status != 200:
+        why = f"answered with status {status}: {body[:200]!r}"
+    else:
+        try:
+            parsed = _answer_json(body)
+            return CallbackAnswer(_clicked_message(envelope), via, envelope, status, seconds,
+                                  _toast(parsed.get("toast")), _answer_card(parsed.get("card")), request=request)
+        except ValueError as exc:
+            why = str(exc)
+    return _failed(envelope, via, status, seconds, why, request)
+
+
+def _clicked_message(envelope: Json) -> str | None:
+    return ((envelope.get("event") or {}).get("context") or {}).get("open_message_id")
+
+
+def _answer_json(body: bytes) -> Json:
+    try:
+        parsed = json.loads(body) if body.strip() else {}
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"the answer is not a JSON object: {body[:200]!r}")
+    return parsed
+
+
+def _toast(value: Any) -> Toast | None:
+    if value is None:
+        return None
+    i18n = value.get("i18n") if isinstance(value, dict) else None
+    content = value.get("content") if isinstance(value, dict) else None
+    if isinstance(i18n, dict) and content is None:
+        content = next(iter(i18n.values()), None)
+    if not isinstance(value, dict) or value.get("type") not in TOAST_TYPES or not isinstance(content, str):
+        raise ValueError(f"bad toast {value!r}: its type is one of {sorted(TOAST_TYPES)}, its content a string")
+    return Toast(value["type"], content)
+
+
+def _answer_card(value: Any) -> Json | None:
+    """The card of an answer: `{"type": "raw", "data": <card JSON object>}` (templates are not faked)."""
+    if value is None:
+        return None
+    if isinstance(value, dict) and value.get("type") == "template":
+        raise NotImplementedError("fake feishu renders no card templates")
+    if not isinstance(value, dict) or value.get("type") != "raw" or not isinstance(value.get("data"), dict):
+        raise ValueError(f"bad card in the answer: {str(value)[:200]}; expected {{'type': 'raw', 'data': {{...}}}}")
+    if len(json.dumps(value["data"], ensure_ascii=False).encode()) > CARD_LIMIT:
+        raise ValueError("the card in the answer is over 30 KB")
+    return value["data"]
+
+
 # ----- running the SDK's long-connection client --------------------------------------------------------
 
 
@@ -981,11 +1284,12 @@ def _frame(method: int, service: int, headers: dict[str, str], payload: bytes) -
     return frame
 
 
-def _data_frames(payload: bytes, message_id: str, parts: int, service: int) -> list[Frame]:
-    """Event frames for one payload; the parts are never empty (the SDK would wait for them forever)."""
+def _data_frames(payload: bytes, message_id: str, parts: int, service: int,
+                 frame_type: Literal["event", "card"]) -> list[Frame]:
+    """Data frames for one payload; the parts are never empty (the SDK would wait for them forever)."""
     bounds = [len(payload) * i // parts for i in range(parts + 1)]
     trace_id = uuid.uuid4().hex
-    return [_frame(1, service, {"type": "event", "message_id": message_id, "trace_id": trace_id,
+    return [_frame(1, service, {"type": frame_type, "message_id": message_id, "trace_id": trace_id,
                                 "sum": str(parts), "seq": str(i)}, payload[bounds[i]:bounds[i + 1]])
             for i in range(parts)]
 
@@ -1063,6 +1367,66 @@ def _collect_texts(node: Any, element_id: str | None, found: list[tuple[str | No
             return
         for value in node.values():
             _collect_texts(value, element_id, found)
+
+
+def card_buttons(card: Json) -> list[Button]:
+    """The buttons of a card in display order, with the form each is in: in JSON 2.0 `body.elements` (or 1.0
+    `elements`), also inside forms, columns and panels."""
+    return [_button(node, form) for node, form in _components(_card_elements(card), "button")]
+
+
+def _card_elements(card: Json) -> Any:
+    return card.get("body", card).get("elements", [])
+
+
+def _components(node: Any, tag: str, form: str | None = None) -> Iterator[tuple[Json, str | None]]:
+    """Every component with `tag` under `node` in display order, with the name of the form it is in. It does not
+    look inside a button: its callback value is the app's data, not part of the card."""
+    if isinstance(node, list):
+        for item in node:
+            yield from _components(item, tag, form)
+    elif isinstance(node, dict):
+        if node.get("tag") == tag:
+            yield node, form
+        elif node.get("tag") != "button":
+            form = str(node.get("name", "")) if node.get("tag") == "form" else form
+            for value in node.values():
+                yield from _components(value, tag, form)
+
+
+def _button(node: Json, form: str | None) -> Button:
+    callbacks = [b.get("value") for b in node.get("behaviors") or [] if isinstance(b, dict)
+                 and b.get("type") == "callback"]
+    text = node.get("text")
+    return Button(str(text.get("content", "")) if isinstance(text, dict) else "", str(node.get("name", "")),
+                  callbacks[0] if callbacks else node.get("value"), form,
+                  node.get("form_action_type") if form is not None else None, bool(node.get("disabled")))
+
+
+def _pressed(buttons: list[Button], wanted: Button | str) -> Button:
+    """The button a click lands on: `wanted` if the card shows it now, or the one it shows with that text."""
+    matches = [b for b in buttons if (b.text == wanted if isinstance(wanted, str) else b == wanted)]
+    if len(matches) != 1:
+        raise ValueError(f"no single button {wanted!r} on the card; it shows {[b.text for b in buttons]}")
+    if not matches[0].calls_back:
+        raise ValueError(f"a click on {matches[0].text!r} does not reach the app (disabled, reset, or no callback)")
+    return matches[0]
+
+
+def _form_value(card: Json, form: str, typed: dict[str, str]) -> dict[str, str]:
+    """What the client submits for a form: every input by name, as typed or as left (its default_value, or "").
+    Like the client, it refuses a required input left empty and text longer than an input takes."""
+    inputs = {str(node.get("name", "")): node for node, where in _components(_card_elements(card), "input")
+              if where == form}
+    if unknown := sorted(set(typed) - set(inputs)):
+        raise ValueError(f"form {form!r} has no input {unknown}; it has {sorted(inputs)}")
+    values = {name: str(typed.get(name, node.get("default_value", ""))) for name, node in inputs.items()}
+    for name, node in inputs.items():
+        if node.get("required") and not values[name]:
+            raise ValueError(f"the client does not submit form {form!r} while its required input {name!r} is empty")
+        if len(values[name]) > int(node.get("max_length", INPUT_MAX_LENGTH)):
+            raise ValueError(f"input {name!r} takes at most {node.get('max_length', INPUT_MAX_LENGTH)} characters")
+    return values
 
 
 def _set_element_text(node: Any, element_id: str, text: str) -> bool:

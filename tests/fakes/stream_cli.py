@@ -13,6 +13,10 @@ asks for:
 - `ENV <name>`    answer `<name>=<its value in the environment>`
 - `LONG <n>`      an assistant line of n characters of text before the answer (the result stays short, as the
                   real CLI's does when the long text was not the last message)
+- `ASK <tool> <json>`  a permission request (`control_request` can_use_tool) for that tool and input, as the CLI
+                  sends one with `--permission-prompt-tool stdio`; it waits for the control_response and answers
+                  `allowed: <updatedInput as JSON>` or `denied: <message>`; an interrupt meanwhile withdraws the
+                  request (`control_cancel_request`) and ends the turn
 - anything else   `Fake answer to: <text>`
 
 `--resume=<id>` keeps that session id; an id starting with "dead" is unknown: the message the real CLI prints, and
@@ -34,6 +38,7 @@ from typing import Any
 COST_PER_TURN = 0.0006
 _SLOW = re.compile(r"SLOW\s+(\d+(?:\.\d+)?)")
 _LONG = re.compile(r"LONG\s+(\d+)")
+_ASK = re.compile(r"ASK\s+(\S+)\s+(.+)", re.DOTALL)
 
 
 class Stdin:
@@ -107,7 +112,11 @@ class FakeCli:
         if slow and self.interrupted_within(float(slow[1])):
             emit(self.result("error_during_execution", None))
             return
-        answer = answer_to(text)
+        ask = _ASK.fullmatch(text)
+        answer = self.permission(ask[1], json.loads(ask[2])) if ask else answer_to(text)
+        if answer is None:
+            emit(self.result("error_during_execution", None))
+            return
         self.turns += 1
         if long := _LONG.fullmatch(text):
             emit(self.assistant("x" * int(long[1])))
@@ -133,6 +142,24 @@ class FakeCli:
             elif line.get("type") == "control_request" and self.control(line):
                 return True
         return False
+
+    def permission(self, tool: str, tool_input: dict[str, Any]) -> str | None:
+        """Ask for permission and wait for the answer; what the turn then says, or None when interrupted."""
+        request_id = str(uuid.uuid4())
+        emit({"type": "control_request", "request_id": request_id,
+              "request": {"subtype": "can_use_tool", "tool_name": tool, "input": tool_input, "tool_use_id": "toolu_1"}})
+        while (line := self.stdin.line()) is not None:
+            if line.get("type") == "control_response" and line["response"].get("request_id") == request_id:
+                decision = line["response"]["response"]
+                if decision["behavior"] == "allow":
+                    return f"allowed: {json.dumps(decision['updatedInput'], sort_keys=True)}"
+                return f"denied: {decision['message']}"
+            if line.get("type") == "control_request" and self.control(line):
+                emit({"type": "control_cancel_request", "request_id": request_id})
+                return None
+            if line.get("type") == "user":
+                self.pending.append(line)
+        return None
 
     def control(self, request: dict[str, Any]) -> bool:
         """Answer a control request; True if it asks for an interrupt."""

@@ -15,7 +15,7 @@ from orchestrator.agent import (
     outcome,
     parse_line,
 )
-from orchestrator.config import AgentSettings
+from orchestrator.config import AgentSettings, ChatOptions
 
 SESSION = "e9e352d1-0000-4000-8000-000000000001"
 INIT = {"type": "system", "subtype": "init", "cwd": "/workspace", "session_id": SESSION, "model": "claude-x"}
@@ -36,14 +36,26 @@ def transcript_of(*objects: object) -> Transcript:
 
 
 def test_argv_of_the_long_lived_cli() -> None:
-    agent = AgentSettings(permission_mode="acceptEdits", model="sonnet", extra_args=("--max-turns", "5"))
-    assert cli_argv(agent) == ["claude", "-p", "--input-format", "stream-json", "--output-format", "stream-json",
-                               "--verbose", "--permission-mode", "acceptEdits", "--model", "sonnet", "--max-turns", "5"]
+    agent = AgentSettings(model="sonnet", extra_args=("--max-turns", "5"))
+    assert cli_argv(agent, ChatOptions()) == [
+        "claude", "-p", "--input-format", "stream-json", "--output-format", "stream-json", "--verbose",
+        "--permission-mode", "bypassPermissions", "--model", "sonnet", "--max-turns", "5"]
+
+
+def test_a_chat_that_asks_for_approvals_gets_the_prompts_on_stdio_and_its_auto_allow_rules() -> None:
+    chat = ChatOptions(permission_mode="default", auto_allow=("Read", "Bash(git status:*)"))
+    argv = cli_argv(AgentSettings(), chat)
+    assert argv[argv.index("--permission-mode") + 1] == "default"
+    assert argv[argv.index("--permission-prompt-tool") + 1] == "stdio"
+    assert [a for a in argv if a.startswith("--allowedTools")] == ["--allowedTools=Read",
+                                                                   "--allowedTools=Bash(git status:*)"]
+    # bypassPermissions asks nothing: the rules would mean nothing, and no prompt tool is given
+    assert "--permission-prompt-tool" not in cli_argv(AgentSettings(), ChatOptions(auto_allow=("Read",)))
 
 
 def test_the_prompt_is_never_in_the_argv() -> None:
     # The prompt is a stream-json line on stdin; nothing a user types can become a flag.
-    argv = cli_argv(AgentSettings())
+    argv = cli_argv(AgentSettings(), ChatOptions())
     assert argv.count("-p") == 1 and not any(arg.startswith("--resume") for arg in argv)
 
 

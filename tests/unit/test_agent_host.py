@@ -355,3 +355,32 @@ def test_decode_request_rejects_json_that_is_not_an_object(data: bytes) -> None:
 def test_a_line_nested_thousands_deep_is_passed_on_not_fatal() -> None:
     """A model's tool input nested 1,500 deep came back in the CLI's output and ended the host (RecursionError)."""
     assert agent_host.peek(b'{"type":"assistant","x":' + b"[" * 5000 + b"]" * 5000 + b"}") == {}
+
+
+# ---- permission requests ----
+
+
+def test_a_permission_request_waits_for_the_orchestrators_decision(host: Channel) -> None:
+    name = host.submit('ASK Bash {"command": "touch x"}')
+    ask = host.paths.turns / name / agent_host.ask_name(1)
+    wait_until(ask.exists, TURN_SECONDS, "the permission request")
+    assert json.loads(ask.read_text()) == {"tool": "Bash", "input": {"command": "touch x"}}
+    assert not (host.paths.turns / name / agent_host.EXIT_CODE).exists()  # the CLI waits
+    (host.paths.input / agent_host.decision_name(name, 1)).write_bytes(agent_host.encode_decision(True))
+    assert host.ended(name).answer == 'allowed: {"command": "touch x"}'  # its own input, unchanged
+
+
+def test_a_denial_reaches_the_cli_with_its_reason(host: Channel) -> None:
+    name = host.submit('ASK Write {"file_path": "/w/a"}')
+    wait_until((host.paths.turns / name / agent_host.ask_name(1)).exists, TURN_SECONDS, "the permission request")
+    (host.paths.input / agent_host.decision_name(name, 1)).write_bytes(agent_host.encode_decision(False, "not now"))
+    assert host.ended(name).answer == "denied: not now"
+
+
+def test_an_interrupt_while_a_request_waits_marks_it_cancelled(host: Channel) -> None:
+    name = host.submit('ASK Bash {"command": "sleep 1"}')
+    wait_until((host.paths.turns / name / agent_host.ask_name(1)).exists, TURN_SECONDS, "the permission request")
+    host.interrupt(name)
+    turn = host.ended(name)
+    assert (turn.folder / (agent_host.ask_name(1) + agent_host.CANCELLED_SUFFIX)).exists()
+    assert turn.lines[-1]["subtype"] == "error_during_execution"

@@ -5,8 +5,15 @@ from typing import Any
 
 import pytest
 
-from orchestrator.channels import Incoming
-from orchestrator.channels.feishu_events import Ignored, parse_message_event, post_text
+from orchestrator.channels import CardAction, Incoming
+from orchestrator.channels.feishu_events import (
+    FORM_TEXT_CHARS,
+    Ignored,
+    parse_card_action,
+    parse_message_event,
+    post_text,
+)
+from orchestrator.channels.feishu_render import button_name
 
 BOT = "ou_bot"
 
@@ -96,3 +103,76 @@ def test_shapes_that_once_crashed_the_handler() -> None:
     assert isinstance(parse({**event(), "message": {**event()["message"], "mentions": True}}), Incoming)
     odd = parse(event(message_type=[[""]], content="{}"))
     assert isinstance(odd, Incoming) and odd.kind == "unknown"
+
+
+# ---- card.action.trigger: clicks on approval cards ----
+
+KEY = "0123456789abcdef0123456789abcdef"
+
+
+def click(value: Any = None, *, text: Any = None, operator: Any = "ou_alice", chat_id: Any = "oc_chat1",
+          message_id: Any = "om_card", tag: Any = "button") -> dict:
+    action: dict[str, Any] = {"value": {"approval": KEY, "choice": "allow"} if value is None else value, "tag": tag,
+                              "name": "allow"}
+    if text is not None:
+        action["form_value"] = {"text": text}
+    return {"operator": {"open_id": operator, "user_id": "u1"}, "token": "c-token", "action": action,
+            "context": {"open_message_id": message_id, "open_chat_id": chat_id}}
+
+
+def test_a_button_click_is_an_action() -> None:
+    assert parse_card_action(click()) == CardAction(KEY, "allow", "ou_alice", "oc_chat1", "om_card")
+    denied = parse_card_action(click({"approval": KEY, "choice": "deny"}, text="not on prod"))
+    assert denied == CardAction(KEY, "deny", "ou_alice", "oc_chat1", "om_card", text="not on prod")
+
+
+def test_an_option_or_a_typed_answer() -> None:
+    option = parse_card_action(click({"approval": KEY, "choice": "answer", "question": 1, "option": 0}, text=""))
+    assert option == CardAction(KEY, "answer", "ou_alice", "oc_chat1", "om_card", question=1, option=0)
+    typed = parse_card_action(click({"approval": KEY, "choice": "answer"}, text="PostgreSQL 16"))
+    assert typed == CardAction(KEY, "answer", "ou_alice", "oc_chat1", "om_card", text="PostgreSQL 16")
+
+
+def test_the_text_is_bounded_and_storable() -> None:
+    long = parse_card_action(click(text="x" * 100_000))
+    assert isinstance(long, CardAction) and len(long.text) == FORM_TEXT_CHARS
+    lone = parse_card_action(click(text="lone \ud83d surrogate"))
+    assert isinstance(lone, CardAction) and lone.text == "lone ? surrogate"
+
+
+@pytest.mark.parametrize("bad", [
+    None, [], "click", {}, click(tag="select_static"), click(tag=None),
+    click({}), click({"approval": KEY}), click({"approval": KEY, "choice": "approve"}),
+    click({"approval": KEY, "choice": ["allow"]}), click({"approval": None, "choice": "allow"}),
+    click({"approval": "k" * 101, "choice": "allow"}), click({"approval": "../x", "choice": "allow"}),
+    click({"approval": 5, "choice": "allow"}), click([KEY, "allow"]),
+    click(operator=None), click(operator="all"), click(operator="ou_x y"), click(operator="ou_" + "a" * 101),
+    click(chat_id=None), click(chat_id="../../etc"), click(message_id=None), click(message_id="om 1"),
+    click(message_id="m" * 101),
+    click(text=5), click(text={"a": 1}),
+    *(click({"approval": KEY, "choice": "answer", "question": question, "option": option}) for question, option in [
+        (0, None), (None, 0), (-1, 0), (0, -1), (True, 0), (0, False), (0.0, 0), ("0", "1"), (100, 0), (0, 10**9)]),
+])
+def test_malformed_clicks_are_ignored_with_a_reason(bad: Any) -> None:
+    parsed = parse_card_action(bad)
+    assert isinstance(parsed, Ignored) and parsed.reason.startswith("malformed card action"), parsed
+
+
+def test_a_forged_shape_in_every_field_never_raises() -> None:
+    for field in ("operator", "action", "context"):
+        for junk in (None, 5, "x", [], [{}], {"open_id": {"x": 1}}):
+            assert isinstance(parse_card_action({**click(), field: junk}), Ignored)
+    assert isinstance(parse_card_action(click({"approval": KEY, "choice": "allow", "question": [1] * 10})), CardAction)
+
+
+def test_a_click_without_its_value_is_read_from_its_buttons_name() -> None:
+    key = "0123456789abcdef0123456789abcdef"
+    event = {"operator": {"open_id": "ou_alice"}, "context": {"open_chat_id": "oc_chat", "open_message_id": "om_card"},
+             "action": {"tag": "button", "name": button_name(key, "answer", 1, 2), "form_value": {"text": ""}}}
+    parsed = parse_card_action(event)
+    assert isinstance(parsed, CardAction) and (parsed.key, parsed.choice, parsed.question, parsed.option) == (
+        key, "answer", 1, 2)
+    event["action"]["name"] = button_name(key, "deny")
+    assert parse_card_action(event) == CardAction(key, "deny", "ou_alice", "oc_chat", "om_card")
+    event["action"]["name"] = "something-else"
+    assert isinstance(parse_card_action(event), Ignored)

@@ -1,12 +1,13 @@
-"""Secrets are masked in every text for a chat: what is delivered and what a turn streams."""
+"""Secrets are masked in every text for a chat: what is delivered, what a turn streams, and approval cards."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
-from orchestrator.channels import Outgoing, Submit
+from orchestrator.channels import Act, ActionReply, ApprovalView, CardAction, Outgoing, Question, Submit
 from orchestrator.config import AgentSettings, FeishuSettings, GatewaySettings, Settings
 from orchestrator.masking import MASK, MaskedChannel, Masker
 
@@ -45,9 +46,11 @@ class Recorder:
     def __init__(self) -> None:
         self.delivered: list[Outgoing] = []
         self.updates: list[str] = []
+        self.cards: list[tuple[str, ApprovalView]] = []
+        self.clicked: list[ActionReply] = []
 
-    async def run(self, submit: Submit) -> None:
-        pass
+    async def run(self, submit: Submit, act: Act) -> None:
+        self.clicked.append(await act(CardAction("k", "allow", "ou_a", "oc_a", "card-1")))
 
     def display(self, chat_id: str, message_id: str, saved: str | None, save: Callable[[str], None]) -> Recorder:
         return self
@@ -63,6 +66,13 @@ class Recorder:
 
     async def deliver(self, item: Outgoing) -> None:
         self.delivered.append(item)
+
+    async def show_approval(self, view: ApprovalView) -> str:
+        self.cards.append(("new", view))
+        return "card-1"
+
+    async def update_approval(self, message_id: str, view: ApprovalView) -> None:
+        self.cards.append((message_id, view))
 
     def health(self) -> str | None:
         return "fine"
@@ -84,3 +94,29 @@ def test_the_channel_masks_what_it_delivers_and_what_a_turn_streams() -> None:
     assert inner.delivered == [Outgoing("oc_a", f"ran: {MASK}", "k1", "om_1", "card-1")]
     assert inner.updates == ["ran: ", "ran: ", f"ran: {MASK}"]
     assert channel.health() == "fine"
+
+
+def test_approval_cards_are_masked_also_the_one_a_click_answers_with() -> None:
+    inner = Recorder()
+    channel = MaskedChannel(inner, Masker([KEY]))
+    leaky = ApprovalView(key="k", chat_id="oc_a", reply_to="om_1", tool=f"mcp__{KEY}",
+                         details=(("Command", f"curl -H 'x-api-key: {KEY}' x"), (KEY, KEY)), approvers=("ou_a",),
+                         questions=(Question(f"Use {KEY}?", KEY, (KEY, "no")),))
+    masked = ApprovalView(key="k", chat_id="oc_a", reply_to="om_1", tool=f"mcp__{MASK}",
+                          details=(("Command", f"curl -H 'x-api-key: {MASK}' x"), (MASK, MASK)), approvers=("ou_a",),
+                          questions=(Question(f"Use {MASK}?", MASK, (MASK, "no")),))
+    settled = dataclasses.replace(leaky, outcome=f"Answered: {KEY}", decided_by="ou_a", decided_at=1.0)
+
+    async def act(action: CardAction) -> ActionReply:
+        return ActionReply(f"Answered: {KEY}.", "success", settled)
+
+    async def use() -> str:
+        card = await channel.show_approval(leaky)
+        await channel.update_approval(card, settled)
+        await channel.run(lambda message: asyncio.sleep(0), act)
+        return card
+
+    assert asyncio.run(use()) == "card-1"
+    done = dataclasses.replace(masked, outcome=f"Answered: {MASK}", decided_by="ou_a", decided_at=1.0)
+    assert inner.cards == [("new", masked), ("card-1", done)]
+    assert inner.clicked == [ActionReply(f"Answered: {MASK}.", "success", done)]

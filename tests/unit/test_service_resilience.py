@@ -17,7 +17,7 @@ from peewee import OperationalError
 
 from orchestrator import delivery, service, supervise
 from orchestrator.agent import Answer, Failure
-from orchestrator.channels import Submit
+from orchestrator.channels import Act, Submit
 from orchestrator.config import Settings
 from orchestrator.runtime import ContainerSpec, ContainerState
 from orchestrator.service import UNEXPECTED_ERROR, Service
@@ -57,7 +57,7 @@ class Chat(RecordingChannel):
         super().__init__()
         self._run = run
 
-    async def run(self, submit: Submit) -> None:
+    async def run(self, submit: Submit, act: Act) -> None:
         if self._run is None:
             await asyncio.Event().wait()
         else:

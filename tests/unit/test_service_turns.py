@@ -15,7 +15,7 @@ import pytest
 
 from orchestrator import layout
 from orchestrator.agent import cli_argv
-from orchestrator.channels import Incoming, Submit
+from orchestrator.channels import Act, Incoming, Submit
 from orchestrator.config import AccessSettings, BudgetSettings, Settings, ShutdownSettings, resolve_chat
 from orchestrator.runtime import container_name, gateway_container_name
 from orchestrator.service import Service
@@ -39,7 +39,7 @@ class FakeChannel(RecordingChannel):
     def send(self, message_id: str, text: str) -> None:
         self.inbox.put_nowait(Incoming(CHAT, message_id, "ou_1", text))
 
-    async def run(self, submit: Submit) -> None:
+    async def run(self, submit: Submit, act: Act) -> None:
         while True:
             await submit(await self.inbox.get())
 
@@ -116,7 +116,7 @@ def test_messages_are_answered_by_one_hot_cli_each_turn_costing_its_own_share(be
     assert len(set(bench.host.processes)) == 1  # the CLI stayed hot
     session = bench.store.chat(CHAT).session_id
     assert [r.session for r in bench.host.requests] == [None, session] and session is not None
-    assert bench.host.requests[0].argv == tuple(cli_argv(bench.settings.agent))
+    assert bench.host.requests[0].argv == tuple(cli_argv(bench.settings.agent, bench.settings.defaults))
     gateway = gateway_container_name(bench.settings.instance)
     assert bench.runtime.started == [gateway, bench.container]  # the model gateway first, at the start
     assert bench.runtime.stopped == [bench.container, gateway]  # and stopped last: it served the turns

@@ -19,6 +19,7 @@ from loguru import logger
 
 from orchestrator import agent, agent_host, layout, turn_runner, turns
 from orchestrator.agent import Answer, Failure
+from orchestrator.approvals import Approvals
 from orchestrator.config import BudgetSettings, Settings, resolve_chat
 from orchestrator.layout import ChatPaths
 from orchestrator.runtime import container_name, container_spec
@@ -26,7 +27,7 @@ from orchestrator.states import State
 from orchestrator.store import MessageRecord, Store
 from orchestrator.turn_runner import TurnRunner
 from tests.fakes.agent_host import WAIT_SECONDS, FakeAgentHost, Reply, until
-from tests.fakes.channel import RecordingDisplay
+from tests.fakes.channel import RecordingChannel, RecordingDisplay
 from tests.fakes.runtime import FakeRuntime, Ran
 
 CHAT = "oc_a"
@@ -76,7 +77,8 @@ def bench(tmp_path: Path) -> Iterator[Bench]:
         pass
 
     host.start()
-    yield Bench(settings, store, runtime, host, paths, TurnRunner(settings, store, runtime, started))
+    yield Bench(settings, store, runtime, host, paths,
+                TurnRunner(settings, store, runtime, Approvals(settings, store, RecordingChannel()), started))
     host.stop()
     store.close()
 
@@ -92,7 +94,7 @@ def test_a_turn_is_answered_and_its_request_withdrawn_when_it_ends(bench: Bench)
     assert display.shown == ["Fake answer to: hello"]
     [name] = bench.host.taken
     assert bench.store.message("om_1").turn == name and agent_host.turn_order(name) == (1, 1)
-    assert bench.host.requests[0].argv == tuple(agent.cli_argv(bench.settings.agent))
+    assert bench.host.requests[0].argv == tuple(agent.cli_argv(bench.settings.agent, bench.settings.defaults))
     assert bench.requests() == []  # nothing left for a container started later to take
     assert (bench.paths.turns / name / agent_host.EXIT_CODE).read_text() == "0\n"
 
@@ -177,8 +179,8 @@ def pending_turn(bench: Bench, message: MessageRecord) -> turns.TurnFiles:
     bench.store.set_container(CHAT, bench.container, bench.runtime.containers[bench.container].id)
     files = turns.turn_files(bench.paths, turns.new_turn_name(message.id, 1), bench.settings.agent.uid)
     bench.store.start_turn(message.message_id, files.name)
-    turns.write_request(files, agent_host.encode_request(agent.cli_argv(bench.settings.agent), {}, None,
-                                                         message.text, 600))
+    argv = agent.cli_argv(bench.settings.agent, bench.settings.defaults)
+    turns.write_request(files, agent_host.encode_request(argv, {}, None, message.text, 600))
     return files
 
 
