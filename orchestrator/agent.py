@@ -31,7 +31,10 @@ def cli_argv(agent: AgentSettings, chat: ChatOptions) -> list[str]:
     argv = ["claude", "-p", "--input-format", "stream-json", "--output-format", "stream-json", "--verbose",
             "--permission-mode", chat.permission_mode]
     if chat.asks_approval:
-        argv += ["--permission-prompt-tool", "stdio"]
+        # No settings files: the agent can write them (the workspace's .claude/, a cloned repository's, the config
+        # dir's), and the CLI honours the permission rules in them, even live (measured: a file allowing Bash made
+        # every later Bash call run unasked, ~5 s after it was written).
+        argv += ["--permission-prompt-tool", "stdio", "--setting-sources", ""]
         argv += [f"--allowedTools={rule}" for rule in chat.auto_allow]
     if agent.model:
         argv += ["--model", agent.model]

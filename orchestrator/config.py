@@ -26,7 +26,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Flags the orchestrator sets itself on every turn; `agent.extra_args` may not override them.
 RESERVED_CLI_FLAGS = ("-p", "--print", "--output-format", "--input-format", "--resume", "-r",
                       "--session-id", "--continue", "-c", "--verbose", "--permission-mode", "--permission-prompt-tool",
-                      "--allowedTools", "--allowed-tools", "--dangerously-skip-permissions")
+                      "--allowedTools", "--allowed-tools", "--dangerously-skip-permissions",
+                      "--setting-sources")
 # A chat in this mode never asks; any other mode asks an approver in the chat before the tools it guards.
 NO_APPROVALS = "bypassPermissions"
 _OPEN_ID = re.compile(r"ou_[A-Za-z0-9_-]{1,64}")

@@ -60,7 +60,7 @@ def test_deny_allow_always_strangers_and_two_approvers_at_once(feishu: FakeFeish
     card = wait_card(feishu, chat_id)
     shown = card_text(feishu, card)
     assert "touch /workspace/denied" in shown and "Bash" in shown
-    assert "Waiting for approval: Bash" in "\n".join(answers(feishu, chat_id))  # the answer's card says so
+    wait_answer(feishu, chat_id, "Waiting for approval: Bash", timeout=10)  # the answer's card says so
     assert "approvers can decide" in clicked(feishu.click(card, "Allow once", STRANGER))
     assert feishu.buttons(card)  # a stranger's click changed nothing
     toast = clicked(feishu.click(card, "Deny", SENDER, form_value={"text": "not this one"}))
@@ -88,7 +88,7 @@ def test_deny_allow_always_strangers_and_two_approvers_at_once(feishu: FakeFeish
         clicker.join(10)
     assert len(toasts) == 2 and sum(t.startswith("Already settled") for t in toasts) == 1, toasts
     won = next(t for t in toasts if not t.startswith("Already settled"))
-    wait_until(lambda: len(answers(feishu, chat_id)) >= 9, 90, "the raced turn's answer")
+    wait_answer(feishu, chat_id, "ran: raced" if won == "Allowed once." else "ran: Denied by an approver in the chat.")
     assert (files / "raced").exists() == (won == "Allowed once.")
 
     # Always allow: the next Bash call is not asked, until /permissions reset.
@@ -130,8 +130,7 @@ def test_kill_9_while_a_card_waits_then_the_button_still_works(feishu: FakeFeish
     feishu.push_event(feishu.text_event(chat_id, "RUN_BASH: touch /workspace/survived && echo survived"))
     card = wait_card(feishu, chat_id)
     bot.kill()
-    feishu.wait_for(lambda: feishu.open_connections() == 0, 10, "the killed client's connection closed")
-    start(config)
+    start(config, connections=2)
     assert clicked(feishu.click(card, "Allow once", SENDER)) == "Allowed once."
     wait_answer(feishu, chat_id, "ran: survived")
     assert (workspace(tmp_path, chat_id) / "survived").exists()
@@ -149,7 +148,7 @@ def test_ask_user_question_is_answered_by_a_button(feishu: FakeFeishu, feishu_co
     assert clicked(feishu.click(card, "blue", SENDER)) == "Answered: blue."
     wait_answer(feishu, chat_id, "answered:")
     final = next(text for text in answers(feishu, chat_id) if "answered:" in text)
-    assert "blue" in final and "red" not in final.split("answered:", 1)[1]
+    assert '"Which colour?"="blue"' in final  # what the CLI tells the model about the answer
 
 
 def test_forged_replayed_and_unknown_callbacks_change_nothing(feishu: FakeFeishu, feishu_config,

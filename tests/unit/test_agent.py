@@ -47,6 +47,7 @@ def test_a_chat_that_asks_for_approvals_gets_the_prompts_on_stdio_and_its_auto_a
     argv = cli_argv(AgentSettings(), chat)
     assert argv[argv.index("--permission-mode") + 1] == "default"
     assert argv[argv.index("--permission-prompt-tool") + 1] == "stdio"
+    assert argv[argv.index("--setting-sources") + 1] == ""  # no permission rules from files the agent can write
     assert [a for a in argv if a.startswith("--allowedTools")] == ["--allowedTools=Read",
                                                                    "--allowedTools=Bash(git status:*)"]
     # bypassPermissions asks nothing: the rules would mean nothing, and no prompt tool is given
