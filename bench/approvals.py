@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.common import Rig, main, median_p95, ms, new_chat, new_message, rig
+from tests.fakes.feishu import Call
 from tests.harness import AGENT_IMAGE, wait_until
 
 ASKING = "oc_bench_asking"  # a chat that asks (permission_mode: default)
@@ -28,25 +29,28 @@ def run(quick: bool) -> list[str]:
         plain = new_chat()
         for chat_id in (plain, ASKING):  # each chat's container started and its CLI hot
             warm_up = new_message()
-            setup.feishu.push_event(setup.feishu.text_event(chat_id, "RUN_BASH: echo warm", message_id=warm_up))
+            event = setup.feishu.text_event(chat_id, "RUN_BASH: touch /workspace/warm", message_id=warm_up)
+            setup.feishu.push_event(event)
             _approve_if_asked(setup, chat_id, warm_up)
             setup.reply_time(warm_up)
-        baseline, clicks, calls, plain_calls = [], [], [], []
+        baseline, clicks, calls, plain_calls, card_calls = [], [], [], [], []
         for n in range(samples):
             began, writes = _turn(setup, plain, f"plain{n}", lambda message_id: None)
             baseline.append(began)
             plain_calls.append(writes)
+            marker = len(setup.feishu.calls)
             began, writes = _turn(setup, ASKING, f"asked{n}", lambda message_id: _approve(setup, message_id))
             clicks.append(began)
             calls.append(writes)
+            card_calls.append(sum(1 for call in setup.feishu.calls[marker:] if _approval_card_call(call)))
     click_median, click_p95 = median_p95(clicks)
     base_median, base_p95 = median_p95(baseline)
     return [f"approvals: click -> tool start: samples={samples} median={ms(click_median)} p95={ms(click_p95)}; "
             f"baseline (no approval) message -> tool start: median={ms(base_median)} p95={ms(base_p95)} "
             f"(absolute, this machine); ratio={click_median / base_median:.2f}x median",
             f"approvals: Feishu API calls per turn with one approval: {_spread(calls)}; without: {_spread(plain_calls)}"
-            f"; per approval: {sum(calls) / len(calls) - sum(plain_calls) / len(plain_calls):.1f} (the toast and the "
-            "decided card ride on the callback's answer: no call)"]
+            f"; on the approval card itself: {_spread(card_calls)} (its send; the toast and the decided card ride on "
+            "the callback's answer, and the answer card's waiting line on its streaming updates)"]
 
 
 def _turn(setup: Rig, chat_id: str, name: str, decide: Callable[[str], float | None]) -> tuple[float, int]:
@@ -90,6 +94,17 @@ def _card_of(setup: Rig, message_id: str) -> str:
         return None
 
     return wait_until(card, 60, f"the approval card for {message_id}")
+
+
+def _approval_card_call(call: Call) -> bool:
+    """A send of a card written out in full (an approval card; answer cards are CardKit references), or a PATCH of a
+    message's card."""
+    if not call.write or "/im/v1/messages" not in call.path:
+        return False
+    if call.method == "PATCH":
+        return True
+    body = call.body if isinstance(call.body, dict) else {}
+    return body.get("msg_type") == "interactive" and '"card_id"' not in str(body.get("content"))
 
 
 def _read(path: Path) -> str | None:

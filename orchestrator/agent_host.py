@@ -483,6 +483,9 @@ class Host:
                     decision = decision_file.read(MAX_DECISION_BYTES)
             except FileNotFoundError:
                 continue
+            except OSError as exc:  # never the orchestrator's (it links a finished file in place): wait for it
+                log(f"turn {turn.name}: decision {number} not readable yet ({exc})")
+                continue
             del turn.waiting[number]
             response = permission_response(decision, tool_input)
             log(f"turn {turn.name}: permission request {number}: {response['behavior']}")

@@ -177,14 +177,20 @@ def turn_files(paths: ChatPaths, turn: str, uid: int) -> TurnFiles:
 
 
 def write_request(files: TurnFiles, request: bytes) -> None:
-    """The turn's request, in root's input folder under the turn's new name; written aside and linked in place, so
-    the agent host never reads half of it (and, unlike a rename, a request already there is never replaced)."""
+    """The turn's request, in root's input folder under the turn's new name."""
+    _publish(files, files.name, request)
+
+
+def _publish(files: TurnFiles, name: str, data: bytes) -> None:
+    """A file for the agent host in root's input folder: written aside and linked in place, so the host never
+    reads half of it, nor a file not yet readable (its mode is set after it is made), and, unlike a rename, one
+    already there is never replaced (FileExistsError)."""
     with untrusted.directory(files.paths.input) as folder:
-        untrusted.write_new(folder, f".{files.name}", request)
+        untrusted.write_new(folder, f".{name}", data)
         try:
-            os.link(f".{files.name}", files.name, src_dir_fd=folder, dst_dir_fd=folder, follow_symlinks=False)
+            os.link(f".{name}", name, src_dir_fd=folder, dst_dir_fd=folder, follow_symlinks=False)
         finally:
-            os.unlink(f".{files.name}", dir_fd=folder)
+            os.unlink(f".{name}", dir_fd=folder)
 
 
 def request_interrupt(files: TurnFiles) -> None:
@@ -196,8 +202,8 @@ def request_interrupt(files: TurnFiles) -> None:
 def write_decision(files: TurnFiles, number: int, decision: bytes) -> None:
     """Our answer to the turn's `number`-th permission request, for the agent host (written once; a second write of
     the same decision, after a restart, finds it there)."""
-    with untrusted.directory(files.paths.input) as folder, contextlib.suppress(FileExistsError):
-        untrusted.write_new(folder, agent_host.decision_name(files.name, number), decision)
+    with contextlib.suppress(FileExistsError):
+        _publish(files, agent_host.decision_name(files.name, number), decision)
 
 
 def withdraw(files: TurnFiles) -> None:

@@ -34,5 +34,8 @@ def test_every_benchmark_runs_and_prints_its_figures() -> None:
                      r"containers left running 0$", out, re.M), out
     assert re.search(r"^streaming: first text to first card: median=\d+ ms", out, re.M), out
     assert re.search(r"^gateway latency: added per request median=-?[\d.]+ ms p95=-?[\d.]+ ms", out, re.M), out
+    assert re.search(r"^approvals: click -> tool start: samples=3 median=\d+ ms p95=\d+ ms; baseline", out, re.M), out
+    assert re.search(r"^approvals: Feishu API calls per turn with one approval: .* on the approval card itself: "
+                     r"min 1, max 1 ", out, re.M), out
     assert re.search(r"^gateway throughput: \d+ req/s through the gateway, \d+ req/s direct \(concurrency 8\); "
                      r"ratio=[\d.]+x of direct$", out, re.M), out
