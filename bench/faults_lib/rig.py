@@ -165,7 +165,10 @@ class Rig:
         return len(again)
 
     def replies(self, sent: Sent) -> list[BotMessage]:
-        return [m for m in self.feishu.messages(sent.chat_id) if m.reply_to == sent.message_id]
+        """The bot's replies to a message that carry its answer (not an approval card, a card written out in full:
+        answers stream into CardKit cards or come as text)."""
+        return [m for m in self.feishu.messages(sent.chat_id) if m.reply_to == sent.message_id
+                and not (m.msg_type == "interactive" and m.card_id is None)]
 
     def turns(self) -> Counter[str]:
         """How many requests the fake Messages API got with each text as the newest user prompt (a turn's
