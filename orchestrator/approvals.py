@@ -25,6 +25,7 @@ import dataclasses
 import json
 import secrets
 import time
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,7 +40,8 @@ from orchestrator.states import State
 from orchestrator.store import ApprovalRecord, MessageRecord, Store
 from orchestrator.untrusted import excerpt
 
-MAX_ASKS_PER_TURN = 100  # a turn asking more than this is forging requests: the rest are denied unseen
+MAX_ASKS_PER_TURN = 100  # a turn asking more than this is forging requests: it is stopped
+ASKS_PER_LOOK = 10  # new requests taken per look, so a flood of forged ones cannot hold the follower
 DETAIL_CHARS = 1500  # characters of one detail shown on a card
 DETAILS_CHARS = 4000  # of all of them
 QUESTION_CHARS = 1000  # the answer goes back keyed by the question's text: longer ones are cut, and go unanswered
@@ -47,6 +49,7 @@ OPTION_CHARS = 100
 MAX_QUESTIONS = 4
 MAX_OPTIONS = 8
 ANSWER_CHARS = 2000
+DIFF_EDITS, DIFF_LINES = 5, 10  # of an Edit's diff on a card: edits, and lines per side of each
 RETRY_SECONDS = 5.0  # a card that could not be sent or updated is tried again after this
 ASK_USER = "AskUserQuestion"
 OUTCOME_WORDS = {"allowed": "Allowed", "denied": "Denied", "timed_out": "Timed out: denied",
@@ -61,8 +64,20 @@ class FollowedTurn:
     message: MessageRecord
     files: turns.TurnFiles
     seen: int = 0  # requests 1..seen were handled
+    flooded: bool = False  # more than MAX_ASKS_PER_TURN requests: the follower stops the turn
     retry_at: dict[str, float] = field(default_factory=dict)  # by key: when a failed card send/update is tried again
     sending: set[str] = field(default_factory=set)  # keys whose card is being sent or updated now
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)  # those sends and updates
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request as read, and what its card shows."""
+
+    ask: turns.Ask
+    details: tuple[tuple[str, str], ...]
+    questions: tuple[Question, ...]
+    unreadable: bool = False
 
 
 class Approvals:
@@ -75,6 +90,7 @@ class Approvals:
         self.mask = Masker(settings.secrets)
         self._wake: dict[str, asyncio.Event] = {}  # by chat id: a decision the chat's follower should act on
         self._tasks: set[asyncio.Task[None]] = set()
+        self.closing = ""  # set at a planned shutdown: why new requests are denied at once
 
     def wakeup(self, chat_id: str) -> asyncio.Event:
         """Set when something was decided for the chat; its follower waits on it between polls."""
@@ -85,9 +101,12 @@ class Approvals:
     async def follow(self, turn: FollowedTurn) -> list[ApprovalRecord]:
         """One look at the turn's permission requests: new ones stored (or decided at once), decisions written for
         the host, timeouts and withdrawals applied, cards sent and updated. The requests still waiting."""
-        while turn.files.ask_made(turn.seen + 1):
+        for _ in range(ASKS_PER_LOOK):
+            if turn.seen >= MAX_ASKS_PER_TURN or not turn.files.ask_made(turn.seen + 1):
+                break
             turn.seen += 1
-            self._take_ask(turn, await asyncio.to_thread(turn.files.read_ask, turn.seen))
+            await self._take_ask(turn, await asyncio.to_thread(self._prepare, turn.files, turn.seen))
+        turn.flooded = turn.seen >= MAX_ASKS_PER_TURN and turn.files.ask_made(turn.seen + 1)
         waiting = []
         for approval in self.store.approvals(turn=turn.files.name):
             approval = self._settle(turn, approval)
@@ -98,34 +117,44 @@ class Approvals:
             self._show(turn, approval)
         return waiting
 
-    def _take_ask(self, turn: FollowedTurn, ask: turns.Ask) -> None:
+    def _prepare(self, files: turns.TurnFiles, number: int) -> Prepared:
+        """On a thread: the request read with bounds, its secrets masked, and what its card shows (a request of
+        megabytes, or nested hundreds deep, costs the event loop nothing)."""
+        ask = files.read_ask(number)
+        if ask.input is None:
+            return Prepared(ask, (("Problem", ask.problem),), ())
+        try:  # masked before it is cut for the card: a secret cut in two is no longer recognised
+            tool_input = json.loads(self.mask(json.dumps(ask.input, ensure_ascii=False)))
+        except (ValueError, RecursionError):
+            return Prepared(ask, (("Problem", "the request could not be read"),), (), unreadable=True)
+        details, questions = describe(ask.tool, tool_input if isinstance(tool_input, dict) else {})
+        return Prepared(ask, details, questions)
+
+    async def _take_ask(self, turn: FollowedTurn, prepared: Prepared) -> None:
+        ask = prepared.ask
         if self.store.turn_approval(turn.files.name, ask.number) is not None:
             return  # stored before a restart
         log = self._log(turn.chat_id, turn.message.message_id)
         chat = resolve_chat(self.settings, turn.chat_id).options
-        tool_input = None if ask.input is None else self._masked(ask.input)
-        details, questions = describe(ask.tool, tool_input) if tool_input is not None else (
-            (("Problem", ask.problem),), ())
-        request = json.dumps({"details": details, "questions": [dataclasses.asdict(q) for q in questions]})
+        request = json.dumps({"details": prepared.details,
+                              "questions": [dataclasses.asdict(q) for q in prepared.questions]})
+        # The CLI asks one request at a time (measured): one that comes while another waits was forged by code in
+        # the container, and is denied without a card.
+        waiting = self.store.approvals(turn=turn.files.name, pending=True)
         approval = self.store.open_approval(secrets.token_hex(16), turn.chat_id, turn.message.message_id,
                                             turn.files.name, ask.number, ask.tool or "(unknown)", request,
                                             turn.message.sender_id, self.clock(), self.clock() + chat.approval_timeout)
         metrics.APPROVALS.labels("asked").inc()
-        log.info(f"approval {approval.key[:8]}: {approval.tool} asks ({excerpt(_first_detail(details), 120)})")
-        if ask.input is None or ask.number > MAX_ASKS_PER_TURN:
-            why = ask.problem if ask.input is None else f"more than {MAX_ASKS_PER_TURN} requests in one answer"
-            self._decide(approval, "denied", None, why)
+        log.info(f"approval {approval.key[:8]}: {excerpt(approval.tool, 60)} asks "
+                 f"({excerpt(_first_detail(prepared.details), 120)})")
+        if ask.input is None or prepared.unreadable:
+            self._decide(approval, "denied", None, ask.problem or "the request could not be read")
+        elif waiting:
+            self._decide(approval, "denied", None, "another request of this answer is still waiting")
+        elif self.closing:
+            self._decide(approval, "denied", None, self.closing)
         elif any(allowed.tool == approval.tool for allowed in self.store.always_allowed(turn.chat_id)):
             self._decide(approval, "allowed", None, "always allowed in this chat")
-
-    def _masked(self, tool_input: dict[str, Any]) -> dict[str, Any]:
-        """Secrets masked before the input is cut for the card (a secret cut in two is no longer recognised); the
-        channel masks the card again. A secret whose mask breaks the JSON (it held a quote) leaves it to that."""
-        try:
-            masked = json.loads(self.mask(json.dumps(tool_input, ensure_ascii=False)))
-        except ValueError:
-            return tool_input
-        return masked if isinstance(masked, dict) else tool_input
 
     def _settle(self, turn: FollowedTurn, approval: ApprovalRecord) -> ApprovalRecord:
         """A waiting request that the CLI withdrew, or whose time is up, decided so."""
@@ -157,7 +186,9 @@ class Approvals:
         turn.sending.add(approval.key)
         task = asyncio.create_task(self._send_card(turn, approval))
         self._tasks.add(task)
+        turn.tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(turn.tasks.discard)
 
     async def _send_card(self, turn: FollowedTurn, approval: ApprovalRecord) -> None:
         log = self._log(approval.chat_id, approval.message_id)
@@ -177,7 +208,9 @@ class Approvals:
             turn.sending.discard(approval.key)
 
     async def end_turn(self, turn: FollowedTurn) -> None:
-        """The turn ended: what still waits is cancelled, and every card shows how it ended."""
+        """The turn ended: what still waits is cancelled, and every card shows how it ended (a card still being
+        sent is waited for, or it would keep its buttons)."""
+        await asyncio.gather(*turn.tasks, return_exceptions=True)
         for approval in self.store.approvals(turn=turn.files.name, pending=True):
             self._decide(approval, "cancelled", None, "the answer ended")
         for approval in self.store.approvals(turn=turn.files.name):
@@ -202,7 +235,8 @@ class Approvals:
 
     def deny_waiting(self, reason: str) -> int:
         """A planned shutdown: every waiting request denied with `reason` (the followers tell the hosts and update
-        the cards while the running turns drain); how many."""
+        the cards while the running turns drain), and so is every request that comes from now on; how many."""
+        self.closing = reason
         return sum(self._decide(approval, "denied", None, reason)
                    for approval in self.store.approvals(pending=True))
 
@@ -245,6 +279,9 @@ class Approvals:
         if action.choice == "deny":
             return self._decide(approval, "denied", by, action.text)
         questions = self._questions(approval)
+        if action.choice == "always" and not self._may_always(approval, by):
+            return ActionReply("Only this chat's listed approvers can allow a tool for good; allow it once instead.",
+                               "warning")
         if action.choice in ("allow", "always") and not questions:
             return self._decide(approval, "allowed", by, always=action.choice == "always")
         if action.choice == "answer" and questions:
@@ -269,6 +306,12 @@ class Approvals:
         return {questions[0].text: text} if text and len(questions) == 1 else None
 
     # ---- what a card shows ----
+
+    def _may_always(self, approval: ApprovalRecord, who: str) -> bool:
+        """"Always" binds everyone's later turns: only a listed approver may choose it (the sender may, where the
+        chat lists nobody, as the sender is then the only approver of every turn)."""
+        listed = resolve_chat(self.settings, approval.chat_id).options.approvers
+        return who in listed if listed else who == approval.requested_by
 
     def approvers(self, approval: ApprovalRecord) -> tuple[str, ...]:
         listed = resolve_chat(self.settings, approval.chat_id).options.approvers
@@ -348,17 +391,35 @@ _FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
 
 
 def _text(value: Any) -> str:
+    """A value for a card: invisible characters shown (a right-to-left override or a zero-width space could make a
+    command read as another), and a long one cut in its middle, so its end (where `; curl …|sh` would hide) shows."""
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= DETAIL_CHARS else text[:DETAIL_CHARS] + f"… ({len(text):,} characters in all)"
+    text = "".join(_visible(ch) for ch in text)
+    if len(text) <= DETAIL_CHARS:
+        return text
+    half = DETAIL_CHARS // 2
+    return f"{text[:half]}\n… ({len(text) - 2 * half:,} characters not shown) …\n{text[-half:]}"
+
+
+def _visible(ch: str) -> str:
+    if ch in "\n\t" or (ch.isprintable() and unicodedata.category(ch) != "Cf"):
+        return ch
+    return f"<U+{ord(ch):04X}>"
 
 
 def _diff(tool_input: dict[str, Any]) -> str:
+    """The edits as removed and added lines; what is left out is said (a clean excerpt must not hide an 11th line)."""
     edits = tool_input.get("edits") if isinstance(tool_input.get("edits"), list) else [tool_input]
     lines = []
-    for edit in edits[:5]:
+    for edit in edits[:DIFF_EDITS]:
         if isinstance(edit, dict):
-            lines += [f"- {line}" for line in str(edit.get("old_string", "")).splitlines()[:10]]
-            lines += [f"+ {line}" for line in str(edit.get("new_string", "")).splitlines()[:10]]
+            for sign, name in (("-", "old_string"), ("+", "new_string")):
+                changed = str(edit.get(name, "")).splitlines()
+                lines += [f"{sign} {line}" for line in changed[:DIFF_LINES]]
+                if len(changed) > DIFF_LINES:
+                    lines.append(f"{sign} … {len(changed) - DIFF_LINES} more line(s)")
+    if len(edits) > DIFF_EDITS:
+        lines.append(f"… {len(edits) - DIFF_EDITS} more edit(s)")
     return _text("\n".join(lines) or "(no change shown)")
 
 

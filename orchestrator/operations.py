@@ -17,6 +17,7 @@ from orchestrator import status
 from orchestrator.config import Settings
 from orchestrator.runtime import DockerRuntime, RuntimeFailure
 from orchestrator.store import ApprovalRecord, Store
+from orchestrator.untrusted import excerpt
 
 STATUS_COLUMNS = ("chat_id", "container_name", "container_state", "cpu_percent", "memory_mib", "memory_limit_mib",
                   "session_id", "last_activity", "busy", "queued", "last_turn_cost_usd", "last_turn_seconds",
@@ -82,8 +83,9 @@ def _approval_line(approval: ApprovalRecord) -> str:
 
 
 def _one_line(text: str, limit: int = 200) -> str:
+    """One line for the operator's terminal: what the agent wrote cannot send it escape sequences."""
     flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[:limit - 1] + "…"
+    return excerpt(flat, limit)
 
 
 def stop_chat(settings: Settings, store: Store, runtime: DockerRuntime, chat_id: str) -> str:

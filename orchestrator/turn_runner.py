@@ -22,7 +22,7 @@ from loguru import logger
 
 from orchestrator import agent, agent_host, budgets, credentials, disk, layout, model_socket, turns
 from orchestrator.agent import Answer, Failure, Init, Text, ToolUse, Transcript, Unparsed
-from orchestrator.approvals import Approvals, FollowedTurn
+from orchestrator.approvals import MAX_ASKS_PER_TURN, Approvals, FollowedTurn
 from orchestrator.channels import TurnDisplay
 from orchestrator.config import ChatSettings, Settings, resolve_chat
 from orchestrator.runtime import ContainerState, Runtime, RuntimeFailure, container_spec
@@ -238,17 +238,20 @@ class TurnRunner:
         asking = FollowedTurn(message.chat_id, message, files) if resolve_chat(
             self.settings, message.chat_id).options.asks_approval else None
         try:
-            return await self._follow_output(turn, message, container, reader, display, log, asking)
+            result = await self._follow_output(turn, message, container, reader, display, log, asking)
         finally:
             reader.close()
             del self._running[message.chat_id]
-            if asking is not None:
-                await self._end_approvals(asking, log)
             await asyncio.to_thread(turns.withdraw, files)
             if reader.skipped_lines:
                 log.warning(f"skipped {reader.skipped_lines} output line(s) over {limits.line_bytes} bytes")
             if turn.oom:
                 log.warning("a process of the chat's container was killed for memory during the turn")
+        # Only a turn that ended closes its approvals: one left for the next start (a shutdown that keeps the
+        # containers, a store that refused a write) still waits in its container, and its card must still work.
+        if asking is not None:
+            await self._end_approvals(asking, log)
+        return result
 
     async def _follow_output(self, turn: _RunningTurn, message: MessageRecord, container: ContainerState,
                              reader: turns.OutputReader, display: TurnDisplay, log: Logger,
@@ -268,6 +271,10 @@ class TurnRunner:
                 if waiting:
                     pause = loop.time() - looked
                     began, last_output = began + pause, max(last_output, loop.time())
+                if asking.flooded:
+                    await self.kill(turn)
+                    return Failure(f"This answer was stopped: it made more than {MAX_ASKS_PER_TURN} permission "
+                                   "requests.", partial_text=transcript.text_so_far)
                 note = _waiting_note(waiting)
                 if note != waiting_note:
                     waiting_note = note

@@ -186,6 +186,8 @@ def _publish(files: TurnFiles, name: str, data: bytes) -> None:
     reads half of it, nor a file not yet readable (its mode is set after it is made), and, unlike a rename, one
     already there is never replaced (FileExistsError)."""
     with untrusted.directory(files.paths.input) as folder:
+        with contextlib.suppress(FileNotFoundError):  # left by a process killed between the write and the link
+            os.unlink(f".{name}", dir_fd=folder)
         untrusted.write_new(folder, f".{name}", data)
         try:
             os.link(f".{name}", name, src_dir_fd=folder, dst_dir_fd=folder, follow_symlinks=False)
@@ -210,7 +212,8 @@ def withdraw(files: TurnFiles) -> None:
     """The turn's request, interrupt and decisions, deleted: once we stop following a turn, no agent host may take
     it. (Its decisions are in our own folder: listing it costs what we wrote.)"""
     with untrusted.directory(files.paths.input) as folder:
-        decisions = [name for name in os.listdir(folder) if name.startswith(files.name + agent_host.DECISION_INFIX)]
+        decisions = [name for name in os.listdir(folder)
+                     if name.lstrip(".").startswith(files.name + agent_host.DECISION_INFIX)]
         for name in (files.name, files.name + agent_host.INTERRUPT_SUFFIX, *decisions):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name, dir_fd=folder)

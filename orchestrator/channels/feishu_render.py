@@ -200,7 +200,7 @@ def _detail(label: str, text: str) -> str:
 def _question(question: Question, room: _Room) -> str:
     header = room.cut(question.header, BUTTON_CHARS)
     text = card_markdown(room.cut(question.text, QUESTION_CHARS))
-    return f"**{card_markdown(header)}:** {text}" if header else text
+    return f"**{card_markdown(header)}:**\n{text}" if header else text  # its own line: a fence it opens stays one
 
 
 def _approvers(approvers: tuple[str, ...]) -> str:

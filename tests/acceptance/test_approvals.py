@@ -94,7 +94,8 @@ def test_deny_allow_always_strangers_and_two_approvers_at_once(feishu: FakeFeish
     # Always allow: the next Bash call is not asked, until /permissions reset.
     feishu.push_event(feishu.text_event(chat_id, "RUN_BASH: touch /workspace/always1 && echo one"))
     card = wait_card(feishu, chat_id, 4)
-    assert clicked(feishu.click(card, "Always allow Bash here", SENDER)) == "Always allowed in this chat: Bash."
+    assert "listed approvers" in clicked(feishu.click(card, "Always allow Bash here", SENDER))  # binds others too
+    assert clicked(feishu.click(card, "Always allow Bash here", APPROVER)) == "Always allowed in this chat: Bash."
     wait_answer(feishu, chat_id, "ran: one")
     feishu.push_event(feishu.text_event(chat_id, "RUN_BASH: touch /workspace/always2 && echo two"))
     wait_answer(feishu, chat_id, "ran: two")
@@ -107,7 +108,7 @@ def test_deny_allow_always_strangers_and_two_approvers_at_once(feishu: FakeFeish
     wait_card(feishu, chat_id, 5)
 
     log = run_cli(tmp_path / "config.yaml", "logs", chat_id, "-n", "50").stdout
-    assert "approval" in log and "denied by ou_user" in log and "always allowed by ou_user" in log
+    assert "approval" in log and "denied by ou_user" in log and "always allowed by ou_approver" in log
 
 
 def test_the_timeout_denies_and_the_chat_is_told(feishu: FakeFeishu, feishu_config, start,

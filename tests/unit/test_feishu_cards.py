@@ -91,7 +91,7 @@ def test_a_question_has_a_button_per_option_and_a_typed_answer() -> None:
         "deny": {"label": "Decline to answer", "approval": KEY, "choice": "deny"}}
     assert tagged(card, "input")[0]["placeholder"]["content"] == "Or type an answer"
     shown = "\n".join(texts(card))
-    assert "**Database:** Which database?" in shown and "Tests too?" in shown
+    assert "**Database:**\nWhich database?" in shown and "Tests too?" in shown
 
 
 def test_option_labels_are_bounded() -> None:

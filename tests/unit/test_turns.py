@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import layout, turns, untrusted
+from orchestrator import agent_host, layout, turns, untrusted
 from orchestrator.layout import ChatPaths
 from orchestrator.turns import (
     OutputReader,
@@ -112,11 +112,29 @@ def test_the_request_is_written_in_roots_input_folder_whole_and_withdrawn(paths:
     assert not files.requested() and list(paths.input.iterdir()) == []
 
 
+def test_a_decision_is_published_once_even_after_a_kill_left_its_temporary_file(paths: ChatPaths) -> None:
+    files = TurnFiles(new_turn_name(4, 1), paths, AGENT)
+    name = agent_host.decision_name(files.name, 1)
+    (paths.input / f".{name}").write_bytes(b"half")  # a process killed between its write and its link
+    turns.write_decision(files, 1, b'{"behavior": "allow"}')
+    assert (paths.input / name).read_bytes() == b'{"behavior": "allow"}'
+    assert stat.S_IMODE((paths.input / name).stat().st_mode) == 0o644
+    turns.write_decision(files, 1, b'{"behavior": "deny"}')  # written once: a second decision changes nothing
+    assert (paths.input / name).read_bytes() == b'{"behavior": "allow"}'
+    (paths.input / f".{name}").write_bytes(b"left over")
+    withdraw(files)
+    assert list(paths.input.iterdir()) == []
+
+
 def test_a_request_is_never_written_through_a_link(tmp_path: Path, paths: ChatPaths) -> None:
     files = TurnFiles(new_turn_name(3, 1), paths, AGENT)
     target = tmp_path / "evil.pth"
     (paths.input / f".{files.name}").symlink_to(target)
-    with pytest.raises(FileExistsError):
+    write_request(files, b"import os")  # the link is removed, never followed
+    assert not target.exists() and (paths.input / files.name).read_bytes() == b"import os"
+    (paths.input / files.name).unlink()
+    (paths.input / files.name).symlink_to(target)
+    with pytest.raises(FileExistsError):  # and a name that exists is never replaced
         write_request(files, b"import os")
     assert not target.exists()
 
