@@ -7,7 +7,9 @@ a container that stops or cannot start ends the turn with a reason."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +22,8 @@ from loguru import logger
 from orchestrator import agent, agent_host, layout, turn_runner, turns
 from orchestrator.agent import Answer, Failure
 from orchestrator.approvals import Approvals
-from orchestrator.config import BudgetSettings, Settings, resolve_chat
+from orchestrator.channels import CardAction
+from orchestrator.config import BudgetSettings, ChatOptions, Settings, resolve_chat
 from orchestrator.layout import ChatPaths
 from orchestrator.runtime import container_name, container_spec
 from orchestrator.states import State
@@ -361,3 +364,47 @@ def test_a_turn_the_gateway_stopped_at_the_budget_says_why(bench: Bench) -> None
     result = asyncio.run(scenario())
     assert isinstance(result, Failure) and result.partial_text == "Fake answer to: one"
     assert result.reason.startswith("This answer was stopped: You have spent $0.04 of your daily budget of $0.03")
+
+
+def test_a_turn_waiting_for_approval_shows_it_and_a_cancelled_follower_leaves_it_waiting(bench: Bench) -> None:
+    """A shutdown that keeps the containers cancels the follower: the request stays pending, and the next
+    follower (after a restart) takes the click and answers the host."""
+    settings = dataclasses.replace(bench.settings, defaults=ChatOptions(permission_mode="default"))
+    channel = RecordingChannel()
+    approvals = Approvals(settings, bench.store, channel)
+
+    async def started(chat_id: str) -> None:
+        pass
+
+    bench.host.replies = [Reply(hold=True)]
+    message = bench.message("RUN_BASH: touch x")
+    display = RecordingDisplay()
+
+    async def scenario() -> Answer | Failure:
+        runner = TurnRunner(settings, bench.store, bench.runtime, approvals, started)
+        log = logger.bind(chat_id=CHAT, message_id=message.message_id)
+        task = asyncio.create_task(runner.run(message, display, log))
+        await until(lambda: bench.host.taken, "the turn to be taken")
+        folder = bench.paths.turns / bench.host.taken[0]
+        (folder / "ask-1").write_text(json.dumps({"tool": "Bash", "input": {"command": "touch x"}}))
+        os.chown(folder / "ask-1", settings.agent.uid, settings.agent.uid)
+        await until(lambda: channel.cards, "the approval card")
+        await until(lambda: any("Waiting for approval: Bash" in shown for shown in display.shown), "the note")
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        [approval] = bench.store.approvals(CHAT)
+        assert approval.pending  # not cancelled with the follower
+        again = TurnRunner(settings, bench.store, bench.runtime, approvals, started)
+        follow = asyncio.create_task(again.run(bench.store.message(message.message_id), RecordingDisplay(), log))
+        card = next(iter(channel.cards))
+        reply = await approvals.act(CardAction(approval.key, "allow", "ou_1", CHAT, card))
+        assert reply.toast == "Allowed once."
+        decision = bench.paths.input / agent_host.decision_name(folder.name, 1)
+        await until(decision.exists, "the decision for the host")
+        bench.host.release()
+        return await asyncio.wait_for(follow, WAIT_SECONDS)
+
+    result = asyncio.run(scenario())
+    assert isinstance(result, Answer)
+    assert bench.store.approvals(CHAT)[0].state == "allowed"
