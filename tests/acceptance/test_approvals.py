@@ -5,7 +5,9 @@ the long connection and the webhook, and the real store."""
 from __future__ import annotations
 
 import json
+import re
 import threading
+import urllib.request
 from pathlib import Path
 
 from bench.faults_lib.webhook import ENCRYPT_KEY, Attacker, webhook_config
@@ -17,8 +19,17 @@ SENDER, APPROVER, OTHER_APPROVER, STRANGER = "ou_user", "ou_approver", "ou_secon
 MODE = {"permission_mode": "default", "approvers": [APPROVER, OTHER_APPROVER]}
 
 
-def approval_config(feishu_config, feishu_overrides: dict | None = None, **group: object) -> Path:
-    return feishu_config(feishu_overrides, defaults={**MODE, **group})
+def approval_config(feishu_config, feishu_overrides: dict | None = None, metrics_port: int | None = None,
+                    **group: object) -> Path:
+    extra = {"metrics": {"listen": f"127.0.0.1:{metrics_port}"}} if metrics_port else {}
+    return feishu_config(feishu_overrides, defaults={**MODE, **group}, **extra)
+
+
+def approvals_counted(port: int) -> dict[str, float]:
+    """orchestrator_approvals_total by outcome, from /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {outcome: float(count)
+            for outcome, count in re.findall(r'^orchestrator_approvals_total\{outcome="(\w+)"\} (\S+)$', text, re.M)}
 
 
 def approval_cards(feishu: FakeFeishu, chat_id: str) -> list[BotMessage]:
@@ -52,7 +63,8 @@ def clicked(answer: CallbackAnswer) -> str:
 
 def test_deny_allow_always_strangers_and_two_approvers_at_once(feishu: FakeFeishu, feishu_config, start,
                                                                fake_api: FakeAnthropic, tmp_path: Path) -> None:
-    start(approval_config(feishu_config))
+    metrics_port = free_port()
+    start(approval_config(feishu_config, metrics_port=metrics_port))
     chat_id = chat()
     files = workspace(tmp_path, chat_id)
 
@@ -109,11 +121,14 @@ def test_deny_allow_always_strangers_and_two_approvers_at_once(feishu: FakeFeish
 
     log = run_cli(tmp_path / "config.yaml", "logs", chat_id, "-n", "50").stdout
     assert "approval" in log and "denied by ou_user" in log and "always allowed by ou_approver" in log
+    counted = approvals_counted(metrics_port)  # 6 asked (the always-allowed call too), 5 decided, the last waits
+    assert counted["asked"] == 6 and counted["denied"] + counted["allowed"] == 5, counted
 
 
 def test_the_timeout_denies_and_the_chat_is_told(feishu: FakeFeishu, feishu_config, start,
                                                  fake_api: FakeAnthropic, tmp_path: Path) -> None:
-    start(approval_config(feishu_config, approval_timeout=3))
+    metrics_port = free_port()
+    start(approval_config(feishu_config, metrics_port=metrics_port, approval_timeout=3))
     chat_id = chat()
     feishu.push_event(feishu.text_event(chat_id, "RUN_BASH: touch /workspace/late"))
     card = wait_card(feishu, chat_id)
@@ -121,6 +136,7 @@ def test_the_timeout_denies_and_the_chat_is_told(feishu: FakeFeishu, feishu_conf
     wait_until(lambda: feishu.buttons(card) == [], 30, "the card's buttons gone")
     assert "Timed out" in card_text(feishu, card)
     assert not (workspace(tmp_path, chat_id) / "late").exists()
+    assert approvals_counted(metrics_port)["timed_out"] == 1
 
 
 def test_kill_9_while_a_card_waits_then_the_button_still_works(feishu: FakeFeishu, feishu_config, start,
