@@ -150,6 +150,7 @@ class BotMessage:
     uuid: str | None = None
     edits: int = 0
     text: str = ""
+    thread_id: str | None = None  # the topic it is in
 
 
 @dataclass
@@ -305,6 +306,7 @@ class FakeFeishu:
         self._acks: list[Ack] = []
         self._pushed: dict[str, float] = {}
         self._chat_of: dict[str, str | None] = {}
+        self._thread_of: dict[str, str] = {}  # message id -> the topic (thread) it is in
         self._p2p: dict[str, str] = {}
         self._sent: dict[str, BotMessage] = {}
         self._uuids: dict[str, str] = {}
@@ -589,21 +591,21 @@ class FakeFeishu:
     def text_event(self, chat_id: str, text: str, *, message_id: str | None = None,
                    chat_type: Literal["p2p", "group"] = "p2p", sender_open_id: str = "ou_user",
                    mentions: list[Json] | None = None, mention_bot: bool = False,
-                   sender_type: str = "user", parent_id: str | None = None) -> Json:
-        """An im.message.receive_v1 event for a text message. `mentions` are Feishu mention objects
-        ({"key": "@_user_1", "id": {"open_id": ...}, "name": ...}) whose keys the text should contain;
-        `mention_bot` adds a mention of the bot and puts its key in front of the text."""
+                   sender_type: str = "user", parent_id: str | None = None, thread_id: str | None = None) -> Json:
+        """An im.message.receive_v1 event for a text message (in a topic: `thread_id`). `mentions` are Feishu
+        mention objects ({"key": "@_user_1", "id": {"open_id": ...}, "name": ...}) whose keys the text should
+        contain; `mention_bot` adds a mention of the bot and puts its key in front of the text."""
         mentions = self._mentions(mentions, mention_bot)
         if mention_bot:
             text = f"{mentions[-1]['key']} {text}"
         return self._message_event(chat_id, "text", {"text": text}, mentions, message_id=message_id,
                                    chat_type=chat_type, sender_open_id=sender_open_id,
-                                   sender_type=sender_type, parent_id=parent_id)
+                                   sender_type=sender_type, parent_id=parent_id, thread_id=thread_id)
 
     def post_event(self, chat_id: str, lines: list[str], *, title: str = "", message_id: str | None = None,
                    chat_type: Literal["p2p", "group"] = "p2p", sender_open_id: str = "ou_user",
                    mentions: list[Json] | None = None, mention_bot: bool = False,
-                   sender_type: str = "user", parent_id: str | None = None) -> Json:
+                   sender_type: str = "user", parent_id: str | None = None, thread_id: str | None = None) -> Json:
         """An im.message.receive_v1 event for a rich-text (post) message, one paragraph per line."""
         mentions = self._mentions(mentions, mention_bot)
         paragraphs: list[list[Json]] = [[{"tag": "text", "text": line}] for line in lines] or [[]]
@@ -611,7 +613,7 @@ class FakeFeishu:
             paragraphs[0].insert(0, {"tag": "at", "user_id": mentions[-1]["key"], "user_name": self.bot_name})
         return self._message_event(chat_id, "post", {"title": title, "content": paragraphs}, mentions,
                                    message_id=message_id, chat_type=chat_type, sender_open_id=sender_open_id,
-                                   sender_type=sender_type, parent_id=parent_id)
+                                   sender_type=sender_type, parent_id=parent_id, thread_id=thread_id)
 
     def _mentions(self, mentions: list[Json] | None, mention_bot: bool) -> list[Json]:
         result = [{"tenant_key": self.tenant_key, **m} for m in mentions or []]
@@ -622,7 +624,7 @@ class FakeFeishu:
 
     def _message_event(self, chat_id: str, message_type: str, content: Json, mentions: list[Json], *,
                        message_id: str | None, chat_type: str, sender_open_id: str, sender_type: str,
-                       parent_id: str | None) -> Json:
+                       parent_id: str | None, thread_id: str | None = None) -> Json:
         now = str(int(time.time() * 1000))
         message: Json = {"message_id": message_id or f"om_{uuid.uuid4().hex}", "chat_id": chat_id,
                          "chat_type": chat_type, "message_type": message_type, "create_time": now,
@@ -630,6 +632,8 @@ class FakeFeishu:
                          "mentions": mentions}
         if parent_id:
             message.update(parent_id=parent_id, root_id=parent_id)
+        if thread_id:  # a topic's new message has its thread_id, and root_id may be empty (Feishu's doc)
+            message["thread_id"] = thread_id
         event = {"schema": "2.0",
                  "header": {"event_id": uuid.uuid4().hex, "event_type": "im.message.receive_v1", "create_time": now,
                             "token": self.verification_token, "app_id": self.app_id, "tenant_key": self.tenant_key},
@@ -647,6 +651,8 @@ class FakeFeishu:
             return
         with self._cond:
             self._chat_of[message["message_id"]] = message.get("chat_id")
+            if message.get("thread_id"):
+                self._thread_of[message["message_id"]] = message["thread_id"]
             sender = event["event"].get("sender", {}).get("sender_id", {}).get("open_id")
             if message.get("chat_type") == "p2p" and sender:
                 self._p2p[sender] = message["chat_id"]
@@ -916,14 +922,29 @@ class FakeFeishu:
             return error
         card_id = _card_ref(content)
         message = BotMessage(f"om_{uuid.uuid4().hex}", chat_id, body["msg_type"], content, reply_to,
-                             bool(body.get("reply_in_thread")), card_id, key)
+                             bool(body.get("reply_in_thread")), card_id, key,
+                             thread_id=self._reply_thread(reply_to, bool(body.get("reply_in_thread"))))
         self._sent[message.message_id] = message
+        if message.thread_id:
+            self._thread_of[message.message_id] = message.thread_id
         self._chat_of[message.message_id] = chat_id
         if key:
             self._uuids[key] = message.message_id
         if card_id is not None:
             self._cards[card_id].message_id = message.message_id
         return _ok(self._message_data(message))
+
+    def _reply_thread(self, reply_to: str | None, in_thread: bool) -> str | None:
+        """The topic a reply lands in: the one its message is in (Feishu: a reply to a message in a topic goes into
+        it whatever reply_in_thread says), a new one with reply_in_thread, or none."""
+        if reply_to is None:
+            return None
+        if reply_to in self._thread_of:
+            return self._thread_of[reply_to]
+        if in_thread:
+            self._thread_of[reply_to] = f"omt_{uuid.uuid4().hex[:16]}"
+            return self._thread_of[reply_to]
+        return None
 
     def _update(self, params: dict[str, str], query: dict[str, str], body: Json) -> _Reply:
         """Edit a text/post message (PUT); Feishu allows 20 edits and only of the bot's own messages."""
@@ -981,6 +1002,8 @@ class FakeFeishu:
                 "body": {"content": json.dumps(message.content, ensure_ascii=False)}}
         if message.reply_to:
             data.update(parent_id=message.reply_to, root_id=message.reply_to)
+        if message.thread_id:
+            data["thread_id"] = message.thread_id
         return data
 
     def _shown_text(self, message: BotMessage) -> str:
