@@ -472,6 +472,9 @@ class _Reader:
 
     def agent(self, raw: object) -> AgentSettings:
         key = "agent"
+        if isinstance(raw, dict) and "permission_mode" in raw:
+            raise self.error("agent.permission_mode", "moved to defaults.permission_mode (per group since approvals: "
+                             "groups.<chat_id>.permission_mode)")
         section = self.section(raw, key, tuple(f.name for f in dataclasses.fields(AgentSettings)))
         env = section.get("env") or {}
         if not isinstance(env, dict):

@@ -148,6 +148,7 @@ def test_memory_sizes(tmp_path: Path) -> None:
     ({"groups": {"oc_a": {"memory": "2gb"}}}, "groups.oc_a.memory", "is not a size"),
     ({"agnet": {}}, "agnet", "unknown key"),
     ({"defaults": {"permission_mode": "yolo"}}, "defaults.permission_mode", "is not one of"),
+    ({"agent": {"permission_mode": "default"}}, "agent.permission_mode", "moved to defaults.permission_mode"),
     ({"groups": {"oc_a": {"approvers": ["alice"]}}}, "groups.oc_a.approvers", "is not a Feishu open id"),
     ({"defaults": {"auto_allow": ["Bash(ls"]}}, "defaults.auto_allow", "is not a permission rule"),
     ({"defaults": {"approval_timeout": 0}}, "defaults.approval_timeout", ""),
