@@ -223,7 +223,7 @@ def _template(outcome: str) -> str:
 
 # ---- long answers ----------------------------------------------------------------------------------------
 
-_FENCE = re.compile(r"[ \t]{0,3}(`{3,}|~{3,})")
+_FENCE_LINE = re.compile(r" {0,3}(`{3,})[^`\n]*")  # a whole line that opens or closes a block, as card_markdown reads
 
 
 def split_answer(text: str, limit: int) -> list[str]:
@@ -235,10 +235,10 @@ def split_answer(text: str, limit: int) -> list[str]:
     while len(reopen) + len(text) > limit:
         piece, rest = _piece(reopen, text, limit - len(reopen))
         fence = _open_fence(piece)
-        if fence is not None and len(piece) + 1 + len(_FENCE.match(fence)[1]) > limit:  # type: ignore[index]
+        if fence is not None and len(piece) + 1 + len(_FENCE_LINE.fullmatch(fence)[1]) > limit:  # type: ignore[index]
             piece, rest = _piece(reopen, text, limit - len(reopen) - _FENCE_ROOM)  # room for the closing fence
             fence = _open_fence(piece)
-        pieces.append(f"{piece}\n{_FENCE.match(fence)[1]}" if fence else piece)  # type: ignore[index]
+        pieces.append(f"{piece}\n{_FENCE_LINE.fullmatch(fence)[1]}" if fence else piece)  # type: ignore[index]
         text = rest
         reopen = f"{fence.strip()}\n" if fence else ""
     return [*pieces, reopen + text]
@@ -262,15 +262,16 @@ def _cut(text: str, room: int) -> int:
 
 
 def _open_fence(text: str) -> str | None:
-    """The fence line of a code block still open at the end of `text`, or None."""
+    """The fence line of a code block still open at the end of `text`, or None. A block closes at a line of as many
+    backticks or more, and nothing else (as card_markdown reads it)."""
     opened: str | None = None
+    ticks = 0
     for line in text.split("\n"):
-        match = _FENCE.match(line)
+        match = _FENCE_LINE.fullmatch(line)
         if match is None:
             continue
         if opened is None:
-            opened = line
-        elif match[1][0] == _FENCE.match(opened)[1][0] and len(match[1]) >= len(_FENCE.match(opened)[1]) \
-                and not line[match.end():].strip():  # type: ignore[index]
+            opened, ticks = line, len(match[1])
+        elif line.strip() == match[1] and len(match[1]) >= ticks:
             opened = None
     return opened
