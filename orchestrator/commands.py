@@ -13,7 +13,7 @@ from typing import Protocol
 from loguru import logger
 
 from orchestrator import budgets, status
-from orchestrator.config import Settings
+from orchestrator.config import Settings, resolve_chat
 from orchestrator.store import MessageRecord, Store, refused_for_now
 from orchestrator.supervise import describe
 
@@ -69,9 +69,12 @@ async def _help(context: Context, message: MessageRecord) -> None:
 
 
 async def _new(context: Context, message: MessageRecord) -> None:
-    context.store.set_session(message.chat_id, None)
-    logger.bind(chat_id=message.chat_id, message_id=message.message_id).info("session cleared by /new")
-    context.reply(message, "Started a new conversation: the next message begins with a fresh context.")
+    conversation = resolve_chat(context.settings, message.chat_id).options.conversation(message.thread_id)
+    context.store.set_session(message.chat_id, None, conversation)
+    logger.bind(chat_id=message.chat_id, message_id=message.message_id).info(
+        "session cleared by /new" + (f" in topic {conversation}" if conversation else ""))
+    where = "this topic" if conversation else "this chat"
+    context.reply(message, f"Started a new conversation in {where}: the next message begins with a fresh context.")
 
 
 async def _stop(context: Context, message: MessageRecord) -> None:
@@ -85,7 +88,7 @@ async def _stop(context: Context, message: MessageRecord) -> None:
 
 async def _status(context: Context, message: MessageRecord) -> None:
     now = await status.chat_status(context.settings, context.store, context.engine, message.chat_id,
-                                   asking=message.message_id)
+                                   asking=message.message_id, thread_id=message.thread_id)
     context.reply(message, status.render(now))
 
 

@@ -45,6 +45,7 @@ SAFE_NETWORKS = (INSTANCE_NETWORK, "none")
 RESERVED_AGENT_ENV = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL", "CLAUDE_CODE_OAUTH_TOKEN",
                       "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy")
 EGRESS_MODES = ("allowlist", "open", "none")
+THREAD_MODES = ("per_thread", "shared")
 # What an agent may reach through the egress proxy unless the config says otherwise: the usual package
 # registries (npm, PyPI, Debian, GitHub, Go, crates.io, RubyGems, Maven Central). The model is not here: agents
 # reach it through the gateway's socket in their container, not over the network.
@@ -101,6 +102,11 @@ class ChatOptions:
     approvers: tuple[str, ...] = ()  # open ids who may decide, besides the sender of the message being answered
     auto_allow: tuple[str, ...] = ()  # permission rules never asked (Claude Code's syntax: Read, Bash(git status:*))
     approval_timeout: float = 600.0  # seconds an approval waits; then the tool is denied and the chat told
+    threads: str = "per_thread"  # per_thread: each topic (thread) of a chat has its own session; shared: one
+
+    def conversation(self, thread_id: str) -> str:
+        """Which conversation of the chat a message in `thread_id` ("": none) belongs to: "" is the chat's own."""
+        return thread_id if self.threads == "per_thread" else ""
 
     @property
     def asks_approval(self) -> bool:
@@ -440,7 +446,8 @@ class _Reader:
                   "unsafe_network": _boolean, "workspace": _string, "require_mention": _boolean,
                   "disk": _size(1024**2), "tmp_size": _size(1024**2), "egress": _egress,
                   "permission_mode": _choice(PERMISSION_MODES), "approvers": _open_ids,
-                  "auto_allow": _permission_rules, "approval_timeout": _positive_number}
+                  "auto_allow": _permission_rules, "approval_timeout": _positive_number,
+                  "threads": _choice(THREAD_MODES)}
         section = self.section(raw, key, tuple(fields))
         return {name: self.value(section, name, key, None, convert)
                 for name, convert in fields.items() if section.get(name) is not None}

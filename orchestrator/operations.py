@@ -100,11 +100,12 @@ def stop_chat(settings: Settings, store: Store, runtime: DockerRuntime, chat_id:
 
 
 def reset_chat(store: Store, chat_id: str) -> str | None:
-    """Forget the chat's Claude session (as /new does); the old one's id, for the operator's record."""
+    """Forget the chat's Claude sessions, its own and its topics' (as /new does for one); the old one's id, for the
+    operator's record."""
     chat = store.find_chat(chat_id)
     if chat is None:
         raise LookupError(f"chat {chat_id} is not known")
-    store.set_session(chat_id, None)
+    store.forget_sessions(chat_id)
     return chat.session_id
 
 

@@ -400,7 +400,7 @@ class Service:
             return
         self.store.ensure_chat(incoming.chat_id, incoming.chat_name)
         message = self.store.record_received(incoming.message_id, incoming.chat_id, incoming.sender_id,
-                                             incoming.text)
+                                             incoming.text, incoming.thread_id)
         if message is None:
             log.info("duplicate delivery ignored")
             metrics.MESSAGES.labels("duplicate").inc()

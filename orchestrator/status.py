@@ -42,7 +42,7 @@ class ChatStatus:
     pids: int | None
     pids_limit: int
     network: str
-    session_id: str | None
+    session_id: str | None  # of the chat's own conversation, or of the topic /status was asked in
     last_activity: float | None
     busy: bool  # a turn is running
     queued: int  # messages waiting for their turn
@@ -52,12 +52,13 @@ class ChatStatus:
     permission_mode: str = "bypassPermissions"
     always_allowed: tuple[str, ...] = ()  # tools an approver allowed for good in this chat
     approvals_waiting: int = 0
+    topics: int = 0  # topics with a session of their own
 
 
 async def chat_status(settings: Settings, store: Store, engine: Engine | None, chat_id: str,
-                      asking: str | None = None) -> ChatStatus:
+                      asking: str | None = None, thread_id: str = "") -> ChatStatus:
     """The chat's status; `engine` None: its container is unknown. `asking`: the message that asks (a /status
-    waiting to be answered), not counted as queued."""
+    waiting to be answered), not counted as queued. `thread_id`: the topic it is asked in, whose session it shows."""
     chat = store.chat(chat_id)
     container, use = await _container(engine, chat.container_name)
     options = resolve_chat(settings, chat_id).options
@@ -77,7 +78,8 @@ async def chat_status(settings: Settings, store: Store, engine: Engine | None, c
         pids=use.pids if use else None,
         pids_limit=container.pids_limit if container and container.pids_limit else options.pids_limit,
         network=options.network,
-        session_id=chat.session_id,
+        session_id=store.session(chat_id, options.conversation(thread_id)),
+        topics=len(store.thread_sessions(chat_id)),
         last_activity=chat.last_activity,
         busy=any(m.state is State.RUNNING for m in unfinished),
         queued=sum(1 for m in unfinished if m.state in (State.RECEIVED, State.QUEUED)),
@@ -125,7 +127,8 @@ def render(status: ChatStatus) -> str:
         lines.append(f"In use: {status.cpu_percent:g}% CPU, {status.memory_mib:g} MiB memory, {status.pids} "
                      "processes")
     lines += [
-        f"Session: {status.session_id or '(new)'}",
+        f"Session: {status.session_id or '(new)'}" + (f"; {status.topics} topic(s) have their own" if status.topics
+                                                       else ""),
         f"Running: {'yes' if status.busy else 'no'}; queued: {status.queued}",
     ]
     if status.last_turn_seconds is not None:

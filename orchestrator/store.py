@@ -1,11 +1,13 @@
-"""Durable state in SQLite (peewee): chats, messages and the model's usage. The only module that speaks SQL.
+"""Durable state in SQLite (peewee): chats, messages, topics' sessions, the model's usage and approvals. The only
+module that speaks SQL.
 
 Callers get plain records, never rows. Message state changes are conditional updates (see `states`),
 so a transition happens once even when two workers race for it. A transition the message's state refuses
 raises `TransitionRefused` (the caller's idea of the message is wrong: going on would lose or repeat work),
 except where a method's docstring names the refusal its callers expect; those return False. Nothing here
-clears a session id except `set_session`, which the service calls only on /new or when the CLI reports the
-session gone. Every text for a chat is kept with the secrets masked (`masking`).
+clears a session id except `set_session` and `forget_sessions`, which run only on /new, `orchestrator reset`,
+or when the CLI reports the session gone. Every text for a chat is kept with the secrets masked (`masking`).
+A store made by an earlier version gets the tables and columns added since, when it is opened.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from peewee import (
     TextField,
     fn,
 )
+from playhouse.migrate import SqliteMigrator, migrate
 
 from orchestrator.masking import Masker
 from orchestrator.states import UNANSWERED, UNFINISHED, State, predecessors
@@ -78,6 +81,7 @@ class _Message(_Table):
     message_id = CharField(unique=True)
     chat_id = CharField(index=True)
     sender_id = CharField(default="")
+    thread_id = CharField(default="")  # the topic it was sent in ("" outside one)
     text = TextField()
     state = CharField(index=True)
     turn = CharField(null=True)  # the folder of its latest turn, under the chat's turns/
@@ -112,6 +116,19 @@ class _Outbox(_Table):
 
     class Meta:
         table_name = "outbox"
+
+
+class _ThreadSession(_Table):
+    """The Claude session of each topic (thread) of a chat, where topics keep their own (`threads: per_thread`);
+    the chat's own conversation keeps its session in `chats`."""
+
+    chat_id = CharField()
+    thread_id = CharField()
+    session_id = CharField(null=True)
+
+    class Meta:
+        table_name = "thread_sessions"
+        primary_key = CompositeKey("chat_id", "thread_id")
 
 
 class _Refusal(_Table):
@@ -187,6 +204,9 @@ class _AlwaysAllowed(_Table):
         primary_key = CompositeKey("chat_id", "tool")
 
 
+_TABLES = [_Chat, _Message, _Outbox, _Refusal, _Usage, _Approval, _AlwaysAllowed, _ThreadSession]
+
+
 class TransitionRefused(Exception):
     """A message's state does not allow the change asked for, and no caller expects that: a bug."""
 
@@ -207,6 +227,7 @@ class MessageRecord:
     message_id: str
     chat_id: str
     sender_id: str
+    thread_id: str
     text: str
     state: State
     turn: str | None
@@ -299,9 +320,9 @@ def _chat_record(row: _Chat) -> ChatRecord:
 
 
 def _message_record(row: _Message) -> MessageRecord:
-    return MessageRecord(row.id, row.message_id, row.chat_id, row.sender_id, row.text, State(row.state),
-                         row.turn, row.display, row.error, row.answer, row.cost_usd, row.duration_ms, row.received_at,
-                         row.updated_at)
+    return MessageRecord(row.id, row.message_id, row.chat_id, row.sender_id, row.thread_id, row.text,
+                         State(row.state), row.turn, row.display, row.error, row.answer, row.cost_usd, row.duration_ms,
+                         row.received_at, row.updated_at)
 
 
 def _usage_record(row: _Usage) -> UsageRecord:
@@ -333,7 +354,18 @@ class Store:
             "synchronous": "normal",
         })
         _database.initialize(self.db)
-        self.db.create_tables([_Chat, _Message, _Outbox, _Refusal, _Usage, _Approval, _AlwaysAllowed])
+        self.db.create_tables(_TABLES)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """A store made by an earlier version gets the columns added since (each with its default); the tables
+        it lacks were just made. Nothing is ever dropped or changed."""
+        migrator = SqliteMigrator(self.db)
+        for model in _TABLES:
+            present = {column.name for column in self.db.get_columns(model._meta.table_name)}
+            missing = [field for field in model._meta.sorted_fields if field.column_name not in present]
+            if missing:
+                migrate(*(migrator.add_column(model._meta.table_name, field.column_name, field) for field in missing))
 
     def close(self) -> None:
         self.db.close()
@@ -369,21 +401,44 @@ class Store:
     def set_container(self, chat_id: str, name: str, container_id: str) -> None:
         _Chat.update(container_name=name, container_id=container_id).where(_Chat.chat_id == chat_id).execute()
 
-    def set_session(self, chat_id: str, session_id: str | None) -> None:
-        _Chat.update(session_id=session_id).where(_Chat.chat_id == chat_id).execute()
+    def session(self, chat_id: str, thread_id: str = "") -> str | None:
+        """The Claude session of the chat's own conversation, or of one of its topics."""
+        if not thread_id:
+            return self.chat(chat_id).session_id
+        row = _ThreadSession.get_or_none((_ThreadSession.chat_id == chat_id) & (_ThreadSession.thread_id == thread_id))
+        return row.session_id if row else None
+
+    def set_session(self, chat_id: str, session_id: str | None, thread_id: str = "") -> None:
+        if not thread_id:
+            _Chat.update(session_id=session_id).where(_Chat.chat_id == chat_id).execute()
+            return
+        _ThreadSession.insert(chat_id=chat_id, thread_id=thread_id, session_id=session_id).on_conflict(
+            conflict_target=[_ThreadSession.chat_id, _ThreadSession.thread_id],
+            update={_ThreadSession.session_id: session_id}).execute()
+
+    def thread_sessions(self, chat_id: str) -> dict[str, str | None]:
+        return {row.thread_id: row.session_id
+                for row in _ThreadSession.select().where(_ThreadSession.chat_id == chat_id)}
+
+    def forget_sessions(self, chat_id: str) -> None:
+        """`orchestrator reset`: the chat's conversation and every topic's start anew."""
+        with self.db.atomic():
+            self.set_session(chat_id, None)
+            _ThreadSession.delete().where(_ThreadSession.chat_id == chat_id).execute()
 
     def touch(self, chat_id: str) -> None:
         _Chat.update(last_activity=time.time()).where(_Chat.chat_id == chat_id).execute()
 
     # ---- messages ----
 
-    def record_received(self, message_id: str, chat_id: str, sender_id: str, text: str) -> MessageRecord | None:
+    def record_received(self, message_id: str, chat_id: str, sender_id: str, text: str,
+                        thread_id: str = "") -> MessageRecord | None:
         """Store a new message; None when this message_id was seen before (a redelivery)."""
         now = time.time()
         try:
             with self.db.atomic():
                 row = _Message.create(message_id=message_id, chat_id=chat_id, sender_id=sender_id, text=text,
-                                      state=State.RECEIVED, received_at=now, updated_at=now)
+                                      thread_id=thread_id, state=State.RECEIVED, received_at=now, updated_at=now)
         except IntegrityError:
             return None
         return _message_record(row)

@@ -183,8 +183,9 @@ class TurnRunner:
 
     async def _start(self, message: MessageRecord, chat: ChatSettings, paths: layout.ChatPaths, display: TurnDisplay,
                      log: Logger) -> Answer | Failure:
+        conversation = chat.options.conversation(message.thread_id)
         for attempt in (1, 2):
-            session_id = self.store.chat(message.chat_id).session_id
+            session_id = self.store.session(message.chat_id, conversation)
             container = await self._container(chat, paths, message.chat_id)
             files = turns.turn_files(paths, turns.new_turn_name(message.id, attempt), self.settings.agent.uid)
             self.store.start_turn(message.message_id, files.name)  # before the request: a restart follows this one
@@ -208,7 +209,7 @@ class TurnRunner:
             if not (isinstance(result, Failure) and result.unknown_session and session_id):
                 return result
             log.warning(f"session {session_id} is gone; starting a new one")
-            self.store.set_session(message.chat_id, None)
+            self.store.set_session(message.chat_id, None, conversation)
             self.store.mark_queued(message.message_id, f"session {session_id} was not found; started a new one")
             self.store.say(message.chat_id, "The previous conversation could not be found, so this answer starts "
                                             "a new one.", reply_to=message.message_id)
@@ -472,9 +473,11 @@ class TurnRunner:
                     case Init() | Text() | ToolUse():
                         pass
         session_id = transcript.session_id
-        if session_id and session_id != session_before and self.store.chat(message.chat_id).session_id != session_id:
-            self.store.set_session(message.chat_id, session_id)
-            log.info(f"session {session_id}")
+        conversation = resolve_chat(self.settings, message.chat_id).options.conversation(message.thread_id)
+        if session_id and session_id != session_before \
+                and self.store.session(message.chat_id, conversation) != session_id:
+            self.store.set_session(message.chat_id, session_id, conversation)
+            log.info(f"session {session_id}" + (f" (topic {conversation})" if conversation else ""))
         if len(transcript.texts) > texts_before:
             await display.update(transcript.text_so_far)
 

@@ -3,6 +3,7 @@ SDK's long-connection client, its REST client and its webhook dispatcher against
 
 from __future__ import annotations
 
+import io
 import json
 import queue
 import threading
@@ -26,6 +27,12 @@ from lark_oapi.api.cardkit.v1 import (
     UpdateCardRequestBody,
 )
 from lark_oapi.api.im.v1 import (
+    CreateFileRequest,
+    CreateFileRequestBody,
+    CreateFileResponse,
+    CreateImageRequest,
+    CreateImageRequestBody,
+    CreateImageResponse,
     CreateMessageReactionRequest,
     CreateMessageReactionRequestBody,
     CreateMessageRequest,
@@ -33,6 +40,8 @@ from lark_oapi.api.im.v1 import (
     CreateMessageResponse,
     DeleteMessageReactionRequest,
     Emoji,
+    GetMessageResourceRequest,
+    GetMessageResourceResponse,
     P2ImMessageReceiveV1,
     PatchMessageRequest,
     PatchMessageRequestBody,
@@ -45,10 +54,16 @@ from lark_oapi.event.callback.model.p2_card_action_trigger import P2CardActionTr
 
 from tests.fakes.feishu import (
     CALLBACK_DEADLINE,
+    DOWNLOAD_LIMIT,
+    FILE_LIMIT,
+    IMAGE_LIMIT,
     PATCH_QPS,
+    TENANT_TOKEN,
     Button,
+    DownloadFault,
     FakeFeishu,
     Toast,
+    Upload,
     Webhook,
     WsClientThread,
     url_verification,
@@ -644,3 +659,167 @@ def test_patch_replaces_a_card_and_buttons_follow(fake: FakeFeishu, api: lark.Cl
     refused_at = next(c.time for c in reversed(fake.calls) if c.code == 230020)
     assert sum(1 for u in fake.card_updates(message_id) if refused_at - u.time < 1.0) == PATCH_QPS
     assert [b.text for b in fake.buttons(message_id)] == ["Allow once", "Deny"]
+
+
+# ----- files: message resources, uploads, image and file messages ------------------------------------------------
+
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4  # the magic bytes, then every byte value (binary-safe?)
+
+
+def _download(api: lark.Client, message_id: str, key: str, kind: str) -> GetMessageResourceResponse:
+    request = GetMessageResourceRequest.builder().message_id(message_id).file_key(key).type(kind).build()
+    return api.im.v1.message_resource.get(request)
+
+
+def _upload_image(api: lark.Client, data: bytes, image_type: str = "message") -> CreateImageResponse:
+    body = CreateImageRequestBody.builder().image_type(image_type).image(io.BytesIO(data)).build()
+    return api.im.v1.image.create(CreateImageRequest.builder().request_body(body).build())
+
+
+def _upload_file(api: lark.Client, data: bytes, name: str | None = "report.csv", file_type: str = "stream",
+                 duration: int | None = None) -> CreateFileResponse:
+    body = CreateFileRequestBody.builder().file_type(file_type).file(io.BytesIO(data)).duration(duration)
+    body = body.file_name(name) if name is not None else body
+    return api.im.v1.file.create(CreateFileRequest.builder().request_body(body.build()).build())
+
+
+def _send(api: lark.Client, msg_type: str, content: dict[str, Any]) -> CreateMessageResponse:
+    body = CreateMessageRequestBody.builder().receive_id(CHAT).msg_type(msg_type).content(json.dumps(content))
+    request = CreateMessageRequest.builder().receive_id_type("chat_id").request_body(body.build()).build()
+    return api.im.v1.message.create(request)
+
+
+def _message_id(event: dict[str, Any]) -> str:
+    return event["event"]["message"]["message_id"]
+
+
+def test_resources_of_image_file_audio_and_post_messages_download_through_the_sdk(
+        fake: FakeFeishu, api: lark.Client, ws: WsClientThread, received: queue.Queue[P2ImMessageReceiveV1]) -> None:
+    image = fake.image_event(CHAT, data=PNG, chat_type="group", thread_id="omt_1")
+    file = fake.file_event(CHAT, "file_v3_log", "报告 2024.csv", data=b"a,b\r\n1,2\n", sender_open_id="ou_x")
+    audio = fake.audio_event(CHAT, duration=2500, data=b"OggS-opus")
+    post = fake.post_event(CHAT, ["look"], images={"img_v3_a": PNG, "img_v3_b": b"GIF89a-b"})
+
+    fake.push_event(file)
+    delivered = received.get(timeout=5).event.message
+    assert (delivered.message_type, json.loads(delivered.content)) == (
+        "file", {"file_key": "file_v3_log", "file_name": "报告 2024.csv"})
+    image_key = json.loads(image["event"]["message"]["content"])["image_key"]
+    assert image_key.startswith("img_v3_") and image["event"]["message"]["thread_id"] == "omt_1"
+    assert json.loads(audio["event"]["message"]["content"])["duration"] == 2500
+    assert json.loads(post["event"]["message"]["content"])["content"][1:] == [
+        [{"tag": "img", "image_key": "img_v3_a"}], [{"tag": "img", "image_key": "img_v3_b"}]]
+
+    got = _download(api, _message_id(image), image_key, "image")
+    assert got.success() and got.file.read() == PNG and got.raw.headers["Content-Type"] == "image/png"
+    got = _download(api, _message_id(file), "file_v3_log", "file")
+    assert got.file.read() == b"a,b\r\n1,2\n"
+    assert got.file_name == "报告 2024.csv"  # sent as raw UTF-8, as Feishu does; the SDK re-decodes it
+    audio_key = json.loads(audio["event"]["message"]["content"])["file_key"]
+    assert _download(api, _message_id(audio), audio_key, "file").file.read() == b"OggS-opus"
+    assert _download(api, _message_id(post), "img_v3_b", "image").file.read() == b"GIF89a-b"
+
+    # the client can have the last byte before the server thread records the outcome
+    fake.wait_for(lambda: [d.outcome for d in fake.downloads] == ["complete"] * 4, what="4 complete downloads")
+    assert fake.downloads[1].size == fake.downloads[1].sent == 9
+    gets = [c for c in fake.calls if "/resources/" in c.path]
+    assert len(gets) == 4 and not any(c.write for c in gets) and fake.max_rate("app") == 0
+
+
+def test_resource_errors_are_feishus(fake: FakeFeishu, api: lark.Client) -> None:
+    first = _message_id(fake.file_event(CHAT, "file_v3_1", "a.txt", data=b"one"))
+    second = _message_id(fake.image_event(CHAT, "img_v3_2", data=PNG))
+    assert _download(api, "om_nowhere", "file_v3_1", "file").code == 234001
+    assert _download(api, first, "file_v3_1", "zip").code == 234001
+    assert _download(api, first, "file_v3_1", "image").code == 234001  # a file is not served as an image
+    assert _download(api, second, "file_v3_1", "file").code == 234003  # that key is not in this message
+    sticker = _message_id(fake.message_event(CHAT, "sticker", {"file_key": "file_v3_s"}))
+    fake.add_resource(sticker, "file_v3_s", b"sticker")
+    assert _download(api, sticker, "file_v3_s", "file").code == 234043
+
+    huge = _message_id(fake.file_event(CHAT, "file_v3_huge", data=bytes(DOWNLOAD_LIMIT + 1)))  # calloc: no RAM
+    assert _download(api, huge, "file_v3_huge", "file").code == 234037
+
+    fake.set_bot_in_chat(CHAT, False)
+    assert _download(api, first, "file_v3_1", "file").code == 234004
+    assert _send_text(api, CHAT, "hi").code == 230002
+    fake.set_bot_in_chat(CHAT)
+    fake.recall(first)
+    assert _download(api, first, "file_v3_1", "file").code == 230110
+    assert _download(api, second, "img_v3_2", "image").file.read() == PNG
+    assert len(fake.downloads) == 1
+
+
+def test_a_slow_download_can_be_abandoned_and_a_cut_one_fails_in_the_sdk(fake: FakeFeishu, api: lark.Client) -> None:
+    data = bytes(range(256)) * 16 * 1024  # 4 MiB: 13 s at the slow rate below, if the fake did not notice
+    slow = _message_id(fake.file_event(CHAT, "file_v3_slow", data=data))
+    fake.download_fault(DownloadFault(chunk=16 * 1024, delay=0.05), "file_v3_slow")
+    url = f"{fake.base_url}/open-apis/im/v1/messages/{slow}/resources/file_v3_slow?type=file"
+    with requests.get(url, headers={"Authorization": f"Bearer {TENANT_TOKEN}"}, stream=True, timeout=5) as resp:
+        assert resp.headers["Content-Length"] == str(len(data))
+        assert next(resp.iter_content(1024)) == data[:1024]
+    fake.wait_for(lambda: fake.downloads[0].outcome == "client_closed", what="the fake to see the client hang up")
+    assert 1024 <= fake.downloads[0].sent < len(data)
+
+    cut = _message_id(fake.file_event(CHAT, "file_v3_cut", data=data))
+    fake.download_fault(DownloadFault(cut_after=1000))
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):  # the body ends before its Content-Length
+        _download(api, cut, "file_v3_cut", "file")
+    assert (fake.downloads[1].outcome, fake.downloads[1].sent) == ("cut", 1000)
+    fake.download_fault(None)
+    assert _download(api, cut, "file_v3_cut", "file").file.read() == data
+
+
+def test_uploaded_image_and_file_are_sent_once_per_uuid_and_received(fake: FakeFeishu, api: lark.Client) -> None:
+    image = _upload_image(api, PNG)
+    file = _upload_file(api, b"a,b\n1,2\n", "report.csv")
+    assert image.success() and image.data.image_key.startswith("img_v3_")
+    assert file.success() and file.data.file_key.startswith("file_v3_")
+    assert fake.uploaded(file.data.file_key) == Upload(file.data.file_key, "file", "stream", "report.csv",
+                                                       b"a,b\n1,2\n")
+    assert fake.uploaded(image.data.image_key).data == PNG
+    recorded = next(c for c in fake.calls if c.path == "/open-apis/im/v1/images")
+    assert recorded.body == {"image_type": "message", "image": f"<{len(PNG)} bytes>"} and recorded.write
+
+    sent = _send(api, "image", {"image_key": image.data.image_key})
+    question = _message_id(fake.text_event(CHAT, "the report?"))
+    replies = [api.im.v1.message.reply(ReplyMessageRequest.builder().message_id(question).request_body(
+        ReplyMessageRequestBody.builder().msg_type("file").content(json.dumps({"file_key": file.data.file_key}))
+        .uuid("report-once").build()).build()) for _ in range(2)]
+    assert sent.success() and all(r.success() for r in replies)
+    assert replies[0].data.message_id == replies[1].data.message_id
+
+    assert fake.received_files(CHAT) == [("image", image.data.image_key, PNG), ("file", "report.csv", b"a,b\n1,2\n")]
+    assert [m.text for m in fake.messages(CHAT)] == [f"[image {image.data.image_key}]", "[file report.csv]"]
+    assert len(fake.uploads) == 2
+    back = _download(api, replies[0].data.message_id, file.data.file_key, "file")  # the chat can fetch it again
+    assert (back.file.read(), back.file_name) == (b"a,b\n1,2\n", "report.csv")
+
+
+def test_uploads_are_refused_like_feishu(fake: FakeFeishu, api: lark.Client) -> None:
+    assert _upload_image(api, b"").code == 234010
+    assert _upload_image(api, b"GIF89a" + bytes(IMAGE_LIMIT)).code == 234006
+    assert _upload_image(api, b"#!/bin/sh\necho not an image\n").code == 234011
+    assert _upload_image(api, PNG, image_type="sticker").code == 234001
+    webp, heic = b"RIFF\x10\x00\x00\x00WEBPVP8 ", b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00"
+    assert [_upload_image(api, data).code for data in (webp, heic, b"\xff\xd8\xff\xe0", b"BM..")] == [0] * 4
+
+    assert _upload_file(api, bytes(FILE_LIMIT + 1)).code == 234006
+    assert _upload_file(api, b"").code == 234010
+    assert _upload_file(api, b"x", file_type="zip").code == 234001
+    assert _upload_file(api, b"x", name=None).code == 234001
+    assert len(fake.uploads) == 4
+
+
+def test_file_messages_need_a_key_this_app_uploaded_with_a_matching_type(fake: FakeFeishu, api: lark.Client) -> None:
+    opus = _upload_file(api, b"OggS", "voice.opus", file_type="opus", duration=3000).data.file_key
+    assert fake.uploaded(opus).duration == 3000
+    stream = _upload_file(api, b"x", "x.bin").data.file_key
+    users_image = json.loads(fake.image_event(CHAT, data=PNG)["event"]["message"]["content"])["image_key"]
+    assert _send(api, "image", {"image_key": "img_v3_never_uploaded"}).code == 230017
+    assert _send(api, "image", {"image_key": users_image}).code == 230017  # a user's image is not the bot's
+    assert _send(api, "file", {"file_key": opus}).code == 230055  # opus goes as audio
+    assert _send(api, "audio", {"file_key": stream}).code == 230055
+    assert _send(api, "file", {"name": "no key"}).code == 230001
+    assert _send(api, "audio", {"file_key": opus}).code == 0
+    assert fake.received_files(CHAT) == [("audio", "voice.opus", b"OggS")]

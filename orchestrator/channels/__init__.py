@@ -18,6 +18,7 @@ class Incoming:
     chat_name: str = ""
     kind: str = "text"  # the chat's message type; only text reaches the agent
     trusted: bool = False  # the local terminal: no access check
+    thread_id: str = ""  # the topic (thread) it was sent in, "" outside one
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ from loguru import logger
 from orchestrator import metrics
 from orchestrator.channels import Act, ActionReply, ApprovalView, CardAction, DeliveryFailed, Outgoing, Submit
 from orchestrator.channels.feishu_events import Ignored, parse_card_action, parse_message_event
-from orchestrator.channels.feishu_render import approval_card, card_markdown, message_text
+from orchestrator.channels.feishu_render import approval_card, card_markdown, message_text, split_answer
 from orchestrator.channels.feishu_webhook import Refused, Verifier, WebhookLimits, WebhookServer
 from orchestrator.config import FeishuSettings
 from orchestrator.ratelimit import Limiter
@@ -327,7 +327,7 @@ class FeishuChannel:
             await self._call(self.client.im.v1.message.patch, request, view.chat_id, ("chat", view.chat_id))
 
     async def _deliver(self, item: Outgoing) -> None:
-        chunks = split_text(item.text, CARD_TEXT_LIMIT if item.card else TEXT_LIMIT)
+        chunks = split_answer(item.text, CARD_TEXT_LIMIT if item.card else TEXT_LIMIT)
         rest = chunks
         if item.card:
             try:
@@ -593,14 +593,3 @@ def _error_of(response: Any) -> FeishuError | None:
             retry_after = 1.0
         return FeishuError(reason, retry_after=retry_after)
     return FeishuError(reason, permanent=400 <= status < 500)
-
-
-def split_text(text: str, limit: int) -> list[str]:
-    """Pieces of at most `limit` characters, cut at a line break where there is one."""
-    pieces = []
-    while len(text) > limit:
-        cut = text.rfind("\n", limit // 2, limit)
-        cut = cut if cut > 0 else limit
-        pieces.append(text[:cut])
-        text = text[cut:].lstrip("\n")
-    return [*pieces, text]

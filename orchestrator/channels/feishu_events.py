@@ -20,6 +20,7 @@ from orchestrator.channels import CardAction, Incoming
 from orchestrator.ids import is_valid_chat_id
 
 READABLE_TYPES = ("text", "post")
+_THREAD_ID = re.compile(r"omt_[A-Za-z0-9_-]{1,100}")
 CHOICES = ("allow", "always", "deny", "answer")
 FORM_TEXT_CHARS = 2000  # of a card's text field: a reason to deny, or a typed answer
 MAX_INDEX = 99  # a question's or an option's index (a card has a handful)
@@ -57,7 +58,8 @@ def parse_message_event(event: Any, bot_open_id: str, require_mention: Callable[
     kind = message.get("message_type")
     kind = kind if isinstance(kind, str) and kind.isidentifier() else "unknown"
     if kind not in READABLE_TYPES:
-        return Incoming(chat_id=chat_id, message_id=message_id, sender_id=sender_id, text="", kind=kind)
+        return Incoming(chat_id=chat_id, message_id=message_id, sender_id=sender_id, text="", kind=kind,
+                        thread_id=_thread_id(message))
     try:
         content = json.loads(message.get("content") or "")
     except (TypeError, ValueError):
@@ -67,7 +69,8 @@ def parse_message_event(event: Any, bot_open_id: str, require_mention: Callable[
     raw_text = content.get("text", "") if kind == "text" else post_text(content)
     text = "\n".join(line.strip() for line in replace_mentions(str(raw_text), mentions, bot_open_id).splitlines())
     text = _storable(text.strip())
-    return Incoming(chat_id=chat_id, message_id=message_id, sender_id=sender_id, text=text or "/help")
+    return Incoming(chat_id=chat_id, message_id=message_id, sender_id=sender_id, text=text or "/help",
+                    thread_id=_thread_id(message))
 
 
 _BUTTON_NAME = re.compile(r"(allow|always|deny|answer)-([A-Za-z0-9_]{1,100})(?:-([0-9]{1,2})-([0-9]{1,2}))?")
@@ -143,6 +146,13 @@ def _shown(value: Any) -> str:
 def _storable(text: str) -> str:
     """Lone surrogates (valid JSON escapes, not valid UTF-8) would fail every store write and every send."""
     return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _thread_id(message: dict[str, Any]) -> str:
+    """The topic the message is in: its thread_id (a topic's first message may have no root_id), when it has the
+    shape of one; anything else is taken as no topic (it becomes a store key and a session's)."""
+    thread_id = message.get("thread_id")
+    return thread_id if isinstance(thread_id, str) and _THREAD_ID.fullmatch(thread_id) else ""
 
 
 def post_text(content: dict[str, Any]) -> str:

@@ -219,3 +219,59 @@ def _settled(view: ApprovalView, room: _Room) -> str:
 
 def _template(outcome: str) -> str:
     return next((colour for start, colour in OUTCOME_TEMPLATES if outcome.startswith(start)), "red")
+
+
+# ---- long answers ----------------------------------------------------------------------------------------
+
+_FENCE_LINE = re.compile(r" {0,3}(`{3,})[^`\n]*")  # a whole line that opens or closes a block, as card_markdown reads
+
+
+def split_answer(text: str, limit: int) -> list[str]:
+    """Pieces of at most `limit` characters that say all of `text`, in order: each cut at a paragraph break in its
+    second half where there is one, else at a line break, else where it must; a piece cut inside a code block
+    closes it, and the next one opens it again with the same fence line (its language too), so each renders."""
+    pieces: list[str] = []
+    reopen = ""
+    while len(reopen) + len(text) > limit:
+        piece, rest = _piece(reopen, text, limit - len(reopen))
+        fence = _open_fence(piece)
+        if fence is not None and len(piece) + 1 + len(_FENCE_LINE.fullmatch(fence)[1]) > limit:  # type: ignore[index]
+            piece, rest = _piece(reopen, text, limit - len(reopen) - _FENCE_ROOM)  # room for the closing fence
+            fence = _open_fence(piece)
+        pieces.append(f"{piece}\n{_FENCE_LINE.fullmatch(fence)[1]}" if fence else piece)  # type: ignore[index]
+        text = rest
+        reopen = f"{fence.strip()}\n" if fence else ""
+    return [*pieces, reopen + text]
+
+
+_FENCE_ROOM = 24  # what closing a fence costs a piece (a newline and a fence), with room for a long fence
+
+
+def _piece(reopen: str, text: str, room: int) -> tuple[str, str]:
+    """The next piece (after the reopened fence, if any) and the text left."""
+    cut = _cut(text, max(1, room))
+    return reopen + text[:cut].rstrip("\n"), text[cut:].lstrip("\n")
+
+
+def _cut(text: str, room: int) -> int:
+    for separator in ("\n\n", "\n"):
+        at = text.rfind(separator, room // 2, room)
+        if at > 0:
+            return at
+    return room
+
+
+def _open_fence(text: str) -> str | None:
+    """The fence line of a code block still open at the end of `text`, or None. A block closes at a line of as many
+    backticks or more, and nothing else (as card_markdown reads it)."""
+    opened: str | None = None
+    ticks = 0
+    for line in text.split("\n"):
+        match = _FENCE_LINE.fullmatch(line)
+        if match is None:
+            continue
+        if opened is None:
+            opened, ticks = line, len(match[1])
+        elif line.strip() == match[1] and len(match[1]) >= ticks:
+            opened = None
+    return opened

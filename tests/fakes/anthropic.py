@@ -13,6 +13,7 @@ JSON message when stream is false) and answers by what the latest user prompt as
 - `SLOW <seconds>`       stream a first piece of text, wait, then finish
 - `SILENT <seconds>`     wait before sending anything at all
 - `STREAM <n> <gap>`     answer in n text blocks `part i of n.`, `gap` seconds apart
+- `LONG_ANSWER <bytes>`  answer with `long_answer(bytes)`: numbered paragraphs and a code block, at least that long
 - `TOKENS <in> <out> [<cache written> <cache read>]`  report these token counts (default 10 in, 10 out)
 - anything else          `Fake answer to: <prompt>`
 
@@ -38,6 +39,7 @@ from typing import Any
 _BASH = re.compile(r"RUN_BASH:\s*(.+)", re.DOTALL)
 _WRITE = re.compile(r"WRITE_FILE:\s*(\S+)\s+(.+)", re.DOTALL)
 _ASK = re.compile(r"ASK_USER:\s*(.+)", re.DOTALL)
+_LONG_ANSWER = re.compile(r"LONG_ANSWER\s+(\d{1,7})")
 _SLOW = re.compile(r"SLOW\s+(\d+(?:\.\d+)?)")
 _SILENT = re.compile(r"SILENT\s+(\d+(?:\.\d+)?)")
 _STREAM = re.compile(r"STREAM\s+(\d+)\s+(\d+(?:\.\d+)?)")
@@ -215,6 +217,8 @@ def plan_answer(body: dict[str, Any]) -> tuple[list[dict[str, Any]], float, floa
         intro, name, tool_input = requested
         tool = {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:20]}", "name": name, "input": tool_input}
         return [{"type": "text", "text": intro}, tool], 0, 0, 0
+    if match := _LONG_ANSWER.search(prompt):
+        return [{"type": "text", "text": long_answer(int(match.group(1)))}], 0, 0, 0
     if match := _STREAM.search(prompt):
         count, gap = int(match.group(1)), float(match.group(2))
         return [{"type": "text", "text": f"part {n} of {count}."} for n in range(1, count + 1)], 0, 0, gap
@@ -222,6 +226,21 @@ def plan_answer(body: dict[str, Any]) -> tuple[list[dict[str, Any]], float, floa
     slow = _SLOW.search(prompt)
     answer = [{"type": "text", "text": f"Fake answer to: {prompt}"}]
     return answer, float(silent.group(1)) if silent else 0, float(slow.group(1)) if slow else 0, 0
+
+
+def long_answer(size: int) -> str:
+    """At least `size` bytes of plain words in numbered paragraphs, with a code block every 50 paragraphs: what a
+    long answer looks like, and nothing a card or a text message would show otherwise."""
+    paragraphs, length, number = [], 0, 0
+    while length < size:
+        number += 1
+        if number % 50 == 0:
+            paragraph = "```python\n" + "\n".join(f"print({number}, {line})" for line in range(30)) + "\n```"
+        else:
+            paragraph = f"Paragraph {number}: " + " ".join(f"word{n}" for n in range(number % 7, 60))
+        paragraphs.append(paragraph)
+        length += len(paragraph) + 2
+    return "\n\n".join(paragraphs)
 
 
 def tool_names(body: dict[str, Any]) -> dict[str, str]:

@@ -14,7 +14,8 @@ It serves what our service uses, on the real wire protocol:
   (HTTP 503, or hang up without answering), `drop_connections` (the client must reconnect),
   `refuse_connections` (an endpoint answer the SDK takes as fatal: its reconnect gives up for good), `max_rate`
   (the densest window of accepted write calls, per app or per chat) and `rejected_count`.
-- Event builders (`text_event`, `post_event`) producing real `im.message.receive_v1` v2 envelopes, and
+- Event builders (`text_event`, `post_event`, `image_event`, `file_event`, `audio_event`, and `message_event` for
+  any other type) producing real `im.message.receive_v1` v2 envelopes (options common to all: `EventOptions`), and
   webhook helpers (`encrypt_body`, `signature_headers`, `webhook_request`, `url_verification`) that the
   SDK's own EventDispatcherHandler decrypts and verifies.
 - Card callbacks: `buttons(message_id)` lists the buttons of the card a message shows now, `click(...)` delivers
@@ -22,6 +23,14 @@ It serves what our service uses, on the real wire protocol:
   took the answer (`CallbackAnswer`: toast, card, time, or why it failed); an answer's card replaces the
   message's card (`card_updates`). `send_callback` delivers a hand-made or forged envelope, `replay` re-posts
   a webhook request byte for byte (as an attacker would; neither changes a card).
+- Files in: `add_resource` (or a builder's `data=`) registers a message's image or file bytes, served by the message
+  resource API as Feishu does (binary body, Content-Type, Content-Disposition with the name in raw UTF-8 bytes:
+  HTTP clients read it as Latin-1 and lark-oapi re-decodes it; Feishu's errors as JSON). Every download is recorded
+  in `downloads`; `download_fault` makes bodies slow or cut off mid-body; `recall` and `set_bot_in_chat` give the
+  errors of a deleted message and of a chat the bot left.
+- Files out: image and file uploads (multipart/form-data, Feishu's size and format checks; `uploads`,
+  `uploaded(key)`) and messages of type image/file/audio/media, which must name a key this app uploaded with a
+  matching type; `received_files(chat_id)` gives the bytes a chat received.
 
 Running the SDK's long-connection client in tests (lark_oapi.ws.Client)
 -----------------------------------------------------------------------
@@ -50,11 +59,17 @@ Other SDK behaviour the fake relies on or mimics:
   ReconnectInterval 1, so a dropped client is back within milliseconds and a failed retry costs 1 s.
 - The SDK joins split payloads by `seq` and treats an empty part as missing, so parts are never empty.
 - `resp.raw.headers` is a plain (case-sensitive) dict: the fake sends the rate-limit headers lower-case,
-  as Feishu does.
+  as Feishu does, and Content-Type and Content-Disposition capitalised: lark-oapi looks those up so (it parses a
+  failed download's JSON error only when it finds `Content-Type`, and takes `file_name` from `Content-Disposition`).
 - The SDK caches tenant tokens per app_id for the whole process, so the token is the constant `t-fake`
   (a later fake may see no token request at all).
 - Error codes follow Feishu's documentation where it names one (230001, 230020, 230025, 230054, 230071, 230072,
-  200740, 200860, 300317, 99991400); codes the fake invents are in `msg` marked "(fake)".
+  200740, 200860, 300317, 99991400); codes the fake invents, or applies to a case the documentation does not name,
+  are in `msg` marked "(fake)". Files: the server API reference pages "获取消息中的资源文件"
+  (im-v1/message-resource/get: 230110, 234001, 234003, 234004, 234037, 234043), "上传图片" (im-v1/image/create:
+  234001, 234006, 234010, 234011; ≤ 10 MB; JPG, PNG, WEBP, GIF, BMP, ICO, TIFF, HEIC), "上传文件"
+  (im-v1/file/create: 234001, 234006, 234010; ≤ 30 MB) and "发送消息" (im-v1/message/create: 230002, 230017, 230055).
+  Not modelled: image resolution limits (234039), key expiry, HTTP Range requests.
 """
 
 from __future__ import annotations
@@ -62,25 +77,32 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import email.message
 import hashlib
 import http.client
 import json
+import mimetypes
 import os
 import random
 import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal, NamedTuple, TypedDict, Unpack
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import lark_oapi as lark
 from Crypto.Cipher import AES
 from lark_oapi.ws import client as lark_ws_client
 from lark_oapi.ws.pb.pbbp2_pb2 import Frame
+from requests_toolbelt.multipart.decoder import (
+    ImproperBodyPartContentException,
+    MultipartDecoder,
+    NonMultipartContentTypeException,
+)
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
@@ -96,6 +118,15 @@ MAX_EDITS = 20
 _MSG_TYPES = {"text", "post", "interactive", "image", "file", "audio", "media", "sticker", "share_chat",
               "share_user", "system"}
 _TEXT_TAGS = {"markdown", "plain_text", "lark_md"}
+DOWNLOAD_LIMIT = 100 * 1024 * 1024  # a message resource Feishu serves at most
+IMAGE_LIMIT = 10 * 1024 * 1024  # an image upload
+FILE_LIMIT = 30 * 1024 * 1024  # a file upload
+FILE_TYPES = {"opus", "mp4", "pdf", "doc", "xls", "ppt", "stream"}
+IMAGE_TYPES = {"message", "avatar"}
+# The upload types each message type can send (Feishu: mp4 goes as media, opus as audio, else 230055).
+_FILE_MESSAGES = {"image": IMAGE_TYPES, "file": {"pdf", "doc", "xls", "ppt", "stream"}, "audio": {"opus"},
+                  "media": {"mp4"}}
+_NO_RESOURCES = {"sticker", "merge_forward", "interactive"}  # the resource API refuses these (234043)
 
 Json = dict[str, Any]
 
@@ -150,6 +181,7 @@ class BotMessage:
     uuid: str | None = None
     edits: int = 0
     text: str = ""
+    thread_id: str | None = None  # the topic it is in
 
 
 @dataclass
@@ -251,11 +283,87 @@ class NotConnected(RuntimeError):
     """No long-connection client is connected (and Feishu does not replay what it could not push)."""
 
 
+class EventOptions(TypedDict, total=False):
+    """What every event builder takes besides the content: the message id (default: a new one), the chat type
+    (default p2p), the sender (default ou_user, a "user"), the message it replies to and the topic it is in."""
+
+    message_id: str | None
+    chat_type: Literal["p2p", "group"]
+    sender_open_id: str
+    sender_type: str
+    parent_id: str | None
+    thread_id: str | None
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An image or file the app uploaded. `file_type` is the upload's file_type (for an image, its image_type);
+    `name` its file_name (an image's is its key); `duration` in ms, if given."""
+
+    key: str
+    kind: Literal["image", "file"]
+    file_type: str
+    name: str
+    data: bytes
+    duration: int | None = None
+
+
+class ReceivedFile(NamedTuple):
+    """An image/file/audio/media message a chat received from the bot: its type, name and bytes."""
+
+    kind: str
+    name: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class DownloadFault:
+    """How resource bodies are served: `chunk` bytes at a time with `delay` seconds after each (slow), and with
+    `cut_after` the connection is closed after that many bytes although Content-Length promised them all."""
+
+    chunk: int = 64 * 1024
+    delay: float = 0.0
+    cut_after: int | None = None
+
+
+DownloadOutcome = Literal["sending", "complete", "cut", "client_closed"]
+
+
+@dataclass
+class Download:
+    """One resource body served: bytes written so far, and how it ended: "complete", "cut" (by a DownloadFault) or
+    "client_closed" (the client hung up first; without a delay the socket buffers may take the whole body before the
+    client closes, so a test of an aborted download slows it down)."""
+
+    message_id: str
+    file_key: str
+    size: int
+    sent: int = 0
+    outcome: DownloadOutcome = "sending"
+
+
+@dataclass(frozen=True)
+class _Resource:
+    kind: Literal["image", "file"]
+    data: bytes
+    name: str | None
+
+
+@dataclass(frozen=True)
+class _Body:
+    """A binary response body: the HTTP thread writes it as `fault` says and reports progress in `record`."""
+
+    data: bytes
+    fault: DownloadFault
+    record: Download
+
+
 @dataclass(frozen=True)
 class _Reply:
     status: int
     payload: Json
     headers: dict[str, str] = field(default_factory=dict)
+    body: _Body | None = None  # a binary answer instead of the JSON payload
 
 
 _HANG_UP = _Reply(0, {})
@@ -305,6 +413,14 @@ class FakeFeishu:
         self._acks: list[Ack] = []
         self._pushed: dict[str, float] = {}
         self._chat_of: dict[str, str | None] = {}
+        self._thread_of: dict[str, str] = {}  # message id -> the topic (thread) it is in
+        self._type_of: dict[str, str] = {}  # message id -> its message type
+        self._resources: dict[tuple[str, str], _Resource] = {}  # (message id, key) -> what the resource API serves
+        self._recalled: set[str] = set()
+        self._outside: set[str] = set()  # chats the bot is not in
+        self._uploads: dict[str, Upload] = {}
+        self._downloads: list[Download] = []
+        self._faults: dict[str | None, DownloadFault] = {}  # by file key; None: every other key
         self._p2p: dict[str, str] = {}
         self._sent: dict[str, BotMessage] = {}
         self._uuids: dict[str, str] = {}
@@ -586,32 +702,59 @@ class FakeFeishu:
 
     # ----- event builders ----------------------------------------------------------------------------
 
-    def text_event(self, chat_id: str, text: str, *, message_id: str | None = None,
-                   chat_type: Literal["p2p", "group"] = "p2p", sender_open_id: str = "ou_user",
-                   mentions: list[Json] | None = None, mention_bot: bool = False,
-                   sender_type: str = "user", parent_id: str | None = None) -> Json:
-        """An im.message.receive_v1 event for a text message. `mentions` are Feishu mention objects
-        ({"key": "@_user_1", "id": {"open_id": ...}, "name": ...}) whose keys the text should contain;
-        `mention_bot` adds a mention of the bot and puts its key in front of the text."""
+    def text_event(self, chat_id: str, text: str, *, mentions: list[Json] | None = None, mention_bot: bool = False,
+                   **options: Unpack[EventOptions]) -> Json:
+        """An im.message.receive_v1 event for a text message (in a topic: `thread_id`). `mentions` are Feishu
+        mention objects ({"key": "@_user_1", "id": {"open_id": ...}, "name": ...}) whose keys the text should
+        contain; `mention_bot` adds a mention of the bot and puts its key in front of the text."""
         mentions = self._mentions(mentions, mention_bot)
         if mention_bot:
             text = f"{mentions[-1]['key']} {text}"
-        return self._message_event(chat_id, "text", {"text": text}, mentions, message_id=message_id,
-                                   chat_type=chat_type, sender_open_id=sender_open_id,
-                                   sender_type=sender_type, parent_id=parent_id)
+        return self.message_event(chat_id, "text", {"text": text}, mentions, **options)
 
-    def post_event(self, chat_id: str, lines: list[str], *, title: str = "", message_id: str | None = None,
-                   chat_type: Literal["p2p", "group"] = "p2p", sender_open_id: str = "ou_user",
-                   mentions: list[Json] | None = None, mention_bot: bool = False,
-                   sender_type: str = "user", parent_id: str | None = None) -> Json:
-        """An im.message.receive_v1 event for a rich-text (post) message, one paragraph per line."""
+    def post_event(self, chat_id: str, lines: list[str], *, title: str = "",
+                   images: Sequence[str] | Mapping[str, bytes] = (), mentions: list[Json] | None = None,
+                   mention_bot: bool = False, **options: Unpack[EventOptions]) -> Json:
+        """An im.message.receive_v1 event for a rich-text (post) message, one paragraph per line, then one per image
+        (`{"tag": "img", "image_key": ...}`, as Feishu delivers them); a mapping of image keys to bytes also
+        registers each image's bytes for the resource API."""
         mentions = self._mentions(mentions, mention_bot)
-        paragraphs: list[list[Json]] = [[{"tag": "text", "text": line}] for line in lines] or [[]]
+        paragraphs: list[list[Json]] = [[{"tag": "text", "text": line}] for line in lines]
+        paragraphs += [[{"tag": "img", "image_key": key}] for key in images]
+        paragraphs = paragraphs or [[]]
         if mention_bot:
             paragraphs[0].insert(0, {"tag": "at", "user_id": mentions[-1]["key"], "user_name": self.bot_name})
-        return self._message_event(chat_id, "post", {"title": title, "content": paragraphs}, mentions,
-                                   message_id=message_id, chat_type=chat_type, sender_open_id=sender_open_id,
-                                   sender_type=sender_type, parent_id=parent_id)
+        event = self.message_event(chat_id, "post", {"title": title, "content": paragraphs}, mentions, **options)
+        for key, data in images.items() if isinstance(images, Mapping) else ():
+            self._serve(event, key, "image", data, None)
+        return event
+
+    def image_event(self, chat_id: str, image_key: str | None = None, *, data: bytes | None = None,
+                    **options: Unpack[EventOptions]) -> Json:
+        """An image message (content {"image_key"}; default key: a new one); `data` registers the image's bytes."""
+        key = image_key or _new_key("img_v3")
+        return self._serve(self.message_event(chat_id, "image", {"image_key": key}, **options), key, "image", data,
+                           None)
+
+    def file_event(self, chat_id: str, file_key: str | None = None, file_name: str = "file.bin", *,
+                   data: bytes | None = None, **options: Unpack[EventOptions]) -> Json:
+        """A file message (content {"file_key", "file_name"}); `data` registers the file's bytes under that name."""
+        key = file_key or _new_key("file_v3")
+        content = {"file_key": key, "file_name": file_name}
+        return self._serve(self.message_event(chat_id, "file", content, **options), key, "file", data, file_name)
+
+    def audio_event(self, chat_id: str, file_key: str | None = None, duration: int = 1000, *,
+                    data: bytes | None = None, **options: Unpack[EventOptions]) -> Json:
+        """A voice message (content {"file_key", "duration"} in ms; served with type=file); `data` registers it."""
+        key = file_key or _new_key("file_v3")
+        content = {"file_key": key, "duration": duration}
+        return self._serve(self.message_event(chat_id, "audio", content, **options), key, "file", data, None)
+
+    def _serve(self, event: Json, key: str, kind: Literal["image", "file"], data: bytes | None,
+               name: str | None) -> Json:
+        if data is not None:
+            self.add_resource(event["event"]["message"]["message_id"], key, data, kind=kind, name=name)
+        return event
 
     def _mentions(self, mentions: list[Json] | None, mention_bot: bool) -> list[Json]:
         result = [{"tenant_key": self.tenant_key, **m} for m in mentions or []]
@@ -620,22 +763,27 @@ class FakeFeishu:
                            "id": {"open_id": self.bot_open_id, "user_id": "", "union_id": "on_bot"}})
         return result
 
-    def _message_event(self, chat_id: str, message_type: str, content: Json, mentions: list[Json], *,
-                       message_id: str | None, chat_type: str, sender_open_id: str, sender_type: str,
-                       parent_id: str | None) -> Json:
+    def message_event(self, chat_id: str, message_type: str, content: Json, mentions: list[Json] | None = None,
+                      **options: Unpack[EventOptions]) -> Json:
+        """An im.message.receive_v1 event for a message of any type with the given content (e.g. a sticker
+        {"file_key"}, a merge_forward, an interactive card)."""
         now = str(int(time.time() * 1000))
-        message: Json = {"message_id": message_id or f"om_{uuid.uuid4().hex}", "chat_id": chat_id,
-                         "chat_type": chat_type, "message_type": message_type, "create_time": now,
-                         "update_time": now, "content": json.dumps(content, ensure_ascii=False),
-                         "mentions": mentions}
-        if parent_id:
+        message: Json = {"message_id": options.get("message_id") or f"om_{uuid.uuid4().hex}", "chat_id": chat_id,
+                         "chat_type": options.get("chat_type", "p2p"), "message_type": message_type,
+                         "create_time": now, "update_time": now, "content": json.dumps(content, ensure_ascii=False),
+                         "mentions": mentions or []}
+        if parent_id := options.get("parent_id"):
             message.update(parent_id=parent_id, root_id=parent_id)
+        if thread_id := options.get("thread_id"):  # a topic's new message has its thread_id; root_id may be empty
+            message["thread_id"] = thread_id
+        sender = options.get("sender_open_id", "ou_user")
         event = {"schema": "2.0",
                  "header": {"event_id": uuid.uuid4().hex, "event_type": "im.message.receive_v1", "create_time": now,
                             "token": self.verification_token, "app_id": self.app_id, "tenant_key": self.tenant_key},
-                 "event": {"sender": {"sender_id": {"open_id": sender_open_id, "user_id": f"u_{sender_open_id}",
-                                                    "union_id": f"on_{sender_open_id}"},
-                                      "sender_type": sender_type, "tenant_key": self.tenant_key},
+                 "event": {"sender": {"sender_id": {"open_id": sender, "user_id": f"u_{sender}",
+                                                    "union_id": f"on_{sender}"},
+                                      "sender_type": options.get("sender_type", "user"),
+                                      "tenant_key": self.tenant_key},
                            "message": message}}
         self._learn(event)
         return event
@@ -647,9 +795,69 @@ class FakeFeishu:
             return
         with self._cond:
             self._chat_of[message["message_id"]] = message.get("chat_id")
+            self._type_of[message["message_id"]] = message.get("message_type", "")
+            if message.get("thread_id"):
+                self._thread_of[message["message_id"]] = message["thread_id"]
             sender = event["event"].get("sender", {}).get("sender_id", {}).get("open_id")
             if message.get("chat_type") == "p2p" and sender:
                 self._p2p[sender] = message["chat_id"]
+
+    # ----- files: resources of user messages, uploads, what chats received ---------------------------------
+
+    def add_resource(self, message_id: str, key: str, data: bytes, *, kind: Literal["image", "file"] | None = None,
+                     name: str | None = None) -> None:
+        """Serve `data` as the resource `key` of a message (kind: by default "image" for an img_ key, else "file";
+        `name`: the file name in Content-Disposition)."""
+        with self._cond:
+            self._resources[(message_id, key)] = _Resource(kind or ("image" if key.startswith("img_") else "file"),
+                                                           data, name)
+
+    def recall(self, message_id: str) -> None:
+        """The user deletes their message: its resources are gone (230110)."""
+        with self._cond:
+            self._recalled.add(message_id)
+
+    def set_bot_in_chat(self, chat_id: str, present: bool = True) -> None:
+        """Take the bot out of a chat (or put it back): resources of the chat's messages answer 234004 and sends
+        to it 230002."""
+        with self._cond:
+            (self._outside.discard if present else self._outside.add)(chat_id)
+
+    def download_fault(self, fault: DownloadFault | None, file_key: str | None = None) -> None:
+        """Serve one resource's body (or with no key, every other one) as `fault` says; None serves it normally."""
+        with self._cond:
+            if fault is None:
+                self._faults.pop(file_key, None)
+            else:
+                self._faults[file_key] = fault
+
+    @property
+    def downloads(self) -> list[Download]:
+        """Every resource body served, in order."""
+        with self._cond:
+            return [copy.copy(d) for d in self._downloads]
+
+    @property
+    def uploads(self) -> list[Upload]:
+        """Every image and file upload Feishu accepted, in order."""
+        with self._cond:
+            return list(self._uploads.values())
+
+    def uploaded(self, key: str) -> Upload:
+        with self._cond:
+            if key not in self._uploads:
+                raise ValueError(f"fake feishu: nothing was uploaded as {key}")
+            return self._uploads[key]
+
+    def received_files(self, chat_id: str) -> list[ReceivedFile]:
+        """The images and files the bot sent to a chat, in order: (message type, name, bytes)."""
+        with self._cond:
+            return [ReceivedFile(m.msg_type, upload.name, upload.data) for m in self._sent.values()
+                    if m.chat_id == chat_id and (upload := self._upload_of(m)) is not None]
+
+    def _upload_of(self, message: BotMessage) -> Upload | None:
+        key = _resource_key(message.msg_type, message.content)
+        return self._uploads.get(key) if key is not None else None
 
     # ----- card callbacks -----------------------------------------------------------------------------
 
@@ -763,6 +971,9 @@ class FakeFeishu:
             ("POST", r"/callback/ws/endpoint", self._ws_endpoint, False),
             ("GET", r"/open-apis/bot/v3/info", self._bot_info, True),
             ("POST", r"/open-apis/im/v1/messages", self._send, True),
+            ("GET", msg + "/resources/(?P<file_key>[^/]+)", self._get_resource, True),
+            ("POST", r"/open-apis/im/v1/images", self._upload_image, True),
+            ("POST", r"/open-apis/im/v1/files", self._upload_file, True),
             ("POST", msg + "/reply", self._reply, True),
             ("PUT", msg, self._update, True),
             ("PATCH", msg, self._patch, True),
@@ -787,34 +998,39 @@ class FakeFeishu:
             def _handle(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
                 raw = self.rfile.read(length) if length else b""
-                reply = fake._dispatch(self.command, self.path, self.headers.get("Authorization"), raw)
+                reply = fake._dispatch(self.command, self.path, self.headers.get("Authorization"),
+                                       self.headers.get("Content-Type", ""), raw)
                 if reply is _HANG_UP:
                     self.close_connection = True
-                    return
-                data = json.dumps(reply.payload, ensure_ascii=False).encode()
-                self.send_response(reply.status)
-                for name, value in reply.headers.items():
+                elif reply.body is not None:
+                    self._head(reply.status, reply.headers)
+                    self.close_connection = not fake._write_body(self.wfile, reply.body)
+                else:
+                    data = json.dumps(reply.payload, ensure_ascii=False).encode()
+                    self._head(reply.status, {**reply.headers, "Content-Type": "application/json; charset=utf-8",
+                                              "Content-Length": str(len(data))})
+                    self.wfile.write(data)
+
+            def _head(self, status: int, headers: dict[str, str]) -> None:
+                self.send_response(status)
+                for name, value in headers.items():
                     self.send_header(name, value)
-                self.send_header("content-type", "application/json; charset=utf-8")
-                self.send_header("content-length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data)
 
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
 
         return Handler
 
-    def _dispatch(self, method: str, raw_path: str, authorization: str | None, raw: bytes) -> _Reply:
+    def _dispatch(self, method: str, raw_path: str, authorization: str | None, content_type: str,
+                  raw: bytes) -> _Reply:
         url = urlsplit(raw_path)
         query = {key: values[0] for key, values in parse_qs(url.query).items()}
-        try:
-            body = json.loads(raw) if raw else None
-        except ValueError:
-            body = raw.decode(errors="replace")
+        body, recorded = _request_body(content_type, raw)
         with self._cond:
             route, params = self._match(method, url.path)
             write = method != "GET" and url.path.startswith(("/open-apis/im/", "/open-apis/cardkit/"))
-            call = Call(method, url.path, query, body, self._chat_for(params, query, body), time.monotonic(), write)
+            call = Call(method, url.path, query, recorded, self._chat_for(params, query, body), time.monotonic(),
+                        write)
             reply = self._answer(call, route, params, query, body, authorization)
             call.status, call.code = reply.status, reply.payload.get("code")
             self._calls.append(call)
@@ -909,21 +1125,39 @@ class FakeFeishu:
         """Create a bot message; the same `uuid` again returns the first message instead of a new one."""
         if (key := body.get("uuid")) and key in self._uuids:
             return _ok(self._message_data(self._sent[self._uuids[key]]))
+        if chat_id in self._outside:
+            return _error(400, 230002, "The bot can not be outside the group.")
         content, error = _parse_content(body.get("msg_type"), body.get("content"))
-        if error:
-            return error
-        if error := self._unknown_card(content):
+        if error or (error := self._unknown_card(content) or self._unowned_resource(body["msg_type"], content)):
             return error
         card_id = _card_ref(content)
         message = BotMessage(f"om_{uuid.uuid4().hex}", chat_id, body["msg_type"], content, reply_to,
-                             bool(body.get("reply_in_thread")), card_id, key)
+                             bool(body.get("reply_in_thread")), card_id, key,
+                             thread_id=self._reply_thread(reply_to, bool(body.get("reply_in_thread"))))
         self._sent[message.message_id] = message
+        if message.thread_id:
+            self._thread_of[message.message_id] = message.thread_id
         self._chat_of[message.message_id] = chat_id
+        self._type_of[message.message_id] = message.msg_type
         if key:
             self._uuids[key] = message.message_id
         if card_id is not None:
             self._cards[card_id].message_id = message.message_id
+        if (upload := self._upload_of(message)) is not None:  # the resource API serves it in the chat
+            self._resources[(message.message_id, upload.key)] = _Resource(upload.kind, upload.data, upload.name)
         return _ok(self._message_data(message))
+
+    def _reply_thread(self, reply_to: str | None, in_thread: bool) -> str | None:
+        """The topic a reply lands in: the one its message is in (Feishu: a reply to a message in a topic goes into
+        it whatever reply_in_thread says), a new one with reply_in_thread, or none."""
+        if reply_to is None:
+            return None
+        if reply_to in self._thread_of:
+            return self._thread_of[reply_to]
+        if in_thread:
+            self._thread_of[reply_to] = f"omt_{uuid.uuid4().hex[:16]}"
+            return self._thread_of[reply_to]
+        return None
 
     def _update(self, params: dict[str, str], query: dict[str, str], body: Json) -> _Reply:
         """Edit a text/post message (PUT); Feishu allows 20 edits and only of the bot's own messages."""
@@ -957,6 +1191,18 @@ class FakeFeishu:
         self._show_card(message, content, "patch")
         return _ok({})
 
+    def _unowned_resource(self, msg_type: str, content: Json) -> _Reply | None:
+        """The error for an image/file/audio/media message whose key this app did not upload, or uploaded as a type
+        that message type does not take."""
+        if msg_type not in _FILE_MESSAGES:
+            return None
+        upload = self._uploads.get(_resource_key(msg_type, content) or "")
+        if upload is None:
+            return _error(400, 230017, "Bot is NOT the owner of the resource.")
+        if upload.file_type not in _FILE_MESSAGES[msg_type]:
+            return _error(400, 230055, "The type of file upload does not match the type of message being sent.")
+        return None
+
     def _unknown_card(self, content: Json) -> _Reply | None:
         """The error for a card message that points at a card entity that does not exist."""
         card_id = _card_ref(content)
@@ -981,11 +1227,15 @@ class FakeFeishu:
                 "body": {"content": json.dumps(message.content, ensure_ascii=False)}}
         if message.reply_to:
             data.update(parent_id=message.reply_to, root_id=message.reply_to)
+        if message.thread_id:
+            data["thread_id"] = message.thread_id
         return data
 
     def _shown_text(self, message: BotMessage) -> str:
         if message.card_id is not None:
             return self._cards[message.card_id].text
+        if (upload := self._upload_of(message)) is not None:
+            return f"[{message.msg_type} {upload.name}]"
         return message_text(message.msg_type, message.content)
 
     # ----- reactions -----------------------------------------------------------------------------------
@@ -1009,6 +1259,89 @@ class FakeFeishu:
         return {"reaction_id": reaction_id, "reaction_type": {"emoji_type": emoji},
                 "operator": {"operator_id": self.app_id, "operator_type": "app"},
                 "action_time": str(int(time.time() * 1000))}
+
+    # ----- message resources and uploads ---------------------------------------------------------------
+
+    def _get_resource(self, params: dict[str, str], query: dict[str, str], body: Json) -> _Reply:
+        """A message's image or file: its bytes (written by the HTTP thread, see _write_body), or Feishu's error."""
+        message_id, key = params["message_id"], params["file_key"]
+        resource = self._resources.get((message_id, key))
+        if error := self._resource_error(message_id, query.get("type"), resource):
+            return error
+        assert resource is not None
+        record = Download(message_id, key, len(resource.data))
+        self._downloads.append(record)
+        fault = self._faults.get(key) or self._faults.get(None) or DownloadFault()
+        return _Reply(200, {}, _resource_headers(key, resource), _Body(resource.data, fault, record))
+
+    def _resource_error(self, message_id: str, kind: str | None, resource: _Resource | None) -> _Reply | None:
+        if kind not in ("image", "file"):
+            return _error(400, 234001, "Invalid request param. (fake: type must be image or file)")
+        if message_id not in self._chat_of:
+            return _error(400, 234001, f"Invalid request param. (fake: no message {message_id})")
+        if message_id in self._recalled:
+            return _error(400, 230110, "Action unavailable as the message has been deleted.")
+        if self._chat_of[message_id] in self._outside:
+            return _error(400, 234004, "App not in chat.")
+        if self._type_of.get(message_id) in _NO_RESOURCES:
+            return _error(400, 234043, "Unsupported message type.")
+        if resource is None:
+            return _error(400, 234003, "File not in message.")
+        if resource.kind != kind:
+            return _error(400, 234001, f"Invalid request param. (fake: the resource is of type {resource.kind})")
+        if len(resource.data) > DOWNLOAD_LIMIT:
+            return _error(400, 234037, "Downloaded file size exceeds limit.")
+        return None
+
+    def _write_body(self, out: BinaryIO, body: _Body) -> bool:
+        """Write a resource body as its fault says, recording progress; False: the connection must be closed."""
+        view, fault = memoryview(body.data), body.fault
+        end = len(view) if fault.cut_after is None else min(fault.cut_after, len(view))
+        sent = 0
+        try:
+            while sent < end:
+                piece = view[sent:min(sent + fault.chunk, end)]
+                out.write(piece)
+                sent += len(piece)
+                self._progress(body.record, sent)
+                time.sleep(fault.delay)
+        except OSError:  # BrokenPipeError, ConnectionResetError: the client hung up
+            self._progress(body.record, sent, "client_closed")
+            return False
+        self._progress(body.record, sent, "complete" if end == len(view) else "cut")
+        return end == len(view)
+
+    def _progress(self, record: Download, sent: int, outcome: DownloadOutcome = "sending") -> None:
+        with self._cond:
+            record.sent, record.outcome = sent, outcome
+            self._cond.notify_all()
+
+    def _upload_image(self, params: dict[str, str], query: dict[str, str], body: Json) -> _Reply:
+        data = body.get("image")
+        if body.get("image_type") not in IMAGE_TYPES or not isinstance(data, bytes):
+            return _error(400, 234001, "Invalid request param. (fake: image_type message|avatar and an image part)")
+        if error := _size_error(data, IMAGE_LIMIT):
+            return error
+        if _image_mime(data) is None:
+            return _error(400, 234011, "Can't regonnize the image format.")  # sic, Feishu's text
+        key = _new_key("img_v3")
+        return self._store(Upload(key, "image", body["image_type"], key, data))
+
+    def _upload_file(self, params: dict[str, str], query: dict[str, str], body: Json) -> _Reply:
+        # lark-oapi sends every field of the body, an unset one (duration, file_name) as an empty string
+        data, duration = body.get("file"), str(body.get("duration") or "")
+        if body.get("file_type") not in FILE_TYPES or not body.get("file_name") or not isinstance(data, bytes) \
+                or not (duration.isdigit() or duration == ""):
+            return _error(400, 234001, "Invalid request param. (fake: file_type, file_name and a file part are "
+                                       "required, duration is an integer)")
+        if error := _size_error(data, FILE_LIMIT):
+            return error
+        return self._store(Upload(_new_key("file_v3"), "file", body["file_type"], body["file_name"], data,
+                                  int(duration) if duration else None))
+
+    def _store(self, upload: Upload) -> _Reply:
+        self._uploads[upload.key] = upload
+        return _ok({f"{upload.kind}_key": upload.key})
 
     # ----- CardKit -------------------------------------------------------------------------------------
 
@@ -1321,11 +1654,83 @@ def _parse_content(msg_type: Any, content: Any) -> tuple[Json, _Reply | None]:
         parsed = json.loads(content)
     except ValueError:
         return {}, _error(400, 230001, "content is not valid JSON")
-    if not isinstance(parsed, dict) or (msg_type == "text" and not isinstance(parsed.get("text"), str)):
+    if not isinstance(parsed, dict) or (msg_type == "text" and not isinstance(parsed.get("text"), str)) or (
+            msg_type in _FILE_MESSAGES and not isinstance(_resource_key(msg_type, parsed), str)):
         return {}, _error(400, 230001, f"content does not fit msg_type {msg_type}")
     if len(content.encode()) > (TEXT_LIMIT if msg_type == "text" else CARD_LIMIT):
         return {}, _error(400, 230025, "The length of the message content reaches its limit.")
     return parsed, None
+
+
+def _resource_key(msg_type: str, content: Json) -> Any:
+    """The key an image/file/audio/media message's content names (None for other types)."""
+    return content.get("image_key" if msg_type == "image" else "file_key") if msg_type in _FILE_MESSAGES else None
+
+
+def _new_key(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4()}"
+
+
+def _request_body(content_type: str, raw: bytes) -> tuple[Any, Any]:
+    """The body a handler gets, and what `calls` records: JSON parsed; multipart/form-data as a dict of its fields
+    (the image/file part as bytes, recorded by its size only); anything else as text."""
+    if content_type.startswith("multipart/form-data"):
+        try:  # requests_toolbelt 1.0 raises AttributeError for a Content-Type without a boundary
+            fields = _form_fields(raw, content_type)
+        except (ValueError, AttributeError, ImproperBodyPartContentException, NonMultipartContentTypeException) as exc:
+            return f"bad multipart body: {exc}", f"bad multipart body: {exc}"
+        return fields, {k: f"<{len(v)} bytes>" if isinstance(v, bytes) else v for k, v in fields.items()}
+    try:
+        body = json.loads(raw) if raw else None
+    except ValueError:
+        body = raw.decode(errors="replace")
+    return body, body
+
+
+def _form_fields(raw: bytes, content_type: str) -> Json:
+    """multipart/form-data fields by name: `image` and `file` as bytes, the others as text."""
+    fields: Json = {}
+    for part in MultipartDecoder(raw, content_type).parts:
+        disposition = email.message.Message()
+        disposition["content-disposition"] = part.headers.get(b"content-disposition", b"").decode()
+        name = str(disposition.get_param("name", "", header="content-disposition"))
+        fields[name] = part.content if name in ("image", "file") else part.content.decode()
+    return fields
+
+
+def _size_error(data: bytes, limit: int) -> _Reply | None:
+    if not data:
+        return _error(400, 234010, "File's size can't be 0.")
+    if len(data) > limit:
+        return _error(400, 234006, "The file size exceed the max value.")
+    return None
+
+
+_IMAGE_MAGIC = [(b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF87a", "image/gif"),
+                (b"GIF89a", "image/gif"), (b"BM", "image/bmp"), (b"II*\x00", "image/tiff"), (b"MM\x00*", "image/tiff"),
+                (b"\x00\x00\x01\x00", "image/x-icon")]
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"mif1", b"msf1"}
+
+
+def _image_mime(data: bytes) -> str | None:
+    """The type of an image Feishu takes, by its magic bytes (WEBP: RIFF....WEBP; HEIC: an ftyp box's brand)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+        return "image/heic"
+    return next((mime for magic, mime in _IMAGE_MAGIC if data.startswith(magic)), None)
+
+
+def _resource_headers(key: str, resource: _Resource) -> dict[str, str]:
+    """Content-Type, -Length and -Disposition of a resource. Feishu puts the file name into Content-Disposition as
+    raw UTF-8 bytes (clients read headers as Latin-1; lark-oapi's Files.parse_file_name re-decodes them); the fake
+    replaces control characters, quotes and backslashes, which would break the header."""
+    mime = (_image_mime(resource.data) if resource.kind == "image" else None) \
+        or mimetypes.guess_type(resource.name or "")[0] or "application/octet-stream"
+    name = resource.name or key + (mimetypes.guess_extension(mime) or "")
+    shown = re.sub(r'[\x00-\x1f\x7f"\\]', "_", name).encode().decode("latin-1")
+    return {"Content-Type": mime, "Content-Length": str(len(resource.data)),
+            "Content-Disposition": f'attachment; filename="{shown}"'}
 
 
 def _parse_card(body: Json) -> tuple[Json | None, _Reply | None]:

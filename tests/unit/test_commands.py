@@ -58,8 +58,8 @@ class Chat:
     def reply(self, message: MessageRecord, text: str) -> None:
         self.replies.append((message.message_id, text))
 
-    def send(self, text: str, message_id: str = "om_cmd") -> list[tuple[str, str]]:
-        message = self.store.record_received(message_id, "oc_a", "ou_1", text)
+    def send(self, text: str, message_id: str = "om_cmd", thread_id: str = "") -> list[tuple[str, str]]:
+        message = self.store.record_received(message_id, "oc_a", "ou_1", text, thread_id)
         assert message is not None
         command = commands.find(text)
         assert command is not None
@@ -81,6 +81,17 @@ def test_new_forgets_the_session(tmp_path: Path, store: Store) -> None:
     store.set_session("oc_a", "sess-1")
     [(_, text)] = Chat(tmp_path, store).send("/new")
     assert text.startswith("Started a new conversation") and store.chat("oc_a").session_id is None
+
+
+def test_new_and_status_in_a_topic_touch_only_its_session(tmp_path: Path, store: Store) -> None:
+    store.set_session("oc_a", "sess-chat")
+    store.set_session("oc_a", "sess-topic", "omt_1")
+    chat = Chat(tmp_path, store)
+    [(_, status)] = chat.send("/status", "om_s1", thread_id="omt_1")
+    assert "Session: sess-topic; 1 topic(s) have their own\n" in status
+    [_, (_, text)] = chat.send("/new", "om_n1", thread_id="omt_1")
+    assert text == "Started a new conversation in this topic: the next message begins with a fresh context."
+    assert store.session("oc_a", "omt_1") is None and store.session("oc_a") == "sess-chat"
 
 
 def test_stop_asks_the_turn_runner_and_says_whether_anything_ran(tmp_path: Path, store: Store) -> None:

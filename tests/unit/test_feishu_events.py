@@ -176,3 +176,14 @@ def test_a_click_without_its_value_is_read_from_its_buttons_name() -> None:
     assert parse_card_action(event) == CardAction(key, "deny", "ou_alice", "oc_chat", "om_card")
     event["action"]["name"] = "something-else"
     assert isinstance(parse_card_action(event), Ignored)
+
+
+def test_a_message_in_a_topic_carries_its_thread_id_when_it_has_the_shape_of_one() -> None:
+    raw = event("in a topic")
+    raw["message"]["thread_id"] = "omt_1a2b3c"  # a topic's new message: thread_id set, root_id may be empty
+    parsed = parse_message_event(raw, BOT, lambda chat_id: True)
+    assert isinstance(parsed, Incoming) and parsed.thread_id == "omt_1a2b3c"
+    for forged in ("../../x", "omt_" + "a" * 500, 7, None, "om_notathread"):
+        raw["message"]["thread_id"] = forged
+        parsed = parse_message_event(raw, BOT, lambda chat_id: True)
+        assert isinstance(parsed, Incoming) and parsed.thread_id == ""

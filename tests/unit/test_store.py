@@ -284,3 +284,38 @@ def test_a_reply_without_a_turn_is_all_or_nothing(tmp_path: Path) -> None:
     with pytest.raises(TransitionRefused):  # answered already: nothing changes, nothing is queued twice
         store.answer_without_turn("om_1", "again")
     assert store.message("om_1").state is State.ANSWERED and len(store.outbox("oc_1")) == 1
+
+
+def test_topics_keep_their_own_sessions_and_reset_forgets_them_all(store: Store) -> None:
+    store.ensure_chat("oc_1")
+    store.set_session("oc_1", "chat-session")
+    store.set_session("oc_1", "topic-a", "omt_a")
+    store.set_session("oc_1", "topic-a2", "omt_a")  # replaced, not added
+    store.set_session("oc_1", "topic-b", "omt_b")
+    assert store.session("oc_1") == "chat-session" and store.session("oc_1", "omt_a") == "topic-a2"
+    assert store.thread_sessions("oc_1") == {"omt_a": "topic-a2", "omt_b": "topic-b"}
+    assert store.session("oc_1", "omt_new") is None
+    store.forget_sessions("oc_1")
+    assert store.session("oc_1") is None and store.thread_sessions("oc_1") == {}
+
+
+def test_a_store_made_by_an_earlier_version_gets_the_new_tables_and_columns(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as old:  # the messages table as issue 11 left it: no thread_id
+        old.execute("CREATE TABLE messages (id INTEGER PRIMARY KEY, message_id VARCHAR(255) NOT NULL UNIQUE, "
+                    "chat_id VARCHAR(255) NOT NULL, sender_id VARCHAR(255) NOT NULL, text TEXT NOT NULL, "
+                    "state VARCHAR(255) NOT NULL, turn VARCHAR(255), display TEXT, error TEXT, answer TEXT, "
+                    "cost_usd REAL, duration_ms INTEGER, received_at REAL NOT NULL, updated_at REAL NOT NULL)")
+        old.execute("INSERT INTO messages (message_id, chat_id, sender_id, text, state, received_at, updated_at) "
+                    "VALUES ('om_old', 'oc_1', 'ou_1', 'from before', 'delivered', 1, 1)")
+    store = Store(path)
+    try:
+        assert store.message("om_old").thread_id == "" and store.message("om_old").text == "from before"
+        store.record_received("om_new", "oc_1", "ou_1", "in a topic", "omt_a")
+        assert store.message("om_new").thread_id == "omt_a"
+        store.ensure_chat("oc_1")
+        store.set_session("oc_1", "s", "omt_a")
+        assert store.session("oc_1", "omt_a") == "s"
+    finally:
+        store.close()
+    Store(path).close()  # opening it again adds nothing twice
