@@ -360,20 +360,27 @@ def test_a_line_nested_thousands_deep_is_passed_on_not_fatal() -> None:
 # ---- permission requests ----
 
 
+def decide(host: Channel, turn: str, decision: bytes) -> None:
+    """The turn's first decision, made visible whole at once, as the orchestrator writes it (turns.write_decision)."""
+    aside = host.paths.input / f".{turn}.decision"
+    aside.write_bytes(decision)
+    aside.rename(host.paths.input / agent_host.decision_name(turn, 1))
+
+
 def test_a_permission_request_waits_for_the_orchestrators_decision(host: Channel) -> None:
     name = host.submit('ASK Bash {"command": "touch x"}')
     ask = host.paths.turns / name / agent_host.ask_name(1)
     wait_until(ask.exists, TURN_SECONDS, "the permission request")
     assert json.loads(ask.read_text()) == {"tool": "Bash", "input": {"command": "touch x"}}
     assert not (host.paths.turns / name / agent_host.EXIT_CODE).exists()  # the CLI waits
-    (host.paths.input / agent_host.decision_name(name, 1)).write_bytes(agent_host.encode_decision(True))
+    decide(host, name, agent_host.encode_decision(True))
     assert host.ended(name).answer == 'allowed: {"command": "touch x"}'  # its own input, unchanged
 
 
 def test_a_denial_reaches_the_cli_with_its_reason(host: Channel) -> None:
     name = host.submit('ASK Write {"file_path": "/w/a"}')
     wait_until((host.paths.turns / name / agent_host.ask_name(1)).exists, TURN_SECONDS, "the permission request")
-    (host.paths.input / agent_host.decision_name(name, 1)).write_bytes(agent_host.encode_decision(False, "not now"))
+    decide(host, name, agent_host.encode_decision(False, "not now"))
     assert host.ended(name).answer == "denied: not now"
 
 
