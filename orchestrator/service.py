@@ -413,7 +413,7 @@ class Service:
     def _dispatch(self, message: MessageRecord, kind: str) -> None:
         """A stored message to where it goes: a short reply, a command, or the chat's queue."""
         if kind != "text":
-            self._reply_directly(message, f"I can read text and rich-text messages; {kind} messages "
+            self._reply_directly(message, f"I can read text, rich text, images and files; {kind} messages "
                                           "are not supported yet.")
         elif (command := commands.find(message.text)) is not None:
             # not awaited: the channel acks once the message is stored, and /status asks the engine

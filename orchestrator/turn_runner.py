@@ -191,7 +191,8 @@ class TurnRunner:
             files = turns.turn_files(paths, turns.new_turn_name(message.id, attempt), self.settings.agent.uid)
             self.store.start_turn(message.message_id, files.name)  # before the request: a restart follows this one
             try:
-                inbound = await inbox.prepare(message, files.name, self.settings.files, self.fetch)
+                with logger.contextualize(chat_id=message.chat_id):  # the channel's download lines name the chat
+                    inbound = await inbox.prepare(message, files.name, self.settings.files, self.fetch)
             except AttachmentRefused as exc:
                 log.warning(f"a file of the message could not be had: {excerpt(str(exc))}")
                 return Failure(f"No answer could start: a file could not be read ({exc}).")

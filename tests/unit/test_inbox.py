@@ -42,13 +42,18 @@ def fetching(files: dict[str, bytes]) -> inbox.Fetch:
     ("a\x00b\nc.txt", "a_b_c.txt"),
     ("", "file"),
     ("..", "file"),
-    ("x" * 500 + ".tar.gz", "x" * 93 + ".tar.gz"),
-    ("名前" * 60 + ".txt", "名前" * 15 + "名.txt"),
 ])
 def test_hostile_names_become_safe_ones(name: str, safe: str) -> None:
     made = inbox.safe_name(name, set())
     assert made == safe
     assert len(made.encode()) <= inbox.NAME_BYTES and "/" not in made and not made.startswith(("-", "."))
+
+
+@pytest.mark.parametrize("name", ["x" * 500 + ".tar.gz", "名前" * 60 + ".txt", "a" * 300])
+def test_a_long_name_is_cut_to_its_bound_and_keeps_its_extension(name: str) -> None:
+    made = inbox.safe_name(name, set())
+    assert len(made.encode()) <= inbox.NAME_BYTES and made.endswith(name.rpartition(".")[2][-16:])
+    made.encode().decode()  # whole characters: a multi-byte one is never cut in two
 
 
 def test_a_name_taken_already_gets_a_number() -> None:
@@ -64,8 +69,8 @@ def test_an_image_goes_as_a_file_and_a_block_and_the_prompt_says_where() -> None
     [block] = made.images
     assert block["source"] == {"type": "base64", "media_type": "image/png", "data": base64.b64encode(PNG).decode()}
     assert made.text.startswith("what is this?\n\nFiles sent with this message, saved in your workspace:\n")
-    assert "- inbox/om_1/image-1.png (image, 108 B, shown to you with this message)" in made.text
-    assert "- inbox/om_1/log.txt (file, 3 B)" in made.text
+    assert "- inbox/om_1/image-1.png (image, 108 bytes, shown to you with this message)" in made.text
+    assert "- inbox/om_1/log.txt (file, 3 bytes)" in made.text
 
 
 def test_files_alone_and_images_the_model_cannot_take() -> None:
