@@ -215,6 +215,7 @@ def write_inbound(files: TurnFiles, contents: dict[str, bytes]) -> None:
         os.mkdir(files_folder(files.name), 0o755, dir_fd=folder)
         fd = untrusted.open_beneath(folder, files_folder(files.name), owner=None, folder=True)
         try:
+            os.fchmod(fd, 0o755)  # whatever the umask (the service's unit sets 0077): the agent host reads it
             for name, data in contents.items():
                 untrusted.write_new(fd, name, data)
         finally:

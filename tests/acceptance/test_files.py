@@ -51,9 +51,9 @@ def test_oversized_and_hostile_files(feishu: FakeFeishu, feishu_config, start, f
     big = feishu.file_event(chat_id, file_name="big.log", data=b"x" * 4096)
     feishu.push_event(big)
     wait_answer(feishu, chat_id, "a file could not be read (big.log:")
-    assert "2048" in next(t for t in [m.text for m in feishu.messages(chat_id)] if "big.log" in t)
+    assert "limit of 2.0 KiB" in next(t for t in [m.text for m in feishu.messages(chat_id)] if "big.log" in t)
     assert not inbox(tmp_path, chat_id, big["event"]["message"]["message_id"]).exists()  # nothing partial
-    assert not fake_api.requests  # no turn ran
+    assert not fake_api.requests_mentioning("big.log")  # no turn ran
 
     hostile = feishu.file_event(chat_id, file_name="../../../../etc/cron.d/-evil\nname.sh", data=b"echo hi")
     feishu.push_event(hostile)
