@@ -7,7 +7,9 @@ it the chat's turns, one at a time. The channel with the orchestrator is two mou
 output outlive the orchestrator, and nothing needs `docker exec` or a socket (the folders may be on shared storage):
 
     /input/<turn>            a turn request, written by the orchestrator (root's folder, read-only here): the CLI's
-                             argv and env, the session to resume, the user message, how long to stay hot
+                             argv and env, the session to resume, the user message, how long to stay hot, and the
+                             files that came with the message, to be copied into the workspace before it is sent
+    /input/<turn>.files/     those files (the orchestrator downloaded them; it never writes into the workspace)
     /input/<turn>.interrupt  the orchestrator asks to interrupt that turn (/stop, shutdown)
     /input/<turn>.decision-<n>  the orchestrator's answer to the turn's n-th permission request:
                              {"behavior": "allow"|"deny", "message": why (deny), "answers": {question: answer}}
@@ -37,6 +39,7 @@ import os
 import re
 import secrets
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -80,6 +83,7 @@ class Request:
     session: str | None
     message: dict[str, Any]  # the stream-json user message line
     hot_idle: float
+    files: tuple[tuple[str, str], ...] = ()  # (under /input, under /workspace): copied before the message is sent
 
     @property
     def cli_key(self) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
@@ -87,10 +91,14 @@ class Request:
         return self.argv, self.env
 
 
-def encode_request(argv: list[str], env: dict[str, str], session: str | None, text: str, hot_idle: float) -> bytes:
-    message = {"type": "user", "message": {"role": "user", "content": text}}
-    return json.dumps({"argv": argv, "env": env, "session": session, "message": message,
-                       "hot_idle": hot_idle}).encode()
+def encode_request(argv: list[str], env: dict[str, str], session: str | None, text: str, hot_idle: float,
+                   files: tuple[tuple[str, str], ...] = (), images: tuple[dict[str, Any], ...] = ()) -> bytes:
+    """A turn's request. `images` are image content blocks sent with the text (the CLI's stream-json input takes
+    them); `files` are copied into the workspace first."""
+    content: str | list[dict[str, Any]] = [{"type": "text", "text": text}, *images] if images else text
+    message = {"type": "user", "message": {"role": "user", "content": content}}
+    return json.dumps({"argv": argv, "env": env, "session": session, "message": message, "hot_idle": hot_idle,
+                       "files": [list(pair) for pair in files]}).encode()
 
 
 def decode_request(data: bytes) -> Request:
@@ -109,7 +117,17 @@ def decode_request(data: bytes) -> Request:
         raise ValueError("message must be a stream-json user message")
     if isinstance(hot_idle, bool) or not isinstance(hot_idle, int | float) or not 0 <= hot_idle < 10**9:
         raise ValueError("hot_idle must be a number of seconds")
-    return Request(tuple(argv), tuple(sorted(env.items())), session, message, float(hot_idle))
+    files = raw.get("files") or []
+    if not (isinstance(files, list) and all(_file_pair(pair) for pair in files)):
+        raise ValueError("files must be pairs of relative paths without '..'")
+    return Request(tuple(argv), tuple(sorted(env.items())), session, message, float(hot_idle),
+                   tuple((source, dest) for source, dest in files))
+
+
+def _file_pair(pair: object) -> bool:
+    return (isinstance(pair, list) and len(pair) == 2
+            and all(isinstance(p, str) and p and not p.startswith("/") and ".." not in p.split("/") and "\0" not in p
+                    for p in pair))
 
 
 def ask_name(number: int) -> str:
@@ -445,8 +463,20 @@ class Host:
         turn.write_file(PROCESS, f"{cli.id}\n")
         self.turn = turn
         log(f"turn {name}: started, CLI {cli.pid}")
+        self._copy_files(turn, request)
         if not cli.send(request.message):
             log(f"turn {name}: the CLI took no input")  # its end is seen on its stdout
+
+    def _copy_files(self, turn: TurnFolder, request: Request) -> None:
+        """The files that came with the message, into the workspace (as the agent: they are its files now)."""
+        for source, dest in request.files:
+            target = os.path.join(self.workspace, dest)
+            try:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                shutil.copyfile(os.path.join(self.input_dir, source), target)
+            except OSError as exc:
+                turn.error(f"agent-host: cannot copy {dest} into the workspace: {exc}\n".encode())
+                log(f"turn {turn.name}: cannot copy {dest}: {exc}")
 
     def _cli_for(self, request: Request) -> Cli:
         """The running CLI if it was started for this kind of turn and is in the requested session; else a new one."""

@@ -196,6 +196,14 @@ class LimitSettings:
 
 
 @dataclass(frozen=True)
+class FileSettings:
+    """Files people send with their messages (and, later, files the agent sends back)."""
+
+    max_bytes: int = 30 * 1024**2  # one file; a bigger one is refused with a message naming the limit
+    message_bytes: int = 100 * 1024**2  # all files of one message together
+
+
+@dataclass(frozen=True)
 class GatewaySettings:
     """The model gateway: the only place that holds the model's key. Agents reach it through their chat's socket."""
 
@@ -285,6 +293,7 @@ class Settings:
     containers: ContainerSettings = field(default_factory=ContainerSettings)
     shutdown: ShutdownSettings = field(default_factory=ShutdownSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
+    files: FileSettings = field(default_factory=FileSettings)
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     budgets: BudgetSettings = field(default_factory=BudgetSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
@@ -344,8 +353,8 @@ def load_settings(path: str | os.PathLike[str], environ: Mapping[str, str] | Non
 def parse_settings(raw: object, source: Path, environ: Mapping[str, str]) -> Settings:
     reader = _Reader(source.name, environ)
     top = reader.section(raw, "", ("data_dir", "chats_dir", "instance", "agent", "defaults", "groups", "access",
-                                   "feishu", "scheduler", "containers", "shutdown", "limits", "gateway", "budgets",
-                                   "metrics", "logging"))
+                                   "feishu", "scheduler", "containers", "shutdown", "limits", "files", "gateway",
+                                   "budgets", "metrics", "logging"))
     data_dir = _absolute(Path(reader.string(top, "data_dir", "./data")), source)
     defaults = reader.options(top.get("defaults"), "defaults", ChatOptions())
     if defaults.workspace is not None and "{chat_id}" not in defaults.workspace:
@@ -377,6 +386,8 @@ def parse_settings(raw: object, source: Path, environ: Mapping[str, str]) -> Set
         limits=reader.flat(top.get("limits"), "limits", LimitSettings, {
             "line_bytes": _size(1024), "output_bytes": _size(1024), "answer_bytes": _size(1024),
             "min_free_disk": _size(0), "disk_check_interval": _positive_number}),
+        files=reader.flat(top.get("files"), "files", FileSettings, {
+            "max_bytes": _size(1024), "message_bytes": _size(1024)}),
         gateway=reader.flat(top.get("gateway"), "gateway", GatewaySettings, {
             "upstream_url": _http_url, "max_request_bytes": _size(1024), "request_timeout": _positive_number,
             "max_concurrent": _positive_int}),

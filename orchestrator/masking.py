@@ -13,6 +13,7 @@ from orchestrator.channels import (
     Act,
     ActionReply,
     ApprovalView,
+    Attachment,
     CardAction,
     Channel,
     Outgoing,
@@ -94,6 +95,9 @@ class MaskedChannel:
 
     async def update_approval(self, message_id: str, view: ApprovalView) -> None:
         await self.channel.update_approval(message_id, self.mask.view(view))
+
+    async def fetch_attachment(self, message_id: str, attachment: Attachment, max_bytes: int) -> bytes:
+        return await self.channel.fetch_attachment(message_id, attachment, max_bytes)
 
     def health(self) -> str | None:
         return self.channel.health()

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from orchestrator import budgets, commands, credentials, egress, firewall, gateway, layout, metrics, turns
+from orchestrator import budgets, commands, credentials, egress, firewall, gateway, inbox, layout, metrics, turns
 from orchestrator.agent import Failure
 from orchestrator.approvals import Approvals
 from orchestrator.channels import Channel, Incoming
@@ -68,7 +68,7 @@ class Service:
         self.mask = Masker(settings.secrets)
         self.channel: Channel = MaskedChannel(channel, self.mask)  # secrets never reach a chat
         self.approvals = Approvals(settings, store, self.channel)
-        self.turns = TurnRunner(settings, store, runtime, self.approvals,
+        self.turns = TurnRunner(settings, store, runtime, self.approvals, self.channel.fetch_attachment,
                                 on_container_started=self._enforce_max_running)
         self.deliverer = Deliverer(store, self.channel)
         self.queues: dict[str, asyncio.Queue[str]] = {}
@@ -340,7 +340,7 @@ class Service:
             if message.state is State.RECEIVED and message.received_at < time.time() - STRANDED_SECONDS:
                 logger.bind(chat_id=message.chat_id, message_id=message.message_id).warning(
                     "stored but never queued; handing it on now")
-                self._dispatch(message, kind="text" if message.text else "non-text")
+                self._dispatch(message, kind=_kind(message))
 
     async def _stop_containers_over_budget(self) -> None:
         """A chat's background jobs can fill its folders between turns: its container is stopped then. When the
@@ -385,7 +385,7 @@ class Service:
             logger.bind(chat_id=message.chat_id, message_id=message.message_id).info(
                 f"recovered a {message.state} message")
             if message.state is State.RECEIVED:
-                self._dispatch(message, kind="text" if message.text else "non-text")  # stored, not yet handled
+                self._dispatch(message, kind=_kind(message))  # stored, not yet handled
             else:
                 self._enqueue(message)
 
@@ -400,7 +400,8 @@ class Service:
             return
         self.store.ensure_chat(incoming.chat_id, incoming.chat_name)
         message = self.store.record_received(incoming.message_id, incoming.chat_id, incoming.sender_id,
-                                             incoming.text, incoming.thread_id)
+                                             incoming.text, incoming.thread_id,
+                                             inbox.encode_attachments(incoming.attachments))
         if message is None:
             log.info("duplicate delivery ignored")
             metrics.MESSAGES.labels("duplicate").inc()
@@ -412,7 +413,7 @@ class Service:
     def _dispatch(self, message: MessageRecord, kind: str) -> None:
         """A stored message to where it goes: a short reply, a command, or the chat's queue."""
         if kind != "text":
-            self._reply_directly(message, f"I can read text and rich-text messages; {kind} messages "
+            self._reply_directly(message, f"I can read text, rich text, images and files; {kind} messages "
                                           "are not supported yet.")
         elif (command := commands.find(message.text)) is not None:
             # not awaited: the channel acks once the message is stored, and /status asks the engine
@@ -572,3 +573,8 @@ class Service:
             log.warning("the answer came after its message was failed (at a shutdown); dropped")
         self._displays.pop(message.message_id, None)
         self.deliverer.wake()
+
+
+def _kind(message: MessageRecord) -> str:
+    """What a stored message was, for `_dispatch`: text (or files) reach a turn; anything else was not readable."""
+    return "text" if message.text or message.attachments else "non-text"

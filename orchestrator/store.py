@@ -83,6 +83,7 @@ class _Message(_Table):
     sender_id = CharField(default="")
     thread_id = CharField(default="")  # the topic it was sent in ("" outside one)
     text = TextField()
+    attachments = TextField(default="")  # the files that came with it (JSON: inbox.encode_attachments), or ""
     state = CharField(index=True)
     turn = CharField(null=True)  # the folder of its latest turn, under the chat's turns/
     display = TextField(null=True)  # the channel's state of the turn's display (card, reaction), for a restart
@@ -229,6 +230,7 @@ class MessageRecord:
     sender_id: str
     thread_id: str
     text: str
+    attachments: str
     state: State
     turn: str | None
     display: str | None
@@ -321,8 +323,8 @@ def _chat_record(row: _Chat) -> ChatRecord:
 
 def _message_record(row: _Message) -> MessageRecord:
     return MessageRecord(row.id, row.message_id, row.chat_id, row.sender_id, row.thread_id, row.text,
-                         State(row.state), row.turn, row.display, row.error, row.answer, row.cost_usd, row.duration_ms,
-                         row.received_at, row.updated_at)
+                         row.attachments, State(row.state), row.turn, row.display, row.error, row.answer,
+                         row.cost_usd, row.duration_ms, row.received_at, row.updated_at)
 
 
 def _usage_record(row: _Usage) -> UsageRecord:
@@ -432,13 +434,14 @@ class Store:
     # ---- messages ----
 
     def record_received(self, message_id: str, chat_id: str, sender_id: str, text: str,
-                        thread_id: str = "") -> MessageRecord | None:
+                        thread_id: str = "", attachments: str = "") -> MessageRecord | None:
         """Store a new message; None when this message_id was seen before (a redelivery)."""
         now = time.time()
         try:
             with self.db.atomic():
                 row = _Message.create(message_id=message_id, chat_id=chat_id, sender_id=sender_id, text=text,
-                                      thread_id=thread_id, state=State.RECEIVED, received_at=now, updated_at=now)
+                                      thread_id=thread_id, attachments=attachments, state=State.RECEIVED,
+                                      received_at=now, updated_at=now)
         except IntegrityError:
             return None
         return _message_record(row)

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from orchestrator import agent, agent_host, budgets, credentials, disk, layout, model_socket, turns
+from orchestrator import agent, agent_host, budgets, credentials, disk, inbox, layout, model_socket, turns
 from orchestrator.agent import Answer, Failure, Init, Text, ToolUse, Transcript, Unparsed
 from orchestrator.approvals import MAX_ASKS_PER_TURN, Approvals, FollowedTurn
-from orchestrator.channels import TurnDisplay
+from orchestrator.channels import AttachmentRefused, TurnDisplay
 from orchestrator.config import ChatSettings, Settings, resolve_chat
 from orchestrator.runtime import ContainerState, Runtime, RuntimeFailure, container_spec
 from orchestrator.states import State
@@ -65,12 +65,13 @@ class _RunningTurn:
 
 
 class TurnRunner:
-    def __init__(self, settings: Settings, store: Store, runtime: Runtime, approvals: Approvals,
+    def __init__(self, settings: Settings, store: Store, runtime: Runtime, approvals: Approvals, fetch: inbox.Fetch,
                  on_container_started: Callable[[str], Awaitable[None]]) -> None:
         self.settings = settings
         self.store = store
         self.runtime = runtime
         self.approvals = approvals
+        self.fetch = fetch  # a message's files, from its channel
         self.on_container_started = on_container_started
         self._secret: bytes | None = None
         self._running: dict[str, _RunningTurn] = {}  # by chat id
@@ -189,9 +190,16 @@ class TurnRunner:
             container = await self._container(chat, paths, message.chat_id)
             files = turns.turn_files(paths, turns.new_turn_name(message.id, attempt), self.settings.agent.uid)
             self.store.start_turn(message.message_id, files.name)  # before the request: a restart follows this one
+            try:
+                with logger.contextualize(chat_id=message.chat_id):  # the channel's download lines name the chat
+                    inbound = await inbox.prepare(message, files.name, self.settings.files, self.fetch)
+            except AttachmentRefused as exc:
+                log.warning(f"a file of the message could not be had: {excerpt(str(exc))}")
+                return Failure(f"No answer could start: a file could not be read ({exc}).")
+            await asyncio.to_thread(turns.write_inbound, files, inbound.contents)
             request = agent_host.encode_request(agent.cli_argv(self.settings.agent, chat.options),
-                                                dict(self.settings.agent.env),
-                                                session_id, message.text, self.settings.agent.hot_idle)
+                                                dict(self.settings.agent.env), session_id, inbound.text,
+                                                self.settings.agent.hot_idle, inbound.files, inbound.images)
             await asyncio.to_thread(turns.write_request, files, request)
             log.info(f"turn {files.name} requested in {container.name}"
                      + (f", resuming {session_id}" if session_id else ""))

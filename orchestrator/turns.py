@@ -5,6 +5,7 @@ write; everything else is written inside the container, and so is hostile input:
 <chat>/input/<turn>               the turn's request (the CLI's argv and env, the session, the user's text)
 <chat>/input/<turn>.interrupt     our request to interrupt it
 <chat>/input/<turn>.decision-<n>  our answer to its n-th permission request
+<chat>/input/<turn>.files/        the files that came with its message (the host copies them into the workspace)
 <chat>/turns/<turn>/pid           the CLI's pid inside the container
                     process       the id of the CLI process that answers it (the same across a hot CLI's turns)
                     output.jsonl  the CLI's stream-json output, read incrementally, with bounds
@@ -201,6 +202,26 @@ def request_interrupt(files: TurnFiles) -> None:
         untrusted.write_new(folder, files.name + agent_host.INTERRUPT_SUFFIX, b"")
 
 
+def files_folder(turn: str) -> str:
+    return f"{turn}.files"
+
+
+def write_inbound(files: TurnFiles, contents: dict[str, bytes]) -> None:
+    """The files of the turn's message, in root's input folder for the agent host to copy (root never writes into
+    the agent's workspace); names are safe already (inbox.safe_name)."""
+    with untrusted.directory(files.paths.input) as folder:
+        if untrusted.exists(folder, files_folder(files.name)):  # left by a try that did not get to its request
+            untrusted.remove_tree(folder, files_folder(files.name))
+        os.mkdir(files_folder(files.name), 0o755, dir_fd=folder)
+        fd = untrusted.open_beneath(folder, files_folder(files.name), owner=None, folder=True)
+        try:
+            os.fchmod(fd, 0o755)  # whatever the umask (the service's unit sets 0077): the agent host reads it
+            for name, data in contents.items():
+                untrusted.write_new(fd, name, data)
+        finally:
+            os.close(fd)
+
+
 def write_decision(files: TurnFiles, number: int, decision: bytes) -> None:
     """Our answer to the turn's `number`-th permission request, for the agent host (written once; a second write of
     the same decision, after a restart, finds it there)."""
@@ -217,6 +238,8 @@ def withdraw(files: TurnFiles) -> None:
         for name in (files.name, files.name + agent_host.INTERRUPT_SUFFIX, *decisions):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name, dir_fd=folder)
+        if untrusted.exists(folder, files_folder(files.name)):
+            untrusted.remove_tree(folder, files_folder(files.name))
 
 
 class OutputReader:

@@ -8,6 +8,19 @@ from typing import Protocol
 
 
 @dataclass(frozen=True)
+class Attachment:
+    """A file that came with a message: Feishu's key for it, and what it is."""
+
+    kind: str  # "image" or "file" (audio comes as a file; Feishu's resource API `type` is the same word)
+    key: str  # image_key or file_key, validated ([A-Za-z0-9_-], bounded)
+    name: str  # the event's file_name (files), or "" (images); NOT sanitised here (the middle does it)
+
+
+class AttachmentRefused(Exception):
+    """An attachment that could not be fetched; the message is for the user (no secret, no path)."""
+
+
+@dataclass(frozen=True)
 class Incoming:
     """One user message, parsed by its channel."""
 
@@ -19,6 +32,7 @@ class Incoming:
     kind: str = "text"  # the chat's message type; only text reaches the agent
     trusted: bool = False  # the local terminal: no access check
     thread_id: str = ""  # the topic (thread) it was sent in, "" outside one
+    attachments: tuple[Attachment, ...] = ()  # the files that came with it (at most 20)
 
 
 @dataclass(frozen=True)
@@ -124,6 +138,9 @@ class Channel(Protocol):
     async def update_approval(self, message_id: str, view: ApprovalView) -> None:
         """Show `view` in the approval card sent before (its buttons gone once it has an outcome). Raise
         DeliveryFailed when it did not go through."""
+
+    async def fetch_attachment(self, message_id: str, attachment: Attachment, max_bytes: int) -> bytes:
+        """The attachment's bytes, at most max_bytes (more: AttachmentRefused naming the limit)."""
 
     def health(self) -> str | None:
         """None when the channel works; otherwise what is wrong. Called from another thread."""

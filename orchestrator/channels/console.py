@@ -17,7 +17,16 @@ import uuid
 from collections.abc import Callable
 from typing import TextIO
 
-from orchestrator.channels import Act, ApprovalView, CardAction, Incoming, Outgoing, Submit
+from orchestrator.channels import (
+    Act,
+    ApprovalView,
+    Attachment,
+    AttachmentRefused,
+    CardAction,
+    Incoming,
+    Outgoing,
+    Submit,
+)
 
 CONSOLE_CHAT_ID = "console"
 OPERATOR = "console"  # the sender of what is typed here, and so who decides here
@@ -95,6 +104,9 @@ class ConsoleChannel:
         else:
             self._waiting.pop(message_id, None)
             self.write(_outcome_text(view))
+
+    async def fetch_attachment(self, message_id: str, attachment: Attachment, max_bytes: int) -> bytes:
+        raise AttachmentRefused("The terminal sends no files.")  # and none of its messages has any
 
     def health(self) -> str | None:
         return None

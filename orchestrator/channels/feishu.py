@@ -10,7 +10,8 @@ retried on Feishu's rate-limit answers; the SDK's blocking calls run on this mod
 leaves made safe to show as the bot (feishu_render: no mentions, tags or hidden links from the agent).
 A click on an approval card (`card.action.trigger`, by either way in) is parsed, handed to the service's `act`
 and answered within Feishu's 3 s with a toast and the card to show from then on; it never raises (the SDK
-would answer 500, and the clicker would see Feishu's own error).
+would answer 500, and the clicker would see Feishu's own error). The files users send are downloaded streamed,
+cut off at the caller's limit (the SDK's message_resource.get would read all of a body into memory first).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from lark_oapi.api.im.v1 import (
     ReplyMessageRequestBody,
 )
 from lark_oapi.core.exception import AccessTokenException, ObtainAccessTokenException
+from lark_oapi.core.token import TokenManager
 from lark_oapi.core.utils import AESCipher
 from lark_oapi.event.callback.model.p2_card_action_trigger import P2CardActionTrigger, P2CardActionTriggerResponse
 from lark_oapi.ws.const import HEADER_TYPE
@@ -59,9 +61,19 @@ from lark_oapi.ws.enum import MessageType
 from lark_oapi.ws.pb.pbbp2_pb2 import Frame
 from loguru import logger
 
-from orchestrator import metrics
-from orchestrator.channels import Act, ActionReply, ApprovalView, CardAction, DeliveryFailed, Outgoing, Submit
-from orchestrator.channels.feishu_events import Ignored, parse_card_action, parse_message_event
+from orchestrator import disk, metrics
+from orchestrator.channels import (
+    Act,
+    ActionReply,
+    ApprovalView,
+    Attachment,
+    AttachmentRefused,
+    CardAction,
+    DeliveryFailed,
+    Outgoing,
+    Submit,
+)
+from orchestrator.channels.feishu_events import Ignored, is_resource, parse_card_action, parse_message_event
 from orchestrator.channels.feishu_render import approval_card, card_markdown, message_text, split_answer
 from orchestrator.channels.feishu_webhook import Refused, Verifier, WebhookLimits, WebhookServer
 from orchestrator.config import FeishuSettings
@@ -85,6 +97,20 @@ TOAST_LEVELS = ("success", "info", "warning", "error")
 TOAST_CHARS = 200
 CANNOT_HANDLE = ActionReply("This card cannot be handled.", "error")
 BUSY = ActionReply("The bot is busy; try again in a moment.", "warning")
+DOWNLOAD_TIMEOUT = (10.0, 30.0)  # seconds: to connect, and at most between two reads of a file's body
+DOWNLOAD_CHUNK = 64 * 1024
+# Downloads have their own threads: a 30 MB file holds one for seconds, and the API calls' pool must stay free
+# for replies and streaming cards.
+DOWNLOADS_AT_ONCE = 4
+ERROR_BODY_BYTES = 4096  # of a refused download's JSON error
+# Feishu's refusals of the message resource API ("获取消息中的资源文件"), as the sender reads them.
+RESOURCE_ERRORS = {
+    230110: "the message was recalled",
+    234003: "Feishu has no such file in the message",
+    234004: "the bot is no longer in this chat",
+    234037: "Feishu serves no file this large",
+    234043: "Feishu serves no files of this kind of message",
+}
 
 
 class FeishuError(Exception):
@@ -106,6 +132,7 @@ class FeishuChannel:
         self.limiter = Limiter(app_windows, scopes={"chat": (settings.rate_per_chat, 1.0 + WINDOW_MARGIN),
                                                     "card": (CARD_OPS_PER_SECOND, 1.0 + WINDOW_MARGIN)})
         self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="feishu")
+        self._downloads = ThreadPoolExecutor(max_workers=DOWNLOADS_AT_ONCE, thread_name_prefix="feishu-download")
         self._sequence = 0
         self.bot_open_id = ""
         self._ws: lark.ws.Client | None = None
@@ -401,6 +428,43 @@ class FeishuChannel:
         request = DeleteMessageReactionRequest.builder().message_id(message_id).reaction_id(reaction_id).build()
         await self._call(self.client.im.v1.message_reaction.delete, request, chat_id)
 
+    async def fetch_attachment(self, message_id: str, attachment: Attachment, max_bytes: int) -> bytes:
+        """A file or image of a user's message, read as it streams in and refused as soon as it passes
+        `max_bytes`. One attempt (under the app's rate limit): a failure is told to the sender, who can send it
+        again. The log line takes its chat id from the caller's `logger.contextualize`, if any."""
+        if not is_resource(message_id, attachment):
+            raise AttachmentRefused("it is not a file Feishu can serve")
+        log = logger.bind(message_id=message_id)
+        metrics.RATE_LIMIT_WAIT.inc(await self.limiter.acquire())
+        started = time.monotonic()
+        try:
+            data = await asyncio.get_running_loop().run_in_executor(self._downloads, self._download, message_id,
+                                                                    attachment, max_bytes)
+        except AttachmentRefused as exc:
+            log.warning(f"{attachment.kind} {attachment.key} not downloaded after "
+                        f"{(time.monotonic() - started) * 1000:.0f} ms: {exc}")
+            raise
+        log.info(f"downloaded {attachment.kind} {attachment.key}: {len(data)} bytes in "
+                 f"{(time.monotonic() - started) * 1000:.0f} ms")
+        return data
+
+    def _download(self, message_id: str, attachment: Attachment, max_bytes: int) -> bytes:
+        """On a download thread. Leaving the `with` early closes the connection, so the rest is never sent."""
+        url = f"{self.settings.domain}/open-apis/im/v1/messages/{message_id}/resources/{attachment.key}"
+        try:
+            token = TokenManager.get_self_tenant_token(self.client.config)  # the SDK's cached tenant token
+            with requests.get(url, params={"type": attachment.kind}, headers={"Authorization": f"Bearer {token}"},
+                              stream=True, timeout=DOWNLOAD_TIMEOUT) as response:
+                if response.status_code != 200:
+                    raise AttachmentRefused(_resource_refusal(response))
+                return _read_within(response, max_bytes)
+        except (ObtainAccessTokenException, AccessTokenException) as exc:
+            raise AttachmentRefused("Feishu gave the bot no access token") from exc
+        except requests.Timeout as exc:
+            raise AttachmentRefused("Feishu did not send it in time") from exc
+        except requests.RequestException as exc:  # a cut body (ChunkedEncodingError), a dropped connection
+            raise AttachmentRefused(f"the download from Feishu broke off ({exc.__class__.__name__})") from exc
+
     def in_background(self, work: Coroutine[None, None, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(work)
         self._background.add(task)
@@ -575,6 +639,38 @@ def _dispose(loop: asyncio.AbstractEventLoop, client: lark.ws.Client) -> None:
     with contextlib.suppress(Exception):  # a connection that cannot even be closed is dropped with the loop
         loop.run_until_complete(asyncio.wait_for(client._disconnect(), 5))
     loop.close()
+
+
+def _read_within(response: requests.Response, max_bytes: int) -> bytes:
+    """The body, refused as soon as it is known to pass max_bytes: by its Content-Length, or by what came."""
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise AttachmentRefused(_too_large(max_bytes))
+    data = bytearray()
+    for chunk in response.iter_content(DOWNLOAD_CHUNK):
+        data += chunk
+        if len(data) > max_bytes:
+            raise AttachmentRefused(_too_large(max_bytes))
+    return bytes(data)
+
+
+def _too_large(max_bytes: int) -> str:
+    return f"it is larger than the limit of {disk.human(max_bytes)}"
+
+
+def _resource_refusal(response: requests.Response) -> str:
+    """Why Feishu would not serve a file, briefly, from its JSON error (its code, and its msg for codes not known
+    here); a body that is not one gives the status alone."""
+    try:
+        payload = json.loads(next(response.iter_content(ERROR_BODY_BYTES), b""))
+    except ValueError:
+        payload = None
+    error = payload if isinstance(payload, dict) else {}
+    code = error.get("code")
+    if not isinstance(code, int):
+        return f"Feishu answered {response.status_code}"
+    msg = str(error.get("msg", ""))[:100].encode("utf-8", "replace").decode()  # it is stored, then sent
+    return RESOURCE_ERRORS.get(code) or f"Feishu answered {response.status_code} code {code}: {msg}"
 
 
 def _error_of(response: Any) -> FeishuError | None:

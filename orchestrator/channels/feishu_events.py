@@ -14,12 +14,18 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
-from orchestrator.channels import CardAction, Incoming
+from orchestrator.channels import Attachment, CardAction, Incoming
 from orchestrator.ids import is_valid_chat_id
 
-READABLE_TYPES = ("text", "post")
+READABLE_TYPES = ("text", "post", "image", "file", "audio")  # the rest get a short "not supported" reply
+# Files of one message: a post can hold many images; beyond this they are left out without a word (each costs a
+# download and a turn's share of files.message_bytes, and 20 is more than people send at once).
+MAX_ATTACHMENTS = 20
+FILE_NAME_CHARS = 1000  # of a file's name as the event gives it (the middle makes the safe, shorter one)
+AUDIO_NAME = "audio.opus"  # a voice message has no name; Feishu serves it as an Opus file
+_KEY = re.compile(r"[A-Za-z0-9_-]{1,200}")  # an image_key or file_key: it goes into a URL path
 _THREAD_ID = re.compile(r"omt_[A-Za-z0-9_-]{1,100}")
 CHOICES = ("allow", "always", "deny", "answer")
 FORM_TEXT_CHARS = 2000  # of a card's text field: a reason to deny, or a typed answer
@@ -66,11 +72,40 @@ def parse_message_event(event: Any, bot_open_id: str, require_mention: Callable[
         return Ignored(f"malformed event: {kind} content is not JSON")
     if not isinstance(content, dict):
         return Ignored(f"malformed event: {kind} content is not an object")
-    raw_text = content.get("text", "") if kind == "text" else post_text(content)
-    text = "\n".join(line.strip() for line in replace_mentions(str(raw_text), mentions, bot_open_id).splitlines())
+    read = _read_content(kind, content)
+    if isinstance(read, Ignored):
+        return read
+    raw_text, attachments = read
+    text = "\n".join(line.strip() for line in replace_mentions(raw_text, mentions, bot_open_id).splitlines())
     text = _storable(text.strip())
-    return Incoming(chat_id=chat_id, message_id=message_id, sender_id=sender_id, text=text or "/help",
-                    thread_id=_thread_id(message))
+    return Incoming(chat_id=chat_id, message_id=message_id, sender_id=sender_id,
+                    text=text or ("" if attachments else "/help"), thread_id=_thread_id(message),
+                    attachments=attachments)
+
+
+def _read_content(kind: str, content: dict[str, Any]) -> tuple[str, tuple[Attachment, ...]] | Ignored:
+    """The text and the files of a readable message's content."""
+    if kind == "text":
+        return str(content.get("text", "")), ()
+    if kind == "post":
+        keys = post_image_keys(content)
+        if bad := [key for key in keys if not _is_key(key)]:
+            return Ignored(f"malformed event: image key {_shown(bad[0])} is not valid")
+        unique = tuple(dict.fromkeys(keys))[:MAX_ATTACHMENTS]
+        return post_text(content), tuple(Attachment("image", key, "") for key in unique)
+    if kind == "image":
+        return _single("image", content.get("image_key"), "")
+    name = content.get("file_name") if kind == "file" else AUDIO_NAME
+    if not isinstance(name, str) or not name:
+        return Ignored(f"malformed event: file name {_shown(name)} is not valid")
+    return _single("file", content.get("file_key"), _storable(name[:FILE_NAME_CHARS]))
+
+
+def _single(kind: str, key: object, name: str) -> tuple[str, tuple[Attachment, ...]] | Ignored:
+    """A message that is one file (or image) and no text."""
+    if not _is_key(key):
+        return Ignored(f"malformed event: {kind} key {_shown(key)} is not valid")
+    return "", (Attachment(kind, key, name),)
 
 
 _BUTTON_NAME = re.compile(r"(allow|always|deny|answer)-([A-Za-z0-9_]{1,100})(?:-([0-9]{1,2})-([0-9]{1,2}))?")
@@ -124,6 +159,16 @@ def _is_token(value: object) -> bool:
     return isinstance(value, str) and _TOKEN.fullmatch(value) is not None
 
 
+def _is_key(value: object) -> TypeGuard[str]:
+    return isinstance(value, str) and _KEY.fullmatch(value) is not None
+
+
+def is_resource(message_id: str, attachment: Attachment) -> bool:
+    """Whether a message id and an attachment can go into a resource URL as they are (they come back from the store,
+    so they are checked again where they are used)."""
+    return _is_token(message_id) and attachment.kind in ("image", "file") and _is_key(attachment.key)
+
+
 def _picked(value: dict[str, Any]) -> tuple[int | None, int | None] | None:
     """(question, option) of an option's button, (None, None) for the typed answer's; None when malformed."""
     question, option = value.get("question"), value.get("option")
@@ -157,15 +202,29 @@ def _thread_id(message: dict[str, Any]) -> str:
 
 def post_text(content: dict[str, Any]) -> str:
     """The plain text of a rich-text (post) message: title, then each paragraph's text on its own line."""
+    body = _post_body(content)
+    lines = [str(body["title"])] if body.get("title") else []
+    lines += ["".join(_element_text(element) for element in paragraph) for paragraph in _paragraphs(body)]
+    return "\n".join(lines)
+
+
+def post_image_keys(content: dict[str, Any]) -> list[object]:
+    """The image_key of each image in a rich-text (post) message, in order, as they are (unchecked)."""
+    return [element.get("image_key") for paragraph in _paragraphs(_post_body(content)) for element in paragraph
+            if element.get("tag") == "img"]
+
+
+def _post_body(content: dict[str, Any]) -> dict[str, Any]:
     if "content" not in content and len(content) == 1:  # some deliveries wrap it in a language key
         inner = next(iter(content.values()))
-        content = inner if isinstance(inner, dict) else {}
-    lines = [str(content["title"])] if content.get("title") else []
-    paragraphs = content.get("content")
-    for paragraph in paragraphs if isinstance(paragraphs, list) else []:
-        if isinstance(paragraph, list):
-            lines.append("".join(_element_text(element) for element in paragraph if isinstance(element, dict)))
-    return "\n".join(lines)
+        return inner if isinstance(inner, dict) else {}
+    return content
+
+
+def _paragraphs(body: dict[str, Any]) -> list[list[dict[str, Any]]]:
+    paragraphs = body.get("content")
+    return [[element for element in paragraph if isinstance(element, dict)]
+            for paragraph in (paragraphs if isinstance(paragraphs, list) else []) if isinstance(paragraph, list)]
 
 
 def _element_text(element: dict[str, Any]) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from orchestrator.channels import ApprovalView, DeliveryFailed, Outgoing
+from orchestrator.channels import ApprovalView, Attachment, AttachmentRefused, DeliveryFailed, Outgoing
 
 
 class RecordingDisplay:
@@ -32,6 +32,7 @@ class RecordingChannel(RecordingDisplay):
         self.delivered: list[Outgoing] = []
         self.cards: dict[str, list[ApprovalView]] = {}  # approval cards by message id: each version shown
         self.failing_cards = 0  # the next this many approval card sends or updates fail
+        self.files: dict[str, bytes] = {}  # attachment bytes by key, for fetch_attachment
 
     def display(self, chat_id: str, message_id: str, saved: str | None,
                 save: Callable[[str], None]) -> RecordingChannel:
@@ -54,6 +55,13 @@ class RecordingChannel(RecordingDisplay):
         if self.failing_cards:
             self.failing_cards -= 1
             raise DeliveryFailed("the card could not be sent (a test's failure)", retry_after=0.01)
+
+    async def fetch_attachment(self, message_id: str, attachment: Attachment, max_bytes: int) -> bytes:
+        if attachment.key not in self.files:
+            raise AttachmentRefused("it is not there any more")
+        if len(self.files[attachment.key]) > max_bytes:
+            raise AttachmentRefused(f"it is larger than {max_bytes} bytes")
+        return self.files[attachment.key]
 
     def health(self) -> str | None:
         return None

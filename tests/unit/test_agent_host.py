@@ -391,3 +391,32 @@ def test_an_interrupt_while_a_request_waits_marks_it_cancelled(host: Channel) ->
     turn = host.ended(name)
     assert (turn.folder / (agent_host.ask_name(1) + agent_host.CANCELLED_SUFFIX)).exists()
     assert turn.lines[-1]["subtype"] == "error_during_execution"
+
+
+# ---- files that came with the message ----
+
+
+def test_the_messages_files_are_copied_into_the_workspace_before_the_cli_reads_it(host: Channel) -> None:
+    name = new_turn_name(next(host.rows), 0)
+    folder = host.paths.input / f"{name}.files"
+    folder.mkdir()
+    (folder / "a.txt").write_bytes(b"hello file")
+    request = agent_host.encode_request(list(FAKE_CLI), {}, None, "ENV HOME", 60.0,
+                                        files=((f"{name}.files/a.txt", "inbox/om_1/a.txt"),))
+    host.write(request, name)
+    host.ended(name)
+    assert (host.paths.workspace / "inbox" / "om_1" / "a.txt").read_bytes() == b"hello file"
+
+
+def test_a_request_whose_files_leave_their_folders_is_refused() -> None:
+    for pair in (["../secret", "inbox/x"], ["a", "/etc/passwd"], ["a", "inbox/../../x"], ["a"], "a"):
+        data = json.loads(agent_host.encode_request(["claude"], {}, None, "hi", 1.0))
+        data["files"] = [pair]
+        with pytest.raises(ValueError, match="files must be pairs"):
+            agent_host.decode_request(json.dumps(data).encode())
+
+
+def test_images_go_with_the_text_as_content_blocks() -> None:
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}
+    request = agent_host.decode_request(agent_host.encode_request(["claude"], {}, None, "look", 1.0, images=(image,)))
+    assert request.message["message"]["content"] == [{"type": "text", "text": "look"}, image]

@@ -5,9 +5,11 @@ from typing import Any
 
 import pytest
 
-from orchestrator.channels import CardAction, Incoming
+from orchestrator.channels import Attachment, CardAction, Incoming
 from orchestrator.channels.feishu_events import (
+    FILE_NAME_CHARS,
     FORM_TEXT_CHARS,
+    MAX_ATTACHMENTS,
     Ignored,
     parse_card_action,
     parse_message_event,
@@ -70,8 +72,71 @@ def test_post_message_text() -> None:
 
 
 def test_unsupported_types_are_passed_on_for_a_short_reply() -> None:
-    parsed = parse(event(message_type="image", content=json.dumps({"image_key": "img_1"})))
-    assert parsed == Incoming("oc_chat1", "om_1", "ou_user", "", kind="image")
+    for kind, content in (("sticker", {"file_key": "file_1"}), ("merge_forward", {}), ("media", {"file_key": "f"}),
+                          ("interactive", {"elements": []}), ("share_chat", {"chat_id": "oc_x"})):
+        parsed = parse(event(message_type=kind, content=json.dumps(content)))
+        assert parsed == Incoming("oc_chat1", "om_1", "ou_user", "", kind=kind)
+
+
+def test_an_image_a_file_and_a_voice_message_are_attachments_without_text() -> None:
+    def files_of(kind: str, content: dict) -> tuple[Attachment, ...]:
+        parsed = parse(event(message_type=kind, content=json.dumps(content)))
+        assert isinstance(parsed, Incoming) and parsed.text == "" and parsed.kind == "text"
+        return parsed.attachments
+
+    assert files_of("image", {"image_key": "img_v3_02ab-c_d"}) == (Attachment("image", "img_v3_02ab-c_d", ""),)
+    assert files_of("file", {"file_key": "file_1", "file_name": "../a b.pdf"}) == \
+        (Attachment("file", "file_1", "../a b.pdf"),)
+    assert files_of("audio", {"file_key": "file_2", "duration": 3000}) == (Attachment("file", "file_2", "audio.opus"),)
+
+
+def test_a_post_brings_its_text_and_its_images_once_each_in_order() -> None:
+    post = {"zh_cn": {"title": "", "content": [
+        [{"tag": "text", "text": "compare these"}], [{"tag": "img", "image_key": "img_b"}],
+        [{"tag": "img", "image_key": "img_a"}, {"tag": "img", "image_key": "img_b"}],
+        [{"tag": "media", "file_key": "file_m", "image_key": "img_cover"}]]}}
+    parsed = parse(event(message_type="post", content=json.dumps(post)))
+    assert parsed == Incoming("oc_chat1", "om_1", "ou_user", "compare these",
+                              attachments=(Attachment("image", "img_b", ""), Attachment("image", "img_a", "")))
+    images_only = {"content": [[{"tag": "img", "image_key": "img_c"}]]}
+    only_images = parse(event(message_type="post", content=json.dumps(images_only)))
+    assert isinstance(only_images, Incoming) and only_images.text == "" and len(only_images.attachments) == 1
+
+
+def test_a_post_keeps_its_first_twenty_images() -> None:
+    post = {"content": [[{"tag": "img", "image_key": f"img_{n}"}] for n in range(MAX_ATTACHMENTS + 5)]}
+    parsed = parse(event(message_type="post", content=json.dumps(post)))
+    assert isinstance(parsed, Incoming) and MAX_ATTACHMENTS == 20
+    assert [a.key for a in parsed.attachments] == [f"img_{n}" for n in range(MAX_ATTACHMENTS)]
+
+
+def test_a_file_name_is_bounded_and_storable_but_not_sanitised_here() -> None:
+    content = {"file_key": "file_1", "file_name": "\ud83d" + "x" * 5000}
+    parsed = parse(event(message_type="file", content=json.dumps(content)))
+    assert isinstance(parsed, Incoming)
+    name = parsed.attachments[0].name
+    assert name == "?" + "x" * (FILE_NAME_CHARS - 1) and name.encode("utf-8")
+
+
+@pytest.mark.parametrize(("kind", "content"), [
+    ("image", {}), ("image", {"image_key": ""}), ("image", {"image_key": "../../x"}), ("image", {"image_key": 5}),
+    ("image", {"image_key": "img?type=file"}), ("image", {"image_key": "k" * 201}),
+    ("file", {"file_key": "file_1"}), ("file", {"file_key": "file_1", "file_name": ""}),
+    ("file", {"file_key": "file_1", "file_name": ["a"]}), ("file", {"file_key": "a/b", "file_name": "a"}),
+    ("audio", {"duration": 1}), ("audio", {"file_key": None}),
+    ("post", {"content": [[{"tag": "text", "text": "hi"}, {"tag": "img", "image_key": "img_1/../x"}]]}),
+    ("post", {"content": [[{"tag": "img"}]]}),
+])
+def test_malformed_files_are_ignored_with_a_reason(kind: str, content: dict) -> None:
+    parsed = parse(event(message_type=kind, content=json.dumps(content)))
+    assert isinstance(parsed, Ignored) and parsed.reason.startswith("malformed event"), parsed
+
+
+def test_a_file_in_a_group_needs_a_mention_like_any_message() -> None:
+    content = json.dumps({"image_key": "img_1"})
+    assert parse(event(message_type="image", content=content, chat_type="group")) == \
+        Ignored("a group message that does not mention the bot")
+    assert isinstance(parse(event(message_type="image", content=content, chat_type="group"), False), Incoming)
 
 
 def test_a_bare_mention_asks_for_help() -> None:

@@ -81,7 +81,8 @@ def bench(tmp_path: Path) -> Iterator[Bench]:
 
     host.start()
     yield Bench(settings, store, runtime, host, paths,
-                TurnRunner(settings, store, runtime, Approvals(settings, store, RecordingChannel()), started))
+                TurnRunner(settings, store, runtime, Approvals(settings, store, RecordingChannel()),
+                           RecordingChannel().fetch_attachment, started))
     host.stop()
     store.close()
 
@@ -381,7 +382,7 @@ def test_a_turn_waiting_for_approval_shows_it_and_a_cancelled_follower_leaves_it
     display = RecordingDisplay()
 
     async def scenario() -> Answer | Failure:
-        runner = TurnRunner(settings, bench.store, bench.runtime, approvals, started)
+        runner = TurnRunner(settings, bench.store, bench.runtime, approvals, channel.fetch_attachment, started)
         log = logger.bind(chat_id=CHAT, message_id=message.message_id)
         task = asyncio.create_task(runner.run(message, display, log))
         await until(lambda: bench.host.taken, "the turn to be taken")
@@ -395,7 +396,7 @@ def test_a_turn_waiting_for_approval_shows_it_and_a_cancelled_follower_leaves_it
             await task
         [approval] = bench.store.approvals(CHAT)
         assert approval.pending  # not cancelled with the follower
-        again = TurnRunner(settings, bench.store, bench.runtime, approvals, started)
+        again = TurnRunner(settings, bench.store, bench.runtime, approvals, channel.fetch_attachment, started)
         follow = asyncio.create_task(again.run(bench.store.message(message.message_id), RecordingDisplay(), log))
         card = next(iter(channel.cards))
         reply = await approvals.act(CardAction(approval.key, "allow", "ou_1", CHAT, card))

@@ -413,3 +413,16 @@ def test_forged_tiny_lines_stop_at_the_line_cap(paths: ChatPaths, monkeypatch: p
     taken = reader.new_lines()
     assert len(taken) == 5000 and reader.too_many_lines and reader.over_limit  # one chunk, then no more
     assert reader.new_lines() == []
+
+
+def test_a_messages_files_are_readable_by_the_agent_host_whatever_the_umask(paths: ChatPaths) -> None:
+    files = TurnFiles(new_turn_name(5, 1), paths, AGENT)
+    old = os.umask(0o077)  # the service's systemd unit
+    try:
+        turns.write_inbound(files, {"a.png": b"png"})
+    finally:
+        os.umask(old)
+    folder = paths.input / turns.files_folder(files.name)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755 and stat.S_IMODE((folder / "a.png").stat().st_mode) == 0o644
+    withdraw(files)
+    assert not folder.exists()

@@ -1,0 +1,92 @@
+"""Files that come with a message (orchestrator/inbox.py): names made safe, limits, what the prompt says."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+
+import pytest
+
+from orchestrator import inbox
+from orchestrator.channels import Attachment, AttachmentRefused
+from orchestrator.config import FileSettings
+from orchestrator.states import State
+from orchestrator.store import MessageRecord
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 100
+MESSAGE = MessageRecord(id=1, message_id="om_1", chat_id="oc_1", sender_id="ou_1", thread_id="", text="what is this?",
+                        attachments="", state=State.RUNNING, turn=None, display=None, error=None, answer=None,
+                        cost_usd=None, duration_ms=None, received_at=0.0, updated_at=0.0)
+
+
+def with_files(*attachments: Attachment, text: str = "what is this?") -> MessageRecord:
+    return dataclasses.replace(MESSAGE, text=text, attachments=inbox.encode_attachments(attachments))
+
+
+def fetching(files: dict[str, bytes]) -> inbox.Fetch:
+    async def fetch(message_id: str, attachment: Attachment, max_bytes: int) -> bytes:
+        data = files[attachment.key]
+        if len(data) > max_bytes:
+            raise AttachmentRefused(f"it is larger than the limit of {max_bytes} bytes")
+        return data
+    return fetch
+
+
+@pytest.mark.parametrize(("name", "safe"), [
+    ("report.csv", "report.csv"),
+    ("../../etc/passwd", "passwd"),
+    ("..\\..\\boot.ini", "boot.ini"),
+    ("-rf", "rf"),
+    (".bashrc", "bashrc"),
+    ("a\x00b\nc.txt", "a_b_c.txt"),
+    ("", "file"),
+    ("..", "file"),
+])
+def test_hostile_names_become_safe_ones(name: str, safe: str) -> None:
+    made = inbox.safe_name(name, set())
+    assert made == safe
+    assert len(made.encode()) <= inbox.NAME_BYTES and "/" not in made and not made.startswith(("-", "."))
+
+
+@pytest.mark.parametrize("name", ["x" * 500 + ".tar.gz", "名前" * 60 + ".txt", "a" * 300])
+def test_a_long_name_is_cut_to_its_bound_and_keeps_its_extension(name: str) -> None:
+    made = inbox.safe_name(name, set())
+    assert len(made.encode()) <= inbox.NAME_BYTES and made.endswith(name.rpartition(".")[2][-16:])
+    made.encode().decode()  # whole characters: a multi-byte one is never cut in two
+
+
+def test_a_name_taken_already_gets_a_number() -> None:
+    assert inbox.safe_name("a.txt", {"a.txt", "a (2).txt"}) == "a (3).txt"
+
+
+def test_an_image_goes_as_a_file_and_a_block_and_the_prompt_says_where() -> None:
+    message = with_files(Attachment("image", "img_1", ""), Attachment("file", "file_1", "../log.txt"))
+    made = asyncio.run(inbox.prepare(message, "7-1-abc", FileSettings(), fetching({"img_1": PNG, "file_1": b"log"})))
+    assert made.contents == {"image-1.png": PNG, "log.txt": b"log"}
+    assert made.files == (("7-1-abc.files/image-1.png", "inbox/om_1/image-1.png"),
+                          ("7-1-abc.files/log.txt", "inbox/om_1/log.txt"))
+    [block] = made.images
+    assert block["source"] == {"type": "base64", "media_type": "image/png", "data": base64.b64encode(PNG).decode()}
+    assert made.text.startswith("what is this?\n\nFiles sent with this message, saved in your workspace:\n")
+    assert "- inbox/om_1/image-1.png (image, 108 bytes, shown to you with this message)" in made.text
+    assert "- inbox/om_1/log.txt (file, 3 bytes)" in made.text
+
+
+def test_files_alone_and_images_the_model_cannot_take() -> None:
+    message = with_files(Attachment("image", "img_1", ""), text="")
+    made = asyncio.run(inbox.prepare(message, "t", FileSettings(), fetching({"img_1": b"BM not a png"})))
+    assert made.text.startswith("(The user sent only these files.)") and made.images == ()
+    assert "not shown to you directly" in made.text and made.contents == {"image-1.bin": b"BM not a png"}
+
+
+def test_a_file_over_the_limit_is_refused_naming_it_and_the_limit() -> None:
+    message = with_files(Attachment("file", "f1", "a.bin"), Attachment("file", "f2", "big.bin"))
+    limits = FileSettings(max_bytes=10, message_bytes=15)
+    with pytest.raises(AttachmentRefused, match=r"big\.bin: it is larger than the limit of 7 bytes"):
+        asyncio.run(inbox.prepare(message, "t", limits, fetching({"f1": b"12345678", "f2": b"12345678"})))
+
+
+def test_a_message_without_files_is_its_text() -> None:
+    made = asyncio.run(inbox.prepare(MESSAGE, "t", FileSettings(), fetching({})))
+    assert made == inbox.Inbound("what is this?", {}, (), ())
