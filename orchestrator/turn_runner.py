@@ -190,17 +190,9 @@ class TurnRunner:
             container = await self._container(chat, paths, message.chat_id)
             files = turns.turn_files(paths, turns.new_turn_name(message.id, attempt), self.settings.agent.uid)
             self.store.start_turn(message.message_id, files.name)  # before the request: a restart follows this one
-            try:
-                with logger.contextualize(chat_id=message.chat_id):  # the channel's download lines name the chat
-                    inbound = await inbox.prepare(message, files.name, self.settings.files, self.fetch)
-            except AttachmentRefused as exc:
-                log.warning(f"a file of the message could not be had: {excerpt(str(exc))}")
-                return Failure(f"No answer could start: a file could not be read ({exc}).")
-            await asyncio.to_thread(turns.write_inbound, files, inbound.contents)
-            request = agent_host.encode_request(agent.cli_argv(self.settings.agent, chat.options),
-                                                dict(self.settings.agent.env), session_id, inbound.text,
-                                                self.settings.agent.hot_idle, inbound.files, inbound.images)
-            await asyncio.to_thread(turns.write_request, files, request)
+            refused = await self._request(message, chat, files, session_id, log)
+            if refused is not None:
+                return refused
             log.info(f"turn {files.name} requested in {container.name}"
                      + (f", resuming {session_id}" if session_id else ""))
             result = await self._follow(message, container, files, display, log)
@@ -222,6 +214,24 @@ class TurnRunner:
             self.store.say(message.chat_id, "The previous conversation could not be found, so this answer starts "
                                             "a new one.", reply_to=message.message_id)
         return result
+
+    async def _request(self, message: MessageRecord, chat: ChatSettings, files: turns.TurnFiles,
+                       session_id: str | None, log: Logger) -> Failure | None:
+        """The turn's request (and its message's files) written for the agent host; a Failure when a file cannot be
+        had. Its own function: the files and the request (megabytes of base64 images) are not kept while the turn
+        is followed."""
+        try:
+            with logger.contextualize(chat_id=message.chat_id):  # the channel's download lines name the chat
+                inbound = await inbox.prepare(message, files.name, self.settings.files, self.fetch)
+        except AttachmentRefused as exc:
+            log.warning(f"a file of the message could not be had: {excerpt(str(exc))}")
+            return Failure(f"No answer could start: a file could not be read ({exc}).")
+        await asyncio.to_thread(turns.write_inbound, files, inbound.contents)
+        request = agent_host.encode_request(agent.cli_argv(self.settings.agent, chat.options),
+                                            dict(self.settings.agent.env), session_id, inbound.text,
+                                            self.settings.agent.hot_idle, inbound.files, inbound.images)
+        await asyncio.to_thread(turns.write_request, files, request)
+        return None
 
     async def _container(self, chat: ChatSettings, paths: layout.ChatPaths, chat_id: str) -> ContainerState:
         layout.prepare(paths, self.settings.agent.uid)

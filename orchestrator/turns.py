@@ -218,6 +218,9 @@ def write_inbound(files: TurnFiles, contents: dict[str, bytes]) -> None:
             os.fchmod(fd, 0o755)  # whatever the umask (the service's unit sets 0077): the agent host reads it
             for name, data in contents.items():
                 untrusted.write_new(fd, name, data)
+        except BaseException:  # a full disk: nothing half written stays (the message fails or is tried again)
+            untrusted.remove_tree(folder, files_folder(files.name))
+            raise
         finally:
             os.close(fd)
 
@@ -369,5 +372,9 @@ def _prune_requests(input_dir: Path, turns_present: set[str], busy: set[str | No
             if entry.name in turns_present or entry.name in busy:
                 continue
             info = entry.stat(follow_symlinks=False)
-            if stat.S_ISREG(info.st_mode) and now - info.st_mtime > ORPHAN_REQUEST_SECONDS:
+            if now - info.st_mtime <= ORPHAN_REQUEST_SECONDS:
+                continue
+            if stat.S_ISREG(info.st_mode):
                 os.unlink(entry.name, dir_fd=fd)
+            elif stat.S_ISDIR(info.st_mode) and entry.name.removesuffix(".files") not in busy:
+                untrusted.remove_tree(fd, entry.name)  # a message's files whose turn never got to withdraw them

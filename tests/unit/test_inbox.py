@@ -14,7 +14,14 @@ from orchestrator.config import FileSettings
 from orchestrator.states import State
 from orchestrator.store import MessageRecord
 
-PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 100
+
+def png(width: int, height: int) -> bytes:
+    """A PNG's signature and header chunk: what the size check reads."""
+    return (b"\x89PNG\r\n\x1a\n" + (13).to_bytes(4, "big") + b"IHDR" + width.to_bytes(4, "big")
+            + height.to_bytes(4, "big") + b"\x08\x06\x00\x00\x00" + b"\x00" * 75)
+
+
+PNG = png(1, 1)
 MESSAGE = MessageRecord(id=1, message_id="om_1", chat_id="oc_1", sender_id="ou_1", thread_id="", text="what is this?",
                         attachments="", state=State.RUNNING, turn=None, display=None, error=None, answer=None,
                         cost_usd=None, duration_ms=None, received_at=0.0, updated_at=0.0)
@@ -40,6 +47,9 @@ def fetching(files: dict[str, bytes]) -> inbox.Fetch:
     ("-rf", "rf"),
     (".bashrc", "bashrc"),
     ("a\x00b\nc.txt", "a_b_c.txt"),
+    (". .bashrc", "bashrc"),
+    (". -rf", "rf"),
+    ("evil\u202etxt.exe", "evil_txt.exe"),
     ("", "file"),
     ("..", "file"),
 ])
@@ -69,7 +79,7 @@ def test_an_image_goes_as_a_file_and_a_block_and_the_prompt_says_where() -> None
     [block] = made.images
     assert block["source"] == {"type": "base64", "media_type": "image/png", "data": base64.b64encode(PNG).decode()}
     assert made.text.startswith("what is this?\n\nFiles sent with this message, saved in your workspace:\n")
-    assert "- inbox/om_1/image-1.png (image, 108 bytes, shown to you with this message)" in made.text
+    assert "- inbox/om_1/image-1.png (image, 104 bytes, shown to you with this message)" in made.text
     assert "- inbox/om_1/log.txt (file, 3 bytes)" in made.text
 
 
@@ -90,3 +100,35 @@ def test_a_file_over_the_limit_is_refused_naming_it_and_the_limit() -> None:
 def test_a_message_without_files_is_its_text() -> None:
     made = asyncio.run(inbox.prepare(MESSAGE, "t", FileSettings(), fetching({})))
     assert made == inbox.Inbound("what is this?", {}, (), ())
+
+
+def test_only_images_the_model_surely_takes_go_as_blocks() -> None:
+    """One the API refuses stays in the CLI's session and fails every later turn: too wide, unreadable, too many."""
+    keys = {"wide": png(9000, 10), "broken": b"\x89PNG\r\n\x1a\n" + b"\x00" * 20,
+            **{f"ok{n}": png(100, 100) for n in range(6)}}
+    message = with_files(*(Attachment("image", key, "") for key in keys))
+    made = asyncio.run(inbox.prepare(message, "t", FileSettings(), fetching(keys)))
+    assert len(made.images) == inbox.IMAGE_BLOCKS  # the first five of the six that fit
+    assert made.text.count("shown to you with this message") == 5 and made.text.count("not shown") == 3
+    assert len(made.contents) == 8  # every one is a file all the same
+
+
+@pytest.mark.parametrize(("data", "size"), [
+    (png(640, 480), (640, 480)),
+    (b"GIF89a" + (300).to_bytes(2, "little") + (200).to_bytes(2, "little") + b"\x00" * 10, (300, 200)),
+    (b"\xff\xd8\xff\xe0" + (16).to_bytes(2, "big") + b"JFIF" + b"\x00" * 10
+     + b"\xff\xc0\x00\x11\x08" + (480).to_bytes(2, "big") + (640).to_bytes(2, "big") + b"\x03", (640, 480)),
+    (b"RIFF\x00\x00\x00\x00WEBPVP8X" + b"\x00" * 8 + (799).to_bytes(3, "little") + (599).to_bytes(3, "little"),
+     (800, 600)),
+    (b"\xff\xd8\xff\xe0\x00\x00", None),  # a segment length that would loop: no size
+    (b"not an image", None),
+])
+def test_image_sizes_are_read_from_headers(data: bytes, size: tuple[int, int] | None) -> None:
+    assert inbox.image_size(data) == size
+
+
+def test_the_message_total_is_named_when_it_runs_out() -> None:
+    message = with_files(Attachment("file", "f1", "a.bin"), Attachment("file", "f2", "b.bin"))
+    with pytest.raises(AttachmentRefused, match=r"b\.bin: the files of one message are over the limit of 8 bytes"):
+        asyncio.run(inbox.prepare(message, "t", FileSettings(max_bytes=10, message_bytes=8),
+                                  fetching({"f1": b"12345678", "f2": b"1"})))

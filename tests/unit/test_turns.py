@@ -426,3 +426,15 @@ def test_a_messages_files_are_readable_by_the_agent_host_whatever_the_umask(path
     assert stat.S_IMODE(folder.stat().st_mode) == 0o755 and stat.S_IMODE((folder / "a.png").stat().st_mode) == 0o644
     withdraw(files)
     assert not folder.exists()
+
+
+def test_a_messages_files_half_written_are_removed_and_old_ones_pruned(tmp_path: Path, paths: ChatPaths) -> None:
+    files = TurnFiles(new_turn_name(6, 1), paths, AGENT)
+    with pytest.raises(untrusted.Refused):  # a name write_new refuses, as a full disk would fail a write
+        turns.write_inbound(files, {"a.png": b"png", "../b": b"x"})
+    assert not (paths.input / turns.files_folder(files.name)).exists()
+    turns.write_inbound(files, {"a.png": b"png"})
+    folder = paths.input / turns.files_folder(files.name)
+    os.utime(folder, (0, 0))  # its turn never withdrew it (a crash between the files and the request)
+    turns.prune(paths.root.parent, keep=10, busy=set())
+    assert not folder.exists()
