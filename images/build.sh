@@ -97,7 +97,7 @@ build() {  # build TAG BASE [docker build options] CONTEXT
 case "$what" in
   agent)
     mkdir "$scratch/agent"
-    cp "$here/claude-runner/Dockerfile" "$here/claude-runner/agent-init" \
+    cp "$here/claude-runner/Dockerfile" "$here/claude-runner/agent-init" "$here/claude-runner/send-file" \
       "$repo/orchestrator/agent_host.py" "$scratch/agent/"
     stage_ca "$scratch/agent"
     build "$tag" "$base" "$scratch/agent" ;;

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from orchestrator.channels import OutFile
 from orchestrator.config import AgentSettings, ChatOptions
 
 UNKNOWN_SESSION = "No conversation found with session ID"
@@ -23,13 +24,19 @@ MAX_COST_USD = 10_000.0  # a process's running total above this is not believed
 MAX_DURATION_MS = 10**10
 
 
+# What Claude is told of the chat around it: where the user's files are and how to send files back (files_out).
+CHAT_PROMPT = ("You are answering in a Feishu chat. Files the user sends are saved under /workspace/inbox/. To send "
+               "a file to the chat, write it into /workspace/outbox/ or run `send-file PATH [caption]`: what the "
+               "outbox holds is sent after your answer (images as images), then removed from it.")
+
+
 def cli_argv(agent: AgentSettings, chat: ChatOptions) -> list[str]:
     """The argv of a chat's long-lived CLI process (the agent host adds `--resume=<session>`): turns go to its
     stdin as stream-json lines, so no chat text is ever part of it. A chat that asks for approvals gets the CLI's
     permission prompts on its stdio (the agent host hands them to the orchestrator), except for `auto_allow`'s
     rules, which the CLI's own matcher lets through (it splits compound shell commands; ours would not)."""
     argv = ["claude", "-p", "--input-format", "stream-json", "--output-format", "stream-json", "--verbose",
-            "--permission-mode", chat.permission_mode]
+            "--permission-mode", chat.permission_mode, "--append-system-prompt", CHAT_PROMPT]
     if chat.asks_approval:
         # No settings files: the agent can write them (the workspace's .claude/, a cloned repository's, the config
         # dir's), and the CLI honours the permission rules in them, even live (measured: a file allowing Bash made
@@ -194,6 +201,7 @@ class Answer:
     session_id: str | None
     cost_usd: float | None = None
     duration_ms: int | None = None
+    files: tuple[tuple[OutFile, str], ...] = ()  # sent after the text, each with its caption (files_out)
 
 
 @dataclass(frozen=True)

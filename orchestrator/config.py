@@ -201,6 +201,12 @@ class FileSettings:
 
     max_bytes: int = 30 * 1024**2  # one file; a bigger one is refused with a message naming the limit
     message_bytes: int = 100 * 1024**2  # all files of one message together
+    # An answer longer than this goes as a markdown file, its beginning in the card; 0: always as messages. Past
+    # ~64 kB an answer is a dozen messages, which a file beats.
+    answer_as_file_bytes: int = 64 * 1024
+    # Seconds a message of files only waits for its sender's next text (one turn for both: people paste a screenshot,
+    # then type the question); 0: it is answered at once.
+    wait_for_text: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -387,7 +393,8 @@ def parse_settings(raw: object, source: Path, environ: Mapping[str, str]) -> Set
             "line_bytes": _size(1024), "output_bytes": _size(1024), "answer_bytes": _size(1024),
             "min_free_disk": _size(0), "disk_check_interval": _positive_number}),
         files=reader.flat(top.get("files"), "files", FileSettings, {
-            "max_bytes": _size(1024), "message_bytes": _size(1024)}),
+            "max_bytes": _size(1024), "message_bytes": _size(1024), "answer_as_file_bytes": _size(0),
+            "wait_for_text": _non_negative_number}),
         gateway=reader.flat(top.get("gateway"), "gateway", GatewaySettings, {
             "upstream_url": _http_url, "max_request_bytes": _size(1024), "request_timeout": _positive_number,
             "max_concurrent": _positive_int}),

@@ -14,7 +14,7 @@ from collections import defaultdict
 
 from loguru import logger
 
-from orchestrator import metrics
+from orchestrator import files_out, metrics
 from orchestrator.channels import Channel, DeliveryFailed, Outgoing
 from orchestrator.store import OutboxRecord, Store
 from orchestrator.supervise import LIVENESS, Streak, repeat
@@ -75,15 +75,14 @@ class Deliverer:
             log = logger.bind(chat_id=item.chat_id, message_id=item.reply_to or "-")
             if item.id not in self._unrecorded:
                 try:
-                    await self.channel.deliver(Outgoing(item.chat_id, item.text, item.key, item.reply_to, item.card))
+                    await self._send(item)
                 except Exception as exc:  # a channel bug must not stop delivery: treat what it raised as a failure
                     if not isinstance(exc, DeliveryFailed):
                         log.opt(exception=exc).error(f"unexpected error delivering outbox item {item.id}")
                         exc = DeliveryFailed(f"{exc.__class__.__name__}: {exc}")
                     if exc.permanent:
                         log.error(f"giving up on outbox item {item.id}: {exc}")
-                        self.store.mark_dead(item, str(exc))
-                        metrics.DELIVERIES.labels("dead").inc()
+                        self._give_up(item, exc)
                         continue
                     delay = exc.retry_after or min(MAX_RETRY_DELAY, 2.0 ** (item.attempts + 1))
                     log.warning(f"delivery of outbox item {item.id} failed ({exc}); retrying in {delay:.1f} s")
@@ -93,5 +92,24 @@ class Deliverer:
                 self._unrecorded.add(item.id)  # until the store takes it: a failing mark_sent must not resend it
             self.store.mark_sent(item)
             self._unrecorded.discard(item.id)
+            files_out.discard(item.file)
             metrics.DELIVERIES.labels("sent").inc()
-            log.info(f"delivered outbox item {item.id}" + (" (answer)" if item.message_id else ""))
+            log.info(f"delivered outbox item {item.id}" + (" (answer)" if item.message_id else "")
+                     + (f" ({item.file.kind} {item.file.name}, {item.file.size} bytes)" if item.file else ""))
+
+    async def _send(self, item: OutboxRecord) -> None:
+        """A file is uploaded once: its key is stored before the send, which carries the item's key, so neither
+        a retry nor a restart between the two sends it twice (Feishu drops a repeated key)."""
+        upload_key = item.upload_key
+        if item.file is not None and upload_key is None:
+            upload_key = await self.channel.upload(item.chat_id, item.file)
+            self.store.set_uploaded(item, upload_key)
+        await self.channel.deliver(Outgoing(item.chat_id, item.text, item.key, item.reply_to, item.card, item.file,
+                                            upload_key))
+
+    def _give_up(self, item: OutboxRecord, exc: DeliveryFailed) -> None:
+        self.store.mark_dead(item, str(exc))
+        metrics.DELIVERIES.labels("dead").inc()
+        if item.file is not None:  # the answer went out: the chat is told which of its files did not
+            files_out.discard(item.file)
+            self.store.say(item.chat_id, f"The file {item.file.name} could not be sent: {exc}", reply_to=item.reply_to)

@@ -6,6 +6,7 @@ The store masks what it keeps; the channel wrapper masks what leaves.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Callable, Iterable
 
@@ -16,6 +17,8 @@ from orchestrator.channels import (
     Attachment,
     CardAction,
     Channel,
+    DeliveryFailed,
+    OutFile,
     Outgoing,
     Question,
     Submit,
@@ -24,6 +27,7 @@ from orchestrator.channels import (
 
 # Not `***` (as in the logs): in card markdown that is a rule or the start of bold italics.
 MASK = "[secret]"
+FILE_CHUNK = 1024**2
 
 
 class Masker:
@@ -35,6 +39,21 @@ class Masker:
         for secret in self.secrets:
             text = text.replace(secret, MASK)
         return text
+
+    def in_file(self, path: str) -> bool:
+        """Whether a file holds a secret: read in chunks that overlap by the longest secret's length."""
+        needles = [secret.encode() for secret in self.secrets]
+        if not needles:
+            return False
+        overlap = max(map(len, needles)) - 1
+        with open(path, "rb") as file:
+            tail = b""
+            while chunk := file.read(FILE_CHUNK):
+                window = tail + chunk
+                if any(needle in window for needle in needles):
+                    return True
+                tail = window[-overlap:] if overlap else b""
+        return False
 
     def view(self, view: ApprovalView) -> ApprovalView:
         """Every text of an approval card masked: the tool, the details, the questions, the outcome."""
@@ -88,7 +107,14 @@ class MaskedChannel:
         return MaskedDisplay(self.channel.display(chat_id, message_id, saved, save), self.mask)
 
     async def deliver(self, item: Outgoing) -> None:
-        await self.channel.deliver(dataclasses.replace(item, text=self.mask(item.text)))
+        file = item.file and dataclasses.replace(item.file, name=self.mask(item.file.name))
+        await self.channel.deliver(dataclasses.replace(item, text=self.mask(item.text), file=file))
+
+    async def upload(self, chat_id: str, file: OutFile) -> str:
+        """A file is not masked (its bytes may be anything) but refused for good when it holds a secret."""
+        if await asyncio.to_thread(self.mask.in_file, file.path):
+            raise DeliveryFailed("it holds a secret of the bot's settings", permanent=True)
+        return await self.channel.upload(chat_id, dataclasses.replace(file, name=self.mask(file.name)))
 
     async def show_approval(self, view: ApprovalView) -> str:
         return await self.channel.show_approval(self.mask.view(view))

@@ -21,7 +21,7 @@ REGISTRY = CollectorRegistry()
 _SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 1800)
 
 MESSAGES = Counter("orchestrator_messages_total", "Chat messages by what became of them",
-                   ["outcome"], registry=REGISTRY)  # received, duplicate, answered, failed, refused
+                   ["outcome"], registry=REGISTRY)  # received, duplicate, answered, failed, refused, merged
 TURN_SECONDS = Histogram("orchestrator_turn_seconds", "Wall time of agent turns", buckets=_SECONDS,
                          registry=REGISTRY)
 QUEUE_WAIT_SECONDS = Histogram("orchestrator_queue_wait_seconds", "From receiving a message to starting its turn",

@@ -11,11 +11,24 @@ import asyncio
 import functools
 import signal
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from orchestrator import budgets, commands, credentials, egress, firewall, gateway, inbox, layout, metrics, turns
+from orchestrator import (
+    budgets,
+    commands,
+    credentials,
+    egress,
+    files_out,
+    firewall,
+    gateway,
+    inbox,
+    layout,
+    metrics,
+    turns,
+)
 from orchestrator.agent import Failure
 from orchestrator.approvals import Approvals
 from orchestrator.channels import Channel, Incoming
@@ -76,6 +89,7 @@ class Service:
         self.active: set[str] = set()  # chats whose worker is handling a message
         self.retrying: set[str] = set()  # chats whose message waits to be handled again (the store refused a write)
         self._displays: dict[str, str] = {}  # by message id: display states not yet known to be stored
+        self._held: dict[tuple[str, str, str], _Held] = {}  # messages of files only by (chat, sender, topic)
         self.exit_code = 0  # 1 once one of the service's tasks died
         self.accepting = True
         self._slots = asyncio.Semaphore(settings.scheduler.max_concurrent_turns)
@@ -117,6 +131,7 @@ class Service:
             logger.info("input ended: finishing queued messages")
             await asyncio.wait({asyncio.create_task(self._drained()), stop_task}, return_when=asyncio.FIRST_COMPLETED)
         self.accepting = False
+        self._forget_held()
         channel_task.cancel()
         for task in tasks:
             task.cancel()
@@ -332,15 +347,19 @@ class Service:
         # for its slot while the agent plants newer finished folders, and its folder must not be pruned meanwhile.
         busy = self.turns.running_turn_names() | {m.turn for m in self.store.unfinished_messages() if m.turn}
         await asyncio.to_thread(turns.prune, self.settings.chats_dir, KEEP_TURNS, busy)
+        await asyncio.to_thread(files_out.prune, self.settings.chats_dir)
 
     async def _resume_stranded(self) -> None:
         """A message stored but never queued (the write after storing it failed, so it was not acked, and its
-        redelivery was taken for a duplicate) is handed on as at a start."""
+        redelivery was taken for a duplicate) is handed on as at a start; one held for its sender's text is not
+        stranded."""
+        held = {m.message_id for waiting in self._held.values() for m in waiting.messages}
         for message in self.store.unfinished_messages():
-            if message.state is State.RECEIVED and message.received_at < time.time() - STRANDED_SECONDS:
+            if message.state is State.RECEIVED and message.message_id not in held \
+                    and message.received_at < time.time() - STRANDED_SECONDS:
                 logger.bind(chat_id=message.chat_id, message_id=message.message_id).warning(
                     "stored but never queued; handing it on now")
-                self._dispatch(message, kind=_kind(message))
+                self._route(message, _kind(message))
 
     async def _stop_containers_over_budget(self) -> None:
         """A chat's background jobs can fill its folders between turns: its container is stopped then. When the
@@ -385,7 +404,7 @@ class Service:
             logger.bind(chat_id=message.chat_id, message_id=message.message_id).info(
                 f"recovered a {message.state} message")
             if message.state is State.RECEIVED:
-                self._dispatch(message, kind=_kind(message))  # stored, not yet handled
+                self._route(message, _kind(message))  # stored, not yet handled (or files held for their text)
             else:
                 self._enqueue(message)
 
@@ -408,7 +427,76 @@ class Service:
             return
         log.info(f"received ({incoming.kind})")
         metrics.MESSAGES.labels("received").inc()
-        self._dispatch(message, incoming.kind)
+        self._route(message, incoming.kind)
+
+    # ---- files waiting for their text ----
+
+    def _route(self, message: MessageRecord, kind: str) -> None:
+        """A stored message to `_dispatch`; but one of files only is held for its sender's next text message in the
+        chat and topic (people paste a screenshot, then type the question), which takes their files: one turn."""
+        key = (message.chat_id, message.sender_id, message.thread_id)
+        held = self._held.get(key)
+        if held is not None and held.messages[-1].received_at + self.settings.files.wait_for_text \
+                < message.received_at:
+            self._release(key)  # its time was up before this message came (at a start): its turn comes first
+            held = None
+        if kind != "text" or commands.find(message.text) is not None:
+            self._dispatch(message, kind)  # commands and unreadable messages take no files
+        elif message.attachments and not message.text and self.settings.files.wait_for_text:
+            self._hold(key, message)
+        else:
+            self._dispatch(self._take_held(key, message) if held else message, kind)
+
+    def _hold(self, key: tuple[str, str, str], message: MessageRecord) -> None:
+        """Hold `message` with the sender's other files, until their text comes or `wait_for_text` after it."""
+        wait = max(0.0, message.received_at + self.settings.files.wait_for_text - time.time())
+        timer = asyncio.get_running_loop().call_later(wait, self._release_in_time, key)
+        held = self._held.get(key)
+        if held is None:
+            self._held[key] = _Held([message], timer)
+        else:
+            held.timer.cancel()
+            held.messages.append(message)
+            held.timer = timer
+        logger.bind(chat_id=message.chat_id, message_id=message.message_id).info(
+            f"files only: waiting {wait:.0f} s for the sender's text")
+
+    def _release_in_time(self, key: tuple[str, str, str]) -> None:
+        """The timer of held files: no text came. When the store refuses the write, they are left received for
+        `_resume_stranded` to hand on."""
+        try:
+            self._release(key)
+        except Exception as exc:
+            self._held.pop(key, None)
+            logger.bind(chat_id=key[0]).opt(exception=exc).error(
+                f"files held for their text could not be handed on ({describe(exc)}); they are tried again later")
+
+    def _release(self, key: tuple[str, str, str]) -> None:
+        """Held files whose text did not come: one turn for them all, in the last of their messages."""
+        last = self._held[key].messages[-1]
+        logger.bind(chat_id=last.chat_id, message_id=last.message_id).info(
+            "no text came for the files: they get a turn of their own")
+        self._dispatch(self._take_held(key, last), "text")
+
+    def _take_held(self, key: tuple[str, str, str], into: MessageRecord) -> MessageRecord:
+        """The held files of `key` taken into `into`, in order and before its own; its record from then on."""
+        held = self._held[key]
+        others = [m for m in held.messages if m.message_id != into.message_id]
+        if others:
+            into = self.store.merge(into.message_id, inbox.merged_attachments([*others, into]),
+                                    [m.message_id for m in others])
+            metrics.MESSAGES.labels("merged").inc(len(others))
+            logger.bind(chat_id=into.chat_id, message_id=into.message_id).info(
+                f"took the files of {', '.join(m.message_id for m in others)} (sent without text)")
+        del self._held[key]
+        held.timer.cancel()
+        return into
+
+    def _forget_held(self) -> None:
+        """At a stop: the held files stay received in the store, for the next start to hold again."""
+        for held in self._held.values():
+            held.timer.cancel()
+        self._held.clear()
 
     def _dispatch(self, message: MessageRecord, kind: str) -> None:
         """A stored message to where it goes: a short reply, a command, or the chat's queue."""
@@ -564,7 +652,8 @@ class Service:
                 metrics.MESSAGES.labels("failed").inc()
             else:
                 log.warning(f"the turn ended ({result.reason}) after its message was failed; dropped")
-        elif self.store.answer(message.message_id, result.text, result.cost_usd, result.duration_ms, card):
+        elif self.store.answer(message.message_id, result.text, result.cost_usd, result.duration_ms, card,
+                               result.files):
             metrics.MESSAGES.labels("answered").inc()
             if result.duration_ms is not None:
                 metrics.OVERHEAD_SECONDS.observe(max(0.0, wall - result.duration_ms / 1000))
@@ -573,6 +662,14 @@ class Service:
             log.warning("the answer came after its message was failed (at a shutdown); dropped")
         self._displays.pop(message.message_id, None)
         self.deliverer.wake()
+
+
+@dataclass
+class _Held:
+    """A sender's messages of files only (in a chat and topic), waiting for their text; the timer gives up."""
+
+    messages: list[MessageRecord]
+    timer: asyncio.TimerHandle
 
 
 def _kind(message: MessageRecord) -> str:

@@ -38,6 +38,7 @@ from peewee import (
 )
 from playhouse.migrate import SqliteMigrator, migrate
 
+from orchestrator.channels import OutFile
 from orchestrator.masking import Masker
 from orchestrator.states import UNANSWERED, UNFINISHED, State, predecessors
 
@@ -108,6 +109,11 @@ class _Outbox(_Table):
     message_id = CharField(null=True)  # our message whose answer this is; delivered when this is
     text = TextField()
     card = CharField(null=True)  # a streaming card to finish with this text
+    file_kind = CharField(null=True)  # a file to send (image or file), with the text as its caption ...
+    file_name = CharField(null=True)  # ... shown under this name ...
+    file_path = TextField(null=True)  # ... from this copy in root's folder (files_out) ...
+    file_size = IntegerField(null=True)
+    upload_key = CharField(null=True)  # ... once uploaded: its key, stored before the send (uploaded once)
     state = CharField(index=True, default="pending")  # pending, sent, dead
     attempts = IntegerField(default=0)
     next_attempt_at = FloatField()
@@ -254,6 +260,8 @@ class OutboxRecord:
     state: str
     attempts: int
     last_error: str | None
+    file: OutFile | None = None
+    upload_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -334,8 +342,9 @@ def _usage_record(row: _Usage) -> UsageRecord:
 
 
 def _outbox_record(row: _Outbox) -> OutboxRecord:
+    file = OutFile(row.file_kind, row.file_name, row.file_path, row.file_size) if row.file_kind else None
     return OutboxRecord(row.id, row.key, row.chat_id, row.reply_to, row.message_id, row.text, row.card, row.state,
-                        row.attempts, row.last_error)
+                        row.attempts, row.last_error, file, row.upload_key)
 
 
 class Store:
@@ -446,6 +455,19 @@ class Store:
             return None
         return _message_record(row)
 
+    def merge(self, into: str, attachments: str, merged: Sequence[str]) -> MessageRecord:
+        """Messages of files only (`merged`) taken into the message `into`, all received, in one transaction: `into`
+        holds `attachments` from now on (their files and its own: inbox.merged_attachments), and they are merged,
+        never answered on their own. When one of them is not received any more, that raises and nothing changes."""
+        with self.db.atomic():
+            for message_id in merged:
+                self._transition(message_id, State.MERGED)
+            if not _Message.update(attachments=attachments, updated_at=time.time()).where(
+                    (_Message.message_id == into) & (_Message.state == str(State.RECEIVED))).execute():
+                raise TransitionRefused(f"message {into} is {self._state(into)}: it may not take other messages' "
+                                        "files")
+        return self.message(into)
+
     def message(self, message_id: str) -> MessageRecord:
         return _message_record(_Message.get(_Message.message_id == message_id))
 
@@ -497,15 +519,18 @@ class Store:
             raise self._refused(message_id, State.RUNNING, f"turn {turn} not recorded")
 
     def answer(self, message_id: str, text: str, cost_usd: float | None, duration_ms: int | None,
-               card: str | None) -> bool:
-        """Running → answered, and the answer queued for delivery, in one transaction: it can't be lost between.
-        False when the message failed meanwhile (a shutdown that could not wait for the turn failed it and told
-        the user): the late answer is dropped. Any other refusal raises."""
+               card: str | None, files: Sequence[tuple[OutFile, str]] = ()) -> bool:
+        """Running → answered, and the answer queued for delivery, then its `files` (each with its caption), in
+        one transaction: none can be lost between. False when the message failed meanwhile (a shutdown that could
+        not wait for the turn failed it and told the user): the late answer is dropped. Any other refusal raises."""
         with self.db.atomic():
             if not self._move_unless_failed(message_id, State.ANSWERED, answer=self._mask(text), cost_usd=cost_usd,
                                             duration_ms=duration_ms):
                 return False
-            self._say(self.message(message_id).chat_id, text, reply_to=message_id, message_id=message_id, card=card)
+            chat_id = self.message(message_id).chat_id
+            self._say(chat_id, text, reply_to=message_id, message_id=message_id, card=card)
+            for file, caption in files:
+                self._say(chat_id, caption, reply_to=message_id, file=file)
         return True
 
     def answer_without_turn(self, message_id: str, text: str) -> None:
@@ -581,10 +606,12 @@ class Store:
         return self._say(chat_id, text, reply_to=reply_to)
 
     def _say(self, chat_id: str, text: str, reply_to: str | None = None, message_id: str | None = None,
-             card: str | None = None) -> OutboxRecord:
+             card: str | None = None, file: OutFile | None = None) -> OutboxRecord:
         now = time.time()
+        sent = {"file_kind": file.kind, "file_name": file.name, "file_path": file.path, "file_size": file.size} \
+            if file else {}
         row = _Outbox.create(key=uuid.uuid4().hex, chat_id=chat_id, reply_to=reply_to, message_id=message_id,
-                             text=self._mask(text), card=card, next_attempt_at=now, created_at=now)
+                             text=self._mask(text), card=card, next_attempt_at=now, created_at=now, **sent)
         return _outbox_record(row)
 
     def pending_outbox(self) -> int:
@@ -618,6 +645,11 @@ class Store:
                     .where((_Outbox.id == item.id) & (_Outbox.state == "pending")).execute())
             if sent and item.message_id:
                 self._transition(item.message_id, State.DELIVERED)
+
+    def set_uploaded(self, item: OutboxRecord, upload_key: str) -> None:
+        """The item's file was uploaded as `upload_key`: stored before the send, so a restart sends that upload
+        rather than uploading the file again."""
+        _Outbox.update(upload_key=upload_key).where(_Outbox.id == item.id).execute()
 
     def mark_retry(self, item: OutboxRecord, error: str, delay: float) -> None:
         _Outbox.update(attempts=_Outbox.attempts + 1, last_error=error, next_attempt_at=time.time() + delay).where(

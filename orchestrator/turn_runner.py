@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from orchestrator import agent, agent_host, budgets, credentials, disk, inbox, layout, model_socket, turns
+from orchestrator import agent, agent_host, budgets, credentials, disk, files_out, inbox, layout, model_socket, turns
 from orchestrator.agent import Answer, Failure, Init, Text, ToolUse, Transcript, Unparsed
 from orchestrator.approvals import MAX_ASKS_PER_TURN, Approvals, FollowedTurn
 from orchestrator.channels import AttachmentRefused, TurnDisplay
@@ -140,7 +140,21 @@ class TurnRunner:
     # ---- one message's turn ----
 
     async def run(self, message: MessageRecord, display: TurnDisplay, log: Logger) -> Answer | Failure:
-        return self._priced(message, await self._run(message, display, log))
+        return self._priced(message, await self._with_files(message, await self._run(message, display, log), log))
+
+    async def _with_files(self, message: MessageRecord, result: Answer | Failure, log: Logger) -> Answer | Failure:
+        """An answer with the files the agent left in its outbox (and itself as a file when it is long)."""
+        if isinstance(result, Failure):
+            return result
+        chat = resolve_chat(self.settings, message.chat_id)
+        paths = layout.chat_paths(self.settings, chat)
+        turn = self.store.message(message.message_id).turn
+        assert turn, "an answer comes from a turn"
+        sending = await asyncio.to_thread(files_out.take, paths.root, paths.workspace, turn, result.text,
+                                          self.settings.agent.uid, self.settings.files)
+        for file, _ in sending.files:
+            log.info(f"sending {file.kind} {file.name} ({file.size} bytes) after the answer")
+        return dataclasses.replace(result, text=sending.text, files=sending.files)
 
     async def _run(self, message: MessageRecord, display: TurnDisplay, log: Logger) -> Answer | Failure:
         chat = resolve_chat(self.settings, message.chat_id)
@@ -463,7 +477,7 @@ class TurnRunner:
             note = self._memory_note(self.store.message(turn.message_id).chat_id)
             if isinstance(result, Failure):
                 return Failure(note, partial_text=result.partial_text)
-            return Answer(f"{result.text}\n\n({note})", result.session_id, result.cost_usd, result.duration_ms)
+            return dataclasses.replace(result, text=f"{result.text}\n\n({note})")
         return result
 
     def _memory_note(self, chat_id: str) -> str:

@@ -36,14 +36,27 @@ class Incoming:
 
 
 @dataclass(frozen=True)
+class OutFile:
+    """A file the bot sends in a chat: a copy in the orchestrator's own folder, never one the agent can change."""
+
+    kind: str  # "image" (sent with the image API) or "file"
+    name: str  # as the chat shows it (safe: inbox.safe_name)
+    path: str  # the copy on the host (root's), for the upload
+    size: int
+
+
+@dataclass(frozen=True)
 class Outgoing:
-    """One thing to say in a chat, from the outbox."""
+    """One thing to say in a chat, from the outbox: text (finishing a streaming card), or a file uploaded before
+    (`upload_key`) with its caption as the text."""
 
     chat_id: str
     text: str
     key: str  # the same for every attempt at this item, so the chat can drop a repeat
     reply_to: str | None = None
     card: str | None = None  # a streaming card to finish with this text
+    file: OutFile | None = None
+    upload_key: str | None = None  # the file's image_key or file_key, from `Channel.upload`
 
 
 class DeliveryFailed(Exception):
@@ -130,6 +143,10 @@ class Channel(Protocol):
 
     async def deliver(self, item: Outgoing) -> None:
         """Send one outbox item; raise DeliveryFailed when it did not go through."""
+
+    async def upload(self, chat_id: str, file: OutFile) -> str:
+        """Upload a file for a later `deliver`; its key. Raise DeliveryFailed when it did not go through (permanent
+        when the chat's service refuses the file itself)."""
 
     async def show_approval(self, view: ApprovalView) -> str:
         """Send an approval card (a reply to `view.reply_to`); its message id. Raise DeliveryFailed when it did not

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable
 from typing import TextIO
 
+from orchestrator import disk
 from orchestrator.channels import (
     Act,
     ApprovalView,
@@ -24,6 +25,7 @@ from orchestrator.channels import (
     AttachmentRefused,
     CardAction,
     Incoming,
+    OutFile,
     Outgoing,
     Submit,
 )
@@ -86,6 +88,10 @@ class ConsoleChannel:
         return ConsoleDisplay(self, message_id)
 
     async def deliver(self, item: Outgoing) -> None:
+        if item.file is not None:
+            caption = f": {item.text}" if item.text else ""
+            self.write(f"[{item.file.kind} {item.file.name}, {disk.human(item.file.size)}{caption}]\n")
+            return
         shown = self._shown.pop(item.card, "") if item.card else ""
         if shown and item.text.startswith(shown):
             self.write(f"{item.text[len(shown):]}\n")
@@ -104,6 +110,9 @@ class ConsoleChannel:
         else:
             self._waiting.pop(message_id, None)
             self.write(_outcome_text(view))
+
+    async def upload(self, chat_id: str, file: OutFile) -> str:
+        return file.name  # the terminal shows a file's name and size only
 
     async def fetch_attachment(self, message_id: str, attachment: Attachment, max_bytes: int) -> bytes:
         raise AttachmentRefused("The terminal sends no files.")  # and none of its messages has any

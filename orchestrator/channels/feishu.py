@@ -40,6 +40,10 @@ from lark_oapi.api.cardkit.v1 import (
     SettingsCardRequestBody,
 )
 from lark_oapi.api.im.v1 import (
+    CreateFileRequest,
+    CreateFileRequestBody,
+    CreateImageRequest,
+    CreateImageRequestBody,
     CreateMessageReactionRequest,
     CreateMessageReactionRequestBody,
     CreateMessageRequest,
@@ -70,11 +74,18 @@ from orchestrator.channels import (
     AttachmentRefused,
     CardAction,
     DeliveryFailed,
+    OutFile,
     Outgoing,
     Submit,
 )
 from orchestrator.channels.feishu_events import Ignored, is_resource, parse_card_action, parse_message_event
-from orchestrator.channels.feishu_render import approval_card, card_markdown, message_text, split_answer
+from orchestrator.channels.feishu_render import (
+    approval_card,
+    card_markdown,
+    message_text,
+    split_answer,
+    upload_file_type,
+)
 from orchestrator.channels.feishu_webhook import Refused, Verifier, WebhookLimits, WebhookServer
 from orchestrator.config import FeishuSettings
 from orchestrator.ratelimit import Limiter
@@ -353,7 +364,29 @@ class FeishuChannel:
         with _delivery():
             await self._call(self.client.im.v1.message.patch, request, view.chat_id, ("chat", view.chat_id))
 
+    async def upload(self, chat_id: str, file: OutFile) -> str:
+        """An image by the image API, anything else by the file API (Feishu's limits: 10 and 30 MB); its key. The
+        file is opened anew for each attempt (an attempt reads it to the end)."""
+        with _delivery():
+            response = await self._call(functools.partial(self._upload_once, file), None, chat_id)
+        key = response.data.image_key if file.kind == "image" else response.data.file_key
+        logger.bind(chat_id=chat_id).info(f"uploaded {file.kind} {file.name} ({file.size} bytes) as {key}")
+        return str(key)
+
+    def _upload_once(self, file: OutFile, _: None) -> Any:
+        """On an API thread: one upload attempt."""
+        with open(file.path, "rb") as data:
+            if file.kind == "image":
+                body: Any = CreateImageRequestBody.builder().image_type("message").image(data).build()
+                return self.client.im.v1.image.create(CreateImageRequest.builder().request_body(body).build())
+            body = (CreateFileRequestBody.builder().file_type(upload_file_type(file.name)).file_name(file.name)
+                    .file(data).build())
+            return self.client.im.v1.file.create(CreateFileRequest.builder().request_body(body).build())
+
     async def _deliver(self, item: Outgoing) -> None:
+        if item.file is not None:
+            await self._deliver_file(item)
+            return
         chunks = split_answer(item.text, CARD_TEXT_LIMIT if item.card else TEXT_LIMIT)
         rest = chunks
         if item.card:
@@ -367,6 +400,15 @@ class FeishuChannel:
                     f"card {item.card} could not be finished ({exc}); answering in plain text instead")
         for number, chunk in enumerate(rest):
             await self.send_text(item.chat_id, chunk, item.reply_to, f"{item.key}-{number}")
+
+    async def _deliver_file(self, item: Outgoing) -> None:
+        """The file's message, then its caption (if any) as text: each with its own key, so a retry after either
+        sends neither twice."""
+        assert item.file is not None and item.upload_key, "a file is uploaded before it is delivered"
+        field = "image_key" if item.file.kind == "image" else "file_key"
+        await self._send(item.chat_id, item.file.kind, json.dumps({field: item.upload_key}), item.reply_to, item.key)
+        if item.text:
+            await self.send_text(item.chat_id, item.text, item.reply_to, f"{item.key}-caption")
 
     async def send_text(self, chat_id: str, text: str, reply_to: str | None, key: str) -> str:
         return await self._send(chat_id, "text", json.dumps({"text": message_text(text)}), reply_to, key)

@@ -275,3 +275,15 @@ def _open_fence(text: str) -> str | None:
         elif line.strip() == match[1] and len(match[1]) >= ticks:
             opened = None
     return opened
+
+
+# Feishu's file upload types besides "stream" (any file), by extension. mp4 and opus are left as "stream": as their
+# own types they must be sent as media or audio messages, which need a duration and a cover.
+_UPLOAD_TYPES = {"pdf": "pdf", "doc": "doc", "docx": "doc", "xls": "xls", "xlsx": "xls", "ppt": "ppt", "pptx": "ppt"}
+
+
+def upload_file_type(name: str) -> str:
+    """The `file_type` of a file upload, from its name."""
+    extension = name.rpartition(".")[2].lower() if "." in name else ""
+    return _UPLOAD_TYPES.get(extension, "stream")
+

@@ -18,7 +18,7 @@ def words(text: str) -> str:
 
 def test_a_200_kb_answer_arrives_complete_in_order_and_split_where_it_renders(
         feishu: FakeFeishu, feishu_config, start, fake_api: FakeAnthropic, store_view: StoreView) -> None:
-    start(feishu_config())
+    start(feishu_config(files={"answer_as_file_bytes": 0}))  # messages, not a file: the split is under test
     chat_id = chat()
     event = feishu.text_event(chat_id, "LONG_ANSWER 200000")
     feishu.push_event(event)

@@ -30,7 +30,8 @@ It serves what our service uses, on the real wire protocol:
   errors of a deleted message and of a chat the bot left.
 - Files out: image and file uploads (multipart/form-data, Feishu's size and format checks; `uploads`,
   `uploaded(key)`) and messages of type image/file/audio/media, which must name a key this app uploaded with a
-  matching type; `received_files(chat_id)` gives the bytes a chat received.
+  matching type; `received_files(chat_id)` gives the bytes a chat received. `hold_sends` holds sends of some
+  message types before Feishu takes them (a test kills the bot meanwhile), `drop_held_sends` drops them.
 
 Running the SDK's long-connection client in tests (lark_oapi.ws.Client)
 -----------------------------------------------------------------------
@@ -436,6 +437,8 @@ class FakeFeishu:
         self._retired = 0
         self._refusing: int | None = None
         self._refused_connections = 0
+        self._held_types: frozenset[str] = frozenset()  # message types whose sends are held (`hold_sends`)
+        self._held = 0  # sends held now
         self._routes = self._route_table()
         self._http = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._http.daemon_threads = True
@@ -468,6 +471,7 @@ class FakeFeishu:
         """Retire connected clients for good (see the module docstring), then shut both servers down."""
         with self._cond:
             self._stopping = True
+            self._cond.notify_all()  # held sends end
             retire_target = self._retired + len(self._open())
         if self.drop_connections():
             self._wait(lambda: self._retired >= retire_target, timeout=3.0)
@@ -611,6 +615,37 @@ class FakeFeishu:
         its reconnect task ends for good while start() sleeps on."""
         with self._cond:
             self._refusing = code if refusing else None
+
+    def hold_sends(self, *msg_types: str) -> None:
+        """Hold every message send of these types, before Feishu takes it, until `drop_held_sends`; then the held
+        ones are dropped (their connections closed, no message made). A test kills the bot while a send is held:
+        the bot died after its upload and before its send."""
+        with self._cond:
+            self._held_types = frozenset(msg_types)
+
+    @property
+    def held_sends(self) -> int:
+        with self._cond:
+            return self._held
+
+    def drop_held_sends(self) -> None:
+        with self._cond:
+            self._held_types = frozenset()
+            self._cond.notify_all()
+
+    def _hold(self, method: str, path: str, body: Any) -> bool:
+        """Whether this request is a send that was held, and then dropped."""
+        if method != "POST" or not isinstance(body, dict) or not re.fullmatch(
+                r"/open-apis/im/v1/messages(/[^/]+/reply)?", path):
+            return False
+        with self._cond:
+            if body.get("msg_type") not in self._held_types:
+                return False
+            self._held += 1
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: body.get("msg_type") not in self._held_types or self._stopping)
+            self._held -= 1
+            return True
 
     # ----- long connection -------------------------------------------------------------------------------
 
@@ -1026,6 +1061,8 @@ class FakeFeishu:
         url = urlsplit(raw_path)
         query = {key: values[0] for key, values in parse_qs(url.query).items()}
         body, recorded = _request_body(content_type, raw)
+        if self._hold(method, url.path, body):
+            return _HANG_UP
         with self._cond:
             route, params = self._match(method, url.path)
             write = method != "GET" and url.path.startswith(("/open-apis/im/", "/open-apis/cardkit/"))

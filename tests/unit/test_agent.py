@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 
 from orchestrator.agent import (
+    CHAT_PROMPT,
     Answer,
     Failure,
     Init,
@@ -39,7 +40,9 @@ def test_argv_of_the_long_lived_cli() -> None:
     agent = AgentSettings(model="sonnet", extra_args=("--max-turns", "5"))
     assert cli_argv(agent, ChatOptions()) == [
         "claude", "-p", "--input-format", "stream-json", "--output-format", "stream-json", "--verbose",
-        "--permission-mode", "bypassPermissions", "--model", "sonnet", "--max-turns", "5"]
+        "--permission-mode", "bypassPermissions", "--append-system-prompt", CHAT_PROMPT, "--model", "sonnet",
+        "--max-turns", "5"]
+    assert "/workspace/outbox/" in CHAT_PROMPT and "send-file" in CHAT_PROMPT  # Claude is told how to send files
 
 
 def test_a_chat_that_asks_for_approvals_gets_the_prompts_on_stdio_and_its_auto_allow_rules() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import supervise
-from orchestrator.channels import Outgoing
+from orchestrator.channels import DeliveryFailed, OutFile, Outgoing
 from orchestrator.delivery import Deliverer
 from orchestrator.states import State
 from orchestrator.store import Store
@@ -80,3 +80,66 @@ def test_the_outbox_loop_ends_when_cancelled_as_it_is_woken(tmp_path: Path) -> N
         assert done and waiting.cancelled()
 
     asyncio.run(scenario())
+
+
+class FilesChat(Chat):
+    """A channel that takes uploads, and fails the next sends or uploads as told."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.uploads: list[str] = []
+        self.failing_sends = 0
+        self.upload_refusal: DeliveryFailed | None = None
+
+    async def upload(self, chat_id: str, file: OutFile) -> str:
+        if self.upload_refusal is not None:
+            raise self.upload_refusal
+        self.uploads.append(file.name)
+        return f"key-{len(self.uploads)}"
+
+    async def deliver(self, item: Outgoing) -> None:
+        if item.file is not None and self.failing_sends:
+            self.failing_sends -= 1
+            raise DeliveryFailed("Feishu could not be reached")
+        await super().deliver(item)
+
+
+def answered_with_a_file(tmp_path: Path) -> tuple[Store, OutFile]:
+    store = Store(tmp_path / "o.db")
+    store.record_received("om_1", "oc_a", "ou_1", "question")
+    store.mark_queued("om_1")
+    store.mark_running("om_1", "t")
+    copy = tmp_path / "copy"
+    copy.write_bytes(b"csv")
+    file = OutFile("file", "report.csv", str(copy), 3)
+    store.answer("om_1", "the answer", None, None, card=None, files=[(file, "the numbers")])
+    return store, file
+
+
+def test_a_file_goes_after_its_answer_uploaded_once_across_a_failed_send(tmp_path: Path) -> None:
+    store, file = answered_with_a_file(tmp_path)
+    chat = FilesChat()
+    chat.failing_sends = 1
+    deliverer = Deliverer(store, chat)  # type: ignore[arg-type]
+    asyncio.run(deliverer.deliver_due())  # the answer goes; the file's send fails after its upload
+    [item] = [item for item in store.outbox("oc_a") if item.file]
+    assert item.upload_key == "key-1" and item.state == "pending"  # the key was stored before the send
+    store.mark_retry(item, "", 0)
+    asyncio.run(Deliverer(store, chat).deliver_due())  # as after a restart: a new sender, the same store
+    assert chat.uploads == ["report.csv"]  # not uploaded again
+    assert [(i.text, i.file, i.upload_key) for i in chat.delivered] == [
+        ("the answer", None, None), ("the numbers", file, "key-1")]
+    assert store.message("om_1").state is State.DELIVERED
+    assert not Path(file.path).exists()  # its copy is gone once sent
+
+
+def test_a_file_refused_for_good_is_told_to_the_chat(tmp_path: Path) -> None:
+    store, _ = answered_with_a_file(tmp_path)
+    chat = FilesChat()
+    chat.upload_refusal = DeliveryFailed("Feishu answered 400 code 234001: bad file", permanent=True)
+    asyncio.run(Deliverer(store, chat).deliver_due())
+    asyncio.run(Deliverer(store, chat).deliver_due())
+    assert [i.text for i in chat.delivered] == [
+        "the answer", "The file report.csv could not be sent: Feishu answered 400 code 234001: bad file"]
+    assert [i.state for i in store.outbox("oc_a") if i.file] == ["dead"]
+    assert store.message("om_1").state is State.DELIVERED

@@ -5,8 +5,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import io
+import random
+import zlib
+from collections.abc import Callable, Iterator
 
 import pytest
+from loguru import logger
+from PIL import Image
 
 from orchestrator import inbox
 from orchestrator.channels import Attachment, AttachmentRefused
@@ -132,3 +138,124 @@ def test_the_message_total_is_named_when_it_runs_out() -> None:
     with pytest.raises(AttachmentRefused, match=r"b\.bin: the files of one message are over the limit of 8 bytes"):
         asyncio.run(inbox.prepare(message, "t", FileSettings(max_bytes=10, message_bytes=8),
                                   fetching({"f1": b"12345678", "f2": b"1"})))
+
+
+def encoded(image: Image.Image, kind: str) -> bytes:
+    out = io.BytesIO()
+    image.save(out, kind)
+    return out.getvalue()
+
+
+def noise(width: int, height: int) -> Image.Image:
+    """Random pixels: no encoder makes them small."""
+    return Image.frombytes("RGB", (width, height), random.Random(13).randbytes(width * height * 3))
+
+
+def prepared(images: dict[str, bytes]) -> inbox.Inbound:
+    message = with_files(*(Attachment("image", key, "") for key in images))
+    return asyncio.run(inbox.prepare(message, "t", FileSettings(), fetching(images)))
+
+
+def decoded(block: dict) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(block["source"]["data"])))
+
+
+@pytest.fixture
+def warnings_logged() -> Iterator[list[str]]:
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(f"{m.record['extra'].get('chat_id')} {m.record['message']}"),
+                      level="WARNING", format="{message}")
+    yield lines
+    logger.remove(sink)
+
+
+def test_a_large_image_is_scaled_down_for_the_model_and_kept_whole_in_the_workspace() -> None:
+    original = encoded(Image.linear_gradient("L").resize((3000, 1500)).convert("RGB"), "PNG")
+    made = prepared({"img": original})
+    [block] = made.images
+    assert block["source"]["media_type"] == "image/png" and decoded(block).size == (2000, 1000)  # the aspect kept
+    assert made.contents == {"image-1.png": original}
+    assert "(image, " in made.text and ", shown to you scaled down to 2000x1000)" in made.text
+
+
+def test_a_noisy_png_over_the_byte_limit_goes_as_a_jpeg_within_it() -> None:
+    original = encoded(noise(1500, 1400), "PNG")
+    assert len(original) > 6_000_000
+    [block] = prepared({"img": original}).images
+    assert block["source"]["media_type"] == "image/jpeg"
+    assert len(base64.b64decode(block["source"]["data"])) <= inbox.IMAGE_BLOCK_BYTES
+    assert max(decoded(block).size) <= inbox.IMAGE_BLOCK_PIXELS and decoded(block).format == "JPEG"
+
+
+def test_a_format_the_model_does_not_take_goes_converted() -> None:
+    original = encoded(Image.new("RGB", (300, 200), "teal"), "BMP")
+    made = prepared({"img": original})
+    [block] = made.images
+    assert block["source"]["media_type"] == "image/png" and decoded(block).size == (300, 200)
+    assert made.contents == {"image-1.bin": original} and "shown to you with this message as PNG" in made.text
+
+
+def test_a_transparent_image_that_must_be_a_jpeg_is_flattened_on_white() -> None:
+    picture = noise(2400, 1600).convert("RGBA")
+    picture.paste((0, 0, 0, 0), (1200, 0, 2400, 1600))  # the right half transparent; the left too big for a PNG
+    [block] = prepared({"img": encoded(picture, "TIFF")}).images
+    shown = decoded(block)
+    assert block["source"]["media_type"] == "image/jpeg" and shown.size == (2000, 1333)
+    assert all(channel >= 250 for channel in shown.getpixel((1900, 600)))
+
+
+def test_a_photo_is_shown_the_way_up_it_was_taken() -> None:
+    orientation = Image.Exif()
+    orientation[0x0112] = 6  # rotated 90° clockwise
+    out = io.BytesIO()
+    Image.new("RGB", (4000, 3000), "red").save(out, "JPEG", exif=orientation.tobytes())
+    [block] = prepared({"img": out.getvalue()}).images
+    assert block["source"]["media_type"] == "image/jpeg" and decoded(block).size == (1500, 2000)
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A real 1x1 PNG whose header says width x height (its checksum right): a few bytes that would decode to
+    width * height pixels."""
+    data = bytearray(encoded(Image.new("RGB", (1, 1)), "PNG"))
+    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    return bytes(data)
+
+
+@pytest.mark.parametrize("bomb", [
+    pytest.param(lambda: png_claiming(100_000, 100_000), id="10-gigapixel-header"),
+    pytest.param(lambda: encoded(Image.new("1", (8000, 8000)), "PNG"), id="64-megapixel-bilevel"),
+])
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow's, before inbox refuses it
+def test_a_decompression_bomb_is_a_file_only(bomb: Callable[[], bytes], warnings_logged: list[str]) -> None:
+    data = bomb()
+    assert len(data) < 100_000
+    made = prepared({"img": data})
+    assert made.images == () and made.contents == {"image-1.png": data} and "not shown to you directly" in made.text
+    assert [line for line in warnings_logged if line.startswith("oc_1 an image") and "could not be scaled" in line]
+
+
+@pytest.mark.parametrize("data", [
+    pytest.param(encoded(noise(2400, 1200), "PNG")[:4_000_000], id="truncated-png"),
+    pytest.param(encoded(noise(2400, 1800), "JPEG")[:100_000], id="truncated-jpeg"),
+    pytest.param(b"BM" + bytes(range(256)) * 20, id="corrupt-bmp"),
+    pytest.param(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 3000 3000\n", id="eps-not-decoded"),
+])
+def test_an_image_that_cannot_be_read_is_a_file_only(data: bytes, warnings_logged: list[str]) -> None:
+    made = prepared({"img": data})
+    assert made.images == () and list(made.contents.values()) == [data] and "not shown to you directly" in made.text
+    assert any(line.startswith("oc_1 an image") for line in warnings_logged)
+
+
+def test_scaled_images_count_against_the_limits_of_a_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    wide = encoded(Image.linear_gradient("L").resize((2100, 100)), "PNG")
+    made = prepared({f"wide{n}": wide for n in range(inbox.IMAGE_BLOCKS + 2)})
+    assert len(made.images) == inbox.IMAGE_BLOCKS and made.text.count("not shown to you directly") == 2
+
+    big = encoded(noise(2400, 1600), "PNG")
+    [block] = prepared({"big": big}).images
+    scaled = len(base64.b64decode(block["source"]["data"]))
+    assert len(big) > 2 * scaled  # so that the bytes sent, not the bytes received, are what is counted
+    monkeypatch.setattr(inbox, "IMAGE_BLOCKS_BYTES", 2 * scaled)
+    made = prepared({f"big{n}": big for n in range(3)})
+    assert len(made.images) == 2 and made.text.count("not shown to you directly") == 1 and len(made.contents) == 3

@@ -7,7 +7,20 @@ import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
-from orchestrator.channels import Act, ActionReply, ApprovalView, CardAction, Outgoing, Question, Submit
+import pytest
+
+from orchestrator import masking
+from orchestrator.channels import (
+    Act,
+    ActionReply,
+    ApprovalView,
+    CardAction,
+    DeliveryFailed,
+    OutFile,
+    Outgoing,
+    Question,
+    Submit,
+)
 from orchestrator.config import AgentSettings, FeishuSettings, GatewaySettings, Settings
 from orchestrator.masking import MASK, MaskedChannel, Masker
 
@@ -120,3 +133,28 @@ def test_approval_cards_are_masked_also_the_one_a_click_answers_with() -> None:
     done = dataclasses.replace(masked, outcome=f"Answered: {MASK}", decided_by="ou_a", decided_at=1.0)
     assert inner.cards == [("new", masked), ("card-1", done)]
     assert inner.clicked == [ActionReply(f"Answered: {MASK}.", "success", done)]
+
+
+def test_a_file_holding_a_secret_is_refused_anywhere_in_it_and_names_and_captions_are_masked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(masking, "FILE_CHUNK", 16)  # the key then spans two chunks
+    uploaded: list[OutFile] = []
+
+    class Uploads(Recorder):
+        async def upload(self, chat_id: str, file: OutFile) -> str:
+            uploaded.append(file)
+            return "key"
+
+    inner = Uploads()
+    channel = MaskedChannel(inner, Masker([KEY]))
+    leaking, clean = tmp_path / "leak.txt", tmp_path / "clean.txt"
+    leaking.write_bytes(b"x" * 10 + KEY.encode() + b"y" * 40)
+    clean.write_bytes(b"nothing to hide " * 10)
+    with pytest.raises(DeliveryFailed) as refused:
+        asyncio.run(channel.upload("oc_a", OutFile("file", "leak.txt", str(leaking), 60)))
+    assert refused.value.permanent and "secret" in str(refused.value) and KEY not in str(refused.value)
+    named = OutFile("file", f"{KEY}.txt", str(clean), 160)
+    assert asyncio.run(channel.upload("oc_a", named)) == "key"
+    assert [file.name for file in uploaded] == [f"{MASK}.txt"]
+    asyncio.run(channel.deliver(Outgoing("oc_a", f"caption {KEY}", "k", "om_1", file=named, upload_key="key")))
+    assert (inner.delivered[0].text, inner.delivered[0].file.name) == (f"caption {MASK}", f"{MASK}.txt")

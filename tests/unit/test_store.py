@@ -319,3 +319,23 @@ def test_a_store_made_by_an_earlier_version_gets_the_new_tables_and_columns(tmp_
     finally:
         store.close()
     Store(path).close()  # opening it again adds nothing twice
+
+
+def test_files_sent_without_text_are_merged_into_the_next_message_at_once_or_not_at_all(store: Store) -> None:
+    store.ensure_chat("oc_1")
+    for message_id, text in (("om_img", ""), ("om_log", ""), ("om_text", "what is wrong here?"), ("om_late", ""),
+                             ("om_more", "")):
+        store.record_received(message_id, "oc_1", "ou_1", text, attachments=f'[{{"key": "{message_id}"}}]')
+    taken = store.merge("om_text", "the files of all three", ["om_img", "om_log"])
+    assert (taken.state, taken.attachments, taken.text) == (State.RECEIVED, "the files of all three",
+                                                            "what is wrong here?")
+    assert [m.state for m in store.messages("oc_1")] == [State.MERGED, State.MERGED] + [State.RECEIVED] * 3
+    assert [m.message_id for m in store.unfinished_messages()] == ["om_text", "om_late", "om_more"]  # merged: final
+    store.mark_queued("om_text")
+    with pytest.raises(TransitionRefused, match="om_text is queued: it may not take other messages' files"):
+        store.merge("om_text", "again", ["om_late"])
+    with pytest.raises(TransitionRefused, match="om_img is merged: it may not become merged"):
+        store.merge("om_late", "twice", ["om_more", "om_img"])
+    late, more = store.message("om_late"), store.message("om_more")  # nothing of a refused merge is kept
+    assert (late.state, late.attachments, more.state) == (State.RECEIVED, '[{"key": "om_late"}]', State.RECEIVED)
+    assert store.outbox("oc_1") == []  # a merged message is told nothing
