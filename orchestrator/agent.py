@@ -178,6 +178,7 @@ class Transcript:
                 self.session_id = event.session_id or self.session_id
 
     def _keep(self, text: str) -> None:
+        text = text.encode("utf-8", "replace").decode()  # a lone surrogate (a valid JSON escape) breaks every write
         separator = 2 if self.texts else 0  # the "\n\n" that joins it to the text before counts too
         room = self.answer_bytes - self._kept - separator
         if self.truncated or len(text.encode()) > room:  # nothing after the cut: the note marks where it is

@@ -373,7 +373,7 @@ def parse_settings(raw: object, source: Path, environ: Mapping[str, str]) -> Set
     for chat_id, overrides in groups.items():
         reader.check_network(dataclasses.replace(defaults, **overrides), f"groups.{chat_id}")
     chats_dir = top.get("chats_dir")
-    return Settings(
+    settings = Settings(
         source=source,
         data_dir=data_dir,
         chats_dir=_absolute(Path(reader.string(top, "chats_dir", "")), source) if chats_dir else None,
@@ -403,6 +403,30 @@ def parse_settings(raw: object, source: Path, environ: Mapping[str, str]) -> Set
         logging=reader.flat(top.get("logging"), "logging", LoggingSettings, {
             "json": _boolean, "level": _choice(LOG_LEVELS)}),
     )
+    _check_workspaces(settings, reader)
+    return settings
+
+
+# The service's own folders under data_dir: a workspace there would hand one of them to an agent.
+_SERVICE_FOLDERS = ("run", "egress")
+
+
+def _check_workspaces(settings: Settings, reader: _Reader) -> None:
+    """A configured workspace becomes the agent's: it must not be, or hold, a folder of the service's (the chats'
+    folders, data_dir itself, its run and egress folders), where root reads and deletes names it made."""
+    templates = [("defaults.workspace", settings.defaults.workspace)]
+    templates += [(f"groups.{chat_id}.workspace", overrides.get("workspace")) for chat_id, overrides in
+                  settings.groups.items()]
+    assert settings.chats_dir is not None
+    for key, template in templates:
+        if template is None:
+            continue
+        folder = Path(os.path.normpath(settings.data_dir / template.replace("{chat_id}", "oc_example")))
+        inside = folder.relative_to(settings.data_dir).parts if folder.is_relative_to(settings.data_dir) else ()
+        if folder.is_relative_to(settings.chats_dir) or settings.data_dir.is_relative_to(folder) \
+                or settings.chats_dir.is_relative_to(folder) or (inside and inside[0] in _SERVICE_FOLDERS):
+            raise reader.error(key, f"{template!r} is, or is inside, a folder of the service's (chats_dir, data_dir, "
+                                    "its run or egress folder): put workspaces elsewhere")
 
 
 class _Reader:

@@ -4,12 +4,15 @@ A send that fails stays in the outbox and is tried again with backoff (or when F
 an outage nor a restart loses it. Items come from this process and from `orchestrator notify` in others.
 A pass that fails on the store (held locked by another process, a full disk) is tried again with backoff
 (`supervise`); an item sent whose sending could not be recorded is recorded then, not sent a second time.
+A file is uploaded in the background (seconds for 30 MB), its chat's later items waiting for it, so one chat's
+files never hold up another chat's answers; its key is stored before the send.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections import defaultdict
 
 from loguru import logger
@@ -30,6 +33,7 @@ class Deliverer:
         self._wakeup = asyncio.Event()
         self._unrecorded: set[int] = set()  # items sent whose sending the store did not take yet
         self._pass = asyncio.Lock()  # one pass at a time (the loop's, or a flush's): no item is sent by two
+        self._uploads: dict[int, asyncio.Task[str]] = {}  # by outbox item: its file's upload, under way or done
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -58,6 +62,12 @@ class Deliverer:
             if isinstance(result, BaseException):
                 raise result
 
+    def stop(self) -> None:
+        """At a shutdown: uploads under way are dropped (their items upload again at the next start)."""
+        for upload in self._uploads.values():
+            upload.cancel()
+        self._uploads.clear()
+
     async def flush(self, timeout: float) -> bool:
         """Deliver what is pending, for at most `timeout` seconds; whether everything went out."""
         deadline = asyncio.get_running_loop().time() + timeout
@@ -75,7 +85,8 @@ class Deliverer:
             log = logger.bind(chat_id=item.chat_id, message_id=item.reply_to or "-")
             if item.id not in self._unrecorded:
                 try:
-                    await self._send(item)
+                    if not await self._send(item):
+                        return  # its file is being uploaded: this chat's later items wait, in order
                 except Exception as exc:  # a channel bug must not stop delivery: treat what it raised as a failure
                     if not isinstance(exc, DeliveryFailed):
                         log.opt(exception=exc).error(f"unexpected error delivering outbox item {item.id}")
@@ -97,19 +108,38 @@ class Deliverer:
             log.info(f"delivered outbox item {item.id}" + (" (answer)" if item.message_id else "")
                      + (f" ({item.file.kind} {item.file.name}, {item.file.size} bytes)" if item.file else ""))
 
-    async def _send(self, item: OutboxRecord) -> None:
-        """A file is uploaded once: its key is stored before the send, which carries the item's key, so neither
-        a retry nor a restart between the two sends it twice (Feishu drops a repeated key)."""
+    async def _send(self, item: OutboxRecord) -> bool:
+        """Send the item; False while its file is still being uploaded. A file is uploaded once: its key is stored
+        before the send, which carries the item's key, so neither a retry nor a restart between the two sends it
+        twice (Feishu drops a repeated key). A failed upload raises here, as a failed send does."""
         upload_key = item.upload_key
         if item.file is not None and upload_key is None:
-            upload_key = await self.channel.upload(item.chat_id, item.file)
-            self.store.set_uploaded(item, upload_key)
+            upload = self._uploads.get(item.id)
+            if upload is None:
+                self._uploads[item.id] = asyncio.create_task(self._upload(item))
+                return False
+            if not upload.done():
+                return False
+            del self._uploads[item.id]
+            upload_key = upload.result()
         await self.channel.deliver(Outgoing(item.chat_id, item.text, item.key, item.reply_to, item.card, item.file,
                                             upload_key))
+        return True
+
+    async def _upload(self, item: OutboxRecord) -> str:
+        assert item.file is not None
+        try:
+            if not os.path.exists(item.file.path):  # removed by hand, or data_dir moved: no retry brings it back
+                raise DeliveryFailed("its copy is gone", permanent=True)
+            key = await self.channel.upload(item.chat_id, item.file)
+            self.store.set_uploaded(item, key)
+            return key
+        finally:
+            self.wake()  # the chat's pass goes on with it
 
     def _give_up(self, item: OutboxRecord, exc: DeliveryFailed) -> None:
-        self.store.mark_dead(item, str(exc))
+        """Undeliverable for good; for a file (its answer went out), the chat is told which, in the same write."""
+        notice = f"The file {item.file.name} could not be sent: {exc}" if item.file is not None else None
+        self.store.mark_dead(item, str(exc), notice)
         metrics.DELIVERIES.labels("dead").inc()
-        if item.file is not None:  # the answer went out: the chat is told which of its files did not
-            files_out.discard(item.file)
-            self.store.say(item.chat_id, f"The file {item.file.name} could not be sent: {exc}", reply_to=item.reply_to)
+        files_out.discard(item.file)

@@ -278,7 +278,7 @@ def safe_name(name: str, taken: dict[str, bytes] | set[str]) -> str:
     separators, no leading dot or dash (a hidden file, an option), at most NAME_BYTES bytes (its extension kept),
     and not one of `taken` ("name (2).ext" then)."""
     last = name.replace("\\", "/").rsplit("/", 1)[-1]
-    visible = "".join("_" if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") else ch for ch in last)
+    visible = "".join("_" if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp") else ch for ch in last)
     base = _LEADING.sub("", _UNSAFE.sub("_", visible)).strip() or "file"
     stem, dot, extension = base.rpartition(".")
     if not stem:

@@ -238,6 +238,7 @@ class Service:
                 logger.bind(message_id=message_id).warning("turn did not end after its interrupt")
         if not await self.deliverer.flush(FLUSH_SECONDS):
             logger.warning("some replies could not be delivered before stopping; they go out after the next start")
+        self.deliverer.stop()
         containers = [c for c in await self.runtime.list_managed(self.settings.instance) if c.running]
         logger.info(f"stopping {len(containers)} container(s)")
         await asyncio.gather(*(self._stop_container(c.name, c.chat_id) for c in containers))
@@ -347,7 +348,7 @@ class Service:
         # for its slot while the agent plants newer finished folders, and its folder must not be pruned meanwhile.
         busy = self.turns.running_turn_names() | {m.turn for m in self.store.unfinished_messages() if m.turn}
         await asyncio.to_thread(turns.prune, self.settings.chats_dir, KEEP_TURNS, busy)
-        await asyncio.to_thread(files_out.prune, self.settings.chats_dir)
+        await asyncio.to_thread(files_out.prune, self.settings.chats_dir, self.store.pending_file_paths())
 
     async def _resume_stranded(self) -> None:
         """A message stored but never queued (the write after storing it failed, so it was not acked, and its

@@ -655,15 +655,23 @@ class Store:
         _Outbox.update(attempts=_Outbox.attempts + 1, last_error=error, next_attempt_at=time.time() + delay).where(
             _Outbox.id == item.id).execute()
 
-    def mark_dead(self, item: OutboxRecord, error: str) -> None:
-        """Undeliverable for good (the bot left the chat, the chat is gone): stop trying, keep the record, and fail
-        the message it answers. As `mark_sent`, an item that is no longer pending is left as it is."""
+    def mark_dead(self, item: OutboxRecord, error: str, notice: str | None = None) -> None:
+        """Undeliverable for good (the bot left the chat, the chat is gone, a file refused): stop trying, keep the
+        record, fail the message it answers, and queue `notice` for the chat, all at once. As `mark_sent`, an item
+        that is no longer pending is left as it is."""
         with self.db.atomic():
             dead = (_Outbox.update(state="dead", attempts=_Outbox.attempts + 1, last_error=error)
                     .where((_Outbox.id == item.id) & (_Outbox.state == "pending")).execute())
             if dead and item.message_id:
                 self._transition(item.message_id, State.FAILED,
                                  error=self._mask(f"the answer could not be delivered: {error}"))
+            if dead and notice:
+                self._say(item.chat_id, notice, reply_to=item.reply_to)
+
+    def pending_file_paths(self) -> set[str]:
+        """The copies that outbox items still waiting to be sent name (files_out.prune keeps them)."""
+        rows = _Outbox.select(_Outbox.file_path).where((_Outbox.state == "pending") & _Outbox.file_path.is_null(False))
+        return {row.file_path for row in rows}
 
     # ---- refusals ----
 

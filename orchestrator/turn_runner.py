@@ -25,6 +25,7 @@ from orchestrator.agent import Answer, Failure, Init, Text, ToolUse, Transcript,
 from orchestrator.approvals import MAX_ASKS_PER_TURN, Approvals, FollowedTurn
 from orchestrator.channels import AttachmentRefused, TurnDisplay
 from orchestrator.config import ChatSettings, Settings, resolve_chat
+from orchestrator.masking import Masker
 from orchestrator.runtime import ContainerState, Runtime, RuntimeFailure, container_spec
 from orchestrator.states import State
 from orchestrator.store import ApprovalRecord, MessageRecord, Store
@@ -74,6 +75,7 @@ class TurnRunner:
         self.fetch = fetch  # a message's files, from its channel
         self.on_container_started = on_container_started
         self._secret: bytes | None = None
+        self._mask = Masker(settings.secrets)  # an answer written as a file is masked as its text is
         self._running: dict[str, _RunningTurn] = {}  # by chat id
         self._limit_hits: dict[str, int] = {}  # by container start: pids-limit refusals seen after failed turns
         self._disk: dict[str, disk.Measurement] = {}  # by chat id: the latest measurement of its folders
@@ -150,8 +152,8 @@ class TurnRunner:
         paths = layout.chat_paths(self.settings, chat)
         turn = self.store.message(message.message_id).turn
         assert turn, "an answer comes from a turn"
-        sending = await asyncio.to_thread(files_out.take, paths.root, paths.workspace, turn, result.text,
-                                          self.settings.agent.uid, self.settings.files)
+        sending = await asyncio.to_thread(files_out.take, paths, self.settings.agent.uid, turn, result.text,
+                                          self.settings.files, self.settings.limits.min_free_disk, self._mask)
         for file, _ in sending.files:
             log.info(f"sending {file.kind} {file.name} ({file.size} bytes) after the answer")
         return dataclasses.replace(result, text=sending.text, files=sending.files)

@@ -20,7 +20,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 _OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-_REFUSED = (errno.ELOOP, errno.ENOTDIR, errno.ENXIO, errno.EISDIR, errno.EACCES, errno.EPERM)
+# What an open of an agent's name may meet that the agent made it meet: a link, a FIFO or socket, a folder, a mode
+# or a lease that refuses root (a lease on its own file is its owner's right: O_NONBLOCK then gives EAGAIN), a name too
+# long for a suffix the orchestrator adds. Anything else is the orchestrator's own trouble, and raised.
+_REFUSED = (errno.ELOOP, errno.ENOTDIR, errno.ENXIO, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EAGAIN,
+            errno.EWOULDBLOCK, errno.ENAMETOOLONG, errno.ETXTBSY)
 MAX_DEPTH = 128  # folders below a folder that `remove_tree` descends into
 
 

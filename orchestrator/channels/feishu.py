@@ -110,9 +110,10 @@ CANNOT_HANDLE = ActionReply("This card cannot be handled.", "error")
 BUSY = ActionReply("The bot is busy; try again in a moment.", "warning")
 DOWNLOAD_TIMEOUT = (10.0, 30.0)  # seconds: to connect, and at most between two reads of a file's body
 DOWNLOAD_CHUNK = 64 * 1024
-# Downloads have their own threads: a 30 MB file holds one for seconds, and the API calls' pool must stay free
-# for replies and streaming cards.
+# Downloads and uploads have their own threads: a 30 MB file holds one for seconds, and the API calls' pool must
+# stay free for replies and streaming cards.
 DOWNLOADS_AT_ONCE = 4
+UPLOADS_AT_ONCE = 2
 ERROR_BODY_BYTES = 4096  # of a refused download's JSON error
 # Feishu's refusals of the message resource API ("获取消息中的资源文件"), as the sender reads them.
 RESOURCE_ERRORS = {
@@ -144,6 +145,7 @@ class FeishuChannel:
                                                     "card": (CARD_OPS_PER_SECOND, 1.0 + WINDOW_MARGIN)})
         self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="feishu")
         self._downloads = ThreadPoolExecutor(max_workers=DOWNLOADS_AT_ONCE, thread_name_prefix="feishu-download")
+        self._uploads = ThreadPoolExecutor(max_workers=UPLOADS_AT_ONCE, thread_name_prefix="feishu-upload")
         self._sequence = 0
         self.bot_open_id = ""
         self._ws: lark.ws.Client | None = None
@@ -368,7 +370,8 @@ class FeishuChannel:
         """An image by the image API, anything else by the file API (Feishu's limits: 10 and 30 MB); its key. The
         file is opened anew for each attempt (an attempt reads it to the end)."""
         with _delivery():
-            response = await self._call(functools.partial(self._upload_once, file), None, chat_id)
+            response = await self._call(functools.partial(self._upload_once, file), None, chat_id,
+                                        executor=self._uploads)
         key = response.data.image_key if file.kind == "image" else response.data.file_key
         logger.bind(chat_id=chat_id).info(f"uploaded {file.kind} {file.name} ({file.size} bytes) as {key}")
         return str(key)
@@ -519,14 +522,17 @@ class FeishuChannel:
         return self._sequence
 
     async def _call(self, method: Callable[[Any], Any], request: Any, chat_id: str = "-",
-                    scope: tuple[str, str] | None = None, limited: bool = True) -> Any:
+                    scope: tuple[str, str] | None = None, limited: bool = True,
+                    executor: ThreadPoolExecutor | None = None) -> Any:
         """One SDK call under the app's rate limits (and its scope's: a chat, a card), retried on rate-limit
-        answers and transient failures. `chat_id` is for the log."""
+        answers and transient failures, on the API calls' threads unless `executor` is given. `chat_id` is for
+        the log."""
         for attempt in range(1, SEND_ATTEMPTS + 1):
             if limited:
                 metrics.RATE_LIMIT_WAIT.inc(await self.limiter.acquire(*(scope or (None, ""))))
             try:
-                response = await asyncio.get_running_loop().run_in_executor(self._executor, method, request)
+                response = await asyncio.get_running_loop().run_in_executor(executor or self._executor, method,
+                                                                            request)
                 error = _error_of(response)
             except requests.RequestException as exc:
                 error = FeishuError(f"Feishu could not be reached: {exc.__class__.__name__}")

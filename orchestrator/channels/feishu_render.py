@@ -258,7 +258,13 @@ def _cut(text: str, room: int) -> int:
         at = text.rfind(separator, room // 2, room)
         if at > 0:
             return at
-    return room
+    cut = room
+    while cut > 1 and _FENCE_START.match(text, cut):  # a cut inside a line must not start the next piece with a
+        cut -= 1  # fence: "x```py" mid-line is text, and would become a code block's opening line
+    return cut
+
+
+_FENCE_START = re.compile(r" {0,3}`{3,}")
 
 
 def _open_fence(text: str) -> str | None:

@@ -200,3 +200,9 @@ def test_assistant_lines_of_the_wrong_shape_or_nested_thousands_deep_are_skipped
     [tool] = parse_line(json.dumps({"type": "assistant", "message": {"content": [
         {"type": "tool_use", "name": "Bash", "input": "not a dict"}]}}))
     assert tool == ToolUse(name="Bash", input={})
+
+
+def test_a_lone_surrogate_in_the_text_cannot_break_the_answer() -> None:
+    # "\ud800" is a valid JSON escape but no UTF-8: kept, it failed the answer's store write and every send.
+    transcript = transcript_of('{"type":"assistant","message":{"content":[{"type":"text","text":"a\\ud800b"}]}}')
+    assert transcript.text_so_far.encode() == b"a?b"

@@ -104,6 +104,15 @@ class FilesChat(Chat):
         await super().deliver(item)
 
 
+async def passes(deliverer: Deliverer, store: Store, rounds: int = 50) -> None:
+    """Passes of the outbox (as its loop makes them when woken) until nothing is pending or `rounds` have run."""
+    for _ in range(rounds):
+        await deliverer.deliver_due()
+        if not store.pending_outbox():
+            return
+        await asyncio.sleep(0.01)
+
+
 def answered_with_a_file(tmp_path: Path) -> tuple[Store, OutFile]:
     store = Store(tmp_path / "o.db")
     store.record_received("om_1", "oc_a", "ou_1", "question")
@@ -121,11 +130,11 @@ def test_a_file_goes_after_its_answer_uploaded_once_across_a_failed_send(tmp_pat
     chat = FilesChat()
     chat.failing_sends = 1
     deliverer = Deliverer(store, chat)  # type: ignore[arg-type]
-    asyncio.run(deliverer.deliver_due())  # the answer goes; the file's send fails after its upload
+    asyncio.run(passes(deliverer, store, rounds=5))  # the answer goes; the file's send fails after its upload
     [item] = [item for item in store.outbox("oc_a") if item.file]
     assert item.upload_key == "key-1" and item.state == "pending"  # the key was stored before the send
     store.mark_retry(item, "", 0)
-    asyncio.run(Deliverer(store, chat).deliver_due())  # as after a restart: a new sender, the same store
+    asyncio.run(passes(Deliverer(store, chat), store))  # as after a restart: a new sender, the same store
     assert chat.uploads == ["report.csv"]  # not uploaded again
     assert [(i.text, i.file, i.upload_key) for i in chat.delivered] == [
         ("the answer", None, None), ("the numbers", file, "key-1")]
@@ -137,9 +146,43 @@ def test_a_file_refused_for_good_is_told_to_the_chat(tmp_path: Path) -> None:
     store, _ = answered_with_a_file(tmp_path)
     chat = FilesChat()
     chat.upload_refusal = DeliveryFailed("Feishu answered 400 code 234001: bad file", permanent=True)
-    asyncio.run(Deliverer(store, chat).deliver_due())
-    asyncio.run(Deliverer(store, chat).deliver_due())
+    asyncio.run(passes(Deliverer(store, chat), store))
     assert [i.text for i in chat.delivered] == [
         "the answer", "The file report.csv could not be sent: Feishu answered 400 code 234001: bad file"]
     assert [i.state for i in store.outbox("oc_a") if i.file] == ["dead"]
     assert store.message("om_1").state is State.DELIVERED
+
+
+def test_a_chats_slow_upload_holds_up_neither_another_chats_answer_nor_its_own_order(tmp_path: Path) -> None:
+    store, _ = answered_with_a_file(tmp_path)  # chat oc_a: an answer, then a file
+    store.say("oc_a", "after the file")
+    release = asyncio.Event()
+
+    class SlowUploads(FilesChat):
+        async def upload(self, chat_id: str, file: OutFile) -> str:
+            await release.wait()
+            return await super().upload(chat_id, file)
+
+    chat = SlowUploads()
+    deliverer = Deliverer(store, chat)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        await deliverer.deliver_due()  # oc_a's answer goes, its file's upload starts
+        store.say("oc_b", "another chat's answer")
+        await deliverer.deliver_due()
+        assert [i.text for i in chat.delivered] == ["the answer", "another chat's answer"]  # not held by oc_a
+        release.set()
+        await passes(deliverer, store)
+
+    asyncio.run(scenario())
+    assert [i.text for i in chat.delivered] == ["the answer", "another chat's answer", "the numbers",
+                                                "after the file"]
+
+
+def test_a_file_whose_copy_is_gone_is_given_up_and_told_not_retried_for_ever(tmp_path: Path) -> None:
+    store, file = answered_with_a_file(tmp_path)
+    Path(file.path).unlink()
+    chat = FilesChat()
+    asyncio.run(passes(Deliverer(store, chat), store))
+    assert [i.text for i in chat.delivered] == ["the answer", "The file report.csv could not be sent: its copy is gone"]
+    assert chat.uploads == []

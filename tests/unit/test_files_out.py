@@ -3,18 +3,23 @@ and the answer says what was refused (real folders, links, FIFOs; the agent's ui
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from orchestrator import files_out
 from orchestrator.config import FileSettings
+from orchestrator.layout import ChatPaths
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 100
 UID = os.getuid()
+SECRET = "sk-secret-123"
 
 
 @pytest.fixture
@@ -28,7 +33,8 @@ def chat(tmp_path: Path) -> tuple[Path, Path]:
 
 def take(chat: tuple[Path, Path], answer: str = "the answer", turn: str = "1-1-abc",
          limits: FileSettings | None = None) -> files_out.Sending:
-    return files_out.take(chat[0], chat[1], turn, answer, UID, limits or FileSettings())
+    paths = ChatPaths(chat[0], chat[1], chat[0] / "claude", chat[0] / "turns", chat[0] / "input")
+    return files_out.take(paths, UID, turn, answer, limits or FileSettings(), 0, lambda text: text.replace(SECRET, "*"))
 
 
 def test_an_image_and_a_file_with_a_caption_are_copied_and_leave_the_outbox(chat: tuple[Path, Path]) -> None:
@@ -109,7 +115,7 @@ def test_an_outbox_that_is_a_link_sends_nothing(chat: tuple[Path, Path], tmp_pat
     outbox.rmdir()
     outbox.symlink_to(elsewhere)
     sending = take(chat)
-    assert sending.files == () and "Nothing was sent from outbox/: it is not a folder." in sending.text
+    assert sending.files == () and "Nothing was sent from outbox/: it is not a folder of the agent's." in sending.text
     assert (elsewhere / "data.txt").exists()
 
 
@@ -140,12 +146,30 @@ def test_a_crash_before_the_manifest_takes_the_outbox_again(chat: tuple[Path, Pa
     assert Path(file.path).read_text() == "a" and not leftover.exists()
 
 
-def test_a_crash_after_the_manifest_still_empties_the_outbox(chat: tuple[Path, Path]) -> None:
+def test_a_crash_after_the_manifest_still_empties_the_outbox(chat: tuple[Path, Path],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     outbox = chat[1] / "outbox"
     (outbox / "a.txt").write_text("a")
-    first = take(chat)
-    (outbox / "a.txt").write_text("a")  # as if the removal had not happened before the crash
+    with monkeypatch.context() as crash:
+        crash.setattr(files_out, "_remove", lambda *args: None)  # the process died before the removal
+        first = take(chat)
+    assert (outbox / "a.txt").exists()
     assert take(chat) == first and not (outbox / "a.txt").exists()
+
+
+def test_a_file_written_anew_after_it_was_taken_stays_for_the_next_answer(chat: tuple[Path, Path],
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    outbox = chat[1] / "outbox"
+    (outbox / "a.txt").write_text("first version")
+    with monkeypatch.context() as crash:
+        crash.setattr(files_out, "_remove", lambda *args: None)
+        take(chat)
+    (outbox / "a.txt").unlink()
+    (outbox / "a.txt").write_text("second version, written by a background job")
+    take(chat)  # followed again after a restart: the removal is done now, but only of what was taken
+    assert (outbox / "a.txt").read_text() == "second version, written by a background job"
+    [(file, _)] = take(chat, turn="1-2-abc").files
+    assert Path(file.path).read_text() == "second version, written by a background job"
 
 
 def test_at_most_ten_files_go_with_one_answer_the_rest_wait(chat: tuple[Path, Path]) -> None:
@@ -188,16 +212,39 @@ def test_short_answers_stay_messages_and_zero_turns_it_off(chat: tuple[Path, Pat
     assert take(chat, "short", turn="1-2-abc").files == ()
 
 
-def test_copies_of_sent_files_are_removed_and_old_folders_pruned(chat: tuple[Path, Path], tmp_path: Path) -> None:
+def test_copies_of_sent_files_are_removed_and_settled_folders_pruned_pending_ones_kept(tmp_path: Path) -> None:
+    chats_dir = tmp_path / "chats"
+    chat = (chats_dir / "oc_a", chats_dir / "oc_a" / "workspace")
+    (chat[1] / "outbox").mkdir(parents=True)
     (chat[1] / "outbox" / "a.txt").write_text("a")
-    [(file, _)] = take(chat).files
-    files_out.discard(file)
-    assert not Path(file.path).exists()
-    folder = Path(file.path).parent
+    (chat[1] / "outbox" / "b.txt").write_text("b")
+    [(sent, _), (waiting, _)] = take(chat).files
+    files_out.discard(sent)
+    assert not Path(sent.path).exists()
+    folder = Path(sent.path).parent
     assert json.loads((folder / files_out.MANIFEST).read_text())["files"]
-    assert files_out.prune(tmp_path, now=folder.stat().st_mtime + 60) == 0  # the answer may not be stored yet
-    assert files_out.prune(tmp_path, now=folder.stat().st_mtime + files_out.SENT_KEEP_SECONDS + 1) == 1
+    later = folder.stat().st_mtime + files_out.SETTLED_SECONDS + 1
+    assert files_out.prune(chats_dir, set(), now=folder.stat().st_mtime + 60) == 0  # the answer may not be stored
+    assert files_out.prune(chats_dir, {waiting.path}, now=later) == 0  # an item still names a copy in it
+    assert files_out.prune(chats_dir, set(), now=later) == 1
     assert not folder.exists()
+
+
+def test_prune_never_follows_a_link_an_agent_planted_where_it_looks(tmp_path: Path) -> None:
+    """A workspace configured one level below chats_dir (chats/{chat_id}-ws) puts agent-made names where prune
+    looks: `sending` there may be a link to any host folder."""
+    chats_dir = tmp_path / "chats"
+    victim = tmp_path / "victim"
+    (victim / "precious").mkdir(parents=True)
+    old = time.time() - 30 * 24 * 3600
+    os.utime(victim / "precious", (old, old))
+    workspace = chats_dir / "oc_abc-ws"
+    workspace.mkdir(parents=True)
+    (workspace / "sending").symlink_to(victim)
+    if os.geteuid() == 0:
+        os.chown(workspace, 4321, 4321)  # the agent's, as a configured workspace is
+    assert files_out.prune(chats_dir, set()) == 0
+    assert (victim / "precious").exists()
 
 
 def test_files_wait_while_the_chats_unsent_copies_fill_their_room(chat: tuple[Path, Path],
@@ -212,3 +259,38 @@ def test_files_wait_while_the_chats_unsent_copies_fill_their_room(chat: tuple[Pa
     assert "waits" in take(chat, turn="1-2-abc").text  # a.bin is not sent yet
     files_out.discard(first.files[0][0])
     assert [file.name for file, _ in take(chat, turn="1-3-abc").files] == ["b.bin"]
+
+
+def test_names_that_cannot_be_opened_or_encoded_are_refused_and_the_rest_sent(chat: tuple[Path, Path]) -> None:
+    outbox = chat[1] / "outbox"
+    long_name = "x" * 248 + ".txt"  # with ".caption" it is past the 255 bytes a name may have
+    (outbox / long_name).write_text("long")
+    (outbox / os.fsdecode(b"r\xff.txt")).write_text("not UTF-8")
+    leased = outbox / "leased.txt"
+    leased.write_text("held")
+    holder = os.open(leased, os.O_RDONLY)
+    try:
+        fcntl.fcntl(holder, fcntl.F_SETLEASE, fcntl.F_RDLCK)  # a lease its owner may take: opens for reading go on
+        sending = take(chat)
+    finally:
+        fcntl.fcntl(holder, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        os.close(holder)
+    names = sorted(file.name for file, _ in sending.files)
+    assert names[:2] == ["leased.txt", "r_.txt"] and names[2].startswith("xxx")  # cut to 100 bytes
+    assert sending.text.encode()  # no lone surrogate reaches the answer
+
+
+def test_a_write_lease_is_refused_not_waited_for_nor_failing_the_turn(chat: tuple[Path, Path]) -> None:
+    leased = chat[1] / "outbox" / "leased.txt"
+    leased.write_text("held")
+    # The holder (the agent; here this process) gets SIGIO when the open asks for the lease: ignored here.
+    previous = signal.signal(signal.SIGIO, signal.SIG_IGN)
+    holder = os.open(leased, os.O_WRONLY)
+    try:
+        fcntl.fcntl(holder, fcntl.F_SETLEASE, fcntl.F_WRLCK)  # an open to read it now gets EWOULDBLOCK
+        sending = take(chat)
+    finally:
+        fcntl.fcntl(holder, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        os.close(holder)
+        signal.signal(signal.SIGIO, previous)
+    assert sending.files == () and "outbox/leased.txt was not sent: it could not be opened." in sending.text

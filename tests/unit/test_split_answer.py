@@ -60,3 +60,11 @@ def test_every_piece_fits_and_nothing_is_lost(parts: list[str], limit: int) -> N
     pieces = split_answer(text, limit)
     assert all(len(piece) <= limit for piece in pieces)
     assert "".join(words(piece) for piece in pieces) == words(text)  # nothing lost, in order
+
+
+def test_a_cut_inside_a_line_never_starts_a_piece_with_a_fence() -> None:
+    # Found by the property above: "x```py" mid-line is text; cut just before its backticks it opened a code block.
+    text = "word word ```\n" + "x" * 100 + "```\n" + "x" * 50 + "```py\n"
+    pieces = split_answer(text, 84)
+    assert "".join(words(piece) for piece in pieces) == words(text)
+    assert not any(piece.startswith("```") for piece in pieces)  # no block is open anywhere in this text
