@@ -26,7 +26,7 @@ import yaml
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
-from bench.faults_lib import approvals, boundary, resilience, webhook
+from bench.faults_lib import approvals, boundary, files, resilience, webhook
 from bench.faults_lib import events as fuzz
 from bench.faults_lib.rig import Result, Rig, Sent, wait_for
 from orchestrator import cli
@@ -584,7 +584,8 @@ SCENARIOS: dict[str, Scenario] = {"kill9": kill9, "duplicates": duplicates, "rat
                                   "hostile_input": hostile_input, "webhook_attacks": webhook.webhook_attacks,
                                   "store_locked": resilience.store_locked, "planted_links": boundary.planted_links,
                                   "output_flood": boundary.output_flood, "disk_budget": boundary.disk_budget,
-                                  "neighbours": boundary.neighbours, "approvals": approvals.approvals}
+                                  "neighbours": boundary.neighbours, "approvals": approvals.approvals,
+                                  "files_out": files.files_out}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -660,7 +660,10 @@ class Service:
                 metrics.OVERHEAD_SECONDS.observe(max(0.0, wall - result.duration_ms / 1000))
             log.info(f"answered ({len(result.text)} chars, cost {result.cost_usd}, {result.duration_ms} ms)")
         else:
-            log.warning("the answer came after its message was failed (at a shutdown); dropped")
+            for file, _ in result.files:
+                files_out.discard(file)
+            log.warning("the answer came after its message was failed (at a shutdown); dropped"
+                        + (f" with its {len(result.files)} file(s)" if result.files else ""))
         self._displays.pop(message.message_id, None)
         self.deliverer.wake()
 

@@ -39,3 +39,7 @@ def test_every_benchmark_runs_and_prints_its_figures() -> None:
                      r"min 1, max 1 ", out, re.M), out
     assert re.search(r"^gateway throughput: \d+ req/s through the gateway, \d+ req/s direct \(concurrency 8\); "
                      r"ratio=[\d.]+x of direct$", out, re.M), out
+    assert re.search(r"^files in: a 5 MiB file message -> its turn starting: samples=\d+ median=\d+ ms", out, re.M), out
+    assert re.search(r"^files out 10 MiB: samples=\d+ answer delivered -> file in the chat median=\d+ ms", out,
+                     re.M), out
+    assert re.search(r"^files: Feishu API calls per file: a file in adds \+1 \(download \+1\)", out, re.M), out
