@@ -198,7 +198,9 @@ def output_flood(quick: bool, rng: random.Random) -> Result:
     forged_sizes: list[int] = []  # bytes of the forged answer that reached the chat
     stopped: list[float] = []  # seconds from the flood's message to the chat being told it was stopped
     latency: list[float] = []  # the bystander's answers during and after the floods
-    with Rig("output_flood", result, defaults={"disk": "20g"}, limits={"answer_bytes": answer_cap}) as rig:
+    # The capped answer goes as messages (its size is what is checked), not as a file.
+    with Rig("output_flood", result, defaults={"disk": "20g"}, limits={"answer_bytes": answer_cap},
+             files={"answer_as_file_bytes": 0}) as rig:
         bot = rig.start()
         bystander = chat()
         _warm(rig, [bystander])

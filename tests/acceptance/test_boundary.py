@@ -101,7 +101,8 @@ def test_planted_links_and_folders_reach_no_host_file_secret_or_other_chat(
 def test_gigabytes_without_newlines_keep_the_orchestrator_small_and_the_answer_capped(
         feishu: FakeFeishu, feishu_config, tmp_path: Path, instance: str, docker_client: docker.DockerClient) -> None:
     answer_cap = 200_000
-    config = feishu_config(defaults={"disk": "20g"}, limits={"answer_bytes": answer_cap})
+    config = feishu_config(defaults={"disk": "20g"}, limits={"answer_bytes": answer_cap},
+                           files={"answer_as_file_bytes": 0})  # the capped answer as messages, not as a file
     bot = _start(feishu, config, "unused")
     data = tmp_path / "data"
     attacker, bystander = chat(), chat()
