@@ -14,6 +14,14 @@ from tests.fakes.anthropic import FakeAnthropic
 from tests.harness import AGENT_IMAGE, MODEL_KEY, StoreView, write_config
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that uses the engine (its fixture, directly or through another) is marked `docker`, so
+    `pytest -m "not docker"` is the suite that runs without it."""
+    for item in items:
+        if "docker_client" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.docker)
+
+
 @pytest.fixture(scope="session")
 def fake_api() -> Iterator[FakeAnthropic]:
     server = FakeAnthropic(api_key=MODEL_KEY).start()  # the real key only: the gateway must add it

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.docker
 def test_every_benchmark_runs_and_prints_its_figures() -> None:
     result = subprocess.run([sys.executable, "-m", "bench.run_all", "--quick"], cwd=REPO, capture_output=True,
                             text=True, timeout=900)
