@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 
 class SlidingWindow:
@@ -39,14 +39,17 @@ class SlidingWindow:
 
 class Limiter:
     """App-wide windows that every call shares, plus a window per key of a scope (one chat, one card).
-    Callers wait their turn in order."""
+    Callers wait their turn in order. `clock` and `sleep` go together (the tests pass a fake pair): `sleep` must
+    let the event loop run others while one caller waits."""
 
     def __init__(self, app_windows: list[tuple[int, float]], scopes: Mapping[str, tuple[int, float]],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self._app = [SlidingWindow(limit, window) for limit, window in app_windows]
         self._scopes = scopes
         self._keyed: dict[tuple[str, str], SlidingWindow] = {}
         self._clock = clock
+        self._sleep = sleep
         self._lock = asyncio.Lock()
 
     async def acquire(self, scope: str | None = None, key: str = "") -> float:
@@ -62,7 +65,7 @@ class Limiter:
         async with self._lock:
             while (delay := max((w.delay(self._clock()) for w in windows), default=0.0)) > 0:
                 waited += delay
-                await asyncio.sleep(delay)
+                await self._sleep(delay)
             now = self._clock()
             for window in windows:
                 window.record(now)

@@ -43,18 +43,23 @@ def parse_message_event(event: Any, bot_open_id: str, require_mention: Callable[
     if not isinstance(event, dict):
         return Ignored("malformed event: not an object")
     message, sender = event.get("message"), event.get("sender")
-    if not isinstance(message, dict) or not isinstance(sender, dict):
-        return Ignored("malformed event: no message or sender")
+    if not isinstance(message, dict):
+        return Ignored("malformed event: no message")
+    if not isinstance(sender, dict):
+        return Ignored("malformed event: no sender")
     chat_id, message_id = message.get("chat_id"), message.get("message_id")
     if not isinstance(message_id, str) or not message_id:
         return Ignored("malformed event: no message_id")
     if not is_valid_chat_id(chat_id):
         return Ignored(f"malformed event: chat_id {str(chat_id)[:80]!r} is not valid")
     sender_ids = sender.get("sender_id")
-    sender_id = str(sender_ids.get("open_id") or "") if isinstance(sender_ids, dict) else ""
+    sender_id = sender_ids.get("open_id") if isinstance(sender_ids, dict) else None
     if sender.get("sender_type") != "user":
-        return Ignored(f"sent by {sender.get('sender_type') or 'an unknown sender'}, not a user")
-    if sender_id and sender_id == bot_open_id:
+        return Ignored(f"sent by {str(sender.get('sender_type') or 'an unknown sender')[:80]}, not a user")
+    # A user's message without an open id could not be checked against allowed_users, approvers or budgets.
+    if not is_open_id(sender_id):
+        return Ignored(f"malformed event: sender open_id {_shown(sender_id)} is not valid")
+    if sender_id == bot_open_id:
         return Ignored("the bot's own message")
     raw_mentions = message.get("mentions")
     mentions = [m for m in raw_mentions if isinstance(m, dict)] if isinstance(raw_mentions, list) else []

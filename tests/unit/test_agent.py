@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from orchestrator.agent import (
     CHAT_PROMPT,
@@ -16,7 +17,9 @@ from orchestrator.agent import (
     outcome,
     parse_line,
 )
+from orchestrator.agent_host import decode_request, encode_request
 from orchestrator.config import AgentSettings, ChatOptions
+from tests.unit.test_agent_host import FAKE_CLI, Channel
 
 SESSION = "e9e352d1-0000-4000-8000-000000000001"
 INIT = {"type": "system", "subtype": "init", "cwd": "/workspace", "session_id": SESSION, "model": "claude-x"}
@@ -57,10 +60,34 @@ def test_a_chat_that_asks_for_approvals_gets_the_prompts_on_stdio_and_its_auto_a
     assert "--permission-prompt-tool" not in cli_argv(AgentSettings(), ChatOptions(auto_allow=("Read",)))
 
 
-def test_the_prompt_is_never_in_the_argv() -> None:
-    # The prompt is a stream-json line on stdin; nothing a user types can become a flag.
+# A prompt that would do harm as argv: a flag, a session to resume, shell.
+MARKER = "prompt-7f3a"
+HOSTILE_PROMPT = f"--dangerously-skip-permissions --resume={SESSION} {MARKER} $(touch /tmp/{MARKER})\n--model=evil"
+
+
+def test_the_prompt_goes_in_the_stdin_message_of_the_request_and_never_in_its_argv() -> None:
+    """The request the orchestrator writes for a turn, as the agent host reads it: its argv is the CLI's and nothing
+    more; the prompt is the user message the host writes to the CLI's stdin."""
+    agent, chat = AgentSettings(model="sonnet", extra_args=("--max-turns", "5")), ChatOptions(permission_mode="default")
+    request = decode_request(encode_request(cli_argv(agent, chat), {}, SESSION, HOSTILE_PROMPT, 60.0))
+    assert list(request.argv) == cli_argv(agent, chat)
+    assert not any(MARKER in arg or "--model=evil" in arg or arg == "--dangerously-skip-permissions"
+                   for arg in request.argv)
+    assert request.message == {"type": "user", "message": {"role": "user", "content": HOSTILE_PROMPT}}
+
+
+def test_the_cli_the_agent_host_starts_gets_the_prompt_on_stdin_and_not_in_its_argv(tmp_path: Path) -> None:
+    """The whole way: the orchestrator's argv (with the fake CLI in place of `claude`) and a hostile prompt, served
+    by the agent host; the running CLI's own command line holds none of the prompt, and it answered the prompt."""
     argv = cli_argv(AgentSettings(), ChatOptions())
-    assert argv.count("-p") == 1 and not any(arg.startswith("--resume") for arg in argv)
+    host = Channel(tmp_path / "chat").start()
+    try:
+        turn = host.ask(HOSTILE_PROMPT, argv=(*FAKE_CLI[:2], *argv[1:]))
+        command_line = Path(f"/proc/{turn.pid}/cmdline").read_bytes().split(b"\0")
+    finally:
+        host.stop()
+    assert turn.answer == f"Fake answer to: {HOSTILE_PROMPT}"
+    assert [arg.decode() for arg in command_line if arg] == [*FAKE_CLI[:2], *argv[1:]]
 
 
 def test_parse_the_documented_stream() -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from decimal import Decimal
@@ -11,10 +12,25 @@ import yaml
 from orchestrator.config import (
     DEFAULT_EGRESS_ALLOW,
     DEFAULT_PRICES,
+    AccessSettings,
+    AgentSettings,
+    BudgetSettings,
     ChatOptions,
     ConfigError,
+    ContainerSettings,
     Egress,
+    FeishuSettings,
+    FileSettings,
+    GatewaySettings,
+    LimitSettings,
+    LoggingSettings,
+    MetricsSettings,
+    Price,
+    SchedulerSettings,
+    Settings,
+    ShutdownSettings,
     load_settings,
+    parse_settings,
     resolve_chat,
 )
 
@@ -331,3 +347,165 @@ def test_chats_dir_is_relative_to_the_config_file_and_defaults_under_data_dir(tm
     settings = load_settings(write(tmp_path, {"chats_dir": "${CHATS}"}), {"CHATS": "/mnt/chats"})
     assert settings.chats_dir == Path("/mnt/chats") and settings.data_dir == tmp_path / "data"
     assert resolve_chat(settings, "oc_a").workspace == Path("/mnt/chats/oc_a/workspace")
+
+
+# ---- every section read through parse_settings, with values that are not the defaults ----
+
+EVERYTHING = {
+    "data_dir": "/srv/bot", "chats_dir": "/mnt/chats", "instance": "bot-2",
+    "agent": {"image": "runner:2", "env": {"REGION": "eu"}, "model": "claude-opus-4-5",
+              "extra_args": ["--max-turns", "7"], "idle_timeout": 30, "turn_timeout": 120, "hot_idle": 45, "uid": 1001},
+    "defaults": {"cpus": 0.5, "memory": "1g", "pids_limit": 64, "network": "none", "unsafe_network": True,
+                 "workspace": "/srv/ws/{chat_id}", "require_mention": False, "disk": "2g", "tmp_size": "32m",
+                 "egress": "open", "permission_mode": "default", "approvers": ["ou_boss"], "auto_allow": ["Read"],
+                 "approval_timeout": 60, "threads": "shared"},
+    "groups": {"oc_big": {"cpus": 4, "threads": "per_thread"}},
+    "access": {"allowed_chats": ["oc_big"], "allowed_users": ["ou_boss"]},
+    "feishu": {"app_id": "cli_a", "app_secret": "app-secret", "domain": "https://open.larksuite.com",
+               "mode": "webhook", "verification_token": "v-token", "encrypt_key": "e-key", "rate_per_chat": 3,
+               "rate_per_app": 20, "rate_per_app_minute": 500, "webhook_host": "0.0.0.0", "webhook_port": 9000,
+               "webhook_path": "/hook", "webhook_max_body": "512k", "webhook_max_concurrent": 16,
+               "webhook_max_per_client": 2, "webhook_timeout": 3, "reconnect_after": 12},
+    "scheduler": {"max_concurrent_turns": 2, "queue_depth": 3},
+    "containers": {"idle_stop": 60, "max_running": 5, "stop_timeout": 2},
+    "shutdown": {"drain_timeout": 0, "keep_containers": True},
+    "limits": {"line_bytes": "2k", "output_bytes": "1m", "answer_bytes": 4096, "min_free_disk": 0,
+               "disk_check_interval": 0.5},
+    "files": {"max_bytes": "1m", "message_bytes": "4m", "answer_as_file_bytes": 0, "wait_for_text": 0},
+    "gateway": {"upstream_url": "https://gw.example.com/v1/", "api_key": "sk-gw", "auth_token": "gw-token",
+                "image": "orchestrator:2", "max_request_bytes": "2m", "request_timeout": 60, "max_concurrent": 3},
+    "budgets": {"per_chat_daily_usd": 1, "per_user_daily_usd": "2.5", "instance_daily_usd": 3,
+                "per_chat_monthly_usd": 4, "per_user_monthly_usd": 5, "instance_monthly_usd": "6.75",
+                "timezone": "Asia/Shanghai", "reset_at": "06:30", "footer": False,
+                "prices": {"claude-fake": {"input": 1, "output": 2, "cache_write": 3, "cache_read": 4}}},
+    "metrics": {"listen": "127.0.0.1:9464"},
+    "logging": {"json": True, "level": "DEBUG"},
+}
+
+
+def expected_everything(source: Path) -> Settings:
+    return Settings(
+        source=source, data_dir=Path("/srv/bot"), chats_dir=Path("/mnt/chats"), instance="bot-2",
+        agent=AgentSettings(image="runner:2", env={"REGION": "eu"}, model="claude-opus-4-5",
+                            extra_args=("--max-turns", "7"), idle_timeout=30.0, turn_timeout=120.0, hot_idle=45.0,
+                            uid=1001),
+        defaults=ChatOptions(cpus=0.5, memory=1024**3, pids_limit=64, network="none", unsafe_network=True,
+                             workspace="/srv/ws/{chat_id}", require_mention=False, disk=2 * 1024**3,
+                             tmp_size=32 * 1024**2, egress=Egress(mode="open"), permission_mode="default",
+                             approvers=("ou_boss",), auto_allow=("Read",), approval_timeout=60.0, threads="shared"),
+        groups={"oc_big": {"cpus": 4.0, "threads": "per_thread"}},
+        access=AccessSettings(allowed_chats=("oc_big",), allowed_users=("ou_boss",)),
+        feishu=FeishuSettings(app_id="cli_a", app_secret="app-secret", domain="https://open.larksuite.com",
+                              mode="webhook", verification_token="v-token", encrypt_key="e-key", rate_per_chat=3,
+                              rate_per_app=20, rate_per_app_minute=500, webhook_host="0.0.0.0", webhook_port=9000,
+                              webhook_path="/hook", webhook_max_body=512 * 1024, webhook_max_concurrent=16,
+                              webhook_max_per_client=2, webhook_timeout=3.0, reconnect_after=12.0),
+        scheduler=SchedulerSettings(max_concurrent_turns=2, queue_depth=3),
+        containers=ContainerSettings(idle_stop=60.0, max_running=5, stop_timeout=2.0),
+        shutdown=ShutdownSettings(drain_timeout=0.0, keep_containers=True),
+        limits=LimitSettings(line_bytes=2048, output_bytes=1024**2, answer_bytes=4096, min_free_disk=0,
+                             disk_check_interval=0.5),
+        files=FileSettings(max_bytes=1024**2, message_bytes=4 * 1024**2, answer_as_file_bytes=0, wait_for_text=0.0),
+        gateway=GatewaySettings(upstream_url="https://gw.example.com/v1", api_key="sk-gw", auth_token="gw-token",
+                                image="orchestrator:2", max_request_bytes=2 * 1024**2, request_timeout=60.0,
+                                max_concurrent=3),
+        budgets=BudgetSettings(per_chat_daily_usd=Decimal(1), per_user_daily_usd=Decimal("2.5"),
+                               instance_daily_usd=Decimal(3), per_chat_monthly_usd=Decimal(4),
+                               per_user_monthly_usd=Decimal(5), instance_monthly_usd=Decimal("6.75"),
+                               timezone="Asia/Shanghai", reset_at="06:30", footer=False,
+                               prices={**DEFAULT_PRICES, "claude-fake": Price(Decimal(1), Decimal(2), Decimal(3),
+                                                                              Decimal(4))}),
+        metrics=MetricsSettings(listen="127.0.0.1:9464"),
+        logging=LoggingSettings(json=True, level="DEBUG"),
+    )
+
+
+def test_every_key_of_every_section_is_read(tmp_path: Path) -> None:
+    source = tmp_path / "bot.yaml"
+    expected = expected_everything(source)
+    assert parse_settings(EVERYTHING, source, {}) == expected
+    defaults = Settings(source=source, data_dir=tmp_path / "data")
+    for section in (field for field in dataclasses.fields(Settings) if field.name != "source"):
+        # each value above differs from its default, so a key left unread shows
+        value, default = getattr(expected, section.name), getattr(defaults, section.name)
+        if dataclasses.is_dataclass(value):
+            for key in dataclasses.fields(value):
+                assert getattr(value, key.name) != getattr(default, key.name), f"{section.name}.{key.name}"
+        else:
+            assert value != default, section.name
+
+
+def read(tmp_path: Path, key: str, value: object, environ: dict[str, str] | None = None) -> object:
+    """`value` for the key `section.name` (or `groups.<chat>.name`) read through parse_settings, as the settings
+    hold it."""
+    *path, name = key.split(".")
+    raw: dict = {name: value}
+    for part in reversed(path):
+        raw = {part: raw}
+    settings = parse_settings(raw, tmp_path / "bot.yaml", environ or {})
+    if path[0] == "groups":
+        return resolve_chat(settings, path[1]).options.__getattribute__(name)
+    return getattr(getattr(settings, path[0]), name)
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("scheduler.max_concurrent_turns", 1, 1), ("scheduler.queue_depth", "1", 1),
+    ("containers.max_running", 0, 0), ("containers.idle_stop", 0.001, 0.001), ("containers.stop_timeout", "0.5", 0.5),
+    ("shutdown.drain_timeout", 0, 0.0),
+    ("files.answer_as_file_bytes", 0, 0), ("files.wait_for_text", 0, 0.0), ("files.max_bytes", "1k", 1024),
+    ("files.message_bytes", 1024, 1024),
+    ("gateway.max_concurrent", 1, 1), ("gateway.max_request_bytes", 1024, 1024),
+    ("feishu.webhook_port", 65535, 65535), ("feishu.webhook_port", 1, 1), ("feishu.rate_per_app_minute", 1, 1),
+    ("defaults.cpus", 0.01, 0.01), ("defaults.memory", "6m", 6 * 1024**2), ("defaults.pids_limit", 1, 1),
+    ("defaults.approval_timeout", 0.5, 0.5), ("defaults.disk", "1m", 1024**2),
+    ("defaults.tmp_size", "1.5m", 3 * 512 * 1024), ("feishu.webhook_max_body", "1.5k", 1536),
+    ("agent.uid", 1, 1), ("agent.hot_idle", 0.1, 0.1),
+    ("metrics.listen", "", ""), ("metrics.listen", "[::1]:65535", "[::1]:65535"),
+    ("logging.level", "WARNING", "WARNING"),
+    ("budgets.instance_daily_usd", 0, Decimal(0)), ("budgets.reset_at", "23:59:59", "23:59:59"),
+    ("limits.min_free_disk", 0, 0), ("limits.line_bytes", 1024, 1024),
+])
+def test_the_least_and_the_most_each_key_takes(tmp_path: Path, key: str, value: object, expected: object) -> None:
+    assert read(tmp_path, key, value) == expected
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("scheduler.max_concurrent_turns", 0), ("scheduler.max_concurrent_turns", -1), ("scheduler.queue_depth", "0"),
+    ("containers.max_running", -1), ("containers.idle_stop", 0), ("containers.stop_timeout", -5),
+    ("shutdown.drain_timeout", -0.5), ("shutdown.keep_containers", "yes"),
+    ("files.answer_as_file_bytes", -1), ("files.wait_for_text", -1), ("files.max_bytes", 1023),
+    ("gateway.max_concurrent", 0), ("gateway.max_request_bytes", 1023), ("gateway.request_timeout", 0),
+    ("feishu.webhook_port", 65536), ("feishu.webhook_port", 0), ("feishu.rate_per_chat", 0),
+    ("defaults.cpus", 0.009), ("defaults.cpus", 0), ("defaults.memory", 6 * 1024**2 - 1), ("defaults.pids_limit", 0),
+    ("defaults.approval_timeout", -1), ("defaults.threads", "per_topic"),
+    ("agent.uid", 0), ("agent.hot_idle", 0), ("agent.model", ["sonnet"]), ("agent.extra_args", ["-p"]),
+    ("agent.extra_args", ["--permission-mode=default"]),
+    ("metrics.listen", "127.0.0.1:0"), ("metrics.listen", "127.0.0.1:65536"), ("metrics.listen", "localhost"),
+    ("metrics.listen", ":9464"), ("logging.level", "debug"), ("logging.level", "TRACE"), ("logging.json", 1),
+    ("budgets.instance_daily_usd", "-0.01"), ("budgets.instance_daily_usd", "nan"), ("budgets.footer", "no"),
+    ("budgets.per_chat_monthly_usd", "inf"), ("budgets.reset_at", "7:00"), ("budgets.reset_at", "12:60"),
+    ("limits.line_bytes", 1023),
+])
+def test_values_past_a_bound_name_the_key(tmp_path: Path, key: str, value: object) -> None:
+    with pytest.raises(ConfigError) as refused:
+        read(tmp_path, key, value)
+    assert str(refused.value).startswith(f"bot.yaml: {key}: ")
+
+
+BOOLEANS = ("defaults.unsafe_network", "defaults.require_mention", "groups.oc_a.require_mention",
+            "shutdown.keep_containers", "logging.json", "budgets.footer")
+
+
+@pytest.mark.parametrize("key", BOOLEANS)
+@pytest.mark.parametrize(("text", "expected"), [("true", True), ("false", False), ("TRUE", True), ("False", False)])
+def test_true_and_false_from_the_environment_are_booleans(tmp_path: Path, key: str, text: str,
+                                                          expected: bool) -> None:
+    assert read(tmp_path, key, "${FLAG}", {"FLAG": text}) is expected
+
+
+@pytest.mark.parametrize("key", BOOLEANS)
+@pytest.mark.parametrize("text", ["yes", "1", "", "truth"])
+def test_other_words_from_the_environment_are_not_booleans(tmp_path: Path, key: str, text: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        read(tmp_path, key, "${FLAG}", {"FLAG": text})
+    assert str(refused.value) == f"bot.yaml: {key}: {text!r} must be true or false"

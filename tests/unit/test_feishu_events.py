@@ -252,3 +252,67 @@ def test_a_message_in_a_topic_carries_its_thread_id_when_it_has_the_shape_of_one
         raw["message"]["thread_id"] = forged
         parsed = parse_message_event(raw, BOT, lambda chat_id: True)
         assert isinstance(parsed, Incoming) and parsed.thread_id == ""
+
+
+# ---- events with fields missing ----
+
+
+def test_a_message_without_a_sender_or_a_sender_without_a_message_is_ignored_with_a_reason() -> None:
+    message = event()["message"]
+    for sender in (None, "ou_user", [], 5):
+        assert parse({"message": message, "sender": sender}) == Ignored("malformed event: no sender")
+    assert parse({"message": message}) == Ignored("malformed event: no sender")
+    assert parse({"sender": event()["sender"]}) == Ignored("malformed event: no message")
+    assert parse({"sender": event()["sender"], "message": "text"}) == Ignored("malformed event: no message")
+
+
+@pytest.mark.parametrize("sender_id", [
+    "missing", None, "ou_x", {"user_id": "u1"}, {"open_id": ""}, {"open_id": 7}, {"open_id": ["ou_x"]},
+    {"open_id": "ou_a b"}, {"open_id": "u1"}, {"open_id": "ou_" + "a" * 101},
+])
+def test_a_users_message_without_an_open_id_is_ignored(sender_id: object) -> None:
+    """allowed_users, approvers and per-user budgets all go by the sender's open id: one without it is not served."""
+    sender = {"sender_type": "user"} if sender_id == "missing" else {"sender_type": "user", "sender_id": sender_id}
+    parsed = parse({**event(), "sender": sender})
+    assert isinstance(parsed, Ignored) and parsed.reason.startswith("malformed event: sender open_id"), parsed
+
+
+def test_a_sender_of_no_or_another_type_is_not_a_user() -> None:
+    assert parse({**event(), "sender": {"sender_id": {"open_id": "ou_user"}}}) == \
+        Ignored("sent by an unknown sender, not a user")
+    forged = parse(event(sender_type="x" * 10_000))
+    assert isinstance(forged, Ignored) and len(forged.reason) < 120
+
+
+def test_a_message_without_a_chat_type_needs_a_mention_as_a_group_message_does() -> None:
+    raw = event("hi")
+    del raw["message"]["chat_type"]
+    assert parse(raw) == Ignored("a group message that does not mention the bot")
+    assert isinstance(parse(raw, require_mention=False), Incoming)
+
+
+def test_a_message_without_a_type_mentions_or_text_is_still_read() -> None:
+    raw = event()
+    del raw["message"]["message_type"], raw["message"]["mentions"]
+    assert parse(raw) == Incoming("oc_chat1", "om_1", "ou_user", "", kind="unknown")
+    for forged in ("", "../../x", "text; rm", 5):  # the kind is named in a reply and a log line
+        assert parse(event(message_type=forged)) == Incoming("oc_chat1", "om_1", "ou_user", "", kind="unknown")
+    assert parse(event(content="{}")) == Incoming("oc_chat1", "om_1", "ou_user", "/help")  # text without text
+    raw = event()
+    del raw["message"]["content"]
+    assert parse(raw) == Ignored("malformed event: text content is not JSON")
+
+
+def test_mentions_of_the_wrong_shape_mention_nobody() -> None:
+    broken = [{"key": "@_user_1"}, {"key": "@_user_1", "id": BOT}, {"key": "@_user_1", "id": {"open_id": [BOT]}}, "x"]
+    assert parse(event("@_user_1 hi", chat_type="group", mentions=broken)) == \
+        Ignored("a group message that does not mention the bot")
+    parsed = parse(event("@_user_1 hi", mentions=broken))
+    assert isinstance(parsed, Incoming) and parsed.text == "@someone hi"
+
+
+def test_before_the_bot_knows_its_own_open_id_no_mention_is_the_bots() -> None:
+    unknown_bot = {"key": "@_user_1", "id": {"open_id": ""}, "name": "Claude"}
+    parsed = parse_message_event(event("@_user_1 hi", chat_type="group", mentions=[unknown_bot]), "", lambda c: True)
+    assert parsed == Ignored("a group message that does not mention the bot")
+    assert isinstance(parse_message_event(event("hi"), "", lambda c: True), Incoming)

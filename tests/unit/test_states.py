@@ -35,3 +35,32 @@ def test_predecessors() -> None:
     assert predecessors(State.QUEUED) == {State.RECEIVED, State.RUNNING}
     assert predecessors(State.DELIVERED) == {State.ANSWERED}
     assert predecessors(State.MERGED) == {State.RECEIVED}
+
+
+# Every move the life of a message allows, each with why; every other pair of states is refused.
+ALLOWED = {
+    (State.RECEIVED, State.QUEUED),  # its turn is coming
+    (State.RECEIVED, State.FAILED),  # refused before it ran (a file it brought could not be had, a shutdown)
+    (State.RECEIVED, State.MERGED),  # files only: a later message of its sender took them
+    (State.QUEUED, State.RUNNING),
+    (State.QUEUED, State.FAILED),  # failed while it waited (a shutdown, a container that cannot start)
+    (State.RUNNING, State.ANSWERED),
+    (State.RUNNING, State.FAILED),  # the turn crashed, hung or was interrupted
+    (State.RUNNING, State.QUEUED),  # handed back to run again with a fresh session
+    (State.ANSWERED, State.DELIVERED),
+    (State.ANSWERED, State.FAILED),  # the answer proved undeliverable for good
+}
+
+
+@pytest.mark.parametrize(("current", "target"), list(itertools.product(State, State)))
+def test_exactly_the_allowed_moves_are_allowed(current: State, target: State) -> None:
+    allowed = (current, target) in ALLOWED
+    assert (target in TRANSITIONS[current]) == allowed
+    assert (current in predecessors(target)) == allowed
+
+
+def test_every_unfinished_state_can_fail_and_no_final_state_can_move() -> None:
+    assert all(State.FAILED in TRANSITIONS[state] for state in UNFINISHED)
+    assert all(TRANSITIONS[state] == frozenset() for state in FINAL)
+    assert predecessors(State.FAILED) == UNFINISHED
+    assert predecessors(State.RECEIVED) == frozenset()  # nothing goes back to the start

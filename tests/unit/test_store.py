@@ -1,16 +1,19 @@
 from __future__ import annotations
 
+import contextlib
 import errno
+import itertools
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from peewee import IntegrityError
 
 from orchestrator.masking import MASK
 from orchestrator.states import State
-from orchestrator.store import Store, TransitionRefused, refused_for_now
+from orchestrator.store import OutboxRecord, Store, TransitionRefused, refused_for_now
 
 
 @pytest.fixture
@@ -339,3 +342,210 @@ def test_files_sent_without_text_are_merged_into_the_next_message_at_once_or_not
     late, more = store.message("om_late"), store.message("om_more")  # nothing of a refused merge is kept
     assert (late.state, late.attachments, more.state) == (State.RECEIVED, '[{"key": "om_late"}]', State.RECEIVED)
     assert store.outbox("oc_1") == []  # a merged message is told nothing
+
+
+# ---- two chats: every write changes the chat (or the item) it names, and nothing of another chat's ----
+
+A, B = "oc_a", "oc_b"
+
+
+@pytest.fixture
+def ticking(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store's clock moves on at every reading, so a write that stamps a row it should not have touched
+    always shows in the row."""
+    readings = itertools.count(1_000)
+    monkeypatch.setattr("orchestrator.store.time", SimpleNamespace(time=lambda: float(next(readings))))
+
+
+def _take_files(store: Store, message_id: str) -> object:
+    store.record_received(f"{message_id}-taker", store.message(message_id).chat_id, "ou_1", "the text for them")
+    return store.merge(f"{message_id}-taker", "[]", [message_id])
+
+
+def _deliver(store: Store, message_id: str) -> None:
+    [item] = [i for i in store.outbox(store.message(message_id).chat_id) if i.message_id == message_id]
+    store.mark_sent(item)
+
+
+# How the service brings a received message to each state: the steps, each a store write.
+STEPS: dict[State, Callable[[Store, str], object]] = {
+    State.QUEUED: lambda s, m: s.mark_queued(m),
+    State.RUNNING: lambda s, m: s.mark_running(m, f"{m}-turn"),
+    State.ANSWERED: lambda s, m: s.answer(m, "the answer", 0.01, 100, card=None),
+    State.DELIVERED: _deliver,
+    State.FAILED: lambda s, m: s.fail(m, "failed before", "told before"),
+    State.MERGED: _take_files,
+}
+ROUTES: dict[State, list[State]] = {
+    State.RECEIVED: [], State.QUEUED: [State.QUEUED], State.RUNNING: [State.QUEUED, State.RUNNING],
+    State.ANSWERED: [State.QUEUED, State.RUNNING, State.ANSWERED],
+    State.DELIVERED: [State.QUEUED, State.RUNNING, State.ANSWERED, State.DELIVERED],
+    State.FAILED: [State.FAILED], State.MERGED: [State.MERGED],
+}
+
+
+def in_state(store: Store, message_id: str, state: State, chat_id: str = A) -> None:
+    """A message (of files) brought to `state`."""
+    store.record_received(message_id, chat_id, "ou_1", "question", attachments='[{"key": "img_1"}]')
+    for step in ROUTES[state]:
+        STEPS[step](store, message_id)
+    assert store.message(message_id).state is state
+
+
+def populate(store: Store, chat_id: str) -> None:
+    """One of everything the store keeps for a chat."""
+    store.ensure_chat(chat_id, f"name of {chat_id}")
+    store.set_container(chat_id, f"orchestrator-{chat_id}", f"id-{chat_id}")
+    store.set_session(chat_id, f"session-{chat_id}")
+    store.set_session(chat_id, f"topic-session-{chat_id}", "omt_1")
+    store.touch(chat_id)
+    store.record_refusal(chat_id)
+    for state in (State.RECEIVED, State.QUEUED, State.RUNNING, State.ANSWERED):
+        in_state(store, f"{chat_id}-{state}", state, chat_id)
+    store.record_received(f"{chat_id}-files", chat_id, "ou_1", "", attachments='[{"key": "img_2"}]')
+    store.say(chat_id, "a notice")
+    store.open_usage(chat_id, "ou_1", f"{chat_id}-running", "claude-x", input_tokens=1, output_tokens=1,
+                     cache_write_tokens=0, cache_read_tokens=0, cost_nano=10)
+    for number, key in enumerate((f"ask-{chat_id}", f"always-{chat_id}"), 1):
+        store.open_approval(key, chat_id, f"{chat_id}-running", f"turn-{chat_id}", number, f"Tool{number}", "{}",
+                            "ou_1", 1.0, 2.0)
+    store.decide(f"always-{chat_id}", "allowed", "ou_1", 1.5, always=True)
+
+
+def rows(store: Store) -> dict[tuple[str, int], dict[str, object]]:
+    """Every row of every table, by table and rowid."""
+    found = {}
+    for (table,) in store.db.execute_sql("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+        cursor = store.db.execute_sql(f"SELECT rowid AS row_key, * FROM {table}")
+        columns = [column[0] for column in cursor.description]
+        assert "chat_id" in columns, f"{table} has no chat_id: say here how this test tells whose its rows are"
+        for values in cursor.fetchall():
+            row = dict(zip(columns, values, strict=True))
+            found[(table, row.pop("row_key"))] = row
+    return found
+
+
+def changed_chats(before: dict[tuple[str, int], dict[str, object]],
+                  after: dict[tuple[str, int], dict[str, object]]) -> set[object]:
+    """The chats of the rows a write added, changed or removed."""
+    return {(after.get(key) or before[key])["chat_id"] for key in before.keys() | after.keys()
+            if before.get(key) != after.get(key)}
+
+
+def answer_item(store: Store, chat_id: str = A) -> OutboxRecord:
+    [item] = [i for i in store.outbox(chat_id) if i.message_id == f"{chat_id}-answered"]
+    return item
+
+
+WRITES: dict[str, Callable[[Store], object]] = {
+    "ensure_chat": lambda s: s.ensure_chat(A, "renamed"),
+    "set_container": lambda s: s.set_container(A, "orchestrator-new", "id-new"),
+    "set_session": lambda s: s.set_session(A, "session-new"),
+    "set_session of a topic": lambda s: s.set_session(A, "topic-session-new", "omt_1"),
+    "set_session of a new topic": lambda s: s.set_session(A, "topic-session-2", "omt_2"),
+    "forget_sessions": lambda s: s.forget_sessions(A),
+    "touch": lambda s: s.touch(A),
+    "record_refusal": lambda s: s.record_refusal(A),
+    "record_received": lambda s: s.record_received("om_new", A, "ou_1", "new"),
+    "set_display": lambda s: s.set_display(f"{A}-running", '{"card": "om_card"}'),
+    "mark_queued": lambda s: s.mark_queued(f"{A}-received"),
+    "mark_queued again": lambda s: s.mark_queued(f"{A}-running", "a fresh session"),
+    "mark_running": lambda s: s.mark_running(f"{A}-queued", "turn-2"),
+    "start_turn": lambda s: s.start_turn(f"{A}-running", "turn-3"),
+    "answer": lambda s: s.answer(f"{A}-running", "done", 0.5, 5, card="om_card"),
+    "answer_without_turn": lambda s: s.answer_without_turn(f"{A}-received", "a command's reply"),
+    "fail": lambda s: s.fail(f"{A}-queued", "it broke", "it broke, sorry"),
+    "fail_unanswered": lambda s: s.fail_unanswered(f"{A}-running", "unexpected", "something went wrong"),
+    "merge": lambda s: s.merge(f"{A}-received", '[{"key": "both"}]', [f"{A}-files"]),
+    "say": lambda s: s.say(A, "notice"),
+    "mark_sent": lambda s: s.mark_sent(answer_item(s)),
+    "set_uploaded": lambda s: s.set_uploaded(answer_item(s), "file_v3_upload"),
+    "mark_retry": lambda s: s.mark_retry(answer_item(s), "429", 5.0),
+    "mark_dead": lambda s: s.mark_dead(answer_item(s), "bot removed", notice="could not deliver"),
+    "open_usage": lambda s: s.open_usage(A, "ou_1", None, "claude-x", input_tokens=2, output_tokens=2,
+                                         cache_write_tokens=0, cache_read_tokens=0, cost_nano=20),
+    "update_usage": lambda s: s.update_usage(s.usage(A)[0].id, input_tokens=5, output_tokens=6, cache_write_tokens=7,
+                                             cache_read_tokens=8, cost_nano=99, complete=True),
+    "drop_usage": lambda s: s.drop_usage(s.usage(A)[0].id),
+    "open_approval": lambda s: s.open_approval(f"new-{A}", A, f"{A}-running", f"turn-{A}", 3, "Edit", "{}", "ou_1",
+                                               3.0, 4.0),
+    "decide": lambda s: s.decide(f"ask-{A}", "denied", "ou_2", 3.0, reason="no"),
+    "decide always": lambda s: s.decide(f"ask-{A}", "allowed", "ou_2", 3.0, always=True),
+    "note_answers": lambda s: s.note_answers(f"ask-{A}", '{"q": "a"}'),
+    "set_approval_card": lambda s: s.set_approval_card(f"ask-{A}", "om_approval_card"),
+    "set_approval_shown": lambda s: s.set_approval_shown(f"ask-{A}", "allowed"),
+    "set_approval_answered": lambda s: s.set_approval_answered(f"ask-{A}"),
+    "reset_always_allowed": lambda s: s.reset_always_allowed(A),
+}
+
+
+@pytest.mark.parametrize("write", list(WRITES))
+def test_a_write_for_one_chat_changes_nothing_of_another_chat(store: Store, ticking: None, write: str) -> None:
+    """One chat's /new must not wipe every chat's session, nor one delivery mark every chat's answers sent: each
+    write is made for chat A, with chat B holding one of everything, and B's rows must come out as they were."""
+    populate(store, A)
+    populate(store, B)
+    before = rows(store)
+    WRITES[write](store)
+    assert changed_chats(before, rows(store)) == {A}  # A's did change: the write is not a no-op here
+
+
+# ---- every move through the store, from every state ----
+
+MOVES, FALSE, RAISES = "moves", "returns False", "raises"
+# What each write does to a message in each state: (the state it moves to, outcomes by state, the others' outcome).
+OUTCOMES: dict[str, tuple[State, dict[State, str], str]] = {
+    "mark_queued": (State.QUEUED, {State.RECEIVED: MOVES, State.RUNNING: MOVES}, RAISES),
+    "mark_running": (State.RUNNING, {State.QUEUED: MOVES}, RAISES),
+    "start_turn": (State.RUNNING, {State.QUEUED: MOVES, State.RUNNING: MOVES}, RAISES),
+    "answer": (State.ANSWERED, {State.RUNNING: MOVES, State.FAILED: FALSE}, RAISES),
+    "fail": (State.FAILED, {State.RECEIVED: MOVES, State.QUEUED: MOVES, State.RUNNING: MOVES, State.FAILED: FALSE},
+             RAISES),
+    "fail_unanswered": (State.FAILED, {State.RECEIVED: MOVES, State.QUEUED: MOVES, State.RUNNING: MOVES}, FALSE),
+    "merged into another": (State.MERGED, {State.RECEIVED: MOVES}, RAISES),
+    "takes another's files": (State.RECEIVED, {State.RECEIVED: MOVES}, RAISES),
+}
+ATTEMPTS: dict[str, Callable[[Store, str], object]] = {
+    "mark_queued": lambda s, m: s.mark_queued(m),
+    "mark_running": lambda s, m: s.mark_running(m, "turn-new"),
+    "start_turn": lambda s, m: s.start_turn(m, "turn-new"),
+    "answer": lambda s, m: s.answer(m, "the answer", None, None, card=None),
+    "fail": lambda s, m: s.fail(m, "it broke", "it broke, sorry"),
+    "fail_unanswered": lambda s, m: s.fail_unanswered(m, "unexpected", "something went wrong"),
+    "merged into another": lambda s, m: s.merge("om_later", "[]", [m]),
+    "takes another's files": lambda s, m: s.merge(m, '[{"key": "both"}]', ["om_later"]),
+}
+
+
+@pytest.mark.parametrize("state", list(State))
+@pytest.mark.parametrize("write", list(OUTCOMES))
+def test_each_write_moves_a_message_only_from_the_states_that_allow_it(store: Store, ticking: None, write: str,
+                                                                       state: State) -> None:
+    """Failing must stay possible from every state before the answer (a crashed turn is always told); a refusal
+    that means a bug raises and one the caller expects returns False, and either leaves every row as it was."""
+    target, outcomes, others = OUTCOMES[write]
+    expected = outcomes.get(state, others)
+    in_state(store, "om_1", state)
+    store.record_received("om_later", A, "ou_1", "", attachments='[{"key": "img_9"}]')
+    before = rows(store)
+    if expected == RAISES:
+        with pytest.raises(TransitionRefused):
+            ATTEMPTS[write](store, "om_1")
+    else:
+        assert (ATTEMPTS[write](store, "om_1") is False) == (expected == FALSE)
+    if expected == MOVES:
+        assert store.message("om_1").state is target
+        assert rows(store) != before
+    else:
+        assert rows(store) == before
+
+
+def test_only_an_undeliverable_answer_takes_an_answered_message_to_failed(store: Store) -> None:
+    in_state(store, "om_1", State.ANSWERED)
+    for attempt in (ATTEMPTS["fail"], ATTEMPTS["fail_unanswered"]):
+        with contextlib.suppress(TransitionRefused):
+            attempt(store, "om_1")
+    assert store.message("om_1").state is State.ANSWERED
+    [item] = store.due_outbox()
+    store.mark_dead(item, "the chat is gone")
+    assert store.message("om_1").state is State.FAILED
