@@ -63,7 +63,9 @@ def test_answers_end_with_the_spend_and_cost_agrees_with_the_upstream_to_the_cen
     assert f"Cost: {usd(one)} this answer, {usd(one)} today in this chat of a budget of $50.00" in last_text(
         feishu, chat_id)
     feishu.push_event(feishu.text_event(chat_id, "RUN_BASH: echo tool-ran"))
-    wait_answer(feishu, chat_id, "ran: tool-ran")
+    # the finished answer, with its footer: the card shows "ran: tool-ran" while it still streams
+    wait_until(lambda: "ran: tool-ran" in last_text(feishu, chat_id) and "Cost: " in last_text(feishu, chat_id), 90,
+               "the second answer with its footer")
     total = spent_since(fake_api, first)
     assert f"this answer, {usd(total)} today in this chat" in last_text(feishu, chat_id)
     [_, second] = store_view.messages(chat_id)
