@@ -110,6 +110,9 @@ def take(paths: ChatPaths, uid: int, turn: str, answer: str, limits: FileSetting
     `mask` takes the secrets out of the answer's text before it is written as a file."""
     sending = paths.root / SENDING
     done = sending / turn
+    long = bool(limits.answer_as_file_bytes) and len(answer.encode()) > limits.answer_as_file_bytes
+    if not long and not (done / MANIFEST).exists() and not os.path.lexists(paths.workspace / OUTBOX):
+        return Sending(answer, ())  # every answer passes here: nothing to take costs one lstat, no folder
     if not (done / MANIFEST).exists():
         partial = sending / f".{turn}.partial"
         shutil.rmtree(partial, ignore_errors=True)  # root's own folder: a crash's leftover, not the agent's
