@@ -11,16 +11,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+from mutmut.stats import status_by_exit_code
 
 CORE = ("orchestrator/states.py", "orchestrator/store.py", "orchestrator/agent.py", "orchestrator/ratelimit.py",
         "orchestrator/config.py", "orchestrator/channels/feishu_events.py", "orchestrator/turns.py",
         "orchestrator/housekeeping.py")
 BAR = 0.90
-KILLED = {1, 3, 37}  # a failing test, pytest's internal error, a type check (mutmut's own reading)
-NOT_COUNTED = {None, 2, 5, 33, 34}  # not checked, interrupted, no test reaches it, skipped
+# mutmut's own reading of each mutant's exit code (mutmut.stats.status_by_exit_code). A timeout is a mutant the
+# tests caught (it made them hang: an endless loop); no test reaching it, skipped or not run is not counted.
+KILLED = {"killed", "timeout", "caught by type check", "segfault"}
+NOT_COUNTED = {"no tests", "skipped", "not checked", "check was interrupted by user"}
 
 
 def main(argv: list[str]) -> int:
@@ -30,13 +37,25 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     modules = [_path(module) for module in args.modules] or list(CORE)
     if not args.report_only:
-        names = [_mutant_prefix(module) + "*" for module in modules]
-        subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", "2", *names], check=False)
+        started = time.monotonic()
+        _run([_mutant_prefix(module) + "*" for module in modules])
+        print(f"mutation: ran in {time.monotonic() - started:.0f} s")
     below = [module for module in modules if not _report(module)]
     if below:
         print(f"mutation: under {BAR:.0%} killed: {', '.join(below)}")
         return 1
     return 0
+
+
+def _run(names: list[str]) -> None:
+    """A fresh run each time: mutmut keeps a mutant's result until its function changes, so a test added since
+    would not be seen to kill it. mutmut redraws a progress line many times a second: it goes to mutants/run.log,
+    not to a CI log."""
+    shutil.rmtree("mutants", ignore_errors=True)
+    Path("mutants").mkdir()
+    with open("mutants/run.log", "w") as log:
+        subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(os.cpu_count() or 1), *names],
+                       stdout=log, stderr=subprocess.STDOUT, check=False)
 
 
 def _path(module: str) -> str:
@@ -54,12 +73,13 @@ def _report(module: str) -> bool:
     """Print the module's score and survivors; whether it reaches the bar."""
     meta = Path("mutants") / (module + ".meta")
     if not meta.exists():
-        print(f"mutation: {module}: no results (run it first)")
+        print(f"mutation: {module}: no results (mutmut's output: mutants/run.log)")
         return False
     codes = json.loads(meta.read_text())["exit_code_by_key"]
-    counted = {key: code for key, code in codes.items() if code not in NOT_COUNTED}
-    killed = sum(1 for code in counted.values() if code in KILLED)
-    survivors = sorted(key for key, code in counted.items() if code not in KILLED)
+    statuses = {key: status_by_exit_code[code] for key, code in codes.items()}
+    counted = {key: status for key, status in statuses.items() if status not in NOT_COUNTED}
+    killed = sum(1 for status in counted.values() if status in KILLED)
+    survivors = sorted(key for key, status in counted.items() if status not in KILLED)
     score = killed / len(counted) if counted else 1.0
     print(f"mutation: {module}: {killed}/{len(counted)} killed ({score:.1%}), {len(codes) - len(counted)} not counted")
     for key in survivors:

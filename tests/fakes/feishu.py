@@ -928,22 +928,24 @@ class FakeFeishu:
 
     def click(self, message_id: str, button: Button | str, operator_open_id: str, *,
               form_value: dict[str, str] | None = None, via: Literal["ws", "webhook"] = "ws",
-              frame_type: Literal["card", "event"] = "card", webhook: Webhook | None = None) -> CallbackAnswer:
+              frame_type: Literal["card", "event"] = "card", webhook: Webhook | None = None,
+              wait: float = CALLBACK_WAIT) -> CallbackAnswer:
         """A click as Feishu delivers it: over the long connection in a data frame of `frame_type` (Feishu sends
         callbacks as `card` frames; `event` ones have been seen too), or to `webhook`. See send_callback."""
         envelope = self.card_action_event(message_id, button, operator_open_id, form_value=form_value)
-        return self.send_callback(envelope, via=via, frame_type=frame_type, webhook=webhook)
+        return self.send_callback(envelope, via=via, frame_type=frame_type, webhook=webhook, wait=wait)
 
     def send_callback(self, envelope: Json, *, via: Literal["ws", "webhook"] = "ws",
                       frame_type: Literal["card", "event"] = "card", webhook: Webhook | None = None,
-                      signature: str | None = None) -> CallbackAnswer:
+                      signature: str | None = None, wait: float = CALLBACK_WAIT) -> CallbackAnswer:
         """Deliver a callback envelope (from card_action_event, altered or not) and wait for the answer; Feishu
         takes one within CALLBACK_DEADLINE, and a card in it replaces the message's card. `signature` forges the
-        webhook request's X-Lark-Signature: such a request comes from an attacker, whose answer changes no card."""
+        webhook request's X-Lark-Signature: such a request comes from an attacker, whose answer changes no card.
+        `wait`: how long the long connection's ack is waited for (shorter where none is to come)."""
         if via == "ws":
             if signature is not None:
                 raise ValueError("the long connection carries no signature to forge")
-            answer = self._callback_over_ws(envelope, frame_type)
+            answer = self._callback_over_ws(envelope, frame_type, wait)
         elif webhook is None:
             raise ValueError("via='webhook' needs webhook=Webhook(url, encrypt_key)")
         else:
@@ -959,12 +961,12 @@ class FakeFeishu:
             raise ValueError("only a webhook callback can be replayed")
         return _post_callback(answer.request, answer.envelope)
 
-    def _callback_over_ws(self, envelope: Json, frame_type: Literal["card", "event"]) -> CallbackAnswer:
+    def _callback_over_ws(self, envelope: Json, frame_type: Literal["card", "event"], wait: float) -> CallbackAnswer:
         """Push the callback in one data frame; the client's ack carries the answer (base64 JSON in `data`)."""
         started = time.monotonic()
         try:
             ack = self.wait_ack(self._push(json.dumps(envelope, ensure_ascii=False).encode(), 1, frame_type),
-                                CALLBACK_WAIT)
+                                wait)
         except (NotConnected, TimeoutError) as exc:
             return _failed(envelope, "ws", 0, time.monotonic() - started, f"no answer: {exc}")
         try:
