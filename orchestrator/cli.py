@@ -20,7 +20,7 @@ from orchestrator.ids import is_valid_chat_id
 from orchestrator.logs import setup_logging
 from orchestrator.runtime import DockerRuntime, RuntimeFailure
 from orchestrator.service import Service
-from orchestrator.store import Store
+from orchestrator.store import SCHEMA_VERSION, Store, StoreError, migrate_store, public_url
 
 
 def parser() -> argparse.ArgumentParser:
@@ -49,6 +49,9 @@ def parser() -> argparse.ArgumentParser:
                         help="wait up to this long for delivery (exit 1 if it has not happened)")
     notify.add_argument("text", help="the message")
 
+    _command(commands, "migrate", "bring the store's schema to this version (PostgreSQL: before the first start and "
+                                  "after each upgrade; SQLite does it at start)")
+
     config = commands.add_parser("config", help="config file commands")
     _command(config.add_subparsers(dest="config_command", required=True), "check", "validate the config file")
     return top
@@ -76,7 +79,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "run":
         return _run(settings, args.chat, args.log_json or settings.logging.json)
-    store = Store(settings.db_path, secrets=settings.secrets)
+    if args.command == "migrate":
+        return _migrate(settings)
+    try:
+        store = Store(settings.store.url, secrets=settings.secrets)
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     try:
         return _operate(args, settings, store)
     except LookupError as exc:
@@ -127,7 +136,12 @@ def _run(settings: Settings, console_chat: str, log_json: bool) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     _keep_data_private(settings)
-    store = Store(settings.db_path, secrets=settings.secrets)
+    try:
+        store = Store(settings.store.url, secrets=settings.secrets)
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        runtime.close()
+        return 1
     channel: Channel
     if settings.feishu.configured:
         from orchestrator.channels.feishu import FeishuChannel  # lark_oapi takes a second to import: only here
@@ -151,6 +165,24 @@ def _run(settings: Settings, console_chat: str, log_json: bool) -> int:
         runtime.close()
     logger.info("stopped" if code == 0 else f"stopped with exit code {code}: one of the service's loops died")
     return code
+
+
+def _migrate(settings: Settings) -> int:
+    """The migrations the store lacked, applied and printed one a line (a SQLite store's folder is made as `run`
+    makes it)."""
+    if settings.store.sqlite_file is not None:
+        _keep_data_private(settings)
+    where = public_url(settings.store.url)
+    try:
+        applied = migrate_store(settings.store.url)
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for migration in applied:
+        print(f"{where}: applied migration {migration.version}: {migration.name}")
+    if not applied:
+        print(f"{where}: up to date (schema version {SCHEMA_VERSION}), nothing to apply")
+    return 0
 
 
 def _keep_data_private(settings: Settings) -> None:

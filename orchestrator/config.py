@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -273,6 +274,32 @@ class BudgetSettings:
     prices: Mapping[str, Price] = field(default_factory=lambda: dict(DEFAULT_PRICES))
 
 
+SQLITE_URL = "sqlite:///"  # then the file's path, as written (absolute: four slashes)
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """Where the state is kept: a SQLite file in data_dir (one host), or a PostgreSQL database (several)."""
+
+    url: str = ""  # "": sqlite:///<data_dir>/orchestrator.db (Settings fills it in)
+
+    @property
+    def sqlite_file(self) -> Path | None:
+        return sqlite_file(self.url)
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of a `sqlite:///FILE` URL (taken as written: no %-decoding), or None for another URL."""
+    return Path(url[len(SQLITE_URL):]) if url.startswith(SQLITE_URL) else None
+
+
+def url_secrets(url: str) -> list[str]:
+    """The password in a store URL, as written and %-decoded: never printed."""
+    password = urlsplit(url).password if sqlite_file(url) is None else None
+    return list(dict.fromkeys((password, unquote(password)))) if password else []
+
+
 @dataclass(frozen=True)
 class MetricsSettings:
     listen: str = ""  # host:port for /metrics and /healthz; empty: off
@@ -302,12 +329,15 @@ class Settings:
     files: FileSettings = field(default_factory=FileSettings)
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     budgets: BudgetSettings = field(default_factory=BudgetSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
 
     def __post_init__(self) -> None:
         if self.chats_dir is None:
             object.__setattr__(self, "chats_dir", self.data_dir / "chats")
+        if not self.store.url:
+            object.__setattr__(self, "store", StoreSettings(f"{SQLITE_URL}{self.db_path}"))
 
     @property
     def db_path(self) -> Path:
@@ -315,10 +345,11 @@ class Settings:
 
     @property
     def secrets(self) -> list[str]:
-        """Values that must never be printed: the app secret, webhook keys, credentials passed to agents."""
+        """Values that must never be printed: the app secret, webhook keys, the store's password, credentials passed
+        to agents."""
         sensitive = ("KEY", "TOKEN", "SECRET", "PASSWORD")
         values = [self.feishu.app_secret, self.feishu.encrypt_key, self.feishu.verification_token,
-                  self.gateway.api_key, self.gateway.auth_token,
+                  self.gateway.api_key, self.gateway.auth_token, *url_secrets(self.store.url),
                   *(value for name, value in self.agent.env.items() if any(s in name.upper() for s in sensitive))]
         return [value for value in values if len(value) >= 4]
 
@@ -360,7 +391,7 @@ def parse_settings(raw: object, source: Path, environ: Mapping[str, str]) -> Set
     reader = _Reader(source.name, environ)
     top = reader.section(raw, "", ("data_dir", "chats_dir", "instance", "agent", "defaults", "groups", "access",
                                    "feishu", "scheduler", "containers", "shutdown", "limits", "files", "gateway",
-                                   "budgets", "metrics", "logging"))
+                                   "budgets", "store", "metrics", "logging"))
     data_dir = _absolute(Path(reader.string(top, "data_dir", "./data")), source)
     defaults = reader.options(top.get("defaults"), "defaults", ChatOptions())
     if defaults.workspace is not None and "{chat_id}" not in defaults.workspace:
@@ -399,6 +430,7 @@ def parse_settings(raw: object, source: Path, environ: Mapping[str, str]) -> Set
             "upstream_url": _http_url, "max_request_bytes": _size(1024), "request_timeout": _positive_number,
             "max_concurrent": _positive_int}),
         budgets=reader.budgets(top.get("budgets")),
+        store=reader.store(top.get("store"), data_dir, source),
         metrics=reader.flat(top.get("metrics"), "metrics", MetricsSettings, {"listen": _listen_address}),
         logging=reader.flat(top.get("logging"), "logging", LoggingSettings, {
             "json": _boolean, "level": _choice(LOG_LEVELS)}),
@@ -570,6 +602,24 @@ class _Reader:
             prices=prices,
         )
 
+    def store(self, raw: object, data_dir: Path, source: Path) -> StoreSettings:
+        """`sqlite:///FILE`, a .db file directly in data_dir (the gateway's container mounts data_dir, and nothing else
+        there is the agents'; relative: to the config file's folder), or `postgresql://user:password@host:port/db`
+        (the password %-encoded where it holds other than letters, digits and -._~). Unset: the default."""
+        section = self.section(raw, "store", ("url",))
+        url = self.string(section, "url", "", "store")
+        if not url:
+            return StoreSettings()
+        file = sqlite_file(url)
+        if file is not None:
+            file = _absolute(file, source)
+            if file.parent != data_dir or file.suffix != ".db":
+                raise self.error("store.url", f"a SQLite store must be a .db file directly in data_dir ({data_dir})")
+            return StoreSettings(f"{SQLITE_URL}{file}")
+        if not _is_postgres_url(url):
+            raise self.error("store.url", "must be sqlite:///FILE or postgresql://user:password@host:port/dbname")
+        return StoreSettings(url)
+
     def access(self, raw: object) -> AccessSettings:
         section = self.section(raw, "access", ("allowed_chats", "allowed_users"))
         chats = self.value(section, "allowed_chats", "access", (), _string_list)
@@ -601,6 +651,18 @@ class _Reader:
                 raise self.error(f"feishu.{name}", "webhook mode needs the Encrypt Key and the Verification Token "
                                  "from the app's event settings (both), so forged events are refused")
         return settings
+
+
+def _is_postgres_url(url: str) -> bool:
+    """postgresql://[user[:password]@]host[:port]/dbname[?libpq parameters]"""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError unless a number from 0 to 65535
+    except ValueError:
+        return False
+    database = parts.path[1:]
+    return parts.scheme in POSTGRES_SCHEMES and bool(parts.hostname) and port != 0 and bool(database) \
+        and "/" not in database
 
 
 def _absolute(path: Path, source: Path) -> Path:

@@ -58,7 +58,7 @@ from loguru import logger
 from yarl import URL
 
 from orchestrator import credentials, ids, layout, spending
-from orchestrator.config import BUDGET_LIMITS, BudgetSettings, GatewaySettings, Price, Settings
+from orchestrator.config import BUDGET_LIMITS, BudgetSettings, GatewaySettings, Price, Settings, url_secrets
 from orchestrator.logs import setup_logging
 from orchestrator.model_socket import SOCKET
 from orchestrator.store import Store, refused_for_now
@@ -95,7 +95,7 @@ class GatewayConfig:
 
     gateway: GatewaySettings
     budgets: BudgetSettings
-    db_path: Path
+    store_url: str  # the orchestrator's store (config: store.url): SQLite in data_dir, or PostgreSQL
     run_dir: Path
     secret_path: Path
     log_json: bool = False
@@ -109,7 +109,7 @@ def settings_json(settings: Settings) -> str:
     return json.dumps({
         "gateway": dataclasses.asdict(settings.gateway),
         "budgets": dataclasses.asdict(settings.budgets),
-        "db_path": str(settings.db_path), "run_dir": str(layout.run_dir(settings)),
+        "store_url": settings.store.url, "run_dir": str(layout.run_dir(settings)),
         "secret_path": str(layout.secret_path(settings)),
         "log_json": settings.logging.json, "log_level": settings.logging.level,
     }, default=str, sort_keys=True, indent=1)
@@ -143,7 +143,7 @@ def read_settings(path: Path) -> GatewayConfig:
         gateway=GatewaySettings(**raw["gateway"]),
         budgets=BudgetSettings(**money, timezone=budgets["timezone"], reset_at=budgets["reset_at"],
                                footer=budgets["footer"], prices=prices),
-        db_path=Path(raw["db_path"]), run_dir=Path(raw["run_dir"]), secret_path=Path(raw["secret_path"]),
+        store_url=raw["store_url"], run_dir=Path(raw["run_dir"]), secret_path=Path(raw["secret_path"]),
         log_json=raw["log_json"], log_level=raw["log_level"])
 
 
@@ -651,7 +651,7 @@ def _reading_memory(body: bytearray) -> int:
 
 async def serve(config: GatewayConfig) -> None:
     """Serve until SIGTERM or SIGINT."""
-    store = Store(config.db_path)
+    store = Store(config.store_url)
     gateway = Gateway(config, store, credentials.read_secret(config.secret_path))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -671,8 +671,8 @@ def main(argv: list[str] | None = None) -> None:
     if len(args) != 1:
         sys.exit("usage: python -m orchestrator.gateway SETTINGS_JSON")
     config = read_settings(Path(args[0]))
-    setup_logging(config.log_json, config.log_level,
-                  secrets=[s for s in (config.gateway.api_key, config.gateway.auth_token) if s])
+    setup_logging(config.log_json, config.log_level, secrets=[
+        *(s for s in (config.gateway.api_key, config.gateway.auth_token) if s), *url_secrets(config.store_url)])
     # aiohttp's own lines are a traceback for each malformed request, which anyone in a chat can send without end,
     # and for each request that failed, which `handle` has logged already.
     logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)

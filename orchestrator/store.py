@@ -1,5 +1,5 @@
-"""Durable state in SQLite (peewee): chats, messages, topics' sessions, the model's usage and approvals. The only
-module that speaks SQL.
+"""Durable state in SQLite or PostgreSQL (peewee): chats, messages, topics' sessions, the model's usage and
+approvals. The only module that speaks SQL.
 
 Callers get plain records, never rows. Message state changes are conditional updates (see `states`),
 so a transition happens once even when two workers race for it. A transition the message's state refuses
@@ -7,38 +7,54 @@ raises `TransitionRefused` (the caller's idea of the message is wrong: going on 
 except where a method's docstring names the refusal its callers expect; those return False. Nothing here
 clears a session id except `set_session` and `forget_sessions`, which run only on /new, `orchestrator reset`,
 or when the CLI reports the session gone. Every text for a chat is kept with the secrets masked (`masking`).
-A store made by an earlier version gets the tables and columns added since, when it is opened.
+
+The schema changes by numbered migrations (`MIGRATIONS`), through peewee's migrator. A SQLite store (one host) is
+migrated when it is opened, as it always was; a PostgreSQL store, shared by several processes, only by `orchestrator
+migrate` (`migrate_store`), and opening one whose schema is behind raises `StoreError` saying so. A write refused for
+now (`refused_for_now`: SQLite locked, a PostgreSQL server gone) is tried again by its caller; a PostgreSQL
+connection the server closed is replaced before the next statement.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import select
 import sqlite3
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
+from urllib.parse import urlsplit, urlunsplit
 
+import psycopg2
 from peewee import (
     AutoField,
     BooleanField,
     CharField,
     CompositeKey,
+    Database,
+    DatabaseError,
     DatabaseProxy,
     FloatField,
     IntegerField,
     IntegrityError,
+    InterfaceError,
     Model,
     OperationalError,
+    PostgresqlDatabase,
+    SchemaManager,
     SqliteDatabase,
     TextField,
     fn,
 )
-from playhouse.migrate import SqliteMigrator, migrate
+from playhouse import db_url
+from playhouse.migrate import SchemaMigrator, migrate
 
 from orchestrator.channels import OutFile
+from orchestrator.config import POSTGRES_SCHEMES, SQLITE_URL, sqlite_file
 from orchestrator.masking import Masker
 from orchestrator.states import UNANSWERED, UNFINISHED, State, predecessors
 
@@ -48,15 +64,53 @@ _database = DatabaseProxy()
 _REFUSED_FOR_NOW = ("database is locked", "database table is locked", "database or disk is full", "disk i/o error")
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 BUSY_TIMEOUT_MS = 2_000
+# PostgreSQL's SQLSTATE classes of a server that cannot serve now: 08 connection exception, 40 transaction rollback
+# (a serialization failure or a deadlock: the transaction may simply run again), 53 insufficient resources (disk
+# full, out of memory, too many connections), 57P shutting down or starting up.
+_POSTGRES_REFUSED_FOR_NOW = ("08", "40", "53", "57P")
+# Seconds a new PostgreSQL connection may take (libpq's connect_timeout) before what needed it is refused for now:
+# the service's writes run on its event loop, which waits with them, as with BUSY_TIMEOUT_MS.
+CONNECT_TIMEOUT_S = 2
+# The advisory lock a migration of a PostgreSQL store holds: two `orchestrator migrate` at once run one after the
+# other, and the second finds nothing left to do.
+MIGRATION_LOCK = 0x6F7263
+
+
+class StoreError(Exception):
+    """The store cannot be used as configured: its URL, a server that cannot be reached, a schema behind this
+    version's."""
 
 
 def refused_for_now(error: BaseException) -> bool:
     """Whether `error` is the store (or the disk) refusing a write for now, not a bug: the work that hit it
-    should be done again once the store takes writes, rather than given up."""
+    should be done again once the store takes writes, rather than given up. On PostgreSQL that is also a server
+    that went away or cannot be reached: the store connects anew on the next try."""
     if isinstance(error, OSError):
         return error.errno in _DISK_FULL
+    driver = error
+    while isinstance(getattr(driver, "orig", None), Exception):  # peewee's errors carry the driver's (or peewee's)
+        driver = driver.orig
+    if isinstance(driver, psycopg2.Error):
+        return _postgres_refused_for_now(driver)
     return isinstance(error, OperationalError | sqlite3.OperationalError) and any(
         words in str(error).lower() for words in _REFUSED_FOR_NOW)
+
+
+def _postgres_refused_for_now(error: psycopg2.Error) -> bool:
+    """psycopg2's InterfaceError is a connection closed already; its OperationalError without a SQLSTATE one that
+    failed or broke (the server went away, refused it, or did not answer within CONNECT_TIMEOUT_S)."""
+    if isinstance(error, psycopg2.InterfaceError):
+        return True
+    return isinstance(error, psycopg2.OperationalError) and (
+        error.pgcode is None or error.pgcode.startswith(_POSTGRES_REFUSED_FOR_NOW))
+
+
+class _Str(CharField):
+    """A string of any length: SQLite never held CharField to its 255 characters, PostgreSQL would refuse a longer
+    chat name or tool name (hostile input among them) and with it the whole write."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(max_length=None, **kwargs)
 
 
 class _Table(Model):
@@ -65,11 +119,11 @@ class _Table(Model):
 
 
 class _Chat(_Table):
-    chat_id = CharField(primary_key=True)
-    name = CharField(default="")
-    container_name = CharField(default="")
-    container_id = CharField(default="")
-    session_id = CharField(null=True)
+    chat_id = _Str(primary_key=True)
+    name = _Str(default="")
+    container_name = _Str(default="")
+    container_id = _Str(default="")
+    session_id = _Str(null=True)
     last_activity = FloatField(null=True)
     created_at = FloatField()
 
@@ -79,14 +133,14 @@ class _Chat(_Table):
 
 class _Message(_Table):
     id = AutoField()
-    message_id = CharField(unique=True)
-    chat_id = CharField(index=True)
-    sender_id = CharField(default="")
-    thread_id = CharField(default="")  # the topic it was sent in ("" outside one)
+    message_id = _Str(unique=True)
+    chat_id = _Str(index=True)
+    sender_id = _Str(default="")
+    thread_id = _Str(default="")  # the topic it was sent in ("" outside one)
     text = TextField()
     attachments = TextField(default="")  # the files that came with it (JSON: inbox.encode_attachments), or ""
-    state = CharField(index=True)
-    turn = CharField(null=True)  # the folder of its latest turn, under the chat's turns/
+    state = _Str(index=True)
+    turn = _Str(null=True)  # the folder of its latest turn, under the chat's turns/
     display = TextField(null=True)  # the channel's state of the turn's display (card, reaction), for a restart
     error = TextField(null=True)
     answer = TextField(null=True)
@@ -103,18 +157,18 @@ class _Outbox(_Table):
     """Everything the bot says in a chat, kept until it is delivered: answers, failures, notices."""
 
     id = AutoField()
-    key = CharField(unique=True)  # sent with each send, so Feishu drops a repeat of it
-    chat_id = CharField(index=True)
-    reply_to = CharField(null=True)  # the chat message this answers
-    message_id = CharField(null=True)  # our message whose answer this is; delivered when this is
+    key = _Str(unique=True)  # sent with each send, so Feishu drops a repeat of it
+    chat_id = _Str(index=True)
+    reply_to = _Str(null=True)  # the chat message this answers
+    message_id = _Str(null=True)  # our message whose answer this is; delivered when this is
     text = TextField()
-    card = CharField(null=True)  # a streaming card to finish with this text
-    file_kind = CharField(null=True)  # a file to send (image or file), with the text as its caption ...
-    file_name = CharField(null=True)  # ... shown under this name ...
+    card = _Str(null=True)  # a streaming card to finish with this text
+    file_kind = _Str(null=True)  # a file to send (image or file), with the text as its caption ...
+    file_name = _Str(null=True)  # ... shown under this name ...
     file_path = TextField(null=True)  # ... from this copy in root's folder (files_out) ...
     file_size = IntegerField(null=True)
-    upload_key = CharField(null=True)  # ... once uploaded: its key, stored before the send (uploaded once)
-    state = CharField(index=True, default="pending")  # pending, sent, dead
+    upload_key = _Str(null=True)  # ... once uploaded: its key, stored before the send (uploaded once)
+    state = _Str(index=True, default="pending")  # pending, sent, dead
     attempts = IntegerField(default=0)
     next_attempt_at = FloatField()
     last_error = TextField(null=True)
@@ -129,9 +183,9 @@ class _ThreadSession(_Table):
     """The Claude session of each topic (thread) of a chat, where topics keep their own (`threads: per_thread`);
     the chat's own conversation keeps its session in `chats`."""
 
-    chat_id = CharField()
-    thread_id = CharField()
-    session_id = CharField(null=True)
+    chat_id = _Str()
+    thread_id = _Str()
+    session_id = _Str(null=True)
 
     class Meta:
         table_name = "thread_sessions"
@@ -141,7 +195,7 @@ class _ThreadSession(_Table):
 class _Refusal(_Table):
     """Chats that were told once that they are not allowed."""
 
-    chat_id = CharField(primary_key=True)
+    chat_id = _Str(primary_key=True)
     refused_at = FloatField()
     messages = IntegerField(default=1)
 
@@ -153,10 +207,10 @@ class _Usage(_Table):
     """One model request's tokens and price, written by the gateway (another process) as the response streams."""
 
     id = AutoField()
-    chat_id = CharField(index=True)
-    user_id = CharField(index=True, default="")  # the sender of the message the chat was running; "" if none
-    message_id = CharField(index=True, null=True)  # that message
-    model = CharField(default="")
+    chat_id = _Str(index=True)
+    user_id = _Str(index=True, default="")  # the sender of the message the chat was running; "" if none
+    message_id = _Str(index=True, null=True)  # that message
+    model = _Str(default="")
     input_tokens = IntegerField(default=0)
     output_tokens = IntegerField(default=0)
     cache_write_tokens = IntegerField(default=0)
@@ -173,24 +227,24 @@ class _Approval(_Table):
     """One permission request of a turn's, and how it was decided: the audit trail, and what a card's buttons find."""
 
     id = AutoField()
-    key = CharField(unique=True)  # random: the card's buttons carry it
-    chat_id = CharField(index=True)
-    message_id = CharField(index=True)  # the message whose turn asked
-    turn = CharField()
+    key = _Str(unique=True)  # random: the card's buttons carry it
+    chat_id = _Str(index=True)
+    message_id = _Str(index=True)  # the message whose turn asked
+    turn = _Str()
     number = IntegerField()  # the turn's n-th request
-    tool = CharField()
+    tool = _Str()
     request = TextField()  # what the card shows (JSON, masked, bounded)
-    requested_by = CharField(default="")  # the sender of that message
-    state = CharField(index=True)  # pending, allowed, denied, timed_out, cancelled
+    requested_by = _Str(default="")  # the sender of that message
+    state = _Str(index=True)  # pending, allowed, denied, timed_out, cancelled
     always = BooleanField(default=False)  # allowed for the rest of the chat's life (until /permissions reset)
     answers = TextField(null=True)  # AskUserQuestion: JSON {question: answer}
     reason = TextField(null=True)
-    decided_by = CharField(null=True)
+    decided_by = _Str(null=True)
     asked_at = FloatField()
     deadline = FloatField()
     decided_at = FloatField(null=True)
-    card = CharField(null=True)  # the card's message id, once sent
-    shown = CharField(null=True)  # the state the card shows: pending when sent, the outcome once updated
+    card = _Str(null=True)  # the card's message id, once sent
+    shown = _Str(null=True)  # the state the card shows: pending when sent, the outcome once updated
     answered = BooleanField(default=False)  # the decision was written for the agent host
 
     class Meta:
@@ -201,9 +255,9 @@ class _Approval(_Table):
 class _AlwaysAllowed(_Table):
     """Tools a chat's approver allowed for good ("Always allow"), until /permissions reset."""
 
-    chat_id = CharField()
-    tool = CharField()
-    allowed_by = CharField(default="")
+    chat_id = _Str()
+    tool = _Str()
+    allowed_by = _Str(default="")
     allowed_at = FloatField()
 
     class Meta:
@@ -212,6 +266,174 @@ class _AlwaysAllowed(_Table):
 
 
 _TABLES = [_Chat, _Message, _Outbox, _Refusal, _Usage, _Approval, _AlwaysAllowed, _ThreadSession]
+
+
+class _SchemaVersion(_Table):
+    """The migrations a PostgreSQL store has had. SQLite keeps its version in the file's header (user_version)."""
+
+    version = IntegerField(primary_key=True)
+    name = TextField()
+    applied_at = FloatField()
+
+    class Meta:
+        table_name = "schema_version"
+
+
+# ---- the databases ----
+
+
+class _Postgres(PostgresqlDatabase):
+    """PostgreSQL through psycopg2 (peewee's driver for it), holding what SQLite holds, and getting over a server that
+    went away: a connection the server closed is given up before the next statement or transaction (the ROLLBACK of
+    one that failed with it included), and a new one made. Not inside a transaction, whose work went with the
+    connection: that statement fails, refused for now, and its caller tries the whole write again."""
+
+    # SQLite's REAL and INTEGER are 8 bytes, PostgreSQL's 4: there a time.time() would be off by up to a minute (a
+    # 24-bit mantissa) and a cost_nano past 2**31 (2.15 USD) refused.
+    field_types: ClassVar[dict[str, str]] = {**PostgresqlDatabase.field_types, "FLOAT": "DOUBLE PRECISION",
+                                             "INT": "BIGINT"}
+
+    def cursor(self, named_cursor: Any = None) -> Any:
+        if not self.in_transaction() and not self.is_closed() and _closed_by_server(self._state.conn):
+            self._forget_connection()
+        return super().cursor(named_cursor)
+
+    def execute_sql(self, sql: str, params: Sequence[Any] | None = None) -> Any:
+        # PostgreSQL's text cannot hold NUL, which SQLite keeps (an agent's answer may have one): U+FFFD in its place.
+        if params:
+            params = [value.replace("\0", "\ufffd") if isinstance(value, str) else value for value in params]
+        return super().execute_sql(sql, params)
+
+    def _forget_connection(self) -> None:
+        with contextlib.suppress(psycopg2.Error):
+            self._state.conn.close()
+        self._state.reset()
+
+
+def _closed_by_server(connection: Any) -> bool:
+    """Whether the server has let go of this idle connection: psycopg2 knows once a statement met it; before that,
+    its socket is readable (the server's last message, or the end of the stream, waits in it), where an idle
+    connection has nothing to read. A server that vanished without a word is met by the next statement."""
+    return bool(connection.closed) or bool(select.select([connection], [], [], 0)[0])
+
+
+def _sqlite(path: Path) -> SqliteDatabase:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return SqliteDatabase(str(path), pragmas={
+        "journal_mode": "wal",
+        # How long a write waits for another process's (`orchestrator notify`, a backup) before it is refused.
+        # The service writes on its event loop, which waits with it: held locked for 15 s, a 10 s wait let the
+        # whole service try two writes in all. Refused writes are tried again with backoff (`refused_for_now`),
+        # and other writers hold the lock for milliseconds.
+        "busy_timeout": BUSY_TIMEOUT_MS,
+        # In WAL mode NORMAL survives any crash of the orchestrator (kill -9, OOM) and never corrupts; only
+        # a power loss of the host may roll back the last moment's commits. FULL would fsync each of the
+        # ~8 writes of every message on the event loop (6.6 ms each here against 0.2 ms).
+        "synchronous": "normal",
+    })
+
+
+def _open(url: str) -> Database:
+    """The database of a store URL (config: store.url), not connected yet."""
+    file = sqlite_file(url)
+    if file is not None:
+        return _sqlite(file)
+    if urlsplit(url).scheme in POSTGRES_SCHEMES:
+        params = db_url.parse(url, unquote_password=True, unquote_user=True)
+        params.setdefault("connect_timeout", CONNECT_TIMEOUT_S)
+        return _Postgres(params.pop("database"), **params)
+    raise StoreError(f"{public_url(url)} is not a store URL: sqlite:///FILE or postgresql://user:password@host/db")
+
+
+def public_url(url: str) -> str:
+    """The store URL without its password, to print."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user_info, _, host = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{user_info.partition(':')[0]}@{host}"))
+
+
+# ---- migrations ----
+
+
+@dataclass(frozen=True)
+class Migration:
+    """A step of the schema. Each does only what its store lacks (a store made at a later version, its tables made
+    from the models of its day, has it already), so a store made at any version ends with the same schema."""
+
+    version: int
+    name: str
+    apply: Callable[[Database], None]
+
+
+def _models_made(db: Database) -> None:
+    """The models' tables, and the columns a table lacks, each with its default (nothing is dropped or changed): all
+    of it on a new store; on a SQLite store made before versions were kept, what it lacks."""
+    for model in _TABLES:
+        SchemaManager(model, db).create_all(safe=True)  # only those missing, with their indexes
+    migrator = SchemaMigrator.from_database(db)
+    for model in _TABLES:
+        present = {column.name for column in db.get_columns(model._meta.table_name)}
+        missing = [field for field in model._meta.sorted_fields if field.column_name not in present]
+        if missing:
+            migrate(*(migrator.add_column(model._meta.table_name, field.column_name, field) for field in missing))
+
+
+MIGRATIONS = (
+    Migration(1, "chats, messages, outbox, topics' sessions, refusals, usage, approvals", _models_made),
+)
+SCHEMA_VERSION = MIGRATIONS[-1].version
+
+
+def migrate_store(url: str) -> list[Migration]:
+    """`orchestrator migrate`: the migrations the store at `url` lacked, applied; empty when it had them all."""
+    db = _open(url)
+    try:
+        return _apply(db)
+    except (DatabaseError, InterfaceError) as exc:
+        raise StoreError(f"cannot migrate the store {public_url(url)}: {str(exc).strip()}") from exc
+    finally:
+        db.close()
+
+
+def _version(db: Database) -> int:
+    if isinstance(db, SqliteDatabase):
+        return db.pragma("user_version")
+    if not db.table_exists(_SchemaVersion._meta.table_name):
+        return 0
+    return db.execute(_SchemaVersion.select(fn.MAX(_SchemaVersion.version))).fetchone()[0] or 0
+
+
+def _apply(db: Database) -> list[Migration]:
+    """The migrations `db` lacks, in order, in one transaction (DDL is transactional in both: a step that fails
+    leaves the store as it was), one migrator at a time (SQLite's write lock, taken at the start, or PostgreSQL's
+    advisory lock); on `db` itself, whatever the models are bound to. Those it applied."""
+    if _version(db) >= SCHEMA_VERSION:
+        return []
+    with _migrating(db):
+        done = _version(db)  # another process may have migrated while this one waited for the lock
+        pending = [migration for migration in MIGRATIONS if migration.version > done]
+        for migration in pending:
+            migration.apply(db)
+            if isinstance(db, SqliteDatabase):
+                db.pragma("user_version", migration.version)
+            else:
+                db.execute(_SchemaVersion.insert(version=migration.version, name=migration.name,
+                                                 applied_at=time.time()))
+    return pending
+
+
+@contextlib.contextmanager
+def _migrating(db: Database) -> Iterator[None]:
+    if isinstance(db, SqliteDatabase):
+        with db.atomic("IMMEDIATE"):
+            yield
+        return
+    with db.atomic():
+        db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        SchemaManager(_SchemaVersion, db).create_all(safe=True)
+        yield
 
 
 class TransitionRefused(Exception):
@@ -348,35 +570,30 @@ def _outbox_record(row: _Outbox) -> OutboxRecord:
 
 
 class Store:
-    def __init__(self, path: Path, secrets: Sequence[str] = ()) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
+    def __init__(self, location: Path | str, secrets: Sequence[str] = ()) -> None:
+        """`location`: a SQLite file, or a store URL (settings.store.url). A SQLite store is migrated as it opens
+        (one host, where the orchestrator and its gateway run one version); a PostgreSQL store, which several
+        processes share, must have been migrated already (`orchestrator migrate`): StoreError if not."""
+        self.url = location if isinstance(location, str) else f"{SQLITE_URL}{location}"
+        self.path = location if isinstance(location, Path) else sqlite_file(location)  # None: PostgreSQL
         self._mask = Masker(secrets)
-        self.db = SqliteDatabase(str(path), pragmas={
-            "journal_mode": "wal",
-            # How long a write waits for another process's (`orchestrator notify`, a backup) before it is refused.
-            # The service writes on its event loop, which waits with it: held locked for 15 s, a 10 s wait let the
-            # whole service try two writes in all. Refused writes are tried again with backoff (`refused_for_now`),
-            # and other writers hold the lock for milliseconds.
-            "busy_timeout": BUSY_TIMEOUT_MS,
-            # In WAL mode NORMAL survives any crash of the orchestrator (kill -9, OOM) and never corrupts; only
-            # a power loss of the host may roll back the last moment's commits. FULL would fsync each of the
-            # ~8 writes of every message on the event loop (6.6 ms each here against 0.2 ms).
-            "synchronous": "normal",
-        })
+        self.db = _sqlite(self.path) if self.path is not None else _open(self.url)
         _database.initialize(self.db)
-        self.db.create_tables(_TABLES)
-        self._add_missing_columns()
+        if self.path is None:
+            self._check_schema()
+        elif not _apply(self.db):
+            _models_made(self.db)  # as every start did before versions were kept: whatever lacks is made
 
-    def _add_missing_columns(self) -> None:
-        """A store made by an earlier version gets the columns added since (each with its default); the tables
-        it lacks were just made. Nothing is ever dropped or changed."""
-        migrator = SqliteMigrator(self.db)
-        for model in _TABLES:
-            present = {column.name for column in self.db.get_columns(model._meta.table_name)}
-            missing = [field for field in model._meta.sorted_fields if field.column_name not in present]
-            if missing:
-                migrate(*(migrator.add_column(model._meta.table_name, field.column_name, field) for field in missing))
+    def _check_schema(self) -> None:
+        try:
+            version = _version(self.db)
+        except (DatabaseError, InterfaceError) as exc:
+            self.db.close()
+            raise StoreError(f"cannot read the store {public_url(self.url)}: {exc}".strip()) from exc
+        if version < SCHEMA_VERSION:
+            self.db.close()
+            raise StoreError(f"the store {public_url(self.url)} has schema version {version}, this version of the "
+                             f"orchestrator needs {SCHEMA_VERSION}: run `orchestrator migrate` first")
 
     def close(self) -> None:
         self.db.close()
@@ -384,12 +601,26 @@ class Store:
     def writable(self) -> str | None:
         """None when a write transaction can start within 2 s; otherwise why not. Any thread."""
         try:
-            with contextlib.closing(sqlite3.connect(self.path, timeout=2)) as probe:
-                probe.execute("BEGIN IMMEDIATE")
-                probe.rollback()
-        except sqlite3.Error as exc:
-            return f"the store cannot be written: {exc}"
+            if self.path is not None:
+                with contextlib.closing(sqlite3.connect(self.path, timeout=2)) as probe:
+                    probe.execute("BEGIN IMMEDIATE")
+                    probe.rollback()
+            else:
+                self._probe_postgres()
+        except (sqlite3.Error, psycopg2.Error) as exc:
+            return f"the store cannot be written: {str(exc).strip()}"
         return None
+
+    def _probe_postgres(self) -> None:
+        """A connection of its own (the store's are its threads'), and a read-write transaction: refused by a server
+        that is down, does not answer within CONNECT_TIMEOUT_S, or is a read-only standby."""
+        params = {**self.db.connect_params, "connect_timeout": CONNECT_TIMEOUT_S}
+        with contextlib.closing(psycopg2.connect(dbname=self.db.database, **params)) as probe:
+            probe.autocommit = True
+            with probe.cursor() as cursor:
+                cursor.execute("SET statement_timeout = 2000")
+                cursor.execute("START TRANSACTION READ WRITE")
+                cursor.execute("ROLLBACK")
 
     # ---- chats ----
 
@@ -725,17 +956,19 @@ class Store:
             condition &= _Usage.chat_id == chat_id
         if user_id is not None:
             condition &= _Usage.user_id == user_id
-        return _Usage.select(fn.COALESCE(fn.SUM(_Usage.cost_nano), 0)).where(condition).scalar()
+        # int(): PostgreSQL's SUM of a BIGINT is a NUMERIC, which psycopg2 reads as a Decimal
+        return int(_Usage.select(fn.COALESCE(fn.SUM(_Usage.cost_nano), 0)).where(condition).scalar())
 
     def turn_spent(self, message_id: str) -> int:
         """nano-USD of the model requests made while this message's turn ran."""
-        return _Usage.select(fn.COALESCE(fn.SUM(_Usage.cost_nano), 0)).where(_Usage.message_id == message_id).scalar()
+        return int(_Usage.select(fn.COALESCE(fn.SUM(_Usage.cost_nano), 0)).where(_Usage.message_id == message_id)
+                   .scalar())
 
     def spent_by_chat(self, since: float) -> dict[str, int]:
         """nano-USD per chat of the requests let through since then (chats that spent nothing are left out)."""
         query = (_Usage.select(_Usage.chat_id, fn.SUM(_Usage.cost_nano).alias("total")).where(_Usage.at >= since)
                  .group_by(_Usage.chat_id).order_by(_Usage.chat_id))
-        return {row.chat_id: row.total for row in query}
+        return {row.chat_id: int(row.total) for row in query}
 
     # ---- approvals ----
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,14 +13,50 @@ import pytest
 from orchestrator import firewall, runtime
 from tests.fakes.anthropic import FakeAnthropic
 from tests.harness import AGENT_IMAGE, MODEL_KEY, StoreView, write_config
+from tests.postgres import PostgresServer, server_binaries
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every test that uses the engine (its fixture, directly or through another) is marked `docker`, so
-    `pytest -m "not docker"` is the suite that runs without it."""
+    `pytest -m "not docker"` is the suite that runs without it; every test that uses a PostgreSQL server, `postgres`."""
     for item in items:
         if "docker_client" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.docker)
+        if "postgres_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.postgres)
+
+
+@pytest.fixture(autouse=True)
+def _umask_kept() -> Iterator[None]:
+    """`orchestrator run` and `migrate` set the process's umask to 0077 (cli._keep_data_private): a test that calls
+    cli.main in the test process would leave it to the tests after it."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    yield
+    os.umask(umask)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of the session's own (tests/postgres.py), removed at its end."""
+    binaries = server_binaries()
+    if binaries is None:
+        pytest.fail("these tests need PostgreSQL's server (Debian's postgresql: ./scripts/dev setup installs it)")
+    server = PostgresServer(binaries)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.remove()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """The URL of a new, empty database on the session's server, dropped after the test."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    postgres_server.create_database(name)
+    yield postgres_server.url(name)
+    postgres_server.drop_database(name)
 
 
 @pytest.fixture(scope="session")

@@ -112,7 +112,8 @@ def estimate(body: dict[str, Any]) -> int:
 def config_of(run_dir: Path, upstream_url: str, budgets: BudgetSettings | None = None,
               **gateway_fields: Any) -> GatewayConfig:
     return GatewayConfig(gateway=GatewaySettings(**{"upstream_url": upstream_url, "api_key": KEY, **gateway_fields}),
-                         budgets=budgets or BudgetSettings(prices=PRICES), db_path=run_dir.parent / "orchestrator.db",
+                         budgets=budgets or BudgetSettings(prices=PRICES),
+                         store_url=f"sqlite:///{run_dir.parent / 'orchestrator.db'}",
                          run_dir=run_dir, secret_path=run_dir.parent / "secret")
 
 
@@ -124,7 +125,7 @@ async def serving(folder: Path, upstream_url: str, chats: tuple[str, ...] = ("oc
     for chat_id in chats:
         (run_dir / chat_id).mkdir(parents=True, exist_ok=True)
     config = config_of(run_dir, upstream_url, budgets, **gateway_fields)
-    store = Store(config.db_path)
+    store = Store(config.store_url)
     gw = Gateway(config, store, SECRET)
     await gw.start()
     try:
@@ -509,7 +510,7 @@ def test_requests_in_flight_count_in_the_budget(short_dir: Path, upstream: FakeA
 
     async def scenario() -> None:
         async with serving(short_dir, upstream.base_url, budgets=budgets) as served:
-            body = body_of("SLOW 2", max_tokens=100_000)
+            body = body_of("SLOW 0.5", max_tokens=100_000)  # in flight while the other four come
             answers = await asyncio.gather(*(served.post(body=body) for _ in range(5)))
             # Only the first one's reservation reached the cap: the others are asked to come back (the CLI retries
             # a 429), not refused for good (a 402 would end the turn).
@@ -680,8 +681,8 @@ def test_the_settings_file_round_trips_and_is_the_roots_alone(tmp_path: Path) ->
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     loaded = read_settings(path)
     assert loaded.gateway == settings.gateway and loaded.budgets == settings.budgets
-    assert (loaded.db_path, loaded.run_dir, loaded.secret_path) == (
-        settings.db_path, layout.run_dir(settings), layout.secret_path(settings))
+    assert (loaded.store_url, loaded.run_dir, loaded.secret_path) == (
+        f"sqlite:///{settings.db_path}", layout.run_dir(settings), layout.secret_path(settings))
     changed = replace(settings, budgets=replace(settings.budgets, per_chat_daily_usd=Decimal(1)))
     assert settings_digest(changed) != settings_digest(settings) == settings_digest(load_settings(config, {}))
     assert write_settings(changed) == path and read_settings(path).budgets.per_chat_daily_usd == Decimal(1)
