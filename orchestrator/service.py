@@ -26,6 +26,7 @@ from orchestrator import (
     gateway,
     inbox,
     layout,
+    leadership,
     metrics,
     turns,
 )
@@ -36,6 +37,7 @@ from orchestrator.config import Settings
 from orchestrator.delivery import Deliverer
 from orchestrator.housekeeping import Candidate, Finding, containers_to_stop, reconcile
 from orchestrator.ids import is_valid_chat_id
+from orchestrator.leadership import Leadership
 from orchestrator.masking import MaskedChannel, Masker
 from orchestrator.runtime import (
     ContainerSpec,
@@ -74,8 +76,14 @@ class ShuttingDown(Exception):
 
 
 class Service:
-    def __init__(self, settings: Settings, store: Store, runtime: Runtime, channel: Channel) -> None:
+    def __init__(self, settings: Settings, store: Store, runtime: Runtime, channel: Channel,
+                 leadership: Leadership | None = None) -> None:
         self.settings = settings
+        # Several orchestrators may share a PostgreSQL store: only the leader runs the chats (leadership).
+        self.leadership = leadership or Leadership(store.leader_lock(settings.instance))
+        # submit hands a stored message on to its chat's queue; run() holds that back until it leads and recovered.
+        self._routing = True
+        self._deposed = False  # lost the leadership: stop at once, leaving everything to the next leader
         self.store = store
         self.runtime = runtime
         self.mask = Masker(settings.secrets)
@@ -108,24 +116,21 @@ class Service:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        layout.prepare_instance(self.settings)
-        await self.close_network()
-        await self.start_gateway()
-        await self.reconcile()
         if self.settings.metrics.listen:
             host, _, port = self.settings.metrics.listen.rpartition(":")
             metrics.serve(host.strip("[]"), int(port), self.health)
             logger.info(f"metrics and health on http://{self.settings.metrics.listen}/metrics and /healthz")
-        self.runtime.watch(self.settings.instance,
-                           lambda chat_id, action: loop.call_soon_threadsafe(self._on_container_event, chat_id, action))
-        self.recover()
-        tasks = [asyncio.create_task(self.deliverer.run(), name="outbox"),
-                 asyncio.create_task(self._housekeep_forever(), name="housekeeping")]
-        channel_task = asyncio.create_task(self.channel.run(self.submit, self.approvals.act), name="channel")
-        LIVENESS.streak("channel")
-        for task in (*tasks, channel_task):
-            task.add_done_callback(self._on_task_end)
         stop_task = asyncio.create_task(self._stop.wait(), name="stop")
+        channel_task = None
+        if self.leadership.shared:  # a standby receives and stores too: Feishu gives each event to one connection
+            self._routing = False
+            channel_task = self._start_channel()
+            leading = asyncio.create_task(self.leadership.take(), name="take the lead")
+            await asyncio.wait({leading, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+            if not leading.done():
+                return await self._stand_down(channel_task, leading, stop_task)
+        tasks = await self._lead(loop)
+        channel_task = channel_task or self._start_channel()
         await asyncio.wait({channel_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
         if channel_task.done() and not self._stop.is_set():  # a channel that failed sets _stop (_on_task_end)
             logger.info("input ended: finishing queued messages")
@@ -135,18 +140,64 @@ class Service:
         channel_task.cancel()
         for task in tasks:
             task.cancel()
-        if self._stop.is_set():
+        if self._stop.is_set() and not self._deposed:
             await self.shutdown()
         for task in (stop_task, *self.workers.values()):
             task.cancel()
         await asyncio.gather(*tasks, *self.workers.values(), return_exceptions=True)
+        self.leadership.release()
+        return self.exit_code
+
+    def _start_channel(self) -> asyncio.Task[None]:
+        channel_task = asyncio.create_task(self.channel.run(self.submit, self.approvals.act), name="channel")
+        LIVENESS.streak("channel")
+        channel_task.add_done_callback(self._on_task_end)
+        return channel_task
+
+    async def _lead(self, loop: asyncio.AbstractEventLoop) -> list[asyncio.Task[None]]:
+        """Start as the one that runs the chats: the instance's network and gateway, the containers reconciled,
+        what was waiting or running queued again (as after a restart), then the outbox and housekeeping."""
+        layout.prepare_instance(self.settings)
+        await self.close_network()
+        await self.start_gateway()
+        await self.reconcile()
+        self.runtime.watch(self.settings.instance,
+                           lambda chat_id, action: loop.call_soon_threadsafe(self._on_container_event, chat_id, action))
+        self.recover()
+        self._routing = True
+        tasks = [asyncio.create_task(self.deliverer.run(), name="outbox"),
+                 asyncio.create_task(self._housekeep_forever(), name="housekeeping"),
+                 asyncio.create_task(self._keep_leading(), name="leadership")]
+        for task in tasks:
+            task.add_done_callback(self._on_task_end)
+        return tasks
+
+    async def _keep_leading(self) -> None:
+        """Stop at once when the leadership is lost: another orchestrator may lead already, and it follows the
+        running turns and sends what is queued; this one must not touch them any more."""
+        await self.leadership.kept()
+        logger.critical("lost the leadership (the store's lock or its connection): stopping at once, leaving the "
+                        "chats to the orchestrator that leads now")
+        self._deposed = True
+        self.exit_code = 1
+        self.accepting = False
+        self._stop.set()
+
+    async def _stand_down(self, channel_task: asyncio.Task[None], leading: asyncio.Task[None],
+                          stop_task: asyncio.Task[None]) -> int:
+        """A standby's stop: nothing of the chats' was started here, and what it stored waits for the leader."""
+        self.accepting = False
+        for task in (channel_task, leading, stop_task):
+            task.cancel()
+        await asyncio.gather(channel_task, leading, stop_task, return_exceptions=True)
+        logger.info("stopped while standing by")
         return self.exit_code
 
     def _on_task_end(self, task: asyncio.Task[None]) -> None:
         """The channel may end (its input did); any other end of a task, or the channel failing, is a death:
         shown in /healthz, and the service stops as on SIGTERM, to exit non-zero."""
-        if task.cancelled() and not self.accepting:
-            return  # cancelled by run() on the way out
+        if (task.cancelled() and not self.accepting) or self._deposed:
+            return  # cancelled by run() on the way out, or no longer leading (_keep_leading said so)
         error = None if task.cancelled() else task.exception()
         if task.get_name() == "channel" and not task.cancelled() and error is None:
             return
@@ -217,9 +268,10 @@ class Service:
     async def shutdown(self) -> None:
         """Let running turns finish, interrupt the rest and tell their chats, then stop the containers.
         With `shutdown.keep_containers`, leave containers and turns running for the next start to adopt."""
-        if self.settings.shutdown.keep_containers:
+        if self.settings.shutdown.keep_containers or self.leadership.shared:
+            # Several orchestrators share the store: the next leader, maybe a standby already, takes them over.
             logger.info(f"leaving {len(self.turns.running_chats())} running turn(s) and the containers for the next "
-                        "start")
+                        "leader" if self.leadership.shared else "start")
             return
         denied = self.approvals.deny_waiting("the bot is restarting")
         if denied:
@@ -313,10 +365,12 @@ class Service:
         steps = {"idle_stop": self._stop_idle_containers, "prune": self._prune_turns,
                  "disk_budget": self._stop_containers_over_budget, "stranded": self._resume_stranded,
                  "firewall": self._keep_network_closed, "spending": self._publish_spending}
+        others = [repeat(LIVENESS.streak("housekeeping.others_messages"), self._take_others_messages,
+                         lambda: asyncio.sleep(leadership.POLL_SECONDS))] if self.leadership.shared else []
         await asyncio.gather(*(repeat(LIVENESS.streak(f"housekeeping.{name}"), step, lambda: asyncio.sleep(interval))
                                for name, step in steps.items()),
                              repeat(LIVENESS.streak("housekeeping.egress_refusals"), self._report_refusals,
-                                    lambda: asyncio.sleep(REFUSALS_SECONDS)))
+                                    lambda: asyncio.sleep(REFUSALS_SECONDS)), *others)
 
     async def _keep_network_closed(self) -> None:
         """The egress proxy started again when it stopped, and the firewall rules put back if something took them
@@ -354,13 +408,23 @@ class Service:
         """A message stored but never queued (the write after storing it failed, so it was not acked, and its
         redelivery was taken for a duplicate) is handed on as at a start; one held for its sender's text is not
         stranded."""
+        for message in self._unrouted(time.time() - STRANDED_SECONDS):
+            logger.bind(chat_id=message.chat_id, message_id=message.message_id).warning(
+                "stored but never queued; handing it on now")
+            self._route(message, _kind(message))
+
+    async def _take_others_messages(self) -> None:
+        """What the standbys stored (Feishu gave them those events) handed on, every POLL_SECONDS."""
+        for message in self._unrouted(time.time()):
+            logger.bind(chat_id=message.chat_id, message_id=message.message_id).info("taken from a standby")
+            self._route(message, _kind(message))
+
+    def _unrouted(self, received_before: float) -> list[MessageRecord]:
+        """Messages stored before `received_before` and neither queued nor held for their sender's text: this
+        instance routes what it stores at once, so those are another's, or stranded."""
         held = {m.message_id for waiting in self._held.values() for m in waiting.messages}
-        for message in self.store.unfinished_messages():
-            if message.state is State.RECEIVED and message.message_id not in held \
-                    and message.received_at < time.time() - STRANDED_SECONDS:
-                logger.bind(chat_id=message.chat_id, message_id=message.message_id).warning(
-                    "stored but never queued; handing it on now")
-                self._route(message, _kind(message))
+        return [message for message in self.store.unfinished_messages() if message.state is State.RECEIVED
+                and message.message_id not in held and message.received_at < received_before]
 
     async def _stop_containers_over_budget(self) -> None:
         """A chat's background jobs can fill its folders between turns: its container is stopped then. When the
@@ -428,7 +492,10 @@ class Service:
             return
         log.info(f"received ({incoming.kind})")
         metrics.MESSAGES.labels("received").inc()
-        self._route(message, incoming.kind)
+        if self._routing:
+            self._route(message, incoming.kind)
+        else:
+            log.info("stored for the leader")
 
     # ---- files waiting for their text ----
 

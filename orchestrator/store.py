@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import select
 import sqlite3
 import time
@@ -71,6 +72,8 @@ _POSTGRES_REFUSED_FOR_NOW = ("08", "40", "53", "57P")
 # Seconds a new PostgreSQL connection may take (libpq's connect_timeout) before what needed it is refused for now:
 # the service's writes run on its event loop, which waits with them, as with BUSY_TIMEOUT_MS.
 CONNECT_TIMEOUT_S = 2
+# libpq's keepalive on the leader lock's connection: a holder that cannot reach the server finds out in about 5 s.
+LEADER_KEEPALIVE = {"keepalives": 1, "keepalives_idle": 2, "keepalives_interval": 1, "keepalives_count": 3}
 # The advisory lock a migration of a PostgreSQL store holds: two `orchestrator migrate` at once run one after the
 # other, and the second finds nothing left to do.
 MIGRATION_LOCK = 0x6F7263
@@ -436,6 +439,55 @@ def _migrating(db: Database) -> Iterator[None]:
         yield
 
 
+class LeaderLock:
+    """Leadership among the orchestrators sharing a PostgreSQL store: a session advisory lock held on a connection of
+    its own. It is the database's to give: when the holder's process dies, its connection closes and the server lets
+    the lock go at once; when its host or network dies, the server finds the connection dead by TCP keepalive
+    (LEADER_KEEPALIVE: within about 10 s) and lets it go then. The holder checks every poll that its connection still
+    answers and stops leading when it does not, before the server could give the lock to another."""
+
+    def __init__(self, params: dict[str, Any], name: str) -> None:
+        self._params = {**params, "connect_timeout": CONNECT_TIMEOUT_S, **LEADER_KEEPALIVE}
+        # 63 bits, not negative: pg_locks shows the key as two unsigned halves (classid, objid).
+        self.key = int.from_bytes(hashlib.sha256(f"orchestrator leader {name}".encode()).digest()[:8], "big") >> 1
+        self._conn: Any = None
+
+    def try_take(self) -> bool:
+        """Whether this process holds the lock now (it may have had it already). Raises psycopg2.Error when the
+        server cannot be reached: not leading."""
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg2.connect(**self._params)
+            self._conn.autocommit = True
+            with self._conn.cursor() as cursor:
+                # The server's side of the keepalive: a dead holder's lock is let go within about 10 s.
+                cursor.execute("SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 1; "
+                               "SET tcp_keepalives_count = 5")
+        return self._query("SELECT pg_try_advisory_lock(%s)")
+
+    def held(self) -> bool:
+        """Whether the lock is still this process's: its connection answers within a second and holds it."""
+        try:
+            return self._conn is not None and self._query(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND "
+                "pid = pg_backend_pid() AND ((classid::bigint << 32) | objid::bigint) = %s::bigint)")
+        except psycopg2.Error:
+            self.release()
+            return False
+
+    def _query(self, sql: str) -> bool:
+        with self._conn.cursor() as cursor:
+            cursor.execute("SET statement_timeout = 1000")
+            cursor.execute(sql, (self.key,))
+            return bool(cursor.fetchone()[0])
+
+    def release(self) -> None:
+        """Let the lock go (closing its connection does it)."""
+        if self._conn is not None:
+            with contextlib.suppress(psycopg2.Error):
+                self._conn.close()
+        self._conn = None
+
+
 class TransitionRefused(Exception):
     """A message's state does not allow the change asked for, and no caller expects that: a bug."""
 
@@ -621,6 +673,13 @@ class Store:
                 cursor.execute("SET statement_timeout = 2000")
                 cursor.execute("START TRANSACTION READ WRITE")
                 cursor.execute("ROLLBACK")
+
+    def leader_lock(self, name: str) -> LeaderLock | None:
+        """The lock whose holder leads the instances sharing this store under `name` (settings.instance); None for
+        a SQLite store, which one host's one orchestrator uses alone."""
+        if self.path is not None:
+            return None
+        return LeaderLock({**self.db.connect_params, "dbname": self.db.database}, name)
 
     # ---- chats ----
 

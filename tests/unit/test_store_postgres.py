@@ -9,6 +9,8 @@ import asyncio
 import contextlib
 import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -19,11 +21,12 @@ import psycopg2
 import pytest
 from peewee import QueryEvent
 
-from orchestrator import cli, delivery, service, supervise
+from orchestrator import cli, delivery, leadership, service, supervise
 from orchestrator.agent import Answer
 from orchestrator.channels import Incoming
 from orchestrator.config import ConfigError, Settings, load_settings, url_secrets
 from orchestrator.gateway import read_settings, write_settings
+from orchestrator.leadership import Leadership
 from orchestrator.states import State
 from orchestrator.store import (
     MIGRATIONS,
@@ -533,3 +536,65 @@ def test_an_answer_met_by_the_outage_is_stored_and_delivered_once_after_retries(
     assert turns.seen[0] is State.QUEUED and set(turns.seen[1:]) == {State.RUNNING}
     assert [item.text for item in chat.delivered] == ["the answer"]
     assert outbox_texts(store) == ["the answer"]
+
+
+# ---- the leader lock ----
+
+
+def test_a_sqlite_store_has_no_leader_lock(tmp_path: Path) -> None:
+    store = Store(tmp_path / "orchestrator.db")
+    assert store.leader_lock("orchestrator") is None  # one host, one orchestrator: it leads from its start
+    store.close()
+
+
+@pytest.mark.postgres
+def test_one_instance_of_a_name_holds_the_leader_lock_until_its_connection_ends(
+        store: Store, postgres_server: PostgresServer) -> None:
+    first, second = store.leader_lock("orchestrator"), store.leader_lock("orchestrator")
+    other = store.leader_lock("another-instance")
+    assert first is not None and second is not None and other is not None
+    try:
+        assert first.try_take() and first.try_take()  # asking again while holding it: still ours
+        assert not second.try_take() and not second.held()
+        assert other.try_take()  # another instance name leads its own chats
+        assert first.held()
+        postgres_server.execute(f"SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+                                f"AND objid = {first.key & 0xFFFFFFFF}")  # the server ended the holder's session
+        assert not first.held()  # the holder sees it at its next check ...
+        assert second.try_take() and second.held()  # ... and the standby may take it
+        assert not first.try_take()  # the one deposed does not get it back while the new one holds it
+        second.release()
+        assert first.try_take()
+    finally:
+        for lock in (first, second, other):
+            lock.release()
+
+
+@pytest.mark.postgres
+def test_a_leader_killed_lets_its_standby_lead_within_a_poll(store: Store, migrated: str) -> None:
+    """kill -9 of the leader's process: its connection closes, the server lets the lock go, and the standby's next
+    ask gets it (leadership.POLL_SECONDS later at most)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from orchestrator.store import Store\n"
+         "lock = Store(sys.argv[1]).leader_lock('orchestrator')\n"
+         "assert lock.try_take(); print('leading', flush=True); time.sleep(60)", migrated],
+        stdout=subprocess.PIPE, text=True)
+    standby = Leadership(store.leader_lock("orchestrator"))
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "leading"
+        assert not asyncio.run(_takes_within(standby, 1.5))
+        holder.kill()
+        killed = time.monotonic()
+        assert asyncio.run(_takes_within(standby, 10))
+        took = time.monotonic() - killed
+        assert took < 2 * leadership.POLL_SECONDS + 1, took
+    finally:
+        holder.kill()
+        holder.wait()
+        standby.release()
+
+
+async def _takes_within(standby: Leadership, seconds: float) -> bool:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(standby.take(), seconds)
+    return standby.leading

@@ -1,0 +1,80 @@
+"""Which of the orchestrators sharing a store runs the chats: the one holding the store's leader lock.
+
+Every instance receives, stores and acks the events Feishu gives it; only the leader runs the chats' queues, the
+outbox and housekeeping, and hands on what the others stored. A standby asks for the lock every POLL_SECONDS and,
+once it has it, starts as a restarted orchestrator does (the running turns followed, not run again). The leader asks
+its lock's connection as often whether it still holds it, and stops leading (the service exits at once, leaving the
+containers and turns to the next leader) when it cannot tell: the server lets a lock go only when the holder's
+connection closed, or after its TCP keepalive gave up on it (store.LeaderLock), both later than the holder sees it.
+
+With a SQLite store there is no lock: one orchestrator on one host, which leads from its start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+from loguru import logger
+
+# How often a standby asks for the lock, and the leader checks it holds it. A leader killed with SIGKILL lets the
+# lock go at once: its standby leads within this and its own start (docs/SCALING.md: the failover bound).
+POLL_SECONDS = 1.0
+
+
+class Lock(Protocol):
+    """store.LeaderLock's calls, blocking (they run on a thread)."""
+
+    def try_take(self) -> bool: ...
+
+    def held(self) -> bool: ...
+
+    def release(self) -> None: ...
+
+
+class Leadership:
+    def __init__(self, lock: Lock | None, poll: float = POLL_SECONDS) -> None:
+        self._lock = lock
+        self._poll = poll
+        self.leading = lock is None
+
+    @property
+    def shared(self) -> bool:
+        """Whether other orchestrators may take over from this one (a lock decides who leads)."""
+        return self._lock is not None
+
+    async def take(self) -> None:
+        """Return once this instance leads: at once without a lock; else when the lock is ours."""
+        if self._lock is None:
+            return
+        waited = False
+        while not await self._try_take():
+            if not waited:
+                logger.info("standing by: another orchestrator leads; storing what arrives here for it")
+                waited = True
+            await asyncio.sleep(self._poll)
+        self.leading = True
+        logger.info("leading: this orchestrator runs the chats now")
+
+    async def _try_take(self) -> bool:
+        assert self._lock is not None
+        try:
+            return await asyncio.to_thread(self._lock.try_take)
+        except Exception as exc:
+            logger.warning(f"cannot ask for the leader lock: {str(exc).strip()}")
+            return False
+
+    async def kept(self) -> None:
+        """Return when this instance no longer leads (never without a lock)."""
+        if self._lock is None:
+            await asyncio.Event().wait()
+        assert self._lock is not None
+        while await asyncio.to_thread(self._lock.held):
+            await asyncio.sleep(self._poll)
+        self.leading = False
+
+    def release(self) -> None:
+        """Let another instance lead (at a stop)."""
+        if self._lock is not None:
+            self.leading = False
+            self._lock.release()

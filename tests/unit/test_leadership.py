@@ -1,0 +1,224 @@
+"""Leader and standby (orchestrator/leadership.py, the service's run): with a fake of the leader lock, a fake turn
+runner and channel, a real SQLite store. A standby stores what it receives and routes nothing; once it leads it
+recovers what waited and takes what others stored; a leader that loses the lock stops at once and stops nothing of
+the chats'. The lock itself on a real PostgreSQL server: tests/unit/test_store_postgres.py."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from orchestrator import leadership
+from orchestrator.channels import Act, Incoming, Submit
+from orchestrator.config import AccessSettings, Settings
+from orchestrator.leadership import Leadership
+from orchestrator.service import Service
+from orchestrator.states import State
+from orchestrator.store import Store
+from tests.fakes.channel import RecordingChannel
+from tests.unit.test_files_wait import Turns
+from tests.unit.test_service_resilience import Engine
+
+CHAT = "oc_a"
+
+
+class Lock:
+    """The leader lock: granted from the `grant_at`-th ask on; `held` until the test takes it away."""
+
+    def __init__(self, grant_at: int = 1, failing: int = 0) -> None:
+        self.grant_at = grant_at
+        self.failing = failing  # the first asks raise, as with a server that cannot be reached
+        self.asks = 0
+        self.holding = False
+        self.released = False
+
+    def try_take(self) -> bool:
+        self.asks += 1
+        if self.asks <= self.failing:
+            raise OSError("could not connect to server")
+        self.holding = self.holding or self.asks >= self.grant_at
+        return self.holding
+
+    def held(self) -> bool:
+        return self.holding
+
+    def release(self) -> None:
+        self.holding, self.released = False, True
+
+
+class StoppingEngine(Engine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopped: list[str] = []
+
+    async def stop(self, name: str, grace_seconds: float) -> None:
+        self.stopped.append(name)
+
+
+class Chat(RecordingChannel):
+    """A channel that hands the test its submit and waits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.submit: Submit | None = None
+
+    async def run(self, submit: Submit, act: Act) -> None:
+        self.submit = submit
+        await asyncio.Event().wait()
+
+
+@pytest.fixture(autouse=True)
+def fast_poll(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(leadership, "POLL_SECONDS", 0.01)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    store = Store(tmp_path / "data" / "orchestrator.db")
+    yield store
+    store.close()
+
+
+def make_service(tmp_path: Path, store: Store, lock: Lock,
+                 engine: Engine | None = None) -> tuple[Service, Turns, Chat]:
+    settings = Settings(source=tmp_path / "config.yaml", data_dir=tmp_path / "data", chats_dir=tmp_path / "chats",
+                        access=AccessSettings(allowed_chats=(CHAT,), allowed_users=("*",)))
+    chat = Chat()
+    made = Service(settings, store, engine or Engine(), chat, Leadership(lock, poll=0.01))  # type: ignore[arg-type]
+    turns = made.turns = Turns(store)  # type: ignore[assignment]
+
+    async def no_network() -> None:
+        pass
+
+    made.close_network = no_network  # type: ignore[method-assign]  # iptables and the engine: not here
+    return made, turns, chat
+
+
+async def submitting(chat: Chat) -> Submit:
+    """The service's submit, once its channel runs."""
+    await until(lambda: chat.submit is not None, "the channel")
+    assert chat.submit is not None
+    return chat.submit
+
+
+async def until(done: object, what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def ran(turns: Turns) -> list[str]:
+    return [message.message_id for message in turns.ran]
+
+
+def text(message_id: str) -> Incoming:
+    return Incoming(CHAT, message_id, "ou_1", f"question {message_id}")
+
+
+def test_without_a_lock_an_instance_leads_from_its_start() -> None:
+    sole = Leadership(None)
+    asyncio.run(sole.take())
+    assert sole.leading and not sole.shared
+
+
+def test_a_standby_asks_until_it_gets_the_lock_and_a_server_it_cannot_reach_is_no_leadership() -> None:
+    lock = Lock(grant_at=5, failing=2)
+    standby = Leadership(lock, poll=0.001)
+    assert not standby.leading and standby.shared
+    asyncio.run(standby.take())
+    assert standby.leading and lock.asks == 5
+
+
+def test_the_leader_finds_out_it_lost_the_lock_and_leads_no_more() -> None:
+    lock = Lock()
+    leader = Leadership(lock, poll=0.001)
+
+    async def scenario() -> None:
+        await leader.take()
+        watching = asyncio.create_task(leader.kept())
+        await asyncio.sleep(0.02)
+        assert not watching.done()
+        lock.holding = False
+        await asyncio.wait_for(watching, 1)
+
+    asyncio.run(scenario())
+    assert not leader.leading
+
+
+def test_a_standby_stores_and_routes_nothing_then_leads_with_what_waited_and_what_others_stored(
+        tmp_path: Path, store: Store) -> None:
+    lock = Lock(grant_at=10**9)
+    svc, turns, chat = make_service(tmp_path, store, lock)
+
+    async def scenario() -> None:
+        running = asyncio.create_task(svc.run())
+        submit = await submitting(chat)
+        await submit(text("om_1"))
+        await asyncio.sleep(0.1)
+        assert store.message("om_1").state is State.RECEIVED and turns.ran == []  # stored (acked), not handled
+        lock.grant_at = 0  # the leader died
+        await until(lambda: ran(turns) == ["om_1"], "om_1 handled once leading")
+        store.record_received("om_2", CHAT, "ou_1", "stored by another instance")
+        await until(lambda: ran(turns) == ["om_1", "om_2"], "om_2, stored by the standby")
+        await submit(text("om_3"))
+        await until(lambda: ran(turns) == ["om_1", "om_2", "om_3"], "om_3, received by the leader")
+        svc._on_signal(signal.SIGTERM)
+        return await running
+
+    assert asyncio.run(scenario()) == 0
+    assert ran(turns) == ["om_1", "om_2", "om_3"]  # each once
+    assert {store.message(m).state for m in ran(turns)} == {State.DELIVERED}
+    assert lock.released
+
+
+def test_a_standby_stopped_leaves_what_it_stored_for_the_leader(tmp_path: Path, store: Store) -> None:
+    engine = StoppingEngine()
+    svc, turns, chat = make_service(tmp_path, store, Lock(grant_at=10**9), engine)
+
+    async def scenario() -> int:
+        running = asyncio.create_task(svc.run())
+        submit = await submitting(chat)
+        await submit(text("om_1"))
+        svc._on_signal(signal.SIGTERM)
+        return await running
+
+    assert asyncio.run(scenario()) == 0
+    assert store.message("om_1").state is State.RECEIVED and turns.ran == [] and engine.listed == 0
+    assert engine.stopped == []
+
+
+def test_a_leader_that_loses_the_lock_exits_1_at_once_and_stops_no_container(tmp_path: Path, store: Store) -> None:
+    engine = StoppingEngine()
+    lock = Lock()
+    svc, _, chat = make_service(tmp_path, store, lock, engine)
+
+    async def scenario() -> int:
+        running = asyncio.create_task(svc.run())
+        await submitting(chat)
+        lock.holding = False  # its connection to the store's server broke
+        return await asyncio.wait_for(running, 5)
+
+    assert asyncio.run(scenario()) == 1
+    assert engine.stopped == []  # the next leader adopts the gateway and the chats' containers
+
+
+def test_a_planned_stop_of_a_leader_among_several_leaves_the_containers_to_the_next(tmp_path: Path,
+                                                                                   store: Store) -> None:
+    engine = StoppingEngine()
+    lock = Lock()
+    svc, _, chat = make_service(tmp_path, store, lock, engine)
+
+    async def scenario() -> int:
+        running = asyncio.create_task(svc.run())
+        await submitting(chat)
+        svc._on_signal(signal.SIGTERM)
+        return await running
+
+    assert asyncio.run(scenario()) == 0
+    assert engine.stopped == [] and lock.released
