@@ -33,3 +33,22 @@ def test_max_running_stops_the_least_recently_used_idle_ones() -> None:
     stop = containers_to_stop(running, busy={"d"}, now=400.0, idle_stop=10_000, max_running=2)
     assert [c.chat_id for c in stop] == ["b", "c"]  # d is busy, so the two oldest idle ones go
     assert containers_to_stop(running, busy=set(), now=400.0, idle_stop=10_000, max_running=4) == []
+
+
+def test_a_chat_that_never_had_a_container_does_not_hide_the_next_ones() -> None:
+    chats = [chat("new"), chat("a", "o-a")]
+    assert reconcile(chats, []) == [Reconciled("a", Finding.VANISHED, None)]
+
+
+def test_a_container_idle_exactly_the_idle_time_stops() -> None:
+    running = [Candidate("a", "o-a", 500.0), Candidate("b", "o-b", 501.0)]
+    assert [c.chat_id for c in containers_to_stop(running, busy=set(), now=1000.0, idle_stop=500, max_running=0)] \
+        == ["a"]
+
+
+def test_max_running_counts_the_idle_ones_already_stopping() -> None:
+    running = [Candidate(x, f"o-{x}", t) for x, t in (("a", 0.0), ("b", 900.0), ("c", 950.0), ("d", 990.0))]
+    stop = containers_to_stop(running, busy=set(), now=1000.0, idle_stop=500, max_running=2)
+    assert [c.chat_id for c in stop] == ["a", "b"]  # a is idle past the time; of the three left, one more must go
+    stop = containers_to_stop(running[:3], busy=set(), now=1000.0, idle_stop=500, max_running=2)
+    assert [c.chat_id for c in stop] == ["a"]  # a's stop alone brings it to two

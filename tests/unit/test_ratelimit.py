@@ -189,3 +189,15 @@ def test_scopes_have_their_own_windows_and_idle_ones_are_forgotten() -> None:
 
     assert set(asyncio.run(run())) == {0.0}  # a thousand cards, one call each: nobody waits
     assert list(limiter._keyed) == [("card", "fresh")]
+
+
+def test_a_limiter_without_windows_never_waits() -> None:
+    async def no_sleep(seconds: float) -> None:
+        raise AssertionError(f"slept {seconds} s with no window to wait for")
+
+    limiter = Limiter([], {}, clock=lambda: 0.0, sleep=no_sleep)
+
+    async def run() -> list[float]:
+        return [await limiter.acquire() for _ in range(3)]
+
+    assert asyncio.run(run()) == [0.0, 0.0, 0.0]

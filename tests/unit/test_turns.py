@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from loguru import logger
 
 from orchestrator import agent_host, layout, turns, untrusted
 from orchestrator.layout import ChatPaths
@@ -438,3 +441,194 @@ def test_a_messages_files_half_written_are_removed_and_old_ones_pruned(tmp_path:
     os.utime(folder, (0, 0))  # its turn never withdrew it (a crash between the files and the request)
     turns.prune(paths.root.parent, keep=10, busy=set())
     assert not folder.exists()
+
+
+# ---- what the mutation run found untested (issue 15) -------------------------------------------------------
+
+
+def test_files_not_owned_by_the_agent_are_refused_through_turn_files(paths: ChatPaths) -> None:
+    files = turns.turn_files(paths, new_turn_name(7, 1), AGENT)
+    folder = make_turn(paths, files.name)
+    for name, data in (("exit_code", "0\n"), ("pid", "42\n"), ("stderr", "root's secret"),
+                       ("ask-1", '{"tool": "Bash", "input": {}}')):
+        (folder / name).write_text(data)  # root's: not what the agent wrote
+    assert files.exit_code() is None and files.pid() is None and files.stderr() == ""
+    assert files.read_ask(1) == turns.Ask(1, "", None, "the request could not be read")
+
+
+def test_a_turn_not_started_reads_nothing_from_the_working_folder(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path, paths: ChatPaths) -> None:
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    for name, data in (("exit_code", "0\n"), ("pid", "42\n"), ("stderr", "secret"),
+                       ("ask-1", '{"tool": "Bash", "input": {}}')):
+        agent_write(cwd / name, data)
+    monkeypatch.chdir(cwd)  # a file relative to no folder would be read from here
+    files = TurnFiles(new_turn_name(7, 1), paths, AGENT)
+    assert files.exit_code() is None and files.pid() is None and files.stderr() == ""
+    assert files.read_ask(1).input is None
+
+
+def test_the_lowest_and_highest_plain_pids_are_taken(paths: ChatPaths) -> None:
+    files, folder = started_turn(paths)
+    for pid in (2, 2**22 - 1):
+        agent_write(folder / "pid", str(pid))
+        assert files.pid() == pid
+
+
+def test_has_output_only_once_a_byte_is_written(paths: ChatPaths) -> None:
+    files, folder = started_turn(paths)
+    assert not files.has_output()  # no file at all
+    agent_write(folder / "output.jsonl", b"")
+    assert not files.has_output()
+    agent_write(folder / "output.jsonl", b"{")
+    assert files.has_output()
+
+
+def test_a_refused_output_is_logged_once_per_turn_with_its_reason(tmp_path: Path, paths: ChatPaths) -> None:
+    files, folder = started_turn(paths, new_turn_name(8, 1))
+    (folder / "output.jsonl").symlink_to(outside(tmp_path))
+    as_agent(folder / "output.jsonl")
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(m.record["message"]), level="WARNING", format="{message}")
+    try:
+        assert [files.open_output() for _ in range(3)] == [None, None, None]
+    finally:
+        logger.remove(sink)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"turn {files.name}: its output is refused (output.jsonl: ")
+    assert "symbolic links" in lines[0]
+
+
+def test_undecodable_bytes_are_replaced_not_raised(paths: ChatPaths) -> None:
+    reader, path = output(paths)
+    agent_write(path, b'{"a":"\xff"}\n\xfe')
+    assert reader.new_lines() == ['{"a":"\ufffd"}']
+    assert reader.rest() == ["\ufffd"]
+    agent_write(path.parent / "stderr", b"died \xff")
+    assert reader.files.stderr() == "died \ufffd"
+
+
+def test_a_partial_line_of_exactly_the_cap_is_kept(paths: ChatPaths) -> None:
+    reader, path = output(paths, line_bytes=10)
+    agent_write(path, b"exactly10!")
+    assert reader.new_lines() == [] and reader.skipped_lines == 0
+    agent_append(path, b"\n")
+    assert reader.new_lines() == ["exactly10!"] and reader.skipped_lines == 0
+
+
+def test_the_line_cap_counts_lines_across_reads(paths: ChatPaths, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(turns, "MAX_LINES", 4)
+    reader, path = output(paths)
+    agent_write(path, b"a\nb\n")
+    assert reader.new_lines() == ["a", "b"] and not reader.too_many_lines
+    agent_append(path, b"c\n")
+    assert reader.new_lines() == ["c"] and not reader.too_many_lines
+    agent_append(path, b"d\n")
+    assert reader.new_lines() == ["d"] and reader.too_many_lines  # the fourth line reaches the cap
+    agent_append(path, b"e\n")
+    assert reader.new_lines() == [] and reader.rest() == []
+
+
+def test_a_reader_closed_twice_or_never_opened_and_read_again(paths: ChatPaths) -> None:
+    reader, path = output(paths)
+    reader.close()  # never opened
+    agent_write(path, b"one\n")
+    assert reader.new_lines() == ["one"]
+    reader.close()
+    reader.close()
+    agent_append(path, b"two\n")
+    assert reader.new_lines() == ["two"]  # opened again, where it stopped
+    reader.close()
+
+
+def ask_file(paths: ChatPaths, number: int, data: bytes | str) -> TurnFiles:
+    folder = paths.turns / "7-1-abc"
+    if not folder.exists():
+        started_turn(paths)
+    agent_write(folder / agent_host.ask_name(number), data)
+    return TurnFiles("7-1-abc", paths, AGENT)
+
+
+def test_a_permission_request_is_read(paths: ChatPaths) -> None:
+    assert TurnFiles("7-1-abc", paths, AGENT).read_ask(1) == turns.Ask(1, "", None, "the request could not be read")
+    files = ask_file(paths, 1, json.dumps({"tool": "Bash", "input": {"command": "ls"}}))
+    assert files.read_ask(1) == turns.Ask(1, "Bash", {"command": "ls"}, "")
+    assert files.read_ask(2) == turns.Ask(2, "", None, "the request could not be read")
+    ask_file(paths, 3, json.dumps({"tool": "T" * 150, "input": {}}))
+    assert files.read_ask(3).tool == "T" * 100
+
+
+@pytest.mark.parametrize("data", ["not json", '{"tool": 1, "input": {}}', '{"tool": "Bash", "input": []}',
+                                  '{"tool": "Bash"}', '""', "[" * 100_000])
+def test_a_permission_request_not_in_the_hosts_format(paths: ChatPaths, data: str) -> None:
+    files = ask_file(paths, 4, data)
+    assert files.read_ask(4) == turns.Ask(4, "", None, "the request is not in the host's format")
+
+
+def test_a_permission_request_of_exactly_the_cap_is_read_and_one_over_it_is_not(paths: ChatPaths) -> None:
+    head, tail = '{"tool": "Write", "input": {"content": "', '"}}'
+    content = "x" * (turns.MAX_ASK_BYTES - len(head) - len(tail))
+    files = ask_file(paths, 1, head + content + tail)
+    assert files.read_ask(1) == turns.Ask(1, "Write", {"content": content}, "")
+    ask_file(paths, 2, head + content + "x" + tail)
+    assert files.read_ask(2) == turns.Ask(2, "Write", None, "its input is over 2,097,152 bytes")
+    ask_file(paths, 3, "x" * (turns.MAX_ASK_BYTES + 1))  # not even the host's head: no tool to name
+    assert files.read_ask(3) == turns.Ask(3, "", None, "its input is over 2,097,152 bytes")
+
+
+def test_the_interrupt_request_is_an_empty_file(paths: ChatPaths) -> None:
+    files = TurnFiles(new_turn_name(3, 1), paths, AGENT)
+    request_interrupt(files)
+    assert (paths.input / f"{files.name}.interrupt").read_bytes() == b""
+
+
+def test_a_messages_files_left_by_an_earlier_try_are_replaced(paths: ChatPaths) -> None:
+    files = TurnFiles(new_turn_name(6, 1), paths, AGENT)
+    turns.write_inbound(files, {"old.png": b"old"})
+    turns.write_inbound(files, {"new.png": b"new"})  # the first try failed before its request
+    folder = paths.input / turns.files_folder(files.name)
+    assert names(folder) == ["new.png"] and (folder / "new.png").read_bytes() == b"new"
+
+
+def test_prune_does_not_follow_a_chat_folder_that_is_a_link(tmp_path: Path, paths: ChatPaths) -> None:
+    elsewhere = chat_paths(tmp_path / "elsewhere")
+    make_turn(elsewhere, "1-1-r", exit_code="0")
+    (paths.root.parent / "oc_link").symlink_to(elsewhere.root)
+    assert prune(paths.root.parent, keep=0, busy=set()) == 0
+    assert names(elsewhere.turns) == ["1-1-r"]
+
+
+def test_prune_a_chat_without_an_input_folder(paths: ChatPaths) -> None:
+    bare = paths.root.parent / "oc_bare"
+    (bare / "turns").mkdir(parents=True)
+    (bare / "turns" / "1-1-r").mkdir()
+    (bare / "turns" / "1-1-r" / "exit_code").write_text("0")
+    assert prune(paths.root.parent, keep=0, busy=set()) == 1
+    assert names(bare / "turns") == []
+
+
+def test_an_orphan_request_is_pruned_only_once_older_than_the_limit(monkeypatch: pytest.MonkeyPatch,
+                                                                    paths: ChatPaths) -> None:
+    now = 2_000_000_000
+    monkeypatch.setattr(turns, "time", SimpleNamespace(time=lambda: float(now)))
+    limit = int(turns.ORPHAN_REQUEST_SECONDS)
+    for name, age in (("1-1-r", limit), ("2-1-r", limit + 1)):
+        os.utime(prompt(paths, name, 0), (now - age, now - age))
+    prune(paths.root.parent, keep=10, busy=set())
+    assert names(paths.input) == ["1-1-r"]
+
+
+def test_prune_keeps_the_files_of_a_busy_turn_and_leaves_links(tmp_path: Path, paths: ChatPaths) -> None:
+    old = time.time() - turns.ORPHAN_REQUEST_SECONDS - 60
+    for name in ("10-1-r.files", "12-1-r.files"):
+        (paths.input / name).mkdir()
+        (paths.input / name / "a.png").write_bytes(b"png")
+        os.utime(paths.input / name, (old, old))
+    target = tmp_path / "target"
+    target.write_text("x")
+    os.utime(target, (old, old))
+    (paths.input / "13-1-r").symlink_to(target)
+    os.utime(paths.input / "13-1-r", (old, old), follow_symlinks=False)
+    prune(paths.root.parent, keep=10, busy={"10-1-r"})  # 10 waits for its container: its files stay
+    assert names(paths.input) == ["10-1-r.files", "13-1-r"] and target.exists()
