@@ -26,7 +26,7 @@ import yaml
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
-from bench.faults_lib import approvals, boundary, files, resilience, webhook
+from bench.faults_lib import approvals, boundary, failover, files, resilience, webhook
 from bench.faults_lib import events as fuzz
 from bench.faults_lib.rig import Result, Rig, Sent, wait_for
 from orchestrator import cli
@@ -585,7 +585,7 @@ SCENARIOS: dict[str, Scenario] = {"kill9": kill9, "duplicates": duplicates, "rat
                                   "store_locked": resilience.store_locked, "planted_links": boundary.planted_links,
                                   "output_flood": boundary.output_flood, "disk_budget": boundary.disk_budget,
                                   "neighbours": boundary.neighbours, "approvals": approvals.approvals,
-                                  "files_out": files.files_out}
+                                  "files_out": files.files_out, "failover": failover.failover}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import time
 
-from bench import approvals, cold, files, footprint, gateway, hot_memory, restart, streaming, throughput, warm
+from bench import (
+    approvals,
+    cold,
+    files,
+    footprint,
+    gateway,
+    hot_memory,
+    postgres,
+    restart,
+    streaming,
+    throughput,
+    warm,
+)
 from bench.common import main
 
-BENCHMARKS = (warm, cold, throughput, footprint, hot_memory, restart, streaming, gateway, approvals, files)
+BENCHMARKS = (warm, cold, throughput, footprint, hot_memory, restart, streaming, gateway, approvals, files, postgres)
 
 
 def run(quick: bool) -> list[str]:

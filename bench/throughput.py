@@ -57,6 +57,19 @@ def _against(value: float, before: float) -> str:
 def through_orchestrator(setup: Rig, chat_ids: list[str], per_chat: int
                          ) -> tuple[float, Counter[str], dict[str, list[float]]]:
     """Messages per second from the first event to the last reply; replies per message; waits per chat."""
+    rate, replies = answer_all(setup, chat_ids, per_chat)
+    store = StoreView(setup.data / "orchestrator.db")
+    waits: dict[str, list[float]] = {}
+    for chat_id in chat_ids:
+        for message in store.messages(chat_id):
+            started = (setup.data / "chats" / chat_id / "turns" / message["turn"] / "pid").stat().st_mtime  # taken
+            waits.setdefault(chat_id, []).append(started - message["received_at"])
+    return rate, replies, waits
+
+
+def answer_all(setup: Rig, chat_ids: list[str], per_chat: int) -> tuple[float, Counter[str]]:
+    """`per_chat` messages to each chat, interleaved; messages per second from the first event to the last reply,
+    and the replies per message (a second one shows up within a second after the last)."""
     message_ids = []
     began = time.monotonic()
     for n in range(per_chat):  # interleaved, as a busy team would send them
@@ -73,13 +86,7 @@ def through_orchestrator(setup: Rig, chat_ids: list[str], per_chat: int
     wait_until(lambda: len(replied()) == len(wanted), 3600, "every message answered", interval=0.2)
     elapsed = max(c.time for c in setup.feishu.calls if c.path.endswith("/reply")) - began
     time.sleep(1)  # a second reply to any message would show up now
-    store = StoreView(setup.data / "orchestrator.db")
-    waits: dict[str, list[float]] = {}
-    for chat_id in chat_ids:
-        for message in store.messages(chat_id):
-            started = (setup.data / "chats" / chat_id / "turns" / message["turn"] / "pid").stat().st_mtime  # taken
-            waits.setdefault(chat_id, []).append(started - message["received_at"])
-    return len(wanted) / elapsed, replied(), waits
+    return len(wanted) / elapsed, replied()
 
 
 def through_docker_exec(setup: Rig, chat_ids: list[str], per_chat: int) -> float:

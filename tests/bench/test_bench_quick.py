@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.docker
 def test_every_benchmark_runs_and_prints_its_figures() -> None:
     result = subprocess.run([sys.executable, "-m", "bench.run_all", "--quick"], cwd=REPO, capture_output=True,
-                            text=True, timeout=900)
+                            text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     for benchmark in ("warm/real-cli", "warm/stub-cli", "cold/real-cli", "cold/stub-cli"):
@@ -46,3 +46,7 @@ def test_every_benchmark_runs_and_prints_its_figures() -> None:
     assert re.search(r"^files out 10 MiB: samples=\d+ answer delivered -> file in the chat median=\d+ ms", out,
                      re.M), out
     assert re.search(r"^files: Feishu API calls per file: a file in adds \+1 \(download \+1\)", out, re.M), out
+    assert re.search(r"^postgres: 9 messages over 3 chats per run, 1 run\(s\) per store: sqlite=[\d.]+ msg/s, "
+                     r"postgres=[\d.]+ msg/s .*; answered once 18 of 18$", out, re.M), out
+    assert re.search(r"^postgres: time per message [\d.]+x of SQLite's; target <= 1.2x: (meets|misses)$", out,
+                     re.M), out
