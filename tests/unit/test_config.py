@@ -509,3 +509,149 @@ def test_other_words_from_the_environment_are_not_booleans(tmp_path: Path, key: 
     with pytest.raises(ConfigError) as refused:
         read(tmp_path, key, "${FLAG}", {"FLAG": text})
     assert str(refused.value) == f"bot.yaml: {key}: {text!r} must be true or false"
+
+
+# ---- what a mutation run found unpinned (issue 15): whole messages, defaults, bounds ----
+
+LONG_OPEN_ID = "ou_" + "x" * 100
+LONG_RULE = "Bash(" + "x" * 300
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ("- 1\n- 2\n", "top level: must be a mapping of keys to values"),
+    ({"access": {"allowed": "x"}}, "access.allowed: unknown key (known here: allowed_chats, allowed_users)"),
+    ({"access": {"allowed_chats": {"a": 1}}}, "access.allowed_chats: {'a': 1} must be a list of strings"),
+    ({"access": {"allowed_users": {"a": 1}}}, "access.allowed_users: {'a': 1} must be a list of strings"),
+    ({"access": {"allowed_chats": ["oc_a", "${CHAT}"]}},
+     "access.allowed_chats[1]: ${CHAT} is not set in the environment"),
+    ({"data_dir": ["x"]}, "data_dir: ['x'] must be a string"),
+    ({"agent": {"permission_mode": "default"}}, "agent.permission_mode: moved to defaults.permission_mode (per group "
+                                                "since approvals: groups.<chat_id>.permission_mode)"),
+    ({"agent": {"image": ["x"]}}, "agent.image: ['x'] must be a string"),
+    ({"agent": {"env": ["A=1"]}}, "agent.env: must map variable names to values"),
+    ({"agent": {"env": {"TOKEN": "${MISSING}"}}}, "agent.env.TOKEN: ${MISSING} is not set in the environment"),
+    ({"agent": {"env": {"A=B": "x"}}}, "agent.env.A=B: is not a variable name (letters, digits and _)"),
+    ({"agent": {"env": {"KEY": "a\0b"}}}, "agent.env.KEY: may not hold a NUL character"),
+    ({"agent": {"env": {"ANTHROPIC_API_KEY": "x"}}},
+     "agent.env.ANTHROPIC_API_KEY: is set by the orchestrator: agents reach the model through the gateway and the "
+     "network through the egress proxy; the model's key and address go in gateway.api_key (or gateway.auth_token) "
+     "and gateway.upstream_url"),
+    ({"agent": {"extra_args": {"a": 1}}}, "agent.extra_args: {'a': 1} must be a list of strings"),
+    ({"agent": {"extra_args": ["--resume=a=b"]}}, "agent.extra_args: '--resume=a=b' is set by the orchestrator itself"),
+    ({"budgets": {"prices": ["x"]}}, "budgets.prices: must map model name prefixes to prices"),
+    ({"budgets": {"prices": {"m": {"input": "x", "output": 1, "cache_write": 1, "cache_read": 1}}}},
+     "budgets.prices.m.input: 'x' must be an amount in USD, like 5 or 2.50"),
+    ({"budgets": {"instance_daily_usd": True}}, "budgets.instance_daily_usd: True must be an amount in USD, like 5 or "
+                                                "2.50"),
+    ({"defaults": {"network": "host"}}, "defaults.network: 'host' lets the agent reach the host, other chats or "
+                                        "private addresses; use instance or none, or set defaults.unsafe_network: "
+                                        "true to accept that risk"),
+    ({"feishu": {"mode": "webhook", "verification_token": "t"}},
+     "feishu.encrypt_key: webhook mode needs the Encrypt Key and the Verification Token from the app's event "
+     "settings (both), so forged events are refused"),
+    ({"groups": ["oc_a"]}, "groups: must map chat ids to their settings"),
+    ({"groups": {"../etc": {}}}, "groups.../etc: not a valid chat id (letters, digits, '_', '-')"),
+    ({"groups": {"oc_a": {"approvers": [LONG_OPEN_ID]}}},
+     f"groups.oc_a.approvers: {LONG_OPEN_ID[:80]!r} is not a Feishu open id (ou_...)"),
+    ({"defaults": {"auto_allow": [LONG_RULE]}},
+     f"defaults.auto_allow: {LONG_RULE[:80]!r} is not a permission rule (a tool name, or Tool(specifier))"),
+    ({"defaults": {"workspace": "/srv/shared"}},
+     "defaults.workspace: must contain {chat_id}, or every chat would share one folder"),
+    ({"defaults": {"workspace": "run/{chat_id}"}},
+     "defaults.workspace: 'run/{chat_id}' is, or is inside, a folder of the service's (chats_dir, data_dir, its run "
+     "or egress folder): put workspaces elsewhere"),
+    ({"defaults": {"cpus": 0.001}}, "defaults.cpus: 0.001 is below the engine's minimum of 0.01"),
+    ({"defaults": {"cpus": -1}}, "defaults.cpus: -1 must be a number above 0"),
+    ({"defaults": {"egress": {"allow": ["Example.COM"]}}},
+     "defaults.egress: 'Example.COM' is not a domain (like pypi.org) or a *.suffix pattern (like *.example.com), "
+     "in lower case"),
+    ({"logging": {"level": "TRACE"}}, "logging.level: 'TRACE' is not one of DEBUG, INFO, WARNING, ERROR"),
+    ({"containers": {"max_running": -1}}, "containers.max_running: -1 must be a whole number, 0 or more"),
+    ({"containers": {"max_running": 1.5}}, "containers.max_running: 1.5 must be a whole number, 0 or more"),
+    ({"shutdown": {"drain_timeout": -1}}, "shutdown.drain_timeout: -1 must be a number, 0 or more"),
+    ({"feishu": {"webhook_port": 65536}}, "feishu.webhook_port: 65536 is not a port number"),
+    ({"metrics": {"listen": "localhost"}},
+     "metrics.listen: 'localhost' must be host:port, like 127.0.0.1:9464 or [::1]:9464"),
+    ({"limits": {"min_free_disk": -1}}, "limits.min_free_disk: -1 must not be negative"),
+    ({"limits": {"min_free_disk": True}},
+     "limits.min_free_disk: True is not a size: use bytes or a number with k, m or g, like 512m or 2g"),
+])
+def test_the_whole_message_the_operator_reads(tmp_path: Path, config: dict | str, message: str) -> None:
+    assert error_of(tmp_path, config) == f"bot.yaml: {message}"
+
+
+@pytest.mark.parametrize(("config", "key"), [({"agent": {"imag": "x"}}, "agent.imag"),
+                                             ({"budgets": {"daily": 1}}, "budgets.daily")])
+def test_an_unknown_key_in_a_section_is_named_with_its_section(tmp_path: Path, config: dict, key: str) -> None:
+    assert error_of(tmp_path, config).startswith(f"bot.yaml: {key}: unknown key (known here: ")
+
+
+def test_an_empty_config_holds_the_default_of_every_key(tmp_path: Path) -> None:
+    source = tmp_path / "bot.yaml"
+    settings = parse_settings({}, source, {})
+    assert settings == Settings(source=source, data_dir=tmp_path / "data")
+    assert settings.agent == AgentSettings() and settings.budgets == BudgetSettings()
+    assert settings.budgets.footer is True and settings.agent.image == "claude-runner:latest"
+    assert settings.access == AccessSettings()
+    starred = load_settings(write(tmp_path, {"access": {"allowed_chats": "*"}}), {}).access
+    assert not starred.allows("oc_a", "ou_a")  # no allowed_users: nobody, in every chat
+
+
+def test_load_settings_reads_the_process_environment_by_default(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ORCHESTRATOR_TEST_ROOT", "/srv/from-env")
+    assert load_settings(write(tmp_path, {"data_dir": "${ORCHESTRATOR_TEST_ROOT}"})).data_dir == Path("/srv/from-env")
+
+
+def test_an_absolute_path_is_kept_as_written(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    settings = load_settings(write(tmp_path, {"data_dir": str(tmp_path / "link")}), {})
+    assert settings.data_dir == tmp_path / "link"
+
+
+def test_a_workspace_holding_data_dir_is_refused_when_chats_dir_is_elsewhere(tmp_path: Path) -> None:
+    config = {"data_dir": str(tmp_path / "srv" / "data"), "chats_dir": str(tmp_path / "chats"),
+              "groups": {"oc_a": {"workspace": str(tmp_path / "srv")}}}
+    assert error_of(tmp_path, config).startswith("bot.yaml: groups.oc_a.workspace: ")
+    config["groups"] = {"oc_a": {"workspace": str(tmp_path / "srv" / "ws")}}
+    assert resolve_chat(load_settings(write(tmp_path, config), {}), "oc_a").workspace == tmp_path / "srv" / "ws"
+
+
+def test_a_chat_in_shared_mode_has_one_conversation_whatever_the_topic() -> None:
+    assert ChatOptions().conversation("omt_1") == "omt_1"
+    assert ChatOptions(threads="shared").conversation("omt_1") == ""
+    assert ChatOptions(threads="shared").conversation("") == ""
+
+
+def test_egress_allowlist_by_name_and_the_longest_domain(tmp_path: Path) -> None:
+    assert read(tmp_path, "defaults.egress", "allowlist") == Egress()
+    longest = ".".join(["a" * 63] * 3 + ["b" * 61])
+    assert len(longest) == 253 and read(tmp_path, "defaults.egress", {"allow": [longest]}) == Egress(allow=(longest,))
+    assert "is not a domain" in error_of(tmp_path, {"defaults": {"egress": {"allow": [longest + "b"]}}})
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("gateway.upstream_url", "https://gw.example.com/vX/", "https://gw.example.com/vX"),
+    ("metrics.listen", "X:1", "X:1"),
+    ("defaults.tmp_size", "1m", 1024**2), ("feishu.webhook_max_body", 1024, 1024),
+    ("shutdown.drain_timeout", 0.5, 0.5), ("files.wait_for_text", "2.5", 2.5),
+])
+def test_more_values_each_key_takes(tmp_path: Path, key: str, value: object, expected: object) -> None:
+    assert read(tmp_path, key, value) == expected
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("metrics.listen", "[]:9464"), ("defaults.tmp_size", 1024**2 - 1), ("feishu.webhook_max_body", 1023),
+])
+def test_more_values_past_a_bound(tmp_path: Path, key: str, value: object) -> None:
+    with pytest.raises(ConfigError) as refused:
+        read(tmp_path, key, value)
+    assert str(refused.value).startswith(f"bot.yaml: {key}: ")
+
+
+def test_the_default_prices_are_anthropics_list_prices() -> None:
+    assert DEFAULT_PRICES["claude-sonnet-4"] == Price(Decimal("3"), Decimal("15"), Decimal("3.75"), Decimal("0.30"))
+    assert DEFAULT_PRICES["claude-3-5-haiku"] == Price(input=Decimal("0.80"), output=Decimal("4"),
+                                                       cache_write=Decimal("1"), cache_read=Decimal("0.08"))
+    assert DEFAULT_PRICES["default"] == DEFAULT_PRICES["claude-opus-4"]  # the dearest: an unknown model errs safe

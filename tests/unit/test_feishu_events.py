@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -316,3 +317,85 @@ def test_before_the_bot_knows_its_own_open_id_no_mention_is_the_bots() -> None:
     parsed = parse_message_event(event("@_user_1 hi", chat_type="group", mentions=[unknown_bot]), "", lambda c: True)
     assert parsed == Ignored("a group message that does not mention the bot")
     assert isinstance(parse_message_event(event("hi"), "", lambda c: True), Incoming)
+
+
+# ---- what a mutation run found unpinned (issue 15) ----
+
+
+def test_a_post_reads_mentions_markdown_and_code_like_text() -> None:
+    post = {"content": [
+        [{"tag": "text", "text": "ask "}, {"tag": "at", "user_id": "@_user_2", "user_name": "Alice"},
+         {"tag": "text", "text": " and "}, {"tag": "at", "key": "@_user_3"}, {"tag": "at"}, {"tag": "text"}],
+        [{"tag": "md", "text": "**bold**"}], [{"tag": "code_block", "language": "PYTHON", "text": "print(1)"}]]}
+    mentions = [{"key": "@_user_2", "id": {"open_id": "ou_alice"}, "name": "Alice"},
+                {"key": "@_user_3", "id": {"open_id": "ou_bob"}, "name": "Bob"}]
+    parsed = parse(event(message_type="post", content=json.dumps(post), mentions=mentions))
+    assert isinstance(parsed, Incoming) and parsed.text == "ask @Alice and @Bob\n**bold**\nprint(1)"
+
+
+def test_a_post_wrapped_in_a_language_key_around_no_object_is_empty() -> None:
+    for inner in ("hello", ["x"], 5):
+        parsed = parse(event(message_type="post", content=json.dumps({"zh_cn": inner})))
+        assert parsed == Incoming("oc_chat1", "om_1", "ou_user", "/help")
+
+
+def test_require_mention_is_asked_for_the_chat_of_the_message() -> None:
+    def quiet(chat_id: str) -> bool:
+        return chat_id == "oc_quiet"
+
+    assert isinstance(parse_message_event(event("hi", chat_type="group"), BOT, quiet), Incoming)
+    assert parse_message_event(event("hi", chat_type="group", chat_id="oc_quiet"), BOT, quiet) == \
+        Ignored("a group message that does not mention the bot")
+
+
+def test_an_unsupported_message_in_a_topic_is_answered_in_the_topic() -> None:
+    raw = event(message_type="sticker", content=json.dumps({"file_key": "file_1"}))
+    raw["message"]["thread_id"] = "omt_1"
+    assert parse(raw) == Incoming("oc_chat1", "om_1", "ou_user", "", kind="sticker", thread_id="omt_1")
+
+
+def test_the_space_a_dropped_mention_leaves_is_one_space() -> None:
+    parsed = parse(event("please @_user_1  help", chat_type="group", mentions=[bot_mention()]))
+    assert isinstance(parsed, Incoming) and parsed.text == "please help"
+
+
+def test_a_mention_without_a_key_changes_nothing_and_the_next_is_still_read() -> None:
+    mentions = [{"key": "", "name": "Nobody"}, {"key": 5}, {"name": "Keyless"}, bot_mention()]
+    parsed = parse(event("@_user_1 hi there", chat_type="group", mentions=mentions))
+    assert isinstance(parsed, Incoming) and parsed.text == "hi there"
+
+
+def test_the_highest_option_index_is_taken() -> None:
+    parsed = parse_card_action(click({"approval": KEY, "choice": "answer", "question": 99, "option": 99}))
+    assert isinstance(parsed, CardAction) and (parsed.question, parsed.option) == (99, 99)
+
+
+LONG = "../" + "x" * 200
+POST_IMAGE = {"content": [[{"tag": "img", "image_key": "img/../x"}]]}
+
+
+@pytest.mark.parametrize(("parser", "raw", "reason"), [
+    (parse_card_action, click(tag="select_static"), "malformed card action: not a button ('select_static')"),
+    (parse_card_action, click(tag={"x": 1}), "malformed card action: not a button ('dict')"),
+    (parse_card_action, click({"approval": "../x", "choice": "allow"}),
+     "malformed card action: no approval key ('../x')"),
+    (parse_card_action, click({"approval": KEY, "choice": "approve"}),
+     "malformed card action: choice 'approve' is not one of allow, always, deny, answer"),
+    (parse_card_action, click(operator="all"), "malformed card action: operator 'all' is not an open id"),
+    (parse_card_action, click(operator=LONG), f"malformed card action: operator {repr(LONG)[:80]} is not an open id"),
+    (parse_card_action, click(chat_id="../x"), "malformed card action: chat '../x' or message 'om_card' not valid"),
+    (parse_card_action, click(message_id="om 1"), "malformed card action: chat 'oc_chat1' or message 'om 1' not valid"),
+    (parse, event(chat_id=LONG), f"malformed event: chat_id {LONG[:80]!r} is not valid"),
+    (parse, event(sender_type=LONG), f"sent by {LONG[:80]}, not a user"),
+    (parse, {**event(), "sender": {"sender_type": "user", "sender_id": {"open_id": "u1"}}},
+     "malformed event: sender open_id 'u1' is not valid"),
+    (parse, event(message_type="post", content=json.dumps(POST_IMAGE)),
+     "malformed event: image key 'img/../x' is not valid"),
+    (parse, event(message_type="image", content=json.dumps({"image_key": "../x"})),
+     "malformed event: image key '../x' is not valid"),
+    (parse, event(message_type="file", content=json.dumps({"file_key": "file_1", "file_name": ["a"]})),
+     "malformed event: file name 'list' is not valid"),
+])
+def test_a_reason_names_the_bad_value_shortly_for_the_log(parser: Callable[[Any], object], raw: dict,
+                                                          reason: str) -> None:
+    assert parser(raw) == Ignored(reason)
