@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -618,6 +618,10 @@ class _Reader:
             return StoreSettings(f"{SQLITE_URL}{file}")
         if not _is_postgres_url(url):
             raise self.error("store.url", "must be sqlite:///FILE or postgresql://user:password@host:port/dbname")
+        if {"password", "sslpassword"} & set(parse_qs(urlsplit(url).query)):
+            # Only the password in the user info is masked and left out where the URL is printed.
+            raise self.error("store.url", "give the password as postgresql://user:${VAR}@host/dbname, not as a "
+                             "password= or sslpassword= parameter")
         return StoreSettings(url)
 
     def access(self, raw: object) -> AccessSettings:

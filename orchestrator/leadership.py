@@ -4,8 +4,9 @@ Every instance receives, stores and acks the events Feishu gives it; only the le
 outbox and housekeeping, and hands on what the others stored. A standby asks for the lock every POLL_SECONDS and,
 once it has it, starts as a restarted orchestrator does (the running turns followed, not run again). The leader asks
 its lock's connection as often whether it still holds it, and stops leading (the service exits at once, leaving the
-containers and turns to the next leader) when it cannot tell: the server lets a lock go only when the holder's
-connection closed, or after its TCP keepalive gave up on it (store.LeaderLock), both later than the holder sees it.
+containers and turns to the next leader) when it cannot tell within CHECK_SECONDS: the server lets a lock go when the
+holder's connection closed (the holder sees that at its next check) or when it gave up on a silent holder after
+about 10 s (store.LeaderLock), later than a cut-off holder gives up on it (3 to 4 s).
 
 With a SQLite store there is no lock: one orchestrator on one host, which leads from its start.
 """
@@ -20,6 +21,7 @@ from loguru import logger
 # How often a standby asks for the lock, and the leader checks it holds it. A leader killed with SIGKILL lets the
 # lock go at once: its standby leads within this and its own start (docs/SCALING.md: the failover bound).
 POLL_SECONDS = 1.0
+CHECK_SECONDS = 4.0  # at most this long for the leader's check (the server lets go of a silent holder after 10 s)
 
 
 class Lock(Protocol):
@@ -69,9 +71,19 @@ class Leadership:
         if self._lock is None:
             await asyncio.Event().wait()
         assert self._lock is not None
-        while await asyncio.to_thread(self._lock.held):
+        while await self._still_held():
             await asyncio.sleep(self._poll)
         self.leading = False
+
+    async def _still_held(self) -> bool:
+        """The lock's check, given up after CHECK_SECONDS (the lock's connection gives up on a silent server after
+        3 s: store.LEADER_USER_TIMEOUT_MS): not knowing is not leading."""
+        assert self._lock is not None
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(self._lock.held), CHECK_SECONDS)
+        except TimeoutError:
+            logger.error(f"the leader lock's check did not answer within {CHECK_SECONDS:.0f} s")
+            return False
 
     def release(self) -> None:
         """Let another instance lead (at a stop)."""

@@ -67,6 +67,9 @@ KEEP_TURNS = 200  # turn folders (prompt, output, stderr) kept per chat, for `or
 INTERRUPT_WAIT_SECONDS = 10.0  # after SIGINT, how long interrupted turns get to end and be recorded
 FLUSH_SECONDS = 10.0  # at shutdown, how long to keep trying to deliver what is pending
 STRANDED_SECONDS = 60.0  # a message stored this long ago and still not queued was never handed on
+# A queued or running message no orchestrator has touched for this long, not this leader's: a deposed leader's, which
+# stops within leadership.CHECK_SECONDS of losing the lock.
+ADOPT_SECONDS = 15.0
 UNEXPECTED_ERROR = ("Something went wrong on our side while answering this message; the operators have the "
                     "details.")
 
@@ -80,10 +83,11 @@ class Service:
                  leadership: Leadership | None = None) -> None:
         self.settings = settings
         # Several orchestrators may share a PostgreSQL store: only the leader runs the chats (leadership).
-        self.leadership = leadership or Leadership(store.leader_lock(settings.instance))
+        self.leadership = leadership or Leadership(store.leader_lock())
         # submit hands a stored message on to its chat's queue; run() holds that back until it leads and recovered.
         self._routing = True
         self._deposed = False  # lost the leadership: stop at once, leaving everything to the next leader
+        self._owned: set[str] = set()  # messages queued or running here, or commands running
         self.store = store
         self.runtime = runtime
         self.mask = Masker(settings.secrets)
@@ -270,8 +274,9 @@ class Service:
         With `shutdown.keep_containers`, leave containers and turns running for the next start to adopt."""
         if self.settings.shutdown.keep_containers or self.leadership.shared:
             # Several orchestrators share the store: the next leader, maybe a standby already, takes them over.
+            successor = "leader" if self.leadership.shared else "start"
             logger.info(f"leaving {len(self.turns.running_chats())} running turn(s) and the containers for the next "
-                        "leader" if self.leadership.shared else "start")
+                        f"{successor}")
             return
         denied = self.approvals.deny_waiting("the bot is restarting")
         if denied:
@@ -414,17 +419,27 @@ class Service:
             self._route(message, _kind(message))
 
     async def _take_others_messages(self) -> None:
-        """What the standbys stored (Feishu gave them those events) handed on, every POLL_SECONDS."""
+        """What the standbys stored (Feishu gave them those events) handed on, every POLL_SECONDS; and what a
+        leader that had lost the lead without knowing it yet queued or started after this one recovered (it stops
+        within leadership.CHECK_SECONDS), once it has not moved for ADOPT_SECONDS: followed, as after a restart."""
         for message in self._unrouted(time.time()):
             logger.bind(chat_id=message.chat_id, message_id=message.message_id).info("taken from a standby")
             self._route(message, _kind(message))
+        stale = time.time() - ADOPT_SECONDS
+        for message in self.store.unfinished_messages():
+            if message.state in (State.QUEUED, State.RUNNING) and message.message_id not in self._owned \
+                    and message.updated_at < stale:
+                logger.bind(chat_id=message.chat_id, message_id=message.message_id).warning(
+                    f"{message.state} by a leader that had lost the lead; taking it over")
+                self._enqueue(message)
 
     def _unrouted(self, received_before: float) -> list[MessageRecord]:
-        """Messages stored before `received_before` and neither queued nor held for their sender's text: this
-        instance routes what it stores at once, so those are another's, or stranded."""
+        """Messages stored before `received_before` and neither queued, held for their sender's text nor run as a
+        command here: this instance routes what it stores at once, so those are another's, or stranded."""
         held = {m.message_id for waiting in self._held.values() for m in waiting.messages}
         return [message for message in self.store.unfinished_messages() if message.state is State.RECEIVED
-                and message.message_id not in held and message.received_at < received_before]
+                and message.message_id not in held and message.message_id not in self._owned
+                and message.received_at < received_before]
 
     async def _stop_containers_over_budget(self) -> None:
         """A chat's background jobs can fill its folders between turns: its container is stopped then. When the
@@ -573,7 +588,8 @@ class Service:
                                           "are not supported yet.")
         elif (command := commands.find(message.text)) is not None:
             # not awaited: the channel acks once the message is stored, and /status asks the engine
-            self._in_background(commands.run(command, self._command_context(), message))
+            self._in_background(self._own_while(message.message_id,
+                                                commands.run(command, self._command_context(), message)))
         elif self._waiting(message.chat_id) >= self.settings.scheduler.queue_depth:
             depth = self.settings.scheduler.queue_depth
             logger.bind(chat_id=message.chat_id, message_id=message.message_id).warning(
@@ -584,6 +600,14 @@ class Service:
             self.deliverer.wake()
         else:
             self._enqueue(message)
+
+    async def _own_while(self, message_id: str, coroutine: Coroutine[None, None, None]) -> None:
+        """A command runs while its message is still received: owned meanwhile, so that nothing hands it on again."""
+        self._owned.add(message_id)
+        try:
+            await coroutine
+        finally:
+            self._owned.discard(message_id)
 
     def _in_background(self, coroutine: Coroutine[None, None, None]) -> None:
         task = asyncio.create_task(coroutine)
@@ -618,6 +642,7 @@ class Service:
     def _enqueue(self, message: MessageRecord) -> None:
         if message.state is State.RECEIVED:
             self.store.mark_queued(message.message_id)
+        self._owned.add(message.message_id)
         queue = self.queues.get(message.chat_id)
         if queue is None:
             queue = self.queues[message.chat_id] = asyncio.Queue()
@@ -644,6 +669,7 @@ class Service:
                 await retry(Streak("handling the message", logger.bind(message_id=message_id)),
                             functools.partial(self._handle_stored, message_id))
             finally:
+                self._owned.discard(message_id)
                 queue.task_done()
 
     async def _handle_stored(self, message_id: str) -> None:

@@ -67,13 +67,24 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 BUSY_TIMEOUT_MS = 2_000
 # PostgreSQL's SQLSTATE classes of a server that cannot serve now: 08 connection exception, 40 transaction rollback
 # (a serialization failure or a deadlock: the transaction may simply run again), 53 insufficient resources (disk
-# full, out of memory, too many connections), 57P shutting down or starting up.
-_POSTGRES_REFUSED_FOR_NOW = ("08", "40", "53", "57P")
+# full, out of memory, too many connections), 57P shutting down or starting up, 55P03 a row lock another session
+# held past lock_timeout (CONNECTION_PARAMS).
+_POSTGRES_REFUSED_FOR_NOW = ("08", "40", "53", "57P", "55P03")
 # Seconds a new PostgreSQL connection may take (libpq's connect_timeout) before what needed it is refused for now:
 # the service's writes run on its event loop, which waits with them, as with BUSY_TIMEOUT_MS.
 CONNECT_TIMEOUT_S = 2
-# libpq's keepalive on the leader lock's connection: a holder that cannot reach the server finds out in about 5 s.
-LEADER_KEEPALIVE = {"keepalives": 1, "keepalives_idle": 2, "keepalives_interval": 1, "keepalives_count": 3}
+# Every connection to PostgreSQL: a statement that waits for another session's row lock more than 2 s is refused for
+# now (SQLite's BUSY_TIMEOUT_MS), and a server that stops answering (its host or the network gone, no reset) is given
+# up on after STORE_USER_TIMEOUT_MS of unacknowledged data, or after keepalive probes of an idle connection: the
+# kernel would otherwise retransmit for about 15 minutes, with the service's event loop waiting on it.
+STORE_USER_TIMEOUT_MS = 10_000
+CONNECTION_PARAMS = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 1, "keepalives_count": 5,
+                     "tcp_user_timeout": STORE_USER_TIMEOUT_MS, "options": "-c lock_timeout=2000"}
+# The leader lock's connection gives up on a silent server sooner (LEADER_USER_TIMEOUT_MS) than the server gives
+# up on a silent holder (LEADER_SERVER_TIMEOUT_MS, set on the server's side of it): a holder cut off stops leading
+# before the server lets another take the lock.
+LEADER_USER_TIMEOUT_MS = 3_000
+LEADER_SERVER_TIMEOUT_MS = 10_000
 # The advisory lock a migration of a PostgreSQL store holds: two `orchestrator migrate` at once run one after the
 # other, and the second finds nothing left to do.
 MIGRATION_LOCK = 0x6F7263
@@ -317,7 +328,11 @@ def _closed_by_server(connection: Any) -> bool:
     """Whether the server has let go of this idle connection: psycopg2 knows once a statement met it; before that,
     its socket is readable (the server's last message, or the end of the stream, waits in it), where an idle
     connection has nothing to read. A server that vanished without a word is met by the next statement."""
-    return bool(connection.closed) or bool(select.select([connection], [], [], 0)[0])
+    if connection.closed:
+        return True
+    poller = select.poll()  # not select.select: it refuses a descriptor past 1023 (the gateway holds thousands)
+    poller.register(connection.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _sqlite(path: Path) -> SqliteDatabase:
@@ -344,6 +359,7 @@ def _open(url: str) -> Database:
     if urlsplit(url).scheme in POSTGRES_SCHEMES:
         params = db_url.parse(url, unquote_password=True, unquote_user=True)
         params.setdefault("connect_timeout", CONNECT_TIMEOUT_S)
+        params = {**CONNECTION_PARAMS, **params}
         return _Postgres(params.pop("database"), **params)
     raise StoreError(f"{public_url(url)} is not a store URL: sqlite:///FILE or postgresql://user:password@host/db")
 
@@ -443,13 +459,18 @@ class LeaderLock:
     """Leadership among the orchestrators sharing a PostgreSQL store: a session advisory lock held on a connection of
     its own. It is the database's to give: when the holder's process dies, its connection closes and the server lets
     the lock go at once; when its host or network dies, the server finds the connection dead by TCP keepalive
-    (LEADER_KEEPALIVE: within about 10 s) and lets it go then. The holder checks every poll that its connection still
-    answers and stops leading when it does not, before the server could give the lock to another."""
+    (keepalive, or unacknowledged data for LEADER_SERVER_TIMEOUT_MS: about 10 s) and lets it go then. The holder
+    checks every poll that its connection still answers, and gives up on a silent server after LEADER_USER_TIMEOUT_MS
+    (3 s): it stops leading before the server could give the lock to another. One lock per database: a database holds
+    one deployment's state (every instance sharing it has the same name)."""
 
-    def __init__(self, params: dict[str, Any], name: str) -> None:
-        self._params = {**params, "connect_timeout": CONNECT_TIMEOUT_S, **LEADER_KEEPALIVE}
-        # 63 bits, not negative: pg_locks shows the key as two unsigned halves (classid, objid).
-        self.key = int.from_bytes(hashlib.sha256(f"orchestrator leader {name}".encode()).digest()[:8], "big") >> 1
+    # 63 bits, not negative: pg_locks shows the key as two unsigned halves (classid, objid).
+    KEY = int.from_bytes(hashlib.sha256(b"orchestrator leader").digest()[:8], "big") >> 1
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        self._params = {**params, "connect_timeout": CONNECT_TIMEOUT_S, "tcp_user_timeout": LEADER_USER_TIMEOUT_MS,
+                        "keepalives_idle": 1, "keepalives_interval": 1, "keepalives_count": 2}
+        self.key = self.KEY
         self._conn: Any = None
 
     def try_take(self) -> bool:
@@ -459,13 +480,14 @@ class LeaderLock:
             self._conn = psycopg2.connect(**self._params)
             self._conn.autocommit = True
             with self._conn.cursor() as cursor:
-                # The server's side of the keepalive: a dead holder's lock is let go within about 10 s.
-                cursor.execute("SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 1; "
-                               "SET tcp_keepalives_count = 5")
+                # The server's side: a dead holder's lock is let go within about 10 s, idle or not.
+                cursor.execute(f"SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 1; "
+                               f"SET tcp_keepalives_count = 5; SET tcp_user_timeout = {LEADER_SERVER_TIMEOUT_MS}")
         return self._query("SELECT pg_try_advisory_lock(%s)")
 
     def held(self) -> bool:
-        """Whether the lock is still this process's: its connection answers within a second and holds it."""
+        """Whether the lock is still this process's: its connection answers (within LEADER_USER_TIMEOUT_MS when the
+        server went silent) and holds it."""
         try:
             return self._conn is not None and self._query(
                 "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND "
@@ -674,12 +696,12 @@ class Store:
                 cursor.execute("START TRANSACTION READ WRITE")
                 cursor.execute("ROLLBACK")
 
-    def leader_lock(self, name: str) -> LeaderLock | None:
-        """The lock whose holder leads the instances sharing this store under `name` (settings.instance); None for
-        a SQLite store, which one host's one orchestrator uses alone."""
+    def leader_lock(self) -> LeaderLock | None:
+        """The lock whose holder leads the orchestrators sharing this store; None for a SQLite store, which one
+        host's one orchestrator uses alone."""
         if self.path is not None:
             return None
-        return LeaderLock({**self.db.connect_params, "dbname": self.db.database}, name)
+        return LeaderLock({**self.db.connect_params, "dbname": self.db.database})
 
     # ---- chats ----
 

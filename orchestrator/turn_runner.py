@@ -266,18 +266,25 @@ class TurnRunner:
     async def _follow(self, message: MessageRecord, container: ContainerState, files: turns.TurnFiles,
                       display: TurnDisplay, log: Logger) -> Answer | Failure:
         """Read the turn's output as it grows until the turn ends, goes silent, its container stops, or it passes
-        a limit (its output, its chat's disk budget). Afterwards its request is withdrawn: nothing takes it later."""
+        a limit (its output, its chat's disk budget). Afterwards its request is withdrawn: nothing takes it later;
+        unless following it was cancelled, which leaves it to the next start."""
         turn = self._running[message.chat_id] = _RunningTurn(message.message_id, container.id, container.name, files)
         limits = self.settings.limits
         reader = turns.OutputReader(files, limits.line_bytes, limits.output_bytes)
         asking = FollowedTurn(message.chat_id, message, files) if resolve_chat(
             self.settings, message.chat_id).options.asks_approval else None
+        left = False  # cancelled (a stop that leaves the turn running, a lost leadership): as after a kill -9, the
+        # next start follows the turn, and its request, interrupt and decisions must still be there for its host
         try:
             result = await self._follow_output(turn, message, container, reader, display, log, asking)
+        except asyncio.CancelledError:
+            left = True
+            raise
         finally:
             reader.close()
             del self._running[message.chat_id]
-            await asyncio.to_thread(turns.withdraw, files)
+            if not left:
+                await asyncio.to_thread(turns.withdraw, files)
             if reader.skipped_lines:
                 log.warning(f"skipped {reader.skipped_lines} output line(s) over {limits.line_bytes} bytes")
             if turn.oom:

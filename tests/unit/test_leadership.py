@@ -7,19 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from orchestrator import leadership
+from orchestrator import commands, leadership, service
 from orchestrator.channels import Act, Incoming, Submit
 from orchestrator.config import AccessSettings, Settings
 from orchestrator.leadership import Leadership
 from orchestrator.service import Service
 from orchestrator.states import State
-from orchestrator.store import Store
+from orchestrator.store import MessageRecord, Store
 from tests.fakes.channel import RecordingChannel
 from tests.unit.test_files_wait import Turns
 from tests.unit.test_service_resilience import Engine
@@ -222,3 +223,79 @@ def test_a_planned_stop_of_a_leader_among_several_leaves_the_containers_to_the_n
 
     assert asyncio.run(scenario()) == 0
     assert engine.stopped == [] and lock.released
+
+
+def test_a_check_that_does_not_answer_is_no_leadership(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server gone silent: the check blocks; the leader stops leading after CHECK_SECONDS, not when the kernel
+    gives up on the connection."""
+    monkeypatch.setattr(leadership, "CHECK_SECONDS", 0.2)
+    lock = Lock()
+    release = threading.Event()
+    leader = Leadership(lock, poll=0.001)
+
+    def silent() -> bool:
+        release.wait(5)
+        return True
+
+    async def scenario() -> float:
+        await leader.take()
+        lock.held = silent  # type: ignore[method-assign]
+        began = time.monotonic()
+        try:
+            await asyncio.wait_for(leader.kept(), 3)
+            return time.monotonic() - began
+        finally:
+            release.set()  # the blocked check's thread ends, as the kernel's give-up would end it
+
+    assert asyncio.run(scenario()) < 1.0
+    assert not leader.leading
+
+
+def test_what_a_deposed_leader_queued_after_this_one_recovered_is_taken_over_once_still(
+        tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The old leader, not yet aware it lost the lock, queued a message after the new leader's start: the new one
+    takes it once nobody touched it for ADOPT_SECONDS; its own queued messages it never takes twice."""
+    monkeypatch.setattr(service, "ADOPT_SECONDS", 0.3)
+    lock = Lock()
+    svc, turns, chat = make_service(tmp_path, store, lock)
+
+    async def scenario() -> int:
+        running = asyncio.create_task(svc.run())
+        submit = await submitting(chat)
+        store.record_received("om_old", CHAT, "ou_1", "queued by the old leader")
+        store.mark_queued("om_old")  # not in this leader's queues
+        await submit(text("om_new"))
+        await until(lambda: ran(turns) == ["om_new", "om_old"], "om_old taken over")
+        await asyncio.sleep(0.5)  # polls go on: nothing is taken twice
+        svc._on_signal(signal.SIGTERM)
+        return await running
+
+    assert asyncio.run(scenario()) == 0
+    assert ran(turns) == ["om_new", "om_old"]
+
+
+def test_a_command_running_here_is_not_handed_on_again_while_it_runs(tmp_path: Path, store: Store,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command's message stays received while it runs in the background: the leader's poll for what others
+    stored must not run it again."""
+    runs: list[str] = []
+
+    async def slow_command(command: object, context: object, message: MessageRecord) -> None:
+        runs.append(message.message_id)
+        await asyncio.sleep(0.3)  # many polls of 0.01 s
+        store.answer_without_turn(message.message_id, "status")
+
+    monkeypatch.setattr(commands, "run", slow_command)
+    svc, _, chat = make_service(tmp_path, store, Lock())
+
+    async def scenario() -> int:
+        running = asyncio.create_task(svc.run())
+        submit = await submitting(chat)
+        await submit(Incoming(CHAT, "om_cmd", "ou_1", "/status"))
+        await until(lambda: store.message("om_cmd").state is not State.RECEIVED, "the command's answer")
+        await asyncio.sleep(0.1)
+        svc._on_signal(signal.SIGTERM)
+        return await running
+
+    assert asyncio.run(scenario()) == 0
+    assert runs == ["om_cmd"]

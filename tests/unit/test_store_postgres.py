@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import re
 import socket
 import sqlite3
 import subprocess
@@ -384,6 +386,9 @@ def test_the_store_is_sqlite_in_data_dir_by_default(tmp_path: Path) -> None:
     assert load_settings(relative, {}).store.url == f"sqlite:///{tmp_path / 'data' / 'state.db'}"
 
 
+IN_USER_INFO = re.escape("give the password as postgresql://user:${VAR}@host/dbname, not as a password= or ")
+
+
 @pytest.mark.parametrize(("url", "problem"), [
     ("sqlite:////srv/elsewhere/orchestrator.db", "a SQLite store must be a .db file directly in data_dir"),
     ("sqlite:///./data/chats/oc_a.db", "a SQLite store must be a .db file directly in data_dir"),
@@ -393,6 +398,8 @@ def test_the_store_is_sqlite_in_data_dir_by_default(tmp_path: Path) -> None:
     ("postgresql:///orchestrator", "must be sqlite:///FILE or postgresql://"),
     ("postgresql://u:p@db:99999/orchestrator", "must be sqlite:///FILE or postgresql://"),
     ("postgresql://u:p@db/a/b", "must be sqlite:///FILE or postgresql://"),
+    ("postgresql://u@db/orchestrator?sslmode=require&password=hunter2", IN_USER_INFO),
+    ("postgresql://u@db/orchestrator?sslpassword=hunter2", IN_USER_INFO),
 ])
 def test_a_store_url_that_cannot_be_is_an_error_naming_the_key(tmp_path: Path, url: str, problem: str) -> None:
     with pytest.raises(ConfigError, match=f"config.yaml: store.url: {problem}"):
@@ -543,31 +550,70 @@ def test_an_answer_met_by_the_outage_is_stored_and_delivered_once_after_retries(
 
 def test_a_sqlite_store_has_no_leader_lock(tmp_path: Path) -> None:
     store = Store(tmp_path / "orchestrator.db")
-    assert store.leader_lock("orchestrator") is None  # one host, one orchestrator: it leads from its start
+    assert store.leader_lock() is None  # one host, one orchestrator: it leads from its start
     store.close()
 
 
 @pytest.mark.postgres
-def test_one_instance_of_a_name_holds_the_leader_lock_until_its_connection_ends(
+def test_one_orchestrator_holds_the_leader_lock_until_its_connection_ends(
         store: Store, postgres_server: PostgresServer) -> None:
-    first, second = store.leader_lock("orchestrator"), store.leader_lock("orchestrator")
-    other = store.leader_lock("another-instance")
-    assert first is not None and second is not None and other is not None
+    first, second, third = store.leader_lock(), store.leader_lock(), store.leader_lock()
+    assert first is not None and second is not None and third is not None
     try:
         assert first.try_take() and first.try_take()  # asking again while holding it: still ours
         assert not second.try_take() and not second.held()
-        assert other.try_take()  # another instance name leads its own chats
+        assert not third.try_take()  # one lock per database, whatever the instances are named
         assert first.held()
         postgres_server.execute(f"SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
                                 f"AND objid = {first.key & 0xFFFFFFFF}")  # the server ended the holder's session
         assert not first.held()  # the holder sees it at its next check ...
         assert second.try_take() and second.held()  # ... and the standby may take it
-        assert not first.try_take()  # the one deposed does not get it back while the new one holds it
+        assert not first.try_take() and not third.try_take()  # the one deposed does not get it back
         second.release()
         assert first.try_take()
     finally:
-        for lock in (first, second, other):
+        for lock in (first, second, third):
             lock.release()
+
+
+@pytest.mark.postgres
+def test_a_row_another_session_holds_locked_refuses_the_write_for_now_within_seconds(
+        store: Store, postgres_server: PostgresServer, migrated: str) -> None:
+    """An operator's psql holding a row in a transaction: SQLite's busy timeout has its like (lock_timeout), so the
+    service's event loop waits 2 s, not until the operator commits."""
+    store.ensure_chat("oc_a")
+    database = migrated.rsplit("/", 1)[1]
+    holder = psycopg2.connect(host=str(postgres_server.folder), port=postgres_server.port, user="postgres",
+                              dbname=database)
+    try:
+        with holder.cursor() as cursor:
+            cursor.execute("SELECT * FROM chats WHERE chat_id = 'oc_a' FOR UPDATE")
+        began = time.monotonic()
+        with pytest.raises(Exception) as refused:
+            store.set_session("oc_a", "s1")
+        assert refused_for_now(refused.value), refused.value
+        assert time.monotonic() - began < 5
+    finally:
+        holder.close()
+    store.set_session("oc_a", "s1")
+    assert store.chat("oc_a").session_id == "s1"
+
+
+@pytest.mark.postgres
+def test_a_connection_on_a_descriptor_past_1023_is_checked_all_the_same(store: Store) -> None:
+    """The gateway holds thousands of chat sockets: select.select would refuse the store's descriptor there."""
+    store.close()
+    spare = []
+    try:
+        while len(spare) < 1100:  # every lower descriptor taken
+            spare.append(os.open("/dev/null", os.O_RDONLY))
+        store.ensure_chat("oc_a")  # a new connection, on a descriptor past 1023
+        assert store.db.connection().fileno() > 1023
+        store.ensure_chat("oc_b")
+        assert [chat.chat_id for chat in store.chats()] == ["oc_a", "oc_b"]
+    finally:
+        for fd in spare:
+            os.close(fd)
 
 
 @pytest.mark.postgres
@@ -576,10 +622,10 @@ def test_a_leader_killed_lets_its_standby_lead_within_a_poll(store: Store, migra
     ask gets it (leadership.POLL_SECONDS later at most)."""
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from orchestrator.store import Store\n"
-         "lock = Store(sys.argv[1]).leader_lock('orchestrator')\n"
+         "lock = Store(sys.argv[1]).leader_lock()\n"
          "assert lock.try_take(); print('leading', flush=True); time.sleep(60)", migrated],
         stdout=subprocess.PIPE, text=True)
-    standby = Leadership(store.leader_lock("orchestrator"))
+    standby = Leadership(store.leader_lock())
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "leading"
         assert not asyncio.run(_takes_within(standby, 1.5))

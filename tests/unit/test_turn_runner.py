@@ -409,3 +409,27 @@ def test_a_turn_waiting_for_approval_shows_it_and_a_cancelled_follower_leaves_it
     result = asyncio.run(scenario())
     assert isinstance(result, Answer)
     assert bench.store.approvals(CHAT)[0].state == "allowed"
+
+
+def test_a_cancelled_follower_leaves_the_turns_request_interrupt_and_decisions_for_the_next_start(
+        bench: Bench) -> None:
+    """A stop that leaves the turn running (a lost leadership, a shutdown that keeps containers) is a kill -9 for the
+    turn: its host may not have read an interrupt or a decision yet, and the next leader does not write them again."""
+    bench.host.replies = [Reply(hold=True)]
+    message = bench.message()
+
+    async def scenario() -> None:
+        task = bench.run(message)
+        await until(lambda: bench.host.taken and bench.runner.running_message(CHAT), "the turn to run")
+        files = turns.turn_files(bench.paths, bench.host.taken[0], bench.settings.agent.uid)
+        turns.request_interrupt(files)
+        turns.write_decision(files, 1, b"{\"behavior\": \"allow\"}")
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    [name] = bench.host.taken
+    left = bench.requests()
+    assert name + agent_host.INTERRUPT_SUFFIX in left
+    assert any(agent_host.DECISION_INFIX in entry for entry in left), left
