@@ -233,3 +233,93 @@ def test_a_lone_surrogate_in_the_text_cannot_break_the_answer() -> None:
     # "\ud800" is a valid JSON escape but no UTF-8: kept, it failed the answer's store write and every send.
     transcript = transcript_of('{"type":"assistant","message":{"content":[{"type":"text","text":"a\\ud800b"}]}}')
     assert transcript.text_so_far.encode() == b"a?b"
+
+
+# ---- the edges of the stream's fields, and the words the user is shown ----
+
+
+def test_a_block_of_the_wrong_shape_skips_only_itself() -> None:
+    line = json.dumps({"type": "assistant", "message": {"content": [
+        "x", 1, {"type": "text", "text": "after"}, {"type": "tool_use", "input": {"a": 1}}]}})
+    assert parse_line(line) == [Text("after"), ToolUse(name="", input={"a": 1})]  # a tool use without a name
+
+
+def test_an_init_or_result_line_without_its_optional_fields() -> None:
+    assert parse_line(json.dumps({"type": "system", "subtype": "init"})) == [Init(session_id="", model="")]
+    [init] = parse_line(json.dumps({**INIT, "model": "m" * 150}))
+    assert init == Init(session_id=SESSION, model="m" * 100)
+    [result] = parse_line(json.dumps({"type": "result", "is_error": True}))
+    assert result == Result(is_error=True, subtype="", text="", errors=())
+    [single] = parse_line(json.dumps({"type": "result", "is_error": True, "errors": "overloaded"}))
+    assert single.errors == ("overloaded",)  # one error given as a string is one error, not its characters
+
+
+def test_numbers_at_the_ends_of_their_range_are_believed() -> None:
+    from orchestrator.agent import MAX_COST_USD, MAX_DURATION_MS
+
+    [free] = parse_line(json.dumps({**SUCCESS, "total_cost_usd": 0, "duration_ms": 0, "num_turns": 0}))
+    assert (free.cost_usd, free.duration_ms, free.num_turns) == (0.0, 0, 0)
+    [most] = parse_line(json.dumps({**SUCCESS, "total_cost_usd": MAX_COST_USD, "duration_ms": MAX_DURATION_MS}))
+    assert (most.cost_usd, most.duration_ms) == (MAX_COST_USD, MAX_DURATION_MS)
+
+
+def test_the_transcript_counts_tools_and_keeps_the_session_of_init_until_a_result_names_one() -> None:
+    assert transcript_of(INIT, TOOL, TOOL).tools_used == 2
+    started = transcript_of(INIT, TEXT)  # a turn killed before its result: the session is known from init
+    assert started.session_id == SESSION
+    unnamed = {k: v for k, v in SUCCESS.items() if k != "session_id"}
+    assert transcript_of(INIT, unnamed).session_id == SESSION  # a result without one keeps init's
+    assert transcript_of(SUCCESS).session_id == SESSION  # a result's own, with no init before it
+
+
+def test_the_separator_between_texts_counts_two_bytes_toward_the_cap() -> None:
+    both = texts("abcd", "efgh", answer_bytes=10)  # 4 + "\n\n" + 4: exactly the cap
+    assert both.texts == ["abcd", "efgh"] and not both.truncated
+
+
+def test_nothing_follows_a_cut_even_where_a_split_character_left_room() -> None:
+    # 7 bytes: the second 4-byte emoji is cut whole, leaving 3 bytes that "\n\n" + "a" would fit in
+    transcript = texts("😀😀", "a", answer_bytes=7)
+    assert transcript.texts == ["😀"] and transcript.truncated
+
+
+def test_an_unknown_session_is_found_in_stderr_or_in_the_results_errors_alone() -> None:
+    gone = f"No conversation found with session ID: {SESSION}"
+    told = Failure("The previous conversation could not be found.", unknown_session=True)
+    assert outcome(transcript_of(INIT), 1, f"{gone}\n") == told  # the CLI died without a result line
+    error = {"type": "result", "subtype": "error_during_execution", "is_error": True, "errors": [gone]}
+    assert outcome(transcript_of(error), 1, "") == told
+
+
+def test_the_user_is_told_what_happens_when_the_cli_stops_mid_answer() -> None:
+    result = outcome(transcript_of(INIT), 137, "")
+    assert isinstance(result, Failure)
+    assert result.reason == ("Claude Code stopped in the middle of this answer (exit code 137). The conversation is "
+                             "kept: your next message continues it, and nothing of this one runs again unless you ask.")
+
+
+def error_reason(**fields: object) -> str:
+    result = outcome(transcript_of({"type": "result", "is_error": True, **fields}), 1, "")
+    assert isinstance(result, Failure)
+    return result.reason
+
+
+def test_the_clis_error_is_its_errors_else_its_text_else_its_subtype() -> None:
+    assert error_reason(errors=["rate limited", "overloaded"], result="text", subtype="error") == \
+        "Claude Code reported an error: rate limited; overloaded"
+    assert error_reason(result="API Error: 500", subtype="error_during_execution") == \
+        "Claude Code reported an error: API Error: 500"
+    assert error_reason(subtype="error_max_turns") == "Claude Code reported an error: error_max_turns"
+
+
+def test_an_error_of_exactly_the_shown_length_is_not_cut_and_a_longer_one_is_cut_with_an_ellipsis() -> None:
+    from orchestrator.agent import ERROR_SHOWN
+
+    assert error_reason(errors=["E" * ERROR_SHOWN]) == "Claude Code reported an error: " + "E" * ERROR_SHOWN
+    assert error_reason(errors=["E" * (ERROR_SHOWN + 1)]) == "Claude Code reported an error: " + "E" * ERROR_SHOWN + "…"
+
+
+def test_an_answer_without_streamed_text_is_the_results_text_else_a_note() -> None:
+    assert outcome(transcript_of(INIT, SUCCESS), 0, "").text == "Done: the answer is 4."
+    silent = {k: v for k, v in SUCCESS.items() if k != "result"}
+    assert outcome(transcript_of(INIT, silent), 0, "").text == "(Claude Code finished without any text.)"

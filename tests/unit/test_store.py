@@ -9,11 +9,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from peewee import IntegrityError
+from peewee import IntegrityError, SqliteDatabase
 
+from orchestrator.channels import OutFile
 from orchestrator.masking import MASK
 from orchestrator.states import State
-from orchestrator.store import OutboxRecord, Store, TransitionRefused, refused_for_now
+from orchestrator.store import AlwaysAllowed, OutboxRecord, Store, TransitionRefused, refused_for_now
 
 
 @pytest.fixture
@@ -549,3 +550,204 @@ def test_only_an_undeliverable_answer_takes_an_answered_message_to_failed(store:
     [item] = store.due_outbox()
     store.mark_dead(item, "the chat is gone")
     assert store.message("om_1").state is State.FAILED
+
+
+# ---- what each record holds, what each read selects, and in which order ----
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The store's clock, standing still until a test moves it: [now]."""
+    now = [1_000.0]
+    monkeypatch.setattr("orchestrator.store.time", SimpleNamespace(time=lambda: now[0]))
+    return now
+
+
+def test_every_move_of_a_message_stamps_its_update_time(store: Store, ticking: None) -> None:
+    """updated_at is when the message last changed: each move and merge sets it anew."""
+    store.ensure_chat(A)
+    received = store.record_received("om_1", A, "ou_1", "question")
+    assert received is not None and received.updated_at == received.received_at
+    stamps = [received.updated_at]
+    for write in (lambda: store.mark_queued("om_1"), lambda: store.start_turn("om_1", "t1"),
+                  lambda: store.start_turn("om_1", "t2"), lambda: store.answer("om_1", "done", None, None, card=None)):
+        write()
+        stamps.append(store.message("om_1").updated_at)
+    store.record_received("om_2", A, "ou_1", "")
+    store.record_received("om_3", A, "ou_1", "the text")
+    before = store.message("om_3").updated_at
+    assert store.merge("om_3", "[]", ["om_2"]).updated_at > before
+    assert stamps == sorted(set(stamps))  # each later than the one before
+
+
+def test_a_refusal_names_the_message_its_state_and_the_move_and_nothing_else(store: Store) -> None:
+    store.ensure_chat(A)
+    store.record_received("om_1", A, "ou_1", "hello")
+    with pytest.raises(TransitionRefused) as refused:
+        store.mark_running("om_1", "t1")
+    assert str(refused.value) == "message om_1 is received: it may not become running"
+    with pytest.raises(TransitionRefused) as unknown:
+        store.mark_queued("om_9")
+    assert str(unknown.value) == "message om_9 is not stored: it may not become queued"
+    in_state(store, "om_2", State.ANSWERED)
+    with pytest.raises(TransitionRefused) as late:
+        store.start_turn("om_2", "turn-late")
+    assert str(late.value) == "message om_2 is answered: it may not become running (turn turn-late not recorded)"
+
+
+def test_records_hold_what_was_written(store: Store, ticking: None) -> None:
+    chat = store.ensure_chat(A)
+    assert chat.name == "" and chat.last_activity is None  # no name given: none made up
+    store.touch(A)
+    touched = store.chat(A).last_activity
+    assert touched is not None and touched > 1_000
+    store.record_received("om_1", A, "ou_1", "question")
+    store.set_display("om_1", '{"card": "om_card"}')
+    assert store.message("om_1").display == '{"card": "om_card"}'
+    first, second = store.say(A, "one"), store.say(A, "two")
+    assert [item.key for item in store.outbox(A)] == [first.key, second.key]
+    assert len(first.key) == 32 and first.key != second.key  # Feishu drops a repeat of a key: each is its own
+    usage_id = store.open_usage(A, "ou_1", "om_1", "claude-x", input_tokens=1, output_tokens=2, cache_write_tokens=3,
+                                cache_read_tokens=4, cost_nano=5, complete=True)
+    [usage] = store.usage(A)
+    assert (usage.id, usage.chat_id, usage.user_id, usage.message_id, usage.model) == \
+        (usage_id, A, "ou_1", "om_1", "claude-x")
+    assert (usage.input_tokens, usage.output_tokens, usage.cache_write_tokens, usage.cache_read_tokens,
+            usage.cost_nano, usage.complete) == (1, 2, 3, 4, 5, True)
+
+
+def test_a_decision_is_kept_with_who_when_and_why(store: Store) -> None:
+    store.open_approval("k1", A, "om_1", "turn-a", 1, "Bash", "{}", "ou_1", 1.0, 9.0)
+    store.open_approval("k2", B, "om_2", "turn-b", 1, "Edit", "{}", "ou_2", 1.0, 9.0)
+    store.open_approval("k3", B, "om_2", "turn-b", 2, "Write", "{}", "ou_2", 1.0, 9.0)
+    assert store.decide("k1", "allowed", "ou_1", 2.5)
+    decided = store.approval("k1")
+    assert decided is not None
+    assert (decided.turn, decided.state, decided.decided_by, decided.decided_at, decided.reason, decided.always) == \
+        ("turn-a", "allowed", "ou_1", 2.5, "", False)
+    assert store.always_allowed(A) == []  # allowed once, not for good
+    assert store.decide("k3", "allowed", None, 3.5, reason="r" * 3000, always=True)
+    assert len(store.approval("k3").reason or "") == 2000
+    assert store.always_allowed(B) == [AlwaysAllowed("Write", "", 3.5)]  # the tool of the approval decided
+    with pytest.raises(ValueError, match=r"^'maybe' is not an approval's outcome$"):
+        store.decide("k2", "maybe", "ou_2", 4.0)
+
+
+def test_every_reply_is_threaded_under_the_message_it_answers(store: Store) -> None:
+    store.ensure_chat(A)
+    in_state(store, "om_1", State.RUNNING)
+    image = OutFile("image", "plot.png", "/data/files/plot.png", 10)
+    assert store.answer("om_1", "the answer", None, None, card="om_card", files=[(image, "the plot")])
+    in_state(store, "om_2", State.QUEUED)
+    assert store.fail("om_2", "it broke", "it broke, sorry", card="om_card_2")
+    in_state(store, "om_3", State.RUNNING)
+    assert store.fail_unanswered("om_3", "unexpected", "something went wrong")
+    store.say(A, "a command's reply", reply_to="om_4")
+    assert [(item.text, item.reply_to, item.card) for item in store.outbox(A)] == [
+        ("the answer", "om_1", "om_card"), ("the plot", "om_1", None), ("it broke, sorry", "om_2", "om_card_2"),
+        ("something went wrong", "om_3", None), ("a command's reply", "om_4", None)]
+
+
+def test_an_undeliverable_item_keeps_its_error_and_its_notice_answers_the_same_message(store: Store) -> None:
+    store.ensure_chat(A)
+    in_state(store, "om_1", State.ANSWERED)
+    store.mark_dead(answer_item_of(store, "om_1"), "bot removed", notice="could not deliver")
+    dead, notice = store.outbox(A)
+    assert (dead.state, dead.last_error) == ("dead", "bot removed")
+    assert (notice.text, notice.reply_to, notice.state) == ("could not deliver", "om_1", "pending")
+
+
+def answer_item_of(store: Store, message_id: str) -> OutboxRecord:
+    [item] = [i for i in store.outbox(store.message(message_id).chat_id) if i.message_id == message_id]
+    return item
+
+
+def test_a_message_queued_again_keeps_why_until_another_reason_replaces_it(store: Store) -> None:
+    store.ensure_chat(A)
+    in_state(store, "om_1", State.RUNNING)
+    store.mark_queued("om_1", "session s1 was not found; started a new one")
+    assert store.message("om_1").error == "session s1 was not found; started a new one"
+    store.mark_running("om_1", "t2")
+    store.mark_queued("om_1")
+    assert store.message("om_1").error == "session s1 was not found; started a new one"
+
+
+def test_a_reply_without_a_turn_records_no_turn(store: Store) -> None:
+    store.ensure_chat(A)
+    store.record_received("om_1", A, "ou_1", "/status")
+    store.answer_without_turn("om_1", "Container: none")
+    assert not store.message("om_1").turn  # `orchestrator history` shows "turn -"; no turn folder is followed
+
+
+def test_reads_for_one_chat_show_nothing_of_another(store: Store) -> None:
+    populate(store, A)
+    populate(store, B)
+    assert {m.chat_id for m in store.messages(A)} == {A} and {m.chat_id for m in store.messages()} == {A, B}
+    assert {i.chat_id for i in store.outbox(A)} == {A}
+    assert {u.chat_id for u in store.usage(A)} == {A} and {u.chat_id for u in store.usage()} == {A, B}
+    assert {a.chat_id for a in store.approvals(A)} == {A} and {a.chat_id for a in store.approvals()} == {A, B}
+    assert store.always_allowed(A) == [AlwaysAllowed("Tool2", "ou_1", 1.5)]
+    assert store.thread_sessions(A) == {"omt_1": f"topic-session-{A}"}
+    found = store.find_chat(B)
+    assert found is not None and found.chat_id == B
+    assert store.find_chat("oc_unknown") is None
+
+
+def test_lists_come_in_the_order_they_promise_whatever_order_the_engine_reads_in(store: Store) -> None:
+    """SQLite happens to read rows in insertion order; PostgreSQL does not (an updated row moves to the end of its
+    table's heap). Here each list's first row is updated last, and SQLite reads backwards where no order is asked."""
+    if isinstance(store.db, SqliteDatabase):
+        store.db.execute_sql("pragma reverse_unordered_selects = on")
+    for chat_id in (B, "oc_c", A):
+        store.ensure_chat(chat_id)
+    for n in range(3):
+        store.record_received(f"om_{n}", A, "ou_1", "question")
+        store.say(A, f"notice {n}")
+        store.open_usage(A, "ou_1", None, "claude-x", input_tokens=n, output_tokens=0, cache_write_tokens=0,
+                         cache_read_tokens=0, cost_nano=n)
+        store.open_approval(f"k{n}", A, "om_0", "turn", n, f"Tool{2 - n}", "{}", "ou_1", 1.0, 2.0)
+        store.decide(f"k{n}", "allowed", "ou_1", 1.5, always=True)
+    store.set_container(B, "orchestrator-b", "id-b")
+    store.set_display("om_0", "{}")
+    store.set_uploaded(store.outbox(A)[0], "file_v3_upload")
+    store.update_usage(store.usage(A)[0].id, input_tokens=0, output_tokens=1, cache_write_tokens=0,
+                       cache_read_tokens=0, cost_nano=0, complete=True)
+    store.set_approval_shown("k0", "allowed")
+    assert [c.chat_id for c in store.chats()] == [A, B, "oc_c"]
+    assert [m.message_id for m in store.messages()] == [m.message_id for m in store.messages(A)] == \
+        ["om_0", "om_1", "om_2"]
+    assert [i.text for i in store.outbox(A)] == [i.text for i in store.due_outbox()] == \
+        ["notice 0", "notice 1", "notice 2"]
+    assert [u.input_tokens for u in store.usage()] == [u.input_tokens for u in store.usage(A)] == [0, 1, 2]
+    assert [a.number for a in store.approvals()] == [a.number for a in store.approvals(A)] == [0, 1, 2]
+    assert [a.tool for a in store.always_allowed(A)] == ["Tool0", "Tool1", "Tool2"]
+
+
+def test_the_running_message_of_a_chat_is_its_latest(store: Store) -> None:
+    store.ensure_chat(A)
+    assert store.running_message(A) is None
+    for message_id in ("om_1", "om_2"):
+        in_state(store, message_id, State.RUNNING)
+    running = store.running_message(A)
+    assert running is not None and running.message_id == "om_2"
+
+
+def test_an_item_whose_time_is_now_is_due(store: Store, clock: list[float]) -> None:
+    store.say(A, "now")
+    assert [i.text for i in store.due_outbox()] == ["now"]
+    store.mark_retry(store.due_outbox()[0], "429", delay=5)
+    clock[0] = 1_004.5
+    assert store.due_outbox() == []
+    clock[0] = 1_005.0
+    assert [i.text for i in store.due_outbox()] == ["now"]
+
+
+def test_spending_counts_the_requests_from_since_up_to_but_not_at_until(store: Store, clock: list[float]) -> None:
+    for at, chat_id, cost in ((100.0, A, 1), (200.0, A, 10), (200.0, B, 20), (300.0, A, 100)):
+        clock[0] = at
+        store.open_usage(chat_id, "ou_1", None, "claude-x", input_tokens=0, output_tokens=0, cache_write_tokens=0,
+                         cache_read_tokens=0, cost_nano=cost)
+    assert store.spent(200.0) == 130
+    assert store.spent(200.0, 300.0) == 30
+    assert store.spent(200.0, 300.0, chat_id=A) == 10
+    assert store.spent_by_chat(200.0) == {A: 110, B: 20}
