@@ -6,10 +6,11 @@ the chats'. The lock itself on a real PostgreSQL server: tests/unit/test_store_p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,19 @@ def make_service(tmp_path: Path, store: Store, lock: Lock,
     return made, turns, chat
 
 
+@contextlib.asynccontextmanager
+async def serving(svc: Service) -> AsyncIterator[asyncio.Task[int]]:
+    """The service running; stopped as on SIGTERM on the way out if it still runs, so that a wait that failed fails
+    the test rather than leave the service running under asyncio.run's teardown."""
+    running = asyncio.create_task(svc.run())
+    try:
+        yield running
+    finally:
+        if not running.done():
+            svc._on_signal(signal.SIGTERM)
+        await asyncio.wait_for(asyncio.wait({running}), 10)
+
+
 async def submitting(chat: Chat) -> Submit:
     """The service's submit, once its channel runs."""
     await until(lambda: chat.submit is not None, "the channel")
@@ -157,20 +171,20 @@ def test_a_standby_stores_and_routes_nothing_then_leads_with_what_waited_and_wha
     lock = Lock(grant_at=10**9)
     svc, turns, chat = make_service(tmp_path, store, lock)
 
-    async def scenario() -> None:
-        running = asyncio.create_task(svc.run())
-        submit = await submitting(chat)
-        await submit(text("om_1"))
-        await asyncio.sleep(0.1)
-        assert store.message("om_1").state is State.RECEIVED and turns.ran == []  # stored (acked), not handled
-        lock.grant_at = 0  # the leader died
-        await until(lambda: ran(turns) == ["om_1"], "om_1 handled once leading")
-        store.record_received("om_2", CHAT, "ou_1", "stored by another instance")
-        await until(lambda: ran(turns) == ["om_1", "om_2"], "om_2, stored by the standby")
-        await submit(text("om_3"))
-        await until(lambda: ran(turns) == ["om_1", "om_2", "om_3"], "om_3, received by the leader")
-        svc._on_signal(signal.SIGTERM)
-        return await running
+    async def scenario() -> int:
+        async with serving(svc) as running:
+            submit = await submitting(chat)
+            await submit(text("om_1"))
+            await asyncio.sleep(0.1)
+            assert store.message("om_1").state is State.RECEIVED and turns.ran == []  # stored (acked), not handled
+            lock.grant_at = 0  # the leader died
+            await until(lambda: ran(turns) == ["om_1"], "om_1 handled once leading")
+            store.record_received("om_2", CHAT, "ou_1", "stored by another instance")
+            await until(lambda: ran(turns) == ["om_1", "om_2"], "om_2, stored by the standby")
+            await submit(text("om_3"))
+            await until(lambda: ran(turns) == ["om_1", "om_2", "om_3"], "om_3, received by the leader")
+            svc._on_signal(signal.SIGTERM)
+        return running.result()
 
     assert asyncio.run(scenario()) == 0
     assert ran(turns) == ["om_1", "om_2", "om_3"]  # each once
@@ -183,11 +197,11 @@ def test_a_standby_stopped_leaves_what_it_stored_for_the_leader(tmp_path: Path, 
     svc, turns, chat = make_service(tmp_path, store, Lock(grant_at=10**9), engine)
 
     async def scenario() -> int:
-        running = asyncio.create_task(svc.run())
-        submit = await submitting(chat)
-        await submit(text("om_1"))
-        svc._on_signal(signal.SIGTERM)
-        return await running
+        async with serving(svc) as running:
+            submit = await submitting(chat)
+            await submit(text("om_1"))
+            svc._on_signal(signal.SIGTERM)
+        return running.result()
 
     assert asyncio.run(scenario()) == 0
     assert store.message("om_1").state is State.RECEIVED and turns.ran == [] and engine.listed == 0
@@ -200,10 +214,11 @@ def test_a_leader_that_loses_the_lock_exits_1_at_once_and_stops_no_container(tmp
     svc, _, chat = make_service(tmp_path, store, lock, engine)
 
     async def scenario() -> int:
-        running = asyncio.create_task(svc.run())
-        await submitting(chat)
-        lock.holding = False  # its connection to the store's server broke
-        return await asyncio.wait_for(running, 5)
+        async with serving(svc) as running:
+            await submitting(chat)
+            lock.holding = False  # its connection to the store's server broke
+            await asyncio.wait_for(running, 5)
+        return running.result()
 
     assert asyncio.run(scenario()) == 1
     assert engine.stopped == []  # the next leader adopts the gateway and the chats' containers
@@ -216,10 +231,10 @@ def test_a_planned_stop_of_a_leader_among_several_leaves_the_containers_to_the_n
     svc, _, chat = make_service(tmp_path, store, lock, engine)
 
     async def scenario() -> int:
-        running = asyncio.create_task(svc.run())
-        await submitting(chat)
-        svc._on_signal(signal.SIGTERM)
-        return await running
+        async with serving(svc) as running:
+            await submitting(chat)
+            svc._on_signal(signal.SIGTERM)
+        return running.result()
 
     assert asyncio.run(scenario()) == 0
     assert engine.stopped == [] and lock.released
@@ -260,18 +275,18 @@ def test_what_a_deposed_leader_queued_after_this_one_recovered_is_taken_over_onc
     svc, turns, chat = make_service(tmp_path, store, lock)
 
     async def scenario() -> int:
-        running = asyncio.create_task(svc.run())
-        submit = await submitting(chat)
-        store.record_received("om_old", CHAT, "ou_1", "queued by the old leader")
-        store.mark_queued("om_old")  # not in this leader's queues
-        await submit(text("om_new"))
-        await until(lambda: ran(turns) == ["om_new", "om_old"], "om_old taken over")
-        await asyncio.sleep(0.5)  # polls go on: nothing is taken twice
-        svc._on_signal(signal.SIGTERM)
-        return await running
+        async with serving(svc) as running:
+            submit = await submitting(chat)
+            store.record_received("om_old", CHAT, "ou_1", "queued by the old leader")
+            store.mark_queued("om_old")  # not in this leader's queues
+            await submit(text("om_new"))
+            await until(lambda: sorted(ran(turns)) == ["om_new", "om_old"], "om_old taken over")
+            await asyncio.sleep(0.5)  # polls go on: nothing is taken twice
+            svc._on_signal(signal.SIGTERM)
+        return running.result()
 
     assert asyncio.run(scenario()) == 0
-    assert ran(turns) == ["om_new", "om_old"]
+    assert sorted(ran(turns)) == ["om_new", "om_old"]  # each once
 
 
 def test_a_command_running_here_is_not_handed_on_again_while_it_runs(tmp_path: Path, store: Store,
@@ -289,13 +304,13 @@ def test_a_command_running_here_is_not_handed_on_again_while_it_runs(tmp_path: P
     svc, _, chat = make_service(tmp_path, store, Lock())
 
     async def scenario() -> int:
-        running = asyncio.create_task(svc.run())
-        submit = await submitting(chat)
-        await submit(Incoming(CHAT, "om_cmd", "ou_1", "/status"))
-        await until(lambda: store.message("om_cmd").state is not State.RECEIVED, "the command's answer")
-        await asyncio.sleep(0.1)
-        svc._on_signal(signal.SIGTERM)
-        return await running
+        async with serving(svc) as running:
+            submit = await submitting(chat)
+            await submit(Incoming(CHAT, "om_cmd", "ou_1", "/status"))
+            await until(lambda: store.message("om_cmd").state is not State.RECEIVED, "the command's answer")
+            await asyncio.sleep(0.1)
+            svc._on_signal(signal.SIGTERM)
+        return running.result()
 
     assert asyncio.run(scenario()) == 0
     assert runs == ["om_cmd"]

@@ -628,7 +628,7 @@ def test_a_leader_killed_lets_its_standby_lead_within_a_poll(store: Store, migra
     standby = Leadership(store.leader_lock())
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "leading"
-        assert not asyncio.run(_takes_within(standby, 1.5))
+        assert not asyncio.run(_takes_within(standby, 0.5))
         holder.kill()
         killed = time.monotonic()
         assert asyncio.run(_takes_within(standby, 10))
