@@ -334,18 +334,20 @@ class TurnRunner:
                 await self._take(lines, transcript, message, display, log, unparsed)
             if exit_code is not None and not drained:
                 continue
-            if exit_code is not None:
-                stderr = files.stderr()
-                result = self._ending(turn, agent.outcome(transcript, exit_code, stderr), transcript)
-                if isinstance(result, Failure) and result.detail:
-                    log.warning(f"the CLI said: {excerpt(result.detail, 300)}")
-                return result
+            # Before the turn's end: a turn whose output passed the cap ended unread past it (its result line
+            # among what was not read), whether it ended before the reader got there or not.
             if reader.over_limit:
                 await self.kill(turn)
                 much = (f"{turns.MAX_LINES:,} lines" if reader.too_many_lines
                         else disk.human(self.settings.limits.output_bytes))
                 return Failure(f"This answer was stopped: Claude Code wrote more than {much} of output in one turn.",
                                partial_text=transcript.text_so_far)
+            if exit_code is not None:
+                stderr = files.stderr()
+                result = self._ending(turn, agent.outcome(transcript, exit_code, stderr), transcript)
+                if isinstance(result, Failure) and result.detail:
+                    log.warning(f"the CLI said: {excerpt(result.detail, 300)}")
+                return result
             if loop.time() - began > self.settings.agent.turn_timeout:
                 await self.kill(turn)
                 return Failure(f"This answer was stopped: it took longer than {self.settings.agent.turn_timeout:g} "

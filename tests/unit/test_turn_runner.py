@@ -433,3 +433,27 @@ def test_a_cancelled_follower_leaves_the_turns_request_interrupt_and_decisions_f
     left = bench.requests()
     assert name + agent_host.INTERRUPT_SUFFIX in left
     assert any(agent_host.DECISION_INFIX in entry for entry in left), left
+
+
+def test_a_turn_that_ended_past_the_output_cap_is_told_so_not_taken_for_a_cli_that_stopped(bench: Bench) -> None:
+    """The turn wrote more than limits.output_bytes and ended before the reader got that far (a fast flood, a slow
+    orchestrator): its result line lies past what may be read, so the user is told of the cap, not that Claude Code
+    stopped mid-answer."""
+    settings = dataclasses.replace(bench.settings, limits=dataclasses.replace(bench.settings.limits,
+                                                                              output_bytes=64 * 1024))
+    bench.host.replies = [Reply(text="flood " * 40_000)]  # one 240 kB text line, then the result: past 64 KiB
+
+    async def started(chat_id: str) -> None:
+        pass
+
+    runner = TurnRunner(settings, bench.store, bench.runtime, Approvals(settings, bench.store, RecordingChannel()),
+                        RecordingChannel().fetch_attachment, started)
+
+    async def scenario() -> Answer | Failure:
+        message = bench.message()
+        turn = runner.run(message, RecordingDisplay(), logger.bind(chat_id=CHAT, message_id=message.message_id))
+        return await asyncio.wait_for(turn, WAIT_SECONDS)
+
+    result = asyncio.run(scenario())
+    assert isinstance(result, Failure), result
+    assert result.reason == "This answer was stopped: Claude Code wrote more than 64.0 KiB of output in one turn."
