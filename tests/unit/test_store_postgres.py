@@ -362,7 +362,51 @@ def test_orchestrator_migrate_says_when_it_cannot_reach_the_server(tmp_path: Pat
         assert cli.main(["migrate", "--config", str(config)]) == 1
     error = capsys.readouterr().err
     assert f"error: cannot migrate the store postgresql://orchestrator@127.0.0.1:{port}/orchestrator: " in error
+    assert "Connection refused" in error  # the driver's reason, not only where
     assert "secret-pw" not in error
+
+
+def test_a_server_that_takes_the_connection_and_never_answers_is_given_up_on_within_seconds() -> None:
+    """A host that accepts TCP and then says nothing (a firewall's black hole, a wedged proxy): the connect timeout
+    bounds the wait, where libpq would wait for ever with the service's event loop."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        began = time.monotonic()
+        with pytest.raises(StoreError, match="timeout expired"):
+            migrate_store(f"postgresql://u:pw@127.0.0.1:{silent.getsockname()[1]}/orchestrator")
+        assert time.monotonic() - began < 10
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("postgresql://u:p@ss@h/db", "postgresql://u@h/db"),  # an unencoded @ in the password (the config takes it)
+    ("postgresql://u:pa:ss@h/db", "postgresql://u@h/db"),  # an unencoded :
+    ("postgresql://u:pw@h:5433/db?sslmode=require", "postgresql://u@h:5433/db?sslmode=require"),
+    ("postgresql://u@h/db", "postgresql://u@h/db"),
+])
+def test_a_printed_store_url_holds_no_part_of_the_password(url: str, shown: str) -> None:
+    assert public_url(url) == shown
+
+
+def test_a_sqlite_store_is_made_in_folders_that_do_not_exist_yet_and_commits_without_fsync(tmp_path: Path) -> None:
+    store = Store(tmp_path / "a" / "b" / "orchestrator.db")
+    try:
+        assert store.db.pragma("synchronous") == 1  # NORMAL: see _sqlite
+        assert store.db.pragma("journal_mode") == "wal"
+    finally:
+        store.close()
+
+
+def test_an_up_to_date_sqlite_store_opens_while_another_process_holds_its_write_lock(tmp_path: Path) -> None:
+    """`orchestrator status` beside a running service that writes: opening reads the version and takes no lock."""
+    path = tmp_path / "orchestrator.db"
+    Store(path).close()
+    with contextlib.closing(sqlite3.connect(path)) as other:
+        other.execute("BEGIN IMMEDIATE")
+        began = time.monotonic()
+        store = Store(path)
+        assert time.monotonic() - began < 1 and store.chats() == []
+        store.close()
 
 
 @contextlib.contextmanager
@@ -398,12 +442,30 @@ IN_USER_INFO = re.escape("give the password as postgresql://user:${VAR}@host/dbn
     ("postgresql:///orchestrator", "must be sqlite:///FILE or postgresql://"),
     ("postgresql://u:p@db:99999/orchestrator", "must be sqlite:///FILE or postgresql://"),
     ("postgresql://u:p@db/a/b", "must be sqlite:///FILE or postgresql://"),
+    ("postgresql://u:p@db:0/orchestrator", "must be sqlite:///FILE or postgresql://"),
+    ("postgresql://u:p@db//x", "must be sqlite:///FILE or postgresql://"),
     ("postgresql://u@db/orchestrator?sslmode=require&password=hunter2", IN_USER_INFO),
     ("postgresql://u@db/orchestrator?sslpassword=hunter2", IN_USER_INFO),
 ])
 def test_a_store_url_that_cannot_be_is_an_error_naming_the_key(tmp_path: Path, url: str, problem: str) -> None:
     with pytest.raises(ConfigError, match=f"config.yaml: store.url: {problem}"):
         load_settings(write_config(tmp_path, url), {})
+
+
+@pytest.mark.parametrize(("store", "problem"), [
+    ("{url: true}", "store.url: True must be a string"),
+    ("{uri: x}", "store.uri: unknown key"),
+])
+def test_a_store_section_that_cannot_be_names_its_key(tmp_path: Path, store: str, problem: str) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(f"data_dir: {tmp_path / 'data'}\nstore: {store}\n")
+    with pytest.raises(ConfigError, match=f"config.yaml: {re.escape(problem)}"):
+        load_settings(config, {})
+
+
+def test_a_one_letter_database_name_is_a_database_name(tmp_path: Path) -> None:
+    settings = load_settings(write_config(tmp_path, "postgresql://u:pw@db:1/x"), {})
+    assert settings.store.url == "postgresql://u:pw@db:1/x"
 
 
 def test_the_stores_password_is_a_secret_and_the_gateway_gets_the_url(tmp_path: Path) -> None:
@@ -644,3 +706,23 @@ async def _takes_within(standby: Leadership, seconds: float) -> bool:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(standby.take(), seconds)
     return standby.leading
+
+
+@pytest.mark.postgres
+def test_a_user_and_password_that_must_be_percent_encoded_log_in(postgres_server: PostgresServer,
+                                                                   postgres_url: str) -> None:
+    """Hosted PostgreSQL names users user@server; passwords hold any character: both come %-encoded in the URL."""
+    database = postgres_url.rsplit("/", 1)[1]
+    postgres_server.execute("CREATE ROLE \"orch@corp\" LOGIN PASSWORD 'p@ss:w%rd/1'")
+    try:
+        postgres_server.execute(f'GRANT ALL ON DATABASE "{database}" TO "orch@corp"')
+        postgres_server.execute(f'ALTER DATABASE "{database}" OWNER TO "orch@corp"')
+        url = f"postgresql://orch%40corp:p%40ss%3Aw%25rd%2F1@127.0.0.1:{postgres_server.port}/{database}"
+        assert [migration.version for migration in migrate_store(url)] == [SCHEMA_VERSION]
+        store = Store(url)
+        store.ensure_chat("oc_a")
+        assert [chat.chat_id for chat in store.chats()] == ["oc_a"]
+        store.close()
+    finally:
+        postgres_server.drop_database(database)  # with what the role owns in it (the fixture finds it gone)
+        postgres_server.execute('DROP ROLE "orch@corp"')
