@@ -208,7 +208,11 @@ def test_a_standby_stopped_leaves_what_it_stored_for_the_leader(tmp_path: Path, 
     assert engine.stopped == []
 
 
-def test_a_leader_that_loses_the_lock_exits_1_at_once_and_stops_no_container(tmp_path: Path, store: Store) -> None:
+@pytest.mark.parametrize(("how", "exit_code"), [("lock lost", 1), ("SIGTERM", 0)])
+def test_a_leader_among_several_stops_no_container_when_it_loses_the_lock_or_is_stopped(
+        tmp_path: Path, store: Store, how: str, exit_code: int) -> None:
+    """Losing the lock (its connection to the store's server broke): exit 1 at once. A planned stop: exit 0. Either
+    way the next leader adopts the gateway and the chats' containers, and their turns."""
     engine = StoppingEngine()
     lock = Lock()
     svc, _, chat = make_service(tmp_path, store, lock, engine)
@@ -216,27 +220,14 @@ def test_a_leader_that_loses_the_lock_exits_1_at_once_and_stops_no_container(tmp
     async def scenario() -> int:
         async with serving(svc) as running:
             await submitting(chat)
-            lock.holding = False  # its connection to the store's server broke
-            await asyncio.wait_for(running, 5)
+            if how == "lock lost":
+                lock.holding = False
+                await asyncio.wait_for(running, 5)
+            else:
+                svc._on_signal(signal.SIGTERM)
         return running.result()
 
-    assert asyncio.run(scenario()) == 1
-    assert engine.stopped == []  # the next leader adopts the gateway and the chats' containers
-
-
-def test_a_planned_stop_of_a_leader_among_several_leaves_the_containers_to_the_next(tmp_path: Path,
-                                                                                   store: Store) -> None:
-    engine = StoppingEngine()
-    lock = Lock()
-    svc, _, chat = make_service(tmp_path, store, lock, engine)
-
-    async def scenario() -> int:
-        async with serving(svc) as running:
-            await submitting(chat)
-            svc._on_signal(signal.SIGTERM)
-        return running.result()
-
-    assert asyncio.run(scenario()) == 0
+    assert asyncio.run(scenario()) == exit_code
     assert engine.stopped == [] and lock.released
 
 
