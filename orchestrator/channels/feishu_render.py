@@ -264,7 +264,9 @@ def _cut(text: str, room: int) -> int:
     return cut
 
 
-_FENCE_START = re.compile(r" {0,3}`{3,}")
+# Tildes too: card_markdown opens blocks with backticks only, but a piece that starts with "~~~" (cut from "x~~~")
+# would read as a fence to other markdown (found by test_every_piece_fits_and_nothing_is_lost).
+_FENCE_START = re.compile(r" {0,3}(`{3,}|~{3,})")
 
 
 def _open_fence(text: str) -> str | None:

@@ -62,6 +62,14 @@ def test_every_piece_fits_and_nothing_is_lost(parts: list[str], limit: int) -> N
     assert "".join(words(piece) for piece in pieces) == words(text)  # nothing lost, in order
 
 
+def test_a_cut_inside_a_line_never_starts_a_piece_with_tildes_either() -> None:
+    # Found by the property above (CI): "x~~~" cut just before its tildes started a piece with a tilde fence.
+    text = "```\n```\n```\n```\n" + "x" * 50 + "```\n" + "x" * 50 + "~~~\n"
+    pieces = split_answer(text, 60)
+    assert "".join(words(piece) for piece in pieces) == words(text)
+    assert not any(piece.startswith("~~~") for piece in pieces)
+
+
 def test_a_cut_inside_a_line_never_starts_a_piece_with_a_fence() -> None:
     # Found by the property above: "x```py" mid-line is text; cut just before its backticks it opened a code block.
     text = "word word ```\n" + "x" * 100 + "```\n" + "x" * 50 + "```py\n"
