@@ -413,7 +413,7 @@ class Service:
         """A message stored but never queued (the write after storing it failed, so it was not acked, and its
         redelivery was taken for a duplicate) is handed on as at a start; one held for its sender's text is not
         stranded."""
-        for message in self._unrouted(time.time() - STRANDED_SECONDS):
+        for message in self._unrouted(self.store.unfinished_messages(), time.time() - STRANDED_SECONDS):
             logger.bind(chat_id=message.chat_id, message_id=message.message_id).warning(
                 "stored but never queued; handing it on now")
             self._route(message, _kind(message))
@@ -422,22 +422,24 @@ class Service:
         """What the standbys stored (Feishu gave them those events) handed on, every POLL_SECONDS; and what a
         leader that had lost the lead without knowing it yet queued or started after this one recovered (it stops
         within leadership.CHECK_SECONDS), once it has not moved for ADOPT_SECONDS: followed, as after a restart."""
-        for message in self._unrouted(time.time()):
+        unfinished = self.store.unfinished_messages()  # one query a poll, for both
+        for message in self._unrouted(unfinished, time.time()):
             logger.bind(chat_id=message.chat_id, message_id=message.message_id).info("taken from a standby")
             self._route(message, _kind(message))
         stale = time.time() - ADOPT_SECONDS
-        for message in self.store.unfinished_messages():
+        for message in unfinished:
             if message.state in (State.QUEUED, State.RUNNING) and message.message_id not in self._owned \
                     and message.updated_at < stale:
                 logger.bind(chat_id=message.chat_id, message_id=message.message_id).warning(
                     f"{message.state} by a leader that had lost the lead; taking it over")
                 self._enqueue(message)
 
-    def _unrouted(self, received_before: float) -> list[MessageRecord]:
-        """Messages stored before `received_before` and neither queued, held for their sender's text nor run as a
-        command here: this instance routes what it stores at once, so those are another's, or stranded."""
+    def _unrouted(self, unfinished: list[MessageRecord], received_before: float) -> list[MessageRecord]:
+        """Of `unfinished`, those stored before `received_before` and neither queued, held for their sender's text
+        nor run as a command here: this instance routes what it stores at once, so those are another's, or
+        stranded."""
         held = {m.message_id for waiting in self._held.values() for m in waiting.messages}
-        return [message for message in self.store.unfinished_messages() if message.state is State.RECEIVED
+        return [message for message in unfinished if message.state is State.RECEIVED
                 and message.message_id not in held and message.message_id not in self._owned
                 and message.received_at < received_before]
 
