@@ -42,6 +42,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 servers = [http.server.ThreadingHTTPServer(("0.0.0.0", port), Handler) for port in (8080, 443)]
 for server in servers[1:]:
     threading.Thread(target=server.serve_forever, daemon=True).start()
+print("listening", flush=True)
 servers[0].serve_forever()
 """
 
@@ -61,6 +62,8 @@ def hosts(docker_client: docker.DockerClient) -> Iterator[Hosts]:
     listener = docker_client.containers.run(AGENT_IMAGE, ["python3", "-c", LISTENER], name=name, user="0:0",
                                             detach=True, network=name, entrypoint=[])
     try:
+        # Bound before the test asks (CI saw squid's "connection refused" from a listener still starting).
+        wait_until(lambda: b"listening" in listener.logs(), 60, "the test's listener")
         network.disconnect(listener)
         network.connect(listener, aliases=["allowed.test", "other.test"])
         listener.reload()
