@@ -16,6 +16,21 @@ from tests.harness import AGENT_IMAGE, MODEL_KEY, StoreView, write_config
 from tests.postgres import PostgresServer, server_binaries
 
 
+QUICK_SUITE = "not docker"
+# The suite without the engine mostly waits (timeouts of locked stores, slow fake upstreams, subprocesses): measured
+# 64 s on one process, 42 s on 4 workers on this 2-core machine.
+QUICK_SUITE_WORKERS = 4
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """`pytest -m "not docker"`, the suite a developer runs on every change, runs on pytest-xdist's workers unless
+    `-n` says otherwise; any other selection (the whole suite, mutmut's) runs in one process."""
+    if (config.option.markexpr == QUICK_SUITE and getattr(config.option, "numprocesses", 0) is None
+            and not config.option.collectonly and not hasattr(config, "workerinput")):
+        config.option.numprocesses = QUICK_SUITE_WORKERS
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every test that uses the engine (its fixture, directly or through another) is marked `docker`, so
     `pytest -m "not docker"` is the suite that runs without it; every test that uses a PostgreSQL server, `postgres`."""
