@@ -5,11 +5,17 @@ bar. Run through `./scripts/dev mutate [module ...]`; modules by path (orchestra
 The core: the modules whose rules every turn relies on and that unit tests reach without the engine (pyproject's
 [tool.mutmut] only_mutate lists the same). mutmut runs the tests of `-m "not docker"` (tests/unit) against each
 mutant, only those that reach the mutated function.
+
+`--changed` (CI) mutates only the core modules whose source differs from the last full run's that met the bar
+(BASELINE: each module's sha256, written by a run of the whole core and committed with its scores in
+docs/TESTING.md). The whole core takes about 23 minutes on 2 cores; a change to one module, that module's share.
+A weakened test of an unchanged module is not seen by `--changed`: the next full run sees it.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -27,6 +33,7 @@ CORE = ("orchestrator/states.py", "orchestrator/store.py", "orchestrator/agent.p
 BAR = 0.90
 RUN_SECONDS = 30 * 60  # the whole core takes about 15 minutes on 2 cores
 EXPLAINED = Path("docs/TESTING.md")  # its table of the survivors left, each with why it is harmless
+BASELINE = Path("docs/mutation-baseline.json")  # each core module's sha256 at the last full run that met the bar
 # mutmut's own reading of each mutant's exit code (mutmut.stats.status_by_exit_code). A timeout is a mutant the
 # tests caught (it made them hang: an endless loop); no test reaching it, skipped or not run is not counted.
 KILLED = {"killed", "timeout", "caught by type check", "segfault"}
@@ -37,8 +44,16 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("modules", nargs="*", help="modules to mutate (default: the core)")
     parser.add_argument("--report-only", action="store_true", help="read the last run's results, run nothing")
+    parser.add_argument("--changed", action="store_true",
+                        help=f"only the core modules changed since the full run recorded in {BASELINE}")
     args = parser.parse_args(argv)
     modules = [_path(module) for module in args.modules] or list(CORE)
+    if args.changed:
+        modules = changed(modules, _baseline(BASELINE), {module: _digest(module) for module in modules})
+        if not modules:
+            print(f"mutation: the core is as at the last full run ({BASELINE}): nothing to mutate")
+            return 0
+        print(f"mutation: changed since the last full run: {', '.join(modules)}")
     if not args.report_only:
         started = time.monotonic()
         _run([_mutant_prefix(module) + "*" for module in modules])
@@ -48,7 +63,27 @@ def main(argv: list[str]) -> int:
     if below:
         print(f"mutation: under {BAR:.0%} killed: {', '.join(below)}")
         return 1
+    if set(modules) == set(CORE) and not args.report_only:
+        _record_baseline(BASELINE)
     return 0
+
+
+def changed(modules: list[str], baseline: dict[str, str], digests: dict[str, str]) -> list[str]:
+    """The modules whose digest is not the one recorded (all of them when nothing is). Pure."""
+    return [module for module in modules if baseline.get(module) != digests[module]]
+
+
+def _digest(module: str) -> str:
+    return hashlib.sha256(Path(module).read_bytes()).hexdigest()
+
+
+def _baseline(path: Path) -> dict[str, str]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _record_baseline(path: Path) -> None:
+    path.write_text(json.dumps({module: _digest(module) for module in CORE}, indent=2) + "\n")
+    print(f"mutation: every core module met the bar; {path} records their sources (commit it with the scores)")
 
 
 def _run(names: list[str]) -> None:

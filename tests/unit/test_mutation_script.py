@@ -1,0 +1,45 @@
+"""scripts/mutation.py's `--changed`, as CI runs it: only the core modules whose source differs from the baseline
+of the last full run are mutated, and none at all when nothing changed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "mutation.py"
+
+
+@pytest.fixture
+def mutation():
+    spec = importlib.util.spec_from_file_location("mutation_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_only_modules_whose_source_differs_from_the_baseline_are_changed(mutation) -> None:
+    assert mutation.changed(["a.py", "b.py", "c.py"], {"a.py": "1", "b.py": "2"},
+                            {"a.py": "1", "b.py": "X", "c.py": "3"}) == ["b.py", "c.py"]
+    assert mutation.changed(["a.py"], {}, {"a.py": "1"}) == ["a.py"]
+
+
+def test_a_core_as_at_the_last_full_run_is_not_mutated_and_one_change_is(mutation, tmp_path: Path, monkeypatch,
+                                                                        capsys) -> None:
+    monkeypatch.chdir(SCRIPT.parents[1])
+    baseline = tmp_path / "baseline.json"
+    monkeypatch.setattr(mutation, "BASELINE", baseline)
+    ran: list[list[str]] = []
+    monkeypatch.setattr(mutation, "_run", ran.append)
+    baseline.write_text(json.dumps({module: mutation._digest(module) for module in mutation.CORE}))
+    assert mutation.main(["--changed"]) == 0
+    assert ran == [] and "nothing to mutate" in capsys.readouterr().out
+
+    recorded = json.loads(baseline.read_text())
+    recorded["orchestrator/states.py"] = "0" * 64
+    baseline.write_text(json.dumps(recorded))
+    monkeypatch.setattr(mutation, "_report", lambda module, explained: True)
+    assert mutation.main(["--changed"]) == 0
+    assert ran == [["orchestrator.states*"]]
