@@ -1,0 +1,178 @@
+"""A Docker Swarm of three Docker-in-Docker nodes for the Swarm runtime's tests, made from nothing but the local
+node image (images/build.sh --swarm-node), and taken down with everything it made.
+
+- The nodes run on a network of their own (no traffic leaves it but the registry's port on 127.0.0.1), never
+  privileged (refused here): every capability but SYS_RESOURCE, and the host's cgroup v1 controllers mounted one by
+  one inside (the recipe of ../shared/reference/swarm.md); each engine keeps its images in a volume of its own.
+- Node 1 is the manager; the others join as workers, labelled `zone` (a, b, b) and node 3 `gpu=true`, for placement.
+- The manager's socket is also served in a host folder, so the orchestrator on the host reaches it as
+  `unix://…/docker.sock` (never TCP to a node's address). Tests drive any node with `docker exec NODE docker …`.
+- A local registry (Debian's docker-registry, in the node image) on the network, also published on 127.0.0.1 for the
+  host's engine to push to; nodes pull from it by its name on the network, `REGISTRY:5000/NAME:TAG`.
+- The shared chat storage: one host folder bind-mounted into every node at the same path (NFS in production).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import docker
+from docker.errors import NotFound
+
+NODE_IMAGE = "orchestrator-swarm-node:latest"
+REGISTRY_PORT = 5000
+NODES = 3
+ZONES = ("a", "b", "b")
+# cgroup v1 with each controller in its own hierarchy: mounted one by one, or the node's engine has no CFS quota and
+# Swarm refuses CPU limits ("NanoCPUs can not be set").
+_NODE_SCRIPT = """
+for s in cpu cpuacct cpuset memory devices freezer blkio pids systemd; do umount /sys/fs/cgroup/$s 2>/dev/null; done
+umount /sys/fs/cgroup 2>/dev/null
+mount -t tmpfs cgroup_root /sys/fs/cgroup
+for s in cpu cpuacct cpuset memory devices freezer blkio pids; do
+  mkdir -p /sys/fs/cgroup/$s; mount -t cgroup -o $s cgroup /sys/fs/cgroup/$s; done
+mkdir -p /sys/fs/cgroup/systemd; mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd
+exec dockerd --host=unix:///var/run/docker.sock --host=unix:///run/swarm-sock/docker.sock \
+  --insecure-registry {registry}:{port} >/var/log/dockerd.log 2>&1
+"""
+_REGISTRY_CONFIG = """version: 0.1
+storage:
+  filesystem:
+    rootdirectory: /var/lib/docker-registry
+http:
+  addr: :5000
+"""
+
+
+class Swarm:
+    def __init__(self, client: docker.DockerClient) -> None:
+        self.client = client
+        self.prefix = f"sw{uuid.uuid4().hex[:6]}"
+        self.network = f"{self.prefix}-net"
+        self.registry_name = f"{self.prefix}-registry"
+        self.registry = f"{self.registry_name}:{REGISTRY_PORT}"  # as the nodes name it
+        self.nodes = [f"{self.prefix}-node{n}" for n in range(1, NODES + 1)]
+        self.manager = self.nodes[0]
+        self.folder = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-"))  # short: a socket's path fits in 107 bytes
+        self.shared = self.folder / "shared"  # the chats' storage, at this same path in every node
+        self.shared.mkdir()
+        self.socket_dir = self.folder / "sock"
+        self.socket_dir.mkdir()
+        self.host_registry = ""  # 127.0.0.1:PORT, for the host's engine
+
+    @property
+    def manager_url(self) -> str:
+        return f"unix://{self.socket_dir / 'docker.sock'}"
+
+    # ---- up ----
+
+    def start(self) -> Swarm:
+        self.client.images.get(NODE_IMAGE)  # built by ./scripts/dev setup (images/build.sh --swarm-node)
+        self.client.networks.create(self.network, driver="bridge", labels={"orchestrator.test": "swarm"})
+        self._start_registry()
+        for n, name in enumerate(self.nodes):
+            self._start_node(name, self.socket_dir if n == 0 else None)
+        for name in self.nodes:
+            self._wait_engine(name)
+        address = self.exec(self.manager, "hostname", "-i").split()[0]
+        self.exec(self.manager, "docker", "swarm", "init", "--advertise-addr", address)
+        token = self.exec(self.manager, "docker", "swarm", "join-token", "-q", "worker").strip()
+        for name in self.nodes[1:]:
+            self.exec(name, "docker", "swarm", "join", "--token", token, f"{address}:2377")
+        for name, zone in zip(self.nodes, ZONES, strict=True):
+            self.exec(self.manager, "docker", "node", "update", "--label-add", f"zone={zone}", name)
+        self.exec(self.manager, "docker", "node", "update", "--label-add", "gpu=true", self.nodes[2])
+        self._wait(lambda: self.exec(self.manager, "docker", "node", "ls", "--format", "{{.Status}}").split()
+                   == ["Ready"] * NODES, 60, "every node Ready")
+        return self
+
+    def _start_registry(self) -> None:
+        config = self.folder / "registry.yml"
+        config.write_text(_REGISTRY_CONFIG)
+        container = self.client.containers.run(
+            NODE_IMAGE, ["docker-registry", "serve", "/etc/registry.yml"], name=self.registry_name, detach=True,
+            network=self.network, volumes={str(config): {"bind": "/etc/registry.yml", "mode": "ro"}},
+            ports={f"{REGISTRY_PORT}/tcp": ("127.0.0.1", None)}, labels={"orchestrator.test": "swarm"})
+        container.reload()
+        port = container.attrs["NetworkSettings"]["Ports"][f"{REGISTRY_PORT}/tcp"][0]["HostPort"]
+        self.host_registry = f"127.0.0.1:{port}"  # loopback: the host's engine pushes here without TLS
+
+    def _start_node(self, name: str, socket_dir: Path | None) -> None:
+        # the docker CLI: docker-py has no `systempaths=unconfined` (no masked /proc paths, for the node's engine)
+        argv = ["docker", "run", "-d", "--name", name, "--hostname", name, "--network", self.network,
+                "--label", "orchestrator.test=swarm", "--tmpfs", "/run",
+                "-v", "/var/lib/docker",  # a volume for the engine's images: overlay2 cannot sit on an overlay root
+                "-v", f"{self.shared}:{self.shared}",
+                "--cap-add", "ALL", "--cap-drop", "SYS_RESOURCE", "--device-cgroup-rule", "a *:* rwm",
+                "--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined",
+                "--security-opt", "systempaths=unconfined"]
+        if socket_dir is not None:
+            argv += ["-v", f"{socket_dir}:/run/swarm-sock"]
+        else:
+            argv += ["--tmpfs", "/run/swarm-sock"]
+        script = _NODE_SCRIPT.format(registry=self.registry_name, port=REGISTRY_PORT)
+        subprocess.run([*argv, NODE_IMAGE, "sh", "-c", script], check=True, capture_output=True, timeout=120)
+
+    def _wait_engine(self, name: str) -> None:
+        self._wait(lambda: self.run(name, "docker", "info").returncode == 0, 60, f"the engine in {name}")
+
+    def push(self, image: str) -> str:
+        """The host's `image` pushed to the registry; its name for the nodes (REGISTRY:5000/NAME:TAG)."""
+        name = image.rsplit("/", 1)[-1]
+        name = name if ":" in name else f"{name}:latest"
+        host_name = f"{self.host_registry}/{name}"
+        self.client.images.get(image).tag(host_name)
+        try:
+            for line in self.client.api.push(host_name, stream=True, decode=True):
+                if "error" in line:
+                    raise RuntimeError(f"push of {image} failed: {line['error']}")
+        finally:
+            with contextlib.suppress(NotFound):
+                self.client.images.remove(host_name)
+        return f"{self.registry}/{name}"
+
+    def pull_everywhere(self, image: str) -> None:
+        """Every node pulls `image` (as Swarm would at a task's first start there): tests then time what they mean."""
+        with ThreadPoolExecutor(len(self.nodes)) as pool:
+            for result in pool.map(lambda node: self.run(node, "docker", "pull", "-q", image), self.nodes):
+                if result.returncode != 0:
+                    raise RuntimeError(f"pull of {image} failed: {result.stderr}")
+
+    # ---- driving ----
+
+    def run(self, node: str, *argv: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["docker", "exec", node, *argv], capture_output=True, text=True, timeout=timeout)
+
+    def exec(self, node: str, *argv: str, timeout: float = 600) -> str:
+        result = self.run(node, *argv, timeout=timeout)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} on {node} failed ({result.returncode}): {result.stderr.strip()}")
+        return result.stdout
+
+    @staticmethod
+    def _wait(check: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+            time.sleep(0.5)
+
+    # ---- down ----
+
+    def remove(self) -> None:
+        """The nodes with their volumes (their engines' images, the tasks), the registry, the network, the folders.
+        The chat folders hold files of the agent's uid and of root: removed as root."""
+        for name in [*self.nodes, self.registry_name]:
+            with contextlib.suppress(NotFound):
+                self.client.containers.get(name).remove(force=True, v=True)
+        with contextlib.suppress(NotFound):
+            self.client.networks.get(self.network).remove()
+        shutil.rmtree(self.folder, ignore_errors=True)
