@@ -15,6 +15,7 @@ node image (images/build.sh --swarm-node), and taken down with everything it mad
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import subprocess
 import tempfile
@@ -53,20 +54,35 @@ http:
 
 
 class Swarm:
-    def __init__(self, client: docker.DockerClient) -> None:
+    def __init__(self, client: docker.DockerClient, prefix: str = "", folder: Path | None = None) -> None:
+        """A new Swarm's names; or, with `prefix` and `folder`, those of one made before (`attach`)."""
         self.client = client
-        self.prefix = f"sw{uuid.uuid4().hex[:6]}"
+        self.prefix = prefix or f"sw{uuid.uuid4().hex[:6]}"
         self.network = f"{self.prefix}-net"
         self.registry_name = f"{self.prefix}-registry"
         self.registry = f"{self.registry_name}:{REGISTRY_PORT}"  # as the nodes name it
         self.nodes = [f"{self.prefix}-node{n}" for n in range(1, NODES + 1)]
         self.manager = self.nodes[0]
-        self.folder = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-"))  # short: a socket's path fits in 107 bytes
+        # short: a socket's path fits in 107 bytes
+        self.folder = folder or Path(tempfile.mkdtemp(prefix=f"{self.prefix}-"))
         self.shared = self.folder / "shared"  # the chats' storage, at this same path in every node
-        self.shared.mkdir()
+        self.shared.mkdir(exist_ok=True)
         self.socket_dir = self.folder / "sock"
-        self.socket_dir.mkdir()
+        self.socket_dir.mkdir(exist_ok=True)
         self.host_registry = ""  # 127.0.0.1:PORT, for the host's engine
+        self.agent_image = ""  # the agent image as the nodes pull it, once pushed
+
+    @classmethod
+    def attach(cls, client: docker.DockerClient, saved: Path) -> Swarm:
+        """A Swarm `save`d by an earlier run, left up (for a developer's repeated runs: SWARM_TEST_REUSE=FILE)."""
+        state = json.loads(saved.read_text())
+        swarm = cls(client, state["prefix"], Path(state["folder"]))
+        swarm.host_registry, swarm.agent_image = state["host_registry"], state["agent_image"]
+        return swarm
+
+    def save(self, saved: Path) -> None:
+        saved.write_text(json.dumps({"prefix": self.prefix, "folder": str(self.folder),
+                                     "host_registry": self.host_registry, "agent_image": self.agent_image}))
 
     @property
     def manager_url(self) -> str:
@@ -145,6 +161,38 @@ class Swarm:
             for result in pool.map(lambda node: self.run(node, "docker", "pull", "-q", image), self.nodes):
                 if result.returncode != 0:
                     raise RuntimeError(f"pull of {image} failed: {result.stderr}")
+
+    def prepare_instance(self, instance: str) -> None:
+        """What an operator does once per instance on every node: the config-only network that gives the chats'
+        Swarm network its per-node options (no traffic between chats on a node)."""
+        for node in self.nodes:
+            self.exec(node, "docker", "network", "create", "--config-only", "--opt",
+                      "com.docker.network.bridge.enable_icc=false", f"{instance}-chats-node")
+
+    def remove_instance(self, instance: str) -> None:
+        """The instance's services, its Swarm network and its nodes' config networks."""
+        services = self.exec(self.manager, "docker", "service", "ls", "-q", "--filter",
+                             f"label=orchestrator.instance={instance}").split()
+        if services:
+            self.exec(self.manager, "docker", "service", "rm", *services)
+        self._wait(lambda: self._removed(self.manager, f"{instance}-chats"), 60, "the chats' network to go")
+        for node in self.nodes:  # a config network goes once no node's copy of the network needs it
+            self._wait(lambda node=node: self._removed(node, f"{instance}-chats-node"), 60,
+                       f"the config network on {node} to go")
+
+    def _removed(self, node: str, network: str) -> bool:
+        result = self.run(node, "docker", "network", "rm", network)
+        return result.returncode == 0 or "No such network" in result.stderr or "not found" in result.stderr
+
+    def service(self, name: str) -> dict:
+        """`docker service inspect NAME` on the manager."""
+        return json.loads(self.exec(self.manager, "docker", "service", "inspect", name))[0]
+
+    def task_node(self, name: str) -> str:
+        """The node the service's running task is on ("" when none runs)."""
+        lines = self.exec(self.manager, "docker", "service", "ps", name, "--filter", "desired-state=running",
+                          "--format", "{{.Node}} {{.CurrentState}}").splitlines()
+        return next((line.split()[0] for line in lines if " Running " in f" {line} "), "")
 
     # ---- driving ----
 
