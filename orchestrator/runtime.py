@@ -23,6 +23,7 @@ import requests
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.models.containers import Container
 from docker.types import LogConfig, Mount, Ulimit
+from loguru import logger
 
 from orchestrator import credentials, egress, layout
 from orchestrator.config import INSTANCE_NETWORK, ChatOptions, ChatSettings, Settings
@@ -637,9 +638,10 @@ _SIZE_SUFFIXES = {"k": 1024, "m": 1024**2, "g": 1024**3}
 
 
 def service_spec(spec: ContainerSpec, image: str, fingerprint: str, network: str, replicas: int,
-                 force_update: int = 0) -> dict[str, Any]:
+                 force_update: int = 0, pids: bool = True) -> dict[str, Any]:
     """The Swarm service of a chat's container spec, as the engine's API takes it (API 1.41: capabilities, ulimits
-    and the pids limit are there, which docker-py's helpers do not all know). Pure."""
+    and the pids limit are there, which docker-py's helpers do not all know); `pids`: False for an engine older than
+    that, which has no pids limit for services. Pure."""
     container: dict[str, Any] = {
         "Image": image,
         "Labels": dict(spec.labels),
@@ -658,7 +660,9 @@ def service_spec(spec: ContainerSpec, image: str, fingerprint: str, network: str
         container["CapabilityAdd"] = list(spec.cap_add)
     if spec.command:
         container["Args"] = list(spec.command)  # Swarm's Command is the entrypoint; Args the image's CMD
-    limits: dict[str, int] = {"NanoCPUs": spec.nano_cpus, "MemoryBytes": spec.mem_limit, "Pids": spec.pids_limit}
+    limits: dict[str, int] = {"NanoCPUs": spec.nano_cpus, "MemoryBytes": spec.mem_limit}
+    if pids:
+        limits["Pids"] = spec.pids_limit
     reservations = {key: value for key, value in (("NanoCPUs", spec.reserve_nano_cpus),
                                                   ("MemoryBytes", spec.reserve_memory)) if value}
     placement: dict[str, Any] = {}
@@ -733,6 +737,7 @@ class SwarmRuntime(Runtime):
         self._nodes: dict[str, str] = {}
         self._task_containers: set[str] = set()  # ids of chats' task containers seen: not this host's to exec in
         self._watching = False
+        self._warned_pids = False
         try:
             self._client = docker.DockerClient(base_url=manager, timeout=timeout) if manager \
                 else docker.from_env(timeout=timeout)
@@ -799,6 +804,17 @@ class SwarmRuntime(Runtime):
             self._task_containers.add(state.id)
         return state
 
+    def _pids_limits(self) -> bool:
+        """Whether the manager's engine takes a service's pids limit (API 1.41, Docker 20.10); an older one is
+        warned of once and its chats run without (docs/SCALING.md)."""
+        version = str(self._client.api.api_version)
+        supported = tuple(int(part) for part in version.split(".")[:2]) >= (1, 41)
+        if not supported and not self._warned_pids:
+            self._warned_pids = True
+            logger.warning(f"the Swarm manager's engine speaks API {version}: services get no pids limit before "
+                           "1.41 (Docker 20.10); upgrade the engines to cap each chat's processes")
+        return supported
+
     def _image(self, image: str) -> str:
         """`image@digest` as the registry has it now, so every node runs the same image and a push reaches the chats
         (looked up at most every IMAGE_CHECK_SECONDS); the tag alone when the registry cannot say."""
@@ -826,11 +842,13 @@ class SwarmRuntime(Runtime):
             raise RuntimeFailure(f"network {spec.network} is not served on runtime: swarm")
         image = self._image(spec.image)
         fingerprint = f"{spec.fingerprint()}:{image}"
+        pids = self._pids_limits()
         network = swarm_network_name(spec.labels.get(INSTANCE_LABEL, ""))
         service = self._service(spec.name)
         if service is None:
             try:
-                self._api("POST", "/services/create", body=service_spec(spec, image, fingerprint, network, 1))
+                self._api("POST", "/services/create",
+                          body=service_spec(spec, image, fingerprint, network, 1, pids=pids))
             except APIError as exc:
                 if exc.status_code != 409:
                     raise
@@ -848,7 +866,7 @@ class SwarmRuntime(Runtime):
             if current.get("Labels", {}).get(SPEC_LABEL) != fingerprint or replicas != 1 \
                     or force != current.get("TaskTemplate", {}).get("ForceUpdate", 0):
                 self._api("POST", "/services/{0}/update", service["ID"],
-                          body=service_spec(spec, image, fingerprint, network, 1, force),
+                          body=service_spec(spec, image, fingerprint, network, 1, force, pids),
                           version=service["Version"]["Index"])
         return self._until_running(service["ID"], spec.name)
 

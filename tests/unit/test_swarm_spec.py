@@ -84,6 +84,9 @@ def test_spread_and_no_reservations_and_a_forced_update(tmp_path: Path) -> None:
     assert service["TaskTemplate"]["ForceUpdate"] == 3
     assert service["Mode"] == {"Replicated": {"Replicas": 0}}
     assert spec.network == "none"  # egress: none; the runtime puts it on the instance's Swarm network
+    older = service_spec(spec, "runner", "fp", "bot-chats", 1, pids=False)  # an engine before API 1.41
+    assert older["TaskTemplate"]["Resources"]["Limits"] == {"NanoCPUs": 1_500_000_000, "MemoryBytes": 1024**3}
+    assert spec.network == "none"  # egress: none; the runtime puts it on the instance's Swarm network
 
 
 def test_placement_changes_the_fingerprint_only_when_set(tmp_path: Path) -> None:
