@@ -30,11 +30,12 @@ def on_swarm(swarm_cluster: Swarm, instance: str) -> Iterator[Swarm]:
 
 
 def swarm_config(feishu_config: Callable[..., Path], swarm: Swarm, instance: str, **sections: object) -> Path:
-    """The instance's data on the shared storage (the same path on every node), chats placed over the zones."""
+    """The instance's data on the shared storage (the same path on every node); chats spread over the zones unless
+    `defaults` says otherwise."""
+    sections.setdefault("defaults", {"egress": "none", "placement": {"spread": ["node.labels.zone"]}})
     return feishu_config(
         data_dir=str(swarm.shared / instance / "data"), runtime="swarm", swarm={"manager": swarm.manager_url},
-        agent={"image": swarm.agent_image},
-        defaults={"egress": "none", "placement": {"spread": ["node.labels.zone"]}}, **sections)
+        agent={"image": swarm.agent_image}, **sections)
 
 
 def ask(feishu: FakeFeishu, chat_id: str, text: str) -> None:
@@ -140,4 +141,33 @@ def test_a_drained_nodes_chat_comes_up_elsewhere_its_running_turn_told_its_sessi
         assert {row["chat_id"]: row["node"] for row in status_json(config)}[chat_id] == after
     finally:
         swarm.exec(swarm.manager, "docker", "node", "update", "--availability", "active", before)
+    assert bot.stop() == 0
+
+
+def test_a_lost_nodes_chat_comes_up_on_another_with_its_session(
+        on_swarm: Swarm, instance: str, feishu: FakeFeishu, feishu_config, start, fake_api: FakeAnthropic) -> None:
+    """A worker's whole engine killed (its container, as a host that crashes): Swarm marks the node down and starts
+    the chat's task on the other worker; the next message is answered there in the same session."""
+    swarm = on_swarm
+    chat_id, marker = chat(), uuid.uuid4().hex[:8]
+    config = swarm_config(feishu_config, swarm, instance,
+                          defaults={"egress": "none", "placement": {"constraints": ["node.role==worker"]}})
+    bot = start(config)
+    ask(feishu, chat_id, f"first {marker}")
+    name = f"{instance}-{chat_id}"
+    lost = swarm.task_node(name)
+    session = StoreView(swarm.shared / instance / "data" / "orchestrator.db").chat(chat_id)["session_id"]
+    began = time.monotonic()
+    swarm.kill_node(lost)
+    try:
+        after = wait_until(lambda: (node := swarm.task_node(name)) not in ("", lost) and node, 120,
+                           f"{name}'s task to come up off {lost}")
+        moved = time.monotonic() - began
+        ask(feishu, chat_id, f"second {marker}")
+        assert StoreView(swarm.shared / instance / "data" / "orchestrator.db").chat(chat_id)["session_id"] == session
+        assert f"first {marker}" in json.dumps(fake_api.requests_mentioning(f"second {marker}")[-1]["messages"])
+        assert {row["chat_id"]: row["node"] for row in status_json(config)}[chat_id] == after
+        print(f"\nswarm: the chat's task ran again on {after} {moved:.1f} s after {lost} was killed")
+    finally:
+        swarm.restart_node(lost)
     assert bot.stop() == 0
