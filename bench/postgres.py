@@ -11,9 +11,12 @@ from __future__ import annotations
 import statistics
 import uuid
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from bench.common import main, new_chat, rig, stub_image
-from bench.throughput import CONCURRENCY, answer_all
+from bench.throughput import CONCURRENCY, UNPACED, answer_all
 from tests.harness import run_cli
 from tests.postgres import PostgresServer, server_binaries
 
@@ -22,12 +25,7 @@ TARGET = 1.2  # time per message on PostgreSQL, at most this many times SQLite's
 
 def run(quick: bool) -> list[str]:
     chats, per_chat, rounds = (3, 3, 1) if quick else (20, 10, 2)
-    binaries = server_binaries()
-    if binaries is None:
-        raise SystemExit("PostgreSQL's server is not installed (./scripts/dev setup installs it)")
-    server = PostgresServer(binaries)
-    server.start()
-    try:
+    with postgres_server() as server:
         rates: dict[str, list[float]] = {"sqlite": [], "postgres": []}
         once = total = 0
         for _ in range(rounds):
@@ -36,8 +34,6 @@ def run(quick: bool) -> list[str]:
                 rates[backend].append(rate)
                 once += sum(1 for count in replies.values() if count == 1)
                 total += chats * per_chat
-    finally:
-        server.remove()
     sqlite, postgres = statistics.median(rates["sqlite"]), statistics.median(rates["postgres"])
     ratio = sqlite / postgres  # time per message: 1/rate
     return [f"postgres: {chats * per_chat} messages over {chats} chats per run, {rounds} run(s) per store: "
@@ -49,19 +45,40 @@ def run(quick: bool) -> list[str]:
 
 def _through(server: PostgresServer | None, chats: int, per_chat: int) -> tuple[float, Counter[str]]:
     with rig() as setup:
-        store = {}
+        store = {"store": new_database(server)} if server is not None else {}
+        setup.configure(stub_image(setup.client), **UNPACED, **store)
         if server is not None:
-            database = f"bench_{uuid.uuid4().hex[:8]}"
-            server.create_database(database)
-            store = {"store": {"url": server.url(database)}}
-        setup.configure(stub_image(setup.client), scheduler={"max_concurrent_turns": CONCURRENCY, "queue_depth": 50},
-                        feishu={"rate_per_chat": 1000, "rate_per_app": 5000, "rate_per_app_minute": 300000}, **store)
-        if server is not None:
-            migrated = run_cli(setup.config, "migrate")
-            if migrated.returncode:
-                raise SystemExit(f"orchestrator migrate failed: {migrated.stderr}")
+            migrate(setup.config)
         setup.start()
         return answer_all(setup, [new_chat() for _ in range(chats)], per_chat)
+
+
+@contextmanager
+def postgres_server() -> Iterator[PostgresServer]:
+    """The tests' throwaway server (tests/postgres.py), started, and removed after."""
+    binaries = server_binaries()
+    if binaries is None:
+        raise SystemExit("PostgreSQL's server is not installed (./scripts/dev setup installs it)")
+    server = PostgresServer(binaries)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
+def new_database(server: PostgresServer) -> dict[str, str]:
+    """A new, empty database on `server`: the config's `store` section for it (`migrate` it once configured)."""
+    database = f"bench_{uuid.uuid4().hex[:8]}"
+    server.create_database(database)
+    return {"url": server.url(database)}
+
+
+def migrate(config: Path) -> None:
+    """`orchestrator migrate`, as an operator runs it before a PostgreSQL store's first start."""
+    migrated = run_cli(config, "migrate")
+    if migrated.returncode:
+        raise SystemExit(f"orchestrator migrate failed: {migrated.stderr}")
 
 
 if __name__ == "__main__":

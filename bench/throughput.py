@@ -18,6 +18,10 @@ from bench.common import AGENT_USER, CLI_ARGS, Rig, main, new_chat, new_message,
 from tests.harness import StoreView, wait_until
 
 CONCURRENCY = 4  # scheduler.max_concurrent_turns, and the bare path's worker threads
+# The config sections of the load benchmarks: CONCURRENCY turns at once, and Feishu's rate limits raised far enough
+# not to set the pace (the fake enforces the configured ones).
+UNPACED = {"scheduler": {"max_concurrent_turns": CONCURRENCY, "queue_depth": 50},
+           "feishu": {"rate_per_chat": 1000, "rate_per_app": 5000, "rate_per_app_minute": 300000}}
 # The full run's figures of 2026-12-03, before issue 10 (a `docker exec` per turn), on a loaded machine: the new
 # path must do at least as well. The ratio to bare is the figure that travels between runs; the rate is absolute.
 BEFORE_RATE, BEFORE_RATIO = 6.0, 0.40
@@ -26,8 +30,7 @@ BEFORE_RATE, BEFORE_RATIO = 6.0, 0.40
 def run(quick: bool) -> list[str]:
     chats, per_chat = (5, 4) if quick else (100, 10)
     with rig() as setup:
-        setup.configure(stub_image(setup.client), scheduler={"max_concurrent_turns": CONCURRENCY, "queue_depth": 50},
-                        feishu={"rate_per_chat": 1000, "rate_per_app": 5000, "rate_per_app_minute": 300000})
+        setup.configure(stub_image(setup.client), **UNPACED)
         setup.start()
         chat_ids = [new_chat() for _ in range(chats)]
         ours_rate, replies, waits = through_orchestrator(setup, chat_ids, per_chat)
@@ -67,15 +70,19 @@ def through_orchestrator(setup: Rig, chat_ids: list[str], per_chat: int
     return rate, replies, waits
 
 
-def answer_all(setup: Rig, chat_ids: list[str], per_chat: int) -> tuple[float, Counter[str]]:
+def answer_all(setup: Rig, chat_ids: list[str], per_chat: int, pushed: dict[str, float] | None = None,
+               timeout: float = 3600) -> tuple[float, Counter[str]]:
     """`per_chat` messages to each chat, interleaved; messages per second from the first event to the last reply,
-    and the replies per message (a second one shows up within a second after the last)."""
+    and the replies per message (a second one shows up within a second after the last). `pushed`, if given, gets
+    each message's id and when its event was sent (time.monotonic, as the fake Feishu's calls)."""
     message_ids = []
     began = time.monotonic()
     for n in range(per_chat):  # interleaved, as a busy team would send them
         for chat_id in chat_ids:
             message_id = new_message()
             message_ids.append(message_id)
+            if pushed is not None:
+                pushed[message_id] = time.monotonic()
             setup.feishu.push_event(setup.feishu.text_event(chat_id, f"message {n}", message_id=message_id))
     wanted = set(message_ids)
 
@@ -83,7 +90,7 @@ def answer_all(setup: Rig, chat_ids: list[str], per_chat: int) -> tuple[float, C
         return Counter(c.path.split("/")[-2] for c in setup.feishu.calls
                        if c.path.endswith("/reply") and c.status == 200 and c.path.split("/")[-2] in wanted)
 
-    wait_until(lambda: len(replied()) == len(wanted), 3600, "every message answered", interval=0.2)
+    wait_until(lambda: len(replied()) == len(wanted), timeout, "every message answered", interval=0.2)
     elapsed = max(c.time for c in setup.feishu.calls if c.path.endswith("/reply")) - began
     time.sleep(1)  # a second reply to any message would show up now
     return len(wanted) / elapsed, replied()

@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # Builds the agent image (images/claude-runner) that every chat's container runs, or with --orchestrator
-# the orchestrator's own image (images/orchestrator, built from the repository root).
+# the orchestrator's own image (images/orchestrator, built from the repository root), or with --swarm-node the
+# image of the Docker-in-Docker nodes and the local registry that the Swarm tests run (images/swarm-node); with
+# --push REGISTRY, the image built is then pushed to that registry (as REGISTRY/NAME:TAG) for Swarm nodes to pull.
 #
-#   images/build.sh [--orchestrator] [--tag NAME:TAG] [--base IMAGE | --local-base] [--ca-bundle FILE]
+#   images/build.sh [--orchestrator | --swarm-node] [--tag NAME:TAG] [--base IMAGE | --local-base]
+#                   [--ca-bundle FILE] [--push REGISTRY]
 #
 # --orchestrator   build the orchestrator's image (default tag orchestrator:latest) instead of the agent's
 #                  (claude-runner:latest)
+# --swarm-node     build the test nodes' image (default tag orchestrator-swarm-node:latest)
+# --push REGISTRY  push the built image to REGISTRY (host[:port]) as REGISTRY/NAME:TAG; agent.image must then
+#                  name it so for runtime: swarm
 # --base IMAGE     the base, pulled if missing: Debian-based with Node.js and npm for the agent (default
 #                  node:22-bookworm-slim), with Python 3.11 for the orchestrator (default python:3.11-slim)
 # --local-base     make that base here from Debian bookworm's packages (mmdebstrap + docker import), for
@@ -19,11 +25,14 @@ what=agent
 tag=
 base=
 local_base=no
+push=
 ca_bundle=${EXTRA_CA_BUNDLE:-}
 
 while [ $# -gt 0 ]; do
   case "$1" in
     --orchestrator) what=orchestrator; shift ;;
+    --swarm-node) what=swarm-node; shift ;;
+    --push) push=$2; shift 2 ;;
     --tag) tag=$2; shift 2 ;;
     --base) base=$2; shift 2 ;;
     --local-base) local_base=yes; shift ;;
@@ -42,6 +51,12 @@ case "$what" in
   orchestrator)
     default_tag=orchestrator:latest
     default_base=python:3.11-slim
+    local_base_tag=orchestrator-debian-python:bookworm
+    local_base_packages=python3,python3-venv,ca-certificates,tini,iptables ;;
+  swarm-node)
+    default_tag=orchestrator-swarm-node:latest
+    default_base=debian:bookworm-slim
+    # the orchestrator's local base: one mmdebstrap serves both
     local_base_tag=orchestrator-debian-python:bookworm
     local_base_packages=python3,python3-venv,ca-certificates,tini,iptables ;;
 esac
@@ -112,5 +127,17 @@ case "$what" in
       base=orchestrator-base:extra-ca
     fi
     build "$tag" "$base" -f "$here/orchestrator/Dockerfile" "$repo" ;;
+  swarm-node)
+    mkdir "$scratch/node"
+    cp "$here/swarm-node/Dockerfile" "$scratch/node/"
+    stage_ca "$scratch/node"
+    build "$tag" "$base" "$scratch/node" ;;
 esac
 echo "build.sh: built $tag"
+if [ -n "$push" ]; then
+  # NAME:TAG without any registry part it had, under REGISTRY
+  name=${tag##*/}
+  docker tag "$tag" "$push/$name"
+  echo "build.sh: pushing $push/$name"
+  docker push "$push/$name"
+fi

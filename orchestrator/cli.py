@@ -18,7 +18,7 @@ from orchestrator.config import ConfigError, Settings, load_settings, resolve_ch
 from orchestrator.firewall import FirewallError
 from orchestrator.ids import is_valid_chat_id
 from orchestrator.logs import setup_logging
-from orchestrator.runtime import DockerRuntime, RuntimeFailure
+from orchestrator.runtime import DockerRuntime, RuntimeFailure, SwarmRuntime, make_runtime
 from orchestrator.service import Service
 from orchestrator.store import SCHEMA_VERSION, Store, StoreError, migrate_store, public_url
 
@@ -98,12 +98,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _operate(args: argparse.Namespace, settings: Settings, store: Store) -> int:
     if args.command == "status":
         try:
-            runtime: DockerRuntime | None = DockerRuntime()
+            runtime: DockerRuntime | SwarmRuntime | None = make_runtime(settings)
         except RuntimeFailure as exc:
             print(f"warning: {exc}; container states are unknown", file=sys.stderr)
             runtime = None
-        rows = operations.status_rows(settings, store, runtime)
-        print(json.dumps(rows, indent=2) if args.json else operations.format_table(rows, operations.STATUS_COLUMNS))
+        try:
+            rows = operations.status_rows(settings, store, runtime)
+        finally:
+            if runtime is not None:
+                runtime.close()
+        columns = operations.STATUS_COLUMNS + (("node",) if any(row["node"] for row in rows) else ())
+        print(json.dumps(rows, indent=2) if args.json else operations.format_table(rows, columns))
         return 0
     if args.command == "logs":
         print(operations.recent_turns(store, args.chat, args.n))
@@ -114,7 +119,7 @@ def _operate(args: argparse.Namespace, settings: Settings, store: Store) -> int:
         return 0
     if args.command == "stop":
         try:
-            print(f"stopped {operations.stop_chat(settings, store, DockerRuntime(), args.chat)}")
+            print(f"stopped {operations.stop_chat(settings, store, make_runtime(settings), args.chat)}")
         except RuntimeFailure as exc:
             raise LookupError(str(exc)) from exc
         return 0
@@ -131,7 +136,7 @@ def _run(settings: Settings, console_chat: str, log_json: bool) -> int:
               f"({settings.source}).", file=sys.stderr)
         return 2
     try:
-        runtime = DockerRuntime()
+        runtime = make_runtime(settings)
     except RuntimeFailure as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -46,6 +46,13 @@ SAFE_NETWORKS = (INSTANCE_NETWORK, "none")
 RESERVED_AGENT_ENV = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL", "CLAUDE_CODE_OAUTH_TOKEN",
                       "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy")
 EGRESS_MODES = ("allowlist", "open", "none")
+RUNTIMES = ("docker", "swarm")
+# A Swarm placement constraint: a node attribute, == or !=, a value (Swarm's own syntax, checked here so that a typo
+# is a config error, not a chat whose service never finds a node). A spread preference names an attribute alone.
+_NODE_ATTRIBUTE = r"(?:node\.(?:id|hostname|role|platform\.os|platform\.arch)|(?:node|engine)\.labels\.[A-Za-z0-9_.-]+)"
+_CONSTRAINT = re.compile(rf"{_NODE_ATTRIBUTE}\s*(?:==|!=)\s*[A-Za-z0-9_.:/-]+")
+_SPREAD = re.compile(_NODE_ATTRIBUTE)
+_ENGINE_URL = re.compile(r"unix:///\S+|(?:tcp|ssh)://[^\s/]+")
 THREAD_MODES = ("per_thread", "shared")
 # What an agent may reach through the egress proxy unless the config says otherwise: the usual package
 # registries (npm, PyPI, Debian, GitHub, Go, crates.io, RubyGems, Maven Central). The model is not here: agents
@@ -82,6 +89,21 @@ class Egress:
 
 
 @dataclass(frozen=True)
+class Placement:
+    """Where Swarm may run a chat's service (runtime: swarm only): node constraints such as `node.labels.gpu==true`,
+    spread preferences such as `node.labels.zone`, and what the scheduler reserves for it on its node."""
+
+    constraints: tuple[str, ...] = ()
+    spread: tuple[str, ...] = ()
+    reserve_cpus: float = 0.0  # 0: none reserved
+    reserve_memory: int = 0  # bytes; 0: none reserved
+
+    @property
+    def configured(self) -> bool:
+        return self != Placement()
+
+
+@dataclass(frozen=True)
 class ChatOptions:
     """How one chat is served. `defaults` sets them for all chats, `groups.<chat_id>` per chat."""
 
@@ -104,6 +126,7 @@ class ChatOptions:
     auto_allow: tuple[str, ...] = ()  # permission rules never asked (Claude Code's syntax: Read, Bash(git status:*))
     approval_timeout: float = 600.0  # seconds an approval waits; then the tool is denied and the chat told
     threads: str = "per_thread"  # per_thread: each topic (thread) of a chat has its own session; shared: one
+    placement: Placement = field(default_factory=Placement)  # runtime: swarm: where the chat's service may run
 
     def conversation(self, thread_id: str) -> str:
         """Which conversation of the chat a message in `thread_id` ("": none) belongs to: "" is the chat's own."""
@@ -301,6 +324,13 @@ def url_secrets(url: str) -> list[str]:
 
 
 @dataclass(frozen=True)
+class SwarmSettings:
+    """runtime: swarm: the engine of a Swarm manager, where each chat is a service."""
+
+    manager: str = ""  # unix:///path, tcp://host:port or ssh://user@host; "": the local engine (DOCKER_HOST)
+
+
+@dataclass(frozen=True)
 class MetricsSettings:
     listen: str = ""  # host:port for /metrics and /healthz; empty: off
 
@@ -317,6 +347,8 @@ class Settings:
     data_dir: Path
     chats_dir: Path | None = None  # the chats' folders; None: <data_dir>/chats (another filesystem is better)
     instance: str = "orchestrator"
+    runtime: str = "docker"  # docker: a container per chat on this host's engine; swarm: a Swarm service per chat
+    swarm: SwarmSettings = field(default_factory=SwarmSettings)
     agent: AgentSettings = field(default_factory=AgentSettings)
     defaults: ChatOptions = field(default_factory=ChatOptions)
     groups: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -389,9 +421,9 @@ def load_settings(path: str | os.PathLike[str], environ: Mapping[str, str] | Non
 
 def parse_settings(raw: object, source: Path, environ: Mapping[str, str]) -> Settings:
     reader = _Reader(source.name, environ)
-    top = reader.section(raw, "", ("data_dir", "chats_dir", "instance", "agent", "defaults", "groups", "access",
-                                   "feishu", "scheduler", "containers", "shutdown", "limits", "files", "gateway",
-                                   "budgets", "store", "metrics", "logging"))
+    top = reader.section(raw, "", ("data_dir", "chats_dir", "instance", "runtime", "swarm", "agent", "defaults",
+                                   "groups", "access", "feishu", "scheduler", "containers", "shutdown", "limits",
+                                   "files", "gateway", "budgets", "store", "metrics", "logging"))
     data_dir = _absolute(Path(reader.string(top, "data_dir", "./data")), source)
     defaults = reader.options(top.get("defaults"), "defaults", ChatOptions())
     if defaults.workspace is not None and "{chat_id}" not in defaults.workspace:
@@ -404,11 +436,15 @@ def parse_settings(raw: object, source: Path, environ: Mapping[str, str]) -> Set
     for chat_id, overrides in groups.items():
         reader.check_network(dataclasses.replace(defaults, **overrides), f"groups.{chat_id}")
     chats_dir = top.get("chats_dir")
+    runtime = reader.value(top, "runtime", "", "docker", _choice(RUNTIMES))
+    reader.check_runtime(runtime, top, defaults, groups)
     settings = Settings(
         source=source,
         data_dir=data_dir,
         chats_dir=_absolute(Path(reader.string(top, "chats_dir", "")), source) if chats_dir else None,
         instance=instance,
+        runtime=runtime,
+        swarm=reader.flat(top.get("swarm"), "swarm", SwarmSettings, {"manager": _engine_url}),
         agent=reader.agent(top.get("agent")),
         defaults=defaults,
         groups=groups,
@@ -521,7 +557,7 @@ class _Reader:
                   "disk": _size(1024**2), "tmp_size": _size(1024**2), "egress": _egress,
                   "permission_mode": _choice(PERMISSION_MODES), "approvers": _open_ids,
                   "auto_allow": _permission_rules, "approval_timeout": _positive_number,
-                  "threads": _choice(THREAD_MODES)}
+                  "threads": _choice(THREAD_MODES), "placement": _placement}
         section = self.section(raw, key, tuple(fields))
         return {name: self.value(section, name, key, None, convert)
                 for name, convert in fields.items() if section.get(name) is not None}
@@ -531,6 +567,34 @@ class _Reader:
             raise self.error(f"{key}.network", f"{options.network!r} lets the agent reach the host, other chats or "
                              f"private addresses; use {' or '.join(SAFE_NETWORKS)}, or set {key}.unsafe_network: "
                              "true to accept that risk")
+
+    def check_runtime(self, runtime: str, top: Mapping[str, Any], defaults: ChatOptions,
+                      groups: Mapping[str, Mapping[str, Any]]) -> None:
+        """What each runtime cannot do, refused here rather than at a chat's first message. On Swarm a chat's service
+        may run on any node: the egress proxy and the firewall that close an allowlist or open egress are the host's
+        (one engine's networks, one host's iptables), so only `egress: none` is served there (docs/SCALING.md)."""
+        chats = [("defaults", defaults), *((f"groups.{chat_id}", dataclasses.replace(defaults, **overrides))
+                                           for chat_id, overrides in groups.items())]
+        if runtime == "docker":
+            if top.get("swarm") is not None:
+                raise self.error("swarm", "applies to runtime: swarm only")
+            for key, options in chats:
+                if options.placement.configured:
+                    raise self.error(f"{key}.placement", "applies to runtime: swarm only (one host places nothing)")
+            return
+        for key, options in chats:
+            if options.egress.mode != "none" and options.network != "none":
+                raise self.error(f"{key}.egress", f"{options.egress.mode} is not served on runtime: swarm yet (the "
+                                 "egress proxy and the firewall rules are one host's, and a chat's service runs on "
+                                 "any node): set egress: none (see docs/SCALING.md)")
+            if options.network not in SAFE_NETWORKS:
+                raise self.error(f"{key}.network", f"{options.network!r}: on runtime: swarm a chat's service is on the "
+                                 "instance's Swarm network (instance or none); no other network is served")
+            if options.placement.reserve_cpus > options.cpus:
+                raise self.error(f"{key}.placement.reserve_cpus", f"{options.placement.reserve_cpus:g} is more than "
+                                 f"the chat's CPU cap ({options.cpus:g})")
+            if options.placement.reserve_memory > options.memory:
+                raise self.error(f"{key}.placement.reserve_memory", "is more than the chat's memory cap")
 
     def groups(self, raw: object) -> dict[str, dict[str, Any]]:
         if raw is None:
@@ -807,6 +871,34 @@ def _network(value: Any) -> str:
     if not network:
         raise ValueError("must name a network: instance, none, or (with unsafe_network) another one")
     return network
+
+
+def _engine_url(value: Any) -> str:
+    url = _string(value)
+    if not _ENGINE_URL.fullmatch(url):
+        raise ValueError(f"{value!r} must be an engine's address: unix:///path/docker.sock, tcp://host:port or "
+                         "ssh://user@host")
+    return url
+
+
+def _placement(value: Any) -> Placement:
+    """`{constraints: [node.labels.gpu==true], spread: [node.labels.zone], reserve_cpus: 0.5, reserve_memory: 1g}`."""
+    if not isinstance(value, dict) or set(value) - {"constraints", "spread", "reserve_cpus", "reserve_memory"}:
+        raise ValueError(f"{value!r} must be a mapping of constraints, spread, reserve_cpus and reserve_memory")
+    constraints = _string_list(value.get("constraints") or [])
+    for constraint in constraints:
+        if not _CONSTRAINT.fullmatch(constraint):
+            raise ValueError(f"constraint {constraint!r} must be a node attribute (node.labels.NAME, node.hostname, "
+                             "node.role, ...), == or !=, and a value, like node.labels.gpu==true")
+    spread = _string_list(value.get("spread") or [])
+    for attribute in spread:
+        if not _SPREAD.fullmatch(attribute):
+            raise ValueError(f"spread {attribute!r} must be a node attribute, like node.labels.zone")
+    reserve_cpus = value.get("reserve_cpus")
+    reserve_memory = value.get("reserve_memory")
+    return Placement(constraints=constraints, spread=spread,
+                     reserve_cpus=0.0 if reserve_cpus is None else _cpus(reserve_cpus),
+                     reserve_memory=0 if reserve_memory is None else _memory(reserve_memory))
 
 
 def _choice(choices: tuple[str, ...]) -> Callable[[Any], str]:

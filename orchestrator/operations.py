@@ -15,7 +15,7 @@ from typing import Any
 
 from orchestrator import status
 from orchestrator.config import Settings
-from orchestrator.runtime import DockerRuntime, RuntimeFailure
+from orchestrator.runtime import Runtime, RuntimeFailure
 from orchestrator.store import ApprovalRecord, Store
 from orchestrator.untrusted import excerpt
 
@@ -88,7 +88,7 @@ def _one_line(text: str, limit: int = 200) -> str:
     return excerpt(flat, limit)
 
 
-def stop_chat(settings: Settings, store: Store, runtime: DockerRuntime, chat_id: str) -> str:
+def stop_chat(settings: Settings, store: Store, runtime: Runtime, chat_id: str) -> str:
     chat = store.find_chat(chat_id)
     if chat is None or not chat.container_name:
         raise LookupError(f"chat {chat_id} has no container")

@@ -23,6 +23,7 @@ import requests
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.models.containers import Container
 from docker.types import LogConfig, Mount, Ulimit
+from loguru import logger
 
 from orchestrator import credentials, egress, layout
 from orchestrator.config import INSTANCE_NETWORK, ChatOptions, ChatSettings, Settings
@@ -74,6 +75,11 @@ class ContainerSpec:
     # The engine's restart policy: the instance's own services (the gateway, the proxy) come back at once when they
     # die (an OOM kill, a crash) or the engine restarts, without waiting for the orchestrator; chats' need none.
     restart: str = ""
+    # runtime: swarm only (config.Placement): where the chat's service may run, and what its node reserves for it
+    constraints: tuple[str, ...] = ()
+    spread: tuple[str, ...] = ()
+    reserve_nano_cpus: int = 0
+    reserve_memory: int = 0
 
     def fingerprint(self) -> str:
         """Changes when anything but the labels changes: a container with another one is re-created. Fields added
@@ -82,7 +88,7 @@ class ContainerSpec:
         return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
 
 
-_LATER_FIELDS = ("networks", "cap_add", "restart")
+_LATER_FIELDS = ("networks", "cap_add", "restart", "constraints", "spread", "reserve_nano_cpus", "reserve_memory")
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,7 @@ class ContainerState:
     memory: int = 0
     pids_limit: int = 0
     started_at: str = ""  # when it last started: a restart gives it a new cgroup, whose counters start at 0
+    node: str = ""  # runtime: swarm: the node its task runs on (or last ran on)
 
     @property
     def running(self) -> bool:
@@ -289,6 +296,10 @@ def container_spec(settings: Settings, chat: ChatSettings, paths: ChatPaths, sec
         ulimits=(("nofile", OPEN_FILES), ("fsize", options.disk), ("core", 0)),
         environment=(*model_environment(secret, network, chat.chat_id),
                      *sorted(egress.proxy_environment(settings, chat, secret).items())),
+        constraints=options.placement.constraints,
+        spread=options.placement.spread,
+        reserve_nano_cpus=int(options.placement.reserve_cpus * 1_000_000_000),
+        reserve_memory=options.placement.reserve_memory,
     )
 
 
@@ -577,3 +588,445 @@ class DockerRuntime(Runtime):
     def _run(self, container_id: str, argv: list[str], user: str) -> tuple[int, str]:
         code, output = self._client.containers.get(container_id).exec_run(argv, user=user)
         return code, output.decode(errors="replace")
+
+
+# ---- Docker Swarm: one service per chat ----------------------------------------------------------------------------
+
+SWARM_START_SECONDS = 300.0  # a chat's first task on a node pulls the agent image there (about a minute for 1.2 GB)
+SWARM_STOP_SECONDS = 60.0  # after a scale to zero, how long to wait for the task to be gone
+SWARM_WATCH_SECONDS = 2.0  # how often the watch looks at the chats' tasks (Swarm sends no task events to a manager)
+SWARM_RESTART_DELAY_NS = 2_000_000_000
+# A task's states (swarmkit's TaskState) as the container states the service and the turn runner know.
+_TASK_STATES = {
+    "new": "created", "pending": "created", "assigned": "created", "accepted": "created", "preparing": "created",
+    "ready": "created", "starting": "created", "running": "running", "complete": "exited", "shutdown": "exited",
+    "failed": "exited", "rejected": "dead", "orphaned": "dead", "remove": "exited",
+}
+_TASK_LIVE = ("new", "pending", "assigned", "accepted", "preparing", "ready", "starting", "running")
+
+
+def swarm_network_name(instance: str) -> str:
+    """The chats' network on the Swarm: a swarm-scoped bridge on each node, internal (no route out), its per-node
+    options (enable_icc=false: no chat reaches another on its node) from `swarm_node_network_name` on each node."""
+    return f"{instance}-chats"
+
+
+def swarm_node_network_name(instance: str) -> str:
+    """The config-only network the operator makes on every node (`docker network create --config-only --opt
+    com.docker.network.bridge.enable_icc=false NAME`): Swarm takes a local network's driver options only so."""
+    return f"{instance}-chats-node"
+
+
+def _tmpfs_options(options: str) -> dict[str, int]:
+    """A tmpfs's options (rw,nosuid,size=256m,uid=1000,mode=0700) as Swarm's TmpfsOptions, which hold a size and a
+    mode only: Swarm mounts every tmpfs nosuid, nodev and noexec, and root's. A tmpfs that was to be another user's
+    is made sticky and writable by all instead (the agent's home: the agent is the container's only user). Pure."""
+    values = dict(item.partition("=")[::2] for item in options.split(","))
+    size = _SIZE_SUFFIXES.get(values.get("size", "")[-1:].lower())
+    result: dict[str, int] = {}
+    if "size" in values:
+        raw = values["size"]
+        result["SizeBytes"] = int(raw[:-1]) * size if size else int(raw)
+    if values.get("uid", "0") != "0":
+        result["Mode"] = 0o1777
+    elif "mode" in values:
+        result["Mode"] = int(values["mode"], 8)
+    return result
+
+
+_SIZE_SUFFIXES = {"k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def service_spec(spec: ContainerSpec, image: str, fingerprint: str, network: str, replicas: int,
+                 force_update: int = 0, pids: bool = True) -> dict[str, Any]:
+    """The Swarm service of a chat's container spec, as the engine's API takes it (API 1.41: capabilities, ulimits
+    and the pids limit are there, which docker-py's helpers do not all know); `pids`: False for an engine older than
+    that, which has no pids limit for services. Pure."""
+    container: dict[str, Any] = {
+        "Image": image,
+        "Labels": dict(spec.labels),
+        "Env": [f"{name}={value}" for name, value in spec.environment],
+        "Dir": WORKSPACE_PATH,
+        "User": spec.user,
+        "ReadOnly": True,
+        "Mounts": [{"Type": "bind", "Source": source, "Target": target, "ReadOnly": read_only}
+                   for source, target, read_only in spec.mounts]
+                  + [{"Type": "tmpfs", "Target": target, "TmpfsOptions": _tmpfs_options(options)}
+                     for target, options in spec.tmpfs],
+        "Ulimits": [{"Name": name, "Soft": limit, "Hard": limit} for name, limit in spec.ulimits],
+        "CapabilityDrop": ["ALL"],
+    }
+    if spec.cap_add:
+        container["CapabilityAdd"] = list(spec.cap_add)
+    if spec.command:
+        container["Args"] = list(spec.command)  # Swarm's Command is the entrypoint; Args the image's CMD
+    limits: dict[str, int] = {"NanoCPUs": spec.nano_cpus, "MemoryBytes": spec.mem_limit}
+    if pids:
+        limits["Pids"] = spec.pids_limit
+    reservations = {key: value for key, value in (("NanoCPUs", spec.reserve_nano_cpus),
+                                                  ("MemoryBytes", spec.reserve_memory)) if value}
+    placement: dict[str, Any] = {}
+    if spec.constraints:
+        placement["Constraints"] = list(spec.constraints)
+    if spec.spread:
+        placement["Preferences"] = [{"Spread": {"SpreadDescriptor": attribute}} for attribute in spec.spread]
+    return {
+        "Name": spec.name,
+        "Labels": {**spec.labels, SPEC_LABEL: fingerprint},
+        "TaskTemplate": {
+            "ContainerSpec": container,
+            "Resources": {"Limits": limits, "Reservations": reservations},
+            "RestartPolicy": {"Condition": "on-failure", "Delay": SWARM_RESTART_DELAY_NS, "MaxAttempts": 0},
+            "Placement": placement,
+            "Networks": [{"Target": network}],
+            "LogDriver": {"Name": "json-file", "Options": {"max-size": spec.log_max_size, "max-file": "1"}},
+            "ForceUpdate": force_update,
+        },
+        "Mode": {"Replicated": {"Replicas": replicas}},
+    }
+
+
+def newest_task(tasks: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The task that stands for the service now: the newest that should run, else the newest of all. Pure."""
+    if not tasks:
+        return None
+    wanted = [t for t in tasks if t.get("DesiredState") == "running"]
+    return max(wanted or tasks, key=lambda t: (t.get("CreatedAt", ""), t.get("Version", {}).get("Index", 0)))
+
+
+def service_state(service: dict[str, Any], tasks: list[dict[str, Any]], nodes: dict[str, str]) -> ContainerState:
+    """A chat's service and its tasks as a container's state: running while its newest task runs, with that task's
+    container id and node (by hostname); a service scaled to zero is `exited`. Pure."""
+    spec = service.get("Spec", {})
+    limits = spec.get("TaskTemplate", {}).get("Resources", {}).get("Limits", {})
+    replicas = spec.get("Mode", {}).get("Replicated", {}).get("Replicas", 0)
+    task = newest_task(tasks)
+    status = task.get("Status", {}) if task else {}
+    state = status.get("State", "")
+    if task is None or (replicas == 0 and state not in _TASK_LIVE):
+        current = "exited" if replicas == 0 else "created"
+    else:
+        current = _TASK_STATES.get(state, "exited")
+    container = status.get("ContainerStatus") or {}
+    return ContainerState(
+        name=spec.get("Name", ""),
+        id=container.get("ContainerID") or (task or {}).get("ID", "") or service.get("ID", ""),
+        status=current,
+        exit_code=container.get("ExitCode") if current != "running" and container else None,
+        chat_id=spec.get("Labels", {}).get(CHAT_LABEL, ""),
+        nano_cpus=limits.get("NanoCPUs") or 0,
+        memory=limits.get("MemoryBytes") or 0,
+        pids_limit=limits.get("Pids") or 0,
+        started_at=status.get("Timestamp", "") if current == "running" else "",
+        node=nodes.get((task or {}).get("NodeID", ""), (task or {}).get("NodeID", "")),
+    )
+
+
+class SwarmRuntime(Runtime):
+    """Each chat a Swarm service on a manager's engine (one replica; idle stop scales it to zero), its folders on
+    storage every node mounts at the same path. The instance's own containers (the model gateway, the egress proxy)
+    stay on this host's engine (`local`), and so do their networks and the firewall.
+
+    What a chat's task cannot give from another node (no `docker exec` there, no stats): `run` refuses,
+    `process_limit_hits` and `usage` know nothing. See docs/SCALING.md."""
+
+    def __init__(self, manager: str, local: DockerRuntime, timeout: float = 120) -> None:
+        self.local = local
+        self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="swarm")
+        self._digests: dict[str, tuple[str, float]] = {}
+        self._nodes: dict[str, str] = {}
+        self._task_containers: set[str] = set()  # ids of chats' task containers seen: not this host's to exec in
+        self._watching = False
+        self._warned_pids = False
+        try:
+            self._client = docker.DockerClient(base_url=manager, timeout=timeout) if manager \
+                else docker.from_env(timeout=timeout)
+        except DockerException as exc:
+            raise RuntimeFailure(f"the Swarm manager's engine cannot be reached: {exc}") from exc
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn, *args)
+        except APIError as exc:
+            raise RuntimeFailure(f"the Swarm manager refused: {exc.explanation or exc}") from exc
+        except (DockerException, requests.RequestException) as exc:
+            raise RuntimeFailure(f"the Swarm manager's engine cannot be reached: {exc}") from exc
+
+    def close(self) -> None:
+        self._watching = False
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._client.close()
+        self.local.close()
+
+    def ping(self) -> str | None:
+        try:
+            info = self._client.info()
+        except (DockerException, requests.RequestException) as exc:
+            return f"the Swarm manager's engine cannot be reached: {exc.__class__.__name__}"
+        swarm = info.get("Swarm") or {}
+        if swarm.get("LocalNodeState") != "active" or not swarm.get("ControlAvailable"):
+            return "the engine of swarm.manager is not a manager of an active Swarm"
+        return self.local.ping()
+
+    # ---- the engine's API, raw where docker-py lacks a field ----
+
+    def _api(self, method: str, path: str, *args: str, body: Any = None, **params: Any) -> Any:
+        """A call to the engine's API: `path` with `{0}`… for `args` (quoted into the URL)."""
+        api = self._client.api
+        url = api._url(path, *args)
+        response = api._get(url, params=params) if method == "GET" else api._post_json(url, data=body, params=params)
+        return api._result(response, json=True)
+
+    def _service(self, name: str) -> dict[str, Any] | None:
+        try:
+            service: dict[str, Any] = self._api("GET", "/services/{0}", name)
+        except NotFound:
+            return None
+        return service if service.get("Spec", {}).get("Name") == name else None  # not one whose id starts so
+
+    def _tasks(self, service_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
+        by_service: dict[str, list[dict[str, Any]]] = {}
+        if service_ids:
+            for task in self._api("GET", "/tasks", filters=json.dumps({"service": service_ids})):
+                by_service.setdefault(task.get("ServiceID", ""), []).append(task)
+        return by_service
+
+    def _node_names(self, tasks: list[dict[str, Any]]) -> dict[str, str]:
+        if any(t.get("NodeID") and t["NodeID"] not in self._nodes for t in tasks):
+            self._nodes = {node["ID"]: node.get("Description", {}).get("Hostname", node["ID"])
+                           for node in self._api("GET", "/nodes")}
+        return self._nodes
+
+    def _state(self, service: dict[str, Any], tasks: list[dict[str, Any]]) -> ContainerState:
+        state = service_state(service, tasks, self._node_names(tasks))
+        if state.id:
+            self._task_containers.add(state.id)
+        return state
+
+    def _pids_limits(self) -> bool:
+        """Whether the manager's engine takes a service's pids limit (API 1.41, Docker 20.10); an older one is
+        warned of once and its chats run without (docs/SCALING.md)."""
+        version = str(self._client.api.api_version)
+        supported = tuple(int(part) for part in version.split(".")[:2]) >= (1, 41)
+        if not supported and not self._warned_pids:
+            self._warned_pids = True
+            logger.warning(f"the Swarm manager's engine speaks API {version}: services get no pids limit before "
+                           "1.41 (Docker 20.10); upgrade the engines to cap each chat's processes")
+        return supported
+
+    def _image(self, image: str) -> str:
+        """`image@digest` as the registry has it now, so every node runs the same image and a push reaches the chats
+        (looked up at most every IMAGE_CHECK_SECONDS); the tag alone when the registry cannot say."""
+        cached = self._digests.get(image)
+        if cached is None or time.monotonic() - cached[1] > IMAGE_CHECK_SECONDS:
+            try:
+                digest = self._api("GET", "/distribution/{0}/json", image)["Descriptor"]["digest"]
+                reference = f"{image.split('@')[0]}@{digest}"
+            except (APIError, KeyError):
+                reference = image  # nodes pull the tag (or have it): they may then run different builds
+            cached = self._digests[image] = (reference, time.monotonic())
+        return cached[0]
+
+    # ---- lifecycle ----
+
+    async def ensure(self, spec: ContainerSpec) -> ContainerState:
+        """A chat's service made, brought up to date or scaled up, and waited for until its task runs (on the first
+        start on a node that includes pulling the image); the instance's own containers on this host."""
+        if CHAT_LABEL not in spec.labels:
+            return await self.local.ensure(spec)
+        return await self._call(self._ensure, spec)
+
+    def _ensure(self, spec: ContainerSpec) -> ContainerState:
+        if spec.network not in ("none", network_name(spec.labels.get(INSTANCE_LABEL, ""))):
+            raise RuntimeFailure(f"network {spec.network} is not served on runtime: swarm")
+        image = self._image(spec.image)
+        fingerprint = f"{spec.fingerprint()}:{image}"
+        pids = self._pids_limits()
+        network = swarm_network_name(spec.labels.get(INSTANCE_LABEL, ""))
+        service = self._service(spec.name)
+        if service is None:
+            try:
+                self._api("POST", "/services/create",
+                          body=service_spec(spec, image, fingerprint, network, 1, pids=pids))
+            except APIError as exc:
+                if exc.status_code != 409:
+                    raise
+            service = self._service(spec.name)
+            if service is None:
+                raise RuntimeFailure(f"the service {spec.name} was made and is gone")
+        else:
+            current = service["Spec"]
+            replicas = current.get("Mode", {}).get("Replicated", {}).get("Replicas", 0)
+            force = current.get("TaskTemplate", {}).get("ForceUpdate", 0)
+            tasks = self._tasks([service["ID"]]).get(service["ID"], [])
+            task = newest_task(tasks)
+            if replicas == 1 and (task is None or task.get("Status", {}).get("State") not in _TASK_LIVE):
+                force += 1  # its task ended and Swarm will not start another (it exited 0): a new one, by force
+            if current.get("Labels", {}).get(SPEC_LABEL) != fingerprint or replicas != 1 \
+                    or force != current.get("TaskTemplate", {}).get("ForceUpdate", 0):
+                self._api("POST", "/services/{0}/update", service["ID"],
+                          body=service_spec(spec, image, fingerprint, network, 1, force, pids),
+                          version=service["Version"]["Index"])
+        return self._until_running(service["ID"], spec.name)
+
+    def _until_running(self, service_id: str, name: str) -> ContainerState:
+        deadline = time.monotonic() + SWARM_START_SECONDS
+        while True:
+            service = self._service(name)
+            if service is None:
+                raise RuntimeFailure(f"the service {name} was removed while it was started")
+            tasks = self._tasks([service_id]).get(service_id, [])
+            state = self._state(service, tasks)
+            if state.running:
+                return state
+            if time.monotonic() > deadline:
+                task = newest_task(tasks) or {}
+                status = task.get("Status", {})
+                raise RuntimeFailure(f"the service {name} has no running task after {SWARM_START_SECONDS:g} s: "
+                                     f"{status.get('State', 'no task')}: {status.get('Err') or status.get('Message')}")
+            time.sleep(0.25)
+
+    async def inspect(self, name: str) -> ContainerState:
+        state = await self._call(self._inspect, name)
+        return state if state is not None else await self.local.inspect(name)
+
+    def _inspect(self, name: str) -> ContainerState | None:
+        service = self._service(name)
+        if service is None:
+            return None
+        return self._state(service, self._tasks([service["ID"]]).get(service["ID"], []))
+
+    async def stop(self, name: str, grace_seconds: float) -> None:
+        """A chat's service scaled to zero (its definition stays: the next `ensure` scales it up), waited for until
+        its task has stopped; another container of this host's stopped as on Docker."""
+        if not await self._call(self._scale_to_zero, name, grace_seconds):
+            await self.local.stop(name, grace_seconds)
+
+    def _scale_to_zero(self, name: str, grace_seconds: float) -> bool:
+        service = self._service(name)
+        if service is None:
+            return False
+        spec = service["Spec"]
+        if spec.get("Mode", {}).get("Replicated", {}).get("Replicas", 0) != 0:
+            spec = {**spec, "Mode": {"Replicated": {"Replicas": 0}}}
+            self._api("POST", "/services/{0}/update", service["ID"], body=spec,
+                      version=service["Version"]["Index"])
+        deadline = time.monotonic() + grace_seconds + SWARM_STOP_SECONDS
+        while time.monotonic() < deadline:
+            tasks = self._tasks([service["ID"]]).get(service["ID"], [])
+            if not any(t.get("Status", {}).get("State") in _TASK_LIVE for t in tasks):
+                return True
+            time.sleep(0.25)
+        raise RuntimeFailure(f"the task of the service {name} did not stop within {grace_seconds:g} s + "
+                             f"{SWARM_STOP_SECONDS:g} s after it was scaled to zero")
+
+    async def list_managed(self, instance: str) -> list[ContainerState]:
+        return await self._call(self._list_managed, instance)
+
+    def _list_managed(self, instance: str) -> list[ContainerState]:
+        labels = [f"{MANAGED_LABEL}=true", f"{INSTANCE_LABEL}={instance}", CHAT_LABEL]
+        services = self._api("GET", "/services", filters=json.dumps({"label": labels}))
+        tasks = self._tasks([s["ID"] for s in services])
+        return [self._state(s, tasks.get(s["ID"], [])) for s in services]
+
+    # ---- events: the chats' tasks, looked at every SWARM_WATCH_SECONDS ----
+
+    def watch(self, instance: str, on_event: Callable[[str, str], None]) -> None:
+        """`on_event(chat_id, "start" | "die")` when a chat's task starts running, or stops (its node drained or lost,
+        its container died, scaled to zero); a task that moved is a die, then a start."""
+        self._watching = True
+        threading.Thread(target=self._watch, args=(instance, on_event), name="swarm-watch", daemon=True).start()
+
+    def _watch(self, instance: str, on_event: Callable[[str, str], None]) -> None:
+        streak = LIVENESS.streak("swarm_watch")
+        seen: dict[str, str] | None = None  # chat id → id of its running task's container
+        while self._watching:
+            try:
+                now = {s.chat_id: s.id for s in self._list_managed(instance) if s.running and s.chat_id}
+                streak.ok()
+            except Exception as exc:  # the manager restarted, lost its quorum, or anything else: look again
+                time.sleep(streak.failed(exc))
+                continue
+            for chat_id, event in watch_events(seen, now):
+                on_event(chat_id, event)
+            seen = now
+            time.sleep(SWARM_WATCH_SECONDS)
+
+    # ---- what stays on this host ----
+
+    async def ensure_networks(self, instance: str) -> InstanceNetworks:
+        """This host's networks (the egress proxy's) and the chats' network on the Swarm."""
+        await self._call(self._ensure_swarm_network, instance)
+        return await self.local.ensure_networks(instance)
+
+    def _ensure_swarm_network(self, instance: str) -> None:
+        name, node_config = swarm_network_name(instance), swarm_node_network_name(instance)
+        found = [n for n in self._api("GET", "/networks", filters=json.dumps({"name": [name, node_config]}))
+                 if n.get("Name") in (name, node_config)]
+        by_name = {n["Name"]: n for n in found}
+        config = by_name.get(node_config)
+        if config is None or (config.get("Options") or {}).get(ICC_OPTION) != "false":
+            raise RuntimeFailure(
+                f"the Swarm's nodes lack the network {node_config}: make it on EVERY node (managers and workers) with "
+                f"`docker network create --config-only --opt {ICC_OPTION}=false {node_config}`, then start again")
+        network = by_name.get(name)
+        if network is not None and (network.get("Scope") != "swarm" or not network.get("Internal")
+                                    or (network.get("ConfigFrom") or {}).get("Network") != node_config):
+            raise RuntimeFailure(f"the network {name} exists but was not made by the orchestrator (it must be "
+                                 f"swarm-scoped, internal, with its options from {node_config}); remove it with "
+                                 "`docker network rm` on the manager and start again")
+        if network is None:
+            try:  # a network made from a config network may carry no labels of its own
+                self._api("POST", "/networks/create", body={
+                    "Name": name, "Driver": "bridge", "Scope": "swarm", "Internal": True,
+                    "ConfigFrom": {"Network": node_config}, "CheckDuplicate": True})
+            except APIError as exc:
+                if exc.status_code != 409:
+                    raise
+
+    async def address(self, name: str, network: str) -> str | None:
+        return await self.local.address(name, network)
+
+    async def usage(self, name: str) -> Usage | None:
+        """None for a chat (its task's stats are on its node's engine); a container of this host's as on Docker."""
+        if await self._call(self._service, name) is not None:
+            return None
+        return await self.local.usage(name)
+
+    async def process_limit_hits(self, container_id: str, user: str) -> int | None:
+        if container_id in self._task_containers:
+            return None  # its cgroup is on its node: not read on Swarm (docs/SCALING.md)
+        return await self.local.process_limit_hits(container_id, user)
+
+    async def run(self, container_id: str, argv: list[str], user: str) -> tuple[int, str]:
+        if container_id in self._task_containers:
+            raise RuntimeFailure("a chat's task runs on a Swarm node: no command is run in it from here")
+        return await self.local.run(container_id, argv, user)
+
+
+def watch_events(seen: dict[str, str] | None, now: dict[str, str]) -> list[tuple[str, str]]:
+    """What changed between two looks at the chats' running tasks (chat id → task container id): a chat no longer
+    running died, a new one started, one whose task changed died and started. The first look reports nothing. Pure."""
+    if seen is None:
+        return []
+    events = []
+    for chat_id, task in seen.items():
+        if now.get(chat_id) != task:
+            events.append((chat_id, "die"))
+    for chat_id, task in now.items():
+        if seen.get(chat_id) != task:
+            events.append((chat_id, "start"))
+    return events
+
+
+def make_runtime(settings: Settings) -> DockerRuntime | SwarmRuntime:
+    """The runtime the config names: Docker on this host, or Swarm through a manager (plus this host's engine)."""
+    local = DockerRuntime()
+    if settings.runtime != "swarm":
+        return local
+    try:
+        return SwarmRuntime(settings.swarm.manager, local)
+    except RuntimeFailure:
+        local.close()
+        raise

@@ -53,6 +53,7 @@ class ChatStatus:
     always_allowed: tuple[str, ...] = ()  # tools an approver allowed for good in this chat
     approvals_waiting: int = 0
     topics: int = 0  # topics with a session of their own
+    node: str = ""  # runtime: swarm: the node the chat's task runs on (or last ran on)
 
 
 async def chat_status(settings: Settings, store: Store, engine: Engine | None, chat_id: str,
@@ -89,6 +90,7 @@ async def chat_status(settings: Settings, store: Store, engine: Engine | None, c
         permission_mode=options.permission_mode,
         always_allowed=tuple(allowed.tool for allowed in store.always_allowed(chat_id)),
         approvals_waiting=len(store.approvals(chat_id, pending=True)),
+        node=container.node if container else "",
     )
 
 
@@ -118,7 +120,8 @@ async def _container(engine: Engine | None, name: str) -> tuple[ContainerState |
 def render(status: ChatStatus) -> str:
     """The status as a chat message."""
     lines = [
-        f"Container: {status.container_name} {status.container_state}" if status.container_name
+        f"Container: {status.container_name} {status.container_state}"
+        + (f" on {status.node}" if status.node else "") if status.container_name
         else "Container: none yet (the next message starts one)",
         f"Limits: {status.cpus:g} CPUs, {status.memory_limit_mib} MiB memory, {status.pids_limit} processes, "
         f"network {status.network}",

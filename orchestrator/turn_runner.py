@@ -367,7 +367,9 @@ class TurnRunner:
             if loop.time() - last_check > CONTAINER_CHECK_SECONDS:
                 last_check = loop.time()
                 state = await self.runtime.inspect(container.name)
-                if not state.running and files.exit_code() is None:
+                # Another container runs now (Swarm moved the chat's task off a drained or lost node, or it was made
+                # again): the turn's CLI went with the old one, and the new agent host does not take it up.
+                if (not state.running or state.id != container.id) and files.exit_code() is None:
                     reason = self._memory_note(message.chat_id) if state.oom_killed else _stopped_reason(state)
                     return Failure(reason, partial_text=transcript.text_so_far)
             await self._pause(poll, asking)
@@ -569,4 +571,10 @@ async def _within(seconds: float, done: Callable[[], bool]) -> bool:
 def _stopped_reason(state: ContainerState) -> str:
     if state.status == "missing":
         return "The chat's container was removed during this turn."
+    again = "; this answer is not run again: please send it again if you still want it."
+    if state.running:
+        return "The chat's container was replaced during this turn" + (
+            f" (it runs on {state.node} now)" if state.node else "") + again
+    if state.status == "created":  # on Swarm: its task is on its way to another node (its node drained or lost)
+        return "The chat's container stopped during this turn and is being started again" + again
     return f"The chat's container stopped during this turn ({state.status}, exit code {state.exit_code})."

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from orchestrator import firewall, runtime
 from tests.fakes.anthropic import FakeAnthropic
 from tests.harness import AGENT_IMAGE, MODEL_KEY, StoreView, write_config
 from tests.postgres import PostgresServer, server_binaries
+from tests.swarm import NODE_IMAGE, Swarm
 
 
 QUICK_SUITE = "not docker"
@@ -39,6 +41,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.docker)
         if "postgres_server" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.postgres)
+        if "swarm_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.swarm)
 
 
 @pytest.fixture(autouse=True)
@@ -93,6 +97,38 @@ def docker_client() -> Iterator[docker.DockerClient]:
                     f"(./scripts/dev setup makes both): {exc}")
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session")
+def swarm_cluster(docker_client: docker.DockerClient) -> Iterator[Swarm]:
+    """A Swarm of three Docker-in-Docker nodes with a local registry holding the agent image, pulled on every node
+    (tests/swarm.py); made once per session (about two minutes, most of it moving the 1.2 GB image) and removed
+    with everything it made at its end."""
+    try:
+        docker_client.images.get(NODE_IMAGE)
+    except docker.errors.ImageNotFound:
+        pytest.fail(f"the Swarm tests need the image {NODE_IMAGE} (./scripts/dev setup builds it: "
+                    "images/build.sh --swarm-node)")
+    reuse = os.environ.get("SWARM_TEST_REUSE")  # a developer's: a file naming a Swarm left up by an earlier run
+    if reuse and Path(reuse).exists():
+        yield Swarm.attach(docker_client, Path(reuse))
+        return
+    swarm = Swarm(docker_client)
+    try:
+        began = time.monotonic()
+        swarm.start()
+        up = time.monotonic()
+        swarm.agent_image = swarm.push(AGENT_IMAGE)
+        pushed = time.monotonic()
+        swarm.pull_everywhere(swarm.agent_image)
+        print(f"\nswarm: 3 nodes up in {up - began:.1f} s, agent image pushed in {pushed - up:.1f} s, pulled on every "
+              f"node in {time.monotonic() - pushed:.1f} s")
+        if reuse:
+            swarm.save(Path(reuse))  # and left up: the developer removes it (docker rm -f -v, network rm)
+        yield swarm
+    finally:
+        if not reuse:
+            swarm.remove()
 
 
 @pytest.fixture

@@ -25,10 +25,12 @@ from orchestrator.config import (
     LimitSettings,
     LoggingSettings,
     MetricsSettings,
+    Placement,
     Price,
     SchedulerSettings,
     Settings,
     ShutdownSettings,
+    SwarmSettings,
     load_settings,
     parse_settings,
     resolve_chat,
@@ -353,12 +355,15 @@ def test_chats_dir_is_relative_to_the_config_file_and_defaults_under_data_dir(tm
 
 EVERYTHING = {
     "data_dir": "/srv/bot", "chats_dir": "/mnt/chats", "instance": "bot-2",
+    "runtime": "swarm", "swarm": {"manager": "unix:///run/manager/docker.sock"},
     "agent": {"image": "runner:2", "env": {"REGION": "eu"}, "model": "claude-opus-4-5",
               "extra_args": ["--max-turns", "7"], "idle_timeout": 30, "turn_timeout": 120, "hot_idle": 45, "uid": 1001},
     "defaults": {"cpus": 0.5, "memory": "1g", "pids_limit": 64, "network": "none", "unsafe_network": True,
                  "workspace": "/srv/ws/{chat_id}", "require_mention": False, "disk": "2g", "tmp_size": "32m",
                  "egress": "open", "permission_mode": "default", "approvers": ["ou_boss"], "auto_allow": ["Read"],
-                 "approval_timeout": 60, "threads": "shared"},
+                 "approval_timeout": 60, "threads": "shared",
+                 "placement": {"constraints": ["node.labels.gpu==true"], "spread": ["node.labels.zone"],
+                               "reserve_cpus": 0.25, "reserve_memory": "512m"}},
     "groups": {"oc_big": {"cpus": 4, "threads": "per_thread"}},
     "access": {"allowed_chats": ["oc_big"], "allowed_users": ["ou_boss"]},
     "feishu": {"app_id": "cli_a", "app_secret": "app-secret", "domain": "https://open.larksuite.com",
@@ -386,13 +391,16 @@ EVERYTHING = {
 def expected_everything(source: Path) -> Settings:
     return Settings(
         source=source, data_dir=Path("/srv/bot"), chats_dir=Path("/mnt/chats"), instance="bot-2",
+        runtime="swarm", swarm=SwarmSettings(manager="unix:///run/manager/docker.sock"),
         agent=AgentSettings(image="runner:2", env={"REGION": "eu"}, model="claude-opus-4-5",
                             extra_args=("--max-turns", "7"), idle_timeout=30.0, turn_timeout=120.0, hot_idle=45.0,
                             uid=1001),
         defaults=ChatOptions(cpus=0.5, memory=1024**3, pids_limit=64, network="none", unsafe_network=True,
                              workspace="/srv/ws/{chat_id}", require_mention=False, disk=2 * 1024**3,
                              tmp_size=32 * 1024**2, egress=Egress(mode="open"), permission_mode="default",
-                             approvers=("ou_boss",), auto_allow=("Read",), approval_timeout=60.0, threads="shared"),
+                             approvers=("ou_boss",), auto_allow=("Read",), approval_timeout=60.0, threads="shared",
+                             placement=Placement(constraints=("node.labels.gpu==true",), spread=("node.labels.zone",),
+                                                 reserve_cpus=0.25, reserve_memory=512 * 1024**2)),
         groups={"oc_big": {"cpus": 4.0, "threads": "per_thread"}},
         access=AccessSettings(allowed_chats=("oc_big",), allowed_users=("ou_boss",)),
         feishu=FeishuSettings(app_id="cli_a", app_secret="app-secret", domain="https://open.larksuite.com",
@@ -655,3 +663,67 @@ def test_the_default_prices_are_anthropics_list_prices() -> None:
     assert DEFAULT_PRICES["claude-3-5-haiku"] == Price(input=Decimal("0.80"), output=Decimal("4"),
                                                        cache_write=Decimal("1"), cache_read=Decimal("0.08"))
     assert DEFAULT_PRICES["default"] == DEFAULT_PRICES["claude-opus-4"]  # the dearest: an unknown model errs safe
+
+
+# ---- runtime: swarm ----
+
+SWARM = {"runtime": "swarm", "defaults": {"egress": "none"}}
+
+
+def test_swarm_placement_per_group_overrides_the_defaults(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, {
+        **SWARM, "swarm": {"manager": "tcp://manager:2376"},
+        "defaults": {"egress": "none", "placement": {"spread": "node.labels.zone"}},
+        "groups": {"oc_gpu": {"placement": {"constraints": ["node.labels.gpu == true", "node.role!=manager"],
+                                            "reserve_memory": "1g"}}}}), {})
+    assert settings.runtime == "swarm" and settings.swarm.manager == "tcp://manager:2376"
+    assert resolve_chat(settings, "oc_any").options.placement == Placement(spread=("node.labels.zone",))
+    assert resolve_chat(settings, "oc_gpu").options.placement == Placement(
+        constraints=("node.labels.gpu == true", "node.role!=manager"), reserve_memory=1024**3)
+    assert load_settings(write(tmp_path, {}), {}).runtime == "docker"
+    assert load_settings(write(tmp_path, {**SWARM, "defaults": {"network": "none"}}), {}).runtime == "swarm"
+    assert load_settings(write(tmp_path, SWARM), {}).swarm.manager == ""
+
+
+@pytest.mark.parametrize(("config", "key", "problem"), [
+    ({"runtime": "kubernetes"}, "runtime", "is not one of docker, swarm"),
+    ({"runtime": "swarm"}, "defaults.egress", "allowlist is not served on runtime: swarm"),
+    ({**SWARM, "groups": {"oc_a": {"egress": "open"}}}, "groups.oc_a.egress", "open is not served"),
+    ({**SWARM, "groups": {"oc_a": {"network": "host", "unsafe_network": True}}}, "groups.oc_a.network",
+     "no other network is served"),
+    ({**SWARM, "swarm": {"manager": "manager:2376"}}, "swarm.manager", "must be an engine's address"),
+    ({**SWARM, "swarm": {"manager": "unix://relative.sock"}}, "swarm.manager", "must be an engine's address"),
+    ({**SWARM, "swarm": {"nodes": 3}}, "swarm.nodes", "unknown key"),
+    ({"swarm": {"manager": "tcp://m:2376"}}, "swarm", "applies to runtime: swarm only"),
+    ({"defaults": {"placement": {"spread": ["node.labels.zone"]}}}, "defaults.placement",
+     "applies to runtime: swarm only"),
+    ({"groups": {"oc_a": {"placement": {"reserve_cpus": 1}}}}, "groups.oc_a.placement", "runtime: swarm only"),
+    ({**SWARM, "defaults": {"egress": "none", "placement": {"constraints": ["gpu==true"]}}}, "defaults.placement",
+     "constraint 'gpu==true' must be a node attribute"),
+    ({**SWARM, "defaults": {"egress": "none", "placement": {"constraints": ["node.labels.gpu=true"]}}},
+     "defaults.placement", "must be a node attribute"),
+    ({**SWARM, "defaults": {"egress": "none", "placement": {"constraints": ["node.labels.a==b; rm"]}}},
+     "defaults.placement", "must be a node attribute"),
+    ({**SWARM, "defaults": {"egress": "none", "placement": {"spread": ["zone"]}}}, "defaults.placement",
+     "spread 'zone' must be a node attribute"),
+    ({**SWARM, "defaults": {"egress": "none", "placement": {"pin": "x"}}}, "defaults.placement",
+     "must be a mapping of constraints, spread"),
+    ({**SWARM, "defaults": {"egress": "none", "placement": ["node.labels.zone"]}}, "defaults.placement",
+     "must be a mapping"),
+    ({**SWARM, "defaults": {"egress": "none", "cpus": 1, "placement": {"reserve_cpus": 2}}},
+     "defaults.placement.reserve_cpus", "2 is more than the chat's CPU cap (1)"),
+    ({**SWARM, "groups": {"oc_a": {"memory": "1g", "placement": {"reserve_memory": "2g"}}}},
+     "groups.oc_a.placement.reserve_memory", "is more than the chat's memory cap"),
+    ({**SWARM, "defaults": {"egress": "none", "placement": {"reserve_memory": "1m"}}}, "defaults.placement",
+     "below the engine's minimum"),
+])
+def test_bad_swarm_settings_name_the_key(tmp_path: Path, config: dict, key: str, problem: str) -> None:
+    message = error_of(tmp_path, config)
+    assert f"bot.yaml: {key}: " in message and problem in message, message
+
+
+def test_reservations_up_to_the_caps_are_fine(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, {**SWARM, "defaults": {
+        "egress": "none", "cpus": 2, "memory": "1g", "placement": {"reserve_cpus": 2, "reserve_memory": "1g"}}}), {})
+    assert settings.defaults.placement == Placement(reserve_cpus=2.0, reserve_memory=1024**3)
+    assert not Placement().configured and Placement(reserve_cpus=0.5).configured

@@ -1,0 +1,173 @@
+"""The Swarm runtime (issue 14): the real orchestrator with `runtime: swarm` on a Swarm of three Docker-in-Docker nodes
+the session made (tests/swarm.py), the agent image from a local registry, the chats' folders on storage every node
+mounts at the same path, the real CLI against the fake model, through the fake Feishu."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from orchestrator.runtime import SWARM_WATCH_SECONDS
+from tests.fakes.anthropic import FakeAnthropic
+from tests.fakes.feishu import FakeFeishu
+from tests.harness import StoreView, answers, chat, run_cli, status_json, wait_answer, wait_until
+from tests.swarm import Swarm
+
+MiB = 1024**2
+
+
+@pytest.fixture
+def on_swarm(swarm_cluster: Swarm, instance: str) -> Iterator[Swarm]:
+    """The session's Swarm, prepared for this test's instance as an operator would, and its services removed after."""
+    swarm_cluster.prepare_instance(instance)
+    yield swarm_cluster
+    swarm_cluster.remove_instance(instance)
+
+
+def swarm_config(feishu_config: Callable[..., Path], swarm: Swarm, instance: str, **sections: object) -> Path:
+    """The instance's data on the shared storage (the same path on every node); chats spread over the zones unless
+    `defaults` says otherwise."""
+    sections.setdefault("defaults", {"egress": "none", "placement": {"spread": ["node.labels.zone"]}})
+    return feishu_config(
+        data_dir=str(swarm.shared / instance / "data"), runtime="swarm", swarm={"manager": swarm.manager_url},
+        agent={"image": swarm.agent_image}, **sections)
+
+
+def ask(feishu: FakeFeishu, chat_id: str, text: str) -> None:
+    feishu.push_event(feishu.text_event(chat_id, text))
+    wait_answer(feishu, chat_id, f"Fake answer to: {text}", timeout=180)
+
+
+def test_chats_are_services_placed_over_the_nodes_answered_by_the_real_cli(
+        on_swarm: Swarm, instance: str, feishu: FakeFeishu, feishu_config, start, fake_api: FakeAnthropic) -> None:
+    swarm = on_swarm
+    gpu, zone_a, zone_b, anywhere = chat(), chat(), chat(), chat()
+    spread = [zone_a, zone_b, anywhere]
+    config = swarm_config(feishu_config, swarm, instance, groups={
+        gpu: {"placement": {"constraints": ["node.labels.gpu==true"], "reserve_cpus": 0.25, "reserve_memory": "64m"}},
+        zone_a: {"placement": {"constraints": ["node.labels.zone==a"]}},
+        zone_b: {"placement": {"constraints": ["node.labels.zone==b", "node.labels.gpu!=true"]}}})
+    bot = start(config)
+    marker = uuid.uuid4().hex[:8]
+    for chat_id in (gpu, *spread):
+        feishu.push_event(feishu.text_event(chat_id, f"hello {chat_id} {marker}"))
+    for chat_id in (gpu, *spread):
+        wait_answer(feishu, chat_id, f"Fake answer to: hello {chat_id} {marker}", timeout=180)
+
+    # `docker service ls` on the manager: every chat a service of one running replica, with its labels and limits
+    listed = swarm.exec(swarm.manager, "docker", "service", "ls", "--filter", f"label=orchestrator.instance={instance}",
+                        "--format", "{{.Name}} {{.Replicas}}").split("\n")
+    assert sorted(line for line in listed if line) == sorted(f"{instance}-{c} 1/1" for c in (gpu, *spread))
+    nodes = {}
+    for chat_id in (gpu, *spread):
+        service = swarm.service(f"{instance}-{chat_id}")["Spec"]
+        assert service["Labels"]["orchestrator.chat_id"] == chat_id
+        assert service["Labels"]["orchestrator.managed"] == "true"
+        assert service["Labels"]["orchestrator.instance"] == instance
+        task = service["TaskTemplate"]
+        assert task["Resources"]["Limits"] == {"NanoCPUs": 1_000_000_000, "MemoryBytes": 512 * MiB, "Pids": 200}
+        assert task["ContainerSpec"]["ReadOnly"] and task["ContainerSpec"]["CapabilityDrop"] == ["ALL"]
+        assert task["ContainerSpec"]["User"] == "1000:1000"
+        assert task["ContainerSpec"]["Image"].startswith(f"{swarm.agent_image}@sha256:")  # pinned to the pushed build
+        nodes[chat_id] = swarm.task_node(f"{instance}-{chat_id}")
+    gpu_service = swarm.service(f"{instance}-{gpu}")["Spec"]["TaskTemplate"]
+    assert gpu_service["Placement"] == {"Constraints": ["node.labels.gpu==true"]}
+    assert gpu_service["Resources"]["Reservations"] == {"NanoCPUs": 250_000_000, "MemoryBytes": 64 * MiB}
+    # each where its group's constraints put it (node 1 is zone a; nodes 2 and 3 zone b, node 3 alone gpu=true)
+    assert (nodes[gpu], nodes[zone_a], nodes[zone_b]) == tuple(swarm.nodes[n] for n in (2, 0, 1))
+    assert nodes[anywhere] in swarm.nodes
+    # the task container on its node carries the caps (the node's engine, as the kernel will apply them)
+    container = swarm.exec(nodes[gpu], "docker", "ps", "-q", "--filter", f"label=orchestrator.chat_id={gpu}").strip()
+    caps = swarm.exec(nodes[gpu], "docker", "inspect", "--format",
+                      "{{.HostConfig.NanoCpus}} {{.HostConfig.Memory}} {{.HostConfig.PidsLimit}}", container).split()
+    assert caps == ["1000000000", str(512 * MiB), "200"]
+
+    # orchestrator status: each chat's node
+    rows = {row["chat_id"]: row for row in status_json(config)}
+    assert {chat_id: rows[chat_id]["node"] for chat_id in nodes} == nodes
+    assert all(rows[c]["container_state"] == "running" for c in nodes)
+
+    # idle stop is a scale to zero; the next message scales it up again, in the same session
+    session = StoreView(swarm.shared / instance / "data" / "orchestrator.db").chat(spread[0])["session_id"]
+    assert session
+    assert run_cli(config, "stop", spread[0]).returncode == 0
+    assert swarm.exec(swarm.manager, "docker", "service", "ls", "--filter", f"name={instance}-{spread[0]}",
+                      "--format", "{{.Replicas}}").strip() == "0/0"
+    ask(feishu, spread[0], f"again {marker}")
+    assert StoreView(swarm.shared / instance / "data" / "orchestrator.db").chat(spread[0])["session_id"] == session
+    # the model saw the first exchange: the CLI resumed the session from the chat's folder
+    assert f"hello {spread[0]} {marker}" in str(fake_api.requests_mentioning(f"again {marker}")[-1]["messages"])
+    assert bot.stop() == 0
+    # a planned stop scales every chat to zero, and keeps the services for the next start
+    assert all(swarm.task_node(f"{instance}-{c}") == "" for c in nodes)
+
+
+def test_a_drained_nodes_chat_comes_up_elsewhere_its_running_turn_told_its_session_intact(
+        on_swarm: Swarm, instance: str, feishu: FakeFeishu, feishu_config, start, fake_api: FakeAnthropic) -> None:
+    swarm = on_swarm
+    chat_id, marker = chat(), uuid.uuid4().hex[:8]
+    config = swarm_config(feishu_config, swarm, instance)
+    bot = start(config)
+    ask(feishu, chat_id, f"first {marker}")
+    name = f"{instance}-{chat_id}"
+    before = swarm.task_node(name)
+    store = StoreView(swarm.shared / instance / "data" / "orchestrator.db")
+    session = store.chat(chat_id)["session_id"]
+    # a turn that runs (its command sleeps) when the node is drained
+    feishu.push_event(feishu.text_event(chat_id, f"RUN_BASH: sleep 20; echo slept-{marker}"))
+    wait_until(lambda: fake_api.requests_mentioning(f"slept-{marker}"), 60, "the turn to run")
+    time.sleep(2 * SWARM_WATCH_SECONDS + 1)  # the watch looks every 2 s: it has seen the task run
+    swarm.exec(swarm.manager, "docker", "node", "update", "--availability", "drain", before)
+    try:
+        after = wait_until(lambda: (node := swarm.task_node(name)) not in ("", before) and node, 120,
+                           f"{name}'s task to move off {before}")
+        bot.wait_log("the chat's container stopped", timeout=30)  # the watch saw the task go
+        # the running turn is told, and is not run again in the new task
+        wait_answer(feishu, chat_id, "this answer is not run again", timeout=60)
+        [told] = [m for m in store.messages(chat_id) if m["text"].startswith("RUN_BASH")]
+        assert told["state"] == "failed"
+        ask(feishu, chat_id, f"second {marker}")
+        assert not any(f"ran: slept-{marker}" in text for text in answers(feishu, chat_id))
+        assert len([r for r in fake_api.requests_mentioning(f"slept-{marker}")
+                    if f"second {marker}" not in json.dumps(r)]) == 1  # asked once, never again
+        # the session is intact: the CLI in the new task resumed it from the chat's folder on the shared storage
+        assert store.chat(chat_id)["session_id"] == session
+        assert f"first {marker}" in json.dumps(fake_api.requests_mentioning(f"second {marker}")[-1]["messages"])
+        assert {row["chat_id"]: row["node"] for row in status_json(config)}[chat_id] == after
+    finally:
+        swarm.exec(swarm.manager, "docker", "node", "update", "--availability", "active", before)
+    assert bot.stop() == 0
+
+
+def test_a_lost_nodes_chat_comes_up_on_another_with_its_session(
+        on_swarm: Swarm, instance: str, feishu: FakeFeishu, feishu_config, start, fake_api: FakeAnthropic) -> None:
+    """A worker's whole engine killed (its container, as a host that crashes): Swarm marks the node down and starts
+    the chat's task on the other worker; the next message is answered there in the same session."""
+    swarm = on_swarm
+    chat_id, marker = chat(), uuid.uuid4().hex[:8]
+    config = swarm_config(feishu_config, swarm, instance,
+                          defaults={"egress": "none", "placement": {"constraints": ["node.role==worker"]}})
+    bot = start(config)
+    ask(feishu, chat_id, f"first {marker}")
+    name = f"{instance}-{chat_id}"
+    lost = swarm.task_node(name)
+    session = StoreView(swarm.shared / instance / "data" / "orchestrator.db").chat(chat_id)["session_id"]
+    began = time.monotonic()
+    swarm.kill_node(lost)
+    try:
+        after = wait_until(lambda: (node := swarm.task_node(name)) not in ("", lost) and node, 120,
+                           f"{name}'s task to come up off {lost}")
+        moved = time.monotonic() - began
+        ask(feishu, chat_id, f"second {marker}")
+        assert StoreView(swarm.shared / instance / "data" / "orchestrator.db").chat(chat_id)["session_id"] == session
+        assert f"first {marker}" in json.dumps(fake_api.requests_mentioning(f"second {marker}")[-1]["messages"])
+        assert {row["chat_id"]: row["node"] for row in status_json(config)}[chat_id] == after
+        print(f"\nswarm: the chat's task ran again on {after} {moved:.1f} s after {lost} was killed")
+    finally:
+        swarm.restart_node(lost)
+    assert bot.stop() == 0

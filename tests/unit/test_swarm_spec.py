@@ -1,0 +1,183 @@
+"""The Swarm runtime's pure parts: a chat's service built from its container spec, a service's tasks read back as a
+container's state, and the watch's events. The real Swarm is in tests/acceptance/test_swarm.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import Settings, load_settings, resolve_chat
+from orchestrator.layout import chat_paths
+from orchestrator.runtime import (
+    SPEC_LABEL,
+    ContainerSpec,
+    ContainerState,
+    _tmpfs_options,
+    container_spec,
+    newest_task,
+    service_spec,
+    service_state,
+    swarm_network_name,
+    swarm_node_network_name,
+    watch_events,
+)
+
+MiB = 1024**2
+
+
+def settings_of(tmp_path: Path, text: str) -> Settings:
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    return load_settings(config, {})
+
+
+def spec_of(settings: Settings, chat_id: str = "oc_x") -> ContainerSpec:
+    chat = resolve_chat(settings, chat_id)
+    return container_spec(settings, chat, chat_paths(settings, chat), b"k" * 32, chat_name="Team X")
+
+
+SWARM = ("instance: bot\nruntime: swarm\n"
+         "defaults: {egress: none, cpus: 1.5, memory: 1g, pids_limit: 99, tmp_size: 32m, "
+         "placement: {spread: [node.labels.zone]}}\n"
+         "groups: {oc_gpu: {placement: {constraints: [node.labels.gpu==true], reserve_cpus: 0.5, "
+         "reserve_memory: 256m}}}\n")
+
+
+def test_a_chats_service_has_its_containers_caps_hardening_and_placement(tmp_path: Path) -> None:
+    settings = settings_of(tmp_path, SWARM)
+    spec = spec_of(settings, "oc_gpu")
+    service = service_spec(spec, "reg:5000/runner@sha256:ab", "fp1", swarm_network_name("bot"), 1)
+    assert service["Name"] == "bot-oc_gpu"
+    assert service["Labels"] == {**spec.labels, SPEC_LABEL: "fp1"}
+    assert service["Mode"] == {"Replicated": {"Replicas": 1}}
+    task = service["TaskTemplate"]
+    container = task["ContainerSpec"]
+    assert container["Image"] == "reg:5000/runner@sha256:ab"
+    assert container["Labels"]["orchestrator.chat_id"] == "oc_gpu"
+    assert container["User"] == "1000:1000" and container["ReadOnly"] is True
+    assert container["CapabilityDrop"] == ["ALL"] and "CapabilityAdd" not in container
+    assert container["Dir"] == "/workspace"
+    assert "Args" not in container and "Command" not in container  # the image's entrypoint: agent-init
+    assert dict(e.split("=", 1) for e in container["Env"]) == dict(spec.environment)
+    binds = [m for m in container["Mounts"] if m["Type"] == "bind"]
+    assert [(m["Source"], m["Target"], m["ReadOnly"]) for m in binds] == list(spec.mounts)
+    tmpfs = {m["Target"]: m["TmpfsOptions"] for m in container["Mounts"] if m["Type"] == "tmpfs"}
+    assert tmpfs == {"/tmp": {"SizeBytes": 32 * MiB}, "/home/agent": {"SizeBytes": 64 * MiB, "Mode": 0o1777}}
+    assert {u["Name"]: (u["Soft"], u["Hard"]) for u in container["Ulimits"]} == {
+        "nofile": (8192, 8192), "fsize": (10 * 1024**3, 10 * 1024**3), "core": (0, 0)}
+    assert task["Resources"] == {"Limits": {"NanoCPUs": 1_500_000_000, "MemoryBytes": 1024**3, "Pids": 99},
+                                 "Reservations": {"NanoCPUs": 500_000_000, "MemoryBytes": 256 * MiB}}
+    assert task["RestartPolicy"]["Condition"] == "on-failure" and task["RestartPolicy"]["MaxAttempts"] == 0
+    assert task["Placement"] == {"Constraints": ["node.labels.gpu==true"]}  # a group's placement replaces the whole
+    assert task["Networks"] == [{"Target": "bot-chats"}]
+    assert task["LogDriver"] == {"Name": "json-file", "Options": {"max-size": "1m", "max-file": "1"}}
+    assert task["ForceUpdate"] == 0
+
+
+def test_spread_and_no_reservations_and_a_forced_update(tmp_path: Path) -> None:
+    spec = spec_of(settings_of(tmp_path, SWARM))
+    service = service_spec(spec, "runner", "fp", "bot-chats", 0, force_update=3)
+    spread = [{"Spread": {"SpreadDescriptor": "node.labels.zone"}}]
+    assert service["TaskTemplate"]["Placement"] == {"Preferences": spread}
+    assert service["TaskTemplate"]["Resources"]["Reservations"] == {}
+    assert service["TaskTemplate"]["ForceUpdate"] == 3
+    assert service["Mode"] == {"Replicated": {"Replicas": 0}}
+    assert spec.network == "none"  # egress: none; the runtime puts it on the instance's Swarm network
+    older = service_spec(spec, "runner", "fp", "bot-chats", 1, pids=False)  # an engine before API 1.41
+    assert older["TaskTemplate"]["Resources"]["Limits"] == {"NanoCPUs": 1_500_000_000, "MemoryBytes": 1024**3}
+    assert spec.network == "none"  # egress: none; the runtime puts it on the instance's Swarm network
+
+
+def test_placement_changes_the_fingerprint_only_when_set(tmp_path: Path) -> None:
+    """A Docker container made before placement existed keeps its fingerprint (it is not re-created)."""
+    docker = spec_of(settings_of(tmp_path, "instance: bot\ndefaults: {egress: none}\n"))
+    assert docker.constraints == () and docker.reserve_memory == 0
+    swarm = spec_of(settings_of(tmp_path, "instance: bot\nruntime: swarm\ndefaults: {egress: none}\n"))
+    assert docker.fingerprint() == swarm.fingerprint()
+    placed = spec_of(settings_of(tmp_path, SWARM))
+    assert placed.fingerprint() != swarm.fingerprint()
+
+
+def test_a_command_is_swarms_args_and_kept_capabilities_are_added(tmp_path: Path) -> None:
+    spec = ContainerSpec(name="n", image="i", labels={}, nano_cpus=1, mem_limit=2, pids_limit=3, network="none",
+                         user="0:0", mounts=(), tmpfs=(("/tmp", "rw,nosuid,nodev,noexec,size=1m"),), ulimits=(),
+                         environment=(), command=("squid", "-N"), cap_add=("SETUID",))
+    container = service_spec(spec, "i", "fp", "net", 1)["TaskTemplate"]["ContainerSpec"]
+    assert container["Args"] == ["squid", "-N"] and container["CapabilityAdd"] == ["SETUID"]
+    assert container["Mounts"] == [{"Type": "tmpfs", "Target": "/tmp", "TmpfsOptions": {"SizeBytes": 1024**2}}]
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    ("rw,nosuid,nodev,size=256m", {"SizeBytes": 256 * MiB}),
+    ("rw,size=2g,mode=0700", {"SizeBytes": 2 * 1024**3, "Mode": 0o700}),
+    ("size=64k,uid=1000,gid=1000,mode=0700", {"SizeBytes": 64 * 1024, "Mode": 0o1777}),
+    ("size=4096,uid=0", {"SizeBytes": 4096}),
+    ("rw,nosuid", {}),
+])
+def test_tmpfs_options_as_swarm_takes_them(options: str, expected: dict[str, int]) -> None:
+    assert _tmpfs_options(options) == expected
+
+
+NODES = {"n1": "node1", "n2": "node2"}
+
+
+def service(replicas: int = 1) -> dict:
+    return {"ID": "s1", "Spec": {"Name": "bot-oc_x", "Labels": {"orchestrator.chat_id": "oc_x"},
+                                 "Mode": {"Replicated": {"Replicas": replicas}},
+                                 "TaskTemplate": {"Resources": {"Limits": {"NanoCPUs": 5, "MemoryBytes": 6,
+                                                                           "Pids": 7}}}}}
+
+
+def task(task_id: str, state: str, created: str, node: str = "n1", desired: str = "running", container: str = "",
+         exit_code: int = 0) -> dict:
+    status: dict = {"State": state, "Timestamp": f"{created}.5"}
+    if container:
+        status["ContainerStatus"] = {"ContainerID": container, "ExitCode": exit_code}
+    return {"ID": task_id, "NodeID": node, "DesiredState": desired, "CreatedAt": created, "Status": status}
+
+
+def test_a_running_task_is_a_running_container_on_its_node() -> None:
+    tasks = [task("t1", "shutdown", "2026-01-01T00:00:01", "n1", "shutdown", "c1", 137),
+             task("t2", "running", "2026-01-01T00:00:02", "n2", container="c2")]
+    assert service_state(service(), tasks, NODES) == ContainerState(
+        name="bot-oc_x", id="c2", status="running", chat_id="oc_x", nano_cpus=5, memory=6, pids_limit=7,
+        started_at="2026-01-01T00:00:02.5", node="node2")
+
+
+@pytest.mark.parametrize(("tasks", "replicas", "status", "node", "exit_code"), [
+    ([], 1, "created", "", None),  # made, no task yet
+    ([], 0, "exited", "", None),
+    ([task("t1", "pending", "1")], 1, "created", "node1", None),  # waiting for a node that fits
+    ([task("t1", "preparing", "1", "n9")], 1, "created", "n9", None),  # pulling the image; an unknown node by its id
+    ([task("t1", "running", "1", desired="shutdown", container="c1")], 0, "running", "node1", None),  # stopping
+    ([task("t1", "shutdown", "1", desired="shutdown", container="c1", exit_code=143)], 0, "exited", "node1", 143),
+    ([task("t1", "failed", "1", container="c1", exit_code=1)], 1, "exited", "node1", 1),
+    ([task("t1", "rejected", "1")], 1, "dead", "node1", None),
+    ([task("t1", "complete", "1", desired="shutdown", container="c1"),
+      task("t2", "assigned", "2")], 1, "created", "node1", None),  # the node was drained: its new task is on its way
+])
+def test_task_states(tasks: list, replicas: int, status: str, node: str, exit_code: int | None) -> None:
+    state = service_state(service(replicas), tasks, NODES)
+    assert (state.status, state.node, state.exit_code) == (status, node, exit_code)
+    assert state.running == (status == "running")
+    assert state.started_at == ("1.5" if status == "running" else "")
+
+
+def test_the_newest_task_that_should_run_stands_for_the_service() -> None:
+    old, new = task("a", "running", "2"), task("b", "shutdown", "3", desired="shutdown")
+    assert newest_task([old, new]) is old
+    assert newest_task([task("a", "shutdown", "1", desired="shutdown"), new]) is new
+    assert newest_task([]) is None
+
+
+def test_watch_events() -> None:
+    assert watch_events(None, {"a": "c1"}) == []  # the first look: what runs is known, nothing happened
+    assert watch_events({"a": "c1"}, {"a": "c1"}) == []
+    assert watch_events({"a": "c1"}, {}) == [("a", "die")]
+    assert watch_events({}, {"a": "c1"}) == [("a", "start")]
+    assert watch_events({"a": "c1", "b": "c2"}, {"a": "c3", "b": "c2"}) == [("a", "die"), ("a", "start")]
+
+
+def test_network_names() -> None:
+    assert (swarm_network_name("bot"), swarm_node_network_name("bot")) == ("bot-chats", "bot-chats-node")
