@@ -17,7 +17,6 @@ from tests.harness import AGENT_IMAGE, MODEL_KEY, StoreView, write_config
 from tests.postgres import PostgresServer, server_binaries
 from tests.swarm import NODE_IMAGE, Swarm
 
-
 QUICK_SUITE = "not docker"
 # The suite without the engine mostly waits (timeouts of locked stores, slow fake upstreams, subprocesses): measured
 # 64 s on one process, 42 s on 4 workers on this 2-core machine.
