@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import Settings, load_settings, resolve_chat
+from orchestrator.config import Settings, resolve_chat
 from orchestrator.layout import chat_paths
 from orchestrator.runtime import (
     SPEC_LABEL,
@@ -22,14 +22,7 @@ from orchestrator.runtime import (
     swarm_node_network_name,
     watch_events,
 )
-
-MiB = 1024**2
-
-
-def settings_of(tmp_path: Path, text: str) -> Settings:
-    config = tmp_path / "c.yaml"
-    config.write_text(text)
-    return load_settings(config, {})
+from tests.unit.test_runtime_spec import MiB, settings_of
 
 
 def spec_of(settings: Settings, chat_id: str = "oc_x") -> ContainerSpec:
