@@ -43,3 +43,18 @@ def test_a_core_as_at_the_last_full_run_is_not_mutated_and_one_change_is(mutatio
     monkeypatch.setattr(mutation, "_report", lambda module, explained: True)
     assert mutation.main(["--changed"]) == 0
     assert ran == [["orchestrator.states*"]]
+    # states met the bar: the baseline now holds its source, and the next CI run mutates nothing
+    assert json.loads(baseline.read_text())["orchestrator/states.py"] == mutation._digest("orchestrator/states.py")
+    assert mutation.main(["--changed"]) == 0
+    assert ran == [["orchestrator.states*"]]
+
+
+def test_a_module_under_the_bar_fails_the_run_and_leaves_the_baseline_as_it_was(mutation, tmp_path: Path,
+                                                                              monkeypatch) -> None:
+    monkeypatch.chdir(SCRIPT.parents[1])
+    baseline = tmp_path / "baseline.json"
+    monkeypatch.setattr(mutation, "BASELINE", baseline)
+    monkeypatch.setattr(mutation, "_run", lambda names: None)
+    monkeypatch.setattr(mutation, "_report", lambda module, explained: module != "orchestrator/store.py")
+    assert mutation.main(["--changed"]) == 1
+    assert not baseline.exists()
