@@ -52,7 +52,10 @@ RUNTIMES = ("docker", "swarm")
 _NODE_ATTRIBUTE = r"(?:node\.(?:id|hostname|role|platform\.os|platform\.arch)|(?:node|engine)\.labels\.[A-Za-z0-9_.-]+)"
 _CONSTRAINT = re.compile(rf"{_NODE_ATTRIBUTE}\s*(?:==|!=)\s*[A-Za-z0-9_.:/-]+")
 _SPREAD = re.compile(_NODE_ATTRIBUTE)
-_ENGINE_URL = re.compile(r"unix:///\S+|(?:tcp|ssh)://[^\s/]+")
+# A manager's engine by its unix socket only: docker-py is given no TLS settings, so tcp:// would be the engine's API
+# without authentication (whoever reaches the port, a chat placed on that node included, owns the Swarm), and ssh://
+# needs paramiko, which is not installed.
+_ENGINE_URL = re.compile(r"unix:///\S+")
 THREAD_MODES = ("per_thread", "shared")
 # What an agent may reach through the egress proxy unless the config says otherwise: the usual package
 # registries (npm, PyPI, Debian, GitHub, Go, crates.io, RubyGems, Maven Central). The model is not here: agents
@@ -327,7 +330,7 @@ def url_secrets(url: str) -> list[str]:
 class SwarmSettings:
     """runtime: swarm: the engine of a Swarm manager, where each chat is a service."""
 
-    manager: str = ""  # unix:///path, tcp://host:port or ssh://user@host; "": the local engine (DOCKER_HOST)
+    manager: str = ""  # unix:///path (a manager's socket, mounted or forwarded); "": the local engine (DOCKER_HOST)
 
 
 @dataclass(frozen=True)
@@ -876,8 +879,8 @@ def _network(value: Any) -> str:
 def _engine_url(value: Any) -> str:
     url = _string(value)
     if not _ENGINE_URL.fullmatch(url):
-        raise ValueError(f"{value!r} must be an engine's address: unix:///path/docker.sock, tcp://host:port or "
-                         "ssh://user@host")
+        raise ValueError(f"{value!r} must be an engine's address: unix:///path/docker.sock (tcp:// without TLS "
+                         "would leave the Swarm's API open, and is refused)")
     return url
 
 

@@ -23,7 +23,6 @@ import requests
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.models.containers import Container
 from docker.types import LogConfig, Mount, Ulimit
-from loguru import logger
 
 from orchestrator import credentials, egress, layout
 from orchestrator.config import INSTANCE_NETWORK, ChatOptions, ChatSettings, Settings
@@ -638,13 +637,13 @@ _SIZE_SUFFIXES = {"k": 1024, "m": 1024**2, "g": 1024**3}
 
 
 def service_spec(spec: ContainerSpec, image: str, fingerprint: str, network: str, replicas: int,
-                 force_update: int = 0, pids: bool = True) -> dict[str, Any]:
+                 force_update: int = 0) -> dict[str, Any]:
     """The Swarm service of a chat's container spec, as the engine's API takes it (API 1.41: capabilities, ulimits
-    and the pids limit are there, which docker-py's helpers do not all know); `pids`: False for an engine older than
-    that, which has no pids limit for services. Pure."""
+    and the pids limit are there, which docker-py's helpers do not all know; `SwarmRuntime` refuses an older engine).
+    The fingerprint is on the tasks too, so a start can tell the task of this spec from one of the last. Pure."""
     container: dict[str, Any] = {
         "Image": image,
-        "Labels": dict(spec.labels),
+        "Labels": {**spec.labels, SPEC_LABEL: fingerprint},
         "Env": [f"{name}={value}" for name, value in spec.environment],
         "Dir": WORKSPACE_PATH,
         "User": spec.user,
@@ -660,9 +659,7 @@ def service_spec(spec: ContainerSpec, image: str, fingerprint: str, network: str
         container["CapabilityAdd"] = list(spec.cap_add)
     if spec.command:
         container["Args"] = list(spec.command)  # Swarm's Command is the entrypoint; Args the image's CMD
-    limits: dict[str, int] = {"NanoCPUs": spec.nano_cpus, "MemoryBytes": spec.mem_limit}
-    if pids:
-        limits["Pids"] = spec.pids_limit
+    limits = {"NanoCPUs": spec.nano_cpus, "MemoryBytes": spec.mem_limit, "Pids": spec.pids_limit}
     reservations = {key: value for key, value in (("NanoCPUs", spec.reserve_nano_cpus),
                                                   ("MemoryBytes", spec.reserve_memory)) if value}
     placement: dict[str, Any] = {}
@@ -692,6 +689,12 @@ def newest_task(tasks: list[dict[str, Any]]) -> dict[str, Any] | None:
         return None
     wanted = [t for t in tasks if t.get("DesiredState") == "running"]
     return max(wanted or tasks, key=lambda t: (t.get("CreatedAt", ""), t.get("Version", {}).get("Index", 0)))
+
+
+def of_spec(task: dict[str, Any] | None, fingerprint: str) -> bool:
+    """Whether a task was made from the service spec with this fingerprint. Pure."""
+    labels = (task or {}).get("Spec", {}).get("ContainerSpec", {}).get("Labels", {})
+    return labels.get(SPEC_LABEL) == fingerprint
 
 
 def service_state(service: dict[str, Any], tasks: list[dict[str, Any]], nodes: dict[str, str]) -> ContainerState:
@@ -737,7 +740,6 @@ class SwarmRuntime(Runtime):
         self._nodes: dict[str, str] = {}
         self._task_containers: set[str] = set()  # ids of chats' task containers seen: not this host's to exec in
         self._watching = False
-        self._warned_pids = False
         try:
             self._client = docker.DockerClient(base_url=manager, timeout=timeout) if manager \
                 else docker.from_env(timeout=timeout)
@@ -804,16 +806,14 @@ class SwarmRuntime(Runtime):
             self._task_containers.add(state.id)
         return state
 
-    def _pids_limits(self) -> bool:
-        """Whether the manager's engine takes a service's pids limit (API 1.41, Docker 20.10); an older one is
-        warned of once and its chats run without (docs/SCALING.md)."""
+    def _check_engine(self) -> None:
+        """Refuses a manager's engine before API 1.41 (Docker 20.10): it drops a service's capability drop, ulimits
+        and pids limit without a word (moby's adjustForAPIVersion), and its chats would run with Docker's default
+        capabilities and no process cap."""
         version = str(self._client.api.api_version)
-        supported = tuple(int(part) for part in version.split(".")[:2]) >= (1, 41)
-        if not supported and not self._warned_pids:
-            self._warned_pids = True
-            logger.warning(f"the Swarm manager's engine speaks API {version}: services get no pids limit before "
-                           "1.41 (Docker 20.10); upgrade the engines to cap each chat's processes")
-        return supported
+        if tuple(int(part) for part in version.split(".")[:2]) < (1, 41):
+            raise RuntimeFailure(f"the Swarm manager's engine speaks API {version}: before 1.41 (Docker 20.10) a "
+                                 "service loses its capability drop, ulimits and pids limit; upgrade the engines")
 
     def _image(self, image: str) -> str:
         """`image@digest` as the registry has it now, so every node runs the same image and a push reaches the chats
@@ -842,13 +842,13 @@ class SwarmRuntime(Runtime):
             raise RuntimeFailure(f"network {spec.network} is not served on runtime: swarm")
         image = self._image(spec.image)
         fingerprint = f"{spec.fingerprint()}:{image}"
-        pids = self._pids_limits()
+        self._check_engine()
         network = swarm_network_name(spec.labels.get(INSTANCE_LABEL, ""))
         service = self._service(spec.name)
         if service is None:
             try:
                 self._api("POST", "/services/create",
-                          body=service_spec(spec, image, fingerprint, network, 1, pids=pids))
+                          body=service_spec(spec, image, fingerprint, network, 1))
             except APIError as exc:
                 if exc.status_code != 409:
                     raise
@@ -866,11 +866,13 @@ class SwarmRuntime(Runtime):
             if current.get("Labels", {}).get(SPEC_LABEL) != fingerprint or replicas != 1 \
                     or force != current.get("TaskTemplate", {}).get("ForceUpdate", 0):
                 self._api("POST", "/services/{0}/update", service["ID"],
-                          body=service_spec(spec, image, fingerprint, network, 1, force, pids),
+                          body=service_spec(spec, image, fingerprint, network, 1, force),
                           version=service["Version"]["Index"])
-        return self._until_running(service["ID"], spec.name)
+        return self._until_running(service["ID"], spec.name, fingerprint)
 
-    def _until_running(self, service_id: str, name: str) -> ContainerState:
+    def _until_running(self, service_id: str, name: str, fingerprint: str) -> ContainerState:
+        """Until the task of this spec runs: just after an update, Swarm may not have replaced the last spec's task
+        yet, and a turn handed to that one would be taken by the next (and told it was not run while it runs)."""
         deadline = time.monotonic() + SWARM_START_SECONDS
         while True:
             service = self._service(name)
@@ -878,7 +880,7 @@ class SwarmRuntime(Runtime):
                 raise RuntimeFailure(f"the service {name} was removed while it was started")
             tasks = self._tasks([service_id]).get(service_id, [])
             state = self._state(service, tasks)
-            if state.running:
+            if state.running and of_spec(newest_task(tasks), fingerprint):
                 return state
             if time.monotonic() > deadline:
                 task = newest_task(tasks) or {}

@@ -672,11 +672,11 @@ SWARM = {"runtime": "swarm", "defaults": {"egress": "none"}}
 
 def test_swarm_placement_per_group_overrides_the_defaults(tmp_path: Path) -> None:
     settings = load_settings(write(tmp_path, {
-        **SWARM, "swarm": {"manager": "tcp://manager:2376"},
+        **SWARM, "swarm": {"manager": "unix:///run/manager/docker.sock"},
         "defaults": {"egress": "none", "placement": {"spread": "node.labels.zone"}},
         "groups": {"oc_gpu": {"placement": {"constraints": ["node.labels.gpu == true", "node.role!=manager"],
                                             "reserve_memory": "1g"}}}}), {})
-    assert settings.runtime == "swarm" and settings.swarm.manager == "tcp://manager:2376"
+    assert settings.runtime == "swarm" and settings.swarm.manager == "unix:///run/manager/docker.sock"
     assert resolve_chat(settings, "oc_any").options.placement == Placement(spread=("node.labels.zone",))
     assert resolve_chat(settings, "oc_gpu").options.placement == Placement(
         constraints=("node.labels.gpu == true", "node.role!=manager"), reserve_memory=1024**3)
@@ -693,8 +693,10 @@ def test_swarm_placement_per_group_overrides_the_defaults(tmp_path: Path) -> Non
      "no other network is served"),
     ({**SWARM, "swarm": {"manager": "manager:2376"}}, "swarm.manager", "must be an engine's address"),
     ({**SWARM, "swarm": {"manager": "unix://relative.sock"}}, "swarm.manager", "must be an engine's address"),
+    ({**SWARM, "swarm": {"manager": "tcp://manager:2376"}}, "swarm.manager", "would leave the Swarm's API open"),
+    ({**SWARM, "swarm": {"manager": "ssh://admin@manager"}}, "swarm.manager", "must be an engine's address"),
     ({**SWARM, "swarm": {"nodes": 3}}, "swarm.nodes", "unknown key"),
-    ({"swarm": {"manager": "tcp://m:2376"}}, "swarm", "applies to runtime: swarm only"),
+    ({"swarm": {"manager": "unix:///m.sock"}}, "swarm", "applies to runtime: swarm only"),
     ({"defaults": {"placement": {"spread": ["node.labels.zone"]}}}, "defaults.placement",
      "applies to runtime: swarm only"),
     ({"groups": {"oc_a": {"placement": {"reserve_cpus": 1}}}}, "groups.oc_a.placement", "runtime: swarm only"),

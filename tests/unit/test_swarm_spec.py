@@ -16,6 +16,7 @@ from orchestrator.runtime import (
     _tmpfs_options,
     container_spec,
     newest_task,
+    of_spec,
     service_spec,
     service_state,
     swarm_network_name,
@@ -77,9 +78,10 @@ def test_spread_and_no_reservations_and_a_forced_update(tmp_path: Path) -> None:
     assert service["TaskTemplate"]["ForceUpdate"] == 3
     assert service["Mode"] == {"Replicated": {"Replicas": 0}}
     assert spec.network == "none"  # egress: none; the runtime puts it on the instance's Swarm network
-    older = service_spec(spec, "runner", "fp", "bot-chats", 1, pids=False)  # an engine before API 1.41
-    assert older["TaskTemplate"]["Resources"]["Limits"] == {"NanoCPUs": 1_500_000_000, "MemoryBytes": 1024**3}
-    assert spec.network == "none"  # egress: none; the runtime puts it on the instance's Swarm network
+    # The tasks carry the fingerprint: a start waits for the task of this spec, not the last spec's still running.
+    assert service["TaskTemplate"]["ContainerSpec"]["Labels"][SPEC_LABEL] == "fp"
+    made = {"Spec": {"ContainerSpec": service["TaskTemplate"]["ContainerSpec"]}}
+    assert of_spec(made, "fp") and not of_spec(made, "fp-before") and not of_spec(None, "fp")
 
 
 def test_placement_changes_the_fingerprint_only_when_set(tmp_path: Path) -> None:
