@@ -150,6 +150,12 @@ class Runtime(Protocol):
 
     async def stop(self, name: str, grace_seconds: float) -> None: ...
 
+    def _set_replicas_to_zero(self, service: dict[str, Any]) -> None:
+        spec = service["Spec"]
+        if spec.get("Mode", {}).get("Replicated", {}).get("Replicas", 0) != 0:
+            self._api("POST", "/services/{0}/update", service["ID"],
+                      body={**spec, "Mode": {"Replicated": {"Replicas": 0}}}, version=service["Version"]["Index"])
+
     async def list_managed(self, instance: str) -> list[ContainerState]: ...
 
     async def usage(self, name: str) -> Usage | None: ...
@@ -883,6 +889,9 @@ class SwarmRuntime(Runtime):
             if state.running and of_spec(newest_task(tasks), fingerprint):
                 return state
             if time.monotonic() > deadline:
+                # Left at one replica, Swarm would go on pulling or placing it every few seconds, and idle stop,
+                # which looks at running chats only, would never take it down.
+                self._set_replicas_to_zero(service)
                 task = newest_task(tasks) or {}
                 status = task.get("Status", {})
                 raise RuntimeFailure(f"the service {name} has no running task after {SWARM_START_SECONDS:g} s: "
@@ -909,11 +918,7 @@ class SwarmRuntime(Runtime):
         service = self._service(name)
         if service is None:
             return False
-        spec = service["Spec"]
-        if spec.get("Mode", {}).get("Replicated", {}).get("Replicas", 0) != 0:
-            spec = {**spec, "Mode": {"Replicated": {"Replicas": 0}}}
-            self._api("POST", "/services/{0}/update", service["ID"], body=spec,
-                      version=service["Version"]["Index"])
+        self._set_replicas_to_zero(service)
         deadline = time.monotonic() + grace_seconds + SWARM_STOP_SECONDS
         while time.monotonic() < deadline:
             tasks = self._tasks([service["ID"]]).get(service["ID"], [])
