@@ -58,6 +58,7 @@ class Load:
     sent: Counter[int]  # sent outbox items per message -> how many messages
     waited: list[float]  # seconds from event to reply
     served: list[float]  # seconds from the turn's start to the reply
+    activity: list[float]  # PostgreSQL: transactions and rows written per message, over every session ([]: SQLite)
     nodes: Counter[str] = field(default_factory=Counter)  # chats per node
     peak_mib: dict[str, float] = field(default_factory=dict)  # per node
     peak_total_mib: float = 0.0  # the nodes' summed memory, at its peak
@@ -74,7 +75,8 @@ class Load:
             f"sent outbox items per message={dict(self.sent)}: {'exactly once' if exactly else 'NOT exactly once'}",
             f"{name}: {self.rate:.1f} msg/s (absolute, this machine, concurrency {CONCURRENCY}); event to reply "
             f"{_percentiles(self.waited)}; turn start to reply {_percentiles(self.served)}",
-        ]
+        ] + ([f"{name}: store load per message: {self.activity[0]} transactions committed, {self.activity[1]} rows "
+              "written (every session of the store's database)"] if self.activity else [])
 
 
 def _percentiles(samples: list[float]) -> str:
@@ -130,9 +132,12 @@ def _load(setup: Rig, store_url: str, chats: int, per_chat: int, data: Path | No
     """The messages through the orchestrator, then what the fake Feishu and the store show of them."""
     chat_ids = [new_chat() for _ in range(chats)]
     pushed: dict[str, float] = {}
+    before = _store_activity(store_url)
     rate, replies = answer_all(setup, chat_ids, per_chat, pushed, timeout=1800)
     for bot in setup.bots:
         bot.stop()
+    activity = [round((after - began) / len(pushed), 1)
+                for began, after in zip(before, _store_activity(store_url), strict=True)]
     replied = {c.path.split("/")[-2]: c.time for c in setup.feishu.calls
                if c.path.endswith("/reply") and c.status == 200}  # the last reply of each (there is one)
     ours = set(pushed)
@@ -145,7 +150,18 @@ def _load(setup: Rig, store_url: str, chats: int, per_chat: int, data: Path | No
               for message_id, chat_id, _, turn in rows if message_id in replied and turn]
     return Load(messages=len(ours), rate=rate, replies=replies, stored=Counter(row[2] for row in rows),
                 rows=len(rows), sent=Counter(sent[message_id] for message_id in ours),
-                waited=[replied[m] - pushed[m] for m in ours if m in replied], served=served)
+                waited=[replied[m] - pushed[m] for m in ours if m in replied], served=served,
+                activity=activity)
+
+
+def _store_activity(url: str) -> tuple[int, ...]:
+    """PostgreSQL's counts for the store's database: transactions committed, rows inserted, updated or deleted; ()
+    for SQLite. Read after its sessions ended (each hands its counts over at its end, or within a second)."""
+    if url.startswith("sqlite:///"):
+        return ()
+    time.sleep(1.5)
+    return _rows(url, "select xact_commit, tup_inserted + tup_updated + tup_deleted from pg_stat_database "
+                      "where datname = current_database()")[0]
 
 
 def _rows(url: str, sql: str) -> list[tuple]:
