@@ -38,6 +38,7 @@ from bench.postgres import migrate, postgres_server
 from bench.swarm import CAPS, on_swarm, swarm_up
 from bench.throughput import CONCURRENCY, UNPACED, answer_all
 from tests.harness import AGENT_IMAGE
+from tests.postgres import PostgresServer
 from tests.swarm import Swarm
 
 CGROUP_MEMORY = Path("/sys/fs/cgroup/memory/docker")  # the host's engine: cgroupfs driver, cgroup v1
@@ -57,9 +58,11 @@ class Load:
     sent: Counter[int]  # sent outbox items per message -> how many messages
     waited: list[float]  # seconds from event to reply
     served: list[float]  # seconds from the turn's start to the reply
+    activity: list[float]  # PostgreSQL: transactions and rows written per message, over every session ([]: SQLite)
     nodes: Counter[str] = field(default_factory=Counter)  # chats per node
     peak_mib: dict[str, float] = field(default_factory=dict)  # per node
     peak_total_mib: float = 0.0  # the nodes' summed memory, at its peak
+    before_mib: dict[str, float] = field(default_factory=dict)  # per node, before the orchestrator started
 
     def lines(self, name: str) -> list[str]:
         twice = sum(1 for count in self.replies.values() if count > 1)
@@ -72,7 +75,8 @@ class Load:
             f"sent outbox items per message={dict(self.sent)}: {'exactly once' if exactly else 'NOT exactly once'}",
             f"{name}: {self.rate:.1f} msg/s (absolute, this machine, concurrency {CONCURRENCY}); event to reply "
             f"{_percentiles(self.waited)}; turn start to reply {_percentiles(self.served)}",
-        ]
+        ] + ([f"{name}: store load per message: {self.activity[0]} transactions committed, {self.activity[1]} rows "
+              "written (every session of the store's database)"] if self.activity else [])
 
 
 def _percentiles(samples: list[float]) -> str:
@@ -80,7 +84,9 @@ def _percentiles(samples: list[float]) -> str:
                     for label, fraction in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99), ("max", 1.0)))
 
 
-def run(quick: bool, real_cli: bool = False, hot_idle: float = 10.0) -> list[str]:
+def run(quick: bool, real_cli: bool = False, hot_idle: float = 10.0, swarm: Swarm | None = None,
+        server: PostgresServer | None = None) -> list[str]:
+    """The figures' lines; on `swarm` and `server` if given (a test session's), else on the benchmark's own."""
     chats, per_chat = (10, 10) if quick else (100, 10)
     client = docker.from_env(timeout=300)
     try:
@@ -90,7 +96,8 @@ def run(quick: bool, real_cli: bool = False, hot_idle: float = 10.0) -> list[str
             setup.configure(image, defaults=CAPS, agent=agent, containers={"idle_stop": 3600}, **UNPACED)
             setup.start()
             docker_load = _load(setup, f"sqlite:///{setup.data / 'orchestrator.db'}", chats, per_chat)
-        with swarm_up(client) as swarm, postgres_server() as server, rig() as setup, \
+        with (contextlib.nullcontext(swarm) if swarm else swarm_up(client)) as swarm, \
+                (contextlib.nullcontext(server) if server else postgres_server()) as server, rig() as setup, \
                 on_swarm(setup, swarm, server) as sections:
             if not real_cli:
                 image = swarm.push(image)  # the stand-in's one layer over the agent image the nodes have
@@ -102,6 +109,7 @@ def run(quick: bool, real_cli: bool = False, hot_idle: float = 10.0) -> list[str
                 setup.start()
                 swarm_load = _load(setup, sections["store"]["url"], chats, per_chat, Path(sections["data_dir"]))
             swarm_load.peak_mib, swarm_load.peak_total_mib = memory.peak, memory.peak_total
+            swarm_load.before_mib = memory.before
             swarm_load.nodes = _chats_per_node(swarm, setup.instance)
     finally:
         client.close()
@@ -115,7 +123,8 @@ def run(quick: bool, real_cli: bool = False, hot_idle: float = 10.0) -> list[str
         f"swarm_load: rate on swarm+postgres {swarm_load.rate / docker_load.rate:.2f}x of docker+sqlite's; turn start "
         f"to reply p50 {percentile(swarm_load.served, 0.5) / percentile(docker_load.served, 0.5):.2f}x",
         f"swarm_load: chats per node {spread}; the nodes' peak memory (engine and chats' containers) {peaks} MiB, "
-        f"all three at once {swarm_load.peak_total_mib:.0f} MiB",
+        f"all three at once {swarm_load.peak_total_mib:.0f} MiB (before the orchestrator started: "
+        f"{sum(swarm_load.before_mib.values()):.0f} MiB)",
     ]
 
 
@@ -123,9 +132,12 @@ def _load(setup: Rig, store_url: str, chats: int, per_chat: int, data: Path | No
     """The messages through the orchestrator, then what the fake Feishu and the store show of them."""
     chat_ids = [new_chat() for _ in range(chats)]
     pushed: dict[str, float] = {}
+    before = _store_activity(store_url)
     rate, replies = answer_all(setup, chat_ids, per_chat, pushed, timeout=1800)
     for bot in setup.bots:
         bot.stop()
+    activity = [round((after - began) / len(pushed), 1)
+                for began, after in zip(before, _store_activity(store_url), strict=True)]
     replied = {c.path.split("/")[-2]: c.time for c in setup.feishu.calls
                if c.path.endswith("/reply") and c.status == 200}  # the last reply of each (there is one)
     ours = set(pushed)
@@ -138,7 +150,18 @@ def _load(setup: Rig, store_url: str, chats: int, per_chat: int, data: Path | No
               for message_id, chat_id, _, turn in rows if message_id in replied and turn]
     return Load(messages=len(ours), rate=rate, replies=replies, stored=Counter(row[2] for row in rows),
                 rows=len(rows), sent=Counter(sent[message_id] for message_id in ours),
-                waited=[replied[m] - pushed[m] for m in ours if m in replied], served=served)
+                waited=[replied[m] - pushed[m] for m in ours if m in replied], served=served,
+                activity=activity)
+
+
+def _store_activity(url: str) -> tuple[int, ...]:
+    """PostgreSQL's counts for the store's database: transactions committed, rows inserted, updated or deleted; ()
+    for SQLite. Read after its sessions ended (each hands its counts over at its end, or within a second)."""
+    if url.startswith("sqlite:///"):
+        return ()
+    time.sleep(1.5)
+    return _rows(url, "select xact_commit, tup_inserted + tup_updated + tup_deleted from pg_stat_database "
+                      "where datname = current_database()")[0]
 
 
 def _rows(url: str, sql: str) -> list[tuple]:
@@ -166,11 +189,13 @@ class _NodeMemory:
         self.swarm = swarm
         self.peak: dict[str, float] = dict.fromkeys(swarm.nodes, 0.0)
         self.peak_total = 0.0
+        self.before: dict[str, float] = {}  # when it began
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._ids = {node: swarm.client.containers.get(node).id for node in swarm.nodes}
 
     def __enter__(self) -> _NodeMemory:
+        self.before = self._used(self._containers())
         self._thread.start()
         return self
 
@@ -178,20 +203,23 @@ class _NodeMemory:
         self._done.set()
         self._thread.join(30)
 
+    def _containers(self) -> dict[str, list[str]]:
+        return {node: [self._ids[node], *self.swarm.run(node, "docker", "ps", "-q", "--no-trunc").stdout.split()]
+                for node in self.swarm.nodes}
+
+    def _used(self, containers: dict[str, list[str]]) -> dict[str, float]:
+        return {node: sum(_memory_mib(cid) for cid in ids) for node, ids in containers.items()}
+
     def _sample(self) -> None:
         containers: dict[str, list[str]] = {}
         listed = 0.0
         while not self._done.wait(SAMPLE_SECONDS):
-            if time.monotonic() - listed > 5:  # its containers come and go; a `docker ps` in each node every 5 s
-                containers = {node: self.swarm.run(node, "docker", "ps", "-q", "--no-trunc").stdout.split()
-                              for node in self.swarm.nodes}
-                listed = time.monotonic()
-            total = 0.0
-            for node in self.swarm.nodes:
-                used = sum(_memory_mib(cid) for cid in [self._ids[node], *containers.get(node, [])])
-                self.peak[node] = max(self.peak[node], used)
-                total += used
-            self.peak_total = max(self.peak_total, total)
+            if time.monotonic() - listed > 5:  # its containers come and go: a `docker ps` in each node every 5 s
+                containers, listed = self._containers(), time.monotonic()
+            used = self._used(containers)
+            for node, mib in used.items():
+                self.peak[node] = max(self.peak[node], mib)
+            self.peak_total = max(self.peak_total, sum(used.values()))
 
 
 def _memory_mib(container_id: str) -> float:
