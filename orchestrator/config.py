@@ -331,6 +331,9 @@ class SwarmSettings:
     """runtime: swarm: the engine of a Swarm manager, where each chat is a service."""
 
     manager: str = ""  # unix:///path (a manager's socket, mounted or forwarded); "": the local engine (DOCKER_HOST)
+    # How long a chat's start waits for its task to run (the first on a node pulls the agent image: about a minute
+    # for 1.2 GB); then the service is scaled back to zero and the message answered with the error.
+    start_timeout: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -447,7 +450,8 @@ def parse_settings(raw: object, source: Path, environ: Mapping[str, str]) -> Set
         chats_dir=_absolute(Path(reader.string(top, "chats_dir", "")), source) if chats_dir else None,
         instance=instance,
         runtime=runtime,
-        swarm=reader.flat(top.get("swarm"), "swarm", SwarmSettings, {"manager": _engine_url}),
+        swarm=reader.flat(top.get("swarm"), "swarm", SwarmSettings, {
+            "manager": _engine_url, "start_timeout": _positive_number}),
         agent=reader.agent(top.get("agent")),
         defaults=defaults,
         groups=groups,

@@ -11,18 +11,20 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, TypeVar
 
 import docker
 import requests
-from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound, create_api_error_from_http_exception
 from docker.models.containers import Container
 from docker.types import LogConfig, Mount, Ulimit
+from loguru import logger
 
 from orchestrator import credentials, egress, layout
 from orchestrator.config import INSTANCE_NETWORK, ChatOptions, ChatSettings, Settings
@@ -149,12 +151,6 @@ class Runtime(Protocol):
     async def inspect(self, name: str) -> ContainerState: ...
 
     async def stop(self, name: str, grace_seconds: float) -> None: ...
-
-    def _set_replicas_to_zero(self, service: dict[str, Any]) -> None:
-        spec = service["Spec"]
-        if spec.get("Mode", {}).get("Replicated", {}).get("Replicas", 0) != 0:
-            self._api("POST", "/services/{0}/update", service["ID"],
-                      body={**spec, "Mode": {"Replicated": {"Replicas": 0}}}, version=service["Version"]["Index"])
 
     async def list_managed(self, instance: str) -> list[ContainerState]: ...
 
@@ -324,6 +320,20 @@ def _state(container: Container) -> ContainerState:
     )
 
 
+async def _in_thread(executor: ThreadPoolExecutor, engine: str, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` (docker-py, which blocks) on a runtime's own threads, its errors as RuntimeFailure worded for the
+    operator: `engine` names the engine it talks to."""
+    loop = asyncio.get_running_loop()
+    try:
+        return await loop.run_in_executor(executor, fn, *args)
+    except ImageNotFound as exc:
+        raise RuntimeFailure(f"image not found ({exc.explanation}): build it with images/build.sh") from exc
+    except APIError as exc:
+        raise RuntimeFailure(f"{engine} refused: {exc.explanation or exc}") from exc
+    except (DockerException, requests.RequestException) as exc:
+        raise RuntimeFailure(f"{engine} cannot be reached: {exc}") from exc
+
+
 class DockerRuntime(Runtime):
     def __init__(self, timeout: float = 120) -> None:
         self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="docker")
@@ -336,15 +346,7 @@ class DockerRuntime(Runtime):
             raise RuntimeFailure(f"the Docker engine cannot be reached: {exc}") from exc
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, fn, *args)
-        except ImageNotFound as exc:
-            raise RuntimeFailure(f"image not found ({exc.explanation}): build it with images/build.sh") from exc
-        except APIError as exc:
-            raise RuntimeFailure(f"the Docker engine refused: {exc.explanation or exc}") from exc
-        except (DockerException, requests.RequestException) as exc:
-            raise RuntimeFailure(f"the Docker engine cannot be reached: {exc}") from exc
+        return await _in_thread(self._executor, "the Docker engine", fn, *args)
 
     def close(self) -> None:
         self._watching = False
@@ -597,10 +599,19 @@ class DockerRuntime(Runtime):
 
 # ---- Docker Swarm: one service per chat ----------------------------------------------------------------------------
 
-SWARM_START_SECONDS = 300.0  # a chat's first task on a node pulls the agent image there (about a minute for 1.2 GB)
+SWARM_POLL_SECONDS = 0.25  # how often a start or a stop looks at the chat's tasks (from the event loop)
 SWARM_STOP_SECONDS = 60.0  # after a scale to zero, how long to wait for the task to be gone
 SWARM_WATCH_SECONDS = 2.0  # how often the watch looks at the chats' tasks (Swarm sends no task events to a manager)
+SWARM_NODES_SECONDS = 2.0  # how long the nodes' table (hostnames, up or down, engines) is taken as current
 SWARM_RESTART_DELAY_NS = 2_000_000_000
+# Where a chat's task sends DNS queries that its node's embedded resolver forwards: an address given in the service's
+# DNS config is asked from the task's own network namespace, and on the chats' internal network nothing answers there.
+# Left to the node's resolv.conf, an engine before 23.0.11 / 25.0.4 / 26.0 asks a loopback resolver (systemd's
+# 127.0.0.53, a Docker-in-Docker node's 127.0.0.11) from the node's namespace, a way out of an internal network
+# (CVE-2024-29018). Measured on Debian's 20.10.24: with this setting the query reached a listener on the task's own
+# 127.0.0.1:53, not the node's.
+SWARM_TASK_NAMESERVER = "127.0.0.1"
+MIN_NODE_ENGINE = (20, 10)  # API 1.41: before it a node drops a service's capability drop, ulimits and pids limit
 # A task's states (swarmkit's TaskState) as the container states the service and the turn runner know.
 _TASK_STATES = {
     "new": "created", "pending": "created", "assigned": "created", "accepted": "created", "preparing": "created",
@@ -608,6 +619,7 @@ _TASK_STATES = {
     "failed": "exited", "rejected": "dead", "orphaned": "dead", "remove": "exited",
 }
 _TASK_LIVE = ("new", "pending", "assigned", "accepted", "preparing", "ready", "starting", "running")
+_NODE_LOST = ("down", "disconnected")  # the manager no longer hears from it: what its tasks last said is stale
 
 
 def swarm_network_name(instance: str) -> str:
@@ -643,7 +655,7 @@ _SIZE_SUFFIXES = {"k": 1024, "m": 1024**2, "g": 1024**3}
 
 
 def service_spec(spec: ContainerSpec, image: str, fingerprint: str, network: str, replicas: int,
-                 force_update: int = 0) -> dict[str, Any]:
+                 force_update: int = 0, stop_grace: float = 0.0) -> dict[str, Any]:
     """The Swarm service of a chat's container spec, as the engine's API takes it (API 1.41: capabilities, ulimits
     and the pids limit are there, which docker-py's helpers do not all know; `SwarmRuntime` refuses an older engine).
     The fingerprint is on the tasks too, so a start can tell the task of this spec from one of the last. Pure."""
@@ -660,7 +672,10 @@ def service_spec(spec: ContainerSpec, image: str, fingerprint: str, network: str
                      for target, options in spec.tmpfs],
         "Ulimits": [{"Name": name, "Soft": limit, "Hard": limit} for name, limit in spec.ulimits],
         "CapabilityDrop": ["ALL"],
+        "DNSConfig": {"Nameservers": [SWARM_TASK_NAMESERVER]},
     }
+    if stop_grace:
+        container["StopGracePeriod"] = int(stop_grace * 1e9)  # SIGTERM, then SIGKILL this long after (Swarm: 10 s)
     if spec.cap_add:
         container["CapabilityAdd"] = list(spec.cap_add)
     if spec.command:
@@ -689,12 +704,65 @@ def service_spec(spec: ContainerSpec, image: str, fingerprint: str, network: str
     }
 
 
+@dataclass(frozen=True)
+class SwarmNode:
+    """What the runtime needs of a Swarm node: its hostname (shown per chat), whether the manager hears from it, and
+    whether it takes tasks with an engine new enough for a chat's service."""
+
+    hostname: str
+    lost: bool  # down or disconnected: its tasks' last reported states are stale
+    active: bool  # availability active and ready: Swarm may place a chat there
+    engine: str  # the engine's version, as it reports it (20.10.24+dfsg1, 27.3.1)
+
+
+def swarm_nodes(nodes: list[dict[str, Any]]) -> dict[str, SwarmNode]:
+    """The engine's `GET /nodes` by node id. Pure."""
+    table = {}
+    for node in nodes:
+        description, status = node.get("Description") or {}, node.get("Status") or {}
+        table[node["ID"]] = SwarmNode(
+            hostname=description.get("Hostname") or node["ID"],
+            lost=status.get("State") in _NODE_LOST,
+            active=status.get("State") == "ready" and (node.get("Spec") or {}).get("Availability") == "active",
+            engine=(description.get("Engine") or {}).get("EngineVersion", ""))
+    return table
+
+
+def engine_too_old(version: str) -> bool:
+    """Whether an engine's version is before MIN_NODE_ENGINE (or unreadable). Pure."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return match is None or (int(match[1]), int(match[2])) < MIN_NODE_ENGINE
+
+
+def pinned_image(image: str, digest: str, last_known: str) -> str:
+    """The reference a chat's service runs: the image at the digest the registry gave, else the reference last known
+    (a registry's outage must not change every chat's fingerprint, replacing its task twice), else the tag. Pure."""
+    if digest:
+        return f"{image.split('@')[0]}@{digest}"
+    return last_known or image
+
+
+def _created(task: dict[str, Any]) -> tuple[str, int, int]:
+    """A task's creation time as (seconds, nanoseconds) and its version: the API's RFC 3339 text drops a fraction's
+    trailing zeros (`…:05Z`, `…:05.5Z`, `…:05.45Z`), so as text it does not sort by time. Pure."""
+    seconds, _, fraction = task.get("CreatedAt", "").rstrip("Z").partition(".")
+    nanoseconds = int(fraction[:9].ljust(9, "0")) if fraction.isdigit() else 0
+    return seconds, nanoseconds, task.get("Version", {}).get("Index", 0)
+
+
 def newest_task(tasks: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The task that stands for the service now: the newest that should run, else the newest of all. Pure."""
     if not tasks:
         return None
     wanted = [t for t in tasks if t.get("DesiredState") == "running"]
-    return max(wanted or tasks, key=lambda t: (t.get("CreatedAt", ""), t.get("Version", {}).get("Index", 0)))
+    return max(wanted or tasks, key=_created)
+
+
+def task_live(task: dict[str, Any], nodes: dict[str, SwarmNode]) -> bool:
+    """Whether a task runs or is on its way, by its last reported state, unless its node is lost: a task of a node
+    that went down reads as running until the node comes back, and must not hold a stop or stand for the chat. Pure."""
+    node = nodes.get(task.get("NodeID", ""))
+    return task.get("Status", {}).get("State") in _TASK_LIVE and not (node and node.lost)
 
 
 def of_spec(task: dict[str, Any] | None, fingerprint: str) -> bool:
@@ -703,47 +771,54 @@ def of_spec(task: dict[str, Any] | None, fingerprint: str) -> bool:
     return labels.get(SPEC_LABEL) == fingerprint
 
 
-def service_state(service: dict[str, Any], tasks: list[dict[str, Any]], nodes: dict[str, str]) -> ContainerState:
-    """A chat's service and its tasks as a container's state: running while its newest task runs, with that task's
-    container id and node (by hostname); a service scaled to zero is `exited`. Pure."""
+def service_state(service: dict[str, Any], tasks: list[dict[str, Any]],
+                  nodes: dict[str, SwarmNode]) -> ContainerState:
+    """A chat's service and its tasks as a container's state: running while its newest task runs on a node the
+    manager hears from, with that task's container id and node (by hostname); a service scaled to zero is
+    `exited`, and so is a task whose node is lost (whatever it last said). Pure."""
     spec = service.get("Spec", {})
     limits = spec.get("TaskTemplate", {}).get("Resources", {}).get("Limits", {})
     replicas = spec.get("Mode", {}).get("Replicated", {}).get("Replicas", 0)
-    task = newest_task(tasks)
-    status = task.get("Status", {}) if task else {}
-    state = status.get("State", "")
-    if task is None or (replicas == 0 and state not in _TASK_LIVE):
+    task = newest_task(tasks) or {}
+    status = task.get("Status", {})
+    node = nodes.get(task.get("NodeID", ""))
+    lost = bool(task) and not task_live(task, nodes) and status.get("State") in _TASK_LIVE
+    if not task or (replicas == 0 and not task_live(task, nodes)):
         current = "exited" if replicas == 0 else "created"
     else:
-        current = _TASK_STATES.get(state, "exited")
+        current = "exited" if lost else _TASK_STATES.get(status.get("State", ""), "exited")
     container = status.get("ContainerStatus") or {}
     return ContainerState(
         name=spec.get("Name", ""),
-        id=container.get("ContainerID") or (task or {}).get("ID", "") or service.get("ID", ""),
+        id=container.get("ContainerID") or task.get("ID", "") or service.get("ID", ""),
         status=current,
-        exit_code=container.get("ExitCode") if current != "running" and container else None,
+        exit_code=container.get("ExitCode") if current != "running" and container and not lost else None,
         chat_id=spec.get("Labels", {}).get(CHAT_LABEL, ""),
         nano_cpus=limits.get("NanoCPUs") or 0,
         memory=limits.get("MemoryBytes") or 0,
         pids_limit=limits.get("Pids") or 0,
         started_at=status.get("Timestamp", "") if current == "running" else "",
-        node=nodes.get((task or {}).get("NodeID", ""), (task or {}).get("NodeID", "")),
+        node=node.hostname if node else task.get("NodeID", ""),
     )
 
 
 class SwarmRuntime(Runtime):
     """Each chat a Swarm service on a manager's engine (one replica; idle stop scales it to zero), its folders on
     storage every node mounts at the same path. The instance's own containers (the model gateway, the egress proxy)
-    stay on this host's engine (`local`), and so do their networks and the firewall.
+    stay on this host's engine (`local`), and so do their networks and the firewall. A start's and a stop's waits
+    poll from the event loop, so a chat whose image is being pulled holds none of the pool's threads.
 
     What a chat's task cannot give from another node (no `docker exec` there, no stats): `run` refuses,
     `process_limit_hits` and `usage` know nothing. See docs/SCALING.md."""
 
-    def __init__(self, manager: str, local: DockerRuntime, timeout: float = 120) -> None:
+    def __init__(self, manager: str, local: DockerRuntime, start_timeout: float, stop_grace: float,
+                 timeout: float = 120) -> None:
         self.local = local
+        self.start_timeout = start_timeout
+        self.stop_grace = stop_grace
         self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="swarm")
         self._digests: dict[str, tuple[str, float]] = {}
-        self._nodes: dict[str, str] = {}
+        self._nodes: tuple[dict[str, SwarmNode], float] = ({}, 0.0)
         self._task_containers: set[str] = set()  # ids of chats' task containers seen: not this host's to exec in
         self._watching = False
         try:
@@ -751,15 +826,10 @@ class SwarmRuntime(Runtime):
                 else docker.from_env(timeout=timeout)
         except DockerException as exc:
             raise RuntimeFailure(f"the Swarm manager's engine cannot be reached: {exc}") from exc
+        self._api = self._client.api
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, fn, *args)
-        except APIError as exc:
-            raise RuntimeFailure(f"the Swarm manager refused: {exc.explanation or exc}") from exc
-        except (DockerException, requests.RequestException) as exc:
-            raise RuntimeFailure(f"the Swarm manager's engine cannot be reached: {exc}") from exc
+        return await _in_thread(self._executor, "the Swarm manager's engine", fn, *args)
 
     def close(self) -> None:
         self._watching = False
@@ -777,62 +847,91 @@ class SwarmRuntime(Runtime):
             return "the engine of swarm.manager is not a manager of an active Swarm"
         return self.local.ping()
 
-    # ---- the engine's API, raw where docker-py lacks a field ----
-
-    def _api(self, method: str, path: str, *args: str, body: Any = None, **params: Any) -> Any:
-        """A call to the engine's API: `path` with `{0}`… for `args` (quoted into the URL)."""
-        api = self._client.api
-        url = api._url(path, *args)
-        response = api._get(url, params=params) if method == "GET" else api._post_json(url, data=body, params=params)
-        return api._result(response, json=True)
+    # ---- reading the Swarm ----
 
     def _service(self, name: str) -> dict[str, Any] | None:
         try:
-            service: dict[str, Any] = self._api("GET", "/services/{0}", name)
+            service: dict[str, Any] = self._api.inspect_service(name)
         except NotFound:
             return None
         return service if service.get("Spec", {}).get("Name") == name else None  # not one whose id starts so
 
     def _tasks(self, service_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
+        """The tasks of these services, in one call, by service id."""
         by_service: dict[str, list[dict[str, Any]]] = {}
         if service_ids:
-            for task in self._api("GET", "/tasks", filters=json.dumps({"service": service_ids})):
+            for task in self._api.tasks(filters={"service": service_ids}):
                 by_service.setdefault(task.get("ServiceID", ""), []).append(task)
         return by_service
 
-    def _node_names(self, tasks: list[dict[str, Any]]) -> dict[str, str]:
-        if any(t.get("NodeID") and t["NodeID"] not in self._nodes for t in tasks):
-            self._nodes = {node["ID"]: node.get("Description", {}).get("Hostname", node["ID"])
-                           for node in self._api("GET", "/nodes")}
-        return self._nodes
+    def _node_table(self, tasks: Sequence[dict[str, Any]] = ()) -> dict[str, SwarmNode]:
+        """The nodes, read again when older than SWARM_NODES_SECONDS or when a task names one not in it."""
+        table, read_at = self._nodes
+        if time.monotonic() - read_at > SWARM_NODES_SECONDS or any(
+                t.get("NodeID") and t["NodeID"] not in table for t in tasks):
+            table = swarm_nodes(self._api.nodes())
+            self._nodes = (table, time.monotonic())
+        return table
 
     def _state(self, service: dict[str, Any], tasks: list[dict[str, Any]]) -> ContainerState:
-        state = service_state(service, tasks, self._node_names(tasks))
+        state = service_state(service, tasks, self._node_table(tasks))
         if state.id:
             self._task_containers.add(state.id)
         return state
 
-    def _check_engine(self) -> None:
-        """Refuses a manager's engine before API 1.41 (Docker 20.10): it drops a service's capability drop, ulimits
-        and pids limit without a word (moby's adjustForAPIVersion), and its chats would run with Docker's default
-        capabilities and no process cap."""
-        version = str(self._client.api.api_version)
+    def _look(self, name: str) -> tuple[dict[str, Any], list[dict[str, Any]], ContainerState]:
+        service = self._service(name)
+        if service is None:
+            raise RuntimeFailure(f"the service {name} was removed while it was started or stopped")
+        tasks = self._tasks([service["ID"]]).get(service["ID"], [])
+        return service, tasks, self._state(service, tasks)
+
+    def _check_engines(self) -> None:
+        """Refuses a manager's engine before API 1.41 (Docker 20.10), and a node that takes tasks with an engine
+        before 20.10: they drop a service's capability drop, ulimits and pids limit without a word (moby's
+        adjustForAPIVersion, and an old node's executor knows no such fields), and its chats would run with Docker's
+        default capabilities and no process cap."""
+        version = str(self._api.api_version)
         if tuple(int(part) for part in version.split(".")[:2]) < (1, 41):
             raise RuntimeFailure(f"the Swarm manager's engine speaks API {version}: before 1.41 (Docker 20.10) a "
                                  "service loses its capability drop, ulimits and pids limit; upgrade the engines")
+        old = sorted(f"{node.hostname} ({node.engine or 'no version'})"
+                     for node in self._node_table().values() if node.active and engine_too_old(node.engine))
+        if old:
+            raise RuntimeFailure(f"Swarm nodes with an engine before {'.'.join(map(str, MIN_NODE_ENGINE))} would run "
+                                 f"chats without their capability drop, ulimits and pids limit: {', '.join(old)}; "
+                                 "upgrade them or drain them (`docker node update --availability drain NODE`)")
 
     def _image(self, image: str) -> str:
         """`image@digest` as the registry has it now, so every node runs the same image and a push reaches the chats
-        (looked up at most every IMAGE_CHECK_SECONDS); the tag alone when the registry cannot say."""
+        (looked up at most every IMAGE_CHECK_SECONDS, with the credentials of `docker login` on this host). When
+        the registry cannot say, the digest last known (else the tag): taking the tag would change every chat's
+        fingerprint and replace its task, and again when the registry is back."""
         cached = self._digests.get(image)
         if cached is None or time.monotonic() - cached[1] > IMAGE_CHECK_SECONDS:
             try:
-                digest = self._api("GET", "/distribution/{0}/json", image)["Descriptor"]["digest"]
-                reference = f"{image.split('@')[0]}@{digest}"
-            except (APIError, KeyError):
-                reference = image  # nodes pull the tag (or have it): they may then run different builds
+                reference = pinned_image(image, self._api.inspect_distribution(image)["Descriptor"]["digest"], "")
+            except (APIError, KeyError) as exc:
+                reference = pinned_image(image, "", cached[0] if cached else "")
+                logger.warning(f"the registry did not give the digest of {image} ({exc}): {reference} is used")
             cached = self._digests[image] = (reference, time.monotonic())
         return cached[0]
+
+    # ---- writing services (docker-py sends the registry credentials of `docker login` on this host with them) ----
+
+    def _create(self, service: dict[str, Any]) -> None:
+        self._api.create_service(service["TaskTemplate"], name=service["Name"], labels=service["Labels"],
+                                 mode=service["Mode"])
+
+    def _update(self, service_id: str, version: int, service: dict[str, Any]) -> None:
+        self._api.update_service(service_id, version, task_template=service["TaskTemplate"], name=service["Name"],
+                                 labels=service["Labels"], mode=service["Mode"])
+
+    def _set_replicas_to_zero(self, service: dict[str, Any]) -> None:
+        spec = service["Spec"]
+        if spec.get("Mode", {}).get("Replicated", {}).get("Replicas", 0) != 0:
+            self._update(service["ID"], service["Version"]["Index"],
+                         {**spec, "Labels": spec.get("Labels", {}), "Mode": {"Replicated": {"Replicas": 0}}})
 
     # ---- lifecycle ----
 
@@ -841,62 +940,54 @@ class SwarmRuntime(Runtime):
         start on a node that includes pulling the image); the instance's own containers on this host."""
         if CHAT_LABEL not in spec.labels:
             return await self.local.ensure(spec)
-        return await self._call(self._ensure, spec)
+        fingerprint = await self._call(self._apply, spec)
+        return await self._until_running(spec.name, fingerprint)
 
-    def _ensure(self, spec: ContainerSpec) -> ContainerState:
+    def _apply(self, spec: ContainerSpec) -> str:
+        """The chat's service made, or updated to this spec and one replica; its fingerprint."""
         if spec.network not in ("none", network_name(spec.labels.get(INSTANCE_LABEL, ""))):
             raise RuntimeFailure(f"network {spec.network} is not served on runtime: swarm")
         image = self._image(spec.image)
-        fingerprint = f"{spec.fingerprint()}:{image}"
-        self._check_engine()
+        fingerprint = f"{spec.fingerprint()}:{image}:{self.stop_grace:g}"
+        self._check_engines()
         network = swarm_network_name(spec.labels.get(INSTANCE_LABEL, ""))
         service = self._service(spec.name)
         if service is None:
             try:
-                self._api("POST", "/services/create",
-                          body=service_spec(spec, image, fingerprint, network, 1))
+                self._create(service_spec(spec, image, fingerprint, network, 1, stop_grace=self.stop_grace))
             except APIError as exc:
                 if exc.status_code != 409:
                     raise
-            service = self._service(spec.name)
-            if service is None:
-                raise RuntimeFailure(f"the service {spec.name} was made and is gone")
-        else:
-            current = service["Spec"]
-            replicas = current.get("Mode", {}).get("Replicated", {}).get("Replicas", 0)
-            force = current.get("TaskTemplate", {}).get("ForceUpdate", 0)
-            tasks = self._tasks([service["ID"]]).get(service["ID"], [])
-            task = newest_task(tasks)
-            if replicas == 1 and (task is None or task.get("Status", {}).get("State") not in _TASK_LIVE):
-                force += 1  # its task ended and Swarm will not start another (it exited 0): a new one, by force
-            if current.get("Labels", {}).get(SPEC_LABEL) != fingerprint or replicas != 1 \
-                    or force != current.get("TaskTemplate", {}).get("ForceUpdate", 0):
-                self._api("POST", "/services/{0}/update", service["ID"],
-                          body=service_spec(spec, image, fingerprint, network, 1, force),
-                          version=service["Version"]["Index"])
-        return self._until_running(service["ID"], spec.name, fingerprint)
+            return fingerprint
+        current = service["Spec"]
+        replicas = current.get("Mode", {}).get("Replicated", {}).get("Replicas", 0)
+        force = current.get("TaskTemplate", {}).get("ForceUpdate", 0)
+        task = newest_task(self._tasks([service["ID"]]).get(service["ID"], []))
+        if replicas == 1 and (task is None or not task_live(task, self._node_table([task]))):
+            force += 1  # its task ended and Swarm will not start another (it exited 0): a new one, by force
+        if current.get("Labels", {}).get(SPEC_LABEL) != fingerprint or replicas != 1 \
+                or force != current.get("TaskTemplate", {}).get("ForceUpdate", 0):
+            self._update(service["ID"], service["Version"]["Index"],
+                         service_spec(spec, image, fingerprint, network, 1, force, self.stop_grace))
+        return fingerprint
 
-    def _until_running(self, service_id: str, name: str, fingerprint: str) -> ContainerState:
+    async def _until_running(self, name: str, fingerprint: str) -> ContainerState:
         """Until the task of this spec runs: just after an update, Swarm may not have replaced the last spec's task
         yet, and a turn handed to that one would be taken by the next (and told it was not run while it runs)."""
-        deadline = time.monotonic() + SWARM_START_SECONDS
+        deadline = time.monotonic() + self.start_timeout
         while True:
-            service = self._service(name)
-            if service is None:
-                raise RuntimeFailure(f"the service {name} was removed while it was started")
-            tasks = self._tasks([service_id]).get(service_id, [])
-            state = self._state(service, tasks)
+            service, tasks, state = await self._call(self._look, name)
             if state.running and of_spec(newest_task(tasks), fingerprint):
                 return state
             if time.monotonic() > deadline:
                 # Left at one replica, Swarm would go on pulling or placing it every few seconds, and idle stop,
                 # which looks at running chats only, would never take it down.
-                self._set_replicas_to_zero(service)
-                task = newest_task(tasks) or {}
-                status = task.get("Status", {})
-                raise RuntimeFailure(f"the service {name} has no running task after {SWARM_START_SECONDS:g} s: "
-                                     f"{status.get('State', 'no task')}: {status.get('Err') or status.get('Message')}")
-            time.sleep(0.25)
+                await self._call(self._set_replicas_to_zero, service)
+                status = (newest_task(tasks) or {}).get("Status", {})
+                raise RuntimeFailure(f"the service {name} has no running task after {self.start_timeout:g} s "
+                                     f"(swarm.start_timeout), and is scaled to zero: {status.get('State', 'no task')}"
+                                     f": {status.get('Err') or status.get('Message')}")
+            await asyncio.sleep(SWARM_POLL_SECONDS)
 
     async def inspect(self, name: str) -> ContainerState:
         state = await self._call(self._inspect, name)
@@ -910,30 +1001,30 @@ class SwarmRuntime(Runtime):
 
     async def stop(self, name: str, grace_seconds: float) -> None:
         """A chat's service scaled to zero (its definition stays: the next `ensure` scales it up), waited for until
-        its task has stopped; another container of this host's stopped as on Docker."""
-        if not await self._call(self._scale_to_zero, name, grace_seconds):
-            await self.local.stop(name, grace_seconds)
-
-    def _scale_to_zero(self, name: str, grace_seconds: float) -> bool:
-        service = self._service(name)
+        its task has stopped (its StopGracePeriod is `containers.stop_timeout`) or its node is lost; another
+        container of this host's stopped as on Docker."""
+        service = await self._call(self._service, name)
         if service is None:
-            return False
-        self._set_replicas_to_zero(service)
-        deadline = time.monotonic() + grace_seconds + SWARM_STOP_SECONDS
-        while time.monotonic() < deadline:
-            tasks = self._tasks([service["ID"]]).get(service["ID"], [])
-            if not any(t.get("Status", {}).get("State") in _TASK_LIVE for t in tasks):
-                return True
-            time.sleep(0.25)
-        raise RuntimeFailure(f"the task of the service {name} did not stop within {grace_seconds:g} s + "
-                             f"{SWARM_STOP_SECONDS:g} s after it was scaled to zero")
+            return await self.local.stop(name, grace_seconds)
+        await self._call(self._set_replicas_to_zero, service)
+        deadline = time.monotonic() + max(grace_seconds, self.stop_grace) + SWARM_STOP_SECONDS
+        while await self._call(self._any_task_live, service["ID"]):
+            if time.monotonic() > deadline:
+                raise RuntimeFailure(f"the task of the service {name} did not stop within {grace_seconds:g} s + "
+                                     f"{SWARM_STOP_SECONDS:g} s after it was scaled to zero")
+            await asyncio.sleep(SWARM_POLL_SECONDS)
+
+    def _any_task_live(self, service_id: str) -> bool:
+        tasks = self._tasks([service_id]).get(service_id, [])
+        nodes = self._node_table(tasks)
+        return any(task_live(task, nodes) for task in tasks)
 
     async def list_managed(self, instance: str) -> list[ContainerState]:
         return await self._call(self._list_managed, instance)
 
     def _list_managed(self, instance: str) -> list[ContainerState]:
         labels = [f"{MANAGED_LABEL}=true", f"{INSTANCE_LABEL}={instance}", CHAT_LABEL]
-        services = self._api("GET", "/services", filters=json.dumps({"label": labels}))
+        services = self._api.services(filters={"label": labels})
         tasks = self._tasks([s["ID"] for s in services])
         return [self._state(s, tasks.get(s["ID"], [])) for s in services]
 
@@ -969,8 +1060,7 @@ class SwarmRuntime(Runtime):
 
     def _ensure_swarm_network(self, instance: str) -> None:
         name, node_config = swarm_network_name(instance), swarm_node_network_name(instance)
-        found = [n for n in self._api("GET", "/networks", filters=json.dumps({"name": [name, node_config]}))
-                 if n.get("Name") in (name, node_config)]
+        found = [n for n in self._api.networks(names=[name, node_config]) if n.get("Name") in (name, node_config)]
         by_name = {n["Name"]: n for n in found}
         config = by_name.get(node_config)
         if config is None or (config.get("Options") or {}).get(ICC_OPTION) != "false":
@@ -985,12 +1075,21 @@ class SwarmRuntime(Runtime):
                                  "`docker network rm` on the manager and start again")
         if network is None:
             try:  # a network made from a config network may carry no labels of its own
-                self._api("POST", "/networks/create", body={
-                    "Name": name, "Driver": "bridge", "Scope": "swarm", "Internal": True,
-                    "ConfigFrom": {"Network": node_config}, "CheckDuplicate": True})
+                self._create_chats_network(name, node_config)
             except APIError as exc:
                 if exc.status_code != 409:
                     raise
+
+    def _create_chats_network(self, name: str, node_config: str) -> None:
+        """docker-py's create_network has no ConfigFrom: the API's own call, through the client's HTTP session."""
+        api = self._api
+        response = api.post(f"{api.base_url}/v{api.api_version}/networks/create", json={
+            "Name": name, "Driver": "bridge", "Scope": "swarm", "Internal": True,
+            "ConfigFrom": {"Network": node_config}, "CheckDuplicate": True})
+        try:
+            response.raise_for_status()
+        except requests.HTTPError as exc:
+            create_api_error_from_http_exception(exc)  # raises docker's APIError, as the client's own calls do
 
     async def address(self, name: str, network: str) -> str | None:
         return await self.local.address(name, network)
@@ -1033,7 +1132,8 @@ def make_runtime(settings: Settings) -> DockerRuntime | SwarmRuntime:
     if settings.runtime != "swarm":
         return local
     try:
-        return SwarmRuntime(settings.swarm.manager, local)
+        return SwarmRuntime(settings.swarm.manager, local, start_timeout=settings.swarm.start_timeout,
+                            stop_grace=settings.containers.stop_timeout)
     except RuntimeFailure:
         local.close()
         raise

@@ -29,13 +29,27 @@ def on_swarm(swarm_cluster: Swarm, instance: str) -> Iterator[Swarm]:
     swarm_cluster.remove_instance(instance)
 
 
-def swarm_config(feishu_config: Callable[..., Path], swarm: Swarm, instance: str, **sections: object) -> Path:
+def swarm_config(feishu_config: Callable[..., Path], swarm: Swarm, instance: str, swarm_section: dict | None = None,
+                 **sections: object) -> Path:
     """The instance's data on the shared storage (the same path on every node); chats spread over the zones unless
     `defaults` says otherwise."""
     sections.setdefault("defaults", {"egress": "none", "placement": {"spread": ["node.labels.zone"]}})
-    return feishu_config(
-        data_dir=str(swarm.shared / instance / "data"), runtime="swarm", swarm={"manager": swarm.manager_url},
-        agent={"image": swarm.agent_image}, **sections)
+    return feishu_config(data_dir=str(swarm.shared / instance / "data"), runtime="swarm",
+                         swarm={"manager": swarm.manager_url, **(swarm_section or {})},
+                         agent={"image": swarm.agent_image}, **sections)
+
+
+# A listener on a chat task's own 127.0.0.1:53, run beside it in its network namespace (a container on its node with
+# `--network container:TASK` and the capability to bind port 53, which neither the agent nor an exec in the task has).
+DNS_LISTENER = """
+import socket
+listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+listener.bind(("127.0.0.1", 53))
+print("listening", flush=True)
+while True:
+    print("heard", listener.recvfrom(512)[0], flush=True)
+"""
+LOOKUP = "import socket, sys\ntry:\n    socket.getaddrinfo(sys.argv[1], 80)\nexcept OSError:\n    pass\n"
 
 
 def ask(feishu: FakeFeishu, chat_id: str, text: str) -> None:
@@ -48,7 +62,7 @@ def test_chats_are_services_placed_over_the_nodes_answered_by_the_real_cli(
     swarm = on_swarm
     gpu, zone_a, zone_b, anywhere = chat(), chat(), chat(), chat()
     spread = [zone_a, zone_b, anywhere]
-    config = swarm_config(feishu_config, swarm, instance, groups={
+    config = swarm_config(feishu_config, swarm, instance, containers={"stop_timeout": 4}, groups={
         gpu: {"placement": {"constraints": ["node.labels.gpu==true"], "reserve_cpus": 0.25, "reserve_memory": "64m"}},
         zone_a: {"placement": {"constraints": ["node.labels.zone==a"]}},
         zone_b: {"placement": {"constraints": ["node.labels.zone==b", "node.labels.gpu!=true"]}}})
@@ -74,6 +88,7 @@ def test_chats_are_services_placed_over_the_nodes_answered_by_the_real_cli(
         assert task["ContainerSpec"]["ReadOnly"] and task["ContainerSpec"]["CapabilityDrop"] == ["ALL"]
         assert task["ContainerSpec"]["User"] == "1000:1000"
         assert task["ContainerSpec"]["Image"].startswith(f"{swarm.agent_image}@sha256:")  # pinned to the pushed build
+        assert task["ContainerSpec"]["StopGracePeriod"] == 4 * 10**9  # containers.stop_timeout, not Swarm's 10 s
         nodes[chat_id] = swarm.task_node(f"{instance}-{chat_id}")
     gpu_service = swarm.service(f"{instance}-{gpu}")["Spec"]["TaskTemplate"]
     assert gpu_service["Placement"] == {"Constraints": ["node.labels.gpu==true"]}
@@ -86,6 +101,19 @@ def test_chats_are_services_placed_over_the_nodes_answered_by_the_real_cli(
     caps = swarm.exec(nodes[gpu], "docker", "inspect", "--format",
                       "{{.HostConfig.NanoCpus}} {{.HostConfig.Memory}} {{.HostConfig.PidsLimit}}", container).split()
     assert caps == ["1000000000", str(512 * MiB), "200"]
+    # A lookup in the task is asked from the task's own network namespace (a listener on its own 127.0.0.1:53
+    # hears it; the chats' internal network answers nothing else), not forwarded by its node's engine to the node's
+    # resolver from the node's namespace: Debian's 20.10 engines do that (CVE-2024-29018), a way out by DNS.
+    listener = swarm.exec(nodes[gpu], "docker", "run", "-d", "--network", f"container:{container}", "--cap-drop", "ALL",
+                          "--cap-add", "NET_BIND_SERVICE", "-u", "0", "--entrypoint", "python3", swarm.agent_image,
+                          "-c", DNS_LISTENER).strip()
+    try:
+        wait_until(lambda: "listening" in swarm.exec(nodes[gpu], "docker", "logs", listener), 30, "the DNS listener")
+        swarm.exec(nodes[gpu], "docker", "exec", container, "python3", "-c", LOOKUP, f"probe-{marker}.invalid")
+        wait_until(lambda: f"probe-{marker}" in swarm.exec(nodes[gpu], "docker", "logs", listener), 30,
+                   "the lookup at the task's own 127.0.0.1:53")  # the query's bytes, the name's labels in them
+    finally:
+        swarm.run(nodes[gpu], "docker", "rm", "-f", listener)
 
     # orchestrator status: each chat's node
     rows = {row["chat_id"]: row for row in status_json(config)}
@@ -168,6 +196,29 @@ def test_a_lost_nodes_chat_comes_up_on_another_with_its_session(
         assert f"first {marker}" in json.dumps(fake_api.requests_mentioning(f"second {marker}")[-1]["messages"])
         assert {row["chat_id"]: row["node"] for row in status_json(config)}[chat_id] == after
         print(f"\nswarm: the chat's task ran again on {after} {moved:.1f} s after {lost} was killed")
+        # The task on the lost node still reads as running (its node cannot say otherwise): a stop must not wait
+        # for it (its grace, 10 s, and 60 s more, past run_cli's 60 s)
+        stopped = run_cli(config, "stop", chat_id)
+        assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped.stderr
+        assert swarm.task_node(name) == ""
     finally:
         swarm.restart_node(lost)
+    assert bot.stop() == 0
+
+
+def test_a_chat_no_node_can_take_is_told_and_scaled_back_to_zero(
+        on_swarm: Swarm, instance: str, feishu: FakeFeishu, feishu_config, start) -> None:
+    """A chat whose placement no node meets: its task waits for a node; after swarm.start_timeout the message is
+    answered with the error and the service goes back to zero replicas (left at one, Swarm would go on trying, and idle
+    stop, which looks at running chats, would never take it down)."""
+    swarm = on_swarm
+    chat_id = chat()
+    config = swarm_config(feishu_config, swarm, instance, {"start_timeout": 8}, groups={
+        chat_id: {"placement": {"constraints": ["node.labels.nowhere==true"]}}})
+    bot = start(config)
+    feishu.push_event(feishu.text_event(chat_id, "hello"))
+    wait_answer(feishu, chat_id, "The chat's container could not be started", timeout=90)
+    bot.wait_log("has no running task after 8 s (swarm.start_timeout), and is scaled to zero", timeout=10)
+    assert swarm.service(f"{instance}-{chat_id}")["Spec"]["Mode"] == {"Replicated": {"Replicas": 0}}
+    assert swarm.task_node(f"{instance}-{chat_id}") == ""
     assert bot.stop() == 0

@@ -355,7 +355,7 @@ def test_chats_dir_is_relative_to_the_config_file_and_defaults_under_data_dir(tm
 
 EVERYTHING = {
     "data_dir": "/srv/bot", "chats_dir": "/mnt/chats", "instance": "bot-2",
-    "runtime": "swarm", "swarm": {"manager": "unix:///run/manager/docker.sock"},
+    "runtime": "swarm", "swarm": {"manager": "unix:///run/manager/docker.sock", "start_timeout": 90},
     "agent": {"image": "runner:2", "env": {"REGION": "eu"}, "model": "claude-opus-4-5",
               "extra_args": ["--max-turns", "7"], "idle_timeout": 30, "turn_timeout": 120, "hot_idle": 45, "uid": 1001},
     "defaults": {"cpus": 0.5, "memory": "1g", "pids_limit": 64, "network": "none", "unsafe_network": True,
@@ -391,7 +391,7 @@ EVERYTHING = {
 def expected_everything(source: Path) -> Settings:
     return Settings(
         source=source, data_dir=Path("/srv/bot"), chats_dir=Path("/mnt/chats"), instance="bot-2",
-        runtime="swarm", swarm=SwarmSettings(manager="unix:///run/manager/docker.sock"),
+        runtime="swarm", swarm=SwarmSettings(manager="unix:///run/manager/docker.sock", start_timeout=90.0),
         agent=AgentSettings(image="runner:2", env={"REGION": "eu"}, model="claude-opus-4-5",
                             extra_args=("--max-turns", "7"), idle_timeout=30.0, turn_timeout=120.0, hot_idle=45.0,
                             uid=1001),
@@ -682,7 +682,7 @@ def test_swarm_placement_per_group_overrides_the_defaults(tmp_path: Path) -> Non
         constraints=("node.labels.gpu == true", "node.role!=manager"), reserve_memory=1024**3)
     assert load_settings(write(tmp_path, {}), {}).runtime == "docker"
     assert load_settings(write(tmp_path, {**SWARM, "defaults": {"network": "none"}}), {}).runtime == "swarm"
-    assert load_settings(write(tmp_path, SWARM), {}).swarm.manager == ""
+    assert load_settings(write(tmp_path, SWARM), {}).swarm == SwarmSettings(manager="", start_timeout=300.0)
 
 
 NOT_ON_SWARM = ("is not served on runtime: swarm yet (the egress proxy and the firewall rules are one host's, and a "
@@ -709,7 +709,9 @@ NOT_ON_DOCKER = "applies to runtime: swarm only (one host places nothing)"
     ({**SWARM, "swarm": {"manager": "tcp://manager:2376"}}, "swarm.manager", f"'tcp://manager:2376' {ENGINE_ADDRESS}"),
     ({**SWARM, "swarm": {"manager": "ssh://admin@manager"}}, "swarm.manager",
      f"'ssh://admin@manager' {ENGINE_ADDRESS}"),
-    ({**SWARM, "swarm": {"nodes": 3}}, "swarm.nodes", "unknown key (known here: manager)"),
+    ({**SWARM, "swarm": {"nodes": 3}}, "swarm.nodes", "unknown key (known here: manager, start_timeout)"),
+    ({**SWARM, "swarm": {"start_timeout": 0}}, "swarm.start_timeout", "0 must be a number above 0"),
+    ({**SWARM, "swarm": {"start_timeout": "5m"}}, "swarm.start_timeout", "'5m' must be a number above 0"),
     ({"swarm": {"manager": "unix:///m.sock"}}, "swarm", "applies to runtime: swarm only"),
     ({"defaults": {"placement": {"spread": ["node.labels.zone"]}}}, "defaults.placement", NOT_ON_DOCKER),
     ({"groups": {"oc_a": {"placement": {"reserve_cpus": 1}}}}, "groups.oc_a.placement", NOT_ON_DOCKER),

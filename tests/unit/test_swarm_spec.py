@@ -13,14 +13,19 @@ from orchestrator.runtime import (
     SPEC_LABEL,
     ContainerSpec,
     ContainerState,
+    SwarmNode,
     _tmpfs_options,
     container_spec,
+    engine_too_old,
     newest_task,
     of_spec,
+    pinned_image,
     service_spec,
     service_state,
     swarm_network_name,
     swarm_node_network_name,
+    swarm_nodes,
+    task_live,
     watch_events,
 )
 from tests.unit.test_runtime_spec import MiB, settings_of
@@ -67,6 +72,15 @@ def test_a_chats_service_has_its_containers_caps_hardening_and_placement(tmp_pat
     assert task["Networks"] == [{"Target": "bot-chats"}]
     assert task["LogDriver"] == {"Name": "json-file", "Options": {"max-size": "1m", "max-file": "1"}}
     assert task["ForceUpdate"] == 0
+    # Its DNS queries are asked from its own namespace, where the internal network answers none (CVE-2024-29018).
+    assert container["DNSConfig"] == {"Nameservers": ["127.0.0.1"]}
+    assert "StopGracePeriod" not in container  # none given: Swarm's own
+
+
+def test_the_stop_grace_is_the_services(tmp_path: Path) -> None:
+    spec = spec_of(settings_of(tmp_path, SWARM))
+    container = service_spec(spec, "runner", "fp", "bot-chats", 1, stop_grace=2.5)["TaskTemplate"]["ContainerSpec"]
+    assert container["StopGracePeriod"] == 2_500_000_000
 
 
 def test_spread_and_no_reservations_and_a_forced_update(tmp_path: Path) -> None:
@@ -114,7 +128,11 @@ def test_tmpfs_options_as_swarm_takes_them(options: str, expected: dict[str, int
     assert _tmpfs_options(options) == expected
 
 
-NODES = {"n1": "node1", "n2": "node2"}
+def node(hostname: str, lost: bool = False) -> SwarmNode:
+    return SwarmNode(hostname=hostname, lost=lost, active=not lost, engine="27.3.1")
+
+
+NODES = {"n1": node("node1"), "n2": node("node2"), "n3": node("node3", lost=True)}
 
 
 def service(replicas: int = 1) -> dict:
@@ -145,6 +163,7 @@ def test_a_running_task_is_a_running_container_on_its_node() -> None:
     ([], 0, "exited", "", None),
     ([task("t1", "pending", "1")], 1, "created", "node1", None),  # waiting for a node that fits
     ([task("t1", "preparing", "1", "n9")], 1, "created", "n9", None),  # pulling the image; an unknown node by its id
+    ([task("t1", "running", "1", "n3", container="c1")], 1, "exited", "node3", None),  # its node is down
     ([task("t1", "running", "1", desired="shutdown", container="c1")], 0, "running", "node1", None),  # stopping
     ([task("t1", "shutdown", "1", desired="shutdown", container="c1", exit_code=143)], 0, "exited", "node1", 143),
     ([task("t1", "failed", "1", container="c1", exit_code=1)], 1, "exited", "node1", 1),
@@ -166,6 +185,48 @@ def test_the_newest_task_that_should_run_stands_for_the_service() -> None:
     assert newest_task([]) is None
 
 
+@pytest.mark.parametrize(("earlier", "later"), [
+    ("2026-01-01T00:00:05Z", "2026-01-01T00:00:05.5Z"),  # as text, "Z" sorts after "."
+    ("2026-01-01T00:00:05.5Z", "2026-01-01T00:00:05.50001Z"),  # as text, "Z" sorts after "0"
+    ("2026-01-01T00:00:05.45Z", "2026-01-01T00:00:05.5Z"),
+    ("2026-01-01T00:00:05.999999999Z", "2026-01-01T00:00:06Z"),
+])
+def test_tasks_are_ordered_by_their_creation_time_not_its_text(earlier: str, later: str) -> None:
+    first, second = task("a", "running", earlier), task("b", "running", later)
+    assert newest_task([first, second]) is second and newest_task([second, first]) is second
+
+
+def test_a_task_on_a_lost_node_is_not_running_whatever_it_last_said() -> None:
+    stale = task("t1", "running", "2026-01-01T00:00:01", "n3", container="c1")
+    assert not task_live(stale, NODES) and task_live(task("t2", "running", "1", "n1"), NODES)
+    assert task_live(task("t3", "pending", "1", ""), NODES)  # not placed yet
+    assert not task_live(task("t4", "shutdown", "1", "n1", desired="shutdown"), NODES)
+    state = service_state(service(), [stale], NODES)
+    assert (state.status, state.running, state.node, state.exit_code) == ("exited", False, "node3", None)
+    assert service_state(service(0), [stale], NODES).status == "exited"
+    # Swarm's replacement on another node stands for the chat once it is made.
+    moved = service_state(service(), [{**stale, "DesiredState": "shutdown"},
+                                      task("t5", "running", "2026-01-01T00:00:09", "n1", container="c5")], NODES)
+    assert (moved.status, moved.id, moved.node) == ("running", "c5", "node1")
+
+
+def test_the_nodes_table_and_old_engines() -> None:
+    nodes = swarm_nodes([
+        {"ID": "n1", "Description": {"Hostname": "a", "Engine": {"EngineVersion": "20.10.24+dfsg1"}},
+         "Status": {"State": "ready"}, "Spec": {"Availability": "active"}},
+        {"ID": "n2", "Description": {"Hostname": "b", "Engine": {"EngineVersion": "19.03.15"}},
+         "Status": {"State": "ready"}, "Spec": {"Availability": "drain"}},
+        {"ID": "n3", "Status": {"State": "down"}, "Spec": {"Availability": "active"}},
+        {"ID": "n4", "Description": {"Hostname": "d"}, "Status": {"State": "disconnected"}},
+    ])
+    assert nodes == {"n1": SwarmNode("a", lost=False, active=True, engine="20.10.24+dfsg1"),
+                     "n2": SwarmNode("b", lost=False, active=False, engine="19.03.15"),
+                     "n3": SwarmNode("n3", lost=True, active=False, engine=""),
+                     "n4": SwarmNode("d", lost=True, active=False, engine="")}
+    assert [engine_too_old(v) for v in ("20.10.0", "20.9.1", "19.03.15", "27.3.1", "100.0", "", "v28")] == [
+        False, True, True, False, False, True, True]
+
+
 def test_watch_events() -> None:
     assert watch_events(None, {"a": "c1"}) == []  # the first look: what runs is known, nothing happened
     assert watch_events({"a": "c1"}, {"a": "c1"}) == []
@@ -176,3 +237,11 @@ def test_watch_events() -> None:
 
 def test_network_names() -> None:
     assert (swarm_network_name("bot"), swarm_node_network_name("bot")) == ("bot-chats", "bot-chats-node")
+
+
+def test_the_image_pinned_to_its_digest_and_the_last_known_kept_through_a_registry_outage() -> None:
+    assert pinned_image("reg:5000/runner:latest", "sha256:ab", "") == "reg:5000/runner:latest@sha256:ab"
+    assert pinned_image("reg:5000/runner@sha256:00", "sha256:ab", "x") == "reg:5000/runner@sha256:ab"
+    assert pinned_image("reg:5000/runner:latest", "", "reg:5000/runner:latest@sha256:ab") == \
+        "reg:5000/runner:latest@sha256:ab"
+    assert pinned_image("reg:5000/runner:latest", "", "") == "reg:5000/runner:latest"
