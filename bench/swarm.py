@@ -24,7 +24,7 @@ import docker
 
 from bench.common import Rig, main, median_p95, ms, new_chat, new_message, rig
 from bench.postgres import migrate, new_database, postgres_server
-from tests.harness import AGENT_IMAGE
+from tests.harness import AGENT_IMAGE, ORCHESTRATOR_IMAGE
 from tests.postgres import PostgresServer
 from tests.swarm import Swarm
 
@@ -73,9 +73,8 @@ def swarm_up(client: docker.DockerClient) -> Iterator[Swarm]:
     try:
         if not (saved and saved.exists()):
             swarm.start()
-        if not swarm.agent_image:
-            swarm.agent_image = swarm.push(AGENT_IMAGE)
-            swarm.pull_everywhere(swarm.agent_image)
+        if not swarm.guard_image:
+            swarm.push_images(AGENT_IMAGE, ORCHESTRATOR_IMAGE)
         if saved:
             swarm.save(saved)
         yield swarm
@@ -92,7 +91,8 @@ def on_swarm(setup: Rig, swarm: Swarm, server: PostgresServer) -> Iterator[dict[
     swarm.prepare_instance(setup.instance)
     shared = swarm.shared / setup.instance
     try:
-        yield {"data_dir": str(shared / "data"), "runtime": "swarm", "swarm": {"manager": swarm.manager_url},
+        yield {"data_dir": str(shared / "data"), "runtime": "swarm",
+               "swarm": {"manager": swarm.manager_url, "guard_image": swarm.guard_image},
                "store": new_database(server)}
     finally:
         for bot in setup.bots:

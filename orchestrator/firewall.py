@@ -143,6 +143,38 @@ def intact(instance: str, bridges: Bridges, proxy: str | None) -> bool:
     return all(_succeeds("-C", parent, *rule) for parent, rule in _jumps(names, bridges))
 
 
+# ---- runtime: swarm: a node's own rules, kept by the instance's guard on every node (orchestrator.node_guard) ----
+
+
+def node_chain(instance: str) -> str:
+    return f"ORCH-{hashlib.sha256(instance.encode()).hexdigest()[:10]}-NODE"
+
+
+def _node_jumps(instance: str, bridge: str) -> list[tuple[str, list[str]]]:
+    """From the chats' bridge to the node itself: to the node's chain (answers to what the node started, nothing
+    else). Between two chats on the bridge: dropped, whatever the node's config network says of enable_icc."""
+    return [("INPUT", ["-i", bridge, "-j", node_chain(instance)]),
+            ("DOCKER-USER", ["-i", bridge, "-o", bridge, "-j", "DROP"])]
+
+
+def install_node(instance: str, bridge: str) -> None:
+    """Make (or re-make) the node's chain and its jumps for the chats' bridge (by name: the rules hold before the
+    bridge exists, from the node's first chat on)."""
+    chain = node_chain(instance)
+    _ensure_chain(chain)
+    _iptables("-F", chain)
+    for rule in local_rules():
+        _iptables("-A", chain, *rule)
+    for parent, rule in _node_jumps(instance, bridge):
+        _ensure_jump(parent, rule)
+
+
+def node_intact(instance: str, bridge: str) -> bool:
+    chain = node_chain(instance)
+    return _rules(chain) == [" ".join(["-A", chain, *rule]) for rule in local_rules()] and all(
+        _succeeds("-C", parent, *rule) for parent, rule in _node_jumps(instance, bridge))
+
+
 def _rules(chain: str) -> list[str]:
     """A chain's rules as `iptables -S` prints them, without its `-N` line; empty when it is missing."""
     run = subprocess.run([*_command(), "-S", chain], capture_output=True, text=True)

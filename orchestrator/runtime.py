@@ -29,6 +29,8 @@ from loguru import logger
 from orchestrator import credentials, egress, layout
 from orchestrator.config import INSTANCE_NETWORK, ChatOptions, ChatSettings, Settings
 from orchestrator.layout import WORKSPACE_PATH, ChatPaths
+from orchestrator.node_guard import HEALTH_FILE as GUARD_HEALTH_FILE
+from orchestrator.node_guard import HEALTHY_SECONDS as GUARD_HEALTHY_SECONDS
 from orchestrator.supervise import LIVENESS
 
 MANAGED_LABEL = "orchestrator.managed"
@@ -634,6 +636,74 @@ def swarm_node_network_name(instance: str) -> str:
     return f"{instance}-chats-node"
 
 
+def guard_name(instance: str) -> str:
+    return f"{instance}-guard"
+
+
+def guarded_label(instance: str) -> str:
+    """The node label the orchestrator sets where the instance's guard runs (healthy); chats are placed only there."""
+    return f"orchestrator.guarded.{instance}"
+
+
+def chats_bridge(network_id: str) -> str:
+    """The interface of a swarm-scoped bridge network on each node: the engine names it by the network's id."""
+    return f"br-{network_id[:12]}"
+
+
+def guard_service_spec(instance: str, image: str, bridge: str) -> dict[str, Any]:
+    """The instance's guard (orchestrator.node_guard): one task on every node, on the node's network, root with the
+    two capabilities iptables needs and nothing else; healthy while its loop keeps the rules. Pure."""
+    labels = {MANAGED_LABEL: "true", INSTANCE_LABEL: instance, ROLE_LABEL: "guard"}
+    health = f"test $(( $(date +%s) - $(stat -c %Y {GUARD_HEALTH_FILE}) )) -lt {GUARD_HEALTHY_SECONDS}"
+    return {
+        "Name": guard_name(instance),
+        "Labels": labels,
+        "TaskTemplate": {
+            "ContainerSpec": {
+                "Image": image,
+                "Labels": labels,
+                "Args": ["python", "-m", "orchestrator.node_guard", instance, bridge],
+                "User": "0:0",
+                "ReadOnly": True,
+                "CapabilityDrop": ["ALL"],
+                "CapabilityAdd": ["CAP_NET_ADMIN", "CAP_NET_RAW"],
+                "Mounts": [{"Type": "tmpfs", "Target": "/run", "TmpfsOptions": {"SizeBytes": 1024**2}},
+                           {"Type": "tmpfs", "Target": "/tmp", "TmpfsOptions": {"SizeBytes": 1024**2}}],
+                "Healthcheck": {"Test": ["CMD-SHELL", health], "Interval": 2_000_000_000,
+                                "Timeout": 5_000_000_000, "Retries": 2},
+            },
+            "Resources": {"Limits": {"NanoCPUs": 200_000_000, "MemoryBytes": 128 * 1024**2, "Pids": 32}},
+            "RestartPolicy": {"Condition": "any", "Delay": SWARM_RESTART_DELAY_NS, "MaxAttempts": 0},
+            "Networks": [{"Target": "host"}],
+            "LogDriver": {"Name": "json-file", "Options": {"max-size": "1m", "max-file": "1"}},
+        },
+        "Mode": {"Global": {}},
+    }
+
+
+def guarded_nodes(tasks: list[dict[str, Any]]) -> set[str]:
+    """The nodes where a guard task runs: Swarm reports it running only once its health check passed. Pure."""
+    return {t["NodeID"] for t in tasks if t.get("NodeID") and t.get("DesiredState") == "running"
+            and t.get("Status", {}).get("State") == "running"}
+
+
+def node_label_updates(nodes: list[dict[str, Any]], guarded: set[str], label: str) -> list[tuple[str, int, dict]]:
+    """The nodes whose `label` must change (set where the guard runs, removed elsewhere): (id, version, new spec).
+    Pure."""
+    updates = []
+    for node in nodes:
+        spec = node.get("Spec") or {}
+        labels = dict(spec.get("Labels") or {})
+        if (labels.get(label) == "true") == (node["ID"] in guarded):
+            continue
+        if node["ID"] in guarded:
+            labels[label] = "true"
+        else:
+            labels.pop(label, None)
+        updates.append((node["ID"], node["Version"]["Index"], {**spec, "Labels": labels}))
+    return updates
+
+
 def _tmpfs_options(options: str) -> dict[str, int]:
     """A tmpfs's options (rw,nosuid,size=256m,uid=1000,mode=0700) as Swarm's TmpfsOptions, which hold a size and a
     mode only: Swarm mounts every tmpfs nosuid, nodev and noexec, and root's. A tmpfs that was to be another user's
@@ -655,7 +725,7 @@ _SIZE_SUFFIXES = {"k": 1024, "m": 1024**2, "g": 1024**3}
 
 
 def service_spec(spec: ContainerSpec, image: str, fingerprint: str, network: str, replicas: int,
-                 force_update: int = 0, stop_grace: float = 0.0) -> dict[str, Any]:
+                 force_update: int = 0, stop_grace: float = 0.0, required: tuple[str, ...] = ()) -> dict[str, Any]:
     """The Swarm service of a chat's container spec, as the engine's API takes it (API 1.41: capabilities, ulimits
     and the pids limit are there, which docker-py's helpers do not all know; `SwarmRuntime` refuses an older engine).
     The fingerprint is on the tasks too, so a start can tell the task of this spec from one of the last. Pure."""
@@ -684,8 +754,8 @@ def service_spec(spec: ContainerSpec, image: str, fingerprint: str, network: str
     reservations = {key: value for key, value in (("NanoCPUs", spec.reserve_nano_cpus),
                                                   ("MemoryBytes", spec.reserve_memory)) if value}
     placement: dict[str, Any] = {}
-    if spec.constraints:
-        placement["Constraints"] = list(spec.constraints)
+    if spec.constraints or required:
+        placement["Constraints"] = [*spec.constraints, *required]  # required: the runtime's own (the guard's label)
     if spec.spread:
         placement["Preferences"] = [{"Spread": {"SpreadDescriptor": attribute}} for attribute in spec.spread]
     return {
@@ -811,9 +881,10 @@ class SwarmRuntime(Runtime):
     What a chat's task cannot give from another node (no `docker exec` there, no stats): `run` refuses,
     `process_limit_hits` and `usage` know nothing. See docs/SCALING.md."""
 
-    def __init__(self, manager: str, local: DockerRuntime, start_timeout: float, stop_grace: float,
-                 timeout: float = 120) -> None:
+    def __init__(self, manager: str, local: DockerRuntime, guard_image: str, start_timeout: float,
+                 stop_grace: float, timeout: float = 120) -> None:
         self.local = local
+        self.guard_image = guard_image
         self.start_timeout = start_timeout
         self.stop_grace = stop_grace
         self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="swarm")
@@ -950,11 +1021,14 @@ class SwarmRuntime(Runtime):
         image = self._image(spec.image)
         fingerprint = f"{spec.fingerprint()}:{image}:{self.stop_grace:g}"
         self._check_engines()
-        network = swarm_network_name(spec.labels.get(INSTANCE_LABEL, ""))
+        instance = spec.labels.get(INSTANCE_LABEL, "")
+        network = swarm_network_name(instance)
+        required = (f"node.labels.{guarded_label(instance)}==true",)
         service = self._service(spec.name)
         if service is None:
             try:
-                self._create(service_spec(spec, image, fingerprint, network, 1, stop_grace=self.stop_grace))
+                self._create(service_spec(spec, image, fingerprint, network, 1, stop_grace=self.stop_grace,
+                                          required=required))
             except APIError as exc:
                 if exc.status_code != 409:
                     raise
@@ -968,7 +1042,7 @@ class SwarmRuntime(Runtime):
         if current.get("Labels", {}).get(SPEC_LABEL) != fingerprint or replicas != 1 \
                 or force != current.get("TaskTemplate", {}).get("ForceUpdate", 0):
             self._update(service["ID"], service["Version"]["Index"],
-                         service_spec(spec, image, fingerprint, network, 1, force, self.stop_grace))
+                         service_spec(spec, image, fingerprint, network, 1, force, self.stop_grace, required))
         return fingerprint
 
     async def _until_running(self, name: str, fingerprint: str) -> ContainerState:
@@ -984,9 +1058,11 @@ class SwarmRuntime(Runtime):
                 # which looks at running chats only, would never take it down.
                 await self._call(self._set_replicas_to_zero, service)
                 status = (newest_task(tasks) or {}).get("Status", {})
+                guard = guard_name(service["Spec"].get("Labels", {}).get(INSTANCE_LABEL, ""))
                 raise RuntimeFailure(f"the service {name} has no running task after {self.start_timeout:g} s "
                                      f"(swarm.start_timeout), and is scaled to zero: {status.get('State', 'no task')}"
-                                     f": {status.get('Err') or status.get('Message')}")
+                                     f": {status.get('Err') or status.get('Message')} (chats run only on nodes where "
+                                     f"the instance's guard runs: `docker service ps {guard}`)")
             await asyncio.sleep(SWARM_POLL_SECONDS)
 
     async def inspect(self, name: str) -> ContainerState:
@@ -1041,6 +1117,7 @@ class SwarmRuntime(Runtime):
         seen: dict[str, str] | None = None  # chat id → id of its running task's container
         while self._watching:
             try:
+                self._label_guarded_nodes(instance)
                 now = {s.chat_id: s.id for s in self._list_managed(instance) if s.running and s.chat_id}
                 streak.ok()
             except Exception as exc:  # the manager restarted, lost its quorum, or anything else: look again
@@ -1051,12 +1128,35 @@ class SwarmRuntime(Runtime):
             seen = now
             time.sleep(SWARM_WATCH_SECONDS)
 
-    # ---- what stays on this host ----
+    def _label_guarded_nodes(self, instance: str) -> None:
+        """The guard's label set on the nodes where its task runs (healthy) and taken from the others: Swarm then
+        places chats only where the node's rules are kept, and stops a chat's task on a node that lost its guard
+        (a node's labels are its constraints' input at once)."""
+        label = guarded_label(instance)
+        tasks = self._api.tasks(filters={"service": guard_name(instance)})
+        for node_id, version, spec in node_label_updates(self._api.nodes(), guarded_nodes(tasks), label):
+            self._api.update_node(node_id, version, spec)
+            logger.info(f"node {node_id}: {label} {'set' if label in spec['Labels'] else 'removed'}")
+
+    # ---- the instance's networks: the chats' on the Swarm (closed on every node by the guard), this host's ----
 
     async def ensure_networks(self, instance: str) -> InstanceNetworks:
-        """This host's networks (the egress proxy's) and the chats' network on the Swarm."""
+        """This host's networks (the egress proxy's), the chats' network on the Swarm, and the guard on its nodes."""
         await self._call(self._ensure_swarm_network, instance)
+        await self._call(self._ensure_guard, instance)
         return await self.local.ensure_networks(instance)
+
+    def _ensure_guard(self, instance: str) -> None:
+        [network] = [n for n in self._api.networks(names=[swarm_network_name(instance)])
+                     if n.get("Name") == swarm_network_name(instance)]
+        spec = guard_service_spec(instance, self._image(self.guard_image), chats_bridge(network["Id"]))
+        fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+        spec["Labels"] = {**spec["Labels"], SPEC_LABEL: fingerprint}
+        service = self._service(spec["Name"])
+        if service is None:
+            self._create(spec)
+        elif service["Spec"].get("Labels", {}).get(SPEC_LABEL) != fingerprint:
+            self._update(service["ID"], service["Version"]["Index"], spec)
 
     def _ensure_swarm_network(self, instance: str) -> None:
         name, node_config = swarm_network_name(instance), swarm_node_network_name(instance)
@@ -1132,8 +1232,8 @@ def make_runtime(settings: Settings) -> DockerRuntime | SwarmRuntime:
     if settings.runtime != "swarm":
         return local
     try:
-        return SwarmRuntime(settings.swarm.manager, local, start_timeout=settings.swarm.start_timeout,
-                            stop_grace=settings.containers.stop_timeout)
+        return SwarmRuntime(settings.swarm.manager, local, guard_image=settings.swarm.guard_image,
+                            start_timeout=settings.swarm.start_timeout, stop_grace=settings.containers.stop_timeout)
     except RuntimeFailure:
         local.close()
         raise

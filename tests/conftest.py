@@ -13,7 +13,7 @@ import pytest
 
 from orchestrator import firewall, runtime
 from tests.fakes.anthropic import FakeAnthropic
-from tests.harness import AGENT_IMAGE, MODEL_KEY, StoreView, write_config
+from tests.harness import AGENT_IMAGE, MODEL_KEY, ORCHESTRATOR_IMAGE, StoreView, write_config
 from tests.postgres import PostgresServer, server_binaries
 from tests.swarm import NODE_IMAGE, Swarm
 
@@ -110,18 +110,19 @@ def swarm_cluster(docker_client: docker.DockerClient) -> Iterator[Swarm]:
                     "images/build.sh --swarm-node)")
     reuse = os.environ.get("SWARM_TEST_REUSE")  # a developer's: a file naming a Swarm left up by an earlier run
     if reuse and Path(reuse).exists():
-        yield Swarm.attach(docker_client, Path(reuse))
+        swarm = Swarm.attach(docker_client, Path(reuse))
+        if not swarm.guard_image:  # saved before the guard existed
+            swarm.push_images(AGENT_IMAGE, ORCHESTRATOR_IMAGE)
+            swarm.save(Path(reuse))
+        yield swarm
         return
     swarm = Swarm(docker_client)
     try:
         began = time.monotonic()
         swarm.start()
         up = time.monotonic()
-        swarm.agent_image = swarm.push(AGENT_IMAGE)
-        pushed = time.monotonic()
-        swarm.pull_everywhere(swarm.agent_image)
-        print(f"\nswarm: 3 nodes up in {up - began:.1f} s, agent image pushed in {pushed - up:.1f} s, pulled on every "
-              f"node in {time.monotonic() - pushed:.1f} s")
+        moved = swarm.push_images(AGENT_IMAGE, ORCHESTRATOR_IMAGE)
+        print(f"\nswarm: 3 nodes up in {up - began:.1f} s, {moved}")
         if reuse:
             swarm.save(Path(reuse))  # and left up: the developer removes it (docker rm -f -v, network rm)
         yield swarm

@@ -22,6 +22,7 @@ from tests.fakes.feishu import FakeFeishu
 
 T = TypeVar("T")
 AGENT_IMAGE = os.environ.get("ORCHESTRATOR_TEST_IMAGE", "claude-runner:latest")
+ORCHESTRATOR_IMAGE = "orchestrator:latest"  # ./scripts/dev setup builds it (the model gateway's, the Swarm guard's)
 # The model's real key in tests: recognizable, so a test can look for it wherever an agent could (it must be nowhere
 # but in the gateway); the fake API answers only requests that carry it.
 MODEL_KEY = "sk-ant-api03-CANARY-model-key-0123456789abcdef"

@@ -71,6 +71,7 @@ class Swarm:
         self.socket_dir.mkdir(exist_ok=True)
         self.host_registry = ""  # 127.0.0.1:PORT, for the host's engine
         self.agent_image = ""  # the agent image as the nodes pull it, once pushed
+        self.guard_image = ""  # the orchestrator's image as the nodes pull it (swarm.guard_image), once pushed
 
     @classmethod
     def attach(cls, client: docker.DockerClient, saved: Path) -> Swarm:
@@ -78,11 +79,13 @@ class Swarm:
         state = json.loads(saved.read_text())
         swarm = cls(client, state["prefix"], Path(state["folder"]))
         swarm.host_registry, swarm.agent_image = state["host_registry"], state["agent_image"]
+        swarm.guard_image = state.get("guard_image", "")
         return swarm
 
     def save(self, saved: Path) -> None:
         saved.write_text(json.dumps({"prefix": self.prefix, "folder": str(self.folder),
-                                     "host_registry": self.host_registry, "agent_image": self.agent_image}))
+                                     "host_registry": self.host_registry, "agent_image": self.agent_image,
+                                     "guard_image": self.guard_image}))
 
     @property
     def manager_url(self) -> str:
@@ -155,6 +158,16 @@ class Swarm:
                 self.client.images.remove(host_name)
         return f"{self.registry}/{name}"
 
+    def push_images(self, agent: str, orchestrator: str) -> str:
+        """The agent's image and the orchestrator's (the guard's) pushed and pulled on every node, as an operator's
+        nodes would have them after their first tasks; what it took, for the log."""
+        began = time.monotonic()
+        self.agent_image, self.guard_image = self.push(agent), self.push(orchestrator)
+        pushed = time.monotonic()
+        self.pull_everywhere(self.agent_image)
+        self.pull_everywhere(self.guard_image)
+        return f"images pushed in {pushed - began:.1f} s, pulled on every node in {time.monotonic() - pushed:.1f} s"
+
     def pull_everywhere(self, image: str) -> None:
         """Every node pulls `image` (as Swarm would at a task's first start there): tests then time what they mean."""
         with ThreadPoolExecutor(len(self.nodes)) as pool:
@@ -175,6 +188,8 @@ class Swarm:
                              f"label=orchestrator.instance={instance}").split()
         if services:
             self.exec(self.manager, "docker", "service", "rm", *services)
+        for node in self.nodes:  # the guard's label (a lost node's too: the label is the manager's record)
+            self.run(self.manager, "docker", "node", "update", "--label-rm", f"orchestrator.guarded.{instance}", node)
         self._wait(lambda: self._removed(self.manager, f"{instance}-chats"), 60, "the chats' network to go")
         for node in self.nodes:  # a config network goes once no node's copy of the network needs it; a node whose
             # engine was killed keeps a stale copy until the Swarm goes (harmless: the next test has another instance)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator import firewall
 from orchestrator.runtime import SWARM_WATCH_SECONDS
 from tests.fakes.anthropic import FakeAnthropic
 from tests.fakes.feishu import FakeFeishu
@@ -35,7 +36,8 @@ def swarm_config(feishu_config: Callable[..., Path], swarm: Swarm, instance: str
     `defaults` says otherwise."""
     sections.setdefault("defaults", {"egress": "none", "placement": {"spread": ["node.labels.zone"]}})
     return feishu_config(data_dir=str(swarm.shared / instance / "data"), runtime="swarm",
-                         swarm={"manager": swarm.manager_url, **(swarm_section or {})},
+                         swarm={"manager": swarm.manager_url, "guard_image": swarm.guard_image,
+                                **(swarm_section or {})},
                          agent={"image": swarm.agent_image}, **sections)
 
 
@@ -48,6 +50,26 @@ listener.bind(("127.0.0.1", 53))
 print("listening", flush=True)
 while True:
     print("heard", listener.recvfrom(512)[0], flush=True)
+"""
+TCP_LISTENER = """
+import socket, sys
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind(("0.0.0.0", int(sys.argv[1])))
+listener.listen()
+print("listening", flush=True)
+while True:
+    connection, peer = listener.accept()
+    print("accepted", peer[0], flush=True)
+    connection.close()
+"""
+CONNECT = """
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5).close()
+    print("connected")
+except OSError as exc:
+    print("not connected:", exc)
 """
 LOOKUP = "import socket, sys\ntry:\n    socket.getaddrinfo(sys.argv[1], 80)\nexcept OSError:\n    pass\n"
 
@@ -76,7 +98,8 @@ def test_chats_are_services_placed_over_the_nodes_answered_by_the_real_cli(
     # `docker service ls` on the manager: every chat a service of one running replica, with its labels and limits
     listed = swarm.exec(swarm.manager, "docker", "service", "ls", "--filter", f"label=orchestrator.instance={instance}",
                         "--format", "{{.Name}} {{.Replicas}}").split("\n")
-    assert sorted(line for line in listed if line) == sorted(f"{instance}-{c} 1/1" for c in (gpu, *spread))
+    assert sorted(line for line in listed if line) == sorted(
+        [*(f"{instance}-{c} 1/1" for c in (gpu, *spread)), f"{instance}-guard 3/3"])  # and the guard on every node
     nodes = {}
     for chat_id in (gpu, *spread):
         service = swarm.service(f"{instance}-{chat_id}")["Spec"]
@@ -91,7 +114,8 @@ def test_chats_are_services_placed_over_the_nodes_answered_by_the_real_cli(
         assert task["ContainerSpec"]["StopGracePeriod"] == 4 * 10**9  # containers.stop_timeout, not Swarm's 10 s
         nodes[chat_id] = swarm.task_node(f"{instance}-{chat_id}")
     gpu_service = swarm.service(f"{instance}-{gpu}")["Spec"]["TaskTemplate"]
-    assert gpu_service["Placement"] == {"Constraints": ["node.labels.gpu==true"]}
+    assert gpu_service["Placement"] == {"Constraints": ["node.labels.gpu==true",
+                                                        f"node.labels.orchestrator.guarded.{instance}==true"]}
     assert gpu_service["Resources"]["Reservations"] == {"NanoCPUs": 250_000_000, "MemoryBytes": 64 * MiB}
     # each where its group's constraints put it (node 1 is zone a; nodes 2 and 3 zone b, node 3 alone gpu=true)
     assert (nodes[gpu], nodes[zone_a], nodes[zone_b]) == tuple(swarm.nodes[n] for n in (2, 0, 1))
@@ -221,4 +245,68 @@ def test_a_chat_no_node_can_take_is_told_and_scaled_back_to_zero(
     bot.wait_log("has no running task after 8 s (swarm.start_timeout), and is scaled to zero", timeout=10)
     assert swarm.service(f"{instance}-{chat_id}")["Spec"]["Mode"] == {"Replicated": {"Replicas": 0}}
     assert swarm.task_node(f"{instance}-{chat_id}") == ""
+    assert bot.stop() == 0
+
+
+def test_a_chat_reaches_nothing_of_its_node_nor_another_chat_there(
+        on_swarm: Swarm, instance: str, feishu: FakeFeishu, feishu_config, start) -> None:
+    """The guard (a global service) keeps each node's rules for the chats' bridge: a listener of the node's own, on
+    all its addresses, is refused to a chat at the bridge's gateway address, and a listener in another chat on the
+    node too, on a worker whose config network leaves enable_icc on (the operator's step, missed there)."""
+    swarm = on_swarm
+    node = swarm.nodes[1]
+    swarm.exec(node, "docker", "network", "rm", f"{instance}-chats-node")
+    swarm.exec(node, "docker", "network", "create", "--config-only", f"{instance}-chats-node")  # icc left on
+    one, two = chat(), chat()
+    config = swarm_config(feishu_config, swarm, instance, defaults={
+        "egress": "none", "placement": {"constraints": [f"node.hostname=={node}"]}})
+    bot = start(config)
+    for chat_id in (one, two):
+        ask(feishu, chat_id, f"hello {chat_id}")
+    # the guard runs on every node, and every node carries its label
+    guard = swarm.exec(swarm.manager, "docker", "service", "ps", f"{instance}-guard", "--filter",
+                       "desired-state=running", "--format", "{{.Node}} {{.CurrentState}}").splitlines()
+    assert sorted(line.split()[0] for line in guard if " Running " in f" {line} ") == sorted(swarm.nodes)
+    for each in swarm.nodes:
+        labels = json.loads(swarm.exec(swarm.manager, "docker", "node", "inspect", "--format",
+                                       "{{json .Spec.Labels}}", each))
+        assert labels.get(f"orchestrator.guarded.{instance}") == "true", (each, labels)
+    # its rules on the node, for the chats' bridge (named by the network's id)
+    network = json.loads(swarm.exec(node, "docker", "network", "inspect", f"{instance}-chats"))[0]
+    bridge, gateway = f"br-{network['Id'][:12]}", network["IPAM"]["Config"][0]["Gateway"]
+    chain = firewall.node_chain(instance)
+    assert swarm.exec(node, "iptables", "-S", chain).splitlines() == [
+        f"-N {chain}", f"-A {chain} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
+        f"-A {chain} -j REJECT --reject-with icmp-host-prohibited"]
+    assert f"-A INPUT -i {bridge} -j {chain}" in swarm.exec(node, "iptables", "-S", "INPUT").splitlines()
+    assert f"-A DOCKER-USER -i {bridge} -o {bridge} -j DROP" in swarm.exec(
+        node, "iptables", "-S", "DOCKER-USER").splitlines()
+
+    tasks = {c: swarm.exec(node, "docker", "ps", "-q", "--filter", f"label=orchestrator.chat_id={c}").strip()
+             for c in (one, two)}
+    two_address = json.loads(swarm.exec(node, "docker", "inspect", tasks[two]))[0][
+        "NetworkSettings"]["Networks"][f"{instance}-chats"]["IPAddress"]
+    on_node = swarm.exec(node, "docker", "run", "-d", "--network", "host", "--entrypoint", "python3",
+                         swarm.agent_image, "-c", TCP_LISTENER, "18080").strip()
+    in_two = swarm.exec(node, "docker", "run", "-d", "--network", f"container:{tasks[two]}", "--entrypoint",
+                        "python3", swarm.agent_image, "-c", TCP_LISTENER, "18081").strip()
+    try:
+        for listener in (on_node, in_two):
+            wait_until(lambda listener=listener: "listening" in swarm.exec(node, "docker", "logs", listener), 30,
+                       "a test listener")
+        # each listener answers where it is (from the node; from chat two's own namespace)...
+        assert swarm.exec(node, "docker", "exec", on_node, "python3", "-c", CONNECT, gateway, "18080").strip() \
+            == "connected"
+        assert swarm.exec(node, "docker", "exec", in_two, "python3", "-c", CONNECT, two_address, "18081").strip() \
+            == "connected"
+        # ...and neither to chat one
+        to_node = swarm.exec(node, "docker", "exec", tasks[one], "python3", "-c", CONNECT, gateway, "18080")
+        to_two = swarm.exec(node, "docker", "exec", tasks[one], "python3", "-c", CONNECT, two_address, "18081")
+        assert to_node.startswith("not connected") and to_two.startswith("not connected"), (to_node, to_two)
+        one_address = json.loads(swarm.exec(node, "docker", "inspect", tasks[one]))[0][
+            "NetworkSettings"]["Networks"][f"{instance}-chats"]["IPAddress"]
+        for listener in (on_node, in_two):
+            assert f"accepted {one_address}" not in swarm.exec(node, "docker", "logs", listener)
+    finally:
+        swarm.run(node, "docker", "rm", "-f", on_node, in_two)
     assert bot.stop() == 0

@@ -17,7 +17,11 @@ from orchestrator.runtime import (
     _tmpfs_options,
     container_spec,
     engine_too_old,
+    guard_service_spec,
+    guarded_label,
+    guarded_nodes,
     newest_task,
+    node_label_updates,
     of_spec,
     pinned_image,
     service_spec,
@@ -36,7 +40,7 @@ def spec_of(settings: Settings, chat_id: str = "oc_x") -> ContainerSpec:
     return container_spec(settings, chat, chat_paths(settings, chat), b"k" * 32, chat_name="Team X")
 
 
-SWARM = ("instance: bot\nruntime: swarm\n"
+SWARM = ("instance: bot\nruntime: swarm\nswarm: {guard_image: reg/orchestrator}\n"
          "defaults: {egress: none, cpus: 1.5, memory: 1g, pids_limit: 99, tmp_size: 32m, "
          "placement: {spread: [node.labels.zone]}}\n"
          "groups: {oc_gpu: {placement: {constraints: [node.labels.gpu==true], reserve_cpus: 0.5, "
@@ -102,7 +106,8 @@ def test_placement_changes_the_fingerprint_only_when_set(tmp_path: Path) -> None
     """A Docker container made before placement existed keeps its fingerprint (it is not re-created)."""
     docker = spec_of(settings_of(tmp_path, "instance: bot\ndefaults: {egress: none}\n"))
     assert docker.constraints == () and docker.reserve_memory == 0
-    swarm = spec_of(settings_of(tmp_path, "instance: bot\nruntime: swarm\ndefaults: {egress: none}\n"))
+    swarm = spec_of(settings_of(tmp_path, "instance: bot\nruntime: swarm\nswarm: {guard_image: g}\n"
+                                          "defaults: {egress: none}\n"))
     assert docker.fingerprint() == swarm.fingerprint()
     placed = spec_of(settings_of(tmp_path, SWARM))
     assert placed.fingerprint() != swarm.fingerprint()
@@ -245,3 +250,49 @@ def test_the_image_pinned_to_its_digest_and_the_last_known_kept_through_a_regist
     assert pinned_image("reg:5000/runner:latest", "", "reg:5000/runner:latest@sha256:ab") == \
         "reg:5000/runner:latest@sha256:ab"
     assert pinned_image("reg:5000/runner:latest", "", "") == "reg:5000/runner:latest"
+
+
+def test_the_guard_is_one_task_per_node_with_the_node_network_and_two_capabilities() -> None:
+    spec = guard_service_spec("bot", "reg:5000/orchestrator@sha256:ab", "br-0123456789ab")
+    assert spec["Name"] == "bot-guard" and spec["Mode"] == {"Global": {}}
+    assert spec["Labels"] == {"orchestrator.managed": "true", "orchestrator.instance": "bot",
+                              "orchestrator.role": "guard"}  # no chat label: not a chat to reconcile
+    task = spec["TaskTemplate"]
+    container = task["ContainerSpec"]
+    assert task["Networks"] == [{"Target": "host"}]
+    assert container["Args"] == ["python", "-m", "orchestrator.node_guard", "bot", "br-0123456789ab"]
+    assert container["CapabilityDrop"] == ["ALL"] and container["CapabilityAdd"] == ["CAP_NET_ADMIN", "CAP_NET_RAW"]
+    assert container["ReadOnly"] is True and container["User"] == "0:0"
+    assert container["Healthcheck"]["Test"] == [
+        "CMD-SHELL", "test $(( $(date +%s) - $(stat -c %Y /run/orchestrator-guard.ok) )) -lt 10"]
+    assert task["RestartPolicy"]["Condition"] == "any"
+    assert task["Resources"]["Limits"] == {"NanoCPUs": 200_000_000, "MemoryBytes": 128 * MiB, "Pids": 32}
+
+
+def test_a_chat_is_placed_only_where_the_guard_runs(tmp_path: Path) -> None:
+    spec = spec_of(settings_of(tmp_path, SWARM), "oc_gpu")
+    required = (f"node.labels.{guarded_label('bot')}==true",)
+    service = service_spec(spec, "runner", "fp", "bot-chats", 1, required=required)
+    assert service["TaskTemplate"]["Placement"]["Constraints"] == [
+        "node.labels.gpu==true", "node.labels.orchestrator.guarded.bot==true"]
+    assert service_spec(spec_of(settings_of(tmp_path, SWARM)), "runner", "fp", "bot-chats", 1, required=required)[
+        "TaskTemplate"]["Placement"]["Constraints"] == ["node.labels.orchestrator.guarded.bot==true"]
+
+
+def guard_task(node: str, state: str, desired: str = "running") -> dict:
+    return {"NodeID": node, "DesiredState": desired, "Status": {"State": state}}
+
+
+def test_guarded_nodes_and_their_labels() -> None:
+    tasks = [guard_task("n1", "running"), guard_task("n2", "starting"),  # its health check has not passed yet
+             guard_task("n3", "running", desired="shutdown"), guard_task("n4", "failed"), guard_task("", "pending")]
+    assert guarded_nodes(tasks) == {"n1"}
+    label = guarded_label("bot")
+    nodes = [{"ID": "n1", "Version": {"Index": 5}, "Spec": {"Role": "worker", "Labels": {"zone": "a"}}},
+             {"ID": "n2", "Version": {"Index": 6}, "Spec": {"Role": "worker", "Labels": {label: "true"}}},
+             {"ID": "n3", "Version": {"Index": 7}, "Spec": {"Role": "manager"}},
+             {"ID": "n4", "Version": {"Index": 8}, "Spec": {"Labels": {label: "true", "gpu": "true"}}}]
+    assert node_label_updates(nodes, {"n1", "n4"}, label) == [
+        ("n1", 5, {"Role": "worker", "Labels": {"zone": "a", label: "true"}}),
+        ("n2", 6, {"Role": "worker", "Labels": {}})]
+    assert node_label_updates(nodes, set(), label)[-1] == ("n4", 8, {"Labels": {"gpu": "true"}})

@@ -1,0 +1,56 @@
+"""runtime: swarm: the instance's guard on one node. `python -m orchestrator.node_guard INSTANCE BRIDGE`.
+
+The Swarm runs it on every node (a global service, `<instance>-guard`, the orchestrator's image, the node's network,
+root with CAP_NET_ADMIN and CAP_NET_RAW only). It keeps the node's firewall rules for the chats' bridge
+(`firewall.install_node`): nothing from a chat reaches the node itself (its sshd, a local database, the engine's
+ports, at the bridge's gateway address), and no chat reaches another on the node. Every CHECK_SECONDS it looks,
+puts back what is missing (a firewall reload, a flush by hand), and touches HEALTH_FILE; the service's health check
+reads that file's age, so Swarm reports the task running only once the rules are in place and kills it when they
+cannot be kept. The orchestrator labels the nodes where it runs (`runtime.guarded_label`), and places chats only
+there. The rules stay when it stops: they close the bridge, and nothing else.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from loguru import logger
+
+from orchestrator import firewall
+from orchestrator.logs import setup_logging
+
+CHECK_SECONDS = 2.0
+HEALTH_FILE = Path("/run/orchestrator-guard.ok")
+HEALTHY_SECONDS = 10  # the health check fails when the file is older: the loop is stuck
+
+
+def keep(instance: str, bridge: str, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            if not firewall.node_intact(instance, bridge):
+                firewall.install_node(instance, bridge)
+                logger.info(f"node rules for {bridge} installed (iptables {firewall.node_chain(instance)}, "
+                            "INPUT, DOCKER-USER)")
+            HEALTH_FILE.touch()
+        except (firewall.FirewallError, OSError) as exc:
+            logger.error(f"the node's rules for {bridge} could not be kept: {exc}")
+        stop.wait(CHECK_SECONDS)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        sys.exit("usage: python -m orchestrator.node_guard INSTANCE BRIDGE")
+    setup_logging()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    logger.info(f"guarding the chats' bridge {args[1]} of instance {args[0]} on this node")
+    keep(args[0], args[1], stop)
+    logger.info("guard stopped; the node's rules stay")
+
+
+if __name__ == "__main__":
+    main()
