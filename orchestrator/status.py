@@ -118,10 +118,10 @@ async def _container(engine: Engine | None, name: str) -> tuple[ContainerState |
 
 
 def render(status: ChatStatus) -> str:
-    """The status as a chat message."""
+    """The status as a chat message: not the node a chat's task runs on (the operators' `orchestrator status` shows
+    it; a hostname of the Swarm is nothing the chat needs)."""
     lines = [
-        f"Container: {status.container_name} {status.container_state}"
-        + (f" on {status.node}" if status.node else "") if status.container_name
+        f"Container: {status.container_name} {status.container_state}" if status.container_name
         else "Container: none yet (the next message starts one)",
         f"Limits: {status.cpus:g} CPUs, {status.memory_limit_mib} MiB memory, {status.pids_limit} processes, "
         f"network {status.network}",

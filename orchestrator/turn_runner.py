@@ -573,8 +573,7 @@ def _stopped_reason(state: ContainerState) -> str:
         return "The chat's container was removed during this turn."
     again = "; this answer is not run again: please send it again if you still want it."
     if state.running:
-        return "The chat's container was replaced during this turn" + (
-            f" (it runs on {state.node} now)" if state.node else "") + again
+        return "The chat's container was replaced during this turn" + again  # not where: the chat needs no hostname
     if state.status == "created":  # on Swarm: its task is on its way to another node (its node drained or lost)
         return "The chat's container stopped during this turn and is being started again" + again
     return f"The chat's container stopped during this turn ({state.status}, exit code {state.exit_code})."

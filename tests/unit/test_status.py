@@ -154,3 +154,15 @@ def test_a_chat_that_never_had_a_container_says_so(settings: Settings, store: St
         "Container: none yet (the next message starts one)",
         "Limits: 1 CPUs, 2048 MiB memory, 256 processes, network instance",
         "Session: (new)"]
+
+
+def test_the_chat_is_not_told_which_node_its_task_runs_on_the_operator_is(settings: Settings, store: Store) -> None:
+    store.ensure_chat("oc_a")
+    store.set_container("oc_a", "bot-oc_a", "c0ffee")
+    engine = Engine(ContainerState("bot-oc_a", "c0ffee", "running", chat_id="oc_a", node="worker-7.internal"))
+    now = status_of(settings, store, engine)
+    assert now.node == "worker-7.internal"
+    assert status.render(now).splitlines()[0] == "Container: bot-oc_a running"
+    assert "worker-7" not in status.render(now)
+    [row] = operations.status_rows(settings, store, engine)
+    assert row["node"] == "worker-7.internal"

@@ -25,7 +25,7 @@ from orchestrator.approvals import Approvals
 from orchestrator.channels import CardAction
 from orchestrator.config import BudgetSettings, ChatOptions, Settings, resolve_chat
 from orchestrator.layout import ChatPaths
-from orchestrator.runtime import container_name, container_spec
+from orchestrator.runtime import ContainerState, container_name, container_spec
 from orchestrator.states import State
 from orchestrator.store import MessageRecord, Store
 from orchestrator.turn_runner import TurnRunner
@@ -457,3 +457,16 @@ def test_a_turn_that_ended_past_the_output_cap_is_told_so_not_taken_for_a_cli_th
     result = asyncio.run(scenario())
     assert isinstance(result, Failure), result
     assert result.reason == "This answer was stopped: Claude Code wrote more than 64.0 KiB of output in one turn."
+
+
+@pytest.mark.parametrize(("state", "told"), [
+    (ContainerState("bot-oc_a", "c2", "running", node="worker-7"), "The chat's container was replaced during this "
+     "turn; this answer is not run again: please send it again if you still want it."),  # no hostname to the chat
+    (ContainerState("bot-oc_a", "t1", "created", node="worker-7"), "The chat's container stopped during this turn "
+     "and is being started again; this answer is not run again: please send it again if you still want it."),
+    (ContainerState("bot-oc_a", "c1", "exited", exit_code=137), "The chat's container stopped during this turn "
+     "(exited, exit code 137)."),
+    (ContainerState("bot-oc_a", "", "missing"), "The chat's container was removed during this turn."),
+])
+def test_what_a_chat_is_told_when_its_container_stopped_under_a_turn(state: ContainerState, told: str) -> None:
+    assert turn_runner._stopped_reason(state) == told
