@@ -113,6 +113,8 @@ def _measure(setup: Rig, on: tuple[Swarm, PostgresServer] | None, chats: int, pe
         if on is not None:
             migrate(setup.config)
         setup.start()
+        if on is not None:  # a deployment's guard runs on its nodes long before a chat's first message
+            on[0].wait_guarded(setup.instance)
         cold, warm = [], []
         for n in range(chats):
             chat_id = new_chat()

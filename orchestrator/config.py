@@ -454,7 +454,7 @@ def parse_settings(raw: object, source: Path, environ: Mapping[str, str]) -> Set
         instance=instance,
         runtime=runtime,
         swarm=reader.flat(top.get("swarm"), "swarm", SwarmSettings, {
-            "manager": _engine_url, "guard_image": _string, "start_timeout": _positive_number}),
+            "manager": _engine_url, "start_timeout": _positive_number}),  # guard_image: a string, the default
         agent=reader.agent(top.get("agent")),
         defaults=defaults,
         groups=groups,

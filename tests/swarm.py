@@ -211,6 +211,13 @@ class Swarm:
                           "--format", "{{.Node}} {{.CurrentState}}").splitlines()
         return next((line.split()[0] for line in lines if " Running " in f" {line} "), "")
 
+    def wait_guarded(self, instance: str, timeout: float = 120) -> None:
+        """Until every node carries the label the orchestrator sets where the instance's guard runs."""
+        label = f"orchestrator.guarded.{instance}"
+        self._wait(lambda: all(label in json.loads(self.exec(self.manager, "docker", "node", "inspect", "--format",
+                                                              "{{json .Spec.Labels}}", node)) for node in self.nodes),
+                   timeout, f"the guard of {instance} on every node")
+
     def kill_node(self, node: str) -> None:
         """The node's container killed: its engine and every task on it die at once, as in a host's crash."""
         self.client.containers.get(node).kill()
