@@ -67,11 +67,12 @@ def postgres_server() -> Iterator[PostgresServer]:
         server.remove()
 
 
-def new_database(server: PostgresServer) -> dict[str, str]:
-    """A new, empty database on `server`: the config's `store` section for it (`migrate` it once configured)."""
+def new_database(server: PostgresServer, address: str = "") -> dict[str, str]:
+    """A new, empty database on `server`: the config's `store` section for it (`migrate` it once configured); at
+    `address` (a relay's host:port) if given."""
     database = f"bench_{uuid.uuid4().hex[:8]}"
     server.create_database(database)
-    return {"url": server.url(database)}
+    return {"url": server.url(database, address)}
 
 
 def migrate(config: Path) -> None:

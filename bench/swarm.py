@@ -24,7 +24,7 @@ import docker
 
 from bench.common import Rig, main, median_p95, ms, new_chat, new_message, rig
 from bench.postgres import migrate, new_database, postgres_server
-from tests.harness import AGENT_IMAGE, ORCHESTRATOR_IMAGE
+from tests.harness import AGENT_IMAGE, MODEL_KEY, ORCHESTRATOR_IMAGE
 from tests.postgres import PostgresServer
 from tests.swarm import Swarm
 
@@ -73,7 +73,7 @@ def swarm_up(client: docker.DockerClient) -> Iterator[Swarm]:
     try:
         if not (saved and saved.exists()):
             swarm.start()
-        if not swarm.guard_image:
+        if not swarm.orchestrator_image:
             swarm.push_images(AGENT_IMAGE, ORCHESTRATOR_IMAGE)
         if saved:
             swarm.save(saved)
@@ -90,15 +90,22 @@ def on_swarm(setup: Rig, swarm: Swarm, server: PostgresServer) -> Iterator[dict[
     services, networks and shared folder removed."""
     swarm.prepare_instance(setup.instance)
     shared = swarm.shared / setup.instance
+    # The nodes' gateways reach the fake model API and the store through relays on their network (tests/swarm.py)
+    setup.api.serve_unix(swarm.folder / f"{setup.instance}-model.sock")
+    model = swarm.relay(f"{setup.instance}-model", swarm.folder / f"{setup.instance}-model.sock")
+    store = swarm.relay(f"{setup.instance}-store", server.socket)
     try:
         yield {"data_dir": str(shared / "data"), "runtime": "swarm",
-               "swarm": {"manager": swarm.manager_url, "guard_image": swarm.guard_image},
-               "store": new_database(server)}
+               "swarm": {"manager": swarm.manager_url, "orchestrator_image": swarm.orchestrator_image},
+               "gateway": {"upstream_url": f"http://{model}", "api_key": MODEL_KEY},
+               "store": new_database(server, store)}
     finally:
         for bot in setup.bots:
             if bot.process.poll() is None:
                 bot.kill()
         swarm.remove_instance(setup.instance)
+        for relay in ("model", "store"):
+            swarm.remove_relay(f"{setup.instance}-{relay}")
         shutil.rmtree(shared, ignore_errors=True)
 
 
@@ -113,8 +120,8 @@ def _measure(setup: Rig, on: tuple[Swarm, PostgresServer] | None, chats: int, pe
         if on is not None:
             migrate(setup.config)
         setup.start()
-        if on is not None:  # a deployment's guard runs on its nodes long before a chat's first message
-            on[0].wait_guarded(setup.instance)
+        if on is not None:  # a deployment's guard and gateway run on its nodes long before a chat's first message
+            on[0].wait_ready(setup.instance)
         cold, warm = [], []
         for n in range(chats):
             chat_id = new_chat()

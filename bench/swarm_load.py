@@ -107,7 +107,7 @@ def run(quick: bool, real_cli: bool = False, hot_idle: float = 10.0, swarm: Swar
             migrate(setup.config)
             with _NodeMemory(swarm) as memory:
                 setup.start()
-                swarm.wait_guarded(setup.instance)  # as a deployment's guard is, before its chats' messages
+                swarm.wait_ready(setup.instance)  # as a deployment's nodes are, before its chats' messages
                 swarm_load = _load(setup, sections["store"]["url"], chats, per_chat, Path(sections["data_dir"]))
             swarm_load.peak_mib, swarm_load.peak_total_mib = memory.peak, memory.peak_total
             swarm_load.before_mib = memory.before

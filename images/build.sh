@@ -11,7 +11,7 @@
 #                  (claude-runner:latest)
 # --swarm-node     build the test nodes' image (default tag orchestrator-swarm-node:latest)
 # --push REGISTRY  push the built image to REGISTRY (host[:port]) as REGISTRY/NAME:TAG; agent.image (the agent's)
-#                  or swarm.guard_image (--orchestrator's) must then name it so for runtime: swarm
+#                  or swarm.orchestrator_image (--orchestrator's) must then name it so for runtime: swarm
 # --base IMAGE     the base, pulled if missing: Debian-based with Node.js and npm for the agent (default
 #                  node:22-bookworm-slim), with Python 3.11 for the orchestrator (default python:3.11-slim)
 # --local-base     make that base here from Debian bookworm's packages (mmdebstrap + docker import), for

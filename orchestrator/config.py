@@ -331,9 +331,9 @@ class SwarmSettings:
     """runtime: swarm: the engine of a Swarm manager, where each chat is a service."""
 
     manager: str = ""  # unix:///path (a manager's socket, mounted or forwarded); "": the local engine (DOCKER_HOST)
-    # The orchestrator's image in a registry every node pulls from: each node runs the instance's guard from it
-    # (orchestrator.node_guard: the node's firewall rules for the chats' bridge). Required on runtime: swarm.
-    guard_image: str = ""
+    # The orchestrator's image in a registry every node pulls from: each node runs the instance's guard (the node's
+    # firewall rules for the chats' bridge) and model gateway (the chats' sockets there) from it. Required on Swarm.
+    orchestrator_image: str = ""
     # How long a chat's start waits for its task to run (the first on a node pulls the agent image: about a minute
     # for 1.2 GB); then the service is scaled back to zero and the message answered with the error.
     start_timeout: float = 300.0
@@ -454,7 +454,7 @@ def parse_settings(raw: object, source: Path, environ: Mapping[str, str]) -> Set
         instance=instance,
         runtime=runtime,
         swarm=reader.flat(top.get("swarm"), "swarm", SwarmSettings, {
-            "manager": _engine_url, "start_timeout": _positive_number}),  # guard_image: a string, the default
+            "manager": _engine_url, "start_timeout": _positive_number}),  # orchestrator_image: a string, the default
         agent=reader.agent(top.get("agent")),
         defaults=defaults,
         groups=groups,
@@ -481,10 +481,10 @@ def parse_settings(raw: object, source: Path, environ: Mapping[str, str]) -> Set
         logging=reader.flat(top.get("logging"), "logging", LoggingSettings, {
             "json": _boolean, "level": _choice(LOG_LEVELS)}),
     )
-    if runtime == "swarm" and not settings.swarm.guard_image:
-        raise reader.error("swarm.guard_image", "is required on runtime: swarm: the orchestrator's image in a "
+    if runtime == "swarm" and not settings.swarm.orchestrator_image:
+        raise reader.error("swarm.orchestrator_image", "is required on runtime: swarm: the orchestrator's image in a "
                            "registry every node pulls from (images/build.sh --orchestrator --push REGISTRY), which "
-                           "each node runs to close the chats' network to the node and to other chats")
+                           "each node runs to close the chats' network and to serve their model gateway")
     _check_workspaces(settings, reader)
     return settings
 

@@ -96,8 +96,9 @@ class GatewayConfig:
     gateway: GatewaySettings
     budgets: BudgetSettings
     store_url: str  # the orchestrator's store (config: store.url): SQLite in data_dir, or PostgreSQL
-    run_dir: Path
+    run_dir: Path  # the chats' run folders (made by the orchestrator): which chats to serve
     secret_path: Path
+    socket_dir: Path | None = None  # where each chat's socket is bound, a folder per chat; None: in run_dir's
     log_json: bool = False
     log_level: str = "INFO"
 
@@ -110,6 +111,7 @@ def settings_json(settings: Settings) -> str:
         "gateway": dataclasses.asdict(settings.gateway),
         "budgets": dataclasses.asdict(settings.budgets),
         "store_url": settings.store.url, "run_dir": str(layout.run_dir(settings)),
+        "socket_dir": str(layout.model_socket_dir(settings)),
         "secret_path": str(layout.secret_path(settings)),
         "log_json": settings.logging.json, "log_level": settings.logging.level,
     }, default=str, sort_keys=True, indent=1)
@@ -144,6 +146,7 @@ def read_settings(path: Path) -> GatewayConfig:
         budgets=BudgetSettings(**money, timezone=budgets["timezone"], reset_at=budgets["reset_at"],
                                footer=budgets["footer"], prices=prices),
         store_url=raw["store_url"], run_dir=Path(raw["run_dir"]), secret_path=Path(raw["secret_path"]),
+        socket_dir=Path(raw["socket_dir"]) if raw.get("socket_dir") else None,
         log_json=raw["log_json"], log_level=raw["log_level"])
 
 
@@ -230,6 +233,8 @@ class Gateway:
         self._runner: web.ServerRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._socket_dir = config.socket_dir or config.run_dir
+        self._own_folders = self._socket_dir != config.run_dir  # made and removed here, not by the orchestrator
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(auto_decompress=True, timeout=aiohttp.ClientTimeout(
@@ -239,7 +244,7 @@ class Gateway:
         await self._runner.setup()
         await self.scan()
         self._poller = asyncio.create_task(self._poll())
-        logger.info(f"model gateway serving {len(self._sites)} chats' sockets in {self.config.run_dir}, "
+        logger.info(f"model gateway serving {len(self._sites)} chats' sockets in {self._socket_dir}, "
                     f"upstream {self.upstream}")
 
     async def close(self) -> None:
@@ -276,6 +281,11 @@ class Gateway:
         for chat_id in self._sites.keys() - folders:
             await self._sites.pop(chat_id).stop()
             os.close(self._folders.pop(chat_id))
+            if self._own_folders:  # the socket, then the folder this gateway made
+                with contextlib.suppress(OSError):
+                    os.unlink(self._socket_dir / chat_id / SOCKET)
+                with contextlib.suppress(OSError):
+                    os.rmdir(self._socket_dir / chat_id)
             self._tokens.pop(chat_id)
             self._refusals.pop(chat_id, None)
             self._chats = {path: chat for path, chat in self._chats.items() if chat != chat_id}
@@ -283,8 +293,10 @@ class Gateway:
             await self._serve(chat_id)
 
     async def _serve(self, chat_id: str) -> None:
-        folder = self.config.run_dir / chat_id
+        folder = self._socket_dir / chat_id
         try:
+            if self._own_folders:  # the node's own folder (runtime: swarm), where nothing of a chat's can write
+                folder.mkdir(mode=0o755, parents=True, exist_ok=True)
             fd = os.open(folder, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)  # a link is refused (ENOTDIR)
         except OSError as exc:
             self._cannot_serve(chat_id, folder, exc)

@@ -68,6 +68,21 @@ def chat_run_dir(settings: Settings, chat_id: str) -> Path:
     return run_dir(settings) / chat_id
 
 
+# runtime: swarm: a folder of every node's own, which the operator makes once per node (root's, 0755): each node's
+# model gateway binds there the sockets of the chats whose tasks may run on it (a unix socket does not cross hosts).
+NODE_FOLDER = Path("/var/lib/orchestrator")
+
+
+def model_socket_dir(settings: Settings) -> Path:
+    """Where the model gateway binds each chat's socket, in a folder per chat that the chat's container mounts: the
+    run folder on one host; on Swarm the node's own folder, one gateway per node."""
+    return NODE_FOLDER / settings.instance / "model" if settings.runtime == "swarm" else run_dir(settings)
+
+
+def chat_model_socket_dir(settings: Settings, chat_id: str) -> Path:
+    return model_socket_dir(settings) / chat_id
+
+
 def prepare(paths: ChatPaths, uid: int) -> None:
     """Make the chat's folders: the agent's owned by its uid (chowned through an fd, never a path the agent
     could change), the input folder root's and readable by the agent."""

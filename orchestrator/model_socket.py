@@ -27,7 +27,10 @@ def prepare_chat(settings: Settings, chat_id: str) -> None:
 
 async def wait_served(settings: Settings, chat_id: str) -> None:
     """Until the gateway listens in the chat's run folder (the CLI's first request would fail and be retried
-    after a pause otherwise); a missing gateway is logged, not fatal."""
+    after a pause otherwise); a missing gateway is logged, not fatal. On Swarm the socket is on the chat's node,
+    out of sight: the node is labelled for chats only while its gateway runs (runtime.ready_label)."""
+    if layout.model_socket_dir(settings) != layout.run_dir(settings):
+        return
     folder = layout.chat_run_dir(settings, chat_id)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + SOCKET_WAIT_SECONDS

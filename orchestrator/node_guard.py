@@ -6,8 +6,8 @@ root with CAP_NET_ADMIN and CAP_NET_RAW only). It keeps the node's firewall rule
 ports, at the bridge's gateway address), and no chat reaches another on the node. Every CHECK_SECONDS it looks,
 puts back what is missing (a firewall reload, a flush by hand), and touches HEALTH_FILE; the service's health check
 reads that file's age, so Swarm reports the task running only once the rules are in place and kills it when they
-cannot be kept. The orchestrator labels the nodes where it runs (`runtime.guarded_label`), and places chats only
-there. The rules stay when it stops: they close the bridge, and nothing else.
+cannot be kept. The orchestrator labels the nodes where it and the model gateway run (`runtime.ready_label`), and
+places chats only there. The rules stay when it stops: they close the bridge, and nothing else.
 """
 
 from __future__ import annotations

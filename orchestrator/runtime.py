@@ -38,6 +38,7 @@ CHAT_LABEL = "orchestrator.chat_id"
 CHAT_NAME_LABEL = "orchestrator.chat_name"
 INSTANCE_LABEL = "orchestrator.instance"
 ROLE_LABEL = "orchestrator.role"  # a container of the instance's that serves no one chat (gateway, egress proxy)
+GATEWAY_ROLE = "model-gateway"
 SPEC_LABEL = "orchestrator.spec"
 
 ICC_OPTION = "com.docker.network.bridge.enable_icc"
@@ -178,10 +179,14 @@ def gateway_container_spec(settings: Settings, settings_digest: str) -> Containe
     capability. The settings' digest in its environment makes a changed config re-create it."""
     data_dir = str(settings.data_dir)
     read_only = (str(layout.gateway_settings_path(settings)), str(layout.secret_path(settings)))
+    # runtime: swarm: one on every node (a global service), from the registry, binding the chats' sockets in the
+    # node's own folder (layout.model_socket_dir)
+    on_swarm = settings.runtime == "swarm"
+    node_folder = ((str(layout.NODE_FOLDER), str(layout.NODE_FOLDER), False),) if on_swarm else ()
     return ContainerSpec(
         name=gateway_container_name(settings.instance),
-        image=settings.gateway.image,
-        labels={MANAGED_LABEL: "true", INSTANCE_LABEL: settings.instance, ROLE_LABEL: "model-gateway"},
+        image=settings.swarm.orchestrator_image if on_swarm else settings.gateway.image,
+        labels={MANAGED_LABEL: "true", INSTANCE_LABEL: settings.instance, ROLE_LABEL: GATEWAY_ROLE},
         nano_cpus=1_000_000_000,
         mem_limit=384 * 1024**2,  # gateway.BODY_MEMORY of request bodies, PARSE_MEMORY to read one, and Python
         pids_limit=64,  # one process, a few threads
@@ -191,7 +196,7 @@ def gateway_container_spec(settings: Settings, settings_digest: str) -> Containe
         # and SQLite in WAL mode makes (and at the last close removes) its -wal and -shm files beside it, which a
         # file mount would pin to an inode the orchestrator may have replaced. Its settings and the instance's
         # secret are mounted read-only over it.
-        mounts=((data_dir, data_dir, False), *((path, path, True) for path in read_only)),
+        mounts=((data_dir, data_dir, False), *((path, path, True) for path in read_only), *node_folder),
         tmpfs=(("/tmp", "rw,nosuid,nodev,noexec,size=1m"),),
         ulimits=(("nofile", OPEN_FILES), ("core", 0)),
         environment=(("GATEWAY_SETTINGS_DIGEST", settings_digest),),
@@ -278,7 +283,7 @@ def container_spec(settings: Settings, chat: ChatSettings, paths: ChatPaths, sec
     if chat_name:
         labels[CHAT_NAME_LABEL] = chat_name
     network = chat_network(settings.instance, options)
-    gateway_mount = (str(layout.chat_run_dir(settings, chat.chat_id)), layout.RUN_PATH, True)
+    gateway_mount = (str(layout.chat_model_socket_dir(settings, chat.chat_id)), layout.RUN_PATH, True)
     mounts = (*paths.mounts(), gateway_mount)
     return ContainerSpec(
         name=container_name(settings.instance, chat.chat_id),
@@ -640,9 +645,10 @@ def guard_name(instance: str) -> str:
     return f"{instance}-guard"
 
 
-def guarded_label(instance: str) -> str:
-    """The node label the orchestrator sets where the instance's guard runs (healthy); chats are placed only there."""
-    return f"orchestrator.guarded.{instance}"
+def ready_label(instance: str) -> str:
+    """The node label the orchestrator sets where the instance's guard (healthy) and model gateway run; chats are
+    placed only there."""
+    return f"orchestrator.ready.{instance}"
 
 
 def chats_bridge(network_id: str) -> str:
@@ -650,53 +656,80 @@ def chats_bridge(network_id: str) -> str:
     return f"br-{network_id[:12]}"
 
 
-def guard_service_spec(instance: str, image: str, bridge: str) -> dict[str, Any]:
-    """The instance's guard (orchestrator.node_guard): one task on every node, on the node's network, root with the
-    two capabilities iptables needs and nothing else; healthy while its loop keeps the rules. Pure."""
-    labels = {MANAGED_LABEL: "true", INSTANCE_LABEL: instance, ROLE_LABEL: "guard"}
-    health = f"test $(( $(date +%s) - $(stat -c %Y {GUARD_HEALTH_FILE}) )) -lt {GUARD_HEALTHY_SECONDS}"
-    return {
-        "Name": guard_name(instance),
+def _swarm_container(spec: ContainerSpec, image: str, labels: dict[str, str]) -> dict[str, Any]:
+    """A service's ContainerSpec from a container's: its user, read-only root, every capability dropped but those it
+    keeps, mounts, ulimits, environment and command. Pure."""
+    container: dict[str, Any] = {
+        "Image": image,
         "Labels": labels,
+        "Env": [f"{name}={value}" for name, value in spec.environment],
+        "User": spec.user,
+        "ReadOnly": True,
+        "Mounts": [{"Type": "bind", "Source": source, "Target": target, "ReadOnly": read_only}
+                   for source, target, read_only in spec.mounts]
+                  + [{"Type": "tmpfs", "Target": target, "TmpfsOptions": _tmpfs_options(options)}
+                     for target, options in spec.tmpfs],
+        "Ulimits": [{"Name": name, "Soft": limit, "Hard": limit} for name, limit in spec.ulimits],
+        "CapabilityDrop": ["ALL"],
+    }
+    if spec.cap_add:
+        container["CapabilityAdd"] = list(spec.cap_add)
+    if spec.command:
+        container["Args"] = list(spec.command)  # Swarm's Command is the entrypoint; Args the image's CMD
+    return container
+
+
+def node_service_spec(spec: ContainerSpec, image: str) -> dict[str, Any]:
+    """One of the instance's own containers as a global service: a task on every node, on the node's network (as
+    on one host), with the spec's user, capabilities, mounts, limits and command; restarted whenever it ends. Pure."""
+    container = _swarm_container(spec, image, dict(spec.labels))
+    return {
+        "Name": spec.name,
+        "Labels": dict(spec.labels),
         "TaskTemplate": {
-            "ContainerSpec": {
-                "Image": image,
-                "Labels": labels,
-                "Args": ["python", "-m", "orchestrator.node_guard", instance, bridge],
-                "User": "0:0",
-                "ReadOnly": True,
-                "CapabilityDrop": ["ALL"],
-                "CapabilityAdd": ["CAP_NET_ADMIN", "CAP_NET_RAW"],
-                "Mounts": [{"Type": "tmpfs", "Target": "/run", "TmpfsOptions": {"SizeBytes": 1024**2}},
-                           {"Type": "tmpfs", "Target": "/tmp", "TmpfsOptions": {"SizeBytes": 1024**2}}],
-                "Healthcheck": {"Test": ["CMD-SHELL", health], "Interval": 2_000_000_000,
-                                "Timeout": 5_000_000_000, "Retries": 2},
-            },
-            "Resources": {"Limits": {"NanoCPUs": 200_000_000, "MemoryBytes": 128 * 1024**2, "Pids": 32}},
+            "ContainerSpec": container,
+            "Resources": {"Limits": {"NanoCPUs": spec.nano_cpus, "MemoryBytes": spec.mem_limit,
+                                     "Pids": spec.pids_limit}},
             "RestartPolicy": {"Condition": "any", "Delay": SWARM_RESTART_DELAY_NS, "MaxAttempts": 0},
             "Networks": [{"Target": "host"}],
-            "LogDriver": {"Name": "json-file", "Options": {"max-size": "1m", "max-file": "1"}},
+            "LogDriver": {"Name": "json-file", "Options": {"max-size": spec.log_max_size, "max-file": "1"}},
         },
         "Mode": {"Global": {}},
     }
 
 
-def guarded_nodes(tasks: list[dict[str, Any]]) -> set[str]:
-    """The nodes where a guard task runs: Swarm reports it running only once its health check passed. Pure."""
+def guard_service_spec(instance: str, image: str, bridge: str) -> dict[str, Any]:
+    """The instance's guard (orchestrator.node_guard): one task on every node, on the node's network, root with the
+    two capabilities iptables needs and nothing else; healthy while its loop keeps the rules. Pure."""
+    guard = ContainerSpec(
+        name=guard_name(instance), image=image,
+        labels={MANAGED_LABEL: "true", INSTANCE_LABEL: instance, ROLE_LABEL: "guard"},
+        nano_cpus=200_000_000, mem_limit=128 * 1024**2, pids_limit=32, network="host", user="0:0", mounts=(),
+        tmpfs=(("/run", "size=1m"), ("/tmp", "size=1m")), ulimits=(), environment=(),
+        command=("python", "-m", "orchestrator.node_guard", instance, bridge), cap_add=("CAP_NET_ADMIN", "CAP_NET_RAW"))
+    spec = node_service_spec(guard, image)
+    health = f"test $(( $(date +%s) - $(stat -c %Y {GUARD_HEALTH_FILE}) )) -lt {GUARD_HEALTHY_SECONDS}"
+    spec["TaskTemplate"]["ContainerSpec"]["Healthcheck"] = {
+        "Test": ["CMD-SHELL", health], "Interval": 2_000_000_000, "Timeout": 5_000_000_000, "Retries": 2}
+    return spec
+
+
+def running_on(tasks: list[dict[str, Any]]) -> set[str]:
+    """The nodes where one of these tasks runs (a guard's: once its health check passed). Pure."""
     return {t["NodeID"] for t in tasks if t.get("NodeID") and t.get("DesiredState") == "running"
             and t.get("Status", {}).get("State") == "running"}
 
 
-def node_label_updates(nodes: list[dict[str, Any]], guarded: set[str], label: str) -> list[tuple[str, int, dict]]:
-    """The nodes whose `label` must change (set where the guard runs, removed elsewhere): (id, version, new spec).
+def node_label_updates(nodes: list[dict[str, Any]], ready: set[str], label: str) -> list[tuple[str, int, dict]]:
+    """The nodes whose `label` must change (set on the `ready` ones, removed elsewhere): (id, version, new spec).
     Pure."""
     updates = []
     for node in nodes:
         spec = node.get("Spec") or {}
         labels = dict(spec.get("Labels") or {})
-        if (labels.get(label) == "true") == (node["ID"] in guarded):
+        if (labels.get(label) == "true") == (node["ID"] in ready):
             continue
-        if node["ID"] in guarded:
+        if node["ID"] in ready:
             labels[label] = "true"
         else:
             labels.pop(label, None)
@@ -729,27 +762,11 @@ def service_spec(spec: ContainerSpec, image: str, fingerprint: str, network: str
     """The Swarm service of a chat's container spec, as the engine's API takes it (API 1.41: capabilities, ulimits
     and the pids limit are there, which docker-py's helpers do not all know; `SwarmRuntime` refuses an older engine).
     The fingerprint is on the tasks too, so a start can tell the task of this spec from one of the last. Pure."""
-    container: dict[str, Any] = {
-        "Image": image,
-        "Labels": {**spec.labels, SPEC_LABEL: fingerprint},
-        "Env": [f"{name}={value}" for name, value in spec.environment],
-        "Dir": WORKSPACE_PATH,
-        "User": spec.user,
-        "ReadOnly": True,
-        "Mounts": [{"Type": "bind", "Source": source, "Target": target, "ReadOnly": read_only}
-                   for source, target, read_only in spec.mounts]
-                  + [{"Type": "tmpfs", "Target": target, "TmpfsOptions": _tmpfs_options(options)}
-                     for target, options in spec.tmpfs],
-        "Ulimits": [{"Name": name, "Soft": limit, "Hard": limit} for name, limit in spec.ulimits],
-        "CapabilityDrop": ["ALL"],
-        "DNSConfig": {"Nameservers": [SWARM_TASK_NAMESERVER]},
-    }
+    container = _swarm_container(spec, image, {**spec.labels, SPEC_LABEL: fingerprint})
+    container["Dir"] = WORKSPACE_PATH
+    container["DNSConfig"] = {"Nameservers": [SWARM_TASK_NAMESERVER]}
     if stop_grace:
         container["StopGracePeriod"] = int(stop_grace * 1e9)  # SIGTERM, then SIGKILL this long after (Swarm: 10 s)
-    if spec.cap_add:
-        container["CapabilityAdd"] = list(spec.cap_add)
-    if spec.command:
-        container["Args"] = list(spec.command)  # Swarm's Command is the entrypoint; Args the image's CMD
     limits = {"NanoCPUs": spec.nano_cpus, "MemoryBytes": spec.mem_limit, "Pids": spec.pids_limit}
     reservations = {key: value for key, value in (("NanoCPUs", spec.reserve_nano_cpus),
                                                   ("MemoryBytes", spec.reserve_memory)) if value}
@@ -881,10 +898,10 @@ class SwarmRuntime(Runtime):
     What a chat's task cannot give from another node (no `docker exec` there, no stats): `run` refuses,
     `process_limit_hits` and `usage` know nothing. See docs/SCALING.md."""
 
-    def __init__(self, manager: str, local: DockerRuntime, guard_image: str, start_timeout: float,
+    def __init__(self, manager: str, local: DockerRuntime, orchestrator_image: str, start_timeout: float,
                  stop_grace: float, timeout: float = 120) -> None:
         self.local = local
-        self.guard_image = guard_image
+        self.orchestrator_image = orchestrator_image
         self.start_timeout = start_timeout
         self.stop_grace = stop_grace
         self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="swarm")
@@ -1008,7 +1025,10 @@ class SwarmRuntime(Runtime):
 
     async def ensure(self, spec: ContainerSpec) -> ContainerState:
         """A chat's service made, brought up to date or scaled up, and waited for until its task runs (on the first
-        start on a node that includes pulling the image); the instance's own containers on this host."""
+        start on a node that includes pulling the image); the model gateway a global service (one on every node,
+        not waited for: chats are placed only where it runs); the egress proxy on this host."""
+        if spec.labels.get(ROLE_LABEL) == GATEWAY_ROLE:
+            return await self._call(self._ensure_gateway, spec)
         if CHAT_LABEL not in spec.labels:
             return await self.local.ensure(spec)
         fingerprint = await self._call(self._apply, spec)
@@ -1023,7 +1043,7 @@ class SwarmRuntime(Runtime):
         self._check_engines()
         instance = spec.labels.get(INSTANCE_LABEL, "")
         network = swarm_network_name(instance)
-        required = (f"node.labels.{guarded_label(instance)}==true",)
+        required = (f"node.labels.{ready_label(instance)}==true",)
         service = self._service(spec.name)
         if service is None:
             try:
@@ -1058,11 +1078,12 @@ class SwarmRuntime(Runtime):
                 # which looks at running chats only, would never take it down.
                 await self._call(self._set_replicas_to_zero, service)
                 status = (newest_task(tasks) or {}).get("Status", {})
-                guard = guard_name(service["Spec"].get("Labels", {}).get(INSTANCE_LABEL, ""))
+                instance = service["Spec"].get("Labels", {}).get(INSTANCE_LABEL, "")
                 raise RuntimeFailure(f"the service {name} has no running task after {self.start_timeout:g} s "
                                      f"(swarm.start_timeout), and is scaled to zero: {status.get('State', 'no task')}"
                                      f": {status.get('Err') or status.get('Message')} (chats run only on nodes where "
-                                     f"the instance's guard runs: `docker service ps {guard}`)")
+                                     f"the instance's guard and gateway run: `docker service ps "
+                                     f"{guard_name(instance)} {gateway_container_name(instance)}`)")
             await asyncio.sleep(SWARM_POLL_SECONDS)
 
     async def inspect(self, name: str) -> ContainerState:
@@ -1077,11 +1098,14 @@ class SwarmRuntime(Runtime):
 
     async def stop(self, name: str, grace_seconds: float) -> None:
         """A chat's service scaled to zero (its definition stays: the next `ensure` scales it up), waited for until
-        its task has stopped (its StopGracePeriod is `containers.stop_timeout`) or its node is lost; another
-        container of this host's stopped as on Docker."""
+        its task has stopped (its StopGracePeriod is `containers.stop_timeout`) or its node is lost; a global
+        service (the model gateway) removed (the next start makes it again); a container of this host's stopped as
+        on Docker."""
         service = await self._call(self._service, name)
         if service is None:
             return await self.local.stop(name, grace_seconds)
+        if "Global" in service["Spec"].get("Mode", {}):
+            return await self._call(self._api.remove_service, service["ID"])
         await self._call(self._set_replicas_to_zero, service)
         deadline = time.monotonic() + max(grace_seconds, self.stop_grace) + SWARM_STOP_SECONDS
         while await self._call(self._any_task_live, service["ID"]):
@@ -1117,7 +1141,7 @@ class SwarmRuntime(Runtime):
         seen: dict[str, str] | None = None  # chat id → id of its running task's container
         while self._watching:
             try:
-                self._label_guarded_nodes(instance)
+                self._label_ready_nodes(instance)
                 now = {s.chat_id: s.id for s in self._list_managed(instance) if s.running and s.chat_id}
                 streak.ok()
             except Exception as exc:  # the manager restarted, lost its quorum, or anything else: look again
@@ -1128,13 +1152,14 @@ class SwarmRuntime(Runtime):
             seen = now
             time.sleep(SWARM_WATCH_SECONDS)
 
-    def _label_guarded_nodes(self, instance: str) -> None:
-        """The guard's label set on the nodes where its task runs (healthy) and taken from the others: Swarm then
-        places chats only where the node's rules are kept, and stops a chat's task on a node that lost its guard
-        (a node's labels are its constraints' input at once)."""
-        label = guarded_label(instance)
-        tasks = self._api.tasks(filters={"service": guard_name(instance)})
-        for node_id, version, spec in node_label_updates(self._api.nodes(), guarded_nodes(tasks), label):
+    def _label_ready_nodes(self, instance: str) -> None:
+        """The ready label set on the nodes where both the guard (healthy) and the model gateway run, and taken
+        from the others: Swarm then places chats only where the node's rules are kept and the chat's model socket is
+        served, and stops a chat's task on a node that lost either (a node's labels are its constraints' input)."""
+        label = ready_label(instance)
+        guarded = running_on(self._api.tasks(filters={"service": guard_name(instance)}))
+        served = running_on(self._api.tasks(filters={"service": gateway_container_name(instance)}))
+        for node_id, version, spec in node_label_updates(self._api.nodes(), guarded & served, label):
             self._api.update_node(node_id, version, spec)
             logger.info(f"node {node_id}: {label} {'set' if label in spec['Labels'] else 'removed'}")
 
@@ -1149,7 +1174,18 @@ class SwarmRuntime(Runtime):
     def _ensure_guard(self, instance: str) -> None:
         [network] = [n for n in self._api.networks(names=[swarm_network_name(instance)])
                      if n.get("Name") == swarm_network_name(instance)]
-        spec = guard_service_spec(instance, self._image(self.guard_image), chats_bridge(network["Id"]))
+        image = self._image(self.orchestrator_image)
+        self._ensure_global(guard_service_spec(instance, image, chats_bridge(network["Id"])))
+
+    def _ensure_gateway(self, spec: ContainerSpec) -> ContainerState:
+        service = self._ensure_global(node_service_spec(spec, self._image(spec.image)))
+        running = running_on(self._api.tasks(filters={"service": service["ID"]}))
+        nodes = self._node_table()
+        return ContainerState(name=spec.name, id=service["ID"], status="running" if running else "created",
+                              node=", ".join(sorted(nodes[n].hostname if n in nodes else n for n in running)))
+
+    def _ensure_global(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """A global service made, or updated when its spec changed (its fingerprint is a label); the service."""
         fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
         spec["Labels"] = {**spec["Labels"], SPEC_LABEL: fingerprint}
         service = self._service(spec["Name"])
@@ -1157,6 +1193,10 @@ class SwarmRuntime(Runtime):
             self._create(spec)
         elif service["Spec"].get("Labels", {}).get(SPEC_LABEL) != fingerprint:
             self._update(service["ID"], service["Version"]["Index"], spec)
+        service = self._service(spec["Name"])
+        if service is None:
+            raise RuntimeFailure(f"the service {spec['Name']} was made and is gone")
+        return service
 
     def _ensure_swarm_network(self, instance: str) -> None:
         name, node_config = swarm_network_name(instance), swarm_node_network_name(instance)
@@ -1232,7 +1272,7 @@ def make_runtime(settings: Settings) -> DockerRuntime | SwarmRuntime:
     if settings.runtime != "swarm":
         return local
     try:
-        return SwarmRuntime(settings.swarm.manager, local, guard_image=settings.swarm.guard_image,
+        return SwarmRuntime(settings.swarm.manager, local, orchestrator_image=settings.swarm.orchestrator_image,
                             start_timeout=settings.swarm.start_timeout, stop_grace=settings.containers.stop_timeout)
     except RuntimeFailure:
         local.close()

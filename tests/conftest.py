@@ -111,7 +111,7 @@ def swarm_cluster(docker_client: docker.DockerClient) -> Iterator[Swarm]:
     reuse = os.environ.get("SWARM_TEST_REUSE")  # a developer's: a file naming a Swarm left up by an earlier run
     if reuse and Path(reuse).exists():
         swarm = Swarm.attach(docker_client, Path(reuse))
-        if not swarm.guard_image:  # saved before the guard existed
+        if not swarm.orchestrator_image:  # saved before the guard existed
             swarm.push_images(AGENT_IMAGE, ORCHESTRATOR_IMAGE)
             swarm.save(Path(reuse))
         yield swarm

@@ -62,8 +62,13 @@ class PostgresServer:
             self.stop()
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def url(self, database: str) -> str:
-        return f"postgresql://{USER}:{PASSWORD}@127.0.0.1:{self.port}/{database}"
+    def url(self, database: str, address: str = "") -> str:
+        """The database's URL, on the server's port or at `address` (host:port of a relay to its socket)."""
+        return f"postgresql://{USER}:{PASSWORD}@{address or f'127.0.0.1:{self.port}'}/{database}"
+
+    @property
+    def socket(self) -> Path:
+        return self.folder / f".s.PGSQL.{self.port}"
 
     def execute(self, statement: str) -> None:
         """One statement outside a transaction (CREATE DATABASE needs that), through the socket."""

@@ -28,8 +28,11 @@ from pathlib import Path
 import docker
 from docker.errors import NotFound
 
+from tests.harness import AGENT_IMAGE
+
 NODE_IMAGE = "orchestrator-swarm-node:latest"
 REGISTRY_PORT = 5000
+RELAY_PORT = 8080
 NODES = 3
 ZONES = ("a", "b", "b")
 # cgroup v1 with each controller in its own hierarchy: mounted one by one, or the node's engine has no CFS quota and
@@ -71,7 +74,7 @@ class Swarm:
         self.socket_dir.mkdir(exist_ok=True)
         self.host_registry = ""  # 127.0.0.1:PORT, for the host's engine
         self.agent_image = ""  # the agent image as the nodes pull it, once pushed
-        self.guard_image = ""  # the orchestrator's image as the nodes pull it (swarm.guard_image), once pushed
+        self.orchestrator_image = ""  # the orchestrator's image as the nodes pull it, once pushed
 
     @classmethod
     def attach(cls, client: docker.DockerClient, saved: Path) -> Swarm:
@@ -79,13 +82,13 @@ class Swarm:
         state = json.loads(saved.read_text())
         swarm = cls(client, state["prefix"], Path(state["folder"]))
         swarm.host_registry, swarm.agent_image = state["host_registry"], state["agent_image"]
-        swarm.guard_image = state.get("guard_image", "")
+        swarm.orchestrator_image = state.get("orchestrator_image", "")
         return swarm
 
     def save(self, saved: Path) -> None:
         saved.write_text(json.dumps({"prefix": self.prefix, "folder": str(self.folder),
                                      "host_registry": self.host_registry, "agent_image": self.agent_image,
-                                     "guard_image": self.guard_image}))
+                                     "orchestrator_image": self.orchestrator_image}))
 
     @property
     def manager_url(self) -> str:
@@ -162,10 +165,10 @@ class Swarm:
         """The agent's image and the orchestrator's (the guard's) pushed and pulled on every node, as an operator's
         nodes would have them after their first tasks; what it took, for the log."""
         began = time.monotonic()
-        self.agent_image, self.guard_image = self.push(agent), self.push(orchestrator)
+        self.agent_image, self.orchestrator_image = self.push(agent), self.push(orchestrator)
         pushed = time.monotonic()
         self.pull_everywhere(self.agent_image)
-        self.pull_everywhere(self.guard_image)
+        self.pull_everywhere(self.orchestrator_image)
         return f"images pushed in {pushed - began:.1f} s, pulled on every node in {time.monotonic() - pushed:.1f} s"
 
     def pull_everywhere(self, image: str) -> None:
@@ -176,11 +179,12 @@ class Swarm:
                     raise RuntimeError(f"pull of {image} failed: {result.stderr}")
 
     def prepare_instance(self, instance: str) -> None:
-        """What an operator does once per instance on every node: the config-only network that gives the chats'
-        Swarm network its per-node options (no traffic between chats on a node)."""
+        """What an operator does on every node: once per instance, the config-only network that gives the chats'
+        Swarm network its per-node options (no traffic between chats on a node); once, the gateways' folder."""
         for node in self.nodes:
             self.exec(node, "docker", "network", "create", "--config-only", "--opt",
                       "com.docker.network.bridge.enable_icc=false", f"{instance}-chats-node")
+            self.exec(node, "mkdir", "-p", "/var/lib/orchestrator")  # once per node: the gateways' sockets there
 
     def remove_instance(self, instance: str) -> None:
         """The instance's services, its Swarm network and its nodes' config networks."""
@@ -189,7 +193,7 @@ class Swarm:
         if services:
             self.exec(self.manager, "docker", "service", "rm", *services)
         for node in self.nodes:  # the guard's label (a lost node's too: the label is the manager's record)
-            self.run(self.manager, "docker", "node", "update", "--label-rm", f"orchestrator.guarded.{instance}", node)
+            self.run(self.manager, "docker", "node", "update", "--label-rm", f"orchestrator.ready.{instance}", node)
         self._wait(lambda: self._removed(self.manager, f"{instance}-chats"), 60, "the chats' network to go")
         for node in self.nodes:  # a config network goes once no node's copy of the network needs it; a node whose
             # engine was killed keeps a stale copy until the Swarm goes (harmless: the next test has another instance)
@@ -211,12 +215,28 @@ class Swarm:
                           "--format", "{{.Node}} {{.CurrentState}}").splitlines()
         return next((line.split()[0] for line in lines if " Running " in f" {line} "), "")
 
-    def wait_guarded(self, instance: str, timeout: float = 120) -> None:
-        """Until every node carries the label the orchestrator sets where the instance's guard runs."""
-        label = f"orchestrator.guarded.{instance}"
-        self._wait(lambda: all(label in json.loads(self.exec(self.manager, "docker", "node", "inspect", "--format",
-                                                              "{{json .Spec.Labels}}", node)) for node in self.nodes),
-                   timeout, f"the guard of {instance} on every node")
+    def wait_ready(self, instance: str, timeout: float = 120) -> None:
+        """Until every node carries the label the orchestrator sets where the instance's guard and gateway run."""
+        label = f"orchestrator.ready.{instance}"
+        self._wait(lambda: all(label in (json.loads(self.exec(self.manager, "docker", "node", "inspect", "--format",
+                                                               "{{json .Spec.Labels}}", node)) or {})
+                               for node in self.nodes), timeout, f"the guard and gateway of {instance} on every node")
+
+    def relay(self, name: str, socket: Path) -> str:
+        """A container on the nodes' network that forwards TCP RELAY_PORT to a unix socket of the host's (its folder
+        mounted): how the nodes reach a server of the test's on the host (the fake model API, PostgreSQL) without
+        the host's address, which tests never target; the host reaches the relay too. Its address:port."""
+        container = self.client.containers.run(
+            AGENT_IMAGE, ["socat", f"TCP-LISTEN:{RELAY_PORT},fork,reuseaddr", f"UNIX-CONNECT:{socket}"],
+            entrypoint=[], name=f"{self.prefix}-{name}", detach=True, user="0:0", network=self.network,
+            volumes={str(socket.parent): {"bind": str(socket.parent), "mode": "rw"}},
+            labels={"orchestrator.test": "swarm"})
+        container.reload()
+        return f"{container.attrs['NetworkSettings']['Networks'][self.network]['IPAddress']}:{RELAY_PORT}"
+
+    def remove_relay(self, name: str) -> None:
+        with contextlib.suppress(NotFound):
+            self.client.containers.get(f"{self.prefix}-{name}").remove(force=True)
 
     def kill_node(self, node: str) -> None:
         """The node's container killed: its engine and every task on it die at once, as in a host's crash."""
@@ -253,7 +273,8 @@ class Swarm:
     def remove(self) -> None:
         """The nodes with their volumes (their engines' images, the tasks), the registry, the network, the folders.
         The chat folders hold files of the agent's uid and of root: removed as root."""
-        for name in [*self.nodes, self.registry_name]:
+        relays = [c.name for c in self.client.containers.list(all=True, filters={"name": f"{self.prefix}-"})]
+        for name in {*self.nodes, self.registry_name, *relays}:
             with contextlib.suppress(NotFound):
                 self.client.containers.get(name).remove(force=True, v=True)
         with contextlib.suppress(NotFound):

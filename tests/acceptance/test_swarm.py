@@ -8,6 +8,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,28 +17,40 @@ from orchestrator import firewall
 from orchestrator.runtime import SWARM_WATCH_SECONDS
 from tests.fakes.anthropic import FakeAnthropic
 from tests.fakes.feishu import FakeFeishu
-from tests.harness import StoreView, answers, chat, run_cli, status_json, wait_answer, wait_until
+from tests.harness import MODEL_KEY, StoreView, answers, chat, run_cli, status_json, wait_answer, wait_until
 from tests.swarm import Swarm
 
 MiB = 1024**2
 
 
+@dataclass(frozen=True)
+class OnSwarm:
+    swarm: Swarm
+    model_url: str  # the fake model API as the nodes' gateways reach it (through a relay on their network)
+
+
 @pytest.fixture
-def on_swarm(swarm_cluster: Swarm, instance: str) -> Iterator[Swarm]:
-    """The session's Swarm, prepared for this test's instance as an operator would, and its services removed after."""
+def on_swarm(swarm_cluster: Swarm, instance: str, fake_api: FakeAnthropic) -> Iterator[OnSwarm]:
+    """The session's Swarm, prepared for this test's instance as an operator would, with the test's fake model API
+    reachable from its nodes; its services and the relay removed after."""
     swarm_cluster.prepare_instance(instance)
-    yield swarm_cluster
+    fake_api.serve_unix(swarm_cluster.folder / f"{instance}-model.sock")
+    address = swarm_cluster.relay(f"{instance}-model", swarm_cluster.folder / f"{instance}-model.sock")
+    yield OnSwarm(swarm_cluster, f"http://{address}")
     swarm_cluster.remove_instance(instance)
+    swarm_cluster.remove_relay(f"{instance}-model")
 
 
-def swarm_config(feishu_config: Callable[..., Path], swarm: Swarm, instance: str, swarm_section: dict | None = None,
+def swarm_config(feishu_config: Callable[..., Path], on: OnSwarm, instance: str, swarm_section: dict | None = None,
                  **sections: object) -> Path:
     """The instance's data on the shared storage (the same path on every node); chats spread over the zones unless
-    `defaults` says otherwise."""
+    `defaults` says otherwise; the gateway on every node, to the fake model through the relay."""
+    swarm = on.swarm
     sections.setdefault("defaults", {"egress": "none", "placement": {"spread": ["node.labels.zone"]}})
     return feishu_config(data_dir=str(swarm.shared / instance / "data"), runtime="swarm",
-                         swarm={"manager": swarm.manager_url, "guard_image": swarm.guard_image,
+                         swarm={"manager": swarm.manager_url, "orchestrator_image": swarm.orchestrator_image,
                                 **(swarm_section or {})},
+                         gateway={"upstream_url": on.model_url, "api_key": MODEL_KEY},
                          agent={"image": swarm.agent_image}, **sections)
 
 
@@ -80,11 +93,11 @@ def ask(feishu: FakeFeishu, chat_id: str, text: str) -> None:
 
 
 def test_chats_are_services_placed_over_the_nodes_answered_by_the_real_cli(
-        on_swarm: Swarm, instance: str, feishu: FakeFeishu, feishu_config, start, fake_api: FakeAnthropic) -> None:
-    swarm = on_swarm
+        on_swarm: OnSwarm, instance: str, feishu: FakeFeishu, feishu_config, start, fake_api: FakeAnthropic) -> None:
+    swarm = on_swarm.swarm
     gpu, zone_a, zone_b, anywhere = chat(), chat(), chat(), chat()
     spread = [zone_a, zone_b, anywhere]
-    config = swarm_config(feishu_config, swarm, instance, containers={"stop_timeout": 4}, groups={
+    config = swarm_config(feishu_config, on_swarm, instance, containers={"stop_timeout": 4}, groups={
         gpu: {"placement": {"constraints": ["node.labels.gpu==true"], "reserve_cpus": 0.25, "reserve_memory": "64m"}},
         zone_a: {"placement": {"constraints": ["node.labels.zone==a"]}},
         zone_b: {"placement": {"constraints": ["node.labels.zone==b", "node.labels.gpu!=true"]}}})
@@ -99,7 +112,8 @@ def test_chats_are_services_placed_over_the_nodes_answered_by_the_real_cli(
     listed = swarm.exec(swarm.manager, "docker", "service", "ls", "--filter", f"label=orchestrator.instance={instance}",
                         "--format", "{{.Name}} {{.Replicas}}").split("\n")
     assert sorted(line for line in listed if line) == sorted(
-        [*(f"{instance}-{c} 1/1" for c in (gpu, *spread)), f"{instance}-guard 3/3"])  # and the guard on every node
+        [*(f"{instance}-{c} 1/1" for c in (gpu, *spread)),
+         f"{instance}-guard 3/3", f"{instance}-gateway 3/3"])  # the guard and the model gateway on every node
     nodes = {}
     for chat_id in (gpu, *spread):
         service = swarm.service(f"{instance}-{chat_id}")["Spec"]
@@ -115,7 +129,7 @@ def test_chats_are_services_placed_over_the_nodes_answered_by_the_real_cli(
         nodes[chat_id] = swarm.task_node(f"{instance}-{chat_id}")
     gpu_service = swarm.service(f"{instance}-{gpu}")["Spec"]["TaskTemplate"]
     assert gpu_service["Placement"] == {"Constraints": ["node.labels.gpu==true",
-                                                        f"node.labels.orchestrator.guarded.{instance}==true"]}
+                                                        f"node.labels.orchestrator.ready.{instance}==true"]}
     assert gpu_service["Resources"]["Reservations"] == {"NanoCPUs": 250_000_000, "MemoryBytes": 64 * MiB}
     # each where its group's constraints put it (node 1 is zone a; nodes 2 and 3 zone b, node 3 alone gpu=true)
     assert (nodes[gpu], nodes[zone_a], nodes[zone_b]) == tuple(swarm.nodes[n] for n in (2, 0, 1))
@@ -125,6 +139,10 @@ def test_chats_are_services_placed_over_the_nodes_answered_by_the_real_cli(
     caps = swarm.exec(nodes[gpu], "docker", "inspect", "--format",
                       "{{.HostConfig.NanoCpus}} {{.HostConfig.Memory}} {{.HostConfig.PidsLimit}}", container).split()
     assert caps == ["1000000000", str(512 * MiB), "200"]
+    # its model socket is its node's gateway's, in the node's own folder (a unix socket does not cross hosts), not in
+    # its run folder on the shared storage
+    swarm.exec(nodes[gpu], "test", "-S", f"/var/lib/orchestrator/{instance}/model/{gpu}/model.sock")
+    assert not (swarm.shared / instance / "data" / "run" / gpu / "model.sock").exists()
     # A lookup in the task is asked from the task's own network namespace (a listener on its own 127.0.0.1:53
     # hears it; the chats' internal network answers nothing else), not forwarded by its node's engine to the node's
     # resolver from the node's namespace: Debian's 20.10 engines do that (CVE-2024-29018), a way out by DNS.
@@ -160,10 +178,10 @@ def test_chats_are_services_placed_over_the_nodes_answered_by_the_real_cli(
 
 
 def test_a_drained_nodes_chat_comes_up_elsewhere_its_running_turn_told_its_session_intact(
-        on_swarm: Swarm, instance: str, feishu: FakeFeishu, feishu_config, start, fake_api: FakeAnthropic) -> None:
-    swarm = on_swarm
+        on_swarm: OnSwarm, instance: str, feishu: FakeFeishu, feishu_config, start, fake_api: FakeAnthropic) -> None:
+    swarm = on_swarm.swarm
     chat_id, marker = chat(), uuid.uuid4().hex[:8]
-    config = swarm_config(feishu_config, swarm, instance)
+    config = swarm_config(feishu_config, on_swarm, instance)
     bot = start(config)
     ask(feishu, chat_id, f"first {marker}")
     name = f"{instance}-{chat_id}"
@@ -197,12 +215,12 @@ def test_a_drained_nodes_chat_comes_up_elsewhere_its_running_turn_told_its_sessi
 
 
 def test_a_lost_nodes_chat_comes_up_on_another_with_its_session(
-        on_swarm: Swarm, instance: str, feishu: FakeFeishu, feishu_config, start, fake_api: FakeAnthropic) -> None:
+        on_swarm: OnSwarm, instance: str, feishu: FakeFeishu, feishu_config, start, fake_api: FakeAnthropic) -> None:
     """A worker's whole engine killed (its container, as a host that crashes): Swarm marks the node down and starts
     the chat's task on the other worker; the next message is answered there in the same session."""
-    swarm = on_swarm
+    swarm = on_swarm.swarm
     chat_id, marker = chat(), uuid.uuid4().hex[:8]
-    config = swarm_config(feishu_config, swarm, instance,
+    config = swarm_config(feishu_config, on_swarm, instance,
                           defaults={"egress": "none", "placement": {"constraints": ["node.role==worker"]}})
     bot = start(config)
     ask(feishu, chat_id, f"first {marker}")
@@ -231,13 +249,13 @@ def test_a_lost_nodes_chat_comes_up_on_another_with_its_session(
 
 
 def test_a_chat_no_node_can_take_is_told_and_scaled_back_to_zero(
-        on_swarm: Swarm, instance: str, feishu: FakeFeishu, feishu_config, start) -> None:
+        on_swarm: OnSwarm, instance: str, feishu: FakeFeishu, feishu_config, start) -> None:
     """A chat whose placement no node meets: its task waits for a node; after swarm.start_timeout the message is
     answered with the error and the service goes back to zero replicas (left at one, Swarm would go on trying, and idle
     stop, which looks at running chats, would never take it down)."""
-    swarm = on_swarm
+    swarm = on_swarm.swarm
     chat_id = chat()
-    config = swarm_config(feishu_config, swarm, instance, {"start_timeout": 8}, groups={
+    config = swarm_config(feishu_config, on_swarm, instance, {"start_timeout": 8}, groups={
         chat_id: {"placement": {"constraints": ["node.labels.nowhere==true"]}}})
     bot = start(config)
     feishu.push_event(feishu.text_event(chat_id, "hello"))
@@ -249,28 +267,29 @@ def test_a_chat_no_node_can_take_is_told_and_scaled_back_to_zero(
 
 
 def test_a_chat_reaches_nothing_of_its_node_nor_another_chat_there(
-        on_swarm: Swarm, instance: str, feishu: FakeFeishu, feishu_config, start) -> None:
+        on_swarm: OnSwarm, instance: str, feishu: FakeFeishu, feishu_config, start) -> None:
     """The guard (a global service) keeps each node's rules for the chats' bridge: a listener of the node's own, on
     all its addresses, is refused to a chat at the bridge's gateway address, and a listener in another chat on the
     node too, on a worker whose config network leaves enable_icc on (the operator's step, missed there)."""
-    swarm = on_swarm
+    swarm = on_swarm.swarm
     node = swarm.nodes[1]
     swarm.exec(node, "docker", "network", "rm", f"{instance}-chats-node")
     swarm.exec(node, "docker", "network", "create", "--config-only", f"{instance}-chats-node")  # icc left on
     one, two = chat(), chat()
-    config = swarm_config(feishu_config, swarm, instance, defaults={
+    config = swarm_config(feishu_config, on_swarm, instance, defaults={
         "egress": "none", "placement": {"constraints": [f"node.hostname=={node}"]}})
     bot = start(config)
     for chat_id in (one, two):
         ask(feishu, chat_id, f"hello {chat_id}")
-    # the guard runs on every node, and every node carries its label
-    guard = swarm.exec(swarm.manager, "docker", "service", "ps", f"{instance}-guard", "--filter",
-                       "desired-state=running", "--format", "{{.Node}} {{.CurrentState}}").splitlines()
-    assert sorted(line.split()[0] for line in guard if " Running " in f" {line} ") == sorted(swarm.nodes)
+    # the guard and the model gateway run on every node, and every node carries the label chats are placed by
+    for service in (f"{instance}-guard", f"{instance}-gateway"):
+        tasks = swarm.exec(swarm.manager, "docker", "service", "ps", service, "--filter", "desired-state=running",
+                           "--format", "{{.Node}} {{.CurrentState}}").splitlines()
+        assert sorted(line.split()[0] for line in tasks if " Running " in f" {line} ") == sorted(swarm.nodes)
     for each in swarm.nodes:
         labels = json.loads(swarm.exec(swarm.manager, "docker", "node", "inspect", "--format",
                                        "{{json .Spec.Labels}}", each))
-        assert labels.get(f"orchestrator.guarded.{instance}") == "true", (each, labels)
+        assert labels.get(f"orchestrator.ready.{instance}") == "true", (each, labels)
     # its rules on the node, for the chats' bridge (named by the network's id)
     network = json.loads(swarm.exec(node, "docker", "network", "inspect", f"{instance}-chats"))[0]
     bridge, gateway = f"br-{network['Id'][:12]}", network["IPAM"]["Config"][0]["Gateway"]

@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import json
 import re
+import socketserver
 import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 _BASH = re.compile(r"RUN_BASH:\s*(.+)", re.DOTALL)
@@ -68,6 +70,16 @@ def latest_user_blocks(body: dict[str, Any]) -> list[dict[str, Any]]:
     return []
 
 
+class _UnixHTTPServer(socketserver.ThreadingUnixStreamServer):
+    """http.server's handlers on a unix socket: a peer there has no address, which the handlers' logging reads."""
+
+    daemon_threads = True
+
+    def get_request(self) -> tuple[Any, Any]:
+        connection, _ = super().get_request()
+        return connection, ("unix", 0)
+
+
 class FakeAnthropic:
     def __init__(self, api_key: str | None = None) -> None:
         self.api_key = api_key  # the only key it accepts; None: any
@@ -79,6 +91,7 @@ class FakeAnthropic:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._unix: list[_UnixHTTPServer] = []
 
     @property
     def base_url(self) -> str:
@@ -89,9 +102,17 @@ class FakeAnthropic:
         self._thread.start()
         return self
 
+    def serve_unix(self, path: Path) -> None:
+        """The same API on a unix socket too (until `stop`): for clients that cannot reach the host's 127.0.0.1,
+        through a relay that mounts the socket's folder (tests/swarm.py's nodes)."""
+        server = _UnixHTTPServer(str(path), self._handler_class())
+        self._unix.append(server)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        for server in [self._server, *self._unix]:
+            server.shutdown()
+            server.server_close()
 
     def prompts(self) -> list[str]:
         """The text of every user message of every recorded request, in order."""

@@ -356,7 +356,7 @@ def test_chats_dir_is_relative_to_the_config_file_and_defaults_under_data_dir(tm
 EVERYTHING = {
     "data_dir": "/srv/bot", "chats_dir": "/mnt/chats", "instance": "bot-2",
     "runtime": "swarm", "swarm": {"manager": "unix:///run/manager/docker.sock", "start_timeout": 90,
-                                   "guard_image": "reg:5000/orchestrator:2"},
+                                   "orchestrator_image": "reg:5000/orchestrator:2"},
     "agent": {"image": "runner:2", "env": {"REGION": "eu"}, "model": "claude-opus-4-5",
               "extra_args": ["--max-turns", "7"], "idle_timeout": 30, "turn_timeout": 120, "hot_idle": 45, "uid": 1001},
     "defaults": {"cpus": 0.5, "memory": "1g", "pids_limit": 64, "network": "none", "unsafe_network": True,
@@ -393,7 +393,7 @@ def expected_everything(source: Path) -> Settings:
     return Settings(
         source=source, data_dir=Path("/srv/bot"), chats_dir=Path("/mnt/chats"), instance="bot-2",
         runtime="swarm", swarm=SwarmSettings(manager="unix:///run/manager/docker.sock", start_timeout=90.0,
-                                                                 guard_image="reg:5000/orchestrator:2"),
+                                                                 orchestrator_image="reg:5000/orchestrator:2"),
         agent=AgentSettings(image="runner:2", env={"REGION": "eu"}, model="claude-opus-4-5",
                             extra_args=("--max-turns", "7"), idle_timeout=30.0, turn_timeout=120.0, hot_idle=45.0,
                             uid=1001),
@@ -669,12 +669,12 @@ def test_the_default_prices_are_anthropics_list_prices() -> None:
 
 # ---- runtime: swarm ----
 
-SWARM = {"runtime": "swarm", "swarm": {"guard_image": "reg:5000/orchestrator"}, "defaults": {"egress": "none"}}
+SWARM = {"runtime": "swarm", "swarm": {"orchestrator_image": "reg:5000/orchestrator"}, "defaults": {"egress": "none"}}
 
 
 def test_swarm_placement_per_group_overrides_the_defaults(tmp_path: Path) -> None:
     settings = load_settings(write(tmp_path, {
-        **SWARM, "swarm": {"manager": "unix:///run/manager/docker.sock", "guard_image": "reg:5000/orchestrator"},
+        **SWARM, "swarm": {"manager": "unix:///run/manager/docker.sock", "orchestrator_image": "reg:5000/orchestrator"},
         "defaults": {"egress": "none", "placement": {"spread": "node.labels.zone"}},
         "groups": {"oc_gpu": {"placement": {"constraints": ["node.labels.gpu == true", "node.role!=manager"],
                                             "reserve_memory": "1g"}}}}), {})
@@ -685,7 +685,7 @@ def test_swarm_placement_per_group_overrides_the_defaults(tmp_path: Path) -> Non
     assert load_settings(write(tmp_path, {}), {}).runtime == "docker"
     assert load_settings(write(tmp_path, {**SWARM, "defaults": {"network": "none"}}), {}).runtime == "swarm"
     assert load_settings(write(tmp_path, SWARM), {}).swarm == SwarmSettings(
-        manager="", start_timeout=300.0, guard_image="reg:5000/orchestrator")
+        manager="", start_timeout=300.0, orchestrator_image="reg:5000/orchestrator")
 
 
 NOT_ON_SWARM = ("is not served on runtime: swarm yet (the egress proxy and the firewall rules are one host's, and a "
@@ -696,9 +696,9 @@ NODE_ATTRIBUTE = ("must be a node attribute (node.labels.NAME, node.hostname, no
                   "like node.labels.gpu==true")
 PLACEMENT_KEYS = "must be a mapping of constraints, spread, reserve_cpus and reserve_memory"
 NOT_ON_DOCKER = "applies to runtime: swarm only (one host places nothing)"
-GUARD_IMAGE = ("is required on runtime: swarm: the orchestrator's image in a registry every node pulls from "
-               "(images/build.sh --orchestrator --push REGISTRY), which each node runs to close the chats' network "
-               "to the node and to other chats")
+ORCHESTRATOR_IMAGE = ("is required on runtime: swarm: the orchestrator's image in a registry every node pulls from "
+                      "(images/build.sh --orchestrator --push REGISTRY), which each node runs to close the chats' "
+                      "network and to serve their model gateway")
 
 
 # Whole messages: the operator reads them, and a test of a part would not see the rest garbled.
@@ -715,10 +715,11 @@ GUARD_IMAGE = ("is required on runtime: swarm: the orchestrator's image in a reg
     ({**SWARM, "swarm": {"manager": "tcp://manager:2376"}}, "swarm.manager", f"'tcp://manager:2376' {ENGINE_ADDRESS}"),
     ({**SWARM, "swarm": {"manager": "ssh://admin@manager"}}, "swarm.manager",
      f"'ssh://admin@manager' {ENGINE_ADDRESS}"),
-    ({**SWARM, "swarm": {"nodes": 3}}, "swarm.nodes", "unknown key (known here: manager, guard_image, start_timeout)"),
+    ({**SWARM, "swarm": {"nodes": 3}}, "swarm.nodes",
+     "unknown key (known here: manager, orchestrator_image, start_timeout)"),
     ({**SWARM, "swarm": {"start_timeout": 0}}, "swarm.start_timeout", "0 must be a number above 0"),
-    ({**SWARM, "swarm": {"manager": "unix:///m.sock"}}, "swarm.guard_image", GUARD_IMAGE),
-    ({**SWARM, "swarm": {"guard_image": ""}}, "swarm.guard_image", GUARD_IMAGE),
+    ({**SWARM, "swarm": {"manager": "unix:///m.sock"}}, "swarm.orchestrator_image", ORCHESTRATOR_IMAGE),
+    ({**SWARM, "swarm": {"orchestrator_image": ""}}, "swarm.orchestrator_image", ORCHESTRATOR_IMAGE),
     ({**SWARM, "swarm": {"start_timeout": "5m"}}, "swarm.start_timeout", "'5m' must be a number above 0"),
     ({"swarm": {"manager": "unix:///m.sock"}}, "swarm", "applies to runtime: swarm only"),
     ({"defaults": {"placement": {"spread": ["node.labels.zone"]}}}, "defaults.placement", NOT_ON_DOCKER),

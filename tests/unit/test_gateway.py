@@ -656,6 +656,33 @@ def test_chat_folders_are_served_as_they_come_and_go(short_dir: Path, upstream: 
     asyncio.run(scenario())
 
 
+def test_on_swarm_each_chats_socket_is_in_the_nodes_own_folder(short_dir: Path, upstream: FakeAnthropic) -> None:
+    """runtime: swarm: the run folders (on the shared storage) say which chats to serve; each socket is bound in a
+    folder of the node's own that the gateway makes, and removes when the chat's run folder goes."""
+    async def scenario() -> None:
+        run_dir, node = short_dir / "run", short_dir / "node"
+        (run_dir / "oc_a").mkdir(parents=True)
+        config = dataclasses.replace(config_of(run_dir, upstream.base_url), socket_dir=node / "bot" / "model")
+        store = Store(config.store_url)
+        gw = Gateway(config, store, SECRET)
+        await gw.start()
+        try:
+            served = Served(gw, store, node / "bot" / "model")
+            assert stat.S_ISSOCK(os.lstat(served.socket()).st_mode) and not (run_dir / "oc_a" / gateway.SOCKET).exists()
+            assert stat.S_IMODE(os.stat(node / "bot" / "model" / "oc_a").st_mode) == 0o755
+            assert (await served.post())[0] == 200
+            (run_dir / "oc_b").mkdir()
+            await asyncio.to_thread(wait_until, lambda: served.socket("oc_b").exists(), 5, "oc_b's socket")
+            (run_dir / "oc_b").rmdir()
+            await asyncio.to_thread(wait_until, lambda: not (node / "bot" / "model" / "oc_b").exists(), 5,
+                                    "oc_b's node folder gone")
+        finally:
+            await gw.close()
+            store.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_stale_socket_is_replaced(short_dir: Path, upstream: FakeAnthropic) -> None:
     async def scenario() -> None:
         (short_dir / "run" / "oc_a").mkdir(parents=True)
@@ -681,8 +708,9 @@ def test_the_settings_file_round_trips_and_is_the_roots_alone(tmp_path: Path) ->
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     loaded = read_settings(path)
     assert loaded.gateway == settings.gateway and loaded.budgets == settings.budgets
-    assert (loaded.store_url, loaded.run_dir, loaded.secret_path) == (
-        f"sqlite:///{settings.db_path}", layout.run_dir(settings), layout.secret_path(settings))
+    assert (loaded.store_url, loaded.run_dir, loaded.secret_path, loaded.socket_dir) == (
+        f"sqlite:///{settings.db_path}", layout.run_dir(settings), layout.secret_path(settings),
+        layout.run_dir(settings))  # runtime: docker: the sockets in the run folders
     changed = replace(settings, budgets=replace(settings.budgets, per_chat_daily_usd=Decimal(1)))
     assert settings_digest(changed) != settings_digest(settings) == settings_digest(load_settings(config, {}))
     assert write_settings(changed) == path and read_settings(path).budgets.per_chat_daily_usd == Decimal(1)
@@ -736,6 +764,19 @@ def test_a_gateway_killed_mid_stream_leaves_what_was_streamed_counted(short_dir:
     assert (row.input_tokens, row.output_tokens, row.complete) == (5000, 1000, False)
     assert row.cost_nano == Usage(MODEL, 5000, 1000).cost(PRICES) == 7_000_000
     assert "model gateway serving 1 chats" in stderr and KEY not in stderr
+
+
+def test_on_swarm_the_gateway_is_the_registrys_image_with_the_nodes_folder(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(f"instance: bot\ndata_dir: {tmp_path / 'data'}\ngateway: {{api_key: {KEY}}}\nruntime: swarm\n"
+                      "swarm: {orchestrator_image: reg:5000/orchestrator:1}\ndefaults: {egress: none}\n")
+    settings = load_settings(config, {})
+    spec = gateway_container_spec(settings, settings_digest(settings))
+    assert spec.image == "reg:5000/orchestrator:1"
+    assert spec.mounts[-1] == ("/var/lib/orchestrator", "/var/lib/orchestrator", False)
+    assert layout.model_socket_dir(settings) == Path("/var/lib/orchestrator/bot/model")
+    (tmp_path / "data").mkdir()
+    assert read_settings(write_settings(settings)).socket_dir == Path("/var/lib/orchestrator/bot/model")
 
 
 def test_the_gateway_container(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ container's state, and the watch's events. The real Swarm is in tests/acceptance
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -17,13 +18,15 @@ from orchestrator.runtime import (
     _tmpfs_options,
     container_spec,
     engine_too_old,
+    gateway_container_spec,
     guard_service_spec,
-    guarded_label,
-    guarded_nodes,
     newest_task,
     node_label_updates,
+    node_service_spec,
     of_spec,
     pinned_image,
+    ready_label,
+    running_on,
     service_spec,
     service_state,
     swarm_network_name,
@@ -40,7 +43,7 @@ def spec_of(settings: Settings, chat_id: str = "oc_x") -> ContainerSpec:
     return container_spec(settings, chat, chat_paths(settings, chat), b"k" * 32, chat_name="Team X")
 
 
-SWARM = ("instance: bot\nruntime: swarm\nswarm: {guard_image: reg/orchestrator}\n"
+SWARM = ("instance: bot\nruntime: swarm\nswarm: {orchestrator_image: reg/orchestrator}\n"
          "defaults: {egress: none, cpus: 1.5, memory: 1g, pids_limit: 99, tmp_size: 32m, "
          "placement: {spread: [node.labels.zone]}}\n"
          "groups: {oc_gpu: {placement: {constraints: [node.labels.gpu==true], reserve_cpus: 0.5, "
@@ -106,9 +109,10 @@ def test_placement_changes_the_fingerprint_only_when_set(tmp_path: Path) -> None
     """A Docker container made before placement existed keeps its fingerprint (it is not re-created)."""
     docker = spec_of(settings_of(tmp_path, "instance: bot\ndefaults: {egress: none}\n"))
     assert docker.constraints == () and docker.reserve_memory == 0
-    swarm = spec_of(settings_of(tmp_path, "instance: bot\nruntime: swarm\nswarm: {guard_image: g}\n"
+    swarm = spec_of(settings_of(tmp_path, "instance: bot\nruntime: swarm\nswarm: {orchestrator_image: g}\n"
                                           "defaults: {egress: none}\n"))
-    assert docker.fingerprint() == swarm.fingerprint()
+    # the same but for the chat's model socket folder (its node's own on Swarm): unset placement fields do not count
+    assert docker.fingerprint() == dataclasses.replace(swarm, mounts=docker.mounts).fingerprint()
     placed = spec_of(settings_of(tmp_path, SWARM))
     assert placed.fingerprint() != swarm.fingerprint()
 
@@ -269,25 +273,25 @@ def test_the_guard_is_one_task_per_node_with_the_node_network_and_two_capabiliti
     assert task["Resources"]["Limits"] == {"NanoCPUs": 200_000_000, "MemoryBytes": 128 * MiB, "Pids": 32}
 
 
-def test_a_chat_is_placed_only_where_the_guard_runs(tmp_path: Path) -> None:
+def test_a_chat_is_placed_only_where_the_guard_and_the_gateway_run(tmp_path: Path) -> None:
     spec = spec_of(settings_of(tmp_path, SWARM), "oc_gpu")
-    required = (f"node.labels.{guarded_label('bot')}==true",)
+    required = (f"node.labels.{ready_label('bot')}==true",)
     service = service_spec(spec, "runner", "fp", "bot-chats", 1, required=required)
     assert service["TaskTemplate"]["Placement"]["Constraints"] == [
-        "node.labels.gpu==true", "node.labels.orchestrator.guarded.bot==true"]
+        "node.labels.gpu==true", "node.labels.orchestrator.ready.bot==true"]
     assert service_spec(spec_of(settings_of(tmp_path, SWARM)), "runner", "fp", "bot-chats", 1, required=required)[
-        "TaskTemplate"]["Placement"]["Constraints"] == ["node.labels.orchestrator.guarded.bot==true"]
+        "TaskTemplate"]["Placement"]["Constraints"] == ["node.labels.orchestrator.ready.bot==true"]
 
 
 def guard_task(node: str, state: str, desired: str = "running") -> dict:
     return {"NodeID": node, "DesiredState": desired, "Status": {"State": state}}
 
 
-def test_guarded_nodes_and_their_labels() -> None:
+def test_ready_nodes_and_their_labels() -> None:
     tasks = [guard_task("n1", "running"), guard_task("n2", "starting"),  # its health check has not passed yet
              guard_task("n3", "running", desired="shutdown"), guard_task("n4", "failed"), guard_task("", "pending")]
-    assert guarded_nodes(tasks) == {"n1"}
-    label = guarded_label("bot")
+    assert running_on(tasks) == {"n1"}
+    label = ready_label("bot")
     nodes = [{"ID": "n1", "Version": {"Index": 5}, "Spec": {"Role": "worker", "Labels": {"zone": "a"}}},
              {"ID": "n2", "Version": {"Index": 6}, "Spec": {"Role": "worker", "Labels": {label: "true"}}},
              {"ID": "n3", "Version": {"Index": 7}, "Spec": {"Role": "manager"}},
@@ -296,3 +300,24 @@ def test_guarded_nodes_and_their_labels() -> None:
         ("n1", 5, {"Role": "worker", "Labels": {"zone": "a", label: "true"}}),
         ("n2", 6, {"Role": "worker", "Labels": {}})]
     assert node_label_updates(nodes, set(), label)[-1] == ("n4", 8, {"Labels": {"gpu": "true"}})
+
+
+def test_the_gateway_on_swarm_is_a_global_service_of_its_container_spec(tmp_path: Path) -> None:
+    settings = settings_of(tmp_path, SWARM)
+    spec = gateway_container_spec(settings, "digest1")
+    service = node_service_spec(spec, "reg/orchestrator@sha256:cd")
+    assert service["Name"] == "bot-gateway" and service["Mode"] == {"Global": {}}
+    task = service["TaskTemplate"]
+    container = task["ContainerSpec"]
+    assert task["Networks"] == [{"Target": "host"}] and task["RestartPolicy"]["Condition"] == "any"
+    assert container["Image"] == "reg/orchestrator@sha256:cd" and container["Args"] == list(spec.command)
+    assert container["User"] == "0:0" and container["CapabilityDrop"] == ["ALL"] and "CapabilityAdd" not in container
+    assert container["Env"] == ["GATEWAY_SETTINGS_DIGEST=digest1"] and container["ReadOnly"] is True
+    assert [(m["Source"], m["ReadOnly"]) for m in container["Mounts"] if m["Type"] == "bind"] == [
+        (source, read_only) for source, _, read_only in spec.mounts]
+    assert spec.mounts[-1] == ("/var/lib/orchestrator", "/var/lib/orchestrator", False)
+    assert task["Resources"]["Limits"] == {"NanoCPUs": spec.nano_cpus, "MemoryBytes": spec.mem_limit,
+                                           "Pids": spec.pids_limit}
+    # a chat on Swarm mounts its socket folder from its node's own folder, where its node's gateway binds it
+    chat = spec_of(settings, "oc_x")
+    assert ("/var/lib/orchestrator/bot/model/oc_x", "/run/orchestrator", True) in chat.mounts
