@@ -710,7 +710,7 @@ def guard_service_spec(instance: str, image: str, bridge: str) -> dict[str, Any]
     spec = node_service_spec(guard, image)
     health = f"test $(( $(date +%s) - $(stat -c %Y {GUARD_HEALTH_FILE}) )) -lt {GUARD_HEALTHY_SECONDS}"
     spec["TaskTemplate"]["ContainerSpec"]["Healthcheck"] = {
-        "Test": ["CMD-SHELL", health], "Interval": 2_000_000_000, "Timeout": 5_000_000_000, "Retries": 2}
+        "Test": ["CMD-SHELL", health], "Interval": 5_000_000_000, "Timeout": 5_000_000_000, "Retries": 2}
     return spec
 
 

@@ -227,7 +227,7 @@ class Swarm:
         mounted): how the nodes reach a server of the test's on the host (the fake model API, PostgreSQL) without
         the host's address, which tests never target; the host reaches the relay too. Its address:port."""
         container = self.client.containers.run(
-            AGENT_IMAGE, ["socat", f"TCP-LISTEN:{RELAY_PORT},fork,reuseaddr", f"UNIX-CONNECT:{socket}"],
+            AGENT_IMAGE, ["socat", f"TCP-LISTEN:{RELAY_PORT},fork,reuseaddr,nodelay", f"UNIX-CONNECT:{socket}"],
             entrypoint=[], name=f"{self.prefix}-{name}", detach=True, user="0:0", network=self.network,
             volumes={str(socket.parent): {"bind": str(socket.parent), "mode": "rw"}},
             labels={"orchestrator.test": "swarm"})

@@ -268,7 +268,7 @@ def test_the_guard_is_one_task_per_node_with_the_node_network_and_two_capabiliti
     assert container["CapabilityDrop"] == ["ALL"] and container["CapabilityAdd"] == ["CAP_NET_ADMIN", "CAP_NET_RAW"]
     assert container["ReadOnly"] is True and container["User"] == "0:0"
     assert container["Healthcheck"]["Test"] == [
-        "CMD-SHELL", "test $(( $(date +%s) - $(stat -c %Y /run/orchestrator-guard.ok) )) -lt 10"]
+        "CMD-SHELL", "test $(( $(date +%s) - $(stat -c %Y /run/orchestrator-guard.ok) )) -lt 15"]
     assert task["RestartPolicy"]["Condition"] == "any"
     assert task["Resources"]["Limits"] == {"NanoCPUs": 200_000_000, "MemoryBytes": 128 * MiB, "Pids": 32}
 
