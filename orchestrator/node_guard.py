@@ -29,14 +29,24 @@ HEALTH_FILE = Path("/run/orchestrator-guard.ok")
 HEALTHY_SECONDS = 15  # the health check fails when the file is older: the loop is stuck
 
 
-def keep(instance: str, bridge: str, stop: threading.Event) -> None:
+# The chat-to-chat DROP sees bridged frames only when the kernel passes them through iptables (br_netfilter):
+# engines since 27.3 load it only for networks with enable_icc=false, and a host may turn it off.
+BRIDGE_NETFILTER = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
+
+
+def keep(instance: str, bridge: str, stop: threading.Event, bridge_netfilter: Path = BRIDGE_NETFILTER,
+         health_file: Path = HEALTH_FILE) -> None:
     while not stop.is_set():
         try:
+            if not bridge_netfilter.exists() or bridge_netfilter.read_text().strip() != "1":
+                raise firewall.FirewallError(f"{bridge_netfilter} is not 1: bridged traffic between chats passes "
+                                             "no iptables rule (modprobe br_netfilter; sysctl "
+                                             "net.bridge.bridge-nf-call-iptables=1)")
             if not firewall.node_intact(instance, bridge):
                 firewall.install_node(instance, bridge)
                 logger.info(f"node rules for {bridge} installed (iptables {firewall.node_chain(instance)}, "
                             "INPUT, DOCKER-USER)")
-            HEALTH_FILE.touch()
+            health_file.touch()
         except (firewall.FirewallError, OSError) as exc:
             logger.error(f"the node's rules for {bridge} could not be kept: {exc}")
         stop.wait(CHECK_SECONDS)

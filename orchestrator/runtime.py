@@ -695,6 +695,9 @@ def node_service_spec(spec: ContainerSpec, image: str) -> dict[str, Any]:
             "LogDriver": {"Name": "json-file", "Options": {"max-size": spec.log_max_size, "max-file": "1"}},
         },
         "Mode": {"Global": {}},
+        # A new spec's task starts before the last one stops (the guard's rules and the gateway's sockets are made
+        # again, whichever runs), one node at a time, and a node that fails it does not stop the others' update.
+        "UpdateConfig": {"Parallelism": 1, "Order": "start-first", "FailureAction": "continue"},
     }
 
 
@@ -714,10 +717,11 @@ def guard_service_spec(instance: str, image: str, bridge: str) -> dict[str, Any]
     return spec
 
 
-def running_on(tasks: list[dict[str, Any]]) -> set[str]:
-    """The nodes where one of these tasks runs (a guard's: once its health check passed). Pure."""
+def running_on(tasks: list[dict[str, Any]], fingerprint: str) -> set[str]:
+    """The nodes where a task of the service's current spec (its fingerprint) runs (a guard's: once its health
+    check passed): a task of the last spec, which Swarm replaces node by node, may guard a bridge that is gone. Pure."""
     return {t["NodeID"] for t in tasks if t.get("NodeID") and t.get("DesiredState") == "running"
-            and t.get("Status", {}).get("State") == "running"}
+            and t.get("Status", {}).get("State") == "running" and of_spec(t, fingerprint)}
 
 
 def node_label_updates(nodes: list[dict[str, Any]], ready: set[str], label: str) -> list[tuple[str, int, dict]]:
@@ -765,6 +769,9 @@ def service_spec(spec: ContainerSpec, image: str, fingerprint: str, network: str
     container = _swarm_container(spec, image, {**spec.labels, SPEC_LABEL: fingerprint})
     container["Dir"] = WORKSPACE_PATH
     container["DNSConfig"] = {"Nameservers": [SWARM_TASK_NAMESERVER]}
+    # No IPv6 in the chat's namespace: the guard's rules are IPv4 (iptables), and a node's engine or config network
+    # may give the bridge IPv6 (a link-local address at least) that would reach the node and the other chats.
+    container["Sysctls"] = {"net.ipv6.conf.all.disable_ipv6": "1", "net.ipv6.conf.default.disable_ipv6": "1"}
     if stop_grace:
         container["StopGracePeriod"] = int(stop_grace * 1e9)  # SIGTERM, then SIGKILL this long after (Swarm: 10 s)
     limits = {"NanoCPUs": spec.nano_cpus, "MemoryBytes": spec.mem_limit, "Pids": spec.pids_limit}
@@ -1009,11 +1016,12 @@ class SwarmRuntime(Runtime):
 
     def _create(self, service: dict[str, Any]) -> None:
         self._api.create_service(service["TaskTemplate"], name=service["Name"], labels=service["Labels"],
-                                 mode=service["Mode"])
+                                 mode=service["Mode"], update_config=service.get("UpdateConfig"))
 
     def _update(self, service_id: str, version: int, service: dict[str, Any]) -> None:
         self._api.update_service(service_id, version, task_template=service["TaskTemplate"], name=service["Name"],
-                                 labels=service["Labels"], mode=service["Mode"])
+                                 labels=service["Labels"], mode=service["Mode"],
+                                 update_config=service.get("UpdateConfig"))
 
     def _set_replicas_to_zero(self, service: dict[str, Any]) -> None:
         spec = service["Spec"]
@@ -1139,9 +1147,14 @@ class SwarmRuntime(Runtime):
     def _watch(self, instance: str, on_event: Callable[[str, str], None]) -> None:
         streak = LIVENESS.streak("swarm_watch")
         seen: dict[str, str] | None = None  # chat id → id of its running task's container
+        labels = LIVENESS.streak("swarm_node_labels")
         while self._watching:
-            try:
+            try:  # apart: the chats' events go on whatever the labels meet
                 self._label_ready_nodes(instance)
+                labels.ok()
+            except Exception as exc:
+                labels.failed(exc)
+            try:
                 now = {s.chat_id: s.id for s in self._list_managed(instance) if s.running and s.chat_id}
                 streak.ok()
             except Exception as exc:  # the manager restarted, lost its quorum, or anything else: look again
@@ -1157,8 +1170,7 @@ class SwarmRuntime(Runtime):
         from the others: Swarm then places chats only where the node's rules are kept and the chat's model socket is
         served, and stops a chat's task on a node that lost either (a node's labels are its constraints' input)."""
         label = ready_label(instance)
-        guarded = running_on(self._api.tasks(filters={"service": guard_name(instance)}))
-        served = running_on(self._api.tasks(filters={"service": gateway_container_name(instance)}))
+        guarded, served = (self._running_on(name) for name in (guard_name(instance), gateway_container_name(instance)))
         for node_id, version, spec in node_label_updates(self._api.nodes(), guarded & served, label):
             self._api.update_node(node_id, version, spec)
             logger.info(f"node {node_id}: {label} {'set' if label in spec['Labels'] else 'removed'}")
@@ -1171,15 +1183,27 @@ class SwarmRuntime(Runtime):
         await self._call(self._ensure_guard, instance)
         return await self.local.ensure_networks(instance)
 
+    def _running_on(self, name: str) -> set[str]:
+        """The nodes where the global service's current spec runs; none when the service is gone (removed by hand,
+        or by a planned stop), so that no node keeps the label."""
+        service = self._service(name)
+        if service is None:
+            return set()
+        tasks = self._api.tasks(filters={"service": service["ID"]})
+        return running_on(tasks, service["Spec"].get("Labels", {}).get(SPEC_LABEL, ""))
+
     def _ensure_guard(self, instance: str) -> None:
-        [network] = [n for n in self._api.networks(names=[swarm_network_name(instance)])
-                     if n.get("Name") == swarm_network_name(instance)]
+        networks = [n for n in self._api.networks(names=[swarm_network_name(instance)])
+                    if n.get("Name") == swarm_network_name(instance) and n.get("Scope") == "swarm"]
+        if len(networks) != 1:
+            raise RuntimeFailure(f"the manager has {len(networks)} swarm networks named {swarm_network_name(instance)}")
+        [network] = networks
         image = self._image(self.orchestrator_image)
         self._ensure_global(guard_service_spec(instance, image, chats_bridge(network["Id"])))
 
     def _ensure_gateway(self, spec: ContainerSpec) -> ContainerState:
         service = self._ensure_global(node_service_spec(spec, self._image(spec.image)))
-        running = running_on(self._api.tasks(filters={"service": service["ID"]}))
+        running = self._running_on(spec.name)
         nodes = self._node_table()
         return ContainerState(name=spec.name, id=service["ID"], status="running" if running else "created",
                               node=", ".join(sorted(nodes[n].hostname if n in nodes else n for n in running)))
@@ -1188,6 +1212,8 @@ class SwarmRuntime(Runtime):
         """A global service made, or updated when its spec changed (its fingerprint is a label); the service."""
         fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
         spec["Labels"] = {**spec["Labels"], SPEC_LABEL: fingerprint}
+        container = spec["TaskTemplate"]["ContainerSpec"]
+        container["Labels"] = {**container["Labels"], SPEC_LABEL: fingerprint}  # on its tasks: see running_on
         service = self._service(spec["Name"])
         if service is None:
             self._create(spec)
@@ -1223,7 +1249,7 @@ class SwarmRuntime(Runtime):
     def _create_chats_network(self, name: str, node_config: str) -> None:
         """docker-py's create_network has no ConfigFrom: the API's own call, through the client's HTTP session."""
         api = self._api
-        response = api.post(f"{api.base_url}/v{api.api_version}/networks/create", json={
+        response = api.post(f"{api.base_url}/v{api.api_version}/networks/create", timeout=api.timeout, json={
             "Name": name, "Driver": "bridge", "Scope": "swarm", "Internal": True,
             "ConfigFrom": {"Network": node_config}, "CheckDuplicate": True})
         try:

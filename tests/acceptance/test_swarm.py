@@ -139,6 +139,9 @@ def test_chats_are_services_placed_over_the_nodes_answered_by_the_real_cli(
     caps = swarm.exec(nodes[gpu], "docker", "inspect", "--format",
                       "{{.HostConfig.NanoCpus}} {{.HostConfig.Memory}} {{.HostConfig.PidsLimit}}", container).split()
     assert caps == ["1000000000", str(512 * MiB), "200"]
+    # no IPv6 in the task's namespace: no address at all (the guard's rules are IPv4's)
+    assert swarm.exec(nodes[gpu], "docker", "exec", container, "cat", "/proc/sys/net/ipv6/conf/all/disable_ipv6",
+                      "/proc/net/if_inet6").strip() == "1"
     # its model socket is its node's gateway's, in the node's own folder (a unix socket does not cross hosts), not in
     # its run folder on the shared storage
     swarm.exec(nodes[gpu], "test", "-S", f"/var/lib/orchestrator/{instance}/model/{gpu}/model.sock")

@@ -4,10 +4,12 @@ container's state, and the watch's events. The real Swarm is in tests/acceptance
 from __future__ import annotations
 
 import dataclasses
+import threading
 from pathlib import Path
 
 import pytest
 
+from orchestrator import node_guard
 from orchestrator.config import Settings, resolve_chat
 from orchestrator.layout import chat_paths
 from orchestrator.runtime import (
@@ -81,6 +83,7 @@ def test_a_chats_service_has_its_containers_caps_hardening_and_placement(tmp_pat
     assert task["ForceUpdate"] == 0
     # Its DNS queries are asked from its own namespace, where the internal network answers none (CVE-2024-29018).
     assert container["DNSConfig"] == {"Nameservers": ["127.0.0.1"]}
+    assert container["Sysctls"] == {"net.ipv6.conf.all.disable_ipv6": "1", "net.ipv6.conf.default.disable_ipv6": "1"}
     assert "StopGracePeriod" not in container  # none given: Swarm's own
 
 
@@ -271,6 +274,7 @@ def test_the_guard_is_one_task_per_node_with_the_node_network_and_two_capabiliti
         "CMD-SHELL", "test $(( $(date +%s) - $(stat -c %Y /run/orchestrator-guard.ok) )) -lt 15"]
     assert task["RestartPolicy"]["Condition"] == "any"
     assert task["Resources"]["Limits"] == {"NanoCPUs": 200_000_000, "MemoryBytes": 128 * MiB, "Pids": 32}
+    assert spec["UpdateConfig"] == {"Parallelism": 1, "Order": "start-first", "FailureAction": "continue"}
 
 
 def test_a_chat_is_placed_only_where_the_guard_and_the_gateway_run(tmp_path: Path) -> None:
@@ -283,14 +287,17 @@ def test_a_chat_is_placed_only_where_the_guard_and_the_gateway_run(tmp_path: Pat
         "TaskTemplate"]["Placement"]["Constraints"] == ["node.labels.orchestrator.ready.bot==true"]
 
 
-def guard_task(node: str, state: str, desired: str = "running") -> dict:
-    return {"NodeID": node, "DesiredState": desired, "Status": {"State": state}}
+def guard_task(node: str, state: str, desired: str = "running", fingerprint: str = "fp2") -> dict:
+    return {"NodeID": node, "DesiredState": desired, "Status": {"State": state},
+            "Spec": {"ContainerSpec": {"Labels": {SPEC_LABEL: fingerprint}}}}
 
 
 def test_ready_nodes_and_their_labels() -> None:
     tasks = [guard_task("n1", "running"), guard_task("n2", "starting"),  # its health check has not passed yet
-             guard_task("n3", "running", desired="shutdown"), guard_task("n4", "failed"), guard_task("", "pending")]
-    assert running_on(tasks) == {"n1"}
+             guard_task("n3", "running", desired="shutdown"), guard_task("n4", "failed"), guard_task("", "pending"),
+             guard_task("n5", "running", fingerprint="fp1")]  # the last spec's, not replaced yet on its node
+    assert running_on(tasks, "fp2") == {"n1"}
+    assert running_on(tasks, "fp1") == {"n5"}
     label = ready_label("bot")
     nodes = [{"ID": "n1", "Version": {"Index": 5}, "Spec": {"Role": "worker", "Labels": {"zone": "a"}}},
              {"ID": "n2", "Version": {"Index": 6}, "Spec": {"Role": "worker", "Labels": {label: "true"}}},
@@ -321,3 +328,20 @@ def test_the_gateway_on_swarm_is_a_global_service_of_its_container_spec(tmp_path
     # a chat on Swarm mounts its socket folder from its node's own folder, where its node's gateway binds it
     chat = spec_of(settings, "oc_x")
     assert ("/var/lib/orchestrator/bot/model/oc_x", "/run/orchestrator", True) in chat.mounts
+
+
+def test_the_guard_keeps_no_health_while_bridged_traffic_bypasses_iptables(tmp_path: Path) -> None:
+    """br_netfilter off (or not loaded): the chat-to-chat DROP would see nothing; the guard reports no health, so
+    Swarm never reports its task running and the node takes no chat."""
+    for value in ("0\n", None):
+        netfilter, health = tmp_path / "bridge-nf-call-iptables", tmp_path / "guard.ok"
+        netfilter.unlink(missing_ok=True)
+        if value is not None:
+            netfilter.write_text(value)
+        stop = threading.Event()
+        keeper = threading.Thread(target=node_guard.keep, args=("bot", "br-x", stop, netfilter, health))
+        keeper.start()
+        stop.wait(0.3)
+        stop.set()
+        keeper.join(5)
+        assert not keeper.is_alive() and not health.exists()
