@@ -21,6 +21,7 @@ from loguru import logger
 
 from orchestrator import firewall
 from orchestrator.logs import setup_logging
+from orchestrator.supervise import Streak
 
 # Each check runs iptables three times, and each health check is an exec into the container: kept to every 5 s
 # (rules put back within that), as on the tests' three nodes sharing 2 cores they compete with the chats' turns.
@@ -36,6 +37,7 @@ BRIDGE_NETFILTER = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
 
 def keep(instance: str, bridge: str, stop: threading.Event, bridge_netfilter: Path = BRIDGE_NETFILTER,
          health_file: Path = HEALTH_FILE) -> None:
+    streak = Streak("node_guard")  # a failure logged when it differs from the last, a recovery once
     while not stop.is_set():
         try:
             if not bridge_netfilter.exists() or bridge_netfilter.read_text().strip() != "1":
@@ -47,8 +49,9 @@ def keep(instance: str, bridge: str, stop: threading.Event, bridge_netfilter: Pa
                 logger.info(f"node rules for {bridge} installed (iptables {firewall.node_chain(instance)}, "
                             "INPUT, DOCKER-USER)")
             health_file.touch()
+            streak.ok()
         except (firewall.FirewallError, OSError) as exc:
-            logger.error(f"the node's rules for {bridge} could not be kept: {exc}")
+            streak.failed(exc)  # its backoff is not taken: the rules are looked at again every CHECK_SECONDS
         stop.wait(CHECK_SECONDS)
 
 
