@@ -485,12 +485,20 @@ def parse_settings(raw: object, source: Path, environ: Mapping[str, str]) -> Set
         raise reader.error("swarm.orchestrator_image", "is required on runtime: swarm: the orchestrator's image in a "
                            "registry every node pulls from (images/build.sh --orchestrator --push REGISTRY), which "
                            "each node runs to close the chats' network and to serve their model gateway")
+    if runtime == "swarm" and settings.store.sqlite_file is not None:
+        raise reader.error("store.url", "runtime: swarm needs a PostgreSQL store (postgresql://...): the model gateway "
+                           "on every node writes to it, and SQLite's locks do not hold between hosts nor on NFS")
     _check_workspaces(settings, reader)
     return settings
 
 
 # The service's own folders under data_dir: a workspace there would hand one of them to an agent.
 _SERVICE_FOLDERS = ("run", "egress")
+
+# runtime: swarm: a folder of every node's own, which the operator makes once per node (root's, 0755): each node's
+# model gateway binds there the sockets of the chats whose tasks may run on it (a unix socket does not cross hosts).
+# No workspace may be, hold or lie in it: a chat would reach the other chats' sockets.
+NODE_FOLDER = Path("/var/lib/orchestrator")
 
 
 def _check_workspaces(settings: Settings, reader: _Reader) -> None:
@@ -506,9 +514,10 @@ def _check_workspaces(settings: Settings, reader: _Reader) -> None:
         folder = Path(os.path.normpath(settings.data_dir / template.replace("{chat_id}", "oc_example")))
         inside = folder.relative_to(settings.data_dir).parts if folder.is_relative_to(settings.data_dir) else ()
         if folder.is_relative_to(settings.chats_dir) or settings.data_dir.is_relative_to(folder) \
-                or settings.chats_dir.is_relative_to(folder) or (inside and inside[0] in _SERVICE_FOLDERS):
-            raise reader.error(key, f"{template!r} is, or is inside, a folder of the service's (chats_dir, data_dir, "
-                                    "its run or egress folder): put workspaces elsewhere")
+                or settings.chats_dir.is_relative_to(folder) or (inside and inside[0] in _SERVICE_FOLDERS) \
+                or folder.is_relative_to(NODE_FOLDER) or NODE_FOLDER.is_relative_to(folder):
+            raise reader.error(key, f"{template!r} is, holds or is inside a folder of the service's (chats_dir, "
+                                    f"data_dir, its run or egress folder, {NODE_FOLDER}): put workspaces elsewhere")
 
 
 class _Reader:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator import agent_host, untrusted
-from orchestrator.config import ChatSettings, Settings
+from orchestrator.config import NODE_FOLDER, ChatSettings, Settings
 
 WORKSPACE_PATH = agent_host.WORKSPACE  # the container's side of the channel is the agent host's: one definition
 CLAUDE_CONFIG_PATH = "/home/agent/.claude"
@@ -66,11 +66,6 @@ def run_dir(settings: Settings) -> Path:
 
 def chat_run_dir(settings: Settings, chat_id: str) -> Path:
     return run_dir(settings) / chat_id
-
-
-# runtime: swarm: a folder of every node's own, which the operator makes once per node (root's, 0755): each node's
-# model gateway binds there the sockets of the chats whose tasks may run on it (a unix socket does not cross hosts).
-NODE_FOLDER = Path("/var/lib/orchestrator")
 
 
 def model_socket_dir(settings: Settings) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psycopg2
+import psycopg2.extras
 import yaml
 
 from tests.fakes.feishu import FakeFeishu
@@ -119,13 +122,19 @@ class Orchestrator:
 
 
 class StoreView:
-    """Reads the orchestrator's SQLite file with plain sqlite3, not through our store module."""
+    """Reads the orchestrator's store with the database's own driver, not through our store module: a SQLite file
+    with sqlite3, a `postgresql://` URL with psycopg2."""
 
-    def __init__(self, db_path: Path) -> None:
-        self.db_path = db_path
+    def __init__(self, db: Path | str) -> None:
+        self.db = db
 
     def _rows(self, sql: str, *args: Any) -> list[dict[str, Any]]:
-        with sqlite3.connect(self.db_path) as db:
+        if isinstance(self.db, str):
+            with contextlib.closing(psycopg2.connect(self.db)) as db, db, db.cursor(
+                    cursor_factory=psycopg2.extras.RealDictCursor) as cursor:
+                cursor.execute(sql.replace("?", "%s"), args)
+                return [dict(row) for row in cursor.fetchall()] if cursor.description else []
+        with sqlite3.connect(self.db) as db:
             db.row_factory = sqlite3.Row
             return [dict(row) for row in db.execute(sql, args)]
 
@@ -138,8 +147,7 @@ class StoreView:
         return rows[0]
 
     def set_session(self, chat_id: str, session_id: str) -> None:
-        with sqlite3.connect(self.db_path) as db:
-            db.execute("update chats set session_id = ? where chat_id = ?", (session_id, chat_id))
+        self._rows("update chats set session_id = ? where chat_id = ?", session_id, chat_id)
 
 
 def free_port() -> int:

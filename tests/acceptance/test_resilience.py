@@ -121,9 +121,9 @@ def test_a_store_locked_by_another_process_delays_messages_and_answers_which_all
                and fake_api.requests_mentioning("SLOW 6 answered while the store is locked"), 90,
                "the slow turn's model request")
     notice = f"a notice due while the store is locked {uuid.uuid4().hex[:6]}"
-    schedule_notice(store_view.db_path, first, notice, after=1)
+    schedule_notice(store_view.db, first, notice, after=1)
 
-    holder = sqlite3.connect(store_view.db_path, timeout=30, isolation_level=None)
+    holder = sqlite3.connect(store_view.db, timeout=30, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")
     locked_at = time.monotonic()
     during = [pushed.push(second, "arrived while the store is locked"),

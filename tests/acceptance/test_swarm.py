@@ -18,6 +18,7 @@ from orchestrator.runtime import SWARM_WATCH_SECONDS
 from tests.fakes.anthropic import FakeAnthropic
 from tests.fakes.feishu import FakeFeishu
 from tests.harness import MODEL_KEY, StoreView, answers, chat, run_cli, status_json, wait_answer, wait_until
+from tests.postgres import PostgresServer
 from tests.swarm import Swarm
 
 MiB = 1024**2
@@ -27,31 +28,45 @@ MiB = 1024**2
 class OnSwarm:
     swarm: Swarm
     model_url: str  # the fake model API as the nodes' gateways reach it (through a relay on their network)
+    store_url: str  # the test's database, as the orchestrator and the nodes' gateways reach it (through a relay)
+    store: StoreView  # the same database, read by the test
 
 
 @pytest.fixture
-def on_swarm(swarm_cluster: Swarm, instance: str, fake_api: FakeAnthropic) -> Iterator[OnSwarm]:
-    """The session's Swarm, prepared for this test's instance as an operator would, with the test's fake model API
-    reachable from its nodes; its services and the relay removed after."""
+def on_swarm(swarm_cluster: Swarm, instance: str, fake_api: FakeAnthropic,
+             postgres_server: PostgresServer) -> Iterator[OnSwarm]:
+    """The session's Swarm, prepared for this test's instance as an operator would, with the test's fake model API and
+    a new database on the session's PostgreSQL server reachable from its nodes; its services, the relays and the
+    database removed after."""
     swarm_cluster.prepare_instance(instance)
     fake_api.serve_unix(swarm_cluster.folder / f"{instance}-model.sock")
-    address = swarm_cluster.relay(f"{instance}-model", swarm_cluster.folder / f"{instance}-model.sock")
-    yield OnSwarm(swarm_cluster, f"http://{address}")
+    model = swarm_cluster.relay(f"{instance}-model", swarm_cluster.folder / f"{instance}-model.sock")
+    database = f"t_{uuid.uuid4().hex[:12]}"
+    postgres_server.create_database(database)
+    store = swarm_cluster.relay(f"{instance}-store", postgres_server.socket)
+    yield OnSwarm(swarm_cluster, f"http://{model}", postgres_server.url(database, store),
+                  StoreView(postgres_server.url(database)))
     swarm_cluster.remove_instance(instance)
-    swarm_cluster.remove_relay(f"{instance}-model")
+    for relay in ("model", "store"):
+        swarm_cluster.remove_relay(f"{instance}-{relay}")
+    postgres_server.drop_database(database)
 
 
 def swarm_config(feishu_config: Callable[..., Path], on: OnSwarm, instance: str, swarm_section: dict | None = None,
                  **sections: object) -> Path:
-    """The instance's data on the shared storage (the same path on every node); chats spread over the zones unless
-    `defaults` says otherwise; the gateway on every node, to the fake model through the relay."""
+    """The instance's data on the shared storage (the same path on every node) and its store in the test's database
+    (migrated, as an operator would before the first start); chats spread over the zones unless `defaults` says
+    otherwise; the gateway on every node, to the fake model through the relay."""
     swarm = on.swarm
     sections.setdefault("defaults", {"egress": "none", "placement": {"spread": ["node.labels.zone"]}})
-    return feishu_config(data_dir=str(swarm.shared / instance / "data"), runtime="swarm",
-                         swarm={"manager": swarm.manager_url, "orchestrator_image": swarm.orchestrator_image,
-                                **(swarm_section or {})},
-                         gateway={"upstream_url": on.model_url, "api_key": MODEL_KEY},
-                         agent={"image": swarm.agent_image}, **sections)
+    config = feishu_config(data_dir=str(swarm.shared / instance / "data"), runtime="swarm",
+                           swarm={"manager": swarm.manager_url, "orchestrator_image": swarm.orchestrator_image,
+                                  **(swarm_section or {})},
+                           gateway={"upstream_url": on.model_url, "api_key": MODEL_KEY},
+                           agent={"image": swarm.agent_image}, store={"url": on.store_url}, **sections)
+    migrated = run_cli(config, "migrate")
+    assert migrated.returncode == 0, migrated.stderr
+    return config
 
 
 # A listener on a chat task's own 127.0.0.1:53, run beside it in its network namespace (a container on its node with
@@ -166,18 +181,19 @@ def test_chats_are_services_placed_over_the_nodes_answered_by_the_real_cli(
     assert all(rows[c]["container_state"] == "running" for c in nodes)
 
     # idle stop is a scale to zero; the next message scales it up again, in the same session
-    session = StoreView(swarm.shared / instance / "data" / "orchestrator.db").chat(spread[0])["session_id"]
+    session = on_swarm.store.chat(spread[0])["session_id"]
     assert session
     assert run_cli(config, "stop", spread[0]).returncode == 0
     assert swarm.exec(swarm.manager, "docker", "service", "ls", "--filter", f"name={instance}-{spread[0]}",
                       "--format", "{{.Replicas}}").strip() == "0/0"
     ask(feishu, spread[0], f"again {marker}")
-    assert StoreView(swarm.shared / instance / "data" / "orchestrator.db").chat(spread[0])["session_id"] == session
+    assert on_swarm.store.chat(spread[0])["session_id"] == session
     # the model saw the first exchange: the CLI resumed the session from the chat's folder
     assert f"hello {spread[0]} {marker}" in str(fake_api.requests_mentioning(f"again {marker}")[-1]["messages"])
     assert bot.stop() == 0
-    # a planned stop scales every chat to zero, and keeps the services for the next start
-    assert all(swarm.task_node(f"{instance}-{c}") == "" for c in nodes)
+    # a planned stop on a shared store leaves every chat's task running for the next leader (a standby may be one)
+    bot.wait_log("leaving 0 running turn(s) and the containers for the next leader", timeout=5)
+    assert all(swarm.task_node(f"{instance}-{c}") for c in nodes)
 
 
 def test_a_drained_nodes_chat_comes_up_elsewhere_its_running_turn_told_its_session_intact(
@@ -189,7 +205,7 @@ def test_a_drained_nodes_chat_comes_up_elsewhere_its_running_turn_told_its_sessi
     ask(feishu, chat_id, f"first {marker}")
     name = f"{instance}-{chat_id}"
     before = swarm.task_node(name)
-    store = StoreView(swarm.shared / instance / "data" / "orchestrator.db")
+    store = on_swarm.store
     session = store.chat(chat_id)["session_id"]
     # a turn that runs (its command sleeps) when the node is drained
     feishu.push_event(feishu.text_event(chat_id, f"RUN_BASH: sleep 20; echo slept-{marker}"))
@@ -229,7 +245,7 @@ def test_a_lost_nodes_chat_comes_up_on_another_with_its_session(
     ask(feishu, chat_id, f"first {marker}")
     name = f"{instance}-{chat_id}"
     lost = swarm.task_node(name)
-    session = StoreView(swarm.shared / instance / "data" / "orchestrator.db").chat(chat_id)["session_id"]
+    session = on_swarm.store.chat(chat_id)["session_id"]
     began = time.monotonic()
     swarm.kill_node(lost)
     try:
@@ -237,7 +253,7 @@ def test_a_lost_nodes_chat_comes_up_on_another_with_its_session(
                            f"{name}'s task to come up off {lost}")
         moved = time.monotonic() - began
         ask(feishu, chat_id, f"second {marker}")
-        assert StoreView(swarm.shared / instance / "data" / "orchestrator.db").chat(chat_id)["session_id"] == session
+        assert on_swarm.store.chat(chat_id)["session_id"] == session
         assert f"first {marker}" in json.dumps(fake_api.requests_mentioning(f"second {marker}")[-1]["messages"])
         assert {row["chat_id"]: row["node"] for row in status_json(config)}[chat_id] == after
         print(f"\nswarm: the chat's task ran again on {after} {moved:.1f} s after {lost} was killed")

@@ -30,6 +30,7 @@ from orchestrator.config import (
     SchedulerSettings,
     Settings,
     ShutdownSettings,
+    StoreSettings,
     SwarmSettings,
     load_settings,
     parse_settings,
@@ -384,6 +385,7 @@ EVERYTHING = {
                 "per_chat_monthly_usd": 4, "per_user_monthly_usd": 5, "instance_monthly_usd": "6.75",
                 "timezone": "Asia/Shanghai", "reset_at": "06:30", "footer": False,
                 "prices": {"claude-fake": {"input": 1, "output": 2, "cache_write": 3, "cache_read": 4}}},
+    "store": {"url": "postgresql://bot:pw@db:5432/bot"},
     "metrics": {"listen": "127.0.0.1:9464"},
     "logging": {"json": True, "level": "DEBUG"},
 }
@@ -425,6 +427,7 @@ def expected_everything(source: Path) -> Settings:
                                timezone="Asia/Shanghai", reset_at="06:30", footer=False,
                                prices={**DEFAULT_PRICES, "claude-fake": Price(Decimal(1), Decimal(2), Decimal(3),
                                                                               Decimal(4))}),
+        store=StoreSettings("postgresql://bot:pw@db:5432/bot"),
         metrics=MetricsSettings(listen="127.0.0.1:9464"),
         logging=LoggingSettings(json=True, level="DEBUG"),
     )
@@ -568,8 +571,8 @@ LONG_RULE = "Bash(" + "x" * 300
     ({"defaults": {"workspace": "/srv/shared"}},
      "defaults.workspace: must contain {chat_id}, or every chat would share one folder"),
     ({"defaults": {"workspace": "run/{chat_id}"}},
-     "defaults.workspace: 'run/{chat_id}' is, or is inside, a folder of the service's (chats_dir, data_dir, its run "
-     "or egress folder): put workspaces elsewhere"),
+     "defaults.workspace: 'run/{chat_id}' is, holds or is inside a folder of the service's (chats_dir, data_dir, "
+     "its run or egress folder, /var/lib/orchestrator): put workspaces elsewhere"),
     ({"defaults": {"cpus": 0.001}}, "defaults.cpus: 0.001 is below the engine's minimum of 0.01"),
     ({"defaults": {"cpus": -1}}, "defaults.cpus: -1 must be a number above 0"),
     ({"defaults": {"egress": {"allow": ["Example.COM"]}}},
@@ -628,6 +631,17 @@ def test_a_workspace_holding_data_dir_is_refused_when_chats_dir_is_elsewhere(tmp
     assert resolve_chat(load_settings(write(tmp_path, config), {}), "oc_a").workspace == tmp_path / "srv" / "ws"
 
 
+@pytest.mark.parametrize("workspace", ["/var/lib/orchestrator/{chat_id}", "/var/lib/{chat_id}/../orchestrator",
+                                       "/var/{chat_id}/.."])
+def test_a_workspace_in_or_holding_the_nodes_socket_folder_is_refused(tmp_path: Path, workspace: str) -> None:
+    """On Swarm each node's gateway binds the chats' model sockets under /var/lib/orchestrator: a workspace there
+    would hand a chat the other chats' sockets."""
+    assert error_of(tmp_path, {"groups": {"oc_a": {"workspace": workspace}}}).startswith(
+        f"bot.yaml: groups.oc_a.workspace: {workspace!r} is, holds or is inside a folder of the service's")
+    fine = load_settings(write(tmp_path, {"groups": {"oc_a": {"workspace": "/var/lib/orchestrator-ws/{chat_id}"}}}), {})
+    assert resolve_chat(fine, "oc_a").workspace == Path("/var/lib/orchestrator-ws/oc_a")
+
+
 def test_a_chat_in_shared_mode_has_one_conversation_whatever_the_topic() -> None:
     assert ChatOptions().conversation("omt_1") == "omt_1"
     assert ChatOptions(threads="shared").conversation("omt_1") == ""
@@ -669,7 +683,8 @@ def test_the_default_prices_are_anthropics_list_prices() -> None:
 
 # ---- runtime: swarm ----
 
-SWARM = {"runtime": "swarm", "swarm": {"orchestrator_image": "reg:5000/orchestrator"}, "defaults": {"egress": "none"}}
+SWARM = {"runtime": "swarm", "swarm": {"orchestrator_image": "reg:5000/orchestrator"}, "defaults": {"egress": "none"},
+         "store": {"url": "postgresql://bot:pw@db:5432/bot"}}
 
 
 def test_swarm_placement_per_group_overrides_the_defaults(tmp_path: Path) -> None:
@@ -701,6 +716,10 @@ ORCHESTRATOR_IMAGE = ("is required on runtime: swarm: the orchestrator's image i
                       "network and to serve their model gateway")
 
 
+SQLITE_ON_SWARM = ("runtime: swarm needs a PostgreSQL store (postgresql://...): the model gateway on every node writes "
+                   "to it, and SQLite's locks do not hold between hosts nor on NFS")
+
+
 # Whole messages: the operator reads them, and a test of a part would not see the rest garbled.
 @pytest.mark.parametrize(("config", "key", "problem"), [
     ({"runtime": "kubernetes"}, "runtime", "'kubernetes' is not one of docker, swarm"),
@@ -720,6 +739,8 @@ ORCHESTRATOR_IMAGE = ("is required on runtime: swarm: the orchestrator's image i
     ({**SWARM, "swarm": {"start_timeout": 0}}, "swarm.start_timeout", "0 must be a number above 0"),
     ({**SWARM, "swarm": {"manager": "unix:///m.sock"}}, "swarm.orchestrator_image", ORCHESTRATOR_IMAGE),
     ({**SWARM, "swarm": {"orchestrator_image": ""}}, "swarm.orchestrator_image", ORCHESTRATOR_IMAGE),
+    ({**SWARM, "store": {}}, "store.url", SQLITE_ON_SWARM),
+    ({**SWARM, "store": {"url": "sqlite:///data/orchestrator.db"}}, "store.url", SQLITE_ON_SWARM),
     ({**SWARM, "swarm": {"start_timeout": "5m"}}, "swarm.start_timeout", "'5m' must be a number above 0"),
     ({"swarm": {"manager": "unix:///m.sock"}}, "swarm", "applies to runtime: swarm only"),
     ({"defaults": {"placement": {"spread": ["node.labels.zone"]}}}, "defaults.placement", NOT_ON_DOCKER),

@@ -769,7 +769,8 @@ def test_a_gateway_killed_mid_stream_leaves_what_was_streamed_counted(short_dir:
 def test_on_swarm_the_gateway_is_the_registrys_image_with_the_nodes_folder(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text(f"instance: bot\ndata_dir: {tmp_path / 'data'}\ngateway: {{api_key: {KEY}}}\nruntime: swarm\n"
-                      "swarm: {orchestrator_image: reg:5000/orchestrator:1}\ndefaults: {egress: none}\n")
+                      "swarm: {orchestrator_image: reg:5000/orchestrator:1}\ndefaults: {egress: none}\n"
+                      "store: {url: 'postgresql://bot:pw@db:5432/bot'}\n")
     settings = load_settings(config, {})
     spec = gateway_container_spec(settings, settings_digest(settings))
     assert spec.image == "reg:5000/orchestrator:1"

@@ -36,6 +36,7 @@ from orchestrator.runtime import (
     swarm_nodes,
     task_live,
     watch_events,
+    within_grace,
 )
 from tests.unit.test_runtime_spec import MiB, settings_of
 
@@ -45,7 +46,8 @@ def spec_of(settings: Settings, chat_id: str = "oc_x") -> ContainerSpec:
     return container_spec(settings, chat, chat_paths(settings, chat), b"k" * 32, chat_name="Team X")
 
 
-SWARM = ("instance: bot\nruntime: swarm\nswarm: {orchestrator_image: reg/orchestrator}\n"
+POSTGRES = "store: {url: 'postgresql://bot:pw@db:5432/bot'}\n"  # runtime: swarm takes no SQLite store
+SWARM = ("instance: bot\nruntime: swarm\nswarm: {orchestrator_image: reg/orchestrator}\n" + POSTGRES +
          "defaults: {egress: none, cpus: 1.5, memory: 1g, pids_limit: 99, tmp_size: 32m, "
          "placement: {spread: [node.labels.zone]}}\n"
          "groups: {oc_gpu: {placement: {constraints: [node.labels.gpu==true], reserve_cpus: 0.5, "
@@ -113,7 +115,7 @@ def test_placement_changes_the_fingerprint_only_when_set(tmp_path: Path) -> None
     docker = spec_of(settings_of(tmp_path, "instance: bot\ndefaults: {egress: none}\n"))
     assert docker.constraints == () and docker.reserve_memory == 0
     swarm = spec_of(settings_of(tmp_path, "instance: bot\nruntime: swarm\nswarm: {orchestrator_image: g}\n"
-                                          "defaults: {egress: none}\n"))
+                                          "defaults: {egress: none}\n" + POSTGRES))
     # the same but for the chat's model socket folder (its node's own on Swarm): unset placement fields do not count
     assert docker.fingerprint() == dataclasses.replace(swarm, mounts=docker.mounts).fingerprint()
     placed = spec_of(settings_of(tmp_path, SWARM))
@@ -307,6 +309,21 @@ def test_ready_nodes_and_their_labels() -> None:
         ("n1", 5, {"Role": "worker", "Labels": {"zone": "a", label: "true"}}),
         ("n2", 6, {"Role": "worker", "Labels": {}})]
     assert node_label_updates(nodes, set(), label)[-1] == ("n4", 8, {"Labels": {"gpu": "true"}})
+    assert node_label_updates(nodes, set(), label, kept={"n2", "n4"}) == []  # left as they are
+
+
+def test_a_node_keeps_its_ready_label_for_a_grace_after_its_guard_or_gateway_stops() -> None:
+    """Taking the label makes Swarm stop every chat's task on the node: a gateway that Swarm restarts at once must not
+    cost them; one that stays down does, after the grace."""
+    since, kept = within_grace({}, {"n1"}, ["n1", "n2"], now=100.0, grace=30)
+    assert since == {"n2": 100.0} and kept == {"n2"}
+    since, kept = within_grace(since, {"n1"}, ["n1", "n2"], now=129.9, grace=30)
+    assert since == {"n2": 100.0} and kept == {"n2"}
+    assert within_grace(since, {"n1"}, ["n1", "n2"], now=130.0, grace=30) == ({"n2": 100.0}, set())
+    # back in time: forgotten, and a later stop starts a new grace; a node gone from the Swarm is forgotten too
+    since, kept = within_grace(since, {"n1", "n2"}, ["n1", "n2"], now=131.0, grace=30)
+    assert since == {} and kept == set()
+    assert within_grace({"n1": 100.0, "n9": 50.0}, set(), ["n1"], now=140.0, grace=30) == ({"n1": 100.0}, set())
 
 
 def test_the_gateway_on_swarm_is_a_global_service_of_its_container_spec(tmp_path: Path) -> None:
