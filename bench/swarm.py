@@ -39,13 +39,15 @@ def run(quick: bool) -> list[str]:
         with swarm_up(client) as swarm, postgres_server() as server:
             cold: dict[str, list[float]] = {"docker": [], "swarm": []}
             warm: dict[str, list[float]] = {"docker": [], "swarm": []}
+            to_model: dict[str, list[float]] = {"docker": [], "swarm": []}
             for _ in range(rounds):
                 for runtime in ("docker", "swarm"):
                     with rig() as setup:
-                        first, later = _measure(setup, (swarm, server) if runtime == "swarm" else None, chats,
-                                                per_chat)
+                        first, later, asked = _measure(setup, (swarm, server) if runtime == "swarm" else None, chats,
+                                                       per_chat)
                     cold[runtime] += first
                     warm[runtime] += later
+                    to_model[runtime] += asked
     finally:
         client.close()
     lines = []
@@ -60,6 +62,13 @@ def run(quick: bool) -> list[str]:
                   f"swarm/{name}: ratio={ratio:.2f}x median, {swarm_p95 / docker_p95:.2f}x p95; {verdict}"]
     lines.append(f"swarm/warm: mean swarm+postgres {ms(statistics.mean(warm['swarm']))}, docker+sqlite "
                  f"{ms(statistics.mean(warm['docker']))}")
+    split = {runtime: (statistics.median(to_model[runtime]),
+                       statistics.median(w - a for w, a in zip(warm[runtime], to_model[runtime], strict=True)))
+             for runtime in warm}
+    lines.append("swarm/warm split, median: event to the model's request "
+                 f"swarm+postgres {ms(split['swarm'][0])}, docker+sqlite {ms(split['docker'][0])}; "
+                 f"the model's request to the reply swarm+postgres {ms(split['swarm'][1])}, "
+                 f"docker+sqlite {ms(split['docker'][1])}")
     return lines
 
 
@@ -110,8 +119,9 @@ def on_swarm(setup: Rig, swarm: Swarm, server: PostgresServer) -> Iterator[dict[
 
 
 def _measure(setup: Rig, on: tuple[Swarm, PostgresServer] | None, chats: int, per_chat: int
-             ) -> tuple[list[float], list[float]]:
-    """Each chat's first message (cold), then its later ones (warm), one at a time: seconds from event to reply."""
+             ) -> tuple[list[float], list[float], list[float]]:
+    """Each chat's first message (cold), then its later ones (warm), one at a time: seconds from event to reply;
+    and of each warm one, seconds from the event to the model API's first request of its turn."""
     with contextlib.ExitStack() as stack:
         sections: dict = {"defaults": CAPS}
         if on is not None:
@@ -122,17 +132,23 @@ def _measure(setup: Rig, on: tuple[Swarm, PostgresServer] | None, chats: int, pe
         setup.start()
         if on is not None:  # a deployment's guard and gateway run on its nodes long before a chat's first message
             on[0].wait_ready(setup.instance)
-        cold, warm = [], []
+        cold, warm, to_model = [], [], []
         for n in range(chats):
             chat_id = new_chat()
             for m in range(per_chat):
-                message_id = new_message()
+                message_id, text = new_message(), f"message {n}.{m}."
                 pushed = time.monotonic()
-                setup.feishu.push_event(setup.feishu.text_event(chat_id, f"message {n}.{m}", message_id=message_id))
+                setup.feishu.push_event(setup.feishu.text_event(chat_id, text, message_id=message_id))
                 (warm if m else cold).append(setup.reply_time(message_id, timeout=300) - pushed)
+                asked = setup.api.first_asked(text)
+                if asked is None:
+                    raise RuntimeError(f"the model API was never asked about {text!r}: the chat shows "
+                                       f"{[m.text for m in setup.feishu.messages(chat_id)]}")
+                if m:
+                    to_model.append(asked - pushed)
         for bot in setup.bots:
             bot.stop()
-        return cold, warm
+        return cold, warm, to_model
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, TypeVar
@@ -610,6 +610,11 @@ SWARM_POLL_SECONDS = 0.25  # how often a start or a stop looks at the chat's tas
 SWARM_STOP_SECONDS = 60.0  # after a scale to zero, how long to wait for the task to be gone
 SWARM_WATCH_SECONDS = 2.0  # how often the watch looks at the chats' tasks (Swarm sends no task events to a manager)
 SWARM_NODES_SECONDS = 2.0  # how long the nodes' table (hostnames, up or down, engines) is taken as current
+# How long a node keeps the ready label after its guard or gateway stopped running there: taking it away makes Swarm
+# stop every chat's task on the node (turns and all), while Swarm restarts a crashed global task within seconds
+# (SWARM_RESTART_DELAY_NS, then the gateway binds its sockets in about a second, the guard's health passes in 5 s).
+# The guard's rules stay in the kernel meanwhile.
+READY_GRACE_SECONDS = 30.0
 SWARM_RESTART_DELAY_NS = 2_000_000_000
 # Where a chat's task sends DNS queries that its node's embedded resolver forwards: an address given in the service's
 # DNS config is asked from the task's own network namespace, and on the chats' internal network nothing answers there.
@@ -724,14 +729,15 @@ def running_on(tasks: list[dict[str, Any]], fingerprint: str) -> set[str]:
             and t.get("Status", {}).get("State") == "running" and of_spec(t, fingerprint)}
 
 
-def node_label_updates(nodes: list[dict[str, Any]], ready: set[str], label: str) -> list[tuple[str, int, dict]]:
-    """The nodes whose `label` must change (set on the `ready` ones, removed elsewhere): (id, version, new spec).
-    Pure."""
+def node_label_updates(nodes: list[dict[str, Any]], ready: set[str], label: str,
+                       kept: Collection[str] = ()) -> list[tuple[str, int, dict]]:
+    """The nodes whose `label` must change (set on the `ready` ones, removed elsewhere but on the `kept` ones): (id,
+    version, new spec). Pure."""
     updates = []
     for node in nodes:
         spec = node.get("Spec") or {}
         labels = dict(spec.get("Labels") or {})
-        if (labels.get(label) == "true") == (node["ID"] in ready):
+        if (labels.get(label) == "true") == (node["ID"] in ready) or node["ID"] in kept:
             continue
         if node["ID"] in ready:
             labels[label] = "true"
@@ -739,6 +745,14 @@ def node_label_updates(nodes: list[dict[str, Any]], ready: set[str], label: str)
             labels.pop(label, None)
         updates.append((node["ID"], node["Version"]["Index"], {**spec, "Labels": labels}))
     return updates
+
+
+def within_grace(unready: dict[str, float], ready: set[str], nodes: Iterable[str], now: float,
+                 grace: float) -> tuple[dict[str, float], set[str]]:
+    """When each node that is not ready was first seen so (a ready one is forgotten), and those seen so for less than
+    `grace`: their label stays meanwhile. Pure."""
+    since = {node: unready.get(node, now) for node in nodes if node not in ready}
+    return since, {node for node, first in since.items() if now - first < grace}
 
 
 def _tmpfs_options(options: str) -> dict[str, int]:
@@ -913,8 +927,10 @@ class SwarmRuntime(Runtime):
         self.stop_grace = stop_grace
         self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="swarm")
         self._digests: dict[str, tuple[str, float]] = {}
+        self._started: dict[str, tuple[str, ContainerState]] = {}  # by service: `ensure`'s state, and of which spec
         self._nodes: tuple[dict[str, SwarmNode], float] = ({}, 0.0)
         self._task_containers: set[str] = set()  # ids of chats' task containers seen: not this host's to exec in
+        self._unready: dict[str, float] = {}  # by node id: since when its guard or gateway has not run there
         self._watching = False
         try:
             self._client = docker.DockerClient(base_url=manager, timeout=timeout) if manager \
@@ -1039,16 +1055,23 @@ class SwarmRuntime(Runtime):
             return await self._call(self._ensure_gateway, spec)
         if CHAT_LABEL not in spec.labels:
             return await self.local.ensure(spec)
-        fingerprint = await self._call(self._apply, spec)
-        return await self._until_running(spec.name, fingerprint)
+        fingerprint, running = await self._call(self._apply, spec)
+        if running is None:
+            running = await self._until_running(spec.name, fingerprint)
+            self._started[spec.name] = (fingerprint, running)
+        return running
 
-    def _apply(self, spec: ContainerSpec) -> str:
-        """The chat's service made, or updated to this spec and one replica; its fingerprint."""
+    def _apply(self, spec: ContainerSpec) -> tuple[str, ContainerState | None]:
+        """The chat's service made, or updated to this spec and one replica; its fingerprint, and its state when its
+        task already runs with this spec (then nothing was changed)."""
         if spec.network not in ("none", network_name(spec.labels.get(INSTANCE_LABEL, ""))):
             raise RuntimeFailure(f"network {spec.network} is not served on runtime: swarm")
         image = self._image(spec.image)
         fingerprint = f"{spec.fingerprint()}:{image}:{self.stop_grace:g}"
         self._check_engines()
+        running = self._still_running(spec.name, fingerprint)
+        if running is not None:
+            return fingerprint, running
         instance = spec.labels.get(INSTANCE_LABEL, "")
         network = swarm_network_name(instance)
         required = (f"node.labels.{ready_label(instance)}==true",)
@@ -1060,7 +1083,7 @@ class SwarmRuntime(Runtime):
             except APIError as exc:
                 if exc.status_code != 409:
                     raise
-            return fingerprint
+            return fingerprint, None
         current = service["Spec"]
         replicas = current.get("Mode", {}).get("Replicated", {}).get("Replicas", 0)
         force = current.get("TaskTemplate", {}).get("ForceUpdate", 0)
@@ -1071,7 +1094,27 @@ class SwarmRuntime(Runtime):
                 or force != current.get("TaskTemplate", {}).get("ForceUpdate", 0):
             self._update(service["ID"], service["Version"]["Index"],
                          service_spec(spec, image, fingerprint, network, 1, force, self.stop_grace, required))
-        return fingerprint
+        return fingerprint, None
+
+    def _still_running(self, name: str, fingerprint: str) -> ContainerState | None:
+        """The state `ensure` last returned for this service while the same task still runs it with this spec, in
+        one call to the manager, where the whole check takes four: a warm turn's start waited about 15 ms for them
+        on the benchmark's busy manager (bench.swarm). Else None, and the whole check follows."""
+        known = self._started.pop(name, None)
+        if known is None or known[0] != fingerprint:
+            return None
+        try:  # the manager resolves a service's name in this filter
+            tasks = self._api.tasks(filters={"service": name, "desired-state": "running"})
+        except APIError:  # gone (404), or anything else: the whole check says what
+            return None
+        task = newest_task(tasks)
+        status = (task or {}).get("Status", {})
+        if task is None or status.get("State") != "running" or not of_spec(task, fingerprint) \
+                or (status.get("ContainerStatus") or {}).get("ContainerID") != known[1].id \
+                or not task_live(task, self._node_table([task])):
+            return None
+        self._started[name] = known
+        return known[1]
 
     async def _until_running(self, name: str, fingerprint: str) -> ContainerState:
         """Until the task of this spec runs: just after an update, Swarm may not have replaced the last spec's task
@@ -1167,11 +1210,15 @@ class SwarmRuntime(Runtime):
 
     def _label_ready_nodes(self, instance: str) -> None:
         """The ready label set on the nodes where both the guard (healthy) and the model gateway run, and taken
-        from the others: Swarm then places chats only where the node's rules are kept and the chat's model socket is
-        served, and stops a chat's task on a node that lost either (a node's labels are its constraints' input)."""
+        from the others once READY_GRACE_SECONDS passed: Swarm then places chats only where the node's rules are
+        kept and the chat's model socket is served, and stops a chat's task on a node that lost either (a node's
+        labels are its constraints' input)."""
         label = ready_label(instance)
         guarded, served = (self._running_on(name) for name in (guard_name(instance), gateway_container_name(instance)))
-        for node_id, version, spec in node_label_updates(self._api.nodes(), guarded & served, label):
+        nodes = self._api.nodes()
+        self._unready, kept = within_grace(self._unready, guarded & served, [node["ID"] for node in nodes],
+                                           time.monotonic(), READY_GRACE_SECONDS)
+        for node_id, version, spec in node_label_updates(nodes, guarded & served, label, kept):
             self._api.update_node(node_id, version, spec)
             logger.info(f"node {node_id}: {label} {'set' if label in spec['Labels'] else 'removed'}")
 

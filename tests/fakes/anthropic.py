@@ -84,6 +84,7 @@ class FakeAnthropic:
     def __init__(self, api_key: str | None = None) -> None:
         self.api_key = api_key  # the only key it accepts; None: any
         self.requests: list[dict[str, Any]] = []
+        self.arrivals: list[float] = []  # time.monotonic() when each of `requests` arrived (benchmarks split a turn)
         self.api_keys: set[str] = set()  # the x-api-key each request came with
         self.usages: list[dict[str, Any]] = []  # the usage it reported for each Messages request, in order
         self.responses: list[bytes] = []  # the body it sent for each, byte for byte
@@ -121,6 +122,12 @@ class FakeAnthropic:
         return [text_of(m.get("content")) for body in bodies for m in body.get("messages", [])
                 if m.get("role") == "user"]
 
+    def first_asked(self, text: str) -> float | None:
+        """When the first request whose latest user message mentions `text` arrived (time.monotonic()), or None."""
+        with self._lock:
+            timed = list(zip(self.requests, self.arrivals, strict=True))
+        return next((at for body, at in timed if text in text_of(latest_user_blocks(body))), None)
+
     def requests_mentioning(self, text: str) -> list[dict[str, Any]]:
         with self._lock:
             return [body for body in self.requests if text in json.dumps(body)]
@@ -128,6 +135,7 @@ class FakeAnthropic:
     def _record(self, body: dict[str, Any], api_key: str) -> None:
         with self._lock:
             self.requests.append(body)
+            self.arrivals.append(time.monotonic())
             self.api_keys.add(api_key)
 
     def _answered(self, usage: dict[str, Any], response: bytes) -> None:
