@@ -59,6 +59,10 @@ TURN_NAME = re.compile(r"(\d+)-(\d+)-[0-9a-f]{16}")
 OUTPUT, STDERR, EXIT_CODE, PID, PROCESS = "output.jsonl", "stderr", "exit_code", "pid", "process"
 WITHDRAWN = -1
 INTERRUPTED_BEFORE_START = 130
+# A turn an earlier host of the chat took and never ended: its CLI went with that host's container (it died, was
+# restarted, or its Swarm task moved to another node). Ended so by the next host as it starts, which tells the
+# orchestrator at once, also one that restarted meanwhile and would otherwise follow the turn until its idle timeout.
+ABANDONED = -2
 RESCAN_SECONDS = 1.0  # with inotify, /input is scanned again this often all the same (shared storage sends no event)
 POLL_SECONDS = 0.25  # without inotify
 READ_CHUNK = 256 * 1024
@@ -370,6 +374,7 @@ class Host:
             log(f"no inotify ({exc}); looking at {self.input_dir} every {POLL_SECONDS} s")
             self.inotify = None
         log(f"serving turns from {self.input_dir}")
+        self._end_abandoned_turns()
         while not self._finished():
             if self.turn is None and self.stop_at is None:
                 self._take_next()
@@ -418,6 +423,24 @@ class Host:
                 self._on_stderr()
 
     # ---- taking turns ----
+
+    def _end_abandoned_turns(self) -> None:
+        """Ends with ABANDONED every turn an earlier host claimed and never ended (this host has taken none yet)."""
+        try:
+            names = [name for name in os.listdir(self.turns_dir) if TURN_NAME.fullmatch(name)]
+        except OSError as exc:
+            log(f"cannot list {self.turns_dir}: {exc}")
+            return
+        for name in names:
+            if os.path.lexists(os.path.join(self.turns_dir, name, EXIT_CODE)):
+                continue
+            try:
+                turn = TurnFolder(self.turns_dir, name)  # a link or a file of that name is refused
+            except OSError:
+                continue
+            turn.error(b"agent-host: the container that ran this turn stopped before it ended\n")
+            turn.end(ABANDONED)
+            log(f"turn {name}: taken by an earlier host and never ended: ended {ABANDONED}")
 
     def _take_next(self) -> None:
         try:

@@ -1216,6 +1216,7 @@ class SwarmRuntime(Runtime):
         label = ready_label(instance)
         guarded, served = (self._running_on(name) for name in (guard_name(instance), gateway_container_name(instance)))
         nodes = self._api.nodes()
+        self._nodes = (swarm_nodes(nodes), time.monotonic())  # the chats' states just after read it, not again
         self._unready, kept = within_grace(self._unready, guarded & served, [node["ID"] for node in nodes],
                                            time.monotonic(), READY_GRACE_SECONDS)
         for node_id, version, spec in node_label_updates(nodes, guarded & served, label, kept):

@@ -342,6 +342,9 @@ class TurnRunner:
                         else disk.human(self.settings.limits.output_bytes))
                 return Failure(f"This answer was stopped: Claude Code wrote more than {much} of output in one turn.",
                                partial_text=transcript.text_so_far)
+            if exit_code == agent_host.ABANDONED:  # the next container's host found it never ended
+                log.warning(f"turn {files.name} was left unfinished by the chat's last container")
+                return Failure(RESTARTED_MID_TURN, partial_text=transcript.text_so_far)
             if exit_code is not None:
                 stderr = files.stderr()
                 result = self._ending(turn, agent.outcome(transcript, exit_code, stderr), transcript)
@@ -568,12 +571,15 @@ async def _within(seconds: float, done: Callable[[], bool]) -> bool:
     return done()
 
 
+_NOT_AGAIN = "; this answer is not run again: please send it again if you still want it."
+RESTARTED_MID_TURN = "The chat's container stopped during this turn and runs again now" + _NOT_AGAIN
+
+
 def _stopped_reason(state: ContainerState) -> str:
     if state.status == "missing":
         return "The chat's container was removed during this turn."
-    again = "; this answer is not run again: please send it again if you still want it."
     if state.running:
-        return "The chat's container was replaced during this turn" + again  # not where: the chat needs no hostname
+        return "The chat's container was replaced during this turn" + _NOT_AGAIN  # not where: no hostname
     if state.status == "created":  # on Swarm: its task is on its way to another node (its node drained or lost)
-        return "The chat's container stopped during this turn and is being started again" + again
+        return "The chat's container stopped during this turn and is being started again" + _NOT_AGAIN
     return f"The chat's container stopped during this turn ({state.status}, exit code {state.exit_code})."

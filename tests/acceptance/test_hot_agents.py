@@ -137,6 +137,35 @@ def test_the_agent_host_outlives_a_kill_9_of_the_orchestrator_and_the_answer_is_
     assert len({cli_of(t) for t in turns}) == 1  # and the same CLI process
 
 
+def test_a_turn_whose_container_restarted_while_the_orchestrator_was_down_is_told_at_once_not_run_again(
+        feishu: FakeFeishu, feishu_config, start, fake_api: FakeAnthropic, docker_client: docker.DockerClient,
+        instance: str, store_view: StoreView) -> None:
+    """The orchestrator killed mid-turn and the chat's container killed and started again meanwhile (its CLI went
+    with it; on Swarm, a task that moved): the new container's agent host ends the turn it finds unfinished, so the
+    next start tells the chat at once, not after agent.idle_timeout (120 s here) with the same container running."""
+    config = feishu_config(agent={"idle_timeout": 120})
+    bot = start(config)
+    chat_id = chat()
+    feishu.push_event(feishu.text_event(chat_id, "warm up"))
+    wait_answer(feishu, chat_id, "Fake answer to: warm up")
+    feishu.push_event(feishu.text_event(chat_id, "SLOW 60 lost in the restart"))
+    wait_until(lambda: fake_api.requests_mentioning("SLOW 60 lost in the restart"), 60, "the turn to call the model")
+    bot.kill()
+    container = docker_client.containers.get(f"{instance}-{chat_id}")
+    container.kill()  # no grace: the agent host cannot end the turn itself
+    container.start()
+    began = time.monotonic()
+    start(config, connections=2)
+    wait_answer(feishu, chat_id, "The chat's container stopped during this turn and runs again now; this answer is "
+                                 "not run again", timeout=60)
+    assert time.monotonic() - began < 60
+    [slow] = [m for m in store_view.messages(chat_id) if "lost in the restart" in m["text"]]
+    assert slow["state"] in ("failed", "delivered") and slow["error"], slow
+    assert len(fake_api.requests_mentioning("SLOW 60 lost in the restart")) == 1  # not run again
+    feishu.push_event(feishu.text_event(chat_id, "after the restart"))
+    wait_answer(feishu, chat_id, "Fake answer to: after the restart")
+
+
 def test_a_config_change_that_needs_a_new_cli_takes_effect_at_the_next_turn(
         make_config, fake_api: FakeAnthropic, tmp_path: Path) -> None:
     bot = Orchestrator(make_config(), chat="reconfigured")

@@ -250,13 +250,40 @@ def test_stopping_the_host_interrupts_the_turn_in_progress_and_closes_the_cli(ho
 # ---- which requests are taken ----
 
 
-def test_a_turn_whose_folder_exists_is_never_run(host: Channel) -> None:
+def test_a_turn_whose_folder_exists_is_never_run(channel: Channel) -> None:
     claimed = new_turn_name(1, 0)
-    (host.paths.turns / claimed).mkdir()  # claimed before: by an earlier host of this container
-    host.submit("no", name=claimed)
-    later = host.ask("later", name=new_turn_name(2, 0))
+    (channel.paths.turns / claimed).mkdir()  # claimed before: by an earlier host of this container
+    channel.submit("no", name=claimed)
+    channel.start()
+    later = channel.ask("later", name=new_turn_name(2, 0))
     assert later.exit_code == 0 and later.answer == "Fake answer to: later"
-    assert list((host.paths.turns / claimed).iterdir()) == []
+    assert sorted(path.name for path in (channel.paths.turns / claimed).iterdir()) == sorted(
+        [agent_host.EXIT_CODE, agent_host.OUTPUT, agent_host.STDERR])  # ended ABANDONED: no CLI, no pid
+    assert (channel.paths.turns / claimed / agent_host.OUTPUT).read_bytes() == b""
+
+
+def test_turns_an_earlier_host_took_and_never_ended_are_ended_abandoned_at_start(channel: Channel) -> None:
+    """What the last container left: a turn it was running (its CLI went with it), one it ended, and names that are
+    no turns of its: only the first is ended, so the orchestrator is told at once."""
+    turns_dir = channel.paths.turns
+    left, ended = new_turn_name(1, 0), new_turn_name(2, 0)
+    for name in (left, ended):
+        (turns_dir / name).mkdir()
+        (turns_dir / name / agent_host.OUTPUT).write_bytes(b'{"type":"system"}\n')
+    (turns_dir / ended / agent_host.EXIT_CODE).write_text("0\n")
+    elsewhere = channel.paths.turns.parent / "elsewhere"
+    elsewhere.mkdir()
+    (turns_dir / new_turn_name(3, 0)).symlink_to(elsewhere)  # the agent's own link: not followed
+    (turns_dir / "notes").mkdir()
+    channel.start()
+    turn = channel.ended(left)
+    assert turn.exit_code == agent_host.ABANDONED
+    assert (turns_dir / left / agent_host.STDERR).read_text() == \
+        "agent-host: the container that ran this turn stopped before it ended\n"
+    assert (turns_dir / left / agent_host.OUTPUT).read_bytes() == b'{"type":"system"}\n'  # kept as it was
+    assert (turns_dir / ended / agent_host.EXIT_CODE).read_text() == "0\n"
+    assert list(elsewhere.iterdir()) == [] and list((turns_dir / "notes").iterdir()) == []
+    assert channel.ask("next").answer == "Fake answer to: next"  # and the host serves on
 
 
 def test_requests_are_taken_in_row_and_attempt_order_and_other_names_are_ignored(channel: Channel) -> None:

@@ -205,6 +205,30 @@ def test_a_turn_taken_before_a_restart_is_followed_not_requested_again(bench: Be
     assert bench.requests() == [] and bench.runtime.started == [bench.container]
 
 
+def test_a_turn_the_next_containers_host_ended_abandoned_is_told_at_once_not_run_again(bench: Bench) -> None:
+    """After a restart, the turn of a container that was replaced meanwhile: the new container's host ended it
+    ABANDONED; the chat is told at once (not after agent.idle_timeout), and nothing is requested again."""
+    files = pending_turn(bench, bench.message())
+    folder = bench.paths.turns / files.name
+    folder.mkdir()  # taken by the last container's host, which wrote a line of output and went with its container
+    (folder / agent_host.OUTPUT).write_text(json.dumps({"type": "assistant", "message": {"content": [
+        {"type": "text", "text": "Half an"}]}}) + "\n")
+    (folder / agent_host.EXIT_CODE).write_text(f"{agent_host.ABANDONED}\n")
+    for path in (folder, *folder.iterdir()):
+        os.chown(path, bench.host.uid, bench.host.uid)  # the agent's, as the real host's are
+    os.unlink(bench.paths.input / files.name)
+
+    async def scenario() -> Answer | Failure:
+        return await bench.run(bench.store.message("om_1"))
+
+    result = asyncio.run(scenario())
+    assert isinstance(result, Failure) and result.reason == turn_runner.RESTARTED_MID_TURN
+    assert result.reason.startswith("The chat's container stopped during this turn and runs again now; this answer "
+                                    "is not run again")
+    assert result.partial_text == "Half an"
+    assert bench.requests() == [] and bench.host.taken == []
+
+
 def test_a_pending_request_taken_within_the_claim_time_is_followed(bench: Bench,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(turn_runner, "CLAIM_SECONDS", 5.0)
