@@ -157,6 +157,8 @@ class Runtime(Protocol):
 
     async def list_managed(self, instance: str) -> list[ContainerState]: ...
 
+    async def stop_leftovers(self, instance: str, grace_seconds: float) -> list[str]: ...
+
     async def usage(self, name: str) -> Usage | None: ...
 
     async def process_limit_hits(self, container_id: str, user: str) -> int | None: ...
@@ -576,6 +578,10 @@ class DockerRuntime(Runtime):
     def _list_managed(self, instance: str) -> list[ContainerState]:
         labels = [f"{MANAGED_LABEL}=true", f"{INSTANCE_LABEL}={instance}", CHAT_LABEL]  # chats' only
         return [_state(c) for c in self._client.containers.list(all=True, filters={"label": labels})]
+
+    async def stop_leftovers(self, instance: str, grace_seconds: float) -> list[str]:
+        """Chats' containers of another runtime that would serve this instance's chats: none on one host."""
+        return []
 
     # ---- processes in a container ----
 
@@ -1172,6 +1178,15 @@ class SwarmRuntime(Runtime):
 
     async def list_managed(self, instance: str) -> list[ContainerState]:
         return await self._call(self._list_managed, instance)
+
+    async def stop_leftovers(self, instance: str, grace_seconds: float) -> list[str]:
+        """This host's running chat containers of the instance, left from `runtime: docker`, stopped (kept for an
+        operator to look at): their agent hosts would take the chats' turns from the shared folders beside the Swarm's
+        tasks, with the old caps and network. Their names."""
+        left = [container for container in await self.local.list_managed(instance) if container.running]
+        for container in left:
+            await self.local.stop(container.name, grace_seconds)
+        return [container.name for container in left]
 
     def _list_managed(self, instance: str) -> list[ContainerState]:
         labels = [f"{MANAGED_LABEL}=true", f"{INSTANCE_LABEL}={instance}", CHAT_LABEL]

@@ -326,8 +326,12 @@ class Service:
     # ---- reconciling with the engine ----
 
     async def reconcile(self) -> None:
-        """Compare the store with the engine and log each decision; adopt, never kill."""
+        """Compare the store with the engine and log each decision; adopt, never kill (but stop what another
+        runtime left running for the chats)."""
         began = time.monotonic()
+        for name in await self.runtime.stop_leftovers(self.settings.instance, self.settings.containers.stop_timeout):
+            logger.warning(f"reconcile: stopped {name}, left running by another runtime (it would take its chat's "
+                           "turns beside this runtime's)")
         containers = await self.runtime.list_managed(self.settings.instance)
         chats = self.store.chats()
         for found in reconcile(chats, containers):

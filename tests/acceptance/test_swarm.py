@@ -11,13 +11,24 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import docker
 import pytest
 
 from orchestrator import firewall
-from orchestrator.runtime import SWARM_WATCH_SECONDS
+from orchestrator.runtime import CHAT_LABEL, INSTANCE_LABEL, MANAGED_LABEL, SWARM_WATCH_SECONDS
 from tests.fakes.anthropic import FakeAnthropic
 from tests.fakes.feishu import FakeFeishu
-from tests.harness import MODEL_KEY, StoreView, answers, chat, run_cli, status_json, wait_answer, wait_until
+from tests.harness import (
+    MODEL_KEY,
+    ORCHESTRATOR_IMAGE,
+    StoreView,
+    answers,
+    chat,
+    run_cli,
+    status_json,
+    wait_answer,
+    wait_until,
+)
 from tests.postgres import PostgresServer
 from tests.swarm import Swarm
 
@@ -268,15 +279,27 @@ def test_a_lost_nodes_chat_comes_up_on_another_with_its_session(
 
 
 def test_a_chat_no_node_can_take_is_told_and_scaled_back_to_zero(
-        on_swarm: OnSwarm, instance: str, feishu: FakeFeishu, feishu_config, start) -> None:
+        on_swarm: OnSwarm, instance: str, feishu: FakeFeishu, feishu_config, start,
+        docker_client: docker.DockerClient) -> None:
     """A chat whose placement no node meets: its task waits for a node; after swarm.start_timeout the message is
     answered with the error and the service goes back to zero replicas (left at one, Swarm would go on trying, and idle
-    stop, which looks at running chats, would never take it down)."""
+    stop, which looks at running chats, would never take it down). And a chat's container this host's engine still
+    runs from `runtime: docker` (its agent host would take the chat's turns from the shared folder) is stopped at the
+    start."""
     swarm = on_swarm.swarm
-    chat_id = chat()
+    chat_id, earlier = chat(), chat()
     config = swarm_config(feishu_config, on_swarm, instance, {"start_timeout": 8}, groups={
         chat_id: {"placement": {"constraints": ["node.labels.nowhere==true"]}}})
-    bot = start(config)
+    left = docker_client.containers.run(
+        ORCHESTRATOR_IMAGE, ["300"], entrypoint="sleep", init=True, detach=True, name=f"{instance}-{earlier}",
+        labels={MANAGED_LABEL: "true", INSTANCE_LABEL: instance, CHAT_LABEL: earlier})
+    try:
+        bot = start(config)
+        bot.wait_log(f"reconcile: stopped {instance}-{earlier}, left running by another runtime", timeout=60)
+        left.reload()
+        assert left.status == "exited"
+    finally:
+        left.remove(force=True)
     feishu.push_event(feishu.text_event(chat_id, "hello"))
     wait_answer(feishu, chat_id, "The chat's container could not be started", timeout=90)
     bot.wait_log("has no running task after 8 s (swarm.start_timeout), and is scaled to zero", timeout=10)

@@ -129,6 +129,9 @@ class FakeRuntime:
         return [state for name, state in self.containers.items()
                 if self.specs[name].labels.get(INSTANCE_LABEL) == instance and state.chat_id]
 
+    async def stop_leftovers(self, instance: str, grace_seconds: float) -> list[str]:
+        return []  # one runtime only
+
     async def usage(self, name: str) -> Usage | None:
         state = self.containers.get(name)
         if state is None or not state.running:

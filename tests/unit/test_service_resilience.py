@@ -30,12 +30,19 @@ from tests.fakes.channel import RecordingChannel
 class Engine:
     """The Docker runtime as far as the service's lifecycle uses it, with no containers."""
 
-    def __init__(self) -> None:
+    def __init__(self, leftovers: tuple[str, ...] = ()) -> None:
         self.listed = 0
+        self.leftovers = list(leftovers)  # another runtime's containers, running until stop_leftovers
+        self.stopped: list[tuple[str, float]] = []
 
     async def list_managed(self, instance: str) -> list[ContainerState]:
         self.listed += 1
         return []
+
+    async def stop_leftovers(self, instance: str, grace_seconds: float) -> list[str]:
+        left, self.leftovers = self.leftovers, []
+        self.stopped += [(name, grace_seconds) for name in left]
+        return left
 
     async def ensure(self, spec: ContainerSpec) -> ContainerState:  # the gateway's: the only container made here
         return ContainerState(spec.name, "gateway-id", "running")
@@ -120,6 +127,21 @@ def test_a_channel_that_fails_stops_the_service_gracefully_with_exit_code_1(tmp_
     assert asyncio.run(svc.run()) == 1
     assert svc.health()["channel"] == "died: RuntimeError: the webhook port is taken"
     assert engine.listed == 2  # reconciled at the start, and the containers stopped on the way out
+
+
+def test_reconcile_stops_what_another_runtime_left_running_for_the_chats_and_says_so(tmp_path: Path,
+                                                                                     store: Store) -> None:
+    engine = Engine(leftovers=("orchestrator-oc_a",))
+    svc = make_service(tmp_path, store, Chat(), engine)
+    lines: list[str] = []
+    sink = logger.add(lambda message: lines.append(message.record["message"]), level="WARNING")
+    try:
+        asyncio.run(svc.reconcile())
+    finally:
+        logger.remove(sink)
+    assert engine.stopped == [("orchestrator-oc_a", svc.settings.containers.stop_timeout)] and engine.listed == 1
+    assert lines == ["reconcile: stopped orchestrator-oc_a, left running by another runtime (it would take its chat's "
+                     "turns beside this runtime's)"]
 
 
 def test_a_loop_that_ends_is_a_death_and_healthz_says_which(tmp_path: Path, store: Store,
