@@ -292,15 +292,22 @@ class TurnFolder:
     def __init__(self, turns_dir: str, name: str) -> None:
         self.name = name
         self.fd = os.open(os.path.join(turns_dir, name), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        self._output = self._open(OUTPUT)
-        self._stderr = self._open(STDERR)
+        self._output = self._stderr = -1
+        try:
+            self._output = self._open(OUTPUT)
+            self._stderr = self._open(STDERR)
+        except OSError:
+            self.close()
+            raise
         self.interrupts_sent = 0
         self.interrupted_at = float("-inf")
         self.asks = 0  # permission requests so far
         self.waiting: dict[int, tuple[str, dict[str, Any]]] = {}  # by number: (the CLI's request id, its tool input)
 
     def _open(self, name: str) -> int:
-        return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644, dir_fd=self.fd)
+        # O_NONBLOCK: a FIFO the agent put there is refused (ENXIO) instead of holding the host; a file is the same
+        return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644,
+                       dir_fd=self.fd)
 
     def write_file(self, name: str, text: str) -> None:
         """A whole small file, made visible at once (written aside, then renamed)."""
@@ -331,9 +338,17 @@ class TurnFolder:
         os.write(self._stderr, data)
 
     def end(self, code: int) -> None:
-        self.write_file(EXIT_CODE, f"{code}\n")
+        try:
+            self.write_file(EXIT_CODE, f"{code}\n")
+        finally:
+            self.close()
+
+    def close(self) -> None:
         for fd in (self._output, self._stderr, self.fd):
-            os.close(fd)
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._output = self._stderr = self.fd = -1
 
 
 # ---- the host --------------------------------------------------------------------------------------------
@@ -434,12 +449,15 @@ class Host:
         for name in names:
             if os.path.lexists(os.path.join(self.turns_dir, name, EXIT_CODE)):
                 continue
-            try:
-                turn = TurnFolder(self.turns_dir, name)  # a link or a file of that name is refused
-            except OSError:
+            try:  # the folder is the agent's: a link, a FIFO, a folder where a file goes are refused, not fatal
+                turn = TurnFolder(self.turns_dir, name)
+                try:
+                    turn.error(b"agent-host: the container that ran this turn stopped before it ended\n")
+                finally:
+                    turn.end(ABANDONED)
+            except OSError as exc:
+                log(f"turn {name}: taken by an earlier host and never ended, and cannot be ended: {exc}")
                 continue
-            turn.error(b"agent-host: the container that ran this turn stopped before it ended\n")
-            turn.end(ABANDONED)
             log(f"turn {name}: taken by an earlier host and never ended: ended {ABANDONED}")
 
     def _take_next(self) -> None:
@@ -459,7 +477,11 @@ class Host:
             return
 
     def _start(self, name: str) -> None:
-        turn = TurnFolder(self.turns_dir, name)
+        try:
+            turn = TurnFolder(self.turns_dir, name)
+        except OSError as exc:  # the agent raced this host to the folder it just made (a FIFO, a link in it)
+            log(f"turn {name}: cannot open its folder: {exc}")
+            return
         try:
             with open(os.path.join(self.input_dir, name), "rb") as request_file:
                 request = decode_request(request_file.read())

@@ -485,6 +485,11 @@ def parse_settings(raw: object, source: Path, environ: Mapping[str, str]) -> Set
         raise reader.error("swarm.orchestrator_image", "is required on runtime: swarm: the orchestrator's image in a "
                            "registry every node pulls from (images/build.sh --orchestrator --push REGISTRY), which "
                            "each node runs to close the chats' network and to serve their model gateway")
+    for key, folder in (("data_dir", settings.data_dir), ("chats_dir", settings.chats_dir)):
+        normal = Path(os.path.normpath(folder or ""))
+        if runtime == "swarm" and (normal.is_relative_to(NODE_FOLDER) or NODE_FOLDER.is_relative_to(normal)):
+            raise reader.error(key, f"{str(folder)!r} is, holds or is inside {NODE_FOLDER}, each Swarm node's own "
+                                    "folder (its gateway's sockets for the chats on it): use the shared storage")
     if runtime == "swarm" and settings.store.sqlite_file is not None:
         raise reader.error("store.url", "runtime: swarm needs a PostgreSQL store (postgresql://...): the model gateway "
                            "on every node writes to it, and SQLite's locks do not hold between hosts nor on NFS")
@@ -508,13 +513,14 @@ def _check_workspaces(settings: Settings, reader: _Reader) -> None:
     templates += [(f"groups.{chat_id}.workspace", overrides.get("workspace")) for chat_id, overrides in
                   settings.groups.items()]
     assert settings.chats_dir is not None
+    data_dir, chats_dir = (Path(os.path.normpath(folder)) for folder in (settings.data_dir, settings.chats_dir))
     for key, template in templates:
         if template is None:
             continue
-        folder = Path(os.path.normpath(settings.data_dir / template.replace("{chat_id}", "oc_example")))
-        inside = folder.relative_to(settings.data_dir).parts if folder.is_relative_to(settings.data_dir) else ()
-        if folder.is_relative_to(settings.chats_dir) or settings.data_dir.is_relative_to(folder) \
-                or settings.chats_dir.is_relative_to(folder) or (inside and inside[0] in _SERVICE_FOLDERS) \
+        folder = Path(os.path.normpath(data_dir / template.replace("{chat_id}", "oc_example")))
+        inside = folder.relative_to(data_dir).parts if folder.is_relative_to(data_dir) else ()
+        if folder.is_relative_to(chats_dir) or data_dir.is_relative_to(folder) \
+                or chats_dir.is_relative_to(folder) or (inside and inside[0] in _SERVICE_FOLDERS) \
                 or folder.is_relative_to(NODE_FOLDER) or NODE_FOLDER.is_relative_to(folder):
             raise reader.error(key, f"{template!r} is, holds or is inside a folder of the service's (chats_dir, "
                                     f"data_dir, its run or egress folder, {NODE_FOLDER}): put workspaces elsewhere")

@@ -14,7 +14,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, TypeVar
@@ -37,6 +37,7 @@ MANAGED_LABEL = "orchestrator.managed"
 CHAT_LABEL = "orchestrator.chat_id"
 CHAT_NAME_LABEL = "orchestrator.chat_name"
 INSTANCE_LABEL = "orchestrator.instance"
+SWARM_TASK_LABEL = "com.docker.swarm.task.id"  # the engine's, on the container of a Swarm task
 ROLE_LABEL = "orchestrator.role"  # a container of the instance's that serves no one chat (gateway, egress proxy)
 GATEWAY_ROLE = "model-gateway"
 SPEC_LABEL = "orchestrator.spec"
@@ -577,7 +578,8 @@ class DockerRuntime(Runtime):
 
     def _list_managed(self, instance: str) -> list[ContainerState]:
         labels = [f"{MANAGED_LABEL}=true", f"{INSTANCE_LABEL}={instance}", CHAT_LABEL]  # chats' only
-        return [_state(c) for c in self._client.containers.list(all=True, filters={"label": labels})]
+        return [_state(c) for c in self._client.containers.list(all=True, filters={"label": labels})
+                if SWARM_TASK_LABEL not in c.labels]  # a Swarm node's chat tasks (carrying our labels) are Swarm's
 
     async def stop_leftovers(self, instance: str, grace_seconds: float) -> list[str]:
         """Chats' containers of another runtime that would serve this instance's chats: none on one host."""
@@ -616,10 +618,10 @@ SWARM_POLL_SECONDS = 0.25  # how often a start or a stop looks at the chat's tas
 SWARM_STOP_SECONDS = 60.0  # after a scale to zero, how long to wait for the task to be gone
 SWARM_WATCH_SECONDS = 2.0  # how often the watch looks at the chats' tasks (Swarm sends no task events to a manager)
 SWARM_NODES_SECONDS = 2.0  # how long the nodes' table (hostnames, up or down, engines) is taken as current
-# How long a node keeps the ready label after its guard or gateway stopped running there: taking it away makes Swarm
-# stop every chat's task on the node (turns and all), while Swarm restarts a crashed global task within seconds
-# (SWARM_RESTART_DELAY_NS, then the gateway binds its sockets in about a second, the guard's health passes in 5 s).
-# The guard's rules stay in the kernel meanwhile.
+# How long a node keeps the ready label after its gateway stopped running there (its guard running on): taking it
+# away makes Swarm stop every chat's task on the node (turns and all), while Swarm restarts a crashed gateway within
+# seconds (SWARM_RESTART_DELAY_NS, then it binds the chats' sockets in about a second). A node whose guard stopped
+# loses the label at once: the label also lets new chats onto the node.
 READY_GRACE_SECONDS = 30.0
 SWARM_RESTART_DELAY_NS = 2_000_000_000
 # Where a chat's task sends DNS queries that its node's embedded resolver forwards: an address given in the service's
@@ -753,11 +755,12 @@ def node_label_updates(nodes: list[dict[str, Any]], ready: set[str], label: str,
     return updates
 
 
-def within_grace(unready: dict[str, float], ready: set[str], nodes: Iterable[str], now: float,
+def within_grace(unready: dict[str, float], ready: set[str], ready_before: set[str], guarded: set[str], now: float,
                  grace: float) -> tuple[dict[str, float], set[str]]:
-    """When each node that is not ready was first seen so (a ready one is forgotten), and those seen so for less than
-    `grace`: their label stays meanwhile. Pure."""
-    since = {node: unready.get(node, now) for node in nodes if node not in ready}
+    """Of the nodes that were ready and whose gateway stopped running while their guard runs on: since when, and
+    those within `grace` of it, whose label stays meanwhile. A node whose guard stopped has none (its rules may not
+    hold: br_netfilter off, rules it could not put back), nor one this process never saw ready. Pure."""
+    since = {node: unready.get(node, now) for node in guarded - ready if node in unready or node in ready_before}
     return since, {node for node, first in since.items() if now - first < grace}
 
 
@@ -936,7 +939,8 @@ class SwarmRuntime(Runtime):
         self._started: dict[str, tuple[str, ContainerState]] = {}  # by service: `ensure`'s state, and of which spec
         self._nodes: tuple[dict[str, SwarmNode], float] = ({}, 0.0)
         self._task_containers: set[str] = set()  # ids of chats' task containers seen: not this host's to exec in
-        self._unready: dict[str, float] = {}  # by node id: since when its guard or gateway has not run there
+        self._ready: set[str] = set()  # node ids where the guard and the gateway ran at the watch's last look
+        self._unready: dict[str, float] = {}  # by node id: since when its gateway has not run there (see within_grace)
         self._watching = False
         try:
             self._client = docker.DockerClient(base_url=manager, timeout=timeout) if manager \
@@ -1232,9 +1236,11 @@ class SwarmRuntime(Runtime):
         guarded, served = (self._running_on(name) for name in (guard_name(instance), gateway_container_name(instance)))
         nodes = self._api.nodes()
         self._nodes = (swarm_nodes(nodes), time.monotonic())  # the chats' states just after read it, not again
-        self._unready, kept = within_grace(self._unready, guarded & served, [node["ID"] for node in nodes],
-                                           time.monotonic(), READY_GRACE_SECONDS)
-        for node_id, version, spec in node_label_updates(nodes, guarded & served, label, kept):
+        ready = guarded & served
+        self._unready, kept = within_grace(self._unready, ready, self._ready, guarded, time.monotonic(),
+                                           READY_GRACE_SECONDS)
+        self._ready = ready
+        for node_id, version, spec in node_label_updates(nodes, ready, label, kept):
             self._api.update_node(node_id, version, spec)
             logger.info(f"node {node_id}: {label} {'set' if label in spec['Labels'] else 'removed'}")
 

@@ -344,7 +344,7 @@ class TurnRunner:
                                partial_text=transcript.text_so_far)
             if exit_code == agent_host.ABANDONED:  # the next container's host found it never ended
                 log.warning(f"turn {files.name} was left unfinished by the chat's last container")
-                return Failure(RESTARTED_MID_TURN, partial_text=transcript.text_so_far)
+                return self._ending(turn, Failure(RESTARTED_MID_TURN, partial_text=transcript.text_so_far), transcript)
             if exit_code is not None:
                 stderr = files.stderr()
                 result = self._ending(turn, agent.outcome(transcript, exit_code, stderr), transcript)

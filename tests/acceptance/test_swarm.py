@@ -15,7 +15,7 @@ import docker
 import pytest
 
 from orchestrator import firewall
-from orchestrator.runtime import CHAT_LABEL, INSTANCE_LABEL, MANAGED_LABEL, SWARM_WATCH_SECONDS
+from orchestrator.runtime import CHAT_LABEL, INSTANCE_LABEL, MANAGED_LABEL, SWARM_TASK_LABEL, SWARM_WATCH_SECONDS
 from tests.fakes.anthropic import FakeAnthropic
 from tests.fakes.feishu import FakeFeishu
 from tests.harness import (
@@ -290,16 +290,23 @@ def test_a_chat_no_node_can_take_is_told_and_scaled_back_to_zero(
     chat_id, earlier = chat(), chat()
     config = swarm_config(feishu_config, on_swarm, instance, {"start_timeout": 8}, groups={
         chat_id: {"placement": {"constraints": ["node.labels.nowhere==true"]}}})
-    left = docker_client.containers.run(
-        ORCHESTRATOR_IMAGE, ["300"], entrypoint="sleep", init=True, detach=True, name=f"{instance}-{earlier}",
-        labels={MANAGED_LABEL: "true", INSTANCE_LABEL: instance, CHAT_LABEL: earlier})
+    labels = {MANAGED_LABEL: "true", INSTANCE_LABEL: instance}
+    left = docker_client.containers.run(ORCHESTRATOR_IMAGE, ["300"], entrypoint="sleep", init=True, detach=True,
+                                        name=f"{instance}-{earlier}", labels={**labels, CHAT_LABEL: earlier})
+    # a chat's task on this host's engine, were it a Swarm node (as a manager is by default): Swarm's, left alone
+    task = docker_client.containers.run(ORCHESTRATOR_IMAGE, ["300"], entrypoint="sleep", init=True, detach=True,
+                                        labels={**labels, CHAT_LABEL: chat(), SWARM_TASK_LABEL: "t" * 25})
     try:
         bot = start(config)
         bot.wait_log(f"reconcile: stopped {instance}-{earlier}, left running by another runtime", timeout=60)
-        left.reload()
-        assert left.status == "exited"
+        bot.wait_log("reconciled with the engine", timeout=10)
+        for container in (left, task):
+            container.reload()
+        assert (left.status, task.status) == ("exited", "running")
+        assert "reconcile: stopped" not in bot.log().replace(f"reconcile: stopped {instance}-{earlier},", "")
     finally:
-        left.remove(force=True)
+        for container in (left, task):
+            container.remove(force=True)
     feishu.push_event(feishu.text_event(chat_id, "hello"))
     wait_answer(feishu, chat_id, "The chat's container could not be started", timeout=90)
     bot.wait_log("has no running task after 8 s (swarm.start_timeout), and is scaled to zero", timeout=10)

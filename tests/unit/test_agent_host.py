@@ -286,6 +286,22 @@ def test_turns_an_earlier_host_took_and_never_ended_are_ended_abandoned_at_start
     assert channel.ask("next").answer == "Fake answer to: next"  # and the host serves on
 
 
+def test_turn_folders_the_agent_booby_trapped_neither_stop_nor_hold_the_host_at_start(channel: Channel) -> None:
+    """The turn folders are the agent's to write: a FIFO where the output goes (opening it to write would wait for
+    a reader for ever), a folder where the exit code is written. Each such turn is left as it is, and the host serves
+    on (before, either stopped every later host of the chat at its start)."""
+    turns_dir = channel.paths.turns
+    fifo, blocked = new_turn_name(1, 0), new_turn_name(2, 0)
+    for name in (fifo, blocked):
+        (turns_dir / name).mkdir()
+    os.mkfifo(turns_dir / fifo / agent_host.OUTPUT)
+    (turns_dir / blocked / (agent_host.EXIT_CODE + ".tmp")).mkdir()
+    channel.start()
+    assert channel.ask("still here").answer == "Fake answer to: still here"
+    assert not (turns_dir / fifo / agent_host.EXIT_CODE).exists()
+    assert not (turns_dir / blocked / agent_host.EXIT_CODE).exists()
+
+
 def test_requests_are_taken_in_row_and_attempt_order_and_other_names_are_ignored(channel: Channel) -> None:
     order = [(2, 0), (2, 1), (9, 3), (10, 0)]  # 10 sorts before 2 as text
     names = {channel.submit(f"turn {row}.{attempt}", session="s-order", name=new_turn_name(row, attempt)):

@@ -642,6 +642,25 @@ def test_a_workspace_in_or_holding_the_nodes_socket_folder_is_refused(tmp_path: 
     assert resolve_chat(fine, "oc_a").workspace == Path("/var/lib/orchestrator-ws/oc_a")
 
 
+def test_a_data_dir_written_with_dot_dot_does_not_hide_its_folders_from_the_workspace_check(tmp_path: Path) -> None:
+    config = {"data_dir": str(tmp_path / "orch" / ".." / "orch"), "defaults": {"workspace": "run/{chat_id}"}}
+    assert error_of(tmp_path, config).startswith("bot.yaml: defaults.workspace: 'run/{chat_id}' is, holds or is "
+                                                 "inside a folder of the service's")
+    config["defaults"] = {"workspace": f"{tmp_path}/orch/../orch/chats/{{chat_id}}"}
+    assert error_of(tmp_path, config).startswith("bot.yaml: defaults.workspace: ")
+
+
+@pytest.mark.parametrize(("key", "folder"), [("data_dir", "/var/lib/orchestrator/bot"), ("data_dir", "/var/lib"),
+                                             ("chats_dir", "/var/lib/orchestrator/../orchestrator/chats")])
+def test_on_swarm_the_nodes_own_folder_holds_no_data_dir_nor_chats(tmp_path: Path, key: str, folder: str) -> None:
+    """Each node's gateway binds its chats' sockets in /var/lib/orchestrator: on shared storage, every node's would
+    take the others' chats' sockets."""
+    assert error_of(tmp_path, {**SWARM, key: folder}) == (
+        f"bot.yaml: {key}: {folder!r} is, holds or is inside /var/lib/orchestrator, each Swarm node's own folder (its "
+        "gateway's sockets for the chats on it): use the shared storage")
+    assert load_settings(write(tmp_path, {key: folder}), {}).runtime == "docker"  # one host: no node folder
+
+
 def test_a_chat_in_shared_mode_has_one_conversation_whatever_the_topic() -> None:
     assert ChatOptions().conversation("omt_1") == "omt_1"
     assert ChatOptions(threads="shared").conversation("omt_1") == ""

@@ -312,18 +312,19 @@ def test_ready_nodes_and_their_labels() -> None:
     assert node_label_updates(nodes, set(), label, kept={"n2", "n4"}) == []  # left as they are
 
 
-def test_a_node_keeps_its_ready_label_for_a_grace_after_its_guard_or_gateway_stops() -> None:
+def test_a_node_keeps_its_ready_label_for_a_grace_after_its_gateway_stops_not_its_guard() -> None:
     """Taking the label makes Swarm stop every chat's task on the node: a gateway that Swarm restarts at once must not
-    cost them; one that stays down does, after the grace."""
-    since, kept = within_grace({}, {"n1"}, ["n1", "n2"], now=100.0, grace=30)
+    cost them; one that stays down does, after the grace. A node whose guard stopped, or never seen ready, has none."""
+    guarded = {"n1", "n2", "n3"}
+    since, kept = within_grace({}, {"n1"}, {"n1", "n2"}, guarded, now=100.0, grace=30)
+    assert since == {"n2": 100.0} and kept == {"n2"}  # n3: not ready before, so no grace
+    since, kept = within_grace(since, {"n1"}, {"n1"}, guarded, now=129.9, grace=30)
     assert since == {"n2": 100.0} and kept == {"n2"}
-    since, kept = within_grace(since, {"n1"}, ["n1", "n2"], now=129.9, grace=30)
-    assert since == {"n2": 100.0} and kept == {"n2"}
-    assert within_grace(since, {"n1"}, ["n1", "n2"], now=130.0, grace=30) == ({"n2": 100.0}, set())
-    # back in time: forgotten, and a later stop starts a new grace; a node gone from the Swarm is forgotten too
-    since, kept = within_grace(since, {"n1", "n2"}, ["n1", "n2"], now=131.0, grace=30)
-    assert since == {} and kept == set()
-    assert within_grace({"n1": 100.0, "n9": 50.0}, set(), ["n1"], now=140.0, grace=30) == ({"n1": 100.0}, set())
+    assert within_grace(since, {"n1"}, {"n1"}, guarded, now=130.0, grace=30) == ({"n2": 100.0}, set())
+    assert within_grace(since, {"n1"}, {"n1"}, {"n1"}, now=110.0, grace=30) == ({}, set())  # n2's guard stopped too
+    # back in time: forgotten, and a later stop starts a new grace
+    assert within_grace(since, {"n1", "n2"}, {"n1"}, guarded, now=131.0, grace=30) == ({}, set())
+    assert within_grace({}, set(), {"n1"}, set(), now=1.0, grace=30) == ({}, set())  # the guard gone: no grace
 
 
 def test_the_gateway_on_swarm_is_a_global_service_of_its_container_spec(tmp_path: Path) -> None:
