@@ -4,7 +4,8 @@ chat's first message (its service made and its task started on a node, against i
 this host). Warm: the next messages of the same chats (a running task or container, the hot CLI in it). Both on
 `egress: none` (the only egress Swarm serves), the Swarm one on three Docker-in-Docker nodes (tests/swarm.py) with
 the chats' folders on their shared storage and its store in a new database on the tests' PostgreSQL server
-(tests/postgres.py), migrated first, as a deployment of several hosts would run.
+(tests/postgres.py), migrated first, as a deployment of several hosts would run. Between them, the Docker runtime
+on the same PostgreSQL server: what the store costs a message apart from what the Swarm does.
 
     python -m bench.swarm [--quick]        (SWARM_TEST_REUSE=FILE: a Swarm left up by the tests, as they take it)
 """
@@ -32,43 +33,49 @@ TARGET = 1.2  # warm time per message on Swarm + PostgreSQL, at most this many t
 CAPS = {"cpus": 1, "memory": "512m", "pids_limit": 200, "egress": "none"}
 
 
+# The deployments measured, each in its rounds: the baseline, the one the target is about, and between them the one
+# host on the same PostgreSQL store, which tells what the store costs a message from what the Swarm does.
+DEPLOYMENTS = ("docker+sqlite", "docker+postgres", "swarm+postgres")
+
+
 def run(quick: bool) -> list[str]:
     chats, per_chat, rounds = (2, 3, 1) if quick else (4, 8, 2)
     client = docker.from_env(timeout=300)
+    cold: dict[str, list[float]] = {name: [] for name in DEPLOYMENTS}
+    warm: dict[str, list[float]] = {name: [] for name in DEPLOYMENTS}
+    to_model: dict[str, list[float]] = {name: [] for name in DEPLOYMENTS}
     try:
         with swarm_up(client) as swarm, postgres_server() as server:
-            cold: dict[str, list[float]] = {"docker": [], "swarm": []}
-            warm: dict[str, list[float]] = {"docker": [], "swarm": []}
-            to_model: dict[str, list[float]] = {"docker": [], "swarm": []}
             for _ in range(rounds):
-                for runtime in ("docker", "swarm"):
+                for deployment in DEPLOYMENTS:
                     with rig() as setup:
-                        first, later, asked = _measure(setup, (swarm, server) if runtime == "swarm" else None, chats,
-                                                       per_chat)
-                    cold[runtime] += first
-                    warm[runtime] += later
-                    to_model[runtime] += asked
+                        first, later, asked = _measure(setup, deployment, swarm, server, chats, per_chat)
+                    cold[deployment] += first
+                    warm[deployment] += later
+                    to_model[deployment] += asked
     finally:
         client.close()
     lines = []
     for name, samples, target in (("cold", cold, None), ("warm", warm, TARGET)):
-        docker_median, docker_p95 = median_p95(samples["docker"])
-        swarm_median, swarm_p95 = median_p95(samples["swarm"])
+        docker_median, docker_p95 = median_p95(samples["docker+sqlite"])
+        swarm_median, swarm_p95 = median_p95(samples["swarm+postgres"])
         ratio = swarm_median / docker_median
         verdict = f"target <= {target}x: {'meets' if ratio <= target else 'misses'}" if target else "no target"
-        lines += [f"swarm/{name}: samples={len(samples['swarm'])} swarm+postgres median={ms(swarm_median)} "
+        lines += [f"swarm/{name}: samples={len(samples['swarm+postgres'])} swarm+postgres median={ms(swarm_median)} "
                   f"p95={ms(swarm_p95)}; docker+sqlite median={ms(docker_median)} p95={ms(docker_p95)} "
                   "(absolute, this machine)",
                   f"swarm/{name}: ratio={ratio:.2f}x median, {swarm_p95 / docker_p95:.2f}x p95; {verdict}"]
-    lines.append(f"swarm/warm: mean swarm+postgres {ms(statistics.mean(warm['swarm']))}, docker+sqlite "
-                 f"{ms(statistics.mean(warm['docker']))}")
-    split = {runtime: (statistics.median(to_model[runtime]),
-                       statistics.median(w - a for w, a in zip(warm[runtime], to_model[runtime], strict=True)))
-             for runtime in warm}
-    lines.append("swarm/warm split, median: event to the model's request "
-                 f"swarm+postgres {ms(split['swarm'][0])}, docker+sqlite {ms(split['docker'][0])}; "
-                 f"the model's request to the reply swarm+postgres {ms(split['swarm'][1])}, "
-                 f"docker+sqlite {ms(split['docker'][1])}")
+    lines.append(f"swarm/warm: mean swarm+postgres {ms(statistics.mean(warm['swarm+postgres']))}, docker+sqlite "
+                 f"{ms(statistics.mean(warm['docker+sqlite']))}")
+    medians = {name: statistics.median(warm[name]) for name in DEPLOYMENTS}
+    lines.append(f"swarm/warm, the store apart: docker+postgres median={ms(medians['docker+postgres'])} "
+                 f"({medians['docker+postgres'] / medians['docker+sqlite']:.2f}x docker+sqlite); swarm+postgres "
+                 f"{medians['swarm+postgres'] / medians['docker+postgres']:.2f}x docker+postgres")
+    for name in DEPLOYMENTS:
+        after = [w - a for w, a in zip(warm[name], to_model[name], strict=True)]
+        lines.append(f"swarm/warm split, median, {name}: event to the model's request "
+                     f"{ms(statistics.median(to_model[name]))}, the model's request to the reply "
+                     f"{ms(statistics.median(after))}")
     return lines
 
 
@@ -118,20 +125,22 @@ def on_swarm(setup: Rig, swarm: Swarm, server: PostgresServer) -> Iterator[dict[
         shutil.rmtree(shared, ignore_errors=True)
 
 
-def _measure(setup: Rig, on: tuple[Swarm, PostgresServer] | None, chats: int, per_chat: int
+def _measure(setup: Rig, deployment: str, swarm: Swarm, server: PostgresServer, chats: int, per_chat: int
              ) -> tuple[list[float], list[float], list[float]]:
     """Each chat's first message (cold), then its later ones (warm), one at a time: seconds from event to reply;
     and of each warm one, seconds from the event to the model API's first request of its turn."""
     with contextlib.ExitStack() as stack:
         sections: dict = {"defaults": CAPS}
-        if on is not None:
-            sections.update(stack.enter_context(on_swarm(setup, *on)))
-        setup.configure(on[0].agent_image if on else AGENT_IMAGE, **sections)
-        if on is not None:
+        if deployment == "swarm+postgres":
+            sections.update(stack.enter_context(on_swarm(setup, swarm, server)))
+        elif deployment == "docker+postgres":
+            sections["store"] = new_database(server)
+        setup.configure(swarm.agent_image if deployment == "swarm+postgres" else AGENT_IMAGE, **sections)
+        if "store" in sections:
             migrate(setup.config)
         setup.start()
-        if on is not None:  # a deployment's guard and gateway run on its nodes long before a chat's first message
-            on[0].wait_ready(setup.instance)
+        if deployment == "swarm+postgres":  # a deployment's guard and gateway run on its nodes long before a chat
+            swarm.wait_ready(setup.instance)
         cold, warm, to_model = [], [], []
         for n in range(chats):
             chat_id = new_chat()
@@ -143,7 +152,7 @@ def _measure(setup: Rig, on: tuple[Swarm, PostgresServer] | None, chats: int, pe
                 asked = setup.api.first_asked(text)
                 if asked is None:
                     raise RuntimeError(f"the model API was never asked about {text!r}: the chat shows "
-                                       f"{[m.text for m in setup.feishu.messages(chat_id)]}")
+                                       f"{[said.text for said in setup.feishu.messages(chat_id)]}")
                 if m:
                     to_model.append(asked - pushed)
         for bot in setup.bots:
