@@ -486,7 +486,7 @@ def parse_settings(raw: object, source: Path, environ: Mapping[str, str]) -> Set
                            "registry every node pulls from (images/build.sh --orchestrator --push REGISTRY), which "
                            "each node runs to close the chats' network and to serve their model gateway")
     for key, folder in (("data_dir", settings.data_dir), ("chats_dir", settings.chats_dir)):
-        normal = Path(os.path.normpath(folder or ""))
+        normal = Path(os.path.normpath(folder))
         if runtime == "swarm" and (normal.is_relative_to(NODE_FOLDER) or NODE_FOLDER.is_relative_to(normal)):
             raise reader.error(key, f"{str(folder)!r} is, holds or is inside {NODE_FOLDER}, each Swarm node's own "
                                     "folder (its gateway's sockets for the chats on it): use the shared storage")
