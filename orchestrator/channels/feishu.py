@@ -595,24 +595,28 @@ class FeishuDisplay:
             self._flush = asyncio.create_task(self._push_after(wait))
 
     async def _push_after(self, wait: float) -> None:
+        """The latest text pushed after `wait`, and again, paced, for as long as newer text came while it was
+        pushed: `update` starts no flush while this one runs, and a turn waiting for approval calls it no more."""
         await asyncio.sleep(wait)
-        text = self.latest
-        if text == self.shown:
-            return
-        self.last_push = time.monotonic()
-        try:
-            created = self.card_id is None
-            if self.card_id is None:
-                self.card_id = await self.channel.create_card(self.chat_id, text)
-                self._remember()
-            if not self.card_sent:
-                await self.channel.send_card(self.chat_id, self.card_id, self.message_id, f"card-{self.card_id}")
-                self.card_sent = True
-            if not created:
-                await self.channel.stream_card(self.chat_id, self.card_id, text)
-            self.shown = text
-        except FeishuError as exc:
-            self.log.warning(f"could not update the streaming card: {exc}")
+        while self.latest != self.shown:
+            text = self.latest
+            self.last_push = time.monotonic()
+            try:
+                created = self.card_id is None
+                if self.card_id is None:
+                    self.card_id = await self.channel.create_card(self.chat_id, text)
+                    self._remember()
+                if not self.card_sent:
+                    await self.channel.send_card(self.chat_id, self.card_id, self.message_id, f"card-{self.card_id}")
+                    self.card_sent = True
+                if not created:
+                    await self.channel.stream_card(self.chat_id, self.card_id, text)
+                self.shown = text
+            except FeishuError as exc:
+                self.log.warning(f"could not update the streaming card: {exc}")
+                return
+            if self.latest != self.shown:
+                await asyncio.sleep(max(0.0, self.last_push + CARD_UPDATE_INTERVAL - time.monotonic()))
 
     async def end(self) -> str | None:
         if self._flush is not None:
