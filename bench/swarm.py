@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import statistics
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,12 @@ CAPS = {"cpus": 1, "memory": "512m", "pids_limit": 200, "egress": "none"}
 # The deployments measured, each in its rounds: the baseline, the one the target is about, and between them the one
 # host on the same PostgreSQL store, which tells what the store costs a message from what the Swarm does.
 DEPLOYMENTS = ("docker+sqlite", "docker+postgres", "swarm+postgres")
+# The orchestrator's lines for a message received and for its turn requested (its log's time, to the millisecond):
+# they split a warm message's time before the model's request into the channel's, the orchestrator's and the rest
+# (the agent host, the CLI and the model gateway).
+LOGGED = re.compile(r"(\S+ \S+) +\w+ +(received|turn \S+ requested) .*message_id=(\S+)")
+PHASES = ("the event to the orchestrator's line 'received'", "from there to the turn requested",
+          "from there to the model's request")
 
 
 def run(quick: bool) -> list[str]:
@@ -44,15 +52,17 @@ def run(quick: bool) -> list[str]:
     cold: dict[str, list[float]] = {name: [] for name in DEPLOYMENTS}
     warm: dict[str, list[float]] = {name: [] for name in DEPLOYMENTS}
     to_model: dict[str, list[float]] = {name: [] for name in DEPLOYMENTS}
+    phases: dict[str, list[tuple[float, ...]]] = {name: [] for name in DEPLOYMENTS}
     try:
         with swarm_up(client) as swarm, postgres_server() as server:
             for _ in range(rounds):
                 for deployment in DEPLOYMENTS:
                     with rig() as setup:
-                        first, later, asked = _measure(setup, deployment, swarm, server, chats, per_chat)
+                        first, later, asked, split = _measure(setup, deployment, swarm, server, chats, per_chat)
                     cold[deployment] += first
                     warm[deployment] += later
                     to_model[deployment] += asked
+                    phases[deployment] += split
     finally:
         client.close()
     lines = []
@@ -76,6 +86,10 @@ def run(quick: bool) -> list[str]:
         lines.append(f"swarm/warm split, median, {name}: event to the model's request "
                      f"{ms(statistics.median(to_model[name]))}, the model's request to the reply "
                      f"{ms(statistics.median(after))}")
+    for name in DEPLOYMENTS:
+        medians = [ms(statistics.median(column)) for column in zip(*phases[name], strict=True)]
+        lines.append(f"swarm/warm before the model's request, median, {name}: "
+                     + ", ".join(f"{phase} {median}" for phase, median in zip(PHASES, medians, strict=True)))
     return lines
 
 
@@ -126,9 +140,10 @@ def on_swarm(setup: Rig, swarm: Swarm, server: PostgresServer) -> Iterator[dict[
 
 
 def _measure(setup: Rig, deployment: str, swarm: Swarm, server: PostgresServer, chats: int, per_chat: int
-             ) -> tuple[list[float], list[float], list[float]]:
+             ) -> tuple[list[float], list[float], list[float], list[tuple[float, ...]]]:
     """Each chat's first message (cold), then its later ones (warm), one at a time: seconds from event to reply;
-    and of each warm one, seconds from the event to the model API's first request of its turn."""
+    and of each warm one, seconds from the event to the model API's first request of its turn, and that time in
+    PHASES."""
     with contextlib.ExitStack() as stack:
         sections: dict = {"defaults": CAPS}
         if deployment == "swarm+postgres":
@@ -142,11 +157,12 @@ def _measure(setup: Rig, deployment: str, swarm: Swarm, server: PostgresServer, 
         if deployment == "swarm+postgres":  # a deployment's guard and gateway run on its nodes long before a chat
             swarm.wait_ready(setup.instance)
         cold, warm, to_model = [], [], []
+        pushed_at: dict[str, tuple[float, float]] = {}  # a warm message's event and model request, wall clock
         for n in range(chats):
             chat_id = new_chat()
             for m in range(per_chat):
                 message_id, text = new_message(), f"message {n}.{m}."
-                pushed = time.monotonic()
+                pushed, pushed_wall = time.monotonic(), time.time()
                 setup.feishu.push_event(setup.feishu.text_event(chat_id, text, message_id=message_id))
                 (warm if m else cold).append(setup.reply_time(message_id, timeout=300) - pushed)
                 asked = setup.api.first_asked(text)
@@ -155,9 +171,24 @@ def _measure(setup: Rig, deployment: str, swarm: Swarm, server: PostgresServer, 
                                        f"{[said.text for said in setup.feishu.messages(chat_id)]}")
                 if m:
                     to_model.append(asked - pushed)
+                    pushed_at[message_id] = (pushed_wall, pushed_wall + asked - pushed)
+        logged = _logged(setup)
         for bot in setup.bots:
             bot.stop()
-        return cold, warm, to_model
+        split = [(logged[id_]["received"] - pushed, logged[id_]["turn"] - logged[id_]["received"],
+                  asked - logged[id_]["turn"]) for id_, (pushed, asked) in pushed_at.items()]
+        return cold, warm, to_model, split
+
+
+def _logged(setup: Rig) -> dict[str, dict[str, float]]:
+    """By message id: when its orchestrator logged it "received" and its turn requested ("turn"), wall clock."""
+    logged: dict[str, dict[str, float]] = {}
+    for bot in setup.bots:
+        for found in map(LOGGED.match, bot.log().splitlines()):
+            if found:
+                at = datetime.strptime(found[1], "%Y-%m-%d %H:%M:%S.%f").timestamp()
+                logged.setdefault(found[3], {})[found[2].split()[0]] = at
+    return logged
 
 
 if __name__ == "__main__":

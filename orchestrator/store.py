@@ -705,11 +705,16 @@ class Store:
 
     # ---- chats ----
 
-    def ensure_chat(self, chat_id: str, name: str = "") -> ChatRecord:
-        _Chat.insert(chat_id=chat_id, name=name, created_at=time.time()).on_conflict_ignore().execute()
+    def ensure_chat(self, chat_id: str, name: str = "") -> None:
+        """The chat stored, with its name when one is given (a name it had is kept otherwise): one statement, as on
+        every message a round trip to PostgreSQL counts."""
+        insert = _Chat.insert(chat_id=chat_id, name=name, created_at=time.time())
         if name:
-            _Chat.update(name=name).where(_Chat.chat_id == chat_id).execute()
-        return self.chat(chat_id)
+            insert = insert.on_conflict(conflict_target=[_Chat.chat_id], update={_Chat.name: name},
+                                        where=_Chat.name != name)
+        else:
+            insert = insert.on_conflict_ignore()
+        insert.execute()
 
     def chat(self, chat_id: str) -> ChatRecord:
         return _chat_record(_Chat.get_by_id(chat_id))
@@ -726,8 +731,15 @@ class Store:
 
     def session(self, chat_id: str, thread_id: str = "") -> str | None:
         """The Claude session of the chat's own conversation, or of one of its topics."""
-        if not thread_id:
-            return self.chat(chat_id).session_id
+        return self.chat(chat_id).session_id if not thread_id else self._topic_session(chat_id, thread_id)
+
+    def chat_and_session(self, chat_id: str, thread_id: str = "") -> tuple[ChatRecord, str | None]:
+        """The chat and `session(chat_id, thread_id)`, with one read for the chat's own conversation (a turn's start
+        needs both)."""
+        chat = self.chat(chat_id)
+        return chat, chat.session_id if not thread_id else self._topic_session(chat_id, thread_id)
+
+    def _topic_session(self, chat_id: str, thread_id: str) -> str | None:
         row = _ThreadSession.get_or_none((_ThreadSession.chat_id == chat_id) & (_ThreadSession.thread_id == thread_id))
         return row.session_id if row else None
 
@@ -758,14 +770,15 @@ class Store:
                         thread_id: str = "", attachments: str = "") -> MessageRecord | None:
         """Store a new message; None when this message_id was seen before (a redelivery)."""
         now = time.time()
-        try:
-            with self.db.atomic():
-                row = _Message.create(message_id=message_id, chat_id=chat_id, sender_id=sender_id, text=text,
-                                      thread_id=thread_id, attachments=attachments, state=State.RECEIVED,
-                                      received_at=now, updated_at=now)
-        except IntegrityError:
-            return None
-        return _message_record(row)
+        # One statement (a round trip to PostgreSQL on every message): a message_id stored before inserts nothing and
+        # returns no row.
+        stored = (_Message.insert(message_id=message_id, chat_id=chat_id, sender_id=sender_id, text=text,
+                                  thread_id=thread_id, attachments=attachments, state=State.RECEIVED,
+                                  received_at=now, updated_at=now)
+                  .on_conflict(conflict_target=[_Message.message_id], action="IGNORE")
+                  .returning(*_Message._meta.sorted_fields).objects(_Message).execute())
+        row = next(iter(stored), None)
+        return _message_record(row) if row else None
 
     def merge(self, into: str, attachments: str, merged: Sequence[str]) -> MessageRecord:
         """Messages of files only (`merged`) taken into the message `into`, all received, in one transaction: `into`
@@ -836,10 +849,10 @@ class Store:
         one transaction: none can be lost between. False when the message failed meanwhile (a shutdown that could
         not wait for the turn failed it and told the user): the late answer is dropped. Any other refusal raises."""
         with self.db.atomic():
-            if not self._move_unless_failed(message_id, State.ANSWERED, answer=self._mask(text), cost_usd=cost_usd,
-                                            duration_ms=duration_ms):
+            chat_id = self._move_unless_failed(message_id, State.ANSWERED, answer=self._mask(text), cost_usd=cost_usd,
+                                               duration_ms=duration_ms)
+            if chat_id is None:
                 return False
-            chat_id = self.message(message_id).chat_id
             self._say(chat_id, text, reply_to=message_id, message_id=message_id, card=card)
             for file, caption in files:
                 self._say(chat_id, caption, reply_to=message_id, file=file)
@@ -861,9 +874,10 @@ class Store:
         refusal raises: a delivered message, or an answered one (only `mark_dead` takes an answer back, when it
         proved undeliverable; failing it here would leave its answer in the outbox)."""
         with self.db.atomic():
-            if not self._move_unless_failed(message_id, State.FAILED, only_from=UNANSWERED, error=self._mask(reason)):
+            chat_id = self._move_unless_failed(message_id, State.FAILED, only_from=UNANSWERED, error=self._mask(reason))
+            if chat_id is None:
                 return False
-            self._say(self.message(message_id).chat_id, text, reply_to=message_id, card=card)
+            self._say(chat_id, text, reply_to=message_id, card=card)
         return True
 
     def fail_unanswered(self, message_id: str, reason: str, text: str) -> bool:
@@ -872,33 +886,36 @@ class Store:
         unexpected error may come at any point of a message's life, so False (answered or finished already)
         is an outcome the caller expects."""
         with self.db.atomic():
-            if not self._move(message_id, State.FAILED, only_from=UNANSWERED, error=self._mask(reason)):
+            chat_id = self._move(message_id, State.FAILED, only_from=UNANSWERED, error=self._mask(reason))
+            if chat_id is None:
                 return False
-            self._say(self.message(message_id).chat_id, text, reply_to=message_id)
+            self._say(chat_id, text, reply_to=message_id)
         return True
 
     def _move(self, message_id: str, target: State, only_from: frozenset[State] | None = None,
-              **fields: object) -> bool:
-        """Move a message to `target` if its current state allows it (and is one of `only_from`, if given);
-        False if it did not."""
+              **fields: object) -> str | None:
+        """Move a message to `target` if its current state allows it (and is one of `only_from`, if given): its
+        chat when it moved (returned by the update itself: no second round trip), None if it did not."""
         allowed = [str(state) for state in predecessors(target) & (only_from or frozenset(State))]
-        updated = (_Message.update(state=target, updated_at=time.time(), **fields)
-                   .where((_Message.message_id == message_id) & (_Message.state.in_(allowed)))
-                   .execute())
-        return updated == 1
+        moved = (_Message.update(state=target, updated_at=time.time(), **fields)
+                 .where((_Message.message_id == message_id) & (_Message.state.in_(allowed)))
+                 .returning(_Message.chat_id).tuples().execute())
+        row = next(iter(moved), None)
+        return row[0] if row else None
 
     def _transition(self, message_id: str, target: State, **fields: object) -> None:
         """`_move`, where a refusal is a bug: it raises."""
-        if not self._move(message_id, target, **fields):
+        if self._move(message_id, target, **fields) is None:
             raise self._refused(message_id, target)
 
     def _move_unless_failed(self, message_id: str, target: State, only_from: frozenset[State] | None = None,
-                            **fields: object) -> bool:
-        """`_move`; False when the message had failed already, and any other refusal raises."""
-        if self._move(message_id, target, only_from, **fields):
-            return True
+                            **fields: object) -> str | None:
+        """`_move`; None when the message had failed already, and any other refusal raises."""
+        chat_id = self._move(message_id, target, only_from, **fields)
+        if chat_id is not None:
+            return chat_id
         if self._state(message_id) is State.FAILED:
-            return False
+            return None
         raise self._refused(message_id, target)
 
     def _state(self, message_id: str) -> State | None:

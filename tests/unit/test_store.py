@@ -37,6 +37,19 @@ def test_a_message_id_is_recorded_once(store: Store) -> None:
     assert len(store.messages("oc_a")) == 1
 
 
+def test_a_chat_is_stored_once_and_keeps_its_latest_name(store: Store) -> None:
+    store.ensure_chat("oc_a")
+    assert store.chat("oc_a").name == ""
+    store.set_session("oc_a", "s-1")
+    store.ensure_chat("oc_a", "Team")
+    store.ensure_chat("oc_a")  # an event without the chat's name: the name stays
+    assert store.chat("oc_a").name == "Team"
+    store.ensure_chat("oc_a", "Team renamed")
+    assert store.chats() == [store.chat("oc_a")]
+    assert store.chat_and_session("oc_a") == (store.chat("oc_a"), "s-1")
+    assert (store.chat("oc_a").name, store.chat("oc_a").session_id) == ("Team renamed", "s-1")
+
+
 def test_transitions_happen_once_and_in_order(store: Store) -> None:
     store.record_received("om_1", "oc_a", "ou_1", "hello")
     store.mark_queued("om_1")
@@ -297,6 +310,7 @@ def test_topics_keep_their_own_sessions_and_reset_forgets_them_all(store: Store)
     store.set_session("oc_1", "topic-a2", "omt_a")  # replaced, not added
     store.set_session("oc_1", "topic-b", "omt_b")
     assert store.session("oc_1") == "chat-session" and store.session("oc_1", "omt_a") == "topic-a2"
+    assert store.chat_and_session("oc_1", "omt_a") == (store.chat("oc_1"), "topic-a2")
     assert store.thread_sessions("oc_1") == {"omt_a": "topic-a2", "omt_b": "topic-b"}
     assert store.session("oc_1", "omt_new") is None
     store.forget_sessions("oc_1")
@@ -596,7 +610,8 @@ def test_a_refusal_names_the_message_its_state_and_the_move_and_nothing_else(sto
 
 
 def test_records_hold_what_was_written(store: Store, ticking: None) -> None:
-    chat = store.ensure_chat(A)
+    store.ensure_chat(A)
+    chat = store.chat(A)
     assert chat.name == "" and chat.last_activity is None  # no name given: none made up
     store.touch(A)
     touched = store.chat(A).last_activity

@@ -98,6 +98,7 @@ def restarted(postgres_server: PostgresServer) -> Iterator[PostgresServer]:
 
 SHARED: list[Callable[[Store], None]] = [
     test_store.test_a_message_id_is_recorded_once,
+    test_store.test_a_chat_is_stored_once_and_keeps_its_latest_name,
     test_store.test_transitions_happen_once_and_in_order,
     test_store.test_a_refused_transition_that_means_a_bug_raises_and_changes_nothing,
     test_store.test_a_turn_that_ends_after_a_shutdown_failed_its_message_is_dropped_quietly,
