@@ -12,15 +12,20 @@ From neither does anything reach the host itself, on any of its addresses (INPUT
 local service).
 
 The rules live in three chains of their own per instance, re-made at every start, so the result is the same
-whatever was there before; the jumps to them are added once.
+whatever was there before. The jumps to them come first in their parent chains and are put back first when a rule
+that could let a packet through before them (an operator's ACCEPT, a firewall manager's chain reloaded above them)
+was inserted above; chains and jumps change in one iptables-restore, atomically, so no packet meets a chain half
+made or a jump missing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 import shutil
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +36,12 @@ BLOCKED_RANGES = ("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "16
 # Where the engine finds the resolvers its embedded DNS forwards to: systemd-resolved's upstream list when the
 # host runs it (/etc/resolv.conf then names only 127.0.0.53), else /etc/resolv.conf.
 RESOLV_CONFS = (Path("/run/systemd/resolve/resolv.conf"), Path("/etc/resolv.conf"))
+# What may come before an instance's jump in its parent chain: another instance's jump (it matches that instance's
+# bridges only), a drop or a reject. Anything else (ACCEPT, RETURN, a jump to a firewall manager's chain) could let a
+# chat's packet through before the jump sees it.
+HARMLESS_ABOVE = re.compile(r" -j (ORCH-\S+|DROP|REJECT)( |$)")
+NEEDS = (" (the orchestrator needs root, or CAP_NET_ADMIN in the host's network namespace, to close the instance "
+         "network)")
 
 
 class FirewallError(Exception):
@@ -122,14 +133,8 @@ def install(instance: str, bridges: Bridges, proxy: str | None) -> Chains:
     """Make (or re-make) the instance's chains and jump to them from DOCKER-USER and INPUT for its bridges.
     `proxy`: the egress proxy's address on the agents' network (None: it does not run)."""
     names = chains(instance)
-    for chain, rules in _chain_rules(names, proxy):
-        _ensure_chain(chain)
-        _iptables("-F", chain)
-        for rule in rules:
-            _iptables("-A", chain, *rule)
-    for parent, rule in _jumps(names, bridges):
-        _ensure_jump(parent, rule)
-    _delete_jump("DOCKER-USER", ["-i", bridges.agents, "-j", names.forward])  # an earlier version's, now wrong
+    _apply(_chain_rules(names, proxy), _jumps(names, bridges),
+           stale=[("DOCKER-USER", ["-i", bridges.agents, "-j", names.forward])])  # an earlier version's, now wrong
     return names
 
 
@@ -138,9 +143,9 @@ def intact(instance: str, bridges: Bridges, proxy: str | None) -> bool:
     in place (a firewall reload or a flush by hand takes them away)."""
     names = chains(instance)
     for chain, rules in _chain_rules(names, proxy):
-        if _rules(chain) != [" ".join(["-A", chain, *rule]) for rule in rules]:
+        if _rules(chain) != [_line("-A", chain, rule) for rule in rules]:
             return False
-    return all(_succeeds("-C", parent, *rule) for parent, rule in _jumps(names, bridges))
+    return _jumps_placed(_jumps(names, bridges))
 
 
 # ---- runtime: swarm: a node's own rules, kept by the instance's guard on every node (orchestrator.node_guard) ----
@@ -160,19 +165,53 @@ def _node_jumps(instance: str, bridge: str) -> list[tuple[str, list[str]]]:
 def install_node(instance: str, bridge: str) -> None:
     """Make (or re-make) the node's chain and its jumps for the chats' bridge (by name: the rules hold before the
     bridge exists, from the node's first chat on)."""
-    chain = node_chain(instance)
-    _ensure_chain(chain)
-    _iptables("-F", chain)
-    for rule in local_rules():
-        _iptables("-A", chain, *rule)
-    for parent, rule in _node_jumps(instance, bridge):
-        _ensure_jump(parent, rule)
+    _apply([(node_chain(instance), local_rules())], _node_jumps(instance, bridge))
 
 
 def node_intact(instance: str, bridge: str) -> bool:
     chain = node_chain(instance)
-    return _rules(chain) == [" ".join(["-A", chain, *rule]) for rule in local_rules()] and all(
-        _succeeds("-C", parent, *rule) for parent, rule in _node_jumps(instance, bridge))
+    return _rules(chain) == [_line("-A", chain, rule) for rule in local_rules()] and _jumps_placed(
+        _node_jumps(instance, bridge))
+
+
+Jump = tuple[str, list[str]]  # a parent chain and a rule in it
+
+
+def _apply(chain_rules: list[tuple[str, list[list[str]]]], jumps: list[Jump], stale: Sequence[Jump] = ()) -> None:
+    """Each chain made (or emptied) with its rules; each jump put first unless it is in place (`_placed`), its other
+    copies deleted; every copy of a `stale` rule deleted: in one iptables-restore, which applies all or nothing."""
+    for parent in {parent for parent, _ in jumps}:
+        if not _succeeds("-L", parent, "-n"):
+            raise FirewallError(f"the {parent} chain is missing: is the Docker engine running with its iptables "
+                                "rules (the default)?")
+    listed = {parent: _rules(parent) for parent, _ in [*jumps, *stale]}
+    batch = []
+    for chain, rules in chain_rules:
+        batch += [f":{chain} - [0:0]", *(_line("-A", chain, rule) for rule in rules)]
+    for parent, rule in jumps:
+        if not _placed(parent, rule, listed[parent]):
+            batch += [_line("-D", parent, rule)] * listed[parent].count(_line("-A", parent, rule))
+            batch.append(_line("-I", parent, ["1", *rule]))
+    for parent, rule in stale:
+        batch += [_line("-D", parent, rule)] * listed[parent].count(_line("-A", parent, rule))
+    _restore(batch)
+
+
+def _jumps_placed(jumps: list[Jump]) -> bool:
+    listed = {parent: _rules(parent) for parent, _ in jumps}
+    return all(_placed(parent, rule, listed[parent]) for parent, rule in jumps)
+
+
+def _placed(parent: str, rule: list[str], listed: list[str]) -> bool:
+    """Whether the jump is in `parent` (`listed`: its rules as `_rules` gives them) with only HARMLESS_ABOVE
+    rules above it."""
+    line = _line("-A", parent, rule)
+    return line in listed and all(HARMLESS_ABOVE.search(above) for above in listed[:listed.index(line)])
+
+
+def _line(operation: str, chain: str, rule: list[str]) -> str:
+    """A rule as `iptables -S` prints it (operation -A) and as iptables-restore reads it."""
+    return " ".join([operation, chain, *rule])
 
 
 def _rules(chain: str) -> list[str]:
@@ -197,24 +236,11 @@ def _delete_jump(parent: str, rule: list[str]) -> None:
         _iptables("-D", parent, *rule)
 
 
-def _ensure_chain(chain: str) -> None:
-    if not _succeeds("-L", chain, "-n"):
-        _iptables("-N", chain)
-
-
-def _ensure_jump(parent: str, rule: list[str]) -> None:
-    if not _succeeds("-L", parent, "-n"):
-        raise FirewallError(f"the {parent} chain is missing: is the Docker engine running with its iptables "
-                            "rules (the default)?")
-    if not _succeeds("-C", parent, *rule):
-        _iptables("-I", parent, "1", *rule)
-
-
-def _command() -> list[str]:
-    iptables = shutil.which("iptables")
-    if iptables is None:
-        raise FirewallError("iptables is not installed; the instance network cannot be closed without it")
-    return [iptables, "-w", "10"]
+def _command(tool: str = "iptables") -> list[str]:
+    path = shutil.which(tool)
+    if path is None:
+        raise FirewallError(f"{tool} is not installed; the instance network cannot be closed without it")
+    return [path, "-w", "10"]
 
 
 def _succeeds(*args: str) -> bool:
@@ -224,5 +250,13 @@ def _succeeds(*args: str) -> bool:
 def _iptables(*args: str) -> None:
     run = subprocess.run([*_command(), *args], capture_output=True, text=True)
     if run.returncode != 0:
-        raise FirewallError(f"iptables {' '.join(args)} failed: {run.stderr.strip()} (the orchestrator needs root, "
-                            "or CAP_NET_ADMIN in the host's network namespace, to close the instance network)")
+        raise FirewallError(f"iptables {' '.join(args)} failed: {run.stderr.strip()}{NEEDS}")
+
+
+def _restore(batch: list[str]) -> None:
+    """The filter table's `batch` of changes applied at once (nothing of it when one fails)."""
+    script = "\n".join(["*filter", *batch, "COMMIT", ""])
+    run = subprocess.run([*_command("iptables-restore"), "--noflush"], input=script, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise FirewallError(f"iptables-restore failed: {run.stderr.strip()}, applying:\n{script}{NEEDS}")
+

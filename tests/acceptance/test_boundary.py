@@ -272,4 +272,23 @@ def test_firewall_rules_taken_away_are_put_back(feishu: FakeFeishu, feishu_confi
     wait_until(lambda: jump in _iptables("-S", "DOCKER-USER") and first_reject in _iptables("-S", chain), 30,
                "the rules to be put back")
     bot.wait_log("firewall rules were changed or removed (or the egress proxy's address changed); installing them")
+    # a firewall manager's reload (or an operator) puts rules above the jumps that would let the chats' packets
+    # through first: the jumps go back on top, the other rules stay below them
+    accepts = [("DOCKER-USER", ["-i", bridge, "-j", "ACCEPT"]), ("INPUT", ["-i", bridge, "-j", "ACCEPT"])]
+    try:
+        for parent, rule in accepts:
+            _iptables("-I", parent, "1", *rule)
+        wait_until(lambda: _first_for(bridge, "DOCKER-USER") == jump
+                   and _first_for(bridge, "INPUT").startswith(f"-A INPUT -i {bridge} -j ORCH-"), 30,
+                   "the jumps to be put back above the ACCEPT rules")
+        for parent, rule in accepts:
+            assert " ".join(["-A", parent, *rule]) in _iptables("-S", parent).splitlines()
+    finally:
+        for parent, rule in accepts:
+            subprocess.run(["iptables", "-w", "10", "-D", parent, *rule], capture_output=True)
     bot.stop()
+
+
+def _first_for(bridge: str, chain: str) -> str:
+    """The first rule of `chain` for packets from `bridge`."""
+    return next(line for line in _iptables("-S", chain).splitlines() if f" -i {bridge} " in line)

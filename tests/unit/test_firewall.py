@@ -85,12 +85,17 @@ def test_local_rules_let_answers_in_and_reject_everything_else() -> None:
 
 
 class FakeIptables:
-    """iptables' chains in memory, answering the commands firewall runs (-N -F -X -A -I -D -C -L -S)."""
+    """iptables' chains in memory, answering the commands firewall runs (-N -F -X -A -I -D -C -L -S), and
+    iptables-restore --noflush's batches of them (a `:CHAIN` line makes or empties it), all or nothing."""
 
     def __init__(self) -> None:
         self.chains: dict[str, list[str]] = {"DOCKER-USER": ["-j RETURN"], "INPUT": []}
+        self.restores = 0
+        self.refused = ""  # a line that fails in a batch
 
-    def run(self, argv: list[str], **_: object) -> subprocess.CompletedProcess[str]:
+    def run(self, argv: list[str], input: str = "", **_: object) -> subprocess.CompletedProcess[str]:
+        if argv[0] == "iptables-restore":
+            return subprocess.CompletedProcess(argv, 0 if self._restore(argv, input) else 1, "", "")
         op, chain, *rest = argv
         rule = " ".join(rest)
         rules = self.chains.get(chain)
@@ -116,11 +121,25 @@ class FakeIptables:
             out = "\n".join([f"-N {chain}", *(f"-A {chain} {r}" for r in rules)]) + "\n"
         return subprocess.CompletedProcess(argv, 0 if ok else 1, out, "")
 
+    def _restore(self, argv: list[str], script: str) -> bool:
+        assert argv[1:] == ["--noflush"]
+        lines = script.splitlines()
+        assert lines[0] == "*filter" and lines[-1] == "COMMIT"
+        before = {chain: list(rules) for chain, rules in self.chains.items()}
+        for line in lines[1:-1]:
+            if line.startswith(":"):
+                self.chains[line[1:].split()[0]] = []
+            elif line == self.refused or self.run(line.split()).returncode:
+                self.chains = before
+                return False
+        self.restores += 1
+        return True
+
 
 @pytest.fixture
 def iptables(monkeypatch: pytest.MonkeyPatch) -> FakeIptables:
     fake = FakeIptables()
-    monkeypatch.setattr(firewall, "_command", lambda: [])
+    monkeypatch.setattr(firewall, "_command", lambda tool="iptables": [] if tool == "iptables" else [tool])
     monkeypatch.setattr(firewall.subprocess, "run", fake.run)
     monkeypatch.setattr(firewall, "_resolvers", lambda: ["10.1.2.3"])
     return fake
@@ -147,3 +166,50 @@ def test_install_jumps_from_both_bridges_and_intact_notices_every_change(iptable
     assert not firewall.intact("bot", BRIDGES, "172.30.0.2")
     firewall.remove("bot", BRIDGES)
     assert iptables.chains == {"DOCKER-USER": ["-j RETURN"], "INPUT": []}
+
+
+def test_a_rule_inserted_above_the_jumps_is_noticed_and_the_jumps_go_back_on_top(iptables: FakeIptables) -> None:
+    names, other = firewall.chains("bot"), firewall.chains("other")
+    firewall.install("bot", BRIDGES, "172.30.0.2")
+    firewall.install("other", firewall.Bridges(agents="orch-b", egress="oegr-b"), None)
+    # another instance's jumps above ours, and a drop, let nothing through first: both stay in place, untouched
+    iptables.chains["INPUT"].insert(0, "-i orch-a -j DROP")
+    assert firewall.intact("bot", BRIDGES, "172.30.0.2")
+    assert iptables.chains["DOCKER-USER"][:2] == [f"-i orch-b -j {other.agents}", f"-i oegr-b -j {other.forward}"]
+    for accept in ("-i orch-a -j ACCEPT", "-j ufw-before-input", "-j RETURN"):  # by hand; a firewall manager's
+        iptables.chains["INPUT"].insert(0, accept)
+        assert not firewall.intact("bot", BRIDGES, "172.30.0.2"), accept
+        firewall.install("bot", BRIDGES, "172.30.0.2")
+        assert firewall.intact("bot", BRIDGES, "172.30.0.2")
+        assert sorted(iptables.chains["INPUT"][:2]) == [f"-i oegr-a -j {names.local}", f"-i orch-a -j {names.local}"]
+        assert iptables.chains["INPUT"].count(f"-i orch-a -j {names.local}") == 1  # moved, not copied
+        assert accept in iptables.chains["INPUT"]  # an operator's rule is theirs: below ours, not removed
+    # the other instance puts its own back on top in turn, and ours stay in place: no two instances fight
+    firewall.install("other", firewall.Bridges(agents="orch-b", egress="oegr-b"), None)
+    assert firewall.intact("other", firewall.Bridges(agents="orch-b", egress="oegr-b"), None)
+    assert firewall.intact("bot", BRIDGES, "172.30.0.2")
+
+
+def test_rules_change_in_one_batch_and_a_batch_that_fails_changes_nothing(iptables: FakeIptables) -> None:
+    firewall.install("bot", BRIDGES, "172.30.0.2")
+    assert iptables.restores == 1  # the three chains, their rules and the four jumps at once
+    names = firewall.chains("bot")
+    iptables.chains["DOCKER-USER"].insert(0, "-j ACCEPT")
+    iptables.chains[names.agents].pop(0)
+    before = {chain: list(rules) for chain, rules in iptables.chains.items()}
+    iptables.refused = f"-I DOCKER-USER 1 -i orch-a -j {names.agents}"  # the batch's last line but one
+    with pytest.raises(firewall.FirewallError, match="iptables-restore failed") as failed:
+        firewall.install("bot", BRIDGES, "172.30.0.2")
+    assert iptables.chains == before and "CAP_NET_ADMIN" in str(failed.value)
+
+
+def test_the_node_rules_go_back_above_a_rule_inserted_over_them(iptables: FakeIptables) -> None:
+    chain = firewall.node_chain("bot")
+    firewall.install_node("bot", "br-123")
+    assert firewall.node_intact("bot", "br-123")
+    iptables.chains["DOCKER-USER"].insert(0, "-i br-123 -o br-123 -j ACCEPT")
+    assert not firewall.node_intact("bot", "br-123")
+    firewall.install_node("bot", "br-123")
+    assert iptables.chains["DOCKER-USER"] == ["-i br-123 -o br-123 -j DROP", "-i br-123 -o br-123 -j ACCEPT",
+                                              "-j RETURN"]
+    assert iptables.chains["INPUT"] == [f"-i br-123 -j {chain}"] and firewall.node_intact("bot", "br-123")
