@@ -18,6 +18,9 @@ output outlive the orchestrator, and nothing needs `docker exec` or a socket (th
         process      a random id of the CLI process, the same in every turn that process answers
         output.jsonl the CLI's stream-json lines of this turn, up to and including its result
         stderr       what the CLI wrote to stderr during this turn
+        process_limit_hits  how often the kernel refused a process in this container for its pids limit while
+                     the turn ran (cgroup v2 or v1 `pids.events`), written just before exit_code when it can be read:
+                     so the orchestrator needs no `docker exec` to see it, wherever the container runs (Swarm)
         exit_code    written last: 0 when the turn's result came, the CLI's exit status when it ended mid-turn,
                      WITHDRAWN when the request was gone by the time it was taken
         ask-<n>      the CLI's n-th permission request of the turn (n = 1, 2, ...): {"tool": name, "input": {...}};
@@ -57,6 +60,8 @@ DECISION_INFIX = ".decision-"
 MAX_DECISION_BYTES = 1024**2
 TURN_NAME = re.compile(r"(\d+)-(\d+)-[0-9a-f]{16}")
 OUTPUT, STDERR, EXIT_CODE, PID, PROCESS = "output.jsonl", "stderr", "exit_code", "pid", "process"
+LIMIT_HITS = "process_limit_hits"
+PIDS_EVENTS = ("/sys/fs/cgroup/pids.events", "/sys/fs/cgroup/pids/pids.events")  # cgroup v2, v1
 WITHDRAWN = -1
 INTERRUPTED_BEFORE_START = 130
 # A turn an earlier host of the chat took and never ended: its CLI went with that host's container (it died, was
@@ -299,6 +304,7 @@ class TurnFolder:
         except OSError:
             self.close()
             raise
+        self.limit_hits_before = process_limit_count()
         self.interrupts_sent = 0
         self.interrupted_at = float("-inf")
         self.asks = 0  # permission requests so far
@@ -339,6 +345,9 @@ class TurnFolder:
 
     def end(self, code: int) -> None:
         try:
+            after = process_limit_count()
+            if after is not None and self.limit_hits_before is not None:
+                self.write_file(LIMIT_HITS, f"{max(0, after - self.limit_hits_before)}\n")
             self.write_file(EXIT_CODE, f"{code}\n")
         finally:
             self.close()
@@ -349,6 +358,22 @@ class TurnFolder:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._output = self._stderr = self.fd = -1
+
+
+def process_limit_count() -> int | None:
+    """How often the kernel refused a process in this container's cgroup for its pids limit (the `max` count of
+    pids.events) since the container started; None where it cannot be read. A read, never a new process: after a
+    fork bomb no process may start."""
+    for path in PIDS_EVENTS:
+        try:
+            with open(path, "rb") as events:
+                for line in events.read(4096).splitlines():
+                    name, _, count = line.partition(b" ")
+                    if name == b"max" and count.strip().isdigit():
+                        return int(count)
+        except OSError:
+            continue
+    return None
 
 
 # ---- the host --------------------------------------------------------------------------------------------

@@ -162,8 +162,6 @@ class Runtime(Protocol):
 
     async def usage(self, name: str) -> Usage | None: ...
 
-    async def process_limit_hits(self, container_id: str, user: str) -> int | None: ...
-
     async def run(self, container_id: str, argv: list[str], user: str) -> tuple[int, str]: ...
 
 
@@ -587,22 +585,6 @@ class DockerRuntime(Runtime):
 
     # ---- processes in a container ----
 
-    async def process_limit_hits(self, container_id: str, user: str) -> int | None:
-        """How often the kernel refused a new process in the container for its pids limit (cgroup v1 or v2),
-        or None if that cannot be read (for a moment after a fork bomb, not even `cat` can start)."""
-        for _ in range(3):
-            try:
-                _, output = await self.run(container_id, ["sh", "-c", "cat /sys/fs/cgroup/pids/pids.events "
-                                                             "/sys/fs/cgroup/pids.events 2>/dev/null"], user)
-            except RuntimeFailure:
-                return None
-            for line in output.splitlines():
-                name, _, count = line.partition(" ")
-                if name == "max" and count.strip().isdigit():
-                    return int(count)
-            await asyncio.sleep(1)
-        return None
-
     async def run(self, container_id: str, argv: list[str], user: str) -> tuple[int, str]:
         """Run a short command in the container and wait for it: (exit code, output)."""
         return await self._call(self._run, container_id, argv, user)
@@ -925,8 +907,9 @@ class SwarmRuntime(Runtime):
     stay on this host's engine (`local`), and so do their networks and the firewall. A start's and a stop's waits
     poll from the event loop, so a chat whose image is being pulled holds none of the pool's threads.
 
-    What a chat's task cannot give from another node (no `docker exec` there, no stats): `run` refuses,
-    `process_limit_hits` and `usage` know nothing. See docs/SCALING.md."""
+    What a chat's task cannot give from another node (no `docker exec` there, no stats): `run` refuses, `usage`
+    knows nothing (a turn's pids-limit refusals come from the agent host, in the turn's folder). See
+    docs/SCALING.md."""
 
     def __init__(self, manager: str, local: DockerRuntime, orchestrator_image: str, start_timeout: float,
                  stop_grace: float, timeout: float = 120) -> None:
@@ -1334,11 +1317,6 @@ class SwarmRuntime(Runtime):
         if await self._call(self._service, name) is not None:
             return None
         return await self.local.usage(name)
-
-    async def process_limit_hits(self, container_id: str, user: str) -> int | None:
-        if container_id in self._task_containers:
-            return None  # its cgroup is on its node: not read on Swarm (docs/SCALING.md)
-        return await self.local.process_limit_hits(container_id, user)
 
     async def run(self, container_id: str, argv: list[str], user: str) -> tuple[int, str]:
         if container_id in self._task_containers:

@@ -77,7 +77,6 @@ class TurnRunner:
         self._secret: bytes | None = None
         self._mask = Masker(settings.secrets)  # an answer written as a file is masked as its text is
         self._running: dict[str, _RunningTurn] = {}  # by chat id
-        self._limit_hits: dict[str, int] = {}  # by container start: pids-limit refusals seen after failed turns
         self._disk: dict[str, disk.Measurement] = {}  # by chat id: the latest measurement of its folders
         self._fallbacks: set[asyncio.Task[None]] = set()  # SIGINTs waiting to see whether an interrupt worked
 
@@ -212,7 +211,7 @@ class TurnRunner:
             log.info(f"turn {files.name} requested in {container.name}"
                      + (f", resuming {session_id}" if session_id else ""))
             result = await self._follow(message, container, files, display, log)
-            if isinstance(result, Failure) and await self._hit_process_limit(container):
+            if isinstance(result, Failure) and files.hit_process_limit():
                 # Processes left over (a turn's background jobs, a fork bomb) fill the cap: restarting the
                 # container ends them; its state is in the mounts. A turn that could not even start is retried.
                 log.warning("the container's process limit refused processes; restarting the container")
@@ -472,16 +471,6 @@ class TurnRunner:
         """For housekeeping: a fresh measurement of a chat's folders against its budget."""
         chat = resolve_chat(self.settings, chat_id)
         return await self._over_budget(chat_id, layout.chat_paths(self.settings, chat), fresh=True)
-
-    async def _hit_process_limit(self, container: ContainerState) -> bool:
-        """Whether the container's pids limit refused processes since we last looked."""
-        hits = await self.runtime.process_limit_hits(container.id, self.agent_user)
-        if hits is None:
-            return False
-        run = f"{container.id}@{container.started_at}"  # the count is per start: each start has a new cgroup
-        before = self._limit_hits.get(run, 0)
-        self._limit_hits[run] = hits
-        return hits > before
 
     def _ending(self, turn: _RunningTurn, result: Answer | Failure, transcript: Transcript) -> Answer | Failure:
         """What the user is told, given why the turn ended."""

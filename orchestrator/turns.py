@@ -97,6 +97,11 @@ class TurnFiles:
     def exit_code(self) -> int | None:
         return self._number(agent_host.EXIT_CODE, int)
 
+    def hit_process_limit(self) -> bool:
+        """Whether the kernel refused processes in the container for its pids limit while the turn ran (the agent
+        host's count: the agent's to forge, which only restarts its own container, or keeps it)."""
+        return (self._number(agent_host.LIMIT_HITS, int) or 0) > 0
+
     def _number(self, name: str, kind: type[_Number]) -> _Number | None:
         with self.folder() as fd:
             data = untrusted.read_small(fd, name, self.uid, 32) if fd is not None else None

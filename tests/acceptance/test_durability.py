@@ -10,6 +10,7 @@ from pathlib import Path
 
 import docker
 
+from orchestrator import agent_host
 from tests.fakes.anthropic import FakeAnthropic
 from tests.fakes.feishu import FakeFeishu
 from tests.harness import StoreView, answers, chat, status_json, wait_answer, wait_until
@@ -260,6 +261,10 @@ def test_cpu_hog_does_not_stop_another_chat_and_a_fork_bomb_hits_pids_limit(
         assert "This chat's container reached its limit of 80 processes" in told
         assert "it was restarted to clear them" in told
     assert container(docker_client, instance, bomb).attrs["HostConfig"]["PidsLimit"] == 80
+    # the agent host counted the refusals from its cgroup's pids.events into the turn's folder (no `docker exec`)
+    counted = [int(hits.read_text()) for hits in (config.parent / "data" / "chats" / bomb / "turns").glob(
+        f"*/{agent_host.LIMIT_HITS}")]
+    assert counted and max(counted) > 0, counted
     feishu.push_event(feishu.text_event(bomb, "after the bomb"))
     wait_answer(feishu, bomb, "Fake answer to: after the bomb", timeout=60)
     wait_until(lambda: all(s in ("delivered", "failed") for c in (hog, bomb, bystander)

@@ -14,7 +14,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from orchestrator import firewall
+from orchestrator import agent_host, firewall
 from orchestrator.runtime import CHAT_LABEL, INSTANCE_LABEL, MANAGED_LABEL, SWARM_TASK_LABEL, SWARM_WATCH_SECONDS
 from tests.fakes.anthropic import FakeAnthropic
 from tests.fakes.feishu import FakeFeishu
@@ -201,6 +201,18 @@ def test_chats_are_services_placed_over_the_nodes_answered_by_the_real_cli(
     assert on_swarm.store.chat(spread[0])["session_id"] == session
     # the model saw the first exchange: the CLI resumed the session from the chat's folder
     assert f"hello {spread[0]} {marker}" in str(fake_api.requests_mentioning(f"again {marker}")[-1]["messages"])
+
+    # a turn refused processes by its pids cap (200): the task's agent host counts the refusals from its cgroup on
+    # its node into the turn's folder on the shared storage (no `docker exec` reaches another node); the chat is
+    # told, its container restarted where the turn failed for it, and it answers again
+    bomb = "RUN_BASH: for i in $(seq 300); do sleep 5 & done; wait; echo forked"
+    feishu.push_event(feishu.text_event(anywhere, bomb))
+    wait_until(lambda: any("ran:" in t or "limit of 200" in t for t in answers(feishu, anywhere)), 180,
+               "the turn at the pids cap to end")
+    counted = [int(hits.read_text()) for hits in (swarm.shared / instance / "data" / "chats" / anywhere / "turns").glob(
+        f"*/{agent_host.LIMIT_HITS}")]
+    assert counted and max(counted) > 0, counted
+    ask(feishu, anywhere, f"after the cap {marker}")
     assert bot.stop() == 0
     # a planned stop on a shared store leaves every chat's task running for the next leader (a standby may be one)
     bot.wait_log("leaving 0 running turn(s) and the containers for the next leader", timeout=5)

@@ -48,6 +48,7 @@ class Reply:
     obey_interrupt: bool = True  # False: the host does not pass `<turn>.interrupt` on (the SIGINT fallback's case)
     obey_signals: bool = True  # False: signals change nothing either (a wedged host: only a stopped container helps)
     error: str | None = None  # the turn ends in an error result with these words (the model API refused, say)
+    limit_hits: int | None = None  # the pids limit's refusals the host counted in the turn (None: it could not read)
 
 
 @dataclass
@@ -152,6 +153,8 @@ class FakeAgentHost:
         self.taken.append(name)
         code = self._run_turn(name, folder, reply, process, request.message["message"]["content"])
         if code is not None:
+            if reply.limit_hits is not None:
+                self._write(folder / agent_host.LIMIT_HITS, f"{reply.limit_hits}\n")
             self._write(folder / agent_host.EXIT_CODE, f"{code}\n")
         self._current = None
 

@@ -43,7 +43,6 @@ class Ran:
 
 @dataclass
 class FakeRuntime:
-    limit_hits: list[int | None] = field(default_factory=list)  # successive process_limit_hits answers; the last stays
     on_run: RunHandler | None = None  # answers `run`; None: (0, "")
     ensure_failure: str | None = None  # ensure raises RuntimeFailure with it
     containers: dict[str, ContainerState] = field(default_factory=dict)  # by name
@@ -137,12 +136,6 @@ class FakeRuntime:
         if state is None or not state.running:
             return None
         return Usage(cpu_percent=1.0, memory_bytes=64 * 1024**2, memory_limit=state.memory, pids=3)
-
-    async def process_limit_hits(self, container_id: str, user: str) -> int | None:
-        await asyncio.sleep(0)
-        if len(self.limit_hits) > 1:
-            return self.limit_hits.pop(0)
-        return self.limit_hits[0] if self.limit_hits else 0
 
     async def run(self, container_id: str, argv: list[str], user: str) -> tuple[int, str]:
         await asyncio.sleep(0)

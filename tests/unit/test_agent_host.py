@@ -463,3 +463,29 @@ def test_images_go_with_the_text_as_content_blocks() -> None:
     image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}
     request = agent_host.decode_request(agent_host.encode_request(["claude"], {}, None, "look", 1.0, images=(image,)))
     assert request.message["message"]["content"] == [{"type": "text", "text": "look"}, image]
+
+
+# ---- the pids limit's refusals during a turn ----
+
+
+def test_each_turn_records_the_refusals_of_the_pids_limit_while_it_ran(channel: Channel, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read from the cgroup's pids.events (v2's path first, here absent, then v1's), as counted at the turn's start
+    and at its end: the orchestrator restarts the container when it is more than 0, with no `docker exec`."""
+    events = tmp_path / "pids.events"
+    events.write_text("max 3\n")
+    monkeypatch.setattr(agent_host, "PIDS_EVENTS", (str(tmp_path / "v2-absent"), str(events)))
+    host = channel.start()
+    name = host.submit("SLOW 1")
+    wait_until(lambda: (host.paths.turns / name / agent_host.PID).exists(), TURN_SECONDS, "the turn to start")
+    events.write_text("max 5\n")  # two forks refused while it ran (before: during another turn, or between)
+    assert (host.ended(name).folder / agent_host.LIMIT_HITS).read_text() == "2\n"
+    files = TurnFiles(name=name, paths=host.paths, uid=os.getuid())
+    assert files.hit_process_limit()
+    calm = host.ask("hi")
+    assert (calm.folder / agent_host.LIMIT_HITS).read_text() == "0\n"
+    assert not TurnFiles(name=calm.folder.name, paths=host.paths, uid=os.getuid()).hit_process_limit()
+    events.unlink()  # no pids controller: nothing is written, and nothing is taken as a refusal
+    unknown = host.ask("hi again")
+    assert not (unknown.folder / agent_host.LIMIT_HITS).exists() and unknown.exit_code == 0
+    assert not TurnFiles(name=unknown.folder.name, paths=host.paths, uid=os.getuid()).hit_process_limit()

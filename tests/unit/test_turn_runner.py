@@ -104,11 +104,10 @@ def test_a_turn_is_answered_and_its_request_withdrawn_when_it_ends(bench: Bench)
 
 
 def test_the_pids_limit_retry_records_the_attempt_that_runs(bench: Bench) -> None:
-    """Attempt 1 ends with no output and the engine counts a pids-limit refusal: the container is restarted and
+    """Attempt 1 ends with no output and the host counted a pids-limit refusal: the container is restarted and
     attempt 2 runs. The message's row names attempt 2's turn while it runs, so a restart now follows attempt 2
     (the row once kept attempt 1's: `running → running` was refused silently)."""
-    bench.host.replies = [Reply(output=False, exit_code=1), Reply(hold=True)]
-    bench.runtime.limit_hits = [1]
+    bench.host.replies = [Reply(output=False, exit_code=1, limit_hits=1), Reply(hold=True, limit_hits=0)]
 
     async def scenario() -> Answer | Failure:
         task = bench.run(bench.message())
@@ -130,8 +129,7 @@ def test_the_pids_limit_retry_records_the_attempt_that_runs(bench: Bench) -> Non
 
 def test_a_turn_that_wrote_output_is_not_run_again_after_the_pids_limit(bench: Bench) -> None:
     """Its tool calls may have run: the user is told, and nothing runs twice."""
-    bench.host.replies = [Reply(hold=True)]
-    bench.runtime.limit_hits = [1]
+    bench.host.replies = [Reply(hold=True, limit_hits=1)]
 
     async def scenario() -> Answer | Failure:
         task = bench.run(bench.message())
@@ -145,9 +143,9 @@ def test_a_turn_that_wrote_output_is_not_run_again_after_the_pids_limit(bench: B
 
 
 def test_the_pids_limit_is_seen_again_after_the_restart_that_cleared_it(bench: Bench) -> None:
-    """Attempt 2 is refused processes too: the count of the restarted container's new cgroup is 1 again."""
-    bench.host.replies = [Reply(output=False), Reply(output=False)]
-    bench.runtime.limit_hits = [1, 1]
+    """Attempt 2 is refused processes too: the host counts each turn's refusals (the restarted container's new
+    cgroup counts from 0)."""
+    bench.host.replies = [Reply(output=False, limit_hits=1), Reply(output=False, limit_hits=1)]
 
     async def scenario() -> Answer | Failure:
         return await bench.run(bench.message())
