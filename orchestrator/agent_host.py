@@ -316,8 +316,10 @@ class TurnFolder:
                        dir_fd=self.fd)
 
     def write_file(self, name: str, text: str) -> None:
-        """A whole small file, made visible at once (written aside, then renamed)."""
-        fd = os.open(f"{name}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644, dir_fd=self.fd)
+        """A whole small file, made visible at once (written aside, then renamed). O_NONBLOCK: a FIFO the agent put
+        where it is written aside is refused (ENXIO) instead of holding the host."""
+        fd = os.open(f"{name}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644,
+                     dir_fd=self.fd)
         try:
             os.write(fd, text.encode())
         finally:
@@ -347,7 +349,8 @@ class TurnFolder:
         try:
             after = process_limit_count()
             if after is not None and self.limit_hits_before is not None:
-                self.write_file(LIMIT_HITS, f"{max(0, after - self.limit_hits_before)}\n")
+                with contextlib.suppress(OSError):  # the agent's folder: whatever it put there, the exit code follows
+                    self.write_file(LIMIT_HITS, f"{max(0, after - self.limit_hits_before)}\n")
             self.write_file(EXIT_CODE, f"{code}\n")
         finally:
             self.close()

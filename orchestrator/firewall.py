@@ -37,9 +37,9 @@ BLOCKED_RANGES = ("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "16
 # host runs it (/etc/resolv.conf then names only 127.0.0.53), else /etc/resolv.conf.
 RESOLV_CONFS = (Path("/run/systemd/resolve/resolv.conf"), Path("/etc/resolv.conf"))
 # What may come before an instance's jump in its parent chain: another instance's jump (it matches that instance's
-# bridges only), a drop or a reject. Anything else (ACCEPT, RETURN, a jump to a firewall manager's chain) could let a
-# chat's packet through before the jump sees it.
-HARMLESS_ABOVE = re.compile(r" -j (ORCH-\S+|DROP|REJECT)( |$)")
+# bridges only), a drop or a reject, a target that lets the packet go on down the chain (a log, a mark). Anything
+# else (ACCEPT, RETURN, a jump to a firewall manager's chain) could let a chat's packet through before the jump.
+HARMLESS_ABOVE = re.compile(r" -j (ORCH-\S+|DROP|REJECT|LOG|NFLOG|MARK|CONNMARK)( |$)")
 NEEDS = (" (the orchestrator needs root, or CAP_NET_ADMIN in the host's network namespace, to close the instance "
          "network)")
 
@@ -184,7 +184,7 @@ def _apply(chain_rules: list[tuple[str, list[list[str]]]], jumps: list[Jump], st
         if not _succeeds("-L", parent, "-n"):
             raise FirewallError(f"the {parent} chain is missing: is the Docker engine running with its iptables "
                                 "rules (the default)?")
-    listed = {parent: _rules(parent) for parent, _ in [*jumps, *stale]}
+    listed = {parent: _rules(parent, must_list=True) for parent, _ in [*jumps, *stale]}
     batch = []
     for chain, rules in chain_rules:
         batch += [f":{chain} - [0:0]", *(_line("-A", chain, rule) for rule in rules)]
@@ -214,9 +214,12 @@ def _line(operation: str, chain: str, rule: list[str]) -> str:
     return " ".join([operation, chain, *rule])
 
 
-def _rules(chain: str) -> list[str]:
-    """A chain's rules as `iptables -S` prints them, without its `-N` line; empty when it is missing."""
+def _rules(chain: str, must_list: bool = False) -> list[str]:
+    """A chain's rules as `iptables -S` prints them, without its `-N` line; empty when it is missing, or raises when
+    it `must_list` (a parent whose jumps are moved: read as empty, a jump would be inserted once more each time)."""
     run = subprocess.run([*_command(), "-S", chain], capture_output=True, text=True)
+    if run.returncode != 0 and must_list:
+        raise FirewallError(f"iptables -S {chain} failed: {run.stderr.strip()}{NEEDS}")
     return [line for line in run.stdout.splitlines() if line.startswith("-A ")] if run.returncode == 0 else []
 
 

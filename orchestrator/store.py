@@ -775,7 +775,7 @@ class Store:
         stored = (_Message.insert(message_id=message_id, chat_id=chat_id, sender_id=sender_id, text=text,
                                   thread_id=thread_id, attachments=attachments, state=State.RECEIVED,
                                   received_at=now, updated_at=now)
-                  .on_conflict(conflict_target=[_Message.message_id], action="IGNORE")
+                  .on_conflict(conflict_target=[_Message.message_id], action="NOTHING")
                   .returning(*_Message._meta.sorted_fields).objects(_Message).execute())
         row = next(iter(stored), None)
         return _message_record(row) if row else None

@@ -489,3 +489,19 @@ def test_each_turn_records_the_refusals_of_the_pids_limit_while_it_ran(channel: 
     unknown = host.ask("hi again")
     assert not (unknown.folder / agent_host.LIMIT_HITS).exists() and unknown.exit_code == 0
     assert not TurnFiles(name=unknown.folder.name, paths=host.paths, uid=os.getuid()).hit_process_limit()
+
+
+def test_a_fifo_where_the_count_is_written_holds_neither_the_host_nor_the_exit_code(
+        channel: Channel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The turn's folder is the agent's: a FIFO where the count is written aside is refused at once (no reader
+    would ever come), and the turn still ends with its exit code."""
+    events = tmp_path / "pids.events"
+    events.write_text("max 0\n")
+    monkeypatch.setattr(agent_host, "PIDS_EVENTS", (str(events),))
+    host = channel.start()
+    name = host.submit("SLOW 1")
+    wait_until(lambda: (host.paths.turns / name / agent_host.PID).exists(), TURN_SECONDS, "the turn to start")
+    os.mkfifo(host.paths.turns / name / f"{agent_host.LIMIT_HITS}.tmp")
+    ended = host.ended(name)
+    assert ended.exit_code == 0 and not (ended.folder / agent_host.LIMIT_HITS).exists()
+    assert host.ask("and on").exit_code == 0  # the host serves on

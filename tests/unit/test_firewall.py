@@ -172,8 +172,8 @@ def test_a_rule_inserted_above_the_jumps_is_noticed_and_the_jumps_go_back_on_top
     names, other = firewall.chains("bot"), firewall.chains("other")
     firewall.install("bot", BRIDGES, "172.30.0.2")
     firewall.install("other", firewall.Bridges(agents="orch-b", egress="oegr-b"), None)
-    # another instance's jumps above ours, and a drop, let nothing through first: both stay in place, untouched
-    iptables.chains["INPUT"].insert(0, "-i orch-a -j DROP")
+    # another instance's jumps above ours, a drop, a log let nothing through first: they stay in place, untouched
+    iptables.chains["INPUT"][:0] = ["-i orch-a -j DROP", "-j LOG --log-prefix x"]
     assert firewall.intact("bot", BRIDGES, "172.30.0.2")
     assert iptables.chains["DOCKER-USER"][:2] == [f"-i orch-b -j {other.agents}", f"-i oegr-b -j {other.forward}"]
     for accept in ("-i orch-a -j ACCEPT", "-j ufw-before-input", "-j RETURN"):  # by hand; a firewall manager's
@@ -213,3 +213,20 @@ def test_the_node_rules_go_back_above_a_rule_inserted_over_them(iptables: FakeIp
     assert iptables.chains["DOCKER-USER"] == ["-i br-123 -o br-123 -j DROP", "-i br-123 -o br-123 -j ACCEPT",
                                               "-j RETURN"]
     assert iptables.chains["INPUT"] == [f"-i br-123 -j {chain}"] and firewall.node_intact("bot", "br-123")
+
+
+def test_a_parent_chain_that_cannot_be_listed_is_an_error_not_an_empty_chain(iptables: FakeIptables,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read as empty (the xtables lock not had in time), every install would add one more copy of each jump."""
+    firewall.install("bot", BRIDGES, "172.30.0.2")
+    real = iptables.run
+
+    def busy(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        if argv[:2] == ["-S", "INPUT"]:
+            return subprocess.CompletedProcess(argv, 4, "", "Another app is currently holding the xtables lock")
+        return real(argv, **kwargs)
+
+    monkeypatch.setattr(firewall.subprocess, "run", busy)
+    with pytest.raises(firewall.FirewallError, match="iptables -S INPUT failed: Another app"):
+        firewall.install("bot", BRIDGES, "172.30.0.2")
+    assert len(iptables.chains["INPUT"]) == 2
