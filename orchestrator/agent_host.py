@@ -13,6 +13,10 @@ output outlive the orchestrator, and nothing needs `docker exec` or a socket (th
     /input/<turn>.interrupt  the orchestrator asks to interrupt that turn (/stop, shutdown)
     /input/<turn>.decision-<n>  the orchestrator's answer to the turn's n-th permission request:
                              {"behavior": "allow"|"deny", "message": why (deny), "answers": {question: answer}}
+    /turns/usage             the container's use of its caps, from its cgroup, rewritten every USAGE_SECONDS:
+                             {"at": time, "cpu_percent": of one CPU over the last interval, "memory_bytes": less
+                             inactive file pages as `docker stats` shows it, "memory_limit", "pids"} (status reads it
+                             where the engine's stats are out of reach: a Swarm task on another node)
     /turns/<turn>/           made by this host when it takes the turn (mkdir is the claim), then in it:
         pid          the CLI process's pid (for the orchestrator's SIGINT fallback)
         process      a random id of the CLI process, the same in every turn that process answers
@@ -62,6 +66,16 @@ TURN_NAME = re.compile(r"(\d+)-(\d+)-[0-9a-f]{16}")
 OUTPUT, STDERR, EXIT_CODE, PID, PROCESS = "output.jsonl", "stderr", "exit_code", "pid", "process"
 LIMIT_HITS = "process_limit_hits"
 PIDS_EVENTS = ("/sys/fs/cgroup/pids.events", "/sys/fs/cgroup/pids/pids.events")  # cgroup v2, v1
+USAGE = "usage"
+USAGE_SECONDS = 10.0
+CGROUP = "/sys/fs/cgroup"
+# Where the cgroup's counters are, v2 then v1: CPU time (µs in v2's cpu.stat, ns in v1's cpuacct.usage), memory in
+# use and its cap, the memory.stat line of inactive file pages (`docker stats` leaves them out), processes.
+CGROUP_FILES = ({"cpu": "cpu.stat", "memory": "memory.current", "limit": "memory.max", "stat": "memory.stat",
+                 "inactive": "inactive_file", "pids": "pids.current"},
+                {"cpu": "cpuacct/cpuacct.usage", "memory": "memory/memory.usage_in_bytes",
+                 "limit": "memory/memory.limit_in_bytes", "stat": "memory/memory.stat",
+                 "inactive": "total_inactive_file", "pids": "pids/pids.current"})
 WITHDRAWN = -1
 INTERRUPTED_BEFORE_START = 130
 # A turn an earlier host of the chat took and never ended: its CLI went with that host's container (it died, was
@@ -316,15 +330,7 @@ class TurnFolder:
                        dir_fd=self.fd)
 
     def write_file(self, name: str, text: str) -> None:
-        """A whole small file, made visible at once (written aside, then renamed). O_NONBLOCK: a FIFO the agent put
-        where it is written aside is refused (ENXIO) instead of holding the host."""
-        fd = os.open(f"{name}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644,
-                     dir_fd=self.fd)
-        try:
-            os.write(fd, text.encode())
-        finally:
-            os.close(fd)
-        os.rename(f"{name}.tmp", name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+        write_small(self.fd, name, text)
 
     def output(self, data: bytes) -> None:
         os.write(self._output, data)
@@ -361,6 +367,43 @@ class TurnFolder:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._output = self._stderr = self.fd = -1
+
+
+def write_small(dir_fd: int, name: str, text: str) -> None:
+    """A whole small file, made visible at once (written aside, then renamed). O_NONBLOCK: a FIFO the agent put
+    where it is written aside is refused (ENXIO) instead of holding the host."""
+    fd = os.open(f"{name}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644,
+                 dir_fd=dir_fd)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+    os.rename(f"{name}.tmp", name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+
+
+def cgroup_counters(root: str) -> dict[str, int] | None:
+    """This container's CPU time (ns), memory in use less inactive file pages, memory cap (0: none) and processes,
+    from its cgroup (v2, else v1); None where they cannot be read."""
+    for files in CGROUP_FILES:
+        try:
+            read = {key: _read_text(os.path.join(root, path)) for key, path in files.items() if key != "inactive"}
+        except (OSError, UnicodeDecodeError):
+            continue
+        try:
+            stat = dict(line.split(" ", 1) for line in read["stat"].splitlines() if " " in line)
+            cpu = (int(dict(line.split(" ", 1) for line in read["cpu"].splitlines())["usage_usec"]) * 1000
+                   if files["cpu"] == "cpu.stat" else int(read["cpu"]))
+            limit = read["limit"].strip()
+            return {"cpu_ns": cpu, "memory_bytes": max(0, int(read["memory"]) - int(stat.get(files["inactive"], 0))),
+                    "memory_limit": 0 if limit == "max" else int(limit), "pids": int(read["pids"])}
+        except (KeyError, ValueError):
+            continue
+    return None
+
+
+def _read_text(path: str) -> str:
+    with open(path, "rb") as file:
+        return file.read(65536).decode()
 
 
 def process_limit_count() -> int | None:
@@ -400,6 +443,8 @@ class Host:
         self.inotify: Inotify | None = None
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # stop() ends a wait at once
         self.selector.register(self._wake_read, selectors.EVENT_READ, "wake")
+        self.usage_at = float("-inf")  # when the usage was last written, and the CPU time then
+        self.cpu_ns_then: int | None = None
 
     def run(self) -> int:
         """As the container's main process: SIGTERM (the container stopping) ends it after the turn in progress
@@ -419,6 +464,7 @@ class Host:
         log(f"serving turns from {self.input_dir}")
         self._end_abandoned_turns()
         while not self._finished():
+            self._report_usage()
             if self.turn is None and self.stop_at is None:
                 self._take_next()
             if self.turn is not None:
@@ -446,7 +492,8 @@ class Host:
                 self.cli.process.send_signal(sig)
 
     def _wait(self) -> None:
-        timeout = RESCAN_SECONDS if self.inotify else POLL_SECONDS
+        timeout = min(RESCAN_SECONDS if self.inotify else POLL_SECONDS,
+                      max(0.0, self.usage_at + USAGE_SECONDS - time.monotonic()))  # the next usage report
         if self.turn is not None and self.turn.interrupts_sent == 1:
             timeout = min(timeout, INTERRUPT_RESEND_SECONDS)
         if self.cli is not None and self.turn is None:
@@ -464,6 +511,28 @@ class Host:
                 self._on_stdout()
             elif key.data == "stderr":
                 self._on_stderr()
+
+    def _report_usage(self) -> None:
+        """/turns/usage rewritten every USAGE_SECONDS (the first at once); nothing when the cgroup or the folder
+        cannot be had (the agent's folder: whatever it put there, the host serves on)."""
+        now = time.monotonic()
+        if now - self.usage_at < USAGE_SECONDS:
+            return
+        counters = cgroup_counters(CGROUP)
+        elapsed, self.usage_at = now - self.usage_at, now  # also without counters: `_wait` sleeps until the next
+        then, self.cpu_ns_then = self.cpu_ns_then, counters["cpu_ns"] if counters else None
+        if counters is None:
+            return
+        cpu = 100.0 * (counters.pop("cpu_ns") - then) / (elapsed * 1e9) if then is not None else 0.0
+        try:
+            fd = os.open(self.turns_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            try:
+                write_small(fd, USAGE, json.dumps({"at": time.time(), "cpu_percent": round(max(0.0, cpu), 1),
+                                                   **counters}))
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log(f"cannot write {USAGE}: {exc}")
 
     # ---- taking turns ----
 

@@ -8,10 +8,12 @@ when the store has the chat's message running, and the queue is what the store h
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from orchestrator import budgets
+from orchestrator import agent_host, budgets, layout, untrusted
 from orchestrator.config import NO_APPROVALS, Settings, resolve_chat
 from orchestrator.runtime import ContainerState, RuntimeFailure, Usage
 from orchestrator.states import State
@@ -62,6 +64,8 @@ async def chat_status(settings: Settings, store: Store, engine: Engine | None, c
     waiting to be answered), not counted as queued. `thread_id`: the topic it is asked in, whose session it shows."""
     chat = store.chat(chat_id)
     container, use = await _container(engine, chat.container_name)
+    if use is None and container is not None and container.running:  # a Swarm task's stats are on its node
+        use = await asyncio.to_thread(reported_usage, settings, chat_id, time.time())
     options = resolve_chat(settings, chat_id).options
     unfinished = [m for m in store.unfinished_messages(chat_id) if m.message_id != asking]
     last = store.last_turn(chat_id)
@@ -115,6 +119,34 @@ async def _container(engine: Engine | None, name: str) -> tuple[ContainerState |
         return container, await engine.usage(name) if container.running else None
     except RuntimeFailure:  # stopped between the two questions, or the engine went away
         return container, None
+
+
+# The agent host rewrites its report every agent_host.USAGE_SECONDS: an older one is of a container gone or hung.
+REPORT_STALE_SECONDS = 60.0
+REPORT_BOUNDS = {"cpu_percent": 100.0 * 1024, "memory_bytes": 2**50, "memory_limit": 2**50, "pids": 2**22}
+
+
+def reported_usage(settings: Settings, chat_id: str, now: float) -> Usage | None:
+    """The use of its caps the chat's agent host last reported in its turns folder (agent_host.USAGE); None when it
+    is absent, older than REPORT_STALE_SECONDS or not numbers within REPORT_BOUNDS: the agent's to write, so it is
+    shown for its own chat only, as what its container says."""
+    turns = layout.chat_paths(settings, resolve_chat(settings, chat_id)).turns
+    try:
+        with untrusted.directory(turns) as folder:
+            data = untrusted.read_small(folder, agent_host.USAGE, settings.agent.uid, 1024)
+        report = json.loads(data) if data else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(report, dict) or not _number_within(report.get("at"), now + REPORT_STALE_SECONDS) \
+            or now - report["at"] > REPORT_STALE_SECONDS \
+            or not all(_number_within(report.get(key), bound) for key, bound in REPORT_BOUNDS.items()):
+        return None
+    return Usage(cpu_percent=float(report["cpu_percent"]), memory_bytes=int(report["memory_bytes"]),
+                 memory_limit=int(report["memory_limit"]), pids=int(report["pids"]))
+
+
+def _number_within(value: object, bound: float) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= bound
 
 
 def render(status: ChatStatus) -> str:

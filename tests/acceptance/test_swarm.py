@@ -190,6 +190,9 @@ def test_chats_are_services_placed_over_the_nodes_answered_by_the_real_cli(
     rows = {row["chat_id"]: row for row in status_json(config)}
     assert {chat_id: rows[chat_id]["node"] for chat_id in nodes} == nodes
     assert all(rows[c]["container_state"] == "running" for c in nodes)
+    # and its use of its caps, as its agent host reports it from its cgroup (the node's engine's stats are out of
+    # reach from here)
+    assert all(rows[c]["memory_mib"] and rows[c]["memory_mib"] > 1 and rows[c]["pids"] for c in nodes), rows
 
     # idle stop is a scale to zero; the next message scales it up again, in the same session
     session = on_swarm.store.chat(spread[0])["session_id"]

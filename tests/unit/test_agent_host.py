@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -505,3 +506,59 @@ def test_a_fifo_where_the_count_is_written_holds_neither_the_host_nor_the_exit_c
     ended = host.ended(name)
     assert ended.exit_code == 0 and not (ended.folder / agent_host.LIMIT_HITS).exists()
     assert host.ask("and on").exit_code == 0  # the host serves on
+
+
+# ---- the container's use of its caps ----
+
+
+def cgroup_tree(root: Path, version: int, cpu: int, memory: int) -> Path:
+    """A cgroup's counters as the kernel shows them in a container (v2: one folder; v1: one per controller)."""
+    files = ({"cpu.stat": f"usage_usec {cpu // 1000}\nuser_usec 1\n", "memory.current": f"{memory}\n",
+              "memory.max": "max\n", "memory.stat": "anon 5\ninactive_file 1048576\n", "pids.current": "4\n"}
+             if version == 2 else
+             {"cpuacct/cpuacct.usage": f"{cpu}\n", "memory/memory.usage_in_bytes": f"{memory}\n",
+              "memory/memory.limit_in_bytes": "536870912\n", "pids/pids.current": "4\n",
+              "memory/memory.stat": "cache 9\ntotal_inactive_file 1048576\n"})
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_the_cgroups_counters_are_read_in_v2_and_v1(tmp_path: Path, version: int) -> None:
+    root = cgroup_tree(tmp_path, version, cpu=5_000_000_000, memory=64 * 2**20)
+    assert agent_host.cgroup_counters(str(root)) == {
+        "cpu_ns": 5_000_000_000, "memory_bytes": 63 * 2**20,  # less the inactive file pages, as `docker stats`
+        "memory_limit": 0 if version == 2 else 512 * 2**20, "pids": 4}
+    assert agent_host.cgroup_counters(str(tmp_path / "none")) is None
+    (root / ("memory.current" if version == 2 else "memory/memory.usage_in_bytes")).write_text("lots\n")
+    assert agent_host.cgroup_counters(str(root)) is None
+
+
+def test_the_host_reports_its_use_at_once_and_then_every_interval(channel: Channel, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    root = cgroup_tree(tmp_path / "cgroup", 2, cpu=1_000_000_000, memory=32 * 2**20)
+    monkeypatch.setattr(agent_host, "CGROUP", str(root))
+    monkeypatch.setattr(agent_host, "USAGE_SECONDS", 0.5)
+    usage = channel.paths.turns / agent_host.USAGE
+    host = channel.start()
+    wait_until(usage.exists, TURN_SECONDS, "the first report")
+    first = json.loads(usage.read_text())
+    assert first["cpu_percent"] == 0.0 and first["memory_bytes"] == 31 * 2**20 and first["pids"] == 4
+    (root / "cpu.stat").write_text("usage_usec 1250000\n")  # a quarter of a CPU second more, within about 0.5 s
+    wait_until(lambda: json.loads(usage.read_text())["cpu_percent"] > 0, TURN_SECONDS, "a report with CPU use")
+    assert 0 < json.loads(usage.read_text())["cpu_percent"] <= 100
+    assert host.ask("hi").exit_code == 0  # the report's file among the turns' folders changes nothing
+
+
+def test_without_a_cgroup_nothing_is_reported_and_the_host_waits_as_before(channel: Channel, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(agent_host, "CGROUP", str(tmp_path / "no-cgroup"))
+    host = channel.start()
+    assert host.ask("hi").exit_code == 0
+    assert not (channel.paths.turns / agent_host.USAGE).exists()
+    started = host.host.usage_at
+    assert started > float("-inf")  # looked at, so the next look is USAGE_SECONDS away: the host does not spin
+    time.sleep(0.3)
+    assert host.host.usage_at == started

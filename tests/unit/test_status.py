@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from orchestrator import operations, status
+from orchestrator import agent_host, operations, status
 from orchestrator.config import ChatOptions, Settings
 from orchestrator.runtime import ContainerState, RuntimeFailure, Usage
 from orchestrator.status import ChatStatus, chat_status
@@ -166,3 +169,53 @@ def test_the_chat_is_not_told_which_node_its_task_runs_on_the_operator_is(settin
     assert "worker-7" not in status.render(now)
     [row] = operations.status_rows(settings, store, engine)
     assert row["node"] == "worker-7.internal"
+
+
+def report(settings: Settings, text: str, owner: int | None = None) -> Path:
+    """The chat's agent host's usage report (agent_host.USAGE), owned by the agent as the host's files are."""
+    turns = settings.chats_dir / "oc_a" / "turns"
+    turns.mkdir(parents=True, exist_ok=True)
+    path = turns / agent_host.USAGE
+    path.write_text(text)
+    os.chown(path, settings.agent.uid if owner is None else owner, -1)
+    return path
+
+
+def test_a_task_on_another_node_shows_the_use_its_agent_host_reported(settings: Settings, store: Store) -> None:
+    """The engine has no stats of a Swarm task on another node (usage None): its agent host's report is shown."""
+    store.ensure_chat("oc_a")
+    store.set_container("oc_a", "bot-oc_a", "c0ffee")
+    engine = Engine(ContainerState("bot-oc_a", "c0ffee", "running", chat_id="oc_a", node="worker-2"), usage=None)
+    assert status_of(settings, store, engine).memory_mib is None  # nothing reported yet: unknown, not 0
+    report(settings, json.dumps({"at": time.time(), "cpu_percent": 12.5, "memory_bytes": 96 * MIB,
+                                 "memory_limit": 300 * MIB, "pids": 7}))
+    now = status_of(settings, store, engine)
+    assert (now.cpu_percent, now.memory_mib, now.pids) == (12.5, 96.0, 7)
+
+
+@pytest.mark.parametrize("text", [
+    json.dumps({"at": time.time() - 120, "cpu_percent": 1, "memory_bytes": 1, "memory_limit": 1, "pids": 1}),  # old
+    json.dumps({"at": time.time() + 600, "cpu_percent": 1, "memory_bytes": 1, "memory_limit": 1, "pids": 1}),
+    json.dumps({"at": time.time(), "cpu_percent": 1, "memory_bytes": 2**60, "memory_limit": 1, "pids": 1}),
+    json.dumps({"at": time.time(), "cpu_percent": -1, "memory_bytes": 1, "memory_limit": 1, "pids": 1}),
+    json.dumps({"at": time.time(), "cpu_percent": 1, "memory_bytes": 1, "memory_limit": 1, "pids": True}),
+    json.dumps({"at": time.time(), "cpu_percent": "1", "memory_bytes": 1, "memory_limit": 1, "pids": 1}),
+    json.dumps({"at": time.time(), "cpu_percent": 1, "memory_bytes": 1, "memory_limit": 1}),
+    '{"at": 1e300, "cpu_percent": NaN, "memory_bytes": 1, "memory_limit": 1, "pids": 1}',
+    json.dumps([1, 2]), "not json", json.dumps({"at": time.time(), "pad": "x" * 2000}),
+], ids=["stale", "future", "huge", "negative", "bool", "string", "missing", "nan", "list", "garbage", "long"])
+def test_a_report_that_is_stale_or_forged_is_not_shown(settings: Settings, text: str) -> None:
+    report(settings, text)
+    assert status.reported_usage(settings, "oc_a", time.time()) is None
+
+
+def test_a_report_of_another_owner_or_behind_a_link_is_not_read(settings: Settings, tmp_path: Path) -> None:
+    good = json.dumps({"at": time.time(), "cpu_percent": 1, "memory_bytes": 1, "memory_limit": 1, "pids": 1})
+    path = report(settings, good)
+    assert status.reported_usage(settings, "oc_a", time.time()) is not None
+    os.chown(path, settings.agent.uid + 1, -1)
+    assert status.reported_usage(settings, "oc_a", time.time()) is None
+    path.unlink()
+    (tmp_path / "elsewhere").write_text(good)
+    path.symlink_to(tmp_path / "elsewhere")
+    assert status.reported_usage(settings, "oc_a", time.time()) is None
