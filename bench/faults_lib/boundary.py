@@ -99,7 +99,7 @@ def planted_links(quick: bool, rng: random.Random) -> Result:
         first = rig.say(bystander, f"RUN_BASH: echo {marker}", f"ran: {marker}")  # a transcript to aim at
         _warm(rig, [attacker])
         wait_for(lambda: rig.answered(first), 90)
-        [bystander_turn] = list((rig.data / "chats" / bystander / "turns").iterdir())
+        [bystander_turn] = [p for p in (rig.data / "chats" / bystander / "turns").iterdir() if p.is_dir()]
         canaries = attacks.plant_canaries(rig.root / "host")
         pth = attacks.evil_pth()
         targets = attacks.link_targets(canaries, pth, rig.data, bystander, bystander_turn)

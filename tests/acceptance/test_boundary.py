@@ -64,7 +64,7 @@ def test_planted_links_and_folders_reach_no_host_file_secret_or_other_chat(
     _say(feishu, bystander, f"RUN_BASH: echo {bystander_marker}")
     wait_answer(feishu, bystander, f"ran: {bystander_marker}")
     _ask(feishu, attacker)
-    [bystander_turn] = [p for p in (data / "chats" / bystander / "turns").iterdir()]
+    [bystander_turn] = [p for p in (data / "chats" / bystander / "turns").iterdir() if p.is_dir()]
     pth = attacks.evil_pth()
     targets = attacks.link_targets(canaries, pth, data, bystander, bystander_turn)
     before = attacks.snapshot(tmp_path, skip=data)

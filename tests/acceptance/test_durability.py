@@ -38,7 +38,8 @@ def turn_intervals(data_dir: Path, chat_id: str) -> list[tuple[float, float]]:
     """When each turn of a chat started and ended, from the files the agent host writes in the turn's folder (its
     CLI's pid when it takes the turn, the exit code last)."""
     turns = data_dir / "chats" / chat_id / "turns"
-    return [((turn / "pid").stat().st_mtime, (turn / "exit_code").stat().st_mtime) for turn in turns.iterdir()]
+    return [((turn / "pid").stat().st_mtime, (turn / "exit_code").stat().st_mtime) for turn in turns.iterdir()
+            if turn.is_dir()]  # not the host's usage report
 
 
 def max_overlap(intervals: list[tuple[float, float]]) -> int:

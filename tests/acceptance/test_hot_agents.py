@@ -18,7 +18,8 @@ from tests.harness import Orchestrator, StoreView, answers, chat, wait_answer, w
 
 def turn_dirs(data: Path, chat_id: str) -> list[Path]:
     """The chat's turn folders, oldest first."""
-    return sorted((data / "chats" / chat_id / "turns").iterdir(), key=lambda p: (p / "pid").stat().st_mtime)
+    return sorted((p for p in (data / "chats" / chat_id / "turns").iterdir() if p.is_dir()),  # not its usage report
+                  key=lambda p: (p / "pid").stat().st_mtime)
 
 
 def cli_of(turn: Path) -> tuple[str, str]:

@@ -138,6 +138,7 @@ def channel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Channel
     """Not started yet: a test may write requests first. Requests and interrupts must wake the host through
     inotify: its rescan of /input, which would hide a lost wake-up, comes later than any test waits."""
     monkeypatch.setattr(agent_host, "RESCAN_SECONDS", 60.0)
+    monkeypatch.setattr(agent_host, "CGROUP", "/nonexistent")  # no usage report, unless a test makes a cgroup
     channel = Channel(tmp_path / "chat")
     yield channel
     if channel.thread.is_alive():
