@@ -69,6 +69,7 @@ PIDS_EVENTS = ("/sys/fs/cgroup/pids.events", "/sys/fs/cgroup/pids/pids.events") 
 USAGE = "usage"
 USAGE_SECONDS = 10.0
 CGROUP = "/sys/fs/cgroup"
+NO_LIMIT_V1 = 2**62  # v1's memory.limit_in_bytes without a cap: 9223372036854771712 (v2 says "max")
 # Where the cgroup's counters are, v2 then v1: CPU time (µs in v2's cpu.stat, ns in v1's cpuacct.usage), memory in
 # use and its cap, the memory.stat line of inactive file pages (`docker stats` leaves them out), processes.
 CGROUP_FILES = ({"cpu": "cpu.stat", "memory": "memory.current", "limit": "memory.max", "stat": "memory.stat",
@@ -393,9 +394,9 @@ def cgroup_counters(root: str) -> dict[str, int] | None:
             stat = dict(line.split(" ", 1) for line in read["stat"].splitlines() if " " in line)
             cpu = (int(dict(line.split(" ", 1) for line in read["cpu"].splitlines())["usage_usec"]) * 1000
                    if files["cpu"] == "cpu.stat" else int(read["cpu"]))
-            limit = read["limit"].strip()
+            limit = 0 if read["limit"].strip() == "max" else int(read["limit"])
             return {"cpu_ns": cpu, "memory_bytes": max(0, int(read["memory"]) - int(stat.get(files["inactive"], 0))),
-                    "memory_limit": 0 if limit == "max" else int(limit), "pids": int(read["pids"])}
+                    "memory_limit": 0 if limit >= NO_LIMIT_V1 else limit, "pids": int(read["pids"])}
         except (KeyError, ValueError):
             continue
     return None

@@ -135,7 +135,7 @@ def reported_usage(settings: Settings, chat_id: str, now: float) -> Usage | None
         with untrusted.directory(turns) as folder:
             data = untrusted.read_small(folder, agent_host.USAGE, settings.agent.uid, 1024)
         report = json.loads(data) if data else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: a kilobyte of "[" nests too deep for json
         return None
     if not isinstance(report, dict) or not _number_within(report.get("at"), now + REPORT_STALE_SECONDS) \
             or now - report["at"] > REPORT_STALE_SECONDS \

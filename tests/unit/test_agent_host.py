@@ -533,6 +533,9 @@ def test_the_cgroups_counters_are_read_in_v2_and_v1(tmp_path: Path, version: int
         "cpu_ns": 5_000_000_000, "memory_bytes": 63 * 2**20,  # less the inactive file pages, as `docker stats`
         "memory_limit": 0 if version == 2 else 512 * 2**20, "pids": 4}
     assert agent_host.cgroup_counters(str(tmp_path / "none")) is None
+    if version == 1:  # no memory cap: v1's largest page-aligned number, v2's "max"
+        (root / "memory/memory.limit_in_bytes").write_text("9223372036854771712\n")
+        assert agent_host.cgroup_counters(str(root))["memory_limit"] == 0  # type: ignore[index]
     (root / ("memory.current" if version == 2 else "memory/memory.usage_in_bytes")).write_text("lots\n")
     assert agent_host.cgroup_counters(str(root)) is None
 

@@ -202,8 +202,8 @@ def test_a_task_on_another_node_shows_the_use_its_agent_host_reported(settings: 
     json.dumps({"at": time.time(), "cpu_percent": "1", "memory_bytes": 1, "memory_limit": 1, "pids": 1}),
     json.dumps({"at": time.time(), "cpu_percent": 1, "memory_bytes": 1, "memory_limit": 1}),
     '{"at": 1e300, "cpu_percent": NaN, "memory_bytes": 1, "memory_limit": 1, "pids": 1}',
-    json.dumps([1, 2]), "not json", json.dumps({"at": time.time(), "pad": "x" * 2000}),
-], ids=["stale", "future", "huge", "negative", "bool", "string", "missing", "nan", "list", "garbage", "long"])
+    json.dumps([1, 2]), "not json", json.dumps({"at": time.time(), "pad": "x" * 2000}), "[" * 1000,
+], ids=["stale", "future", "huge", "negative", "bool", "string", "missing", "nan", "list", "garbage", "long", "deep"])
 def test_a_report_that_is_stale_or_forged_is_not_shown(settings: Settings, text: str) -> None:
     report(settings, text)
     assert status.reported_usage(settings, "oc_a", time.time()) is None
