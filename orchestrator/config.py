@@ -486,8 +486,7 @@ def parse_settings(raw: object, source: Path, environ: Mapping[str, str]) -> Set
                            "registry every node pulls from (images/build.sh --orchestrator --push REGISTRY), which "
                            "each node runs to close the chats' network and to serve their model gateway")
     for key, folder in (("data_dir", settings.data_dir), ("chats_dir", settings.chats_dir)):
-        normal = Path(os.path.normpath(folder))
-        if runtime == "swarm" and (normal.is_relative_to(NODE_FOLDER) or NODE_FOLDER.is_relative_to(normal)):
+        if runtime == "swarm" and _overlaps(_normal(folder), NODE_FOLDER):
             raise reader.error(key, f"{str(folder)!r} is, holds or is inside {NODE_FOLDER}, each Swarm node's own "
                                     "folder (its gateway's sockets for the chats on it): use the shared storage")
     if runtime == "swarm" and settings.store.sqlite_file is not None:
@@ -513,17 +512,26 @@ def _check_workspaces(settings: Settings, reader: _Reader) -> None:
     templates += [(f"groups.{chat_id}.workspace", overrides.get("workspace")) for chat_id, overrides in
                   settings.groups.items()]
     assert settings.chats_dir is not None
-    data_dir, chats_dir = (Path(os.path.normpath(folder)) for folder in (settings.data_dir, settings.chats_dir))
+    data_dir, chats_dir = _normal(settings.data_dir), _normal(settings.chats_dir)
     for key, template in templates:
         if template is None:
             continue
-        folder = Path(os.path.normpath(data_dir / template.replace("{chat_id}", "oc_example")))
+        folder = _normal(data_dir / template.replace("{chat_id}", "oc_example"))
         inside = folder.relative_to(data_dir).parts if folder.is_relative_to(data_dir) else ()
-        if folder.is_relative_to(chats_dir) or data_dir.is_relative_to(folder) \
-                or chats_dir.is_relative_to(folder) or (inside and inside[0] in _SERVICE_FOLDERS) \
-                or folder.is_relative_to(NODE_FOLDER) or NODE_FOLDER.is_relative_to(folder):
+        if _overlaps(folder, chats_dir) or data_dir.is_relative_to(folder) \
+                or (inside and inside[0] in _SERVICE_FOLDERS) or _overlaps(folder, NODE_FOLDER):
             raise reader.error(key, f"{template!r} is, holds or is inside a folder of the service's (chats_dir, "
                                     f"data_dir, its run or egress folder, {NODE_FOLDER}): put workspaces elsewhere")
+
+
+def _normal(folder: Path) -> Path:
+    """The folder with its `.` and `..` taken out, as written (a link is not followed: see docs/SCALING.md)."""
+    return Path(os.path.normpath(folder))
+
+
+def _overlaps(one: Path, other: Path) -> bool:
+    """Whether `one` is, holds or lies in `other` (both normal)."""
+    return one.is_relative_to(other) or other.is_relative_to(one)
 
 
 class _Reader:

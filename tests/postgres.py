@@ -18,6 +18,7 @@ import psycopg2
 
 PASSWORD = "pg-test-password-5b1e"  # the throwaway server's, on 127.0.0.1 only
 USER = "postgres"
+EXAMPLE_URL = "postgresql://bot:pw@db:5432/bot"  # a store URL for config tests: no server is asked
 
 
 def server_binaries() -> Path | None:

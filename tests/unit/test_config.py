@@ -36,6 +36,7 @@ from orchestrator.config import (
     parse_settings,
     resolve_chat,
 )
+from tests.postgres import EXAMPLE_URL
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -385,7 +386,7 @@ EVERYTHING = {
                 "per_chat_monthly_usd": 4, "per_user_monthly_usd": 5, "instance_monthly_usd": "6.75",
                 "timezone": "Asia/Shanghai", "reset_at": "06:30", "footer": False,
                 "prices": {"claude-fake": {"input": 1, "output": 2, "cache_write": 3, "cache_read": 4}}},
-    "store": {"url": "postgresql://bot:pw@db:5432/bot"},
+    "store": {"url": EXAMPLE_URL},
     "metrics": {"listen": "127.0.0.1:9464"},
     "logging": {"json": True, "level": "DEBUG"},
 }
@@ -427,7 +428,7 @@ def expected_everything(source: Path) -> Settings:
                                timezone="Asia/Shanghai", reset_at="06:30", footer=False,
                                prices={**DEFAULT_PRICES, "claude-fake": Price(Decimal(1), Decimal(2), Decimal(3),
                                                                               Decimal(4))}),
-        store=StoreSettings("postgresql://bot:pw@db:5432/bot"),
+        store=StoreSettings(EXAMPLE_URL),
         metrics=MetricsSettings(listen="127.0.0.1:9464"),
         logging=LoggingSettings(json=True, level="DEBUG"),
     )
@@ -703,7 +704,7 @@ def test_the_default_prices_are_anthropics_list_prices() -> None:
 # ---- runtime: swarm ----
 
 SWARM = {"runtime": "swarm", "swarm": {"orchestrator_image": "reg:5000/orchestrator"}, "defaults": {"egress": "none"},
-         "store": {"url": "postgresql://bot:pw@db:5432/bot"}}
+         "store": {"url": EXAMPLE_URL}}
 
 
 def test_swarm_placement_per_group_overrides_the_defaults(tmp_path: Path) -> None:

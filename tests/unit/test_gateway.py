@@ -34,6 +34,7 @@ from orchestrator.spending import Usage
 from orchestrator.store import Store
 from tests.fakes.anthropic import FakeAnthropic
 from tests.harness import wait_until
+from tests.postgres import EXAMPLE_URL
 
 KEY = "sk-ant-api03-CANARY-gateway-test-key-0123456789"
 SECRET = bytes(range(32))
@@ -770,7 +771,7 @@ def test_on_swarm_the_gateway_is_the_registrys_image_with_the_nodes_folder(tmp_p
     config = tmp_path / "c.yaml"
     config.write_text(f"instance: bot\ndata_dir: {tmp_path / 'data'}\ngateway: {{api_key: {KEY}}}\nruntime: swarm\n"
                       "swarm: {orchestrator_image: reg:5000/orchestrator:1}\ndefaults: {egress: none}\n"
-                      "store: {url: 'postgresql://bot:pw@db:5432/bot'}\n")
+                      f"store: {{url: '{EXAMPLE_URL}'}}\n")
     settings = load_settings(config, {})
     spec = gateway_container_spec(settings, settings_digest(settings))
     assert spec.image == "reg:5000/orchestrator:1"

@@ -38,6 +38,7 @@ from orchestrator.runtime import (
     watch_events,
     within_grace,
 )
+from tests.postgres import EXAMPLE_URL
 from tests.unit.test_runtime_spec import MiB, settings_of
 
 
@@ -46,7 +47,7 @@ def spec_of(settings: Settings, chat_id: str = "oc_x") -> ContainerSpec:
     return container_spec(settings, chat, chat_paths(settings, chat), b"k" * 32, chat_name="Team X")
 
 
-POSTGRES = "store: {url: 'postgresql://bot:pw@db:5432/bot'}\n"  # runtime: swarm takes no SQLite store
+POSTGRES = f"store: {{url: '{EXAMPLE_URL}'}}\n"  # runtime: swarm takes no SQLite store
 SWARM = ("instance: bot\nruntime: swarm\nswarm: {orchestrator_image: reg/orchestrator}\n" + POSTGRES +
          "defaults: {egress: none, cpus: 1.5, memory: 1g, pids_limit: 99, tmp_size: 32m, "
          "placement: {spread: [node.labels.zone]}}\n"
