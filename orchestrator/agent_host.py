@@ -65,18 +65,19 @@ MAX_DECISION_BYTES = 1024**2
 TURN_NAME = re.compile(r"(\d+)-(\d+)-[0-9a-f]{16}")
 OUTPUT, STDERR, EXIT_CODE, PID, PROCESS = "output.jsonl", "stderr", "exit_code", "pid", "process"
 LIMIT_HITS = "process_limit_hits"
-PIDS_EVENTS = ("/sys/fs/cgroup/pids.events", "/sys/fs/cgroup/pids/pids.events")  # cgroup v2, v1
 USAGE = "usage"
 USAGE_SECONDS = 10.0
 CGROUP = "/sys/fs/cgroup"
 NO_LIMIT_V1 = 2**62  # v1's memory.limit_in_bytes without a cap: 9223372036854771712 (v2 says "max")
 # Where the cgroup's counters are, v2 then v1: CPU time (µs in v2's cpu.stat, ns in v1's cpuacct.usage), memory in
-# use and its cap, the memory.stat line of inactive file pages (`docker stats` leaves them out), processes.
+# use and its cap, the memory.stat line of inactive file pages (`docker stats` leaves them out), processes, and the
+# pids limit's events (their "max" line: processes refused).
 CGROUP_FILES = ({"cpu": "cpu.stat", "memory": "memory.current", "limit": "memory.max", "stat": "memory.stat",
-                 "inactive": "inactive_file", "pids": "pids.current"},
+                 "inactive": "inactive_file", "pids": "pids.current", "events": "pids.events"},
                 {"cpu": "cpuacct/cpuacct.usage", "memory": "memory/memory.usage_in_bytes",
                  "limit": "memory/memory.limit_in_bytes", "stat": "memory/memory.stat",
-                 "inactive": "total_inactive_file", "pids": "pids/pids.current"})
+                 "inactive": "total_inactive_file", "pids": "pids/pids.current", "events": "pids/pids.events"})
+COUNTERS = ("cpu", "memory", "limit", "stat", "pids")  # the files of cgroup_counters
 WITHDRAWN = -1
 INTERRUPTED_BEFORE_START = 130
 # A turn an earlier host of the chat took and never ended: its CLI went with that host's container (it died, was
@@ -319,7 +320,7 @@ class TurnFolder:
         except OSError:
             self.close()
             raise
-        self.limit_hits_before = process_limit_count()
+        self.limit_hits_before = process_limit_count(CGROUP)
         self.interrupts_sent = 0
         self.interrupted_at = float("-inf")
         self.asks = 0  # permission requests so far
@@ -354,7 +355,7 @@ class TurnFolder:
 
     def end(self, code: int) -> None:
         try:
-            after = process_limit_count()
+            after = process_limit_count(CGROUP)
             if after is not None and self.limit_hits_before is not None:
                 with contextlib.suppress(OSError):  # the agent's folder: whatever it put there, the exit code follows
                     self.write_file(LIMIT_HITS, f"{max(0, after - self.limit_hits_before)}\n")
@@ -387,7 +388,7 @@ def cgroup_counters(root: str) -> dict[str, int] | None:
     from its cgroup (v2, else v1); None where they cannot be read."""
     for files in CGROUP_FILES:
         try:
-            read = {key: _read_text(os.path.join(root, path)) for key, path in files.items() if key != "inactive"}
+            read = {key: _read_text(os.path.join(root, files[key])) for key in COUNTERS}
         except (OSError, UnicodeDecodeError):
             continue
         try:
@@ -407,19 +408,19 @@ def _read_text(path: str) -> str:
         return file.read(65536).decode()
 
 
-def process_limit_count() -> int | None:
+def process_limit_count(root: str) -> int | None:
     """How often the kernel refused a process in this container's cgroup for its pids limit (the `max` count of
-    pids.events) since the container started; None where it cannot be read. A read, never a new process: after a
-    fork bomb no process may start."""
-    for path in PIDS_EVENTS:
+    pids.events, v2 else v1) since the container started; None where it cannot be read. A read, never a new process:
+    after a fork bomb no process may start."""
+    for files in CGROUP_FILES:
         try:
-            with open(path, "rb") as events:
-                for line in events.read(4096).splitlines():
-                    name, _, count = line.partition(b" ")
-                    if name == b"max" and count.strip().isdigit():
-                        return int(count)
-        except OSError:
+            events = _read_text(os.path.join(root, files["events"]))
+        except (OSError, UnicodeDecodeError):
             continue
+        for line in events.splitlines():
+            name, _, count = line.partition(" ")
+            if name == "max" and count.strip().isdigit():
+                return int(count)
     return None
 
 

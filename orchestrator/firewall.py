@@ -44,6 +44,9 @@ NEEDS = (" (the orchestrator needs root, or CAP_NET_ADMIN in the host's network 
          "network)")
 
 
+Jump = tuple[str, list[str]]  # a parent chain and a rule in it
+
+
 class FirewallError(Exception):
     """The rules could not be installed; worded for the operator."""
 
@@ -122,7 +125,7 @@ def _chain_rules(names: Chains, proxy: str | None) -> list[tuple[str, list[list[
             (names.local, local_rules())]
 
 
-def _jumps(names: Chains, bridges: Bridges) -> list[tuple[str, list[str]]]:
+def _jumps(names: Chains, bridges: Bridges) -> list[Jump]:
     return [("DOCKER-USER", ["-i", bridges.egress, "-j", names.forward]),
             ("DOCKER-USER", ["-i", bridges.agents, "-j", names.agents]),
             ("INPUT", ["-i", bridges.egress, "-j", names.local]),
@@ -142,10 +145,7 @@ def intact(instance: str, bridges: Bridges, proxy: str | None) -> bool:
     """Whether the instance's chains hold exactly its rules (for this proxy address) and every jump to them is
     in place (a firewall reload or a flush by hand takes them away)."""
     names = chains(instance)
-    for chain, rules in _chain_rules(names, proxy):
-        if _rules(chain) != [_line("-A", chain, rule) for rule in rules]:
-            return False
-    return _jumps_placed(_jumps(names, bridges))
+    return _intact(_chain_rules(names, proxy), _jumps(names, bridges))
 
 
 # ---- runtime: swarm: a node's own rules, kept by the instance's guard on every node (orchestrator.node_guard) ----
@@ -155,7 +155,7 @@ def node_chain(instance: str) -> str:
     return f"ORCH-{hashlib.sha256(instance.encode()).hexdigest()[:10]}-NODE"
 
 
-def _node_jumps(instance: str, bridge: str) -> list[tuple[str, list[str]]]:
+def _node_jumps(instance: str, bridge: str) -> list[Jump]:
     """From the chats' bridge to the node itself: to the node's chain (answers to what the node started, nothing
     else). Between two chats on the bridge: dropped, whatever the node's config network says of enable_icc."""
     return [("INPUT", ["-i", bridge, "-j", node_chain(instance)]),
@@ -169,12 +169,7 @@ def install_node(instance: str, bridge: str) -> None:
 
 
 def node_intact(instance: str, bridge: str) -> bool:
-    chain = node_chain(instance)
-    return _rules(chain) == [_line("-A", chain, rule) for rule in local_rules()] and _jumps_placed(
-        _node_jumps(instance, bridge))
-
-
-Jump = tuple[str, list[str]]  # a parent chain and a rule in it
+    return _intact([(node_chain(instance), local_rules())], _node_jumps(instance, bridge))
 
 
 def _apply(chain_rules: list[tuple[str, list[list[str]]]], jumps: list[Jump], stale: Sequence[Jump] = ()) -> None:
@@ -197,7 +192,10 @@ def _apply(chain_rules: list[tuple[str, list[list[str]]]], jumps: list[Jump], st
     _restore(batch)
 
 
-def _jumps_placed(jumps: list[Jump]) -> bool:
+def _intact(chain_rules: list[tuple[str, list[list[str]]]], jumps: list[Jump]) -> bool:
+    """Whether each chain holds exactly its rules and each jump is in place (`_placed`): what `_apply` makes."""
+    if any(_rules(chain) != [_line("-A", chain, rule) for rule in rules] for chain, rules in chain_rules):
+        return False
     listed = {parent: _rules(parent) for parent, _ in jumps}
     return all(_placed(parent, rule, listed[parent]) for parent, rule in jumps)
 

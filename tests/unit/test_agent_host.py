@@ -474,9 +474,10 @@ def test_each_turn_records_the_refusals_of_the_pids_limit_while_it_ran(channel: 
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Read from the cgroup's pids.events (v2's path first, here absent, then v1's), as counted at the turn's start
     and at its end: the orchestrator restarts the container when it is more than 0, with no `docker exec`."""
-    events = tmp_path / "pids.events"
+    events = tmp_path / "pids" / "pids.events"  # cgroup v1's place: v2's (the cgroup's own folder) is absent
+    events.parent.mkdir()
     events.write_text("max 3\n")
-    monkeypatch.setattr(agent_host, "PIDS_EVENTS", (str(tmp_path / "v2-absent"), str(events)))
+    monkeypatch.setattr(agent_host, "CGROUP", str(tmp_path))
     host = channel.start()
     name = host.submit("SLOW 1")
     wait_until(lambda: (host.paths.turns / name / agent_host.PID).exists(), TURN_SECONDS, "the turn to start")
@@ -497,9 +498,8 @@ def test_a_fifo_where_the_count_is_written_holds_neither_the_host_nor_the_exit_c
         channel: Channel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The turn's folder is the agent's: a FIFO where the count is written aside is refused at once (no reader
     would ever come), and the turn still ends with its exit code."""
-    events = tmp_path / "pids.events"
-    events.write_text("max 0\n")
-    monkeypatch.setattr(agent_host, "PIDS_EVENTS", (str(events),))
+    (tmp_path / "pids.events").write_text("max 0\n")
+    monkeypatch.setattr(agent_host, "CGROUP", str(tmp_path))
     host = channel.start()
     name = host.submit("SLOW 1")
     wait_until(lambda: (host.paths.turns / name / agent_host.PID).exists(), TURN_SECONDS, "the turn to start")
