@@ -337,6 +337,9 @@ class SwarmSettings:
     # How long a chat's start waits for its task to run (the first on a node pulls the agent image: about a minute
     # for 1.2 GB); then the service is scaled back to zero and the message answered with the error.
     start_timeout: float = 300.0
+    # The port of the instance's egress proxy on every node's loopback (127.0.0.1 only; it runs on the node's
+    # network when a chat's egress is an allowlist): free on every node, and another for each instance on the Swarm.
+    egress_port: int = 3128
 
 
 @dataclass(frozen=True)
@@ -453,8 +456,8 @@ def parse_settings(raw: object, source: Path, environ: Mapping[str, str]) -> Set
         chats_dir=_absolute(Path(reader.string(top, "chats_dir", "")), source) if chats_dir else None,
         instance=instance,
         runtime=runtime,
-        swarm=reader.flat(top.get("swarm"), "swarm", SwarmSettings, {
-            "manager": _engine_url, "start_timeout": _positive_number}),  # orchestrator_image: a string, the default
+        swarm=reader.flat(top.get("swarm"), "swarm", SwarmSettings, {  # orchestrator_image: a string, the default
+            "manager": _engine_url, "start_timeout": _positive_number, "egress_port": _port}),
         agent=reader.agent(top.get("agent")),
         defaults=defaults,
         groups=groups,
@@ -608,8 +611,8 @@ class _Reader:
     def check_runtime(self, runtime: str, top: Mapping[str, Any], defaults: ChatOptions,
                       groups: Mapping[str, Mapping[str, Any]]) -> None:
         """What each runtime cannot do, refused here rather than at a chat's first message. On Swarm a chat's service
-        may run on any node: the egress proxy and the firewall that close an allowlist or open egress are the host's
-        (one engine's networks, one host's iptables), so only `egress: none` is served there (docs/SCALING.md)."""
+        may run on any node: an allowlist is served by the instance's egress proxy on every node (docs/SCALING.md),
+        but `open` egress, a way out of the node's own for each chat, is not."""
         chats = [("defaults", defaults), *((f"groups.{chat_id}", dataclasses.replace(defaults, **overrides))
                                            for chat_id, overrides in groups.items())]
         if runtime == "docker":
@@ -620,10 +623,10 @@ class _Reader:
                     raise self.error(f"{key}.placement", "applies to runtime: swarm only (one host places nothing)")
             return
         for key, options in chats:
-            if options.egress.mode != "none" and options.network != "none":
-                raise self.error(f"{key}.egress", f"{options.egress.mode} is not served on runtime: swarm yet (the "
-                                 "egress proxy and the firewall rules are one host's, and a chat's service runs on "
-                                 "any node): set egress: none (see docs/SCALING.md)")
+            if options.egress.mode == "open" and options.network != "none":
+                raise self.error(f"{key}.egress", "open is not served on runtime: swarm (a chat's service runs on any "
+                                 "node, and the way out of one is not closed to the node's networks): list the hosts "
+                                 "the agent needs (egress: {allow: [...]}), or set egress: none (see docs/SCALING.md)")
             if options.network not in SAFE_NETWORKS:
                 raise self.error(f"{key}.network", f"{options.network!r}: on runtime: swarm a chat's service is on the "
                                  "instance's Swarm network (instance or none); no other network is served")

@@ -14,6 +14,14 @@ chat's policy, and only for proxy users whose password checks out.
 - Squid logs only refusals (403: not on the policy; 407 with a user name: bad credentials) to
   `<data_dir>/egress/log/refused.log`; the orchestrator reads it with bounds (`RefusalLog`), logs and counts each.
 
+runtime: swarm: a chat's task may run on any node, so the proxy runs on every node (a global service, on the node's
+network, listening on its loopback only: `node_proxy`), and a chat reaches its own node's through the model gateway
+there, which serves a second socket in the chat's folder (`EGRESS_SOCKET`) and relays it to the proxy's port; the
+agent's container serves that socket on its own 127.0.0.1:PROXY_PORT (agent-init), so HTTP(S)_PROXY is on its
+loopback. The credentials are the same. The node's guard closes the proxy's way out (`firewall.node_proxy_rules`:
+not the node itself, not private or link-local addresses); each node's proxy logs its refusals in a folder of its
+own under the log folder (`NodeRefusalLogs`).
+
 Pure but for writing the proxy's files and reading its log.
 """
 
@@ -48,12 +56,15 @@ CONFIG_NAME = "squid.conf"
 # its virtualenv (No module named 'orchestrator'); env runs it with its real path.
 HELPER = ("/usr/bin/env", "/opt/orchestrator/bin/python", "-I", "-m", "orchestrator.egress")
 NO_PROXY = "127.0.0.1,localhost"  # the model gateway, on the agent's loopback
+EGRESS_SOCKET = "egress.sock"  # runtime: swarm: in the chat's socket folder, relayed to its node's proxy
+PROXIED_MARKER = "egress"  # in the chat's run folder (root's) while its egress is an allowlist: the relay serves it
 MAX_CONNECTIONS = 256  # at once from one chat's container (one address): no chat takes all of squid's files
 MAX_READ = 1024**2  # bytes of the refusal log read per pass; the rest waits for the next
 MAX_LINE = 2048  # a refusal line is about 100 bytes; anything longer is skipped
 TRUNCATE_AT = 4 * 1024**2  # the log, once read to its end past this size, is emptied (squid appends: O_APPEND)
 _DOMAIN = re.compile(r"(\*\.)?[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*")
 _HOST = re.compile(r"[A-Za-z0-9.:_\[\]-]{1,255}")  # a domain, an IPv4 or a bracketed IPv6 address
+NODE_ID = re.compile(r"[a-z0-9]{25}")  # a Swarm node's id, as the engine makes them
 _USER = re.compile(r"(p[0-9a-f]{12})\.([A-Za-z0-9][A-Za-z0-9_-]{0,63})")
 
 
@@ -114,21 +125,34 @@ def proxy_username(chat_id: str, chat_policy: Policy) -> str:
 
 def proxy_environment(settings: Settings, chat: ChatSettings, secret: bytes) -> dict[str, str]:
     """HTTP(S)_PROXY with the chat's credentials, for a chat on the proxy; nothing for `open`, `none` or a network
-    of the operator's. Pure."""
+    of the operator's. On Swarm the proxy is on the agent's loopback (EGRESS_RELAY_PORT: agent-init relays it to
+    the chat's socket). Pure."""
     if not proxied(chat.options):
         return {}
     username = proxy_username(chat.chat_id, policy(chat.options.egress))
     password = credentials.proxy_password(proxy_key(secret), username)
-    url = f"http://{username}:{password}@{proxy_name(settings.instance)}:{PROXY_PORT}"
+    relayed = settings.runtime == "swarm"
+    url = f"http://{username}:{password}@{'127.0.0.1' if relayed else proxy_name(settings.instance)}:{PROXY_PORT}"
+    relay = {"EGRESS_RELAY_PORT": str(PROXY_PORT)} if relayed else {}
     return {"HTTP_PROXY": url, "HTTPS_PROXY": url, "http_proxy": url, "https_proxy": url,
-            "NO_PROXY": NO_PROXY, "no_proxy": NO_PROXY}
+            "NO_PROXY": NO_PROXY, "no_proxy": NO_PROXY, **relay}
 
 
-def squid_config(chat_policies: Iterable[Policy]) -> str:
-    """squid.conf for these policies. Pure."""
+def node_port(settings: Settings) -> int | None:
+    """runtime: swarm: the port of the proxy on each node's loopback, when some chat's egress is an allowlist (the
+    model gateway relays the chats' sockets to it); None otherwise."""
+    return settings.swarm.egress_port if settings.runtime == "swarm" and policies(settings) else None
+
+
+def squid_config(chat_policies: Iterable[Policy], on_node: int | None = None) -> str:
+    """squid.conf for these policies: listening on PROXY_PORT in its container, or (runtime: swarm) `on_node`, the
+    node's loopback port that the model gateway relays the chats' sockets to. Pure."""
+    # Per chat: each chat's container is one client address on one host; on a node every relayed connection comes
+    # from the loopback, and the gateway holds each chat to MAX_CONNECTIONS instead.
+    per_client = [f"acl too_many maxconn {MAX_CONNECTIONS}", "http_access deny too_many"] if on_node is None else []
     lines = [
         "# Made by the orchestrator from its config at every start (orchestrator/egress.py); edits are lost.",
-        f"http_port {PROXY_PORT}",
+        f"http_port {PROXY_PORT}" if on_node is None else f"http_port 127.0.0.1:{on_node}",
         "visible_hostname egress-proxy",
         "cache_effective_user proxy",
         "pid_filename none",
@@ -156,10 +180,9 @@ def squid_config(chat_policies: Iterable[Policy]) -> str:
         "acl CONNECT method CONNECT",
         "acl tls_port port 443",
         "acl link_local dst 169.254.0.0/16",
-        f"acl too_many maxconn {MAX_CONNECTIONS}",
         "http_access deny !authenticated",
         "http_access deny CONNECT !tls_port",
-        "http_access deny too_many",
+        *per_client,
     ]
     for chat_policy in chat_policies:
         if not chat_policy.domains:
@@ -196,7 +219,7 @@ def log_dir(settings: Settings) -> Path:
 def write_files(settings: Settings, secret: bytes) -> str:
     """The proxy's config and key, replaced whole (a helper starting meanwhile reads the old or the new one), and its
     log folder; a digest of both, which changes the proxy's container spec when they change."""
-    config = squid_config(policies(settings))
+    config = squid_config(policies(settings), node_port(settings))
     key = proxy_key(secret).hex()
     for path, mode in ((folder(settings), 0o755), (conf_dir(settings), 0o755)):
         path.mkdir(mode=mode, exist_ok=True)
@@ -259,10 +282,10 @@ class RefusalLog:
     last read and the truncation (a few microseconds) goes unreported. Squid's folder is not the agents', but the
     file is still opened without following links and read with bounds."""
 
-    def __init__(self, folder_path: Path) -> None:
+    def __init__(self, folder_path: Path, from_start: bool = False) -> None:
         self.folder = folder_path
         with self._open() as fd:
-            self.offset = 0 if fd is None else os.fstat(fd).st_size
+            self.offset = 0 if fd is None or from_start else os.fstat(fd).st_size
 
     def read(self) -> list[Refusal]:
         with self._open() as fd:
@@ -298,6 +321,33 @@ class RefusalLog:
             yield fd
         finally:
             os.close(fd)
+
+
+class NodeRefusalLogs:
+    """runtime: swarm: the refusal logs of every node's proxy, each in a folder of its own under the log folder
+    (named by the node's id: `egress_node`), found as they appear. Those there at the start are followed from their
+    end, as one host's; a node's that appears later from its start (its proxy began writing since)."""
+
+    def __init__(self, folder_path: Path) -> None:
+        self.folder = folder_path
+        self.logs = {name: RefusalLog(folder_path / name) for name in self._nodes()}
+
+    def read(self) -> list[Refusal]:
+        for name in self._nodes() - self.logs.keys():
+            self.logs[name] = RefusalLog(self.folder / name, from_start=True)
+        return [refusal for log in self.logs.values() for refusal in log.read()]
+
+    def _nodes(self) -> set[str]:
+        try:
+            with os.scandir(self.folder) as entries:
+                return {entry.name for entry in entries
+                        if NODE_ID.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)}
+        except FileNotFoundError:
+            return set()
+
+
+def refusal_logs(settings: Settings) -> RefusalLog | NodeRefusalLogs:
+    return NodeRefusalLogs(log_dir(settings)) if settings.runtime == "swarm" else RefusalLog(log_dir(settings))
 
 
 def _complete_lines(data: bytes, whole: bool) -> tuple[list[str], int]:

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.egress import PROXY_PORT
+from orchestrator.egress import PROXY_PORT, PROXY_UID
 
 BLOCKED_RANGES = ("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
                   "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15", "224.0.0.0/4", "240.0.0.0/4")
@@ -69,8 +69,9 @@ def chains(instance: str) -> Chains:
     return Chains(forward=f"ORCH-{digest}-FWD", agents=f"ORCH-{digest}-AGT", local=f"ORCH-{digest}-IN")
 
 
-def host_resolvers(resolv_conf: str) -> list[str]:
-    """The IPv4 nameservers of a resolv.conf that are not loopback (Docker replaces those with public ones)."""
+def host_resolvers(resolv_conf: str, loopback: bool = False) -> list[str]:
+    """The IPv4 nameservers of a resolv.conf, but for loopback ones (Docker replaces those with public ones in a
+    container of its own network) unless `loopback` (what a process on the host's network asks)."""
     resolvers = []
     for line in resolv_conf.splitlines():
         words = line.split()
@@ -79,7 +80,7 @@ def host_resolvers(resolv_conf: str) -> list[str]:
                 address = ipaddress.ip_address(words[1])
             except ValueError:
                 continue
-            if address.version == 4 and not address.is_loopback:
+            if address.version == 4 and (loopback or not address.is_loopback):
                 resolvers.append(str(address))
     return resolvers
 
@@ -155,31 +156,89 @@ def node_chain(instance: str) -> str:
     return f"ORCH-{hashlib.sha256(instance.encode()).hexdigest()[:10]}-NODE"
 
 
+def node_proxy_chain(instance: str) -> str:
+    return f"ORCH-{hashlib.sha256(instance.encode()).hexdigest()[:10]}-PRX"
+
+
+def node_proxy_rules(resolvers: list[str]) -> list[list[str]]:
+    """The way out of the instance's egress proxy on a node (on the node's network, as user proxy): answers, DNS
+    to the node's resolvers (a loopback one on any port: Docker's embedded resolver is redirected to another), then
+    nothing of the node itself (any of its addresses) and nothing private, link-local or loopback, as
+    `forward_rules` close one host's egress bridge. Pure."""
+    rules = [ANSWERS]
+    for resolver in resolvers:
+        if ipaddress.ip_address(resolver).is_loopback:
+            rules.append(["-d", f"{resolver}/32", "-j", "RETURN"])
+        else:
+            rules += [["-d", f"{resolver}/32", "-p", protocol, "-m", protocol, "--dport", "53", "-j", "RETURN"]
+                      for protocol in ("udp", "tcp")]
+    rules.append(["-m", "addrtype", "--dst-type", "LOCAL", "-j", "REJECT", "--reject-with", "icmp-net-prohibited"])
+    rules += [["-d", blocked, "-j", "REJECT", "--reject-with", "icmp-net-prohibited"] for blocked in BLOCKED_RANGES]
+    return rules
+
+
+def _node_resolvers() -> list[str]:
+    """The resolvers the proxy asks: the node's resolv.conf as it is (the guard is on the node's network, as the
+    proxy is), loopback ones included."""
+    path = RESOLV_CONFS[-1]
+    return host_resolvers(path.read_text(), loopback=True) if path.exists() else []
+
+
+# IPv6, where the node has it: the proxy makes no IPv6 connection at all (answers only; squid falls back to IPv4),
+# which spares a second list of the node's own and private addresses. The chats' tasks have IPv6 turned off.
+NODE_PROXY_RULES_V6 = [ANSWERS, ["-j", "REJECT", "--reject-with", "icmp6-adm-prohibited"]]
+IPV6_INTERFACES = Path("/proc/net/if_inet6")  # missing where the kernel (or the node's namespace) has no IPv6
+
+
+def _node_chain_rules(instance: str) -> list[tuple[str, list[list[str]]]]:
+    return [(node_chain(instance), local_rules()), (node_proxy_chain(instance), node_proxy_rules(_node_resolvers()))]
+
+
+def _node_proxy_jump(instance: str) -> Jump:
+    return "OUTPUT", ["-m", "owner", "--uid-owner", str(PROXY_UID), "-j", node_proxy_chain(instance)]
+
+
 def _node_jumps(instance: str, bridge: str) -> list[Jump]:
     """From the chats' bridge to the node itself: to the node's chain (answers to what the node started, nothing
-    else). Between two chats on the bridge: dropped, whatever the node's config network says of enable_icc."""
+    else). Between two chats on the bridge: dropped, whatever the node's config network says of enable_icc. From
+    the node's processes of Debian's proxy user (uid 13, the egress proxy's: on a node of the instance no other
+    proxy should run as it): to the proxy's chain."""
     return [("INPUT", ["-i", bridge, "-j", node_chain(instance)]),
-            ("DOCKER-USER", ["-i", bridge, "-o", bridge, "-j", "DROP"])]
+            ("DOCKER-USER", ["-i", bridge, "-o", bridge, "-j", "DROP"]), _node_proxy_jump(instance)]
 
 
 def install_node(instance: str, bridge: str) -> None:
-    """Make (or re-make) the node's chain and its jumps for the chats' bridge (by name: the rules hold before the
-    bridge exists, from the node's first chat on)."""
-    _apply([(node_chain(instance), local_rules())], _node_jumps(instance, bridge))
+    """Make (or re-make) the node's chains and their jumps for the chats' bridge (by name: the rules hold before the
+    bridge exists, from the node's first chat on) and the egress proxy's way out (IPv6's too, where there is IPv6)."""
+    _apply(_node_chain_rules(instance), _node_jumps(instance, bridge))
+    if IPV6_INTERFACES.exists():
+        _apply([(node_proxy_chain(instance), NODE_PROXY_RULES_V6)], [_node_proxy_jump(instance)], family=IPV6)
 
 
 def node_intact(instance: str, bridge: str) -> bool:
-    return _intact([(node_chain(instance), local_rules())], _node_jumps(instance, bridge))
+    return _intact(_node_chain_rules(instance), _node_jumps(instance, bridge)) and (
+        not IPV6_INTERFACES.exists()
+        or _intact([(node_proxy_chain(instance), NODE_PROXY_RULES_V6)], [_node_proxy_jump(instance)], family=IPV6))
 
 
-def _apply(chain_rules: list[tuple[str, list[list[str]]]], jumps: list[Jump], stale: Sequence[Jump] = ()) -> None:
+@dataclass(frozen=True)
+class Family:
+    tool: str
+    restore: str
+
+
+IPV4, IPV6 = Family("iptables", "iptables-restore"), Family("ip6tables", "ip6tables-restore")
+
+
+def _apply(chain_rules: list[tuple[str, list[list[str]]]], jumps: list[Jump], stale: Sequence[Jump] = (),
+           family: Family = IPV4) -> None:
     """Each chain made (or emptied) with its rules; each jump put first unless it is in place (`_placed`), its other
     copies deleted; every copy of a `stale` rule deleted: in one iptables-restore, which applies all or nothing."""
     for parent in {parent for parent, _ in jumps}:
-        if not _succeeds("-L", parent, "-n"):
+        if not _succeeds("-L", parent, "-n", family=family):
             raise FirewallError(f"the {parent} chain is missing: is the Docker engine running with its iptables "
                                 "rules (the default)?")
-    listed = {parent: _rules(parent, must_list=True) for parent, _ in [*jumps, *stale]}
+    listed = {parent: _rules(parent, must_list=True, family=family) for parent, _ in [*jumps, *stale]}
     batch = []
     for chain, rules in chain_rules:
         batch += [f":{chain} - [0:0]", *(_line("-A", chain, rule) for rule in rules)]
@@ -189,14 +248,15 @@ def _apply(chain_rules: list[tuple[str, list[list[str]]]], jumps: list[Jump], st
             batch.append(_line("-I", parent, ["1", *rule]))
     for parent, rule in stale:
         batch += [_line("-D", parent, rule)] * listed[parent].count(_line("-A", parent, rule))
-    _restore(batch)
+    _restore(batch, family)
 
 
-def _intact(chain_rules: list[tuple[str, list[list[str]]]], jumps: list[Jump]) -> bool:
+def _intact(chain_rules: list[tuple[str, list[list[str]]]], jumps: list[Jump], family: Family = IPV4) -> bool:
     """Whether each chain holds exactly its rules and each jump is in place (`_placed`): what `_apply` makes."""
-    if any(_rules(chain) != [_line("-A", chain, rule) for rule in rules] for chain, rules in chain_rules):
+    if any(_rules(chain, family=family) != [_line("-A", chain, rule) for rule in rules]
+           for chain, rules in chain_rules):
         return False
-    listed = {parent: _rules(parent) for parent, _ in jumps}
+    listed = {parent: _rules(parent, family=family) for parent, _ in jumps}
     return all(_placed(parent, rule, listed[parent]) for parent, rule in jumps)
 
 
@@ -212,12 +272,12 @@ def _line(operation: str, chain: str, rule: list[str]) -> str:
     return " ".join([operation, chain, *rule])
 
 
-def _rules(chain: str, must_list: bool = False) -> list[str]:
+def _rules(chain: str, must_list: bool = False, family: Family = IPV4) -> list[str]:
     """A chain's rules as `iptables -S` prints them, without its `-N` line; empty when it is missing, or raises when
     it `must_list` (a parent whose jumps are moved: read as empty, a jump would be inserted once more each time)."""
-    run = subprocess.run([*_command(), "-S", chain], capture_output=True, text=True)
+    run = subprocess.run([*_command(family.tool), "-S", chain], capture_output=True, text=True)
     if run.returncode != 0 and must_list:
-        raise FirewallError(f"iptables -S {chain} failed: {run.stderr.strip()}{NEEDS}")
+        raise FirewallError(f"{family.tool} -S {chain} failed: {run.stderr.strip()}{NEEDS}")
     return [line for line in run.stdout.splitlines() if line.startswith("-A ")] if run.returncode == 0 else []
 
 
@@ -244,8 +304,8 @@ def _command(tool: str = "iptables") -> list[str]:
     return [path, "-w", "10"]
 
 
-def _succeeds(*args: str) -> bool:
-    return subprocess.run([*_command(), *args], capture_output=True).returncode == 0
+def _succeeds(*args: str, family: Family = IPV4) -> bool:
+    return subprocess.run([*_command(family.tool), *args], capture_output=True).returncode == 0
 
 
 def _iptables(*args: str) -> None:
@@ -254,10 +314,10 @@ def _iptables(*args: str) -> None:
         raise FirewallError(f"iptables {' '.join(args)} failed: {run.stderr.strip()}{NEEDS}")
 
 
-def _restore(batch: list[str]) -> None:
+def _restore(batch: list[str], family: Family = IPV4) -> None:
     """The filter table's `batch` of changes applied at once (nothing of it when one fails)."""
     script = "\n".join(["*filter", *batch, "COMMIT", ""])
-    run = subprocess.run([*_command("iptables-restore"), "--noflush"], input=script, capture_output=True, text=True)
+    run = subprocess.run([*_command(family.restore), "--noflush"], input=script, capture_output=True, text=True)
     if run.returncode != 0:
-        raise FirewallError(f"iptables-restore failed: {run.stderr.strip()}, applying:\n{script}{NEEDS}")
+        raise FirewallError(f"{family.restore} failed: {run.stderr.strip()}, applying:\n{script}{NEEDS}")
 

@@ -57,7 +57,7 @@ from aiohttp import web
 from loguru import logger
 from yarl import URL
 
-from orchestrator import credentials, ids, layout, spending
+from orchestrator import credentials, egress, ids, layout, spending
 from orchestrator.config import BUDGET_LIMITS, BudgetSettings, GatewaySettings, Price, Settings, url_secrets
 from orchestrator.logs import setup_logging
 from orchestrator.model_socket import SOCKET
@@ -99,6 +99,7 @@ class GatewayConfig:
     run_dir: Path  # the chats' run folders (made by the orchestrator): which chats to serve
     secret_path: Path
     socket_dir: Path | None = None  # where each chat's socket is bound, a folder per chat; None: in run_dir's
+    egress_port: int | None = None  # runtime: swarm: the node's egress proxy, to relay the chats' egress sockets to
     log_json: bool = False
     log_level: str = "INFO"
 
@@ -111,7 +112,7 @@ def settings_json(settings: Settings) -> str:
         "gateway": dataclasses.asdict(settings.gateway),
         "budgets": dataclasses.asdict(settings.budgets),
         "store_url": settings.store.url, "run_dir": str(layout.run_dir(settings)),
-        "socket_dir": str(layout.model_socket_dir(settings)),
+        "socket_dir": str(layout.model_socket_dir(settings)), "egress_port": egress.node_port(settings),
         "secret_path": str(layout.secret_path(settings)),
         "log_json": settings.logging.json, "log_level": settings.logging.level,
     }, default=str, sort_keys=True, indent=1)
@@ -146,7 +147,7 @@ def read_settings(path: Path) -> GatewayConfig:
         budgets=BudgetSettings(**money, timezone=budgets["timezone"], reset_at=budgets["reset_at"],
                                footer=budgets["footer"], prices=prices),
         store_url=raw["store_url"], run_dir=Path(raw["run_dir"]), secret_path=Path(raw["secret_path"]),
-        socket_dir=Path(raw["socket_dir"]) if raw.get("socket_dir") else None,
+        socket_dir=Path(raw["socket_dir"]) if raw.get("socket_dir") else None, egress_port=raw.get("egress_port"),
         log_json=raw["log_json"], log_level=raw["log_level"])
 
 
@@ -217,6 +218,8 @@ class Gateway:
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-store")  # one writer, in order
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-json")  # one body at a time
         self._sites: dict[str, web.SockSite] = {}  # chat id → its socket's site
+        self._relays: dict[str, asyncio.Server] = {}  # chat id → its egress socket's server (runtime: swarm)
+        self._relayed: dict[str, int] = {}  # chat id → its egress connections open
         self._folders: dict[str, int] = {}  # chat id → its folder's descriptor, which names its socket
         self._chats: dict[str, str] = {}  # socket path → chat id
         self._tokens: dict[str, str] = {}
@@ -253,6 +256,8 @@ class Gateway:
             await asyncio.gather(self._poller, return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
+        for relay in self._relays.values():
+            relay.close()
         for fd in self._folders.values():
             os.close(fd)
         self._folders.clear()
@@ -280,10 +285,14 @@ class Gateway:
             folders = set()
         for chat_id in self._sites.keys() - folders:
             await self._sites.pop(chat_id).stop()
+            relay = self._relays.pop(chat_id, None)
+            if relay is not None:
+                relay.close()  # its open connections end with their clients
             os.close(self._folders.pop(chat_id))
-            if self._own_folders:  # the socket, then the folder this gateway made
-                with contextlib.suppress(OSError):
-                    os.unlink(self._socket_dir / chat_id / SOCKET)
+            if self._own_folders:  # the sockets, then the folder this gateway made
+                for name in (SOCKET, egress.EGRESS_SOCKET):
+                    with contextlib.suppress(OSError):
+                        os.unlink(self._socket_dir / chat_id / name)
                 with contextlib.suppress(OSError):
                     os.rmdir(self._socket_dir / chat_id)
             self._tokens.pop(chat_id)
@@ -322,6 +331,51 @@ class Gateway:
         self._folders[chat_id] = fd
         self._chats[path] = chat_id
         self._tokens[chat_id] = credentials.model_token(self.secret, chat_id)
+        if self.config.egress_port is not None:
+            await self._serve_egress(chat_id, f"/proc/self/fd/{fd}/{egress.EGRESS_SOCKET}")
+
+    async def _serve_egress(self, chat_id: str, path: str) -> None:
+        """runtime: swarm: the chat's egress socket beside its model socket, relayed to the node's proxy."""
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(path)
+            os.chmod(path, 0o666)
+            self._relays[chat_id] = await asyncio.start_unix_server(
+                lambda reader, writer: self._relay(chat_id, reader, writer), sock=listener)
+        except OSError as exc:
+            self._cannot_serve(chat_id, self._socket_dir / chat_id, exc)
+
+    async def _relay(self, chat_id: str, client_reader: asyncio.StreamReader,
+                     client: asyncio.StreamWriter) -> None:
+        """One connection of a chat's egress socket piped to the node's proxy (which asks for the chat's proxy
+        credentials), while the chat's egress is an allowlist (its run folder's marker: the socket is there for
+        every chat) and it has fewer than egress.MAX_CONNECTIONS open; otherwise closed at once."""
+        marker = self.config.run_dir / chat_id / egress.PROXIED_MARKER
+        if self._relayed.get(chat_id, 0) >= egress.MAX_CONNECTIONS or not marker.exists():
+            client.close()
+            return
+        self._relayed[chat_id] = self._relayed.get(chat_id, 0) + 1
+        try:
+            assert self.config.egress_port is not None
+            proxy_reader, proxy = await asyncio.open_connection("127.0.0.1", self.config.egress_port)
+        except OSError as exc:
+            logger.bind(chat_id=chat_id).warning(f"the node's egress proxy cannot be reached: {exc}")
+            self._relay_ended(chat_id)
+            client.close()
+            return
+        try:
+            await asyncio.gather(_pipe(client_reader, proxy), _pipe(proxy_reader, client))
+        finally:
+            self._relay_ended(chat_id)
+            client.close()
+            proxy.close()
+
+    def _relay_ended(self, chat_id: str) -> None:
+        left = self._relayed.pop(chat_id) - 1
+        if left:
+            self._relayed[chat_id] = left
 
     def _cannot_serve(self, chat_id: str, folder: Path, error: OSError) -> None:
         if chat_id not in self._unservable:
@@ -627,6 +681,19 @@ class Gateway:
     async def _in_store(self, fn: Callable[..., T], *args: Any) -> T:
         """Store calls run on the gateway's one store thread: a busy database never holds the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
+
+
+async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    """Bytes from one side of a relayed connection to the other until the source ends (passed on as the end of
+    what the sink will get) or either side breaks (the sink closed, which ends the other direction too)."""
+    try:
+        while chunk := await source.read(READ_PIECE):
+            sink.write(chunk)
+            await sink.drain()
+        if sink.can_write_eof():
+            sink.write_eof()
+    except OSError:
+        sink.close()
 
 
 def _counted(usage: spending.Usage) -> str:

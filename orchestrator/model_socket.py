@@ -12,17 +12,24 @@ from loguru import logger
 
 from orchestrator import layout
 from orchestrator.config import Settings
+from orchestrator.egress import PROXIED_MARKER
 
 SOCKET = "model.sock"
 SOCKET_WAIT_SECONDS = 5.0
 
 
-def prepare_chat(settings: Settings, chat_id: str) -> None:
+def prepare_chat(settings: Settings, chat_id: str, proxied: bool) -> None:
     """The chat's run folder (root's, read-only in its container): the gateway starts serving it within
-    gateway.POLL_SECONDS, while the chat's container is made ready."""
+    gateway.POLL_SECONDS, while the chat's container is made ready. It holds egress.PROXIED_MARKER while the chat's
+    egress is an allowlist: on Swarm the gateway relays the chat's egress socket only then."""
     folder = layout.chat_run_dir(settings, chat_id)
     folder.mkdir(exist_ok=True)
     os.chmod(folder, 0o755, follow_symlinks=False)  # whatever the umask: the agent connects to the socket
+    marker = folder / PROXIED_MARKER
+    if proxied:
+        marker.touch()
+    else:
+        marker.unlink(missing_ok=True)
 
 
 async def wait_served(settings: Settings, chat_id: str) -> None:

@@ -9,6 +9,7 @@ event loop; the public methods are coroutines.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import re
@@ -40,6 +41,8 @@ INSTANCE_LABEL = "orchestrator.instance"
 SWARM_TASK_LABEL = "com.docker.swarm.task.id"  # the engine's, on the container of a Swarm task
 ROLE_LABEL = "orchestrator.role"  # a container of the instance's that serves no one chat (gateway, egress proxy)
 GATEWAY_ROLE = "model-gateway"
+EGRESS_PROXY_ROLE = "egress-proxy"
+NODE_ROLES = (GATEWAY_ROLE, EGRESS_PROXY_ROLE)  # runtime: swarm: the instance's services on every node
 SPEC_LABEL = "orchestrator.spec"
 
 ICC_OPTION = "com.docker.network.bridge.enable_icc"
@@ -239,11 +242,15 @@ def egress_proxy_spec(settings: Settings, files_digest: str) -> ContainerSpec:
     """The instance's egress proxy (see `egress`): squid from the orchestrator's image, on the agents' network (where
     agents resolve it by its name) and the egress network. Root only to start: squid drops to user proxy, which
     takes SETUID and SETGID and no other capability; read-only, its config folder read-only, writing only its
-    refusal log. The digest of its config and key in its environment makes a changed config re-create it."""
-    return ContainerSpec(
+    refusal log. The digest of its config and key in its environment makes a changed config re-create it.
+    runtime: swarm: one on every node (a global service, from the registry), on the node's network listening on
+    its loopback (the gateway relays the chats' sockets to it), started as user proxy with no capability by
+    `egress_node`, which gives each node's refusals a folder of its own (the node's id from the service's
+    template)."""
+    spec = ContainerSpec(
         name=egress.proxy_name(settings.instance),
         image=settings.gateway.image,  # the orchestrator's own, like the gateway's
-        labels={MANAGED_LABEL: "true", INSTANCE_LABEL: settings.instance, ROLE_LABEL: "egress-proxy"},
+        labels={MANAGED_LABEL: "true", INSTANCE_LABEL: settings.instance, ROLE_LABEL: EGRESS_PROXY_ROLE},
         nano_cpus=1_000_000_000,
         mem_limit=256 * 1024**2,  # squid without a cache takes about 15 MiB, plus buffers per connection
         pids_limit=64,  # squid and its few helpers
@@ -259,6 +266,12 @@ def egress_proxy_spec(settings: Settings, files_digest: str) -> ContainerSpec:
         cap_add=("SETUID", "SETGID"),
         restart="unless-stopped",
     )
+    if settings.runtime != "swarm":
+        return spec
+    return dataclasses.replace(
+        spec, image=settings.swarm.orchestrator_image, network="host", networks=(), cap_add=(),
+        user=f"{egress.PROXY_UID}:{egress.PROXY_UID}", environment=(*spec.environment, ("NODE_ID", "{{.Node.ID}}")),
+        command=("python", "-m", "orchestrator.egress_node"))
 
 
 def model_port(network: str, chat_id: str) -> int:
@@ -903,9 +916,10 @@ def service_state(service: dict[str, Any], tasks: list[dict[str, Any]],
 
 class SwarmRuntime(Runtime):
     """Each chat a Swarm service on a manager's engine (one replica; idle stop scales it to zero), its folders on
-    storage every node mounts at the same path. The instance's own containers (the model gateway, the egress proxy)
-    stay on this host's engine (`local`), and so do their networks and the firewall. A start's and a stop's waits
-    poll from the event loop, so a chat whose image is being pulled holds none of the pool's threads.
+    storage every node mounts at the same path. The instance's own services (the guard, the model gateway, the
+    egress proxy) are global: one task on every node. This host's engine (`local`) keeps the networks and firewall
+    of one host, unused by the chats. A start's and a stop's waits poll from the event loop, so a chat whose image
+    is being pulled holds none of the pool's threads.
 
     What a chat's task cannot give from another node (no `docker exec` there, no stats): `run` refuses, `usage`
     knows nothing (a turn's pids-limit refusals come from the agent host, in the turn's folder). See
@@ -1043,9 +1057,9 @@ class SwarmRuntime(Runtime):
     async def ensure(self, spec: ContainerSpec) -> ContainerState:
         """A chat's service made, brought up to date or scaled up, and waited for until its task runs (on the first
         start on a node that includes pulling the image); the model gateway a global service (one on every node,
-        not waited for: chats are placed only where it runs); the egress proxy on this host."""
-        if spec.labels.get(ROLE_LABEL) == GATEWAY_ROLE:
-            return await self._call(self._ensure_gateway, spec)
+        not waited for: chats are placed only where it runs), and so is the egress proxy."""
+        if spec.labels.get(ROLE_LABEL) in NODE_ROLES:
+            return await self._call(self._ensure_node_service, spec)
         if CHAT_LABEL not in spec.labels:
             return await self.local.ensure(spec)
         fingerprint, running = await self._call(self._apply, spec)
@@ -1138,6 +1152,8 @@ class SwarmRuntime(Runtime):
         service = self._service(name)
         if service is None:
             return None
+        if "Global" in service["Spec"].get("Mode", {}):
+            return self._global_state(service)
         return self._state(service, self._tasks([service["ID"]]).get(service["ID"], []))
 
     async def stop(self, name: str, grace_seconds: float) -> None:
@@ -1211,12 +1227,15 @@ class SwarmRuntime(Runtime):
             time.sleep(SWARM_WATCH_SECONDS)
 
     def _label_ready_nodes(self, instance: str) -> None:
-        """The ready label set on the nodes where both the guard (healthy) and the model gateway run, and taken
-        from the others once READY_GRACE_SECONDS passed: Swarm then places chats only where the node's rules are
-        kept and the chat's model socket is served, and stops a chat's task on a node that lost either (a node's
-        labels are its constraints' input)."""
+        """The ready label set on the nodes where the guard (healthy), the model gateway and (when some chat's egress
+        is an allowlist) the egress proxy run, and taken from the others once READY_GRACE_SECONDS passed: Swarm then
+        places chats only where the node's rules are kept and the chat's sockets are served, and stops a chat's task
+        on a node that lost one (a node's labels are its constraints' input)."""
         label = ready_label(instance)
         guarded, served = (self._running_on(name) for name in (guard_name(instance), gateway_container_name(instance)))
+        proxy = egress.proxy_name(instance)
+        if self._service(proxy) is not None:  # some chat's egress is an allowlist: served where the proxy runs
+            served &= self._running_on(proxy)
         nodes = self._api.nodes()
         self._nodes = (swarm_nodes(nodes), time.monotonic())  # the chats' states just after read it, not again
         ready = guarded & served
@@ -1253,11 +1272,16 @@ class SwarmRuntime(Runtime):
         image = self._image(self.orchestrator_image)
         self._ensure_global(guard_service_spec(instance, image, chats_bridge(network["Id"])))
 
-    def _ensure_gateway(self, spec: ContainerSpec) -> ContainerState:
-        service = self._ensure_global(node_service_spec(spec, self._image(spec.image)))
-        running = self._running_on(spec.name)
+    def _ensure_node_service(self, spec: ContainerSpec) -> ContainerState:
+        return self._global_state(self._ensure_global(node_service_spec(spec, self._image(spec.image))))
+
+    def _global_state(self, service: dict[str, Any]) -> ContainerState:
+        """A global service (the gateway, the egress proxy) as a container: running while its spec runs on a node, on
+        the nodes named."""
+        name = service["Spec"]["Name"]
+        running = self._running_on(name)
         nodes = self._node_table()
-        return ContainerState(name=spec.name, id=service["ID"], status="running" if running else "created",
+        return ContainerState(name=name, id=service["ID"], status="running" if running else "created",
                               node=", ".join(sorted(nodes[n].hostname if n in nodes else n for n in running)))
 
     def _ensure_global(self, spec: dict[str, Any]) -> dict[str, Any]:

@@ -109,7 +109,7 @@ class Service:
         self._hurry = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
         self._egress_proxy: ContainerSpec | None = None  # made by close_network when a chat's egress is an allowlist
-        self._refusals = egress.RefusalLog(egress.log_dir(settings))
+        self._refusals = egress.refusal_logs(settings)
 
     # ---- lifecycle ----
 

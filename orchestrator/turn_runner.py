@@ -25,6 +25,7 @@ from orchestrator.agent import Answer, Failure, Init, Text, ToolUse, Transcript,
 from orchestrator.approvals import MAX_ASKS_PER_TURN, Approvals, FollowedTurn
 from orchestrator.channels import AttachmentRefused, TurnDisplay
 from orchestrator.config import ChatSettings, Settings, resolve_chat
+from orchestrator.egress import proxied
 from orchestrator.masking import Masker
 from orchestrator.runtime import ContainerState, Runtime, RuntimeFailure, container_spec
 from orchestrator.states import State
@@ -250,7 +251,7 @@ class TurnRunner:
     async def _container(self, chat: ChatSettings, paths: layout.ChatPaths, record: ChatRecord) -> ContainerState:
         chat_id = record.chat_id
         layout.prepare(paths, self.settings.agent.uid)
-        model_socket.prepare_chat(self.settings, chat_id)
+        model_socket.prepare_chat(self.settings, chat_id, proxied(chat.options))
         if self._secret is None:
             self._secret = credentials.load_or_make_secret(layout.secret_path(self.settings))
         container = await self.runtime.ensure(container_spec(self.settings, chat, paths, self._secret, record.name))

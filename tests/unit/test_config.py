@@ -358,7 +358,7 @@ def test_chats_dir_is_relative_to_the_config_file_and_defaults_under_data_dir(tm
 EVERYTHING = {
     "data_dir": "/srv/bot", "chats_dir": "/mnt/chats", "instance": "bot-2",
     "runtime": "swarm", "swarm": {"manager": "unix:///run/manager/docker.sock", "start_timeout": 90,
-                                   "orchestrator_image": "reg:5000/orchestrator:2"},
+                                   "orchestrator_image": "reg:5000/orchestrator:2", "egress_port": 13128},
     "agent": {"image": "runner:2", "env": {"REGION": "eu"}, "model": "claude-opus-4-5",
               "extra_args": ["--max-turns", "7"], "idle_timeout": 30, "turn_timeout": 120, "hot_idle": 45, "uid": 1001},
     "defaults": {"cpus": 0.5, "memory": "1g", "pids_limit": 64, "network": "none", "unsafe_network": True,
@@ -396,7 +396,8 @@ def expected_everything(source: Path) -> Settings:
     return Settings(
         source=source, data_dir=Path("/srv/bot"), chats_dir=Path("/mnt/chats"), instance="bot-2",
         runtime="swarm", swarm=SwarmSettings(manager="unix:///run/manager/docker.sock", start_timeout=90.0,
-                                                                 orchestrator_image="reg:5000/orchestrator:2"),
+                                                                 orchestrator_image="reg:5000/orchestrator:2",
+                                                                 egress_port=13128),
         agent=AgentSettings(image="runner:2", env={"REGION": "eu"}, model="claude-opus-4-5",
                             extra_args=("--max-turns", "7"), idle_timeout=30.0, turn_timeout=120.0, hot_idle=45.0,
                             uid=1001),
@@ -719,12 +720,18 @@ def test_swarm_placement_per_group_overrides_the_defaults(tmp_path: Path) -> Non
         constraints=("node.labels.gpu == true", "node.role!=manager"), reserve_memory=1024**3)
     assert load_settings(write(tmp_path, {}), {}).runtime == "docker"
     assert load_settings(write(tmp_path, {**SWARM, "defaults": {"network": "none"}}), {}).runtime == "swarm"
+    # an allowlist is served on every node (the default one, and a group's)
+    allowlists = load_settings(write(tmp_path, {**SWARM, "defaults": {}, "groups": {
+        "oc_a": {"egress": {"allow": ["pypi.org"]}}}}), {})
+    assert resolve_chat(allowlists, "oc_b").options.egress.mode == "allowlist"
+    assert resolve_chat(allowlists, "oc_a").options.egress.allow == ("pypi.org",)
     assert load_settings(write(tmp_path, SWARM), {}).swarm == SwarmSettings(
         manager="", start_timeout=300.0, orchestrator_image="reg:5000/orchestrator")
 
 
-NOT_ON_SWARM = ("is not served on runtime: swarm yet (the egress proxy and the firewall rules are one host's, and a "
-                "chat's service runs on any node): set egress: none (see docs/SCALING.md)")
+NOT_ON_SWARM = ("open is not served on runtime: swarm (a chat's service runs on any node, and the way out of one is "
+                "not closed to the node's networks): list the hosts the agent needs (egress: {allow: [...]}), or set "
+                "egress: none (see docs/SCALING.md)")
 ENGINE_ADDRESS = ("must be an engine's address: unix:///path/docker.sock (tcp:// without TLS would leave the Swarm's "
                   "API open, and is refused)")
 NODE_ATTRIBUTE = ("must be a node attribute (node.labels.NAME, node.hostname, node.role, ...), == or !=, and a value, "
@@ -743,8 +750,8 @@ SQLITE_ON_SWARM = ("runtime: swarm needs a PostgreSQL store (postgresql://...): 
 # Whole messages: the operator reads them, and a test of a part would not see the rest garbled.
 @pytest.mark.parametrize(("config", "key", "problem"), [
     ({"runtime": "kubernetes"}, "runtime", "'kubernetes' is not one of docker, swarm"),
-    ({"runtime": "swarm"}, "defaults.egress", f"allowlist {NOT_ON_SWARM}"),
-    ({**SWARM, "groups": {"oc_a": {"egress": "open"}}}, "groups.oc_a.egress", f"open {NOT_ON_SWARM}"),
+    ({**SWARM, "defaults": {"egress": "open"}}, "defaults.egress", NOT_ON_SWARM),
+    ({**SWARM, "groups": {"oc_a": {"egress": "open"}}}, "groups.oc_a.egress", NOT_ON_SWARM),
     ({**SWARM, "groups": {"oc_a": {"network": "host", "unsafe_network": True}}}, "groups.oc_a.network",
      "'host': on runtime: swarm a chat's service is on the instance's Swarm network (instance or none); no other "
      "network is served"),
@@ -755,7 +762,8 @@ SQLITE_ON_SWARM = ("runtime: swarm needs a PostgreSQL store (postgresql://...): 
     ({**SWARM, "swarm": {"manager": "ssh://admin@manager"}}, "swarm.manager",
      f"'ssh://admin@manager' {ENGINE_ADDRESS}"),
     ({**SWARM, "swarm": {"nodes": 3}}, "swarm.nodes",
-     "unknown key (known here: manager, orchestrator_image, start_timeout)"),
+     "unknown key (known here: manager, orchestrator_image, start_timeout, egress_port)"),
+    ({**SWARM, "swarm": {"egress_port": 70000}}, "swarm.egress_port", "70000 is not a port number"),
     ({**SWARM, "swarm": {"start_timeout": 0}}, "swarm.start_timeout", "0 must be a number above 0"),
     ({**SWARM, "swarm": {"manager": "unix:///m.sock"}}, "swarm.orchestrator_image", ORCHESTRATOR_IMAGE),
     ({**SWARM, "swarm": {"orchestrator_image": ""}}, "swarm.orchestrator_image", ORCHESTRATOR_IMAGE),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import credentials, egress, untrusted
+from orchestrator import credentials, egress, egress_node, untrusted
 from orchestrator.config import Egress, Settings, load_settings, resolve_chat
 from orchestrator.layout import chat_paths
 from orchestrator.runtime import ContainerSpec, chat_network, container_spec, egress_proxy_spec
@@ -83,6 +83,24 @@ def test_an_allowlist_chat_gets_the_proxy_with_its_own_credentials(tmp_path: Pat
     assert grouped.startswith(f"http://{egress.policy(Egress(allow=('allowed.test',))).name}.oc_g:")
 
 
+SWARM = ("runtime: swarm\nswarm: {orchestrator_image: 'reg:5000/orchestrator', egress_port: 13128}\n"
+         "store: {url: 'postgresql://u:p@db/bot'}\n")
+
+
+def test_on_swarm_an_allowlist_chat_gets_its_proxy_on_its_own_loopback(tmp_path: Path) -> None:
+    settings = settings_of(tmp_path, "instance: bot\n" + SWARM)
+    env = env_of(settings)
+    username = f"{egress.policy(resolve_chat(settings, 'oc_x').options.egress).name}.oc_x"
+    password = credentials.proxy_password(egress.proxy_key(SECRET), username)
+    assert env["HTTPS_PROXY"] == env["http_proxy"] == f"http://{username}:{password}@127.0.0.1:3128"
+    assert env["EGRESS_RELAY_PORT"] == "3128"  # agent-init relays it to the chat's egress socket
+    assert egress.node_port(settings) == 13128  # where the node's gateway relays it to
+    none = settings_of(tmp_path, "instance: bot\n" + SWARM + "defaults: {egress: none}\n")
+    assert not {"HTTP_PROXY", "EGRESS_RELAY_PORT"} & set(env_of(none))
+    assert egress.node_port(none) is None  # no proxy on the nodes, no relay
+    assert egress.node_port(settings_of(tmp_path, "instance: bot\n")) is None  # one host: agents reach it directly
+
+
 @pytest.mark.parametrize(("config", "network"), [
     ("defaults: {egress: open}\n", "bot-egress"),
     ("defaults: {egress: none}\n", "none"),
@@ -125,6 +143,16 @@ def test_squid_config_allows_each_policy_its_domains_for_its_users_only() -> Non
         assert line in lines
 
 
+def test_on_a_node_squid_listens_on_the_loopback_and_leaves_the_per_chat_cap_to_the_relay() -> None:
+    policy = egress.policy(Egress(allow=("pypi.org",)))
+    lines = egress.squid_config([policy], on_node=13128).splitlines()
+    assert "http_port 127.0.0.1:13128" in lines and "http_port 3128" not in lines
+    assert not [line for line in lines if "too_many" in line]  # every connection comes from the loopback there
+    assert [line for line in lines if line.startswith("http_access")] == [
+        "http_access deny !authenticated", "http_access deny CONNECT !tls_port",
+        f"http_access allow user_{policy.name} allow_{policy.name} !to_localhost !link_local", "http_access deny all"]
+
+
 def test_squid_config_refuses_a_domain_that_could_change_it() -> None:
     with pytest.raises(ValueError):
         egress.squid_config([egress.Policy(domains=("pypi.org\nhttp_access allow all",))])
@@ -139,6 +167,15 @@ def test_the_proxy_container_keeps_only_what_squid_needs(tmp_path: Path) -> None
     assert spec.mounts == ((str(tmp_path / "data" / "egress" / "conf"), "/etc/egress", True),
                            (str(tmp_path / "data" / "egress" / "log"), "/var/log/egress", False))
     assert spec.fingerprint() != egress_proxy_spec(settings, "d2").fingerprint()  # a new config makes it again
+
+
+def test_on_swarm_the_proxy_runs_on_each_nodes_network_as_user_proxy_without_capabilities(tmp_path: Path) -> None:
+    spec = egress_proxy_spec(settings_of(tmp_path, "instance: bot\n" + SWARM), "d1")
+    assert (spec.network, spec.networks, spec.cap_add, spec.user) == ("host", (), (), "13:13")
+    assert spec.image == "reg:5000/orchestrator" and spec.command == ("python", "-m", "orchestrator.egress_node")
+    assert dict(spec.environment) == {"EGRESS_FILES_DIGEST": "d1", "NODE_ID": "{{.Node.ID}}"}  # Swarm's template
+    assert spec.mounts == ((str(tmp_path / "data" / "egress" / "conf"), "/etc/egress", True),
+                           (str(tmp_path / "data" / "egress" / "log"), "/var/log/egress", False))
 
 
 def test_fields_added_later_leave_older_fingerprints_alone(tmp_path: Path) -> None:
@@ -217,6 +254,48 @@ def test_a_link_in_place_of_the_refusal_log_is_refused(tmp_path: Path) -> None:
     os.symlink(tmp_path / "elsewhere", tmp_path / "refused.log")
     with pytest.raises(untrusted.Refused):
         egress.RefusalLog(tmp_path).read()
+
+
+NODE_A, NODE_B = "a" * 25, "b" * 25
+
+
+def test_each_nodes_refusal_log_is_followed_from_the_end_it_had_or_from_its_start_when_new(tmp_path: Path) -> None:
+    line = "1 403 GET {host} 80 p0123456789ab.oc_x\n"
+    (tmp_path / NODE_A).mkdir()
+    (tmp_path / NODE_A / "refused.log").write_text(line.format(host="before.test"))
+    (tmp_path / "not-a-node").mkdir()
+    (tmp_path / "not-a-node" / "refused.log").write_text(line.format(host="planted.test"))
+    os.symlink(tmp_path / NODE_A, tmp_path / ("c" * 25))  # a link is no node's folder
+    logs = egress.NodeRefusalLogs(tmp_path)
+    assert logs.read() == []  # an earlier run's lines are not reported again
+    (tmp_path / NODE_B).mkdir()
+    (tmp_path / NODE_B / "refused.log").write_text(line.format(host="b.test"))  # a node whose proxy started since
+    with (tmp_path / NODE_A / "refused.log").open("a") as file:
+        file.write(line.format(host="a.test"))
+    assert sorted(r.host for r in logs.read()) == ["a.test", "b.test"]
+    assert logs.read() == []
+    assert egress.NodeRefusalLogs(tmp_path / "missing").read() == []
+
+
+def test_refusal_logs_are_one_hosts_or_every_nodes(tmp_path: Path) -> None:
+    assert isinstance(egress.refusal_logs(settings_of(tmp_path, "instance: bot\n")), egress.RefusalLog)
+    assert isinstance(egress.refusal_logs(settings_of(tmp_path, "instance: bot\n" + SWARM)), egress.NodeRefusalLogs)
+
+
+def test_a_node_gives_squid_a_config_with_its_own_refusal_log(tmp_path: Path) -> None:
+    config = egress.squid_config([egress.policy(Egress(allow=("pypi.org",)))], on_node=13128)
+    (tmp_path / "squid.conf").write_text(config)
+    (tmp_path / "log").mkdir()
+    egress_node.prepare(NODE_A, tmp_path / "log", tmp_path / "squid.conf", tmp_path / "copy.conf")
+    copy = (tmp_path / "copy.conf").read_text()
+    assert f"access_log stdio:/var/log/egress/{NODE_A}/refused.log logformat=refused refused" in copy.splitlines()
+    assert copy.replace(f"/{NODE_A}/", "/") == config  # nothing else changed
+    assert (tmp_path / "log" / NODE_A).is_dir() and oct((tmp_path / "log" / NODE_A).stat().st_mode & 0o777) == "0o750"
+    for bad in ("", "../../etc", NODE_A.upper()):  # the template not filled in, or not a node's id
+        with pytest.raises(ValueError, match="is not a Swarm node id"):
+            egress_node.prepare(bad, tmp_path / "log", tmp_path / "squid.conf", tmp_path / "copy.conf")
+    with pytest.raises(ValueError, match="names its refusal log other than"):
+        egress_node.node_config("http_port 3128\n", NODE_A)
 
 
 # ---- the basic-auth helper ----

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -49,6 +50,20 @@ def test_host_resolvers_are_the_ipv4_non_loopback_nameservers() -> None:
     assert firewall.host_resolvers(RESOLV_CONF) == ["10.1.2.3", "192.168.0.1", "8.8.8.8"]
     assert firewall.host_resolvers("") == []
     assert firewall.host_resolvers("nameserver 127.0.0.11\n") == []
+    assert firewall.host_resolvers(RESOLV_CONF, loopback=True) == [
+        "127.0.0.53", "10.1.2.3", "192.168.0.1", "8.8.8.8"]  # what a process on the host's network asks
+
+
+def test_the_node_proxy_goes_out_to_its_resolvers_and_the_internet_only() -> None:
+    rules = firewall.node_proxy_rules(["127.0.0.11", "10.1.2.3"])
+    assert rules[:4] == [
+        ["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "RETURN"],  # its answers to the gateway too
+        ["-d", "127.0.0.11/32", "-j", "RETURN"],  # Docker's embedded resolver: redirected to another port
+        ["-d", "10.1.2.3/32", "-p", "udp", "-m", "udp", "--dport", "53", "-j", "RETURN"],
+        ["-d", "10.1.2.3/32", "-p", "tcp", "-m", "tcp", "--dport", "53", "-j", "RETURN"]]
+    assert rules[4] == ["-m", "addrtype", "--dst-type", "LOCAL", *REJECT]  # the node itself, on any address
+    assert rules[5:] == [["-d", blocked, *REJECT] for blocked in firewall.BLOCKED_RANGES]
+    assert all(rule[-1] != "ACCEPT" for rule in rules)
 
 
 def test_forward_rules_answers_first_then_dns_then_every_blocked_range() -> None:
@@ -88,12 +103,17 @@ class FakeIptables:
     """iptables' chains in memory, answering the commands firewall runs (-N -F -X -A -I -D -C -L -S), and
     iptables-restore --noflush's batches of them (a `:CHAIN` line makes or empties it), all or nothing."""
 
-    def __init__(self) -> None:
-        self.chains: dict[str, list[str]] = {"DOCKER-USER": ["-j RETURN"], "INPUT": []}
+    def __init__(self, chains: dict[str, list[str]] | None = None) -> None:
+        self.chains = {"DOCKER-USER": ["-j RETURN"], "INPUT": [], "OUTPUT": []} if chains is None else chains
         self.restores = 0
         self.refused = ""  # a line that fails in a batch
+        self.v6: FakeIptables | None = None if chains is not None else FakeIptables({"OUTPUT": []})  # ip6tables'
 
     def run(self, argv: list[str], input: str = "", **_: object) -> subprocess.CompletedProcess[str]:
+        if argv[0] == "ip6tables" and self.v6 is not None:
+            return self.v6.run(argv[1:])
+        if argv[0] == "ip6tables-restore" and self.v6 is not None:
+            return self.v6.run(["iptables-restore", *argv[1:]], input)
         if argv[0] == "iptables-restore":
             return subprocess.CompletedProcess(argv, 0 if self._restore(argv, input) else 1, "", "")
         op, chain, *rest = argv
@@ -140,8 +160,10 @@ class FakeIptables:
 def iptables(monkeypatch: pytest.MonkeyPatch) -> FakeIptables:
     fake = FakeIptables()
     monkeypatch.setattr(firewall, "_command", lambda tool="iptables": [] if tool == "iptables" else [tool])
+    monkeypatch.setattr(firewall, "IPV6_INTERFACES", Path("/nonexistent"))  # no IPv6 unless a test says so
     monkeypatch.setattr(firewall.subprocess, "run", fake.run)
     monkeypatch.setattr(firewall, "_resolvers", lambda: ["10.1.2.3"])
+    monkeypatch.setattr(firewall, "_node_resolvers", lambda: ["127.0.0.11", "10.1.2.3"])
     return fake
 
 
@@ -165,7 +187,7 @@ def test_install_jumps_from_both_bridges_and_intact_notices_every_change(iptable
     iptables.chains["INPUT"].pop()
     assert not firewall.intact("bot", BRIDGES, "172.30.0.2")
     firewall.remove("bot", BRIDGES)
-    assert iptables.chains == {"DOCKER-USER": ["-j RETURN"], "INPUT": []}
+    assert iptables.chains == {"DOCKER-USER": ["-j RETURN"], "INPUT": [], "OUTPUT": []}
 
 
 def test_a_rule_inserted_above_the_jumps_is_noticed_and_the_jumps_go_back_on_top(iptables: FakeIptables) -> None:
@@ -204,15 +226,38 @@ def test_rules_change_in_one_batch_and_a_batch_that_fails_changes_nothing(iptabl
 
 
 def test_the_node_rules_go_back_above_a_rule_inserted_over_them(iptables: FakeIptables) -> None:
-    chain = firewall.node_chain("bot")
+    chain, proxy = firewall.node_chain("bot"), firewall.node_proxy_chain("bot")
     firewall.install_node("bot", "br-123")
     assert firewall.node_intact("bot", "br-123")
+    assert iptables.chains[proxy] == [" ".join(rule) for rule in firewall.node_proxy_rules(["127.0.0.11", "10.1.2.3"])]
     iptables.chains["DOCKER-USER"].insert(0, "-i br-123 -o br-123 -j ACCEPT")
+    iptables.chains["OUTPUT"].insert(0, "-m owner --uid-owner 13 -j ACCEPT")
     assert not firewall.node_intact("bot", "br-123")
     firewall.install_node("bot", "br-123")
     assert iptables.chains["DOCKER-USER"] == ["-i br-123 -o br-123 -j DROP", "-i br-123 -o br-123 -j ACCEPT",
                                               "-j RETURN"]
     assert iptables.chains["INPUT"] == [f"-i br-123 -j {chain}"] and firewall.node_intact("bot", "br-123")
+    assert iptables.chains["OUTPUT"] == [f"-m owner --uid-owner 13 -j {proxy}", "-m owner --uid-owner 13 -j ACCEPT"]
+    iptables.chains[proxy].pop()  # a rule of the proxy's chain gone
+    assert not firewall.node_intact("bot", "br-123")
+    assert iptables.v6 is not None and iptables.v6.chains == {"OUTPUT": []}  # no IPv6 on this node: none of its rules
+
+
+def test_where_the_node_has_ipv6_the_proxy_makes_no_ipv6_connection(iptables: FakeIptables, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(firewall, "IPV6_INTERFACES", tmp_path / "if_inet6")
+    (tmp_path / "if_inet6").touch()
+    proxy = firewall.node_proxy_chain("bot")
+    assert not firewall.node_intact("bot", "br-123")
+    firewall.install_node("bot", "br-123")
+    assert iptables.v6 is not None and iptables.v6.chains == {
+        "OUTPUT": [f"-m owner --uid-owner 13 -j {proxy}"],
+        proxy: ["-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN", "-j REJECT --reject-with icmp6-adm-prohibited"]}
+    assert firewall.node_intact("bot", "br-123")
+    iptables.v6.chains["OUTPUT"].insert(0, "-j ACCEPT")
+    assert not firewall.node_intact("bot", "br-123")  # IPv6's rules are looked at as IPv4's
+    firewall.install_node("bot", "br-123")
+    assert iptables.v6.chains["OUTPUT"] == [f"-m owner --uid-owner 13 -j {proxy}", "-j ACCEPT"]
 
 
 def test_a_parent_chain_that_cannot_be_listed_is_an_error_not_an_empty_chain(iptables: FakeIptables,

@@ -26,7 +26,7 @@ import aiohttp
 import pytest
 from loguru import logger
 
-from orchestrator import credentials, gateway, layout
+from orchestrator import credentials, egress, gateway, layout
 from orchestrator.config import BudgetSettings, GatewaySettings, Price, load_settings
 from orchestrator.gateway import Gateway, GatewayConfig, read_settings, settings_digest, write_settings
 from orchestrator.runtime import CHAT_LABEL, ROLE_LABEL, gateway_container_spec
@@ -680,6 +680,94 @@ def test_on_swarm_each_chats_socket_is_in_the_nodes_own_folder(short_dir: Path, 
         finally:
             await gw.close()
             store.close()
+
+    asyncio.run(scenario())
+
+
+@contextlib.asynccontextmanager
+async def echoing_proxy() -> AsyncIterator[int]:
+    """A TCP server on the loopback standing for a node's egress proxy: answers each piece with `echo:` and it."""
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while piece := await reader.read(65536):
+            writer.write(b"echo:" + piece)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+def test_on_swarm_a_proxied_chats_egress_socket_is_relayed_to_the_nodes_proxy(
+        short_dir: Path, upstream: FakeAnthropic, logs: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only while the chat's run folder holds the marker (its egress is an allowlist), and only egress.MAX_CONNECTIONS
+    connections of a chat at once; the socket goes with the chat's folder."""
+    monkeypatch.setattr(egress, "MAX_CONNECTIONS", 2)
+
+    async def exchange(path: Path, data: bytes) -> bytes:
+        """What comes back for `data` until the relay ends the connection; b"" when it closed it unread."""
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        try:
+            writer.write(data)
+            writer.write_eof()  # passed on: the proxy's side ends, and so does the answer
+            return await asyncio.wait_for(reader.read(), 5)
+        except ConnectionResetError:  # closed with what was sent unread
+            return b""
+        finally:
+            writer.close()
+
+    async def scenario() -> None:
+        run_dir, node = short_dir / "run", short_dir / "node"
+        for chat_id in ("oc_a", "oc_b"):
+            (run_dir / chat_id).mkdir(parents=True)
+        (run_dir / "oc_a" / egress.PROXIED_MARKER).touch()
+        async with echoing_proxy() as port:
+            config = dataclasses.replace(config_of(run_dir, upstream.base_url), socket_dir=node, egress_port=port)
+            store = Store(config.store_url)
+            gw = Gateway(config, store, SECRET)
+            await gw.start()
+            try:
+                sockets = {chat_id: node / chat_id / egress.EGRESS_SOCKET for chat_id in ("oc_a", "oc_b")}
+                assert stat.S_IMODE(os.lstat(sockets["oc_a"]).st_mode) == 0o666
+                assert await exchange(sockets["oc_a"], b"CONNECT pypi.org:443") == b"echo:CONNECT pypi.org:443"
+                assert await exchange(sockets["oc_b"], b"GET http://pypi.org/") == b""  # egress none: closed
+                held = [await asyncio.open_unix_connection(str(sockets["oc_a"])) for _ in range(2)]
+                assert await exchange(sockets["oc_a"], b"third") == b""  # past its share: closed at once
+                held[0][1].write(b"still")
+                assert await asyncio.wait_for(held[0][0].read(10), 5) == b"echo:still"  # the two held go on
+                for _, writer in held:
+                    writer.close()
+                await asyncio.to_thread(wait_until, lambda: not gw._relayed, 5, "the held connections ended")
+                assert await exchange(sockets["oc_a"], b"again") == b"echo:again"
+                (run_dir / "oc_a" / egress.PROXIED_MARKER).unlink()  # its egress is no longer an allowlist
+                assert await exchange(sockets["oc_a"], b"after") == b""
+                (run_dir / "oc_b").rmdir()
+                await asyncio.to_thread(wait_until, lambda: not sockets["oc_b"].exists(), 5, "oc_b's socket gone")
+            finally:
+                await gw.close()
+                store.close()
+        # the proxy not there: the connection closed, the operator told
+        gw = Gateway(dataclasses.replace(config, egress_port=port), Store(config.store_url), SECRET)
+        (run_dir / "oc_a" / egress.PROXIED_MARKER).touch()
+        await gw.start()
+        try:
+            assert await exchange(node / "oc_a" / egress.EGRESS_SOCKET, b"x") == b""
+        finally:
+            await gw.close()
+            gw.store.close()
+        assert any("the node's egress proxy cannot be reached" in line and "oc_a" in line for line in logs)
+
+    asyncio.run(scenario())
+
+
+def test_one_host_serves_no_egress_socket(short_dir: Path, upstream: FakeAnthropic) -> None:
+    """runtime: docker: agents reach the proxy on their network; the gateway relays nothing."""
+    async def scenario() -> None:
+        async with serving(short_dir, upstream.base_url) as served:
+            (served.run_dir / "oc_a" / egress.PROXIED_MARKER).touch()
+            assert served.socket().exists() and not (served.run_dir / "oc_a" / egress.EGRESS_SOCKET).exists()
 
     asyncio.run(scenario())
 

@@ -13,6 +13,7 @@ import pytest
 
 from orchestrator import model_socket
 from orchestrator.config import load_settings
+from orchestrator.egress import PROXIED_MARKER
 from orchestrator.model_socket import prepare_chat, wait_served
 
 
@@ -24,7 +25,10 @@ def test_a_chat_is_served_once_its_socket_is_there_and_its_folder_is_readable(tm
     folder = tmp_path / "data" / "run" / "oc_a"
 
     async def scenario() -> None:
-        prepare_chat(settings, "oc_a")
+        prepare_chat(settings, "oc_a", proxied=True)
+        assert (folder / PROXIED_MARKER).is_file()  # on Swarm the gateway relays the chat's egress socket
+        prepare_chat(settings, "oc_a", proxied=False)
+        assert not (folder / PROXIED_MARKER).exists()  # no longer
         waiting = asyncio.ensure_future(wait_served(settings, "oc_a"))
         await asyncio.sleep(0.2)
         assert not waiting.done()  # the gateway has not made its socket yet
@@ -46,5 +50,5 @@ def test_serving_a_chat_gives_up_waiting_for_a_gateway_that_is_not_there(tmp_pat
     config.write_text("{}\n")
     settings = load_settings(config, {})
     (tmp_path / "data" / "run").mkdir(parents=True)
-    prepare_chat(settings, "oc_a")
+    prepare_chat(settings, "oc_a", proxied=False)
     asyncio.run(asyncio.wait_for(wait_served(settings, "oc_a"), 5))  # returns (and logs) instead of hanging
