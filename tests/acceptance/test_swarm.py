@@ -4,7 +4,9 @@ mounts at the same path, the real CLI against the fake model, through the fake F
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -13,12 +15,14 @@ from pathlib import Path
 
 import docker
 import pytest
+from docker.models.containers import Container
 
 from orchestrator import agent_host, firewall
 from orchestrator.runtime import CHAT_LABEL, INSTANCE_LABEL, MANAGED_LABEL, SWARM_TASK_LABEL, SWARM_WATCH_SECONDS
 from tests.fakes.anthropic import FakeAnthropic
 from tests.fakes.feishu import FakeFeishu
 from tests.harness import (
+    AGENT_IMAGE,
     MODEL_KEY,
     ORCHESTRATOR_IMAGE,
     StoreView,
@@ -393,3 +397,139 @@ def test_a_chat_reaches_nothing_of_its_node_nor_another_chat_there(
     finally:
         swarm.run(node, "docker", "rm", "-f", on_node, in_two)
     assert bot.stop() == 0
+
+
+# Answers any GET with the Host it asked for (test_egress's listener): on 8080, and as root on 443.
+HTTP_LISTENER = r"""
+import http.server, threading
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("hello from " + self.headers.get("Host", "?") + "\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        print("accepted", self.client_address[0], flush=True)
+servers = [http.server.ThreadingHTTPServer(("0.0.0.0", port), Handler) for port in (8080, 443)]
+threading.Thread(target=servers[1].serve_forever, daemon=True).start()
+print("listening", flush=True)
+servers[0].serve_forever()
+"""
+# What a hostile agent whose chat has egress: none tries: its node's egress socket, straight (relayed to the proxy,
+# it would wait for a request and time out; closed at once, it reads the end).
+SOCKET_STRAIGHT = ('python3 -c \'import socket; s = socket.socket(socket.AF_UNIX); s.settimeout(10); '
+                   's.connect("/run/orchestrator/egress.sock"); print("got", s.recv(200))\'')
+
+
+@pytest.fixture
+def outside(docker_client: docker.DockerClient, swarm_cluster: Swarm) -> Iterator[tuple[str, Container]]:
+    """The test's hosts: a network of its own in a documentation range (TEST-NET-2, 198.51.100.0/24, which no rule
+    closes: it stands for the internet), every node joined to it, and a listener there named allowed.test and
+    other.test; also on the nodes' own network (a private range) as private.test. The network's name and the
+    listener."""
+    name = f"{swarm_cluster.prefix}-outside-{uuid.uuid4().hex[:6]}"
+    pool = docker.types.IPAMPool(subnet="198.51.100.0/24")
+    network = docker_client.networks.create(name, driver="bridge", ipam=docker.types.IPAMConfig(pool_configs=[pool]),
+                                            labels={"orchestrator.test": "swarm"})
+    listener = docker_client.containers.run(AGENT_IMAGE, ["python3", "-u", "-c", HTTP_LISTENER], name=name,
+                                            user="0:0", detach=True, network=name, entrypoint=[],
+                                            labels={"orchestrator.test": "swarm"})
+    try:
+        wait_until(lambda: b"listening" in listener.logs(), 60, "the test's listener")
+        network.disconnect(listener)
+        network.connect(listener, aliases=["allowed.test", "other.test"])
+        docker_client.networks.get(swarm_cluster.network).connect(listener, aliases=["private.test"])
+        yield name, listener
+    finally:
+        listener.remove(force=True)
+        network.reload()
+        for container in network.containers:
+            network.disconnect(container, force=True)
+        network.remove()
+
+
+def ran(feishu: FakeFeishu, chat_id: str, command: str, marker: str) -> str:
+    """A command run in the chat's task through the CLI (the fake model's RUN_BASH); its output."""
+    feishu.push_event(feishu.text_event(chat_id, f"RUN_BASH: {command}; echo {marker}"))
+    wait_answer(feishu, chat_id, marker, timeout=180)
+    return next(text for text in answers(feishu, chat_id) if marker in text)
+
+
+def test_a_chat_reaches_its_allowlist_through_its_nodes_proxy_and_nothing_else(
+        on_swarm: OnSwarm, instance: str, feishu: FakeFeishu, feishu_config, start,
+        docker_client: docker.DockerClient, outside: tuple[str, Container]) -> None:
+    """egress: {allow: [...]} on Swarm: the proxy runs on every node (a global service), the chat reaches its own
+    node's through its egress socket, relayed by the node's gateway; listed hosts answer, others are refused and
+    the refusal reaches the orchestrator's log; a listed name that resolves to the node itself or a private address
+    is refused by the node's rules on the proxy's way out; a chat with egress: none gets nothing of the socket."""
+    swarm = on_swarm.swarm
+    network, listener = outside
+    node = swarm.nodes[1]
+    for each in swarm.nodes:  # the nodes reach "the internet"; this one is also self.test there
+        docker_client.networks.get(network).connect(each, aliases=["self.test"] if each == node else [])
+    proxied, isolated = chat(), chat()
+    config = swarm_config(feishu_config, on_swarm, instance, defaults={
+        "egress": {"allow": ["allowed.test", "private.test", "self.test"]},
+        "placement": {"constraints": [f"node.hostname=={node}"]}}, groups={isolated: {"egress": "none"}})
+    on_node = swarm.exec(node, "docker", "run", "-d", "--network", "host", "--entrypoint", "python3",
+                         swarm.agent_image, "-c", TCP_LISTENER, "18080").strip()
+    try:
+        bot = start(config)
+        plain = ran(feishu, proxied, "curl -sS http://allowed.test:8080/", "m-plain")
+        assert "hello from allowed.test:8080" in plain
+        assert "hello from allowed.test:443" in ran(feishu, proxied, "curl -sS --proxytunnel http://allowed.test:443/",
+                                                     "m-tunnel")
+        # the proxy on every node, as user proxy with no capability, on the node's network
+        tasks = swarm.exec(swarm.manager, "docker", "service", "ps", f"{instance}-egress-proxy", "--filter",
+                           "desired-state=running", "--format", "{{.Node}} {{.CurrentState}}").splitlines()
+        assert sorted(line.split()[0] for line in tasks if " Running " in f" {line} ") == sorted(swarm.nodes)
+        spec = swarm.service(f"{instance}-egress-proxy")["Spec"]["TaskTemplate"]
+        [attached] = spec["Networks"]
+        assert swarm.exec(swarm.manager, "docker", "network", "inspect", "--format", "{{.Name}}",
+                          attached["Target"]).strip() == "host"
+        assert spec["ContainerSpec"]["User"] == "13:13"
+        assert spec["ContainerSpec"]["CapabilityDrop"] == ["ALL"] and "CapabilityAdd" not in spec["ContainerSpec"]
+
+        # not listed: refused by squid, and the refusal in the orchestrator's log from the node's own log folder
+        refused = ran(feishu, proxied, "curl -sS -o /dev/null -w 'code=%{http_code}' http://other.test:8080/",
+                      "m-refused")
+        assert "code=403" in refused
+        wait_until(lambda: re.search(rf"egress refused: GET other\.test:8080 .*chat_id={proxied}", bot.log()), 30,
+                   "the refusal in the log")
+        # listed, but resolving to a private address or to the node itself: closed by the node's rules
+        served = listener.logs().count(b"accepted")
+        for host, port in (("private.test", "8080"), ("self.test", "18080")):
+            blocked = ran(feishu, proxied, f"curl -sS -o /dev/null -w 'code=%{{http_code}}' http://{host}:{port}/",
+                          f"m-{host}")
+            assert "code=503" in blocked, blocked
+        assert listener.logs().count(b"accepted") == served
+        assert "accepted" not in swarm.exec(node, "docker", "logs", on_node)
+        # without the proxy: no route out of the chats' network
+        listener.reload()
+        address = listener.attrs["NetworkSettings"]["Networks"][network]["IPAddress"]
+        direct = ran(feishu, proxied, f"curl -sS --noproxy '*' -m 5 http://{address}:8080/ 2>&1 | tail -c 200",
+                     "m-direct")
+        assert "hello from" not in direct and re.search(r"curl: \((7|28)\)", direct), direct  # refused, or dropped
+        # egress: none: no proxy settings, and its egress socket closes at once
+        straight = ran(feishu, isolated, f"env | grep -i _proxy || echo no-proxy-settings; {SOCKET_STRAIGHT}",
+                       "m-straight")
+        assert "no-proxy-settings" in straight and "got b''" in straight, straight
+        # the node's rules for the proxy's way out
+        chain = firewall.node_proxy_chain(instance)
+        rules = swarm.exec(node, "iptables", "-S", chain).splitlines()
+        assert rules[1:3] == [f"-A {chain} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
+                              f"-A {chain} -d 127.0.0.11/32 -j RETURN"]
+        assert f"-A {chain} -m addrtype --dst-type LOCAL -j REJECT --reject-with icmp-net-prohibited" in rules
+        assert f"-A OUTPUT -m owner --uid-owner 13 -j {chain}" in swarm.exec(node, "iptables", "-S", "OUTPUT")
+        if swarm.run(node, "test", "-e", "/proc/net/if_inet6").returncode == 0:  # and no IPv6 connection at all
+            assert swarm.exec(node, "ip6tables", "-S", chain).splitlines()[1:] == [
+                f"-A {chain} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
+                f"-A {chain} -j REJECT --reject-with icmp6-adm-prohibited"]
+            assert f"-A OUTPUT -m owner --uid-owner 13 -j {chain}" in swarm.exec(node, "ip6tables", "-S", "OUTPUT")
+        assert bot.stop() == 0
+    finally:
+        swarm.run(node, "docker", "rm", "-f", on_node)
+        for each in swarm.nodes:
+            with contextlib.suppress(docker.errors.APIError):
+                docker_client.networks.get(network).disconnect(each, force=True)
