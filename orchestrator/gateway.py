@@ -68,6 +68,9 @@ T = TypeVar("T")
 POLL_SECONDS = 0.2  # how often new chat folders are looked for (a chat's container waits for its socket)
 BODY_SECONDS = 60.0  # a request body must have arrived by then (408)
 MAX_CHAT_CONNECTIONS = 64  # open connections per chat; more are closed at once (the CLI keeps a few)
+# runtime: swarm: egress connections relayed at once, all chats together (each holds two of the container's
+# OPEN_FILES descriptors): half of them at most, so that chats holding theirs leave the model sockets room.
+MAX_RELAYED = 2048
 IDLE_SECONDS = 75.0  # a kept-alive connection without a request this long is closed
 BODY_MEMORY = 128 * 1024**2  # request bodies' bytes held at once, all chats together (the container has 384 MiB)
 PARSE_MEMORY = 128 * 1024**2  # what reading one body's JSON may take (bodies are read one at a time)
@@ -351,9 +354,11 @@ class Gateway:
                      client: asyncio.StreamWriter) -> None:
         """One connection of a chat's egress socket piped to the node's proxy (which asks for the chat's proxy
         credentials), while the chat's egress is an allowlist (its run folder's marker: the socket is there for
-        every chat) and it has fewer than egress.MAX_CONNECTIONS open; otherwise closed at once."""
+        every chat) and it has fewer than egress.MAX_CONNECTIONS open (all chats fewer than MAX_RELAYED); otherwise
+        closed at once."""
         marker = self.config.run_dir / chat_id / egress.PROXIED_MARKER
-        if self._relayed.get(chat_id, 0) >= egress.MAX_CONNECTIONS or not marker.exists():
+        if self._relayed.get(chat_id, 0) >= egress.MAX_CONNECTIONS or sum(self._relayed.values()) >= MAX_RELAYED \
+                or not marker.exists():
             client.close()
             return
         self._relayed[chat_id] = self._relayed.get(chat_id, 0) + 1

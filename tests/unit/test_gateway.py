@@ -741,6 +741,10 @@ def test_on_swarm_a_proxied_chats_egress_socket_is_relayed_to_the_nodes_proxy(
                     writer.close()
                 await asyncio.to_thread(wait_until, lambda: not gw._relayed, 5, "the held connections ended")
                 assert await exchange(sockets["oc_a"], b"again") == b"echo:again"
+                monkeypatch.setattr(gateway, "MAX_RELAYED", 1)  # all chats' share, taken by another's connection
+                gw._relayed["oc_c"] = 1
+                assert await exchange(sockets["oc_a"], b"over all") == b""
+                del gw._relayed["oc_c"]
                 (run_dir / "oc_a" / egress.PROXIED_MARKER).unlink()  # its egress is no longer an allowlist
                 assert await exchange(sockets["oc_a"], b"after") == b""
                 (run_dir / "oc_b").rmdir()
