@@ -61,6 +61,7 @@ PROXIED_MARKER = "egress"  # in the chat's run folder (root's) while its egress 
 MAX_CONNECTIONS = 256  # at once from one chat's container (one address): no chat takes all of squid's files
 MAX_READ = 1024**2  # bytes of the refusal log read per pass; the rest waits for the next
 MAX_LINE = 2048  # a refusal line is about 100 bytes; anything longer is skipped
+MAX_NODES = 256  # runtime: swarm: nodes' refusal logs followed at most (a folder each, which any node's proxy can make)
 TRUNCATE_AT = 4 * 1024**2  # the log, once read to its end past this size, is emptied (squid appends: O_APPEND)
 _DOMAIN = re.compile(r"(\*\.)?[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*")
 _HOST = re.compile(r"[A-Za-z0-9.:_\[\]-]{1,255}")  # a domain, an IPv4 or a bracketed IPv6 address
@@ -172,7 +173,9 @@ def squid_config(chat_policies: Iterable[Policy], on_node: int | None = None) ->
         f"access_log stdio:{LOG_PATH}/{LOG_NAME} logformat=refused refused",
         "logfile_rotate 0",
         f"auth_param basic program {' '.join(HELPER)} {CONF_PATH}/{KEY_NAME}",
-        "auth_param basic children 4 startup=1 idle=1",
+        # A flood of bad credentials queues for the helpers: past the queue, answered as failed (squid's default
+        # for a queue overloaded for minutes is to stop, which would leave every chat of its host without egress).
+        "auth_param basic children 4 startup=1 idle=1 queue-size=64 on-persistent-overload=ERR",
         "auth_param basic realm egress",
         "auth_param basic credentialsttl 1 hour",
         "auth_param basic casesensitive on",
@@ -284,6 +287,7 @@ class RefusalLog:
 
     def __init__(self, folder_path: Path, from_start: bool = False) -> None:
         self.folder = folder_path
+        self.problems: dict[str, str] = {}  # as NodeRefusalLogs'; one log that cannot be read raises instead
         with self._open() as fd:
             self.offset = 0 if fd is None or from_start else os.fstat(fd).st_size
 
@@ -325,17 +329,34 @@ class RefusalLog:
 
 class NodeRefusalLogs:
     """runtime: swarm: the refusal logs of every node's proxy, each in a folder of its own under the log folder
-    (named by the node's id: `egress_node`), found as they appear. Those there at the start are followed from their
-    end, as one host's; a node's that appears later from its start (its proxy began writing since)."""
+    (named by the node's id: `egress_node`), found as they appear, at most MAX_NODES. Those there at the start are
+    followed from their end, as one host's; a node's that appears later from its start (its proxy began writing
+    since). Every node's proxy can write the whole folder, so a node's log that cannot be read (a link, a FIFO, a
+    folder swapped for a link) is skipped, said once in `problems`, and the others are read on."""
 
     def __init__(self, folder_path: Path) -> None:
         self.folder = folder_path
-        self.logs = {name: RefusalLog(folder_path / name) for name in self._nodes()}
+        self.logs: dict[str, RefusalLog] = {}
+        self.problems: dict[str, str] = {}  # node folder → what is wrong with it now
+        self._follow(self._nodes(), from_start=False)
 
     def read(self) -> list[Refusal]:
-        for name in self._nodes() - self.logs.keys():
-            self.logs[name] = RefusalLog(self.folder / name, from_start=True)
-        return [refusal for log in self.logs.values() for refusal in log.read()]
+        self._follow(self._nodes() - self.logs.keys(), from_start=True)
+        refusals = []
+        for name, log in self.logs.items():
+            try:
+                refusals += log.read()
+                self.problems.pop(name, None)
+            except (untrusted.Refused, OSError) as exc:
+                self.problems[name] = str(exc)
+        return refusals
+
+    def _follow(self, names: set[str], from_start: bool) -> None:
+        for name in sorted(names)[:max(0, MAX_NODES - len(self.logs))]:
+            try:
+                self.logs[name] = RefusalLog(self.folder / name, from_start)
+            except (untrusted.Refused, OSError) as exc:
+                self.problems[name] = str(exc)
 
     def _nodes(self) -> set[str]:
         try:

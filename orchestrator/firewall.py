@@ -162,16 +162,14 @@ def node_proxy_chain(instance: str) -> str:
 
 def node_proxy_rules(resolvers: list[str]) -> list[list[str]]:
     """The way out of the instance's egress proxy on a node (on the node's network, as user proxy): answers, DNS
-    to the node's resolvers (a loopback one on any port: Docker's embedded resolver is redirected to another), then
-    nothing of the node itself (any of its addresses) and nothing private, link-local or loopback, as
-    `forward_rules` close one host's egress bridge. Pure."""
+    to the node's resolvers (port 53 as the query was sent: a Docker-in-Docker node's embedded resolver, 127.0.0.11,
+    is redirected to another port before these rules see it), then nothing of the node itself (any of its
+    addresses) and nothing private, link-local or loopback, as `forward_rules` close one host's egress bridge.
+    Pure."""
     rules = [ANSWERS]
     for resolver in resolvers:
-        if ipaddress.ip_address(resolver).is_loopback:
-            rules.append(["-d", f"{resolver}/32", "-j", "RETURN"])
-        else:
-            rules += [["-d", f"{resolver}/32", "-p", protocol, "-m", protocol, "--dport", "53", "-j", "RETURN"]
-                      for protocol in ("udp", "tcp")]
+        rules += [["-p", protocol, "-m", "conntrack", "--ctorigdst", resolver, "--ctorigdstport", "53", "-j", "RETURN"]
+                  for protocol in ("udp", "tcp")]
     rules.append(["-m", "addrtype", "--dst-type", "LOCAL", "-j", "REJECT", "--reject-with", "icmp-net-prohibited"])
     rules += [["-d", blocked, "-j", "REJECT", "--reject-with", "icmp-net-prohibited"] for blocked in BLOCKED_RANGES]
     return rules

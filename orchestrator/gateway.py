@@ -68,9 +68,14 @@ T = TypeVar("T")
 POLL_SECONDS = 0.2  # how often new chat folders are looked for (a chat's container waits for its socket)
 BODY_SECONDS = 60.0  # a request body must have arrived by then (408)
 MAX_CHAT_CONNECTIONS = 64  # open connections per chat; more are closed at once (the CLI keeps a few)
-# runtime: swarm: egress connections relayed at once, all chats together (each holds two of the container's
-# OPEN_FILES descriptors): half of them at most, so that chats holding theirs leave the model sockets room.
-MAX_RELAYED = 2048
+# runtime: swarm: egress connections relayed at once, of one chat and of all chats together. Each holds up to
+# RELAY_BUFFER of the container's memory in each direction (its read, its write buffer), so all of them together
+# take at most 512 * 4 * 16 KiB = 32 MiB, beside the model's bodies, and 1,024 of its 8,192 descriptors (measured
+# before these bounds: about 1 MB each with asyncio's default buffers, 256 stalled connections of one chat 290 MB).
+MAX_RELAYED_PER_CHAT = 32
+MAX_RELAYED = 512
+RELAY_BUFFER = 16 * 1024
+RELAY_LINGER_SECONDS = 10.0  # after one side ended, how long the other may send nothing before both are closed
 IDLE_SECONDS = 75.0  # a kept-alive connection without a request this long is closed
 BODY_MEMORY = 128 * 1024**2  # request bodies' bytes held at once, all chats together (the container has 384 MiB)
 PARSE_MEMORY = 128 * 1024**2  # what reading one body's JSON may take (bodies are read one at a time)
@@ -303,6 +308,9 @@ class Gateway:
             self._chats = {path: chat for path, chat in self._chats.items() if chat != chat_id}
         for chat_id in sorted(folders - self._sites.keys()):
             await self._serve(chat_id)
+        if self.config.egress_port is not None:
+            for chat_id in sorted(self._sites.keys() - self._relays.keys()):
+                await self._serve_egress(chat_id)
 
     async def _serve(self, chat_id: str) -> None:
         folder = self._socket_dir / chat_id
@@ -334,45 +342,61 @@ class Gateway:
         self._folders[chat_id] = fd
         self._chats[path] = chat_id
         self._tokens[chat_id] = credentials.model_token(self.secret, chat_id)
-        if self.config.egress_port is not None:
-            await self._serve_egress(chat_id, f"/proc/self/fd/{fd}/{egress.EGRESS_SOCKET}")
 
-    async def _serve_egress(self, chat_id: str, path: str) -> None:
-        """runtime: swarm: the chat's egress socket beside its model socket, relayed to the node's proxy."""
+    async def _serve_egress(self, chat_id: str) -> None:
+        """runtime: swarm: the chat's egress socket beside its model socket, relayed to the node's proxy (tried again
+        at the next scan when it cannot be made)."""
+        path = f"/proc/self/fd/{self._folders[chat_id]}/{egress.EGRESS_SOCKET}"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             listener.bind(path)
             os.chmod(path, 0o666)
             self._relays[chat_id] = await asyncio.start_unix_server(
-                lambda reader, writer: self._relay(chat_id, reader, writer), sock=listener)
+                lambda reader, writer: self._relay(chat_id, reader, writer), sock=listener, limit=RELAY_BUFFER)
         except OSError as exc:
+            listener.close()
             self._cannot_serve(chat_id, self._socket_dir / chat_id, exc)
 
     async def _relay(self, chat_id: str, client_reader: asyncio.StreamReader,
                      client: asyncio.StreamWriter) -> None:
         """One connection of a chat's egress socket piped to the node's proxy (which asks for the chat's proxy
         credentials), while the chat's egress is an allowlist (its run folder's marker: the socket is there for
-        every chat) and it has fewer than egress.MAX_CONNECTIONS open (all chats fewer than MAX_RELAYED); otherwise
-        closed at once."""
+        every chat) and it has fewer than MAX_RELAYED_PER_CHAT open (all chats fewer than MAX_RELAYED); otherwise
+        closed at once. Once either side has ended, the other is closed when it has moved nothing for
+        RELAY_LINGER_SECONDS (a client that never ends its side holds no slot for good: the proxy closes idle
+        connections)."""
         marker = self.config.run_dir / chat_id / egress.PROXIED_MARKER
-        if self._relayed.get(chat_id, 0) >= egress.MAX_CONNECTIONS or sum(self._relayed.values()) >= MAX_RELAYED \
+        if self._relayed.get(chat_id, 0) >= MAX_RELAYED_PER_CHAT or sum(self._relayed.values()) >= MAX_RELAYED \
                 or not marker.exists():
             client.close()
             return
         self._relayed[chat_id] = self._relayed.get(chat_id, 0) + 1
         try:
             assert self.config.egress_port is not None
-            proxy_reader, proxy = await asyncio.open_connection("127.0.0.1", self.config.egress_port)
+            proxy_reader, proxy = await asyncio.open_connection("127.0.0.1", self.config.egress_port,
+                                                                limit=RELAY_BUFFER)
         except OSError as exc:
             logger.bind(chat_id=chat_id).warning(f"the node's egress proxy cannot be reached: {exc}")
             self._relay_ended(chat_id)
             client.close()
             return
+        for writer in (client, proxy):
+            writer.transport.set_write_buffer_limits(high=RELAY_BUFFER)
+        moved = [0]  # bytes relayed either way
+        pipes = {asyncio.create_task(_pipe(client_reader, proxy, moved)),
+                 asyncio.create_task(_pipe(proxy_reader, client, moved))}
         try:
-            await asyncio.gather(_pipe(client_reader, proxy), _pipe(proxy_reader, client))
+            _, pending = await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+            while pending:  # one side ended: the other goes on while it moves bytes
+                before = moved[0]
+                _, pending = await asyncio.wait(pending, timeout=RELAY_LINGER_SECONDS)
+                if moved[0] == before:
+                    break
         finally:
+            for pipe in pipes:
+                pipe.cancel()
             self._relay_ended(chat_id)
             client.close()
             proxy.close()
@@ -688,12 +712,14 @@ class Gateway:
         return await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
 
 
-async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-    """Bytes from one side of a relayed connection to the other until the source ends (passed on as the end of
-    what the sink will get) or either side breaks (the sink closed, which ends the other direction too)."""
+async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter, moved: list[int]) -> None:
+    """Bytes from one side of a relayed connection to the other (counted in `moved`) until the source ends (passed
+    on as the end of what the sink will get) or either side breaks (the sink closed, which ends the other direction
+    too)."""
     try:
-        while chunk := await source.read(READ_PIECE):
+        while chunk := await source.read(RELAY_BUFFER):
             sink.write(chunk)
+            moved[0] += len(chunk)
             await sink.drain()
         if sink.can_write_eof():
             sink.write_eof()

@@ -110,6 +110,7 @@ class Service:
         self._background: set[asyncio.Task[None]] = set()
         self._egress_proxy: ContainerSpec | None = None  # made by close_network when a chat's egress is an allowlist
         self._refusals = egress.refusal_logs(settings)
+        self._refusal_problems: dict[str, str] = {}  # runtime: swarm: nodes' logs that could not be read, as said
 
     # ---- lifecycle ----
 
@@ -394,8 +395,14 @@ class Service:
             await asyncio.to_thread(firewall.install, self.settings.instance, bridges, proxy)
 
     async def _report_refusals(self) -> None:
-        """Each request the egress proxy refused since the last pass: logged with its chat and host, and counted."""
-        for refusal in await asyncio.to_thread(self._refusals.read):
+        """Each request the egress proxy refused since the last pass: logged with its chat and host, and counted. On
+        Swarm, a node's log that cannot be read is said once (and the others read on)."""
+        refusals = await asyncio.to_thread(self._refusals.read)
+        for node, problem in self._refusals.problems.items():
+            if self._refusal_problems.get(node) != problem:
+                logger.warning(f"the egress refusals of node {node} cannot be read: {problem}")
+        self._refusal_problems = dict(self._refusals.problems)
+        for refusal in refusals:
             logger.bind(chat_id=refusal.chat_id).warning(
                 f"egress refused: {refusal.method} {refusal.host}:{refusal.port} ({refusal.reason})")
             metrics.EGRESS_REFUSED.labels(refusal.chat_id).inc()

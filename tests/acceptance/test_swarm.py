@@ -518,8 +518,9 @@ def test_a_chat_reaches_its_allowlist_through_its_nodes_proxy_and_nothing_else(
         # the node's rules for the proxy's way out
         chain = firewall.node_proxy_chain(instance)
         rules = swarm.exec(node, "iptables", "-S", chain).splitlines()
-        assert rules[1:3] == [f"-A {chain} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
-                              f"-A {chain} -d 127.0.0.11/32 -j RETURN"]
+        assert rules[1:4] == [f"-A {chain} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
+                              f"-A {chain} -p udp -m conntrack --ctorigdst 127.0.0.11 --ctorigdstport 53 -j RETURN",
+                              f"-A {chain} -p tcp -m conntrack --ctorigdst 127.0.0.11 --ctorigdstport 53 -j RETURN"]
         assert f"-A {chain} -m addrtype --dst-type LOCAL -j REJECT --reject-with icmp-net-prohibited" in rules
         assert f"-A OUTPUT -m owner --uid-owner 13 -j {chain}" in swarm.exec(node, "iptables", "-S", "OUTPUT")
         if swarm.run(node, "test", "-e", "/proc/net/if_inet6").returncode == 0:  # and no IPv6 connection at all

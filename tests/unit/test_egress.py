@@ -137,6 +137,8 @@ def test_squid_config_allows_each_policy_its_domains_for_its_users_only() -> Non
     assert "acl too_many maxconn 256" in lines
     assert access[-1] == "http_access deny all"
     for line in ("cache deny all", "via off", "forwarded_for delete", "cache_effective_user proxy",
+                 # a flood of bad credentials is answered as failed, not the end of squid
+                 "auth_param basic children 4 startup=1 idle=1 queue-size=64 on-persistent-overload=ERR",
                  "access_log stdio:/var/log/egress/refused.log logformat=refused refused",
                  "auth_param basic program /usr/bin/env /opt/orchestrator/bin/python -I -m orchestrator.egress "
                  "/etc/egress/key"):
@@ -275,6 +277,35 @@ def test_each_nodes_refusal_log_is_followed_from_the_end_it_had_or_from_its_star
     assert sorted(r.host for r in logs.read()) == ["a.test", "b.test"]
     assert logs.read() == []
     assert egress.NodeRefusalLogs(tmp_path / "missing").read() == []
+
+
+def test_a_nodes_log_that_cannot_be_read_is_said_and_the_others_are_read_on(tmp_path: Path) -> None:
+    """Every node's proxy can write the whole log folder: one node's log made a link or a FIFO fails that node."""
+    line = "1 403 GET {host} 80 p0123456789ab.oc_x\n"
+    for node in (NODE_A, NODE_B):
+        (tmp_path / node).mkdir()
+    os.symlink("/etc/passwd", tmp_path / NODE_A / "refused.log")  # there from the start
+    logs = egress.NodeRefusalLogs(tmp_path)  # does not raise: the service must start
+    assert "refused.log" in logs.problems[NODE_A]
+    (tmp_path / NODE_B / "refused.log").write_text(line.format(host="b.test"))
+    assert [r.host for r in logs.read()] == ["b.test"]  # the other node's lines
+    os.unlink(tmp_path / NODE_A / "refused.log")
+    (tmp_path / NODE_A / "refused.log").write_text(line.format(host="a.test"))
+    assert [r.host for r in logs.read()] == ["a.test"] and logs.problems == {}  # mended: read again, from its start
+    os.unlink(tmp_path / NODE_B / "refused.log")
+    os.mkfifo(tmp_path / NODE_B / "refused.log")
+    with (tmp_path / NODE_A / "refused.log").open("a") as file:
+        file.write(line.format(host="later.test"))
+    assert [r.host for r in logs.read()] == ["later.test"] and "not a regular file" in logs.problems[NODE_B]
+
+
+def test_at_most_max_nodes_logs_are_followed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(egress, "MAX_NODES", 1)
+    for node in (NODE_A, NODE_B):
+        (tmp_path / node).mkdir()
+    logs = egress.NodeRefusalLogs(tmp_path)
+    logs.read()
+    assert list(logs.logs) == [NODE_A]
 
 
 def test_refusal_logs_are_one_hosts_or_every_nodes(tmp_path: Path) -> None:

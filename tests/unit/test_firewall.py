@@ -56,13 +56,12 @@ def test_host_resolvers_are_the_ipv4_non_loopback_nameservers() -> None:
 
 def test_the_node_proxy_goes_out_to_its_resolvers_and_the_internet_only() -> None:
     rules = firewall.node_proxy_rules(["127.0.0.11", "10.1.2.3"])
-    assert rules[:4] == [
-        ["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "RETURN"],  # its answers to the gateway too
-        ["-d", "127.0.0.11/32", "-j", "RETURN"],  # Docker's embedded resolver: redirected to another port
-        ["-d", "10.1.2.3/32", "-p", "udp", "-m", "udp", "--dport", "53", "-j", "RETURN"],
-        ["-d", "10.1.2.3/32", "-p", "tcp", "-m", "tcp", "--dport", "53", "-j", "RETURN"]]
-    assert rules[4] == ["-m", "addrtype", "--dst-type", "LOCAL", *REJECT]  # the node itself, on any address
-    assert rules[5:] == [["-d", blocked, *REJECT] for blocked in firewall.BLOCKED_RANGES]
+    assert rules[0] == ["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "RETURN"]  # the gateway's too
+    # port 53 as sent: Docker's embedded resolver (127.0.0.11) is redirected to another port before the filter
+    assert rules[1:5] == [["-p", protocol, "-m", "conntrack", "--ctorigdst", resolver, "--ctorigdstport", "53", "-j",
+                           "RETURN"] for resolver in ("127.0.0.11", "10.1.2.3") for protocol in ("udp", "tcp")]
+    assert rules[5] == ["-m", "addrtype", "--dst-type", "LOCAL", *REJECT]  # the node itself, on any address
+    assert rules[6:] == [["-d", blocked, *REJECT] for blocked in firewall.BLOCKED_RANGES]
     assert all(rule[-1] != "ACCEPT" for rule in rules)
 
 

@@ -686,11 +686,18 @@ def test_on_swarm_each_chats_socket_is_in_the_nodes_own_folder(short_dir: Path, 
 
 @contextlib.asynccontextmanager
 async def echoing_proxy() -> AsyncIterator[int]:
-    """A TCP server on the loopback standing for a node's egress proxy: answers each piece with `echo:` and it."""
+    """A TCP server on the loopback standing for a node's egress proxy: answers each piece with `echo:` and it;
+    `slow` with five pieces 0.2 s apart; `bye` with `bye` and the end of its side."""
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while piece := await reader.read(65536):
-            writer.write(b"echo:" + piece)
-            await writer.drain()
+            if piece == b"bye":
+                writer.write(b"bye")
+                break
+            for _ in range(5 if piece == b"slow" else 1):
+                if piece == b"slow":
+                    await asyncio.sleep(0.2)
+                writer.write(b"echo:" + piece)
+                await writer.drain()
         writer.close()
 
     server = await asyncio.start_server(answer, "127.0.0.1", 0)
@@ -702,9 +709,9 @@ async def echoing_proxy() -> AsyncIterator[int]:
 
 def test_on_swarm_a_proxied_chats_egress_socket_is_relayed_to_the_nodes_proxy(
         short_dir: Path, upstream: FakeAnthropic, logs: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Only while the chat's run folder holds the marker (its egress is an allowlist), and only egress.MAX_CONNECTIONS
+    """Only while the chat's run folder holds the marker (its egress is an allowlist), and only MAX_RELAYED_PER_CHAT
     connections of a chat at once; the socket goes with the chat's folder."""
-    monkeypatch.setattr(egress, "MAX_CONNECTIONS", 2)
+    monkeypatch.setattr(gateway, "MAX_RELAYED_PER_CHAT", 2)
 
     async def exchange(path: Path, data: bytes) -> bytes:
         """What comes back for `data` until the relay ends the connection; b"" when it closed it unread."""
@@ -741,6 +748,15 @@ def test_on_swarm_a_proxied_chats_egress_socket_is_relayed_to_the_nodes_proxy(
                     writer.close()
                 await asyncio.to_thread(wait_until, lambda: not gw._relayed, 5, "the held connections ended")
                 assert await exchange(sockets["oc_a"], b"again") == b"echo:again"
+                monkeypatch.setattr(gateway, "RELAY_LINGER_SECONDS", 0.3)
+                # a client that ended its side still gets an answer that keeps coming, however long in all
+                assert await exchange(sockets["oc_a"], b"slow") == b"echo:slow" * 5
+                # the proxy ended its side and the client never does: closed once nothing moved for the linger
+                reader, writer = await asyncio.open_unix_connection(str(sockets["oc_a"]))
+                writer.write(b"bye")
+                assert await asyncio.wait_for(reader.read(), 5) == b"bye"
+                await asyncio.to_thread(wait_until, lambda: not gw._relayed, 5, "the lingering connection closed")
+                writer.close()
                 monkeypatch.setattr(gateway, "MAX_RELAYED", 1)  # all chats' share, taken by another's connection
                 gw._relayed["oc_c"] = 1
                 assert await exchange(sockets["oc_a"], b"over all") == b""
