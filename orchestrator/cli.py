@@ -107,7 +107,7 @@ def _operate(args: argparse.Namespace, settings: Settings, store: Store) -> int:
         finally:
             if runtime is not None:
                 runtime.close()
-        columns = operations.STATUS_COLUMNS + (("node",) if any(row["node"] for row in rows) else ())
+        columns = operations.STATUS_COLUMNS + (("node", "usage_from") if any(row["node"] for row in rows) else ())
         print(json.dumps(rows, indent=2) if args.json else operations.format_table(rows, columns))
         return 0
     if args.command == "logs":

@@ -56,6 +56,9 @@ class ChatStatus:
     approvals_waiting: int = 0
     topics: int = 0  # topics with a session of their own
     node: str = ""  # runtime: swarm: the node the chat's task runs on (or last ran on)
+    # Where cpu_percent, memory_mib and pids come from: "engine" (its stats of the container), "agent" (runtime:
+    # swarm: the chat's own agent host's report, the agent's to write), "" (none).
+    usage_from: str = ""
 
 
 async def chat_status(settings: Settings, store: Store, engine: Engine | None, chat_id: str,
@@ -64,8 +67,10 @@ async def chat_status(settings: Settings, store: Store, engine: Engine | None, c
     waiting to be answered), not counted as queued. `thread_id`: the topic it is asked in, whose session it shows."""
     chat = store.chat(chat_id)
     container, use = await _container(engine, chat.container_name)
+    usage_from = "engine" if use else ""
     if use is None and container is not None and container.running:  # a Swarm task's stats are on its node
         use = await asyncio.to_thread(reported_usage, settings, chat_id, time.time())
+        usage_from = "agent" if use else ""
     options = resolve_chat(settings, chat_id).options
     unfinished = [m for m in store.unfinished_messages(chat_id) if m.message_id != asking]
     last = store.last_turn(chat_id)
@@ -95,6 +100,7 @@ async def chat_status(settings: Settings, store: Store, engine: Engine | None, c
         always_allowed=tuple(allowed.tool for allowed in store.always_allowed(chat_id)),
         approvals_waiting=len(store.approvals(chat_id, pending=True)),
         node=container.node if container else "",
+        usage_from=usage_from,
     )
 
 
@@ -160,7 +166,7 @@ def render(status: ChatStatus) -> str:
     ]
     if status.memory_mib is not None:
         lines.append(f"In use: {status.cpu_percent:g}% CPU, {status.memory_mib:g} MiB memory, {status.pids} "
-                     "processes")
+                     "processes" + (" (as the container reports it)" if status.usage_from == "agent" else ""))
     lines += [
         f"Session: {status.session_id or '(new)'}" + (f"; {status.topics} topic(s) have their own" if status.topics
                                                        else ""),

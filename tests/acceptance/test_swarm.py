@@ -197,6 +197,7 @@ def test_chats_are_services_placed_over_the_nodes_answered_by_the_real_cli(
     # and its use of its caps, as its agent host reports it from its cgroup (the node's engine's stats are out of
     # reach from here)
     assert all(rows[c]["memory_mib"] and rows[c]["memory_mib"] > 1 and rows[c]["pids"] for c in nodes), rows
+    assert all(rows[c]["usage_from"] == "agent" for c in nodes)  # marked as the agent's own report
 
     # idle stop is a scale to zero; the next message scales it up again, in the same session
     session = on_swarm.store.chat(spread[0])["session_id"]

@@ -97,7 +97,7 @@ def test_a_running_chat_shows_its_containers_caps_and_use_and_the_stores_turns(s
         chat_id="oc_a", name="Team A", container_name="bot-oc_a", container_id="c0ffee", container_state="running",
         cpu_percent=12.5, cpus=0.25, memory_mib=45.0, memory_limit_mib=512, pids=7, pids_limit=100, network="none",
         session_id="sess-1", last_activity=None, busy=True, queued=1, last_turn_cost_usd=0.02,
-        last_turn_seconds=1.5, spent_today_usd=0.025)
+        last_turn_seconds=1.5, spent_today_usd=0.025, usage_from="engine")
     assert status_of(settings, store, engine).queued == 2  # `orchestrator status` counts a command still waiting
 
 
@@ -186,11 +186,13 @@ def test_a_task_on_another_node_shows_the_use_its_agent_host_reported(settings: 
     store.ensure_chat("oc_a")
     store.set_container("oc_a", "bot-oc_a", "c0ffee")
     engine = Engine(ContainerState("bot-oc_a", "c0ffee", "running", chat_id="oc_a", node="worker-2"), usage=None)
-    assert status_of(settings, store, engine).memory_mib is None  # nothing reported yet: unknown, not 0
+    before = status_of(settings, store, engine)
+    assert (before.memory_mib, before.usage_from) == (None, "")  # nothing reported yet: unknown, not 0
     report(settings, json.dumps({"at": time.time(), "cpu_percent": 12.5, "memory_bytes": 96 * MIB,
                                  "memory_limit": 300 * MIB, "pids": 7}))
     now = status_of(settings, store, engine)
-    assert (now.cpu_percent, now.memory_mib, now.pids) == (12.5, 96.0, 7)
+    assert (now.cpu_percent, now.memory_mib, now.pids, now.usage_from) == (12.5, 96.0, 7, "agent")
+    assert "In use: 12.5% CPU, 96 MiB memory, 7 processes (as the container reports it)" in status.render(now)
 
 
 @pytest.mark.parametrize("text", [
