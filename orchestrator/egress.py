@@ -15,10 +15,10 @@ chat's policy, and only for proxy users whose password checks out.
   `<data_dir>/egress/log/refused.log`; the orchestrator reads it with bounds (`RefusalLog`), logs and counts each.
 
 runtime: swarm: a chat's task may run on any node, so the proxy runs on every node (a global service, on the node's
-network, listening on its loopback only: `node_proxy`), and a chat reaches its own node's through the model gateway
-there, which serves a second socket in the chat's folder (`EGRESS_SOCKET`) and relays it to the proxy's port; the
-agent's container serves that socket on its own 127.0.0.1:PROXY_PORT (agent-init), so HTTP(S)_PROXY is on its
-loopback. The credentials are the same. The node's guard closes the proxy's way out (`firewall.node_proxy_rules`:
+network, listening on its loopback only: `runtime.egress_proxy_spec`, `egress_node`), and a chat reaches its own
+node's through the model gateway there, which serves a second socket in the chat's folder (`EGRESS_SOCKET`) and
+relays it to the proxy's port; the agent's container serves that socket on its own 127.0.0.1:PROXY_PORT
+(agent-init), so HTTP(S)_PROXY is on its loopback. The credentials are the same. The node's guard closes the proxy's way out (`firewall.node_proxy_rules`:
 not the node itself, not private or link-local addresses); each node's proxy logs its refusals in a folder of its
 own under the log folder (`NodeRefusalLogs`).
 
@@ -149,7 +149,7 @@ def squid_config(chat_policies: Iterable[Policy], on_node: int | None = None) ->
     """squid.conf for these policies: listening on PROXY_PORT in its container, or (runtime: swarm) `on_node`, the
     node's loopback port that the model gateway relays the chats' sockets to. Pure."""
     # Per chat: each chat's container is one client address on one host; on a node every relayed connection comes
-    # from the loopback, and the gateway holds each chat to MAX_CONNECTIONS instead.
+    # from the loopback, and the gateway holds each chat to its own share instead (gateway.MAX_RELAYED_PER_CHAT).
     per_client = [f"acl too_many maxconn {MAX_CONNECTIONS}", "http_access deny too_many"] if on_node is None else []
     lines = [
         "# Made by the orchestrator from its config at every start (orchestrator/egress.py); edits are lost.",

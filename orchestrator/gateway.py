@@ -357,7 +357,7 @@ class Gateway:
                 lambda reader, writer: self._relay(chat_id, reader, writer), sock=listener, limit=RELAY_BUFFER)
         except OSError as exc:
             listener.close()
-            self._cannot_serve(chat_id, self._socket_dir / chat_id, exc)
+            self._cannot_serve(chat_id, self._socket_dir / chat_id, exc, "egress")
 
     async def _relay(self, chat_id: str, client_reader: asyncio.StreamReader,
                      client: asyncio.StreamWriter) -> None:
@@ -406,9 +406,9 @@ class Gateway:
         if left:
             self._relayed[chat_id] = left
 
-    def _cannot_serve(self, chat_id: str, folder: Path, error: OSError) -> None:
+    def _cannot_serve(self, chat_id: str, folder: Path, error: OSError, socket_kind: str = "model") -> None:
         if chat_id not in self._unservable:
-            logger.bind(chat_id=chat_id).warning(f"cannot serve the chat's model socket in {folder}: {error}")
+            logger.bind(chat_id=chat_id).warning(f"cannot serve the chat's {socket_kind} socket in {folder}: {error}")
         self._unservable.add(chat_id)
 
     # ---- one request ----

@@ -782,6 +782,29 @@ def test_on_swarm_a_proxied_chats_egress_socket_is_relayed_to_the_nodes_proxy(
     asyncio.run(scenario())
 
 
+def test_an_egress_socket_that_cannot_be_made_is_said_once_and_made_at_a_later_scan(
+        short_dir: Path, upstream: FakeAnthropic, logs: list[str]) -> None:
+    async def scenario() -> None:
+        run_dir, node = short_dir / "run", short_dir / "node"
+        (run_dir / "oc_a").mkdir(parents=True)
+        (node / "oc_a" / egress.EGRESS_SOCKET).mkdir(parents=True)  # in the way: neither unlinked nor bound over
+        config = dataclasses.replace(config_of(run_dir, upstream.base_url), socket_dir=node, egress_port=9)
+        gw = Gateway(config, Store(config.store_url), SECRET)
+        await gw.start()
+        try:
+            assert "oc_a" in gw._sites and "oc_a" not in gw._relays  # the model socket is served all the same
+            await gw.scan()
+            assert sum("cannot serve the chat's egress socket" in line for line in logs) == 1
+            (node / "oc_a" / egress.EGRESS_SOCKET).rmdir()
+            await gw.scan()
+            assert "oc_a" in gw._relays and stat.S_ISSOCK(os.lstat(node / "oc_a" / egress.EGRESS_SOCKET).st_mode)
+        finally:
+            await gw.close()
+            gw.store.close()
+
+    asyncio.run(scenario())
+
+
 def test_one_host_serves_no_egress_socket(short_dir: Path, upstream: FakeAnthropic) -> None:
     """runtime: docker: agents reach the proxy on their network; the gateway relays nothing."""
     async def scenario() -> None:
