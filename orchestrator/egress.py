@@ -18,9 +18,9 @@ runtime: swarm: a chat's task may run on any node, so the proxy runs on every no
 network, listening on its loopback only: `runtime.egress_proxy_spec`, `egress_node`), and a chat reaches its own
 node's through the model gateway there, which serves a second socket in the chat's folder (`EGRESS_SOCKET`) and
 relays it to the proxy's port; the agent's container serves that socket on its own 127.0.0.1:PROXY_PORT
-(agent-init), so HTTP(S)_PROXY is on its loopback. The credentials are the same. The node's guard closes the proxy's way out (`firewall.node_proxy_rules`:
-not the node itself, not private or link-local addresses); each node's proxy logs its refusals in a folder of its
-own under the log folder (`NodeRefusalLogs`).
+(agent-init), so HTTP(S)_PROXY is on its loopback. The credentials are the same. The node's guard closes the
+proxy's way out (`firewall.node_proxy_rules`: not the node itself, not private or link-local addresses); each
+node's proxy logs its refusals in a folder of its own under the log folder (`NodeRefusalLogs`).
 
 Pure but for writing the proxy's files and reading its log.
 """
