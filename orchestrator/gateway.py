@@ -325,13 +325,8 @@ class Gateway:
         # descriptor, it is short whatever data_dir is (and it is the name its connections report).
         path = f"/proc/self/fd/{fd}/{SOCKET}"
         try:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)  # one a gateway before this one left (never followed: unlink removes the link)
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            listener.bind(path)
-            os.chmod(path, 0o666)  # the agent's uid connects; the folder (root's, 0755) keeps it from replacing it
             assert self._runner is not None
-            site = web.SockSite(self._runner, listener)
+            site = web.SockSite(self._runner, _listening_socket(path))
             await site.start()
         except OSError as exc:
             os.close(fd)
@@ -347,16 +342,11 @@ class Gateway:
         """runtime: swarm: the chat's egress socket beside its model socket, relayed to the node's proxy (tried again
         at the next scan when it cannot be made)."""
         path = f"/proc/self/fd/{self._folders[chat_id]}/{egress.EGRESS_SOCKET}"
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            listener.bind(path)
-            os.chmod(path, 0o666)
             self._relays[chat_id] = await asyncio.start_unix_server(
-                lambda reader, writer: self._relay(chat_id, reader, writer), sock=listener, limit=RELAY_BUFFER)
+                lambda reader, writer: self._relay(chat_id, reader, writer), sock=_listening_socket(path),
+                limit=RELAY_BUFFER)
         except OSError as exc:
-            listener.close()
             self._cannot_serve(chat_id, self._socket_dir / chat_id, exc, "egress")
 
     async def _relay(self, chat_id: str, client_reader: asyncio.StreamReader,
@@ -710,6 +700,21 @@ class Gateway:
     async def _in_store(self, fn: Callable[..., T], *args: Any) -> T:
         """Store calls run on the gateway's one store thread: a busy database never holds the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
+
+
+def _listening_socket(path: str) -> socket.socket:
+    """A unix socket bound at `path` (in place of one a gateway before this one left: never followed, unlink removes
+    a link) that the agent's uid may connect to (the folder, root's and 0755, keeps it from replacing it)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(path)
+        os.chmod(path, 0o666)
+    except OSError:
+        listener.close()
+        raise
+    return listener
 
 
 async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter, moved: list[int]) -> None:

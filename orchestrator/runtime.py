@@ -1232,10 +1232,11 @@ class SwarmRuntime(Runtime):
         places chats only where the node's rules are kept and the chat's sockets are served, and stops a chat's task
         on a node that lost one (a node's labels are its constraints' input)."""
         label = ready_label(instance)
-        guarded, served = (self._running_on(name) for name in (guard_name(instance), gateway_container_name(instance)))
-        proxy = egress.proxy_name(instance)
-        if self._service(proxy) is not None:  # some chat's egress is an allowlist: served where the proxy runs
-            served &= self._running_on(proxy)
+        guarded, served = (self._running_of(self._service(name))
+                           for name in (guard_name(instance), gateway_container_name(instance)))
+        proxy = self._service(egress.proxy_name(instance))
+        if proxy is not None:  # some chat's egress is an allowlist: served where the proxy runs
+            served &= self._running_of(proxy)
         nodes = self._api.nodes()
         self._nodes = (swarm_nodes(nodes), time.monotonic())  # the chats' states just after read it, not again
         ready = guarded & served
@@ -1254,10 +1255,9 @@ class SwarmRuntime(Runtime):
         await self._call(self._ensure_guard, instance)
         return await self.local.ensure_networks(instance)
 
-    def _running_on(self, name: str) -> set[str]:
-        """The nodes where the global service's current spec runs; none when the service is gone (removed by hand,
-        or by a planned stop), so that no node keeps the label."""
-        service = self._service(name)
+    def _running_of(self, service: dict[str, Any] | None) -> set[str]:
+        """The nodes where the global service's current spec runs; none when the service is gone (None: removed by
+        hand, or by a planned stop), so that no node keeps the label."""
         if service is None:
             return set()
         tasks = self._api.tasks(filters={"service": service["ID"]})
@@ -1278,10 +1278,10 @@ class SwarmRuntime(Runtime):
     def _global_state(self, service: dict[str, Any]) -> ContainerState:
         """A global service (the gateway, the egress proxy) as a container: running while its spec runs on a node, on
         the nodes named."""
-        name = service["Spec"]["Name"]
-        running = self._running_on(name)
+        running = self._running_of(service)
         nodes = self._node_table()
-        return ContainerState(name=name, id=service["ID"], status="running" if running else "created",
+        return ContainerState(name=service["Spec"]["Name"], id=service["ID"],
+                              status="running" if running else "created",
                               node=", ".join(sorted(nodes[n].hostname if n in nodes else n for n in running)))
 
     def _ensure_global(self, spec: dict[str, Any]) -> dict[str, Any]:
