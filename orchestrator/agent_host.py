@@ -11,6 +11,10 @@ output outlive the orchestrator, and nothing needs `docker exec` or a socket (th
                              files that came with the message, to be copied into the workspace before it is sent
     /input/<turn>.files/     those files (the orchestrator downloaded them; it never writes into the workspace)
     /input/<turn>.interrupt  the orchestrator asks to interrupt that turn (/stop, shutdown)
+    /input/<turn>.stop       the orchestrator asks to end that turn's CLI (the turn passed a limit): SIGTERM, SIGKILL
+                             STOP_KILL_SECONDS later, the turn ended with its status, and the next turn gets a new
+                             CLI; nothing when the turn is no longer the one in progress (its CLI, hot, may be
+                             answering the next turn: a signal from outside could not tell them apart)
     /input/<turn>.decision-<n>  the orchestrator's answer to the turn's n-th permission request:
                              {"behavior": "allow"|"deny", "message": why (deny), "answers": {question: answer}}
     /turns/usage             the container's use of its caps, from its cgroup, rewritten every USAGE_SECONDS:
@@ -18,7 +22,7 @@ output outlive the orchestrator, and nothing needs `docker exec` or a socket (th
                              inactive file pages as `docker stats` shows it, "memory_limit", "pids"} (status reads it
                              where the engine's stats are out of reach: a Swarm task on another node)
     /turns/<turn>/           made by this host when it takes the turn (mkdir is the claim), then in it:
-        pid          the CLI process's pid (for the orchestrator's SIGINT fallback)
+        pid          the CLI process's pid (for the orchestrator's fallbacks: SIGINT, SIGKILL)
         process      a random id of the CLI process, the same in every turn that process answers
         output.jsonl the CLI's stream-json lines of this turn, up to and including its result
         stderr       what the CLI wrote to stderr during this turn
@@ -58,6 +62,7 @@ INPUT = "/input"
 TURNS = "/turns"
 WORKSPACE = "/workspace"
 INTERRUPT_SUFFIX = ".interrupt"
+STOP_SUFFIX = ".stop"
 ASK_PREFIX = "ask-"
 CANCELLED_SUFFIX = ".cancelled"
 DECISION_INFIX = ".decision-"
@@ -92,6 +97,7 @@ HEAD_BYTES = 64
 RESULT_HEAD = b'{"type":"result"'  # how the CLI starts a result line: enough to end a turn whose result is huge
 CLOSE_GRACE_SECONDS = 5.0  # for the CLI to exit after its stdin closes
 STOP_GRACE_SECONDS = 3.0  # at SIGTERM, for an interrupted turn to end with its result
+STOP_KILL_SECONDS = 2.0  # after a stopped turn's SIGTERM, before its CLI's SIGKILL
 INTERRUPT_RESEND_SECONDS = 1.0
 
 _IN_CLOSE_WRITE, _IN_MOVED_TO, _IN_CREATE = 0x8, 0x80, 0x100
@@ -275,16 +281,19 @@ class Cli:
         self._partial = rest
         return pieces
 
-    def close(self) -> int:
-        """Close its stdin (it ends after the turn it is in), then end it if it does not; its exit status."""
+    def close(self, gently: bool = True) -> int:
+        """Close its stdin (it ends after the turn it is in), then end it if it does not (SIGTERM, then SIGKILL);
+        not `gently`: SIGTERM at once. Its exit status."""
         with contextlib.suppress(OSError, ValueError):
             assert self.process.stdin
             self.process.stdin.close()
-        for ender in (None, self.process.terminate, self.process.kill):
+        enders = (None, self.process.terminate, self.process.kill) if gently else (self.process.terminate,
+                                                                                   self.process.kill)
+        for ender in enders:
             if ender is not None:
                 ender()
             with contextlib.suppress(subprocess.TimeoutExpired):
-                return exit_status(self.process.wait(CLOSE_GRACE_SECONDS if ender is None else 2.0))
+                return exit_status(self.process.wait(CLOSE_GRACE_SECONDS if ender is None else STOP_KILL_SECONDS))
         return exit_status(self.process.wait())
 
 
@@ -470,6 +479,8 @@ class Host:
             if self.turn is None and self.stop_at is None:
                 self._take_next()
             if self.turn is not None:
+                self._check_stop()
+            if self.turn is not None:
                 self._check_interrupt()
                 self._check_decisions()
             self._end_idle_cli()
@@ -633,6 +644,12 @@ class Host:
             log(f"CLI {self.cli.pid} started" + (f", resuming {request.session}" if request.session else ""))
         return self.cli
 
+    def _check_stop(self) -> None:
+        """End the turn's CLI when the orchestrator asks (the turn passed a limit): the turn ends with its status."""
+        assert self.turn is not None
+        if self.cli is not None and os.path.exists(os.path.join(self.input_dir, self.turn.name + STOP_SUFFIX)):
+            self._close_cli(f"the orchestrator stopped turn {self.turn.name}", gently=False)
+
     def _check_interrupt(self) -> None:
         """Send the CLI an interrupt when the orchestrator asks for one, and once more if no result came a second
         later: one that arrives just after the user message, before the CLI starts the turn, is ignored."""
@@ -753,12 +770,12 @@ class Host:
         if self.cli is not None and self.turn is None and time.monotonic() - self.idle_since >= self.hot_idle:
             self._close_cli(f"no turn for {self.hot_idle:g} s")
 
-    def _close_cli(self, why: str) -> None:
+    def _close_cli(self, why: str, gently: bool = True) -> None:
         assert self.cli is not None
         log(f"closing CLI {self.cli.pid}: {why}")
         for fd in (self.cli.stdout, self.cli.stderr):
             self.selector.unregister(fd)
-        status = self.cli.close()
+        status = self.cli.close(gently)
         cli, self.cli = self.cli, None
         log(f"CLI {cli.pid} ended with {status}")
         if self.turn is not None:

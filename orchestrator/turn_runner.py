@@ -41,7 +41,7 @@ POLL_SECONDS = 0.1
 FIRST_POLL_SECONDS = 0.005  # right after output, look again soon: a hot CLI's next line (or its result) is close
 POLL_GROWTH = 1.3
 CONTAINER_CHECK_SECONDS = 2.0
-KILL_GRACE_SECONDS = 5.0
+KILL_GRACE_SECONDS = 5.0  # after a stop request (the host's SIGTERM, SIGKILL 2 s later), before our SIGKILL
 CLAIM_SECONDS = 10.0  # after a restart, how long a running container's agent host gets to take a pending request
 INTERRUPT_GRACE_SECONDS = 5.0  # after an interrupt request, before the fallback: SIGINT to the CLI
 INTERRUPTED_BY_RESTART = ("This answer was interrupted because the bot is restarting. Send your message again "
@@ -520,19 +520,26 @@ class TurnRunner:
             await display.update(transcript.text_so_far)
 
     async def _signal(self, turn: _RunningTurn, sig: str) -> None:
-        """A signal to the turn's CLI (a fallback: one `docker exec` of kill, never on a turn's normal path)."""
+        """A signal to the turn's CLI (a fallback: one `docker exec` of kill, never on a turn's normal path), unless
+        the turn has ended: its CLI, hot, may then be answering the next turn when the signal lands."""
         pid = turn.files.pid()
-        if pid is not None:
+        if pid is not None and turn.files.exit_code() is None:
             with contextlib.suppress(RuntimeFailure):
                 await self.runtime.run(turn.container_id, ["kill", f"-{sig}", str(pid)], self.agent_user)
 
     async def kill(self, turn: _RunningTurn) -> None:
-        """SIGTERM to the CLI, SIGKILL if it is still there after a grace period, and the container stopped if the
-        turn still does not end (its agent host stopped or wedged): no turn holds its slot for ever."""
-        for sig, grace in (("TERM", KILL_GRACE_SECONDS), ("KILL", KILL_GRACE_SECONDS)):
-            await self._signal(turn, sig)
-            if await self._ended_within(turn, grace):
-                return
+        """The agent host ends the turn's CLI (SIGTERM, SIGKILL 2 s later) and the turn with it; if the turn has not
+        ended after a grace period (the host stopped or wedged), SIGKILL from here, then the container stopped: no
+        turn holds its slot for ever. The host, not a signal from here, does it first: only the host knows whether
+        the turn is still in progress. (A fault-suite flood turn ended just as the runner saw it pass the output cap;
+        the SIGTERM sent then reached the hot CLI as it took the chat's next turn, which ended with exit code 143.)"""
+        await asyncio.to_thread(turns.request_stop, turn.files)
+        if await self._ended_within(turn, KILL_GRACE_SECONDS):
+            return
+        logger.bind(message_id=turn.message_id).warning("the agent host did not stop the turn; SIGKILL")
+        await self._signal(turn, "KILL")
+        if await self._ended_within(turn, KILL_GRACE_SECONDS):
+            return
         await self._stop_container(turn, "the turn did not end after SIGKILL")
 
     @staticmethod

@@ -203,8 +203,19 @@ def _publish(files: TurnFiles, name: str, data: bytes) -> None:
 
 def request_interrupt(files: TurnFiles) -> None:
     """Ask the agent host to interrupt the turn (it sends the CLI an interrupt through the control protocol)."""
+    _ask_host(files, agent_host.INTERRUPT_SUFFIX)
+
+
+def request_stop(files: TurnFiles) -> None:
+    """Ask the agent host to end the turn's CLI (SIGTERM, then SIGKILL): it does so only while the turn is in
+    progress, never to the hot CLI once the turn ended."""
+    _ask_host(files, agent_host.STOP_SUFFIX)
+
+
+def _ask_host(files: TurnFiles, suffix: str) -> None:
+    """An empty `<turn><suffix>` in the chat's input folder (once: a second ask finds it there)."""
     with untrusted.directory(files.paths.input) as folder, contextlib.suppress(FileExistsError):
-        untrusted.write_new(folder, files.name + agent_host.INTERRUPT_SUFFIX, b"")
+        untrusted.write_new(folder, files.name + suffix, b"")
 
 
 def files_folder(turn: str) -> str:
@@ -238,12 +249,13 @@ def write_decision(files: TurnFiles, number: int, decision: bytes) -> None:
 
 
 def withdraw(files: TurnFiles) -> None:
-    """The turn's request, interrupt and decisions, deleted: once we stop following a turn, no agent host may take
-    it. (Its decisions are in our own folder: listing it costs what we wrote.)"""
+    """The turn's request, interrupt, stop and decisions, deleted: once we stop following a turn, no agent host may
+    take it. (Its decisions are in our own folder: listing it costs what we wrote.)"""
     with untrusted.directory(files.paths.input) as folder:
         decisions = [name for name in os.listdir(folder)
                      if name.lstrip(".").startswith(files.name + agent_host.DECISION_INFIX)]
-        for name in (files.name, files.name + agent_host.INTERRUPT_SUFFIX, *decisions):
+        for name in (files.name, files.name + agent_host.INTERRUPT_SUFFIX, files.name + agent_host.STOP_SUFFIX,
+                     *decisions):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name, dir_fd=folder)
         if untrusted.exists(folder, files_folder(files.name)):

@@ -183,7 +183,9 @@ def test_a_crashed_cli_ends_the_turn_with_a_recorded_error(
     assert message["turn"] == pid_file.parent.name and re.fullmatch(r"\d+-1-[0-9a-f]{16}", message["turn"])
 
 
-def test_a_silent_cli_is_stopped_after_the_idle_timeout(make_config, store_view: StoreView) -> None:
+def test_a_silent_cli_is_stopped_by_its_agent_host_after_the_idle_timeout(
+        make_config, instance: str, docker_client: docker.DockerClient, store_view: StoreView,
+        tmp_path: Path) -> None:
     bot = Orchestrator(make_config(agent={"idle_timeout": 3}), chat="zeta")
     bot.send("SILENT 60 please")
     bot.wait_output("Claude Code produced no output for 3 seconds", timeout=60)
@@ -193,5 +195,13 @@ def test_a_silent_cli_is_stopped_after_the_idle_timeout(make_config, store_view:
     failed, answered = store_view.messages("zeta")
     assert failed["state"] == "failed" and "no output for 3 seconds" in failed["error"]
     assert answered["state"] == "delivered"
+    # the host ended the CLI (SIGTERM: 143) on the orchestrator's request, and started another for the next turn
+    turns = tmp_path / "data" / "chats" / "zeta" / "turns"
+    assert (turns / failed["turn"] / "exit_code").read_text() == "143\n"
+    pids = [(turns / message["turn"] / "pid").read_text() for message in (failed, answered)]
+    assert pids[0] != pids[1]
+    host_log = docker_client.containers.get(f"{instance}-zeta").logs().decode()
+    assert f"the orchestrator stopped turn {failed['turn']}" in host_log
+    assert "did not stop the turn" not in bot.log()  # no fallback was needed
 
 

@@ -44,8 +44,9 @@ class Reply:
     text: str | None = None  # None: "Fake answer to: <prompt>"
     output: bool = True  # False: it ends before writing a line (a pids limit that refused its processes)
     exit_code: int = 1  # when it ends without output
-    hold: bool = False  # after its first text, it works on until interrupted, signalled or `release`d
+    hold: bool = False  # after its first text, it works on until interrupted, stopped, signalled or `release`d
     obey_interrupt: bool = True  # False: the host does not pass `<turn>.interrupt` on (the SIGINT fallback's case)
+    obey_stop: bool = True  # False: the host does not act on `<turn>.stop` (the runner's SIGKILL fallback's case)
     obey_signals: bool = True  # False: signals change nothing either (a wedged host: only a stopped container helps)
     error: str | None = None  # the turn ends in an error result with these words (the model API refused, say)
     limit_hits: int | None = None  # the pids limit's refusals the host counted in the turn (None: it could not read)
@@ -69,6 +70,7 @@ class FakeAgentHost:
         self.requests: list[Request] = []  # the decoded request of each
         self.processes: list[str] = []  # the CLI process id that answered each
         self.interrupts_seen: list[str] = []  # turns whose `.interrupt` the host found
+        self.stops_seen: list[str] = []  # turns the host stopped for their `.stop`
         self._taking = True  # False: requests wait (a host not started yet, or stuck)
         self._claiming = threading.Lock()  # held while a request is claimed: `pause` waits for it
         self._release = threading.Event()
@@ -108,11 +110,15 @@ class FakeAgentHost:
         self._signal = option
 
     def run_in_container(self, container_id: str, argv: list[str], user: str) -> tuple[int, str]:
-        """`FakeRuntime.on_run`: a `kill -<SIG> <pid>` reaches the CLI of the turn being answered."""
-        current = self._current
+        """`FakeRuntime.on_run`: a `kill -<SIG> <pid>` reaches the CLI of the turn being answered, or ends the hot
+        CLI between turns (the next turn starts another)."""
+        current, idle = self._current, self._process
         if len(argv) == 3 and argv[0] == "kill" and argv[1] in SIGNALS and current and argv[2] == str(current[1]):
             if current[2].obey_signals:
                 self.kill(argv[1])
+            return 0, ""
+        if len(argv) == 3 and argv[0] == "kill" and current is None and idle and argv[2] == str(idle.pid):
+            self._process = None
             return 0, ""
         return 1, f"{argv[0]}: no such process"
 
@@ -202,12 +208,16 @@ class FakeAgentHost:
         """Wait for how the held turn ends: ANSWERED (released), INTERRUPTED (through the control protocol), a
         signal's `kill` option, or None (the host stopped)."""
         interrupt = self.paths.input / (name + agent_host.INTERRUPT_SUFFIX)
+        stop = self.paths.input / (name + agent_host.STOP_SUFFIX)
         while not self._stopping.is_set():
             if self._release.is_set():
                 self._release.clear()
                 return ANSWERED
             if self._signal is not None:
                 return self._signal
+            if reply.obey_stop and stop.exists():
+                self.stops_seen.append(name)
+                return "-TERM"  # the host's SIGTERM to the CLI
             if name not in self.interrupts_seen and interrupt.exists():
                 self.interrupts_seen.append(name)
             if name in self.interrupts_seen and reply.obey_interrupt:

@@ -132,6 +132,9 @@ class Channel:
     def interrupt(self, name: str) -> None:
         (self.paths.input / (name + agent_host.INTERRUPT_SUFFIX)).write_bytes(b"")
 
+    def stop_turn(self, name: str) -> None:
+        (self.paths.input / (name + agent_host.STOP_SUFFIX)).write_bytes(b"")
+
 
 @pytest.fixture
 def channel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Channel]:
@@ -211,6 +214,27 @@ def test_an_interrupt_before_the_turn_is_taken_ends_it_without_the_cli(channel: 
     turn = channel.start().ended(name)
     assert turn.exit_code == agent_host.INTERRUPTED_BEFORE_START
     assert not (turn.folder / agent_host.PID).exists() and channel.host.cli is None
+
+
+def test_a_stop_ends_the_turns_cli_with_sigterm_and_the_next_turn_gets_a_new_one(host: Channel) -> None:
+    first = host.ask("one")
+    name = host.submit("SLOW 60", session=first.session)
+    wait_until(lambda: (host.paths.turns / name / agent_host.PID).exists(), TURN_SECONDS, "the turn to start")
+    host.stop_turn(name)
+    stopped = host.ended(name)  # within TURN_SECONDS, far less than the 60 s it asked for
+    assert stopped.exit_code == 128 + 15 and stopped.pid == first.pid and gone(stopped.pid)
+    after = host.ask("after", session=first.session)
+    assert after.exit_code == 0 and after.pid != first.pid and after.session == first.session
+
+
+def test_a_stop_of_a_turn_that_ended_leaves_the_hot_cli_to_the_next_turn(host: Channel) -> None:
+    """The orchestrator saw a limit passed just as the turn ended: its CLI, hot, may be taking the next turn, and a
+    signal then ended that one (exit code 143). The host knows which turn is in progress: the stop changes nothing."""
+    first = host.ask("one")
+    host.stop_turn(first.folder.name)
+    second = host.ask("two", session=first.session)
+    assert second.exit_code == 0 and (second.pid, second.process) == (first.pid, first.process)
+    assert not gone(first.pid)
 
 
 def exited(pid: int) -> bool:

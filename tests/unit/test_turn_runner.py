@@ -457,28 +457,77 @@ def test_a_cancelled_follower_leaves_the_turns_request_interrupt_and_decisions_f
     assert any(agent_host.DECISION_INFIX in entry for entry in left), left
 
 
-def test_a_turn_that_ended_past_the_output_cap_is_told_so_not_taken_for_a_cli_that_stopped(bench: Bench) -> None:
-    """The turn wrote more than limits.output_bytes and ended before the reader got that far (a fast flood, a slow
-    orchestrator): its result line lies past what may be read, so the user is told of the cap, not that Claude Code
-    stopped mid-answer."""
-    settings = dataclasses.replace(bench.settings, limits=dataclasses.replace(bench.settings.limits,
-                                                                              output_bytes=64 * 1024))
-    bench.host.replies = [Reply(text="flood " * 40_000)]  # one 240 kB text line, then the result: past 64 KiB
+def with_settings(bench: Bench, *, limits: dict[str, object] | None = None,
+                  agent_settings: dict[str, object] | None = None) -> Bench:
+    """The bench with a runner of these limits and agent settings."""
+    settings = dataclasses.replace(bench.settings,
+                                   limits=dataclasses.replace(bench.settings.limits, **(limits or {})),
+                                   agent=dataclasses.replace(bench.settings.agent, **(agent_settings or {})))
 
     async def started(chat_id: str) -> None:
         pass
 
     runner = TurnRunner(settings, bench.store, bench.runtime, Approvals(settings, bench.store, RecordingChannel()),
                         RecordingChannel().fetch_attachment, started)
+    return dataclasses.replace(bench, settings=settings, runner=runner)
 
-    async def scenario() -> Answer | Failure:
-        message = bench.message()
-        turn = runner.run(message, RecordingDisplay(), logger.bind(chat_id=CHAT, message_id=message.message_id))
-        return await asyncio.wait_for(turn, WAIT_SECONDS)
 
-    result = asyncio.run(scenario())
-    assert isinstance(result, Failure), result
-    assert result.reason == "This answer was stopped: Claude Code wrote more than 64.0 KiB of output in one turn."
+def two_turns(bench: Bench) -> tuple[Answer | Failure, Answer | Failure]:
+    async def scenario() -> tuple[Answer | Failure, Answer | Failure]:
+        return await bench.run(bench.message("one", "om_1")), await bench.run(bench.message("two", "om_2"))
+
+    return asyncio.run(scenario())
+
+
+def test_a_turn_that_ended_past_the_output_cap_is_told_so_not_taken_for_a_cli_that_stopped(bench: Bench) -> None:
+    """The turn wrote more than limits.output_bytes and ended before the reader got that far (a fast flood, a slow
+    orchestrator): its result line lies past what may be read, so the user is told of the cap, not that Claude Code
+    stopped mid-answer. Its CLI, hot and idle now, is not signalled: it answers the next turn (a SIGTERM sent to it
+    once ended the chat's next turn in the fault suite, exit code 143)."""
+    bench = with_settings(bench, limits={"output_bytes": 64 * 1024})
+    bench.host.replies = [Reply(text="flood " * 40_000)]  # one 240 kB text line, then the result: past 64 KiB
+    flood, after = two_turns(bench)
+    assert isinstance(flood, Failure), flood
+    assert flood.reason == "This answer was stopped: Claude Code wrote more than 64.0 KiB of output in one turn."
+    assert bench.runtime.ran == [] and bench.host.stops_seen == []
+    assert isinstance(after, Answer) and after.text == "Fake answer to: two"
+    assert bench.host.processes[0] == bench.host.processes[1]
+    assert bench.requests() == []  # the stop request withdrawn with the turn
+
+
+@pytest.mark.parametrize("limit", ["turn_timeout", "idle_timeout"])
+def test_a_turn_past_its_time_is_stopped_by_its_host_and_the_next_turn_gets_a_new_cli(bench: Bench,
+                                                                                      limit: str) -> None:
+    bench = with_settings(bench, agent_settings={limit: 0.3})
+    bench.host.replies = [Reply(hold=True)]
+    stopped, after = two_turns(bench)
+    assert isinstance(stopped, Failure) and "0.3 seconds" in stopped.reason, stopped
+    assert stopped.partial_text == "Fake answer to: one"
+    assert bench.host.stops_seen == bench.host.taken[:1]
+    assert (bench.paths.turns / bench.host.taken[0] / agent_host.EXIT_CODE).read_text() == "143\n"
+    assert bench.runtime.ran == []  # no docker exec: the host's own SIGTERM
+    assert isinstance(after, Answer) and bench.host.processes[0] != bench.host.processes[1]
+    assert bench.requests() == []
+
+
+def test_a_host_that_does_not_stop_the_turn_gets_sigkill_then_its_container_stopped(
+        bench: Bench, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An older agent image, or a wedged host: SIGKILL through `docker exec` after the grace; a CLI that outlives
+    even that (a host stopped, so nobody writes the exit code) ends with its container stopped."""
+    monkeypatch.setattr(turn_runner, "KILL_GRACE_SECONDS", 0.2)
+    monkeypatch.setattr(turn_runner, "CONTAINER_CHECK_SECONDS", 0.1)
+    bench = with_settings(bench, agent_settings={"turn_timeout": 0.3})
+    bench.host.replies = [Reply(hold=True, obey_stop=False), Reply(hold=True, obey_stop=False, obey_signals=False)]
+    killed, wedged = two_turns(bench)
+    first, second = bench.host.taken
+    assert isinstance(killed, Failure) and "0.3 seconds" in killed.reason
+    assert (bench.paths.turns / first / agent_host.EXIT_CODE).read_text() == "137\n"
+    container_id = bench.runtime.containers[bench.container].id
+    pids = [(bench.paths.turns / name / agent_host.PID).read_text().strip() for name in (first, second)]
+    assert bench.runtime.ran == [Ran(container_id, ["kill", "-KILL", pid], "1000:1000") for pid in pids]
+    assert bench.runtime.stopped == [bench.container]
+    assert isinstance(wedged, Failure)
+    bench.host.release()
 
 
 @pytest.mark.parametrize(("state", "told"), [
