@@ -611,8 +611,9 @@ class _Reader:
     def check_runtime(self, runtime: str, top: Mapping[str, Any], defaults: ChatOptions,
                       groups: Mapping[str, Mapping[str, Any]]) -> None:
         """What each runtime cannot do, refused here rather than at a chat's first message. On Swarm a chat's service
-        may run on any node: an allowlist is served by the instance's egress proxy on every node (docs/SCALING.md),
-        but `open` egress, a way out of the node's own for each chat, is not."""
+        may run on any node: an allowlist is served by the instance's egress proxy on every node, `open` egress by a
+        network of the instance's on every node, closed by each node's guard (docs/SCALING.md); an operator's
+        network is not served."""
         chats = [("defaults", defaults), *((f"groups.{chat_id}", dataclasses.replace(defaults, **overrides))
                                            for chat_id, overrides in groups.items())]
         if runtime == "docker":
@@ -623,10 +624,6 @@ class _Reader:
                     raise self.error(f"{key}.placement", "applies to runtime: swarm only (one host places nothing)")
             return
         for key, options in chats:
-            if options.egress.mode == "open" and options.network != "none":
-                raise self.error(f"{key}.egress", "open is not served on runtime: swarm (a chat's service runs on any "
-                                 "node, and the way out of one is not closed to the node's networks): list the hosts "
-                                 "the agent needs (egress: {allow: [...]}), or set egress: none (see docs/SCALING.md)")
             if options.network not in SAFE_NETWORKS:
                 raise self.error(f"{key}.network", f"{options.network!r}: on runtime: swarm a chat's service is on the "
                                  "instance's Swarm network (instance or none); no other network is served")

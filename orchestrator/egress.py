@@ -102,12 +102,26 @@ def proxied(options: ChatOptions) -> bool:
     return options.network == INSTANCE_NETWORK and options.egress.mode == "allowlist"
 
 
+def goes_out(options: ChatOptions) -> bool:
+    """Whether the chat has its own way out: the instance network with egress open (closed to private addresses and
+    the host by the firewall)."""
+    return options.network == INSTANCE_NETWORK and options.egress.mode == "open"
+
+
+def _all_options(settings: Settings) -> list[ChatOptions]:
+    """The defaults' and every group's options. Pure."""
+    return [settings.defaults, *(dataclasses.replace(settings.defaults, **group) for group in settings.groups.values())]
+
+
 def policies(settings: Settings) -> list[Policy]:
     """The distinct policies of the defaults and every group that uses the proxy, by name. Pure."""
-    groups = (dataclasses.replace(settings.defaults, **group) for group in settings.groups.values())
-    options = [settings.defaults, *groups]
-    found = {p.name: p for p in (policy(o.egress) for o in options if proxied(o))}
+    found = {p.name: p for p in (policy(o.egress) for o in _all_options(settings) if proxied(o))}
     return [found[name] for name in sorted(found)]
+
+
+def any_goes_out(settings: Settings) -> bool:
+    """Whether some chat's egress is open (runtime: swarm then keeps a network for it on every node). Pure."""
+    return any(goes_out(options) for options in _all_options(settings))
 
 
 def proxy_name(instance: str) -> str:

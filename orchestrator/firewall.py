@@ -160,6 +160,11 @@ def node_proxy_chain(instance: str) -> str:
     return f"ORCH-{hashlib.sha256(instance.encode()).hexdigest()[:10]}-PRX"
 
 
+def node_out_chain(instance: str) -> str:
+    """The way out of the open chats' bridge on a node: `forward_rules`, as one host's egress bridge."""
+    return f"ORCH-{hashlib.sha256(instance.encode()).hexdigest()[:10]}-OUT"
+
+
 def node_proxy_rules(resolvers: list[str]) -> list[list[str]]:
     """The way out of the instance's egress proxy on a node (on the node's network, as user proxy): answers, DNS
     to the node's resolvers (port 53 as the query was sent: a Docker-in-Docker node's embedded resolver, 127.0.0.11,
@@ -188,33 +193,43 @@ NODE_PROXY_RULES_V6 = [ANSWERS, ["-j", "REJECT", "--reject-with", "icmp6-adm-pro
 IPV6_INTERFACES = Path("/proc/net/if_inet6")  # missing where the kernel (or the node's namespace) has no IPv6
 
 
-def _node_chain_rules(instance: str) -> list[tuple[str, list[list[str]]]]:
-    return [(node_chain(instance), local_rules()), (node_proxy_chain(instance), node_proxy_rules(_node_resolvers()))]
+def _node_chain_rules(instance: str, open_bridge: str | None) -> list[tuple[str, list[list[str]]]]:
+    chains = [(node_chain(instance), local_rules()), (node_proxy_chain(instance), node_proxy_rules(_node_resolvers()))]
+    if open_bridge is not None:  # the node's resolvers as the engine's embedded DNS asks them, from the chat's side
+        chains.append((node_out_chain(instance), forward_rules(_resolvers())))
+    return chains
 
 
 def _node_proxy_jump(instance: str) -> Jump:
     return "OUTPUT", ["-m", "owner", "--uid-owner", str(PROXY_UID), "-j", node_proxy_chain(instance)]
 
 
-def _node_jumps(instance: str, bridge: str) -> list[Jump]:
-    """From the chats' bridge to the node itself: to the node's chain (answers to what the node started, nothing
-    else). Between two chats on the bridge: dropped, whatever the node's config network says of enable_icc. From
-    the node's processes of Debian's proxy user (uid 13, the egress proxy's: on a node of the instance no other
-    proxy should run as it): to the proxy's chain."""
-    return [("INPUT", ["-i", bridge, "-j", node_chain(instance)]),
-            ("DOCKER-USER", ["-i", bridge, "-o", bridge, "-j", "DROP"]), _node_proxy_jump(instance)]
+def _node_jumps(instance: str, bridge: str, open_bridge: str | None) -> list[Jump]:
+    """From the chats' bridges to the node itself: to the node's chain (answers to what the node started, nothing
+    else). Between two chats on a bridge: dropped, whatever the node's config network says of enable_icc. From the
+    open chats' bridge through the node: to the way-out chain. From the node's processes of Debian's proxy user
+    (uid 13, the egress proxy's: on a node of the instance no other proxy should run as it): to the proxy's
+    chain."""
+    jumps: list[Jump] = []
+    for each in (bridge, *([open_bridge] if open_bridge else [])):
+        jumps += [("INPUT", ["-i", each, "-j", node_chain(instance)]),
+                  ("DOCKER-USER", ["-i", each, "-o", each, "-j", "DROP"])]
+    if open_bridge:
+        jumps.append(("DOCKER-USER", ["-i", open_bridge, "-j", node_out_chain(instance)]))
+    return [*jumps, _node_proxy_jump(instance)]
 
 
-def install_node(instance: str, bridge: str) -> None:
-    """Make (or re-make) the node's chains and their jumps for the chats' bridge (by name: the rules hold before the
-    bridge exists, from the node's first chat on) and the egress proxy's way out (IPv6's too, where there is IPv6)."""
-    _apply(_node_chain_rules(instance), _node_jumps(instance, bridge))
+def install_node(instance: str, bridge: str, open_bridge: str | None = None) -> None:
+    """Make (or re-make) the node's chains and their jumps for the chats' bridge and the open chats' (by name: the
+    rules hold before a bridge exists, from the node's first chat on) and the egress proxy's way out (IPv6's too,
+    where there is IPv6)."""
+    _apply(_node_chain_rules(instance, open_bridge), _node_jumps(instance, bridge, open_bridge))
     if IPV6_INTERFACES.exists():
         _apply([(node_proxy_chain(instance), NODE_PROXY_RULES_V6)], [_node_proxy_jump(instance)], family=IPV6)
 
 
-def node_intact(instance: str, bridge: str) -> bool:
-    return _intact(_node_chain_rules(instance), _node_jumps(instance, bridge)) and (
+def node_intact(instance: str, bridge: str, open_bridge: str | None = None) -> bool:
+    return _intact(_node_chain_rules(instance, open_bridge), _node_jumps(instance, bridge, open_bridge)) and (
         not IPV6_INTERFACES.exists()
         or _intact([(node_proxy_chain(instance), NODE_PROXY_RULES_V6)], [_node_proxy_jump(instance)], family=IPV6))
 

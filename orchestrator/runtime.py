@@ -649,6 +649,27 @@ def swarm_node_network_name(instance: str) -> str:
     return f"{instance}-chats-node"
 
 
+def swarm_open_network_name(instance: str) -> str:
+    """The open chats' network on the Swarm (`egress: open`): a swarm-scoped bridge on each node with a route out
+    (the node's NAT), closed to the node, to the other chats and to private addresses by the guard, its per-node
+    options from `swarm_open_node_network_name`."""
+    return f"{instance}-open"
+
+
+def swarm_open_node_network_name(instance: str) -> str:
+    return f"{instance}-open-node"
+
+
+def swarm_network_of(network: str, instance: str, open_egress: bool) -> str:
+    """The Swarm network of a chat whose container on one host would be on `network`: the chats' (internal) for an
+    allowlist or none, the open chats' for open egress (kept only while the config has such a chat). Pure."""
+    if network in ("none", network_name(instance)):
+        return swarm_network_name(instance)
+    if network == egress_network_name(instance) and open_egress:
+        return swarm_open_network_name(instance)
+    raise RuntimeFailure(f"network {network} is not served on runtime: swarm")
+
+
 def guard_name(instance: str) -> str:
     return f"{instance}-guard"
 
@@ -709,15 +730,17 @@ def node_service_spec(spec: ContainerSpec, image: str) -> dict[str, Any]:
     }
 
 
-def guard_service_spec(instance: str, image: str, bridge: str) -> dict[str, Any]:
-    """The instance's guard (orchestrator.node_guard): one task on every node, on the node's network, root with the
-    two capabilities iptables needs and nothing else; healthy while its loop keeps the rules. Pure."""
+def guard_service_spec(instance: str, image: str, bridge: str, open_bridge: str | None = None) -> dict[str, Any]:
+    """The instance's guard (orchestrator.node_guard) of the chats' bridge and the open chats' (when some chat's
+    egress is open): one task on every node, on the node's network, root with the two capabilities iptables needs
+    and nothing else; healthy while its loop keeps the rules. Pure."""
     guard = ContainerSpec(
         name=guard_name(instance), image=image,
         labels={MANAGED_LABEL: "true", INSTANCE_LABEL: instance, ROLE_LABEL: "guard"},
         nano_cpus=200_000_000, mem_limit=128 * 1024**2, pids_limit=32, network="host", user="0:0", mounts=(),
         tmpfs=(("/run", "size=1m"), ("/tmp", "size=1m")), ulimits=(), environment=(),
-        command=("python", "-m", "orchestrator.node_guard", instance, bridge), cap_add=("CAP_NET_ADMIN", "CAP_NET_RAW"))
+        command=("python", "-m", "orchestrator.node_guard", instance, bridge, *([open_bridge] if open_bridge else [])),
+        cap_add=("CAP_NET_ADMIN", "CAP_NET_RAW"))
     spec = node_service_spec(guard, image)
     health = f"test $(( $(date +%s) - $(stat -c %Y {GUARD_HEALTH_FILE}) )) -lt {GUARD_HEALTHY_SECONDS}"
     spec["TaskTemplate"]["ContainerSpec"]["Healthcheck"] = {
@@ -780,13 +803,17 @@ _SIZE_SUFFIXES = {"k": 1024, "m": 1024**2, "g": 1024**3}
 
 
 def service_spec(spec: ContainerSpec, image: str, fingerprint: str, network: str, replicas: int,
-                 force_update: int = 0, stop_grace: float = 0.0, required: tuple[str, ...] = ()) -> dict[str, Any]:
+                 force_update: int = 0, stop_grace: float = 0.0, required: tuple[str, ...] = (),
+                 goes_out: bool = False) -> dict[str, Any]:
     """The Swarm service of a chat's container spec, as the engine's API takes it (API 1.41: capabilities, ulimits
     and the pids limit are there, which docker-py's helpers do not all know; `SwarmRuntime` refuses an older engine).
-    The fingerprint is on the tasks too, so a start can tell the task of this spec from one of the last. Pure."""
+    The fingerprint is on the tasks too, so a start can tell the task of this spec from one of the last. A chat that
+    `goes_out` (on the open chats' network) asks the engine's embedded DNS, which forwards to the node's resolvers as
+    on one host; the others' DNS goes nowhere (see SWARM_TASK_NAMESERVER). Pure."""
     container = _swarm_container(spec, image, {**spec.labels, SPEC_LABEL: fingerprint})
     container["Dir"] = WORKSPACE_PATH
-    container["DNSConfig"] = {"Nameservers": [SWARM_TASK_NAMESERVER]}
+    if not goes_out:
+        container["DNSConfig"] = {"Nameservers": [SWARM_TASK_NAMESERVER]}
     # No IPv6 in the chat's namespace: the guard's rules are IPv4 (iptables), and a node's engine or config network
     # may give the bridge IPv6 (a link-local address at least) that would reach the node and the other chats.
     container["Sysctls"] = {"net.ipv6.conf.all.disable_ipv6": "1", "net.ipv6.conf.default.disable_ipv6": "1"}
@@ -926,8 +953,9 @@ class SwarmRuntime(Runtime):
     docs/SCALING.md."""
 
     def __init__(self, manager: str, local: DockerRuntime, orchestrator_image: str, start_timeout: float,
-                 stop_grace: float, timeout: float = 120) -> None:
+                 stop_grace: float, timeout: float = 120, open_egress: bool = False) -> None:
         self.local = local
+        self.open_egress = open_egress  # some chat's egress is open: the open chats' network is kept on every node
         self.orchestrator_image = orchestrator_image
         self.start_timeout = start_timeout
         self.stop_grace = stop_grace
@@ -1071,22 +1099,21 @@ class SwarmRuntime(Runtime):
     def _apply(self, spec: ContainerSpec) -> tuple[str, ContainerState | None]:
         """The chat's service made, or updated to this spec and one replica; its fingerprint, and its state when its
         task already runs with this spec (then nothing was changed)."""
-        if spec.network not in ("none", network_name(spec.labels.get(INSTANCE_LABEL, ""))):
-            raise RuntimeFailure(f"network {spec.network} is not served on runtime: swarm")
+        instance = spec.labels.get(INSTANCE_LABEL, "")
+        network = swarm_network_of(spec.network, instance, self.open_egress)
+        goes_out = network == swarm_open_network_name(instance)
         image = self._image(spec.image)
         fingerprint = f"{spec.fingerprint()}:{image}:{self.stop_grace:g}"
         self._check_engines()
         running = self._still_running(spec.name, fingerprint)
         if running is not None:
             return fingerprint, running
-        instance = spec.labels.get(INSTANCE_LABEL, "")
-        network = swarm_network_name(instance)
         required = (f"node.labels.{ready_label(instance)}==true",)
         service = self._service(spec.name)
         if service is None:
             try:
                 self._create(service_spec(spec, image, fingerprint, network, 1, stop_grace=self.stop_grace,
-                                          required=required))
+                                          required=required, goes_out=goes_out))
             except APIError as exc:
                 if exc.status_code != 409:
                     raise
@@ -1100,7 +1127,7 @@ class SwarmRuntime(Runtime):
         if current.get("Labels", {}).get(SPEC_LABEL) != fingerprint or replicas != 1 \
                 or force != current.get("TaskTemplate", {}).get("ForceUpdate", 0):
             self._update(service["ID"], service["Version"]["Index"],
-                         service_spec(spec, image, fingerprint, network, 1, force, self.stop_grace, required))
+                         service_spec(spec, image, fingerprint, network, 1, force, self.stop_grace, required, goes_out))
         return fingerprint, None
 
     def _still_running(self, name: str, fingerprint: str) -> ContainerState | None:
@@ -1251,7 +1278,7 @@ class SwarmRuntime(Runtime):
 
     async def ensure_networks(self, instance: str) -> InstanceNetworks:
         """This host's networks (the egress proxy's), the chats' network on the Swarm, and the guard on its nodes."""
-        await self._call(self._ensure_swarm_network, instance)
+        await self._call(self._ensure_swarm_networks, instance)
         await self._call(self._ensure_guard, instance)
         return await self.local.ensure_networks(instance)
 
@@ -1264,13 +1291,17 @@ class SwarmRuntime(Runtime):
         return running_on(tasks, service["Spec"].get("Labels", {}).get(SPEC_LABEL, ""))
 
     def _ensure_guard(self, instance: str) -> None:
-        networks = [n for n in self._api.networks(names=[swarm_network_name(instance)])
-                    if n.get("Name") == swarm_network_name(instance) and n.get("Scope") == "swarm"]
-        if len(networks) != 1:
-            raise RuntimeFailure(f"the manager has {len(networks)} swarm networks named {swarm_network_name(instance)}")
-        [network] = networks
+        bridge = self._bridge_of(swarm_network_name(instance))
+        open_bridge = self._bridge_of(swarm_open_network_name(instance)) if self.open_egress else None
         image = self._image(self.orchestrator_image)
-        self._ensure_global(guard_service_spec(instance, image, chats_bridge(network["Id"])))
+        self._ensure_global(guard_service_spec(instance, image, bridge, open_bridge))
+
+    def _bridge_of(self, name: str) -> str:
+        """The interface of the swarm-scoped bridge network `name` on every node."""
+        networks = [n for n in self._api.networks(names=[name]) if n.get("Name") == name and n.get("Scope") == "swarm"]
+        if len(networks) != 1:
+            raise RuntimeFailure(f"the manager has {len(networks)} swarm networks named {name}")
+        return chats_bridge(networks[0]["Id"])
 
     def _ensure_node_service(self, spec: ContainerSpec) -> ContainerState:
         return self._global_state(self._ensure_global(node_service_spec(spec, self._image(spec.image))))
@@ -1300,8 +1331,15 @@ class SwarmRuntime(Runtime):
             raise RuntimeFailure(f"the service {spec['Name']} was made and is gone")
         return service
 
-    def _ensure_swarm_network(self, instance: str) -> None:
-        name, node_config = swarm_network_name(instance), swarm_node_network_name(instance)
+    def _ensure_swarm_networks(self, instance: str) -> None:
+        self._ensure_swarm_network(swarm_network_name(instance), swarm_node_network_name(instance), internal=True)
+        if self.open_egress:
+            self._ensure_swarm_network(swarm_open_network_name(instance), swarm_open_node_network_name(instance),
+                                       internal=False)
+
+    def _ensure_swarm_network(self, name: str, node_config: str, internal: bool) -> None:
+        """A swarm-scoped bridge on every node, its options from the config-only network `node_config` that the
+        operator makes on each node; internal (no route out) or not (the node's NAT, closed by the guard)."""
         found = [n for n in self._api.networks(names=[name, node_config]) if n.get("Name") in (name, node_config)]
         by_name = {n["Name"]: n for n in found}
         config = by_name.get(node_config)
@@ -1310,23 +1348,23 @@ class SwarmRuntime(Runtime):
                 f"the Swarm's nodes lack the network {node_config}: make it on EVERY node (managers and workers) with "
                 f"`docker network create --config-only --opt {ICC_OPTION}=false {node_config}`, then start again")
         network = by_name.get(name)
-        if network is not None and (network.get("Scope") != "swarm" or not network.get("Internal")
+        if network is not None and (network.get("Scope") != "swarm" or bool(network.get("Internal")) != internal
                                     or (network.get("ConfigFrom") or {}).get("Network") != node_config):
             raise RuntimeFailure(f"the network {name} exists but was not made by the orchestrator (it must be "
-                                 f"swarm-scoped, internal, with its options from {node_config}); remove it with "
-                                 "`docker network rm` on the manager and start again")
+                                 f"swarm-scoped, {'internal' if internal else 'not internal'}, with its options from "
+                                 f"{node_config}); remove it with `docker network rm` on the manager and start again")
         if network is None:
             try:  # a network made from a config network may carry no labels of its own
-                self._create_chats_network(name, node_config)
+                self._create_chats_network(name, node_config, internal)
             except APIError as exc:
                 if exc.status_code != 409:
                     raise
 
-    def _create_chats_network(self, name: str, node_config: str) -> None:
+    def _create_chats_network(self, name: str, node_config: str, internal: bool) -> None:
         """docker-py's create_network has no ConfigFrom: the API's own call, through the client's HTTP session."""
         api = self._api
         response = api.post(f"{api.base_url}/v{api.api_version}/networks/create", timeout=api.timeout, json={
-            "Name": name, "Driver": "bridge", "Scope": "swarm", "Internal": True,
+            "Name": name, "Driver": "bridge", "Scope": "swarm", "Internal": internal,
             "ConfigFrom": {"Network": node_config}, "CheckDuplicate": True})
         try:
             response.raise_for_status()
@@ -1370,7 +1408,8 @@ def make_runtime(settings: Settings) -> DockerRuntime | SwarmRuntime:
         return local
     try:
         return SwarmRuntime(settings.swarm.manager, local, orchestrator_image=settings.swarm.orchestrator_image,
-                            start_timeout=settings.swarm.start_timeout, stop_grace=settings.containers.stop_timeout)
+                            start_timeout=settings.swarm.start_timeout, stop_grace=settings.containers.stop_timeout,
+                            open_egress=egress.any_goes_out(settings))
     except RuntimeFailure:
         local.close()
         raise

@@ -179,11 +179,13 @@ class Swarm:
                     raise RuntimeError(f"pull of {image} failed: {result.stderr}")
 
     def prepare_instance(self, instance: str) -> None:
-        """What an operator does on every node: once per instance, the config-only network that gives the chats'
-        Swarm network its per-node options (no traffic between chats on a node); once, the gateways' folder."""
+        """What an operator does on every node: once per instance, the config-only networks that give the chats'
+        Swarm network and the open chats' their per-node options (no traffic between chats on a node); once, the
+        gateways' folder."""
         for node in self.nodes:
-            self.exec(node, "docker", "network", "create", "--config-only", "--opt",
-                      "com.docker.network.bridge.enable_icc=false", f"{instance}-chats-node")
+            for config in ("chats-node", "open-node"):
+                self.exec(node, "docker", "network", "create", "--config-only", "--opt",
+                          "com.docker.network.bridge.enable_icc=false", f"{instance}-{config}")
             self.exec(node, "mkdir", "-p", "/var/lib/orchestrator")  # once per node: the gateways' sockets there
 
     def remove_instance(self, instance: str) -> None:
@@ -194,12 +196,15 @@ class Swarm:
             self.exec(self.manager, "docker", "service", "rm", *services)
         for node in self.nodes:  # the guard's label (a lost node's too: the label is the manager's record)
             self.run(self.manager, "docker", "node", "update", "--label-rm", f"orchestrator.ready.{instance}", node)
-        self._wait(lambda: self._removed(self.manager, f"{instance}-chats"), 60, "the chats' network to go")
+        for network in ("chats", "open"):
+            self._wait(lambda network=network: self._removed(self.manager, f"{instance}-{network}"), 60,
+                       f"the {network} network to go")
         for node in self.nodes:  # a config network goes once no node's copy of the network needs it; a node whose
             # engine was killed keeps a stale copy until the Swarm goes (harmless: the next test has another instance)
-            with contextlib.suppress(TimeoutError):
-                self._wait(lambda node=node: self._removed(node, f"{instance}-chats-node"), 15,
-                           f"the config network on {node} to go")
+            for config in ("chats-node", "open-node"):
+                with contextlib.suppress(TimeoutError):
+                    self._wait(lambda node=node, config=config: self._removed(node, f"{instance}-{config}"), 15,
+                               f"the config network {config} on {node} to go")
 
     def _removed(self, node: str, network: str) -> bool:
         result = self.run(node, "docker", "network", "rm", network)

@@ -535,3 +535,85 @@ def test_a_chat_reaches_its_allowlist_through_its_nodes_proxy_and_nothing_else(
         for each in swarm.nodes:
             with contextlib.suppress(docker.errors.APIError):
                 docker_client.networks.get(network).disconnect(each, force=True)
+
+
+def test_an_open_chat_goes_out_through_its_node_and_reaches_nothing_private(
+        on_swarm: OnSwarm, instance: str, feishu: FakeFeishu, feishu_config, start,
+        docker_client: docker.DockerClient, outside: tuple[str, Container]) -> None:
+    """egress: open on Swarm: the open chats' network (a swarm-scoped bridge, out through the node's NAT) on every
+    node, closed by the node's guard as one host's egress bridge is: an open chat reaches a host on the internet (the
+    test's listener in TEST-NET-2), and neither a private address (the same listener on the nodes' network), nor the
+    node itself (at its address out there, at its bridge's gateway), nor another open chat on the node; a chat with
+    egress: none on the same node has no way out."""
+    swarm = on_swarm.swarm
+    network, listener = outside
+    node = swarm.nodes[1]
+    for each in swarm.nodes:  # the nodes reach "the internet"
+        docker_client.networks.get(network).connect(each)
+    one, two, closed = chat(), chat(), chat()
+    pinned = {"constraints": [f"node.hostname=={node}"]}
+    config = swarm_config(feishu_config, on_swarm, instance, defaults={"egress": "open", "placement": pinned},
+                          groups={closed: {"egress": "none"}})
+    on_node = swarm.exec(node, "docker", "run", "-d", "--network", "host", "--entrypoint", "python3",
+                         swarm.agent_image, "-c", TCP_LISTENER, "18080").strip()
+    in_two = ""
+    try:
+        bot = start(config)
+        for chat_id in (one, two, closed):
+            ask(feishu, chat_id, f"hello {chat_id}")
+        tasks = {c: swarm.exec(node, "docker", "ps", "-q", "--filter", f"label=orchestrator.chat_id={c}").strip()
+                 for c in (one, two, closed)}
+        assert all(tasks.values()), tasks
+
+        def address_of(container: str, on: str, where: str = node) -> str:
+            return json.loads(swarm.exec(where, "docker", "inspect", container))[0][
+                "NetworkSettings"]["Networks"][on]["IPAddress"]
+
+        listener.reload()
+        out_there = listener.attrs["NetworkSettings"]["Networks"][network]["IPAddress"]
+        private = listener.attrs["NetworkSettings"]["Networks"][swarm.network]["IPAddress"]
+        node_out_there = docker_client.containers.get(node).attrs["NetworkSettings"]["Networks"][network]["IPAddress"]
+        opened = json.loads(swarm.exec(node, "docker", "network", "inspect", f"{instance}-open"))[0]
+        bridge, gateway = f"br-{opened['Id'][:12]}", opened["IPAM"]["Config"][0]["Gateway"]
+        one_address, two_address = (address_of(tasks[c], f"{instance}-open") for c in (one, two))
+        in_two = swarm.exec(node, "docker", "run", "-d", "--network", f"container:{tasks[two]}", "--entrypoint",
+                            "python3", swarm.agent_image, "-c", TCP_LISTENER, "18081").strip()
+        for each in (on_node, in_two):
+            wait_until(lambda each=each: "listening" in swarm.exec(node, "docker", "logs", each), 30,
+                       "a test listener")
+
+        def connect(chat_id: str, address: str, port: str) -> str:
+            return swarm.exec(node, "docker", "exec", tasks[chat_id], "python3", "-c", CONNECT, address, port).strip()
+
+        # the internet, through the node's NAT
+        assert connect(one, out_there, "8080") == "connected"
+        wait_until(lambda: f"accepted {node_out_there}".encode() in listener.logs(), 10, "the connection out")
+        served = listener.logs().count(b"accepted")
+        # nothing private, nothing of the node, no other chat
+        for address, port in ((private, "8080"), (node_out_there, "18080"), (gateway, "18080"),
+                              (two_address, "18081")):
+            assert connect(one, address, port).startswith("not connected"), (address, port)
+        assert listener.logs().count(b"accepted") == served
+        assert "accepted" not in swarm.exec(node, "docker", "logs", on_node)
+        assert f"accepted {one_address}" not in swarm.exec(node, "docker", "logs", in_two)
+        # egress: none on the same node: no way out
+        assert connect(closed, out_there, "8080").startswith("not connected")
+        assert listener.logs().count(b"accepted") == served
+
+        # the service on the open chats' network, asking the engine's DNS; the guard's rules on the node
+        task = swarm.service(f"{instance}-{one}")["Spec"]["TaskTemplate"]
+        assert [n["Target"] for n in task["Networks"]] == [opened["Id"]]
+        assert "DNSConfig" not in task["ContainerSpec"]
+        out, chain = firewall.node_out_chain(instance), firewall.node_chain(instance)
+        # the node's resolver is the test engine's own (127.0.0.11, loopback): asked from the node, not the chat
+        assert swarm.exec(node, "iptables", "-S", out).splitlines()[1:] == [
+            f"-A {out} {' '.join(rule)}" for rule in firewall.forward_rules([])]
+        assert f"-A DOCKER-USER -i {bridge} -j {out}" in swarm.exec(node, "iptables", "-S", "DOCKER-USER")
+        assert f"-A DOCKER-USER -i {bridge} -o {bridge} -j DROP" in swarm.exec(node, "iptables", "-S", "DOCKER-USER")
+        assert f"-A INPUT -i {bridge} -j {chain}" in swarm.exec(node, "iptables", "-S", "INPUT")
+        assert bot.stop() == 0
+    finally:
+        swarm.run(node, "docker", "rm", "-f", on_node, *([in_two] if in_two else []))
+        for each in swarm.nodes:
+            with contextlib.suppress(docker.errors.APIError):
+                docker_client.networks.get(network).disconnect(each, force=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from orchestrator import egress
 from orchestrator.config import (
     DEFAULT_EGRESS_ALLOW,
     DEFAULT_PRICES,
@@ -725,13 +726,15 @@ def test_swarm_placement_per_group_overrides_the_defaults(tmp_path: Path) -> Non
         "oc_a": {"egress": {"allow": ["pypi.org"]}}}}), {})
     assert resolve_chat(allowlists, "oc_b").options.egress.mode == "allowlist"
     assert resolve_chat(allowlists, "oc_a").options.egress.allow == ("pypi.org",)
+    # and open egress on every node's network for it (a group's, the defaults')
+    for opened in ({"groups": {"oc_a": {"egress": "open"}}}, {"defaults": {"egress": "open"}}):
+        settings = load_settings(write(tmp_path, {**SWARM, **opened}), {})
+        assert resolve_chat(settings, "oc_a").options.egress.mode == "open" and egress.any_goes_out(settings)
+    assert not egress.any_goes_out(allowlists)
     assert load_settings(write(tmp_path, SWARM), {}).swarm == SwarmSettings(
         manager="", start_timeout=300.0, orchestrator_image="reg:5000/orchestrator")
 
 
-NOT_ON_SWARM = ("open is not served on runtime: swarm (a chat's service runs on any node, and the way out of one is "
-                "not closed to the node's networks): list the hosts the agent needs (egress: {allow: [...]}), or set "
-                "egress: none (see docs/SCALING.md)")
 ENGINE_ADDRESS = ("must be an engine's address: unix:///path/docker.sock (tcp:// without TLS would leave the Swarm's "
                   "API open, and is refused)")
 NODE_ATTRIBUTE = ("must be a node attribute (node.labels.NAME, node.hostname, node.role, ...), == or !=, and a value, "
@@ -750,8 +753,6 @@ SQLITE_ON_SWARM = ("runtime: swarm needs a PostgreSQL store (postgresql://...): 
 # Whole messages: the operator reads them, and a test of a part would not see the rest garbled.
 @pytest.mark.parametrize(("config", "key", "problem"), [
     ({"runtime": "kubernetes"}, "runtime", "'kubernetes' is not one of docker, swarm"),
-    ({**SWARM, "defaults": {"egress": "open"}}, "defaults.egress", NOT_ON_SWARM),
-    ({**SWARM, "groups": {"oc_a": {"egress": "open"}}}, "groups.oc_a.egress", NOT_ON_SWARM),
     ({**SWARM, "groups": {"oc_a": {"network": "host", "unsafe_network": True}}}, "groups.oc_a.network",
      "'host': on runtime: swarm a chat's service is on the instance's Swarm network (instance or none); no other "
      "network is served"),

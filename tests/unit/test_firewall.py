@@ -242,6 +242,25 @@ def test_the_node_rules_go_back_above_a_rule_inserted_over_them(iptables: FakeIp
     assert iptables.v6 is not None and iptables.v6.chains == {"OUTPUT": []}  # no IPv6 on this node: none of its rules
 
 
+def test_the_open_chats_bridge_on_a_node_goes_out_as_one_hosts_egress_bridge(iptables: FakeIptables) -> None:
+    """egress: open on Swarm: from the open chats' bridge, nothing of the node and no other chat (as from the chats'
+    bridge), and through the node only what `forward_rules` let out (the node's resolvers, then no private range)."""
+    chain, out = firewall.node_chain("bot"), firewall.node_out_chain("bot")
+    assert out not in (chain, firewall.node_proxy_chain("bot")) and len(out) <= 28
+    firewall.install_node("bot", "br-123", "br-456")
+    assert iptables.chains[out] == [" ".join(rule) for rule in firewall.forward_rules(["10.1.2.3"])]
+    assert iptables.chains["INPUT"] == [f"-i br-456 -j {chain}", f"-i br-123 -j {chain}"]
+    assert iptables.chains["DOCKER-USER"] == [f"-i br-456 -j {out}", "-i br-456 -o br-456 -j DROP",
+                                              "-i br-123 -o br-123 -j DROP", "-j RETURN"]
+    assert firewall.node_intact("bot", "br-123", "br-456") and not firewall.node_intact("bot", "br-123", "br-789")
+    iptables.chains[out].remove("-d 10.0.0.0/8 -j REJECT --reject-with icmp-net-prohibited")
+    assert not firewall.node_intact("bot", "br-123", "br-456")
+    firewall.install_node("bot", "br-123", "br-456")
+    assert firewall.node_intact("bot", "br-123", "br-456")
+    # without open chats, none of it is asked for (what an earlier config left stays, closing only its bridge)
+    assert firewall.node_intact("bot", "br-123")
+
+
 def test_where_the_node_has_ipv6_the_proxy_makes_no_ipv6_connection(iptables: FakeIptables, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(firewall, "IPV6_INTERFACES", tmp_path / "if_inet6")

@@ -16,6 +16,7 @@ from orchestrator.runtime import (
     SPEC_LABEL,
     ContainerSpec,
     ContainerState,
+    RuntimeFailure,
     SwarmNode,
     _tmpfs_options,
     container_spec,
@@ -32,8 +33,11 @@ from orchestrator.runtime import (
     service_spec,
     service_state,
     swarm_network_name,
+    swarm_network_of,
     swarm_node_network_name,
     swarm_nodes,
+    swarm_open_network_name,
+    swarm_open_node_network_name,
     task_live,
     watch_events,
     within_grace,
@@ -252,6 +256,29 @@ def test_watch_events() -> None:
 
 def test_network_names() -> None:
     assert (swarm_network_name("bot"), swarm_node_network_name("bot")) == ("bot-chats", "bot-chats-node")
+    assert (swarm_open_network_name("bot"), swarm_open_node_network_name("bot")) == ("bot-open", "bot-open-node")
+
+
+def test_each_chats_network_on_swarm() -> None:
+    assert swarm_network_of("none", "bot", False) == swarm_network_of("bot-agents", "bot", True) == "bot-chats"
+    assert swarm_network_of("bot-egress", "bot", True) == "bot-open"
+    for network, open_egress in (("bot-egress", False), ("host", True), ("other-agents", True)):
+        with pytest.raises(RuntimeFailure, match=f"network {network} is not served on runtime: swarm"):
+            swarm_network_of(network, "bot", open_egress)
+
+
+def test_an_open_chats_service_is_on_the_open_network_and_asks_the_engines_dns(tmp_path: Path) -> None:
+    """egress: open: the open chats' network, and no DNSConfig (the embedded DNS forwards to the node's resolvers,
+    as on one host); the rest of the hardening as any chat's."""
+    settings = settings_of(tmp_path, SWARM.replace("groups: {", "groups: {oc_out: {egress: open}, "))
+    spec = spec_of(settings, "oc_out")
+    service = service_spec(spec, "reg:5000/runner@sha256:ab", "fp1", swarm_open_network_name("bot"), 1,
+                           goes_out=True)
+    container = service["TaskTemplate"]["ContainerSpec"]
+    assert service["TaskTemplate"]["Networks"] == [{"Target": "bot-open"}]
+    assert "DNSConfig" not in container
+    assert container["Sysctls"] == {"net.ipv6.conf.all.disable_ipv6": "1", "net.ipv6.conf.default.disable_ipv6": "1"}
+    assert container["CapabilityDrop"] == ["ALL"] and container["ReadOnly"] is True
 
 
 def test_the_image_pinned_to_its_digest_and_the_last_known_kept_through_a_registry_outage() -> None:
@@ -278,6 +305,10 @@ def test_the_guard_is_one_task_per_node_with_the_node_network_and_two_capabiliti
     assert task["RestartPolicy"]["Condition"] == "any"
     assert task["Resources"]["Limits"] == {"NanoCPUs": 200_000_000, "MemoryBytes": 128 * MiB, "Pids": 32}
     assert spec["UpdateConfig"] == {"Parallelism": 1, "Order": "start-first", "FailureAction": "continue"}
+    # some chat's egress open: the guard keeps the open chats' bridge too
+    opened = guard_service_spec("bot", "reg:5000/orchestrator@sha256:ab", "br-0123456789ab", "br-fedcba987654")
+    assert opened["TaskTemplate"]["ContainerSpec"]["Args"] == [
+        "python", "-m", "orchestrator.node_guard", "bot", "br-0123456789ab", "br-fedcba987654"]
 
 
 def test_a_chat_is_placed_only_where_the_guard_and_the_gateway_run(tmp_path: Path) -> None:
@@ -358,7 +389,7 @@ def test_the_guard_keeps_no_health_while_bridged_traffic_bypasses_iptables(tmp_p
         if value is not None:
             netfilter.write_text(value)
         stop = threading.Event()
-        keeper = threading.Thread(target=node_guard.keep, args=("bot", "br-x", stop, netfilter, health))
+        keeper = threading.Thread(target=node_guard.keep, args=("bot", "br-x", None, stop, netfilter, health))
         keeper.start()
         stop.wait(0.3)
         stop.set()
