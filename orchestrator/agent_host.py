@@ -14,7 +14,8 @@ output outlive the orchestrator, and nothing needs `docker exec` or a socket (th
     /input/<turn>.stop       the orchestrator asks to end that turn's CLI (the turn passed a limit): SIGTERM, SIGKILL
                              STOP_KILL_SECONDS later, the turn ended with its status, and the next turn gets a new
                              CLI; nothing when the turn is no longer the one in progress (its CLI, hot, may be
-                             answering the next turn: a signal from outside could not tell them apart)
+                             answering the next turn: a signal from outside could not tell them apart); a turn not
+                             yet taken (like an interrupted one) ends INTERRUPTED_BEFORE_START without a CLI
     /input/<turn>.decision-<n>  the orchestrator's answer to the turn's n-th permission request:
                              {"behavior": "allow"|"deny", "message": why (deny), "answers": {question: answer}}
     /turns/usage             the container's use of its caps, from its cgroup, rewritten every USAGE_SECONDS:
@@ -603,8 +604,8 @@ class Host:
             turn.error(f"agent-host: a request it cannot read: {exc}\n".encode())
             turn.end(2)
             return
-        if os.path.exists(os.path.join(self.input_dir, name + INTERRUPT_SUFFIX)):
-            turn.end(INTERRUPTED_BEFORE_START)
+        if any(os.path.exists(os.path.join(self.input_dir, name + asked)) for asked in (INTERRUPT_SUFFIX, STOP_SUFFIX)):
+            turn.end(INTERRUPTED_BEFORE_START)  # no CLI started for it
             return
         self.hot_idle = request.hot_idle
         try:

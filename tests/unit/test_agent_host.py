@@ -207,9 +207,10 @@ def test_an_interrupt_ends_a_slow_turn_with_its_result_and_the_cli_stays(host: C
     assert after.exit_code == 0 and (after.pid, after.process) == (slow.pid, slow.process)
 
 
-def test_an_interrupt_before_the_turn_is_taken_ends_it_without_the_cli(channel: Channel) -> None:
+@pytest.mark.parametrize("asked", ["interrupt", "stop_turn"])
+def test_an_interrupt_or_a_stop_before_the_turn_is_taken_ends_it_without_the_cli(channel: Channel, asked: str) -> None:
     name = new_turn_name(1, 0)
-    channel.interrupt(name)
+    getattr(channel, asked)(name)
     channel.submit("never", name=name)
     turn = channel.start().ended(name)
     assert turn.exit_code == agent_host.INTERRUPTED_BEFORE_START
