@@ -11,6 +11,10 @@ The instance has two bridges (see `runtime`):
 From neither does anything reach the host itself, on any of its addresses (INPUT: the webhook, metrics, every
 local service).
 
+On runtime: swarm each node's guard (orchestrator.node_guard) keeps the node's own chains instead (`install_node`):
+the chats' bridge and, while there is one, the open chats' bridge closed to the node and between chats, the open
+one's way out closed as the egress bridge's above, and the egress proxy's way out (by its uid).
+
 The rules live in three chains of their own per instance, re-made at every start, so the result is the same
 whatever was there before. The jumps to them come first in their parent chains and are put back first when a rule
 that could let a packet through before them (an operator's ACCEPT, a firewall manager's chain reloaded above them)
@@ -195,7 +199,9 @@ IPV6_INTERFACES = Path("/proc/net/if_inet6")  # missing where the kernel (or the
 
 def _node_chain_rules(instance: str, open_bridge: str | None) -> list[tuple[str, list[list[str]]]]:
     chains = [(node_chain(instance), local_rules()), (node_proxy_chain(instance), node_proxy_rules(_node_resolvers()))]
-    if open_bridge is not None:  # the node's resolvers as the engine's embedded DNS asks them, from the chat's side
+    if open_bridge is not None:  # DNS let out to the non-loopback resolvers the guard sees in the node's resolv.conf:
+        # the engine asks those from the chat's side (others, such as systemd-resolved's upstream servers or an
+        # engine's own `dns` setting, are not seen here: docs/SCALING.md)
         chains.append((node_out_chain(instance), forward_rules(_resolvers())))
     return chains
 
@@ -204,19 +210,24 @@ def _node_proxy_jump(instance: str) -> Jump:
     return "OUTPUT", ["-m", "owner", "--uid-owner", str(PROXY_UID), "-j", node_proxy_chain(instance)]
 
 
+# FORWARD's jump to DOCKER-USER, first: an engine puts it there when it makes a network, but after a restart it may
+# put Swarm's DOCKER-INGRESS (which accepts the published ports' traffic, whatever its destination) above it.
+DOCKER_USER_FIRST: Jump = ("FORWARD", ["-j", "DOCKER-USER"])
+
+
 def _node_jumps(instance: str, bridge: str, open_bridge: str | None) -> list[Jump]:
     """From the chats' bridges to the node itself: to the node's chain (answers to what the node started, nothing
     else). Between two chats on a bridge: dropped, whatever the node's config network says of enable_icc. From the
     open chats' bridge through the node: to the way-out chain. From the node's processes of Debian's proxy user
     (uid 13, the egress proxy's: on a node of the instance no other proxy should run as it): to the proxy's
-    chain."""
+    chain. And DOCKER-USER first in FORWARD (`DOCKER_USER_FIRST`)."""
     jumps: list[Jump] = []
     for each in (bridge, *([open_bridge] if open_bridge else [])):
         jumps += [("INPUT", ["-i", each, "-j", node_chain(instance)]),
                   ("DOCKER-USER", ["-i", each, "-o", each, "-j", "DROP"])]
     if open_bridge:
         jumps.append(("DOCKER-USER", ["-i", open_bridge, "-j", node_out_chain(instance)]))
-    return [*jumps, _node_proxy_jump(instance)]
+    return [*jumps, _node_proxy_jump(instance), DOCKER_USER_FIRST]
 
 
 def install_node(instance: str, bridge: str, open_bridge: str | None = None) -> None:

@@ -680,6 +680,18 @@ def ready_label(instance: str) -> str:
     return f"orchestrator.ready.{instance}"
 
 
+def open_label(instance: str) -> str:
+    """The node label set where the node is ready and its guard keeps the open chats' bridge too; open chats are
+    placed only there."""
+    return f"orchestrator.open.{instance}"
+
+
+def required_labels(instance: str, goes_out: bool) -> tuple[str, ...]:
+    """The constraints every chat's service gets (the ready label), and an open chat's (the open label). Pure."""
+    return (f"node.labels.{ready_label(instance)}==true", *([f"node.labels.{open_label(instance)}==true"]
+                                                           if goes_out else []))
+
+
 def chats_bridge(network_id: str) -> str:
     """The interface of a swarm-scoped bridge network on each node: the engine names it by the network's id."""
     return f"br-{network_id[:12]}"
@@ -749,27 +761,51 @@ def guard_service_spec(instance: str, image: str, bridge: str, open_bridge: str 
 
 
 def running_on(tasks: list[dict[str, Any]], fingerprint: str) -> set[str]:
-    """The nodes where a task of the service's current spec (its fingerprint) runs (a guard's: once its health
-    check passed): a task of the last spec, which Swarm replaces node by node, may guard a bridge that is gone. Pure."""
+    """The nodes where a task of the service's current spec (its fingerprint) runs: the gateway's, the proxy's (a
+    task of the last spec, which Swarm replaces node by node, may serve another folder or port; `within_grace`
+    keeps the label meanwhile). Pure."""
     return {t["NodeID"] for t in tasks if t.get("NodeID") and t.get("DesiredState") == "running"
             and t.get("Status", {}).get("State") == "running" and of_spec(t, fingerprint)}
 
 
-def node_label_updates(nodes: list[dict[str, Any]], ready: set[str], label: str,
+GUARD_BRIDGES_AT = 4  # the guard's arguments: python -m orchestrator.node_guard INSTANCE BRIDGE [OPEN_BRIDGE]
+
+
+def guard_bridges(guard: dict[str, Any] | None) -> list[str]:
+    """The bridges the guard service's current spec keeps (the chats', then the open chats' when there is one);
+    none when the service is gone. Pure."""
+    if guard is None:
+        return []
+    return list(guard["Spec"]["TaskTemplate"]["ContainerSpec"].get("Args", [])[GUARD_BRIDGES_AT:])
+
+
+def guarding(tasks: list[dict[str, Any]], bridge: str) -> set[str]:
+    """The nodes where a guard task runs (its health check passed) that keeps `bridge`'s rules, of the service's
+    current spec or an earlier one: a new spec (an image upgrade, open egress turned on) replaces the tasks node by
+    node, each old one running until the new one there is healthy, and its rules hold meanwhile. By the bridge among
+    its arguments: a task that keeps the rules of a bridge that is gone does not count. Pure."""
+    return {t["NodeID"] for t in tasks if t.get("NodeID") and t.get("DesiredState") == "running"
+            and t.get("Status", {}).get("State") == "running"
+            and bridge in t.get("Spec", {}).get("ContainerSpec", {}).get("Args", [])[GUARD_BRIDGES_AT:]}
+
+
+def node_label_updates(nodes: list[dict[str, Any]], wanted: dict[str, set[str]],
                        kept: Collection[str] = ()) -> list[tuple[str, int, dict]]:
-    """The nodes whose `label` must change (set on the `ready` ones, removed elsewhere but on the `kept` ones): (id,
-    version, new spec). Pure."""
+    """The nodes whose labels must change (each label set on its `wanted` nodes and removed elsewhere, but left as it
+    is on the `kept` ones): (id, version, new spec), one update a node. Pure."""
     updates = []
     for node in nodes:
+        if node["ID"] in kept:
+            continue
         spec = node.get("Spec") or {}
         labels = dict(spec.get("Labels") or {})
-        if (labels.get(label) == "true") == (node["ID"] in ready) or node["ID"] in kept:
-            continue
-        if node["ID"] in ready:
-            labels[label] = "true"
-        else:
-            labels.pop(label, None)
-        updates.append((node["ID"], node["Version"]["Index"], {**spec, "Labels": labels}))
+        for label, where in wanted.items():
+            if node["ID"] in where:
+                labels[label] = "true"
+            else:
+                labels.pop(label, None)
+        if labels != (spec.get("Labels") or {}):
+            updates.append((node["ID"], node["Version"]["Index"], {**spec, "Labels": labels}))
     return updates
 
 
@@ -808,8 +844,9 @@ def service_spec(spec: ContainerSpec, image: str, fingerprint: str, network: str
     """The Swarm service of a chat's container spec, as the engine's API takes it (API 1.41: capabilities, ulimits
     and the pids limit are there, which docker-py's helpers do not all know; `SwarmRuntime` refuses an older engine).
     The fingerprint is on the tasks too, so a start can tell the task of this spec from one of the last. A chat that
-    `goes_out` (on the open chats' network) asks the engine's embedded DNS, which forwards to the node's resolvers as
-    on one host; the others' DNS goes nowhere (see SWARM_TASK_NAMESERVER). Pure."""
+    `goes_out` (on the open chats' network) asks the engine's embedded DNS, which forwards to the engine's upstream
+    resolvers (those the guard lets through: docs/SCALING.md); the others' DNS goes nowhere (see
+    SWARM_TASK_NAMESERVER). Pure."""
     container = _swarm_container(spec, image, {**spec.labels, SPEC_LABEL: fingerprint})
     container["Dir"] = WORKSPACE_PATH
     if not goes_out:
@@ -1108,7 +1145,7 @@ class SwarmRuntime(Runtime):
         running = self._still_running(spec.name, fingerprint)
         if running is not None:
             return fingerprint, running
-        required = (f"node.labels.{ready_label(instance)}==true",)
+        required = required_labels(instance, goes_out)
         service = self._service(spec.name)
         if service is None:
             try:
@@ -1254,13 +1291,16 @@ class SwarmRuntime(Runtime):
             time.sleep(SWARM_WATCH_SECONDS)
 
     def _label_ready_nodes(self, instance: str) -> None:
-        """The ready label set on the nodes where the guard (healthy), the model gateway and (when some chat's egress
-        is an allowlist) the egress proxy run, and taken from the others once READY_GRACE_SECONDS passed: Swarm then
-        places chats only where the node's rules are kept and the chat's sockets are served, and stops a chat's task
-        on a node that lost one (a node's labels are its constraints' input)."""
-        label = ready_label(instance)
-        guarded, served = (self._running_of(self._service(name))
-                           for name in (guard_name(instance), gateway_container_name(instance)))
+        """The ready label set on the nodes where the guard (healthy, keeping the chats' bridge), the model gateway
+        and (when some chat's egress is an allowlist) the egress proxy run, and taken from the others once
+        READY_GRACE_SECONDS passed; the open label where the node is ready and its guard keeps the open chats'
+        bridge too. Swarm then places chats only where the node's rules are kept and the chat's sockets are served,
+        and stops a chat's task on a node that lost one (a node's labels are its constraints' input)."""
+        guard = self._service(guard_name(instance))
+        guard_tasks = self._api.tasks(filters={"service": guard["ID"]}) if guard is not None else []
+        bridges = guard_bridges(guard)
+        guarded = guarding(guard_tasks, bridges[0]) if bridges else set()
+        served = self._running_of(self._service(gateway_container_name(instance)))
         proxy = self._service(egress.proxy_name(instance))
         if proxy is not None:  # some chat's egress is an allowlist: served where the proxy runs
             served &= self._running_of(proxy)
@@ -1270,9 +1310,12 @@ class SwarmRuntime(Runtime):
         self._unready, kept = within_grace(self._unready, ready, self._ready, guarded, time.monotonic(),
                                            READY_GRACE_SECONDS)
         self._ready = ready
-        for node_id, version, spec in node_label_updates(nodes, ready, label, kept):
+        opened = ready & guarding(guard_tasks, bridges[1]) if len(bridges) > 1 else set()
+        wanted = {ready_label(instance): ready, open_label(instance): opened}
+        for node_id, version, spec in node_label_updates(nodes, wanted, kept):
             self._api.update_node(node_id, version, spec)
-            logger.info(f"node {node_id}: {label} {'set' if label in spec['Labels'] else 'removed'}")
+            logger.info(f"node {node_id}: " + ", ".join(f"{label} {'set' if label in spec['Labels'] else 'removed'}"
+                                                        for label in wanted))
 
     # ---- the instance's networks: the chats' on the Swarm (closed on every node by the guard), this host's ----
 
@@ -1291,17 +1334,21 @@ class SwarmRuntime(Runtime):
         return running_on(tasks, service["Spec"].get("Labels", {}).get(SPEC_LABEL, ""))
 
     def _ensure_guard(self, instance: str) -> None:
+        """The guard of the chats' bridge and, while the open chats' network exists (made while some chat's egress is
+        open, and kept: an open chat's task may run on until its next message or idle stop), of that one too."""
         bridge = self._bridge_of(swarm_network_name(instance))
-        open_bridge = self._bridge_of(swarm_open_network_name(instance)) if self.open_egress else None
+        if bridge is None:
+            raise RuntimeFailure(f"the manager has no swarm network named {swarm_network_name(instance)}")
         image = self._image(self.orchestrator_image)
-        self._ensure_global(guard_service_spec(instance, image, bridge, open_bridge))
+        self._ensure_global(guard_service_spec(instance, image, bridge,
+                                               self._bridge_of(swarm_open_network_name(instance))))
 
-    def _bridge_of(self, name: str) -> str:
-        """The interface of the swarm-scoped bridge network `name` on every node."""
+    def _bridge_of(self, name: str) -> str | None:
+        """The interface of the swarm-scoped bridge network `name` on every node; None when there is none."""
         networks = [n for n in self._api.networks(names=[name]) if n.get("Name") == name and n.get("Scope") == "swarm"]
-        if len(networks) != 1:
+        if len(networks) > 1:
             raise RuntimeFailure(f"the manager has {len(networks)} swarm networks named {name}")
-        return chats_bridge(networks[0]["Id"])
+        return chats_bridge(networks[0]["Id"]) if networks else None
 
     def _ensure_node_service(self, spec: ContainerSpec) -> ContainerState:
         return self._global_state(self._ensure_global(node_service_spec(spec, self._image(spec.image))))

@@ -41,7 +41,9 @@ POLL_SECONDS = 0.1
 FIRST_POLL_SECONDS = 0.005  # right after output, look again soon: a hot CLI's next line (or its result) is close
 POLL_GROWTH = 1.3
 CONTAINER_CHECK_SECONDS = 2.0
-KILL_GRACE_SECONDS = 5.0  # after a stop request (the host's SIGTERM, SIGKILL 2 s later), before our SIGKILL
+# After a stop request, before our own SIGKILL: the host's SIGTERM and its SIGKILL STOP_KILL_SECONDS later, plus
+# its rescan of the input folder (shared storage sends no inotify event) and the exit code's write.
+KILL_GRACE_SECONDS = agent_host.STOP_KILL_SECONDS + 3.0
 CLAIM_SECONDS = 10.0  # after a restart, how long a running container's agent host gets to take a pending request
 INTERRUPT_GRACE_SECONDS = 5.0  # after an interrupt request, before the fallback: SIGINT to the CLI
 INTERRUPTED_BY_RESTART = ("This answer was interrupted because the bot is restarting. Send your message again "
@@ -79,7 +81,7 @@ class TurnRunner:
         self._mask = Masker(settings.secrets)  # an answer written as a file is masked as its text is
         self._running: dict[str, _RunningTurn] = {}  # by chat id
         self._disk: dict[str, disk.Measurement] = {}  # by chat id: the latest measurement of its folders
-        self._fallbacks: set[asyncio.Task[None]] = set()  # SIGINTs waiting to see whether an interrupt worked
+        self._fallbacks: dict[str, asyncio.Task[None]] = {}  # by chat id: a /stop's SIGINT fallback under way
 
     @property
     def agent_user(self) -> str:
@@ -114,10 +116,17 @@ class TurnRunner:
             return None
         turn.stopped_by_user = True
         await asyncio.to_thread(turns.request_interrupt, turn.files)
-        fallback = asyncio.create_task(self._unless_ended(turn))
-        self._fallbacks.add(fallback)
-        fallback.add_done_callback(self._fallbacks.discard)
+        if chat_id not in self._fallbacks:  # a second /stop of the same turn: the first one's fallback is under way
+            fallback = self._fallbacks[chat_id] = asyncio.create_task(self._unless_ended(turn))
+            fallback.add_done_callback(lambda _: self._fallbacks.pop(chat_id, None))
         return turn.message_id
+
+    async def _after_fallback(self, chat_id: str) -> None:
+        """The chat's /stop fallback, if one is under way, finished first: its SIGINT by `docker exec` could reach
+        the hot CLI as it took this turn's request, had the stopped turn ended meanwhile."""
+        pending = self._fallbacks.get(chat_id)
+        if pending is not None:
+            await asyncio.wait({pending})
 
     async def interrupt_all(self) -> list[str]:
         """Shutdown: interrupt every running turn, and SIGINT those whose host did not answer; their message ids."""
@@ -201,6 +210,7 @@ class TurnRunner:
     async def _start(self, message: MessageRecord, chat: ChatSettings, paths: layout.ChatPaths, display: TurnDisplay,
                      log: Logger) -> Answer | Failure:
         conversation = chat.options.conversation(message.thread_id)
+        await self._after_fallback(message.chat_id)
         for attempt in (1, 2):
             record, session_id = self.store.chat_and_session(message.chat_id, conversation)
             container = await self._container(chat, paths, record)
@@ -536,7 +546,9 @@ class TurnRunner:
         await asyncio.to_thread(turns.request_stop, turn.files)
         if await self._ended_within(turn, KILL_GRACE_SECONDS):
             return
-        logger.bind(message_id=turn.message_id).warning("the agent host did not stop the turn; SIGKILL")
+        logger.bind(message_id=turn.message_id).warning(
+            f"the agent host did not stop the turn within {KILL_GRACE_SECONDS:g} s; SIGKILL by docker exec where it "
+            "reaches the container, else the container stopped")
         await self._signal(turn, "KILL")
         if await self._ended_within(turn, KILL_GRACE_SECONDS):
             return

@@ -604,6 +604,12 @@ def test_an_open_chat_goes_out_through_its_node_and_reaches_nothing_private(
         task = swarm.service(f"{instance}-{one}")["Spec"]["TaskTemplate"]
         assert [n["Target"] for n in task["Networks"]] == [opened["Id"]]
         assert "DNSConfig" not in task["ContainerSpec"]
+        assert f"node.labels.orchestrator.open.{instance}==true" in task["Placement"]["Constraints"]
+        labels = json.loads(swarm.exec(swarm.manager, "docker", "node", "inspect", "--format", "{{json .Spec.Labels}}",
+                                       node))
+        assert labels.get(f"orchestrator.open.{instance}") == labels.get(f"orchestrator.ready.{instance}") == "true"
+        closed_task = swarm.service(f"{instance}-{closed}")["Spec"]["TaskTemplate"]
+        assert f"node.labels.orchestrator.open.{instance}==true" not in closed_task["Placement"]["Constraints"]
         out, chain = firewall.node_out_chain(instance), firewall.node_chain(instance)
         # the node's resolver is the test engine's own (127.0.0.11, loopback): asked from the node, not the chat
         assert swarm.exec(node, "iptables", "-S", out).splitlines()[1:] == [

@@ -44,6 +44,7 @@ class Ran:
 @dataclass
 class FakeRuntime:
     on_run: RunHandler | None = None  # answers `run`; None: (0, "")
+    run_seconds: float = 0.0  # how long a `run` takes before it lands (docker exec: 50 to 300 ms on a busy host)
     ensure_failure: str | None = None  # ensure raises RuntimeFailure with it
     containers: dict[str, ContainerState] = field(default_factory=dict)  # by name
     specs: dict[str, ContainerSpec] = field(default_factory=dict)  # by name: the spec each was last ensured with
@@ -138,7 +139,7 @@ class FakeRuntime:
         return Usage(cpu_percent=1.0, memory_bytes=64 * 1024**2, memory_limit=state.memory, pids=3)
 
     async def run(self, container_id: str, argv: list[str], user: str) -> tuple[int, str]:
-        await asyncio.sleep(0)
+        await asyncio.sleep(self.run_seconds)
         self.ran.append(Ran(container_id, list(argv), user))
         if not any(state.id == container_id and state.running for state in self.containers.values()):
             raise RuntimeFailure(f"container {container_id[:12]} is not running")

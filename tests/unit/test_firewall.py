@@ -103,7 +103,8 @@ class FakeIptables:
     iptables-restore --noflush's batches of them (a `:CHAIN` line makes or empties it), all or nothing."""
 
     def __init__(self, chains: dict[str, list[str]] | None = None) -> None:
-        self.chains = {"DOCKER-USER": ["-j RETURN"], "INPUT": [], "OUTPUT": []} if chains is None else chains
+        self.chains = {"DOCKER-USER": ["-j RETURN"], "INPUT": [], "OUTPUT": [],
+                       "FORWARD": ["-j DOCKER-USER", "-j DOCKER-INGRESS"]} if chains is None else chains
         self.restores = 0
         self.refused = ""  # a line that fails in a batch
         self.v6: FakeIptables | None = None if chains is not None else FakeIptables({"OUTPUT": []})  # ip6tables'
@@ -186,7 +187,8 @@ def test_install_jumps_from_both_bridges_and_intact_notices_every_change(iptable
     iptables.chains["INPUT"].pop()
     assert not firewall.intact("bot", BRIDGES, "172.30.0.2")
     firewall.remove("bot", BRIDGES)
-    assert iptables.chains == {"DOCKER-USER": ["-j RETURN"], "INPUT": [], "OUTPUT": []}
+    assert iptables.chains == {"DOCKER-USER": ["-j RETURN"], "INPUT": [], "OUTPUT": [],
+                               "FORWARD": ["-j DOCKER-USER", "-j DOCKER-INGRESS"]}
 
 
 def test_a_rule_inserted_above_the_jumps_is_noticed_and_the_jumps_go_back_on_top(iptables: FakeIptables) -> None:
@@ -257,7 +259,12 @@ def test_the_open_chats_bridge_on_a_node_goes_out_as_one_hosts_egress_bridge(ipt
     assert not firewall.node_intact("bot", "br-123", "br-456")
     firewall.install_node("bot", "br-123", "br-456")
     assert firewall.node_intact("bot", "br-123", "br-456")
-    # without open chats, none of it is asked for (what an earlier config left stays, closing only its bridge)
+    # an engine restarted with Swarm's ingress chain above DOCKER-USER: DOCKER-USER goes back first
+    iptables.chains["FORWARD"] = ["-j DOCKER-INGRESS", "-j DOCKER-USER", "-j DOCKER-ISOLATION-STAGE-1"]
+    assert not firewall.node_intact("bot", "br-123", "br-456")
+    firewall.install_node("bot", "br-123", "br-456")
+    assert iptables.chains["FORWARD"] == ["-j DOCKER-USER", "-j DOCKER-INGRESS", "-j DOCKER-ISOLATION-STAGE-1"]
+    # once the open chats' network is gone, none of it is asked for (what was there stays, closing only that bridge)
     assert firewall.node_intact("bot", "br-123")
 
 

@@ -22,13 +22,17 @@ from orchestrator.runtime import (
     container_spec,
     engine_too_old,
     gateway_container_spec,
+    guard_bridges,
     guard_service_spec,
+    guarding,
     newest_task,
     node_label_updates,
     node_service_spec,
     of_spec,
+    open_label,
     pinned_image,
     ready_label,
+    required_labels,
     running_on,
     service_spec,
     service_state,
@@ -276,6 +280,10 @@ def test_an_open_chats_service_is_on_the_open_network_and_asks_the_engines_dns(t
                            goes_out=True)
     container = service["TaskTemplate"]["ContainerSpec"]
     assert service["TaskTemplate"]["Networks"] == [{"Target": "bot-open"}]
+    # placed only where the node is ready and its guard keeps the open chats' bridge
+    assert required_labels("bot", goes_out=True) == ("node.labels.orchestrator.ready.bot==true",
+                                                     "node.labels.orchestrator.open.bot==true")
+    assert required_labels("bot", goes_out=False) == ("node.labels.orchestrator.ready.bot==true",)
     assert "DNSConfig" not in container
     assert container["Sysctls"] == {"net.ipv6.conf.all.disable_ipv6": "1", "net.ipv6.conf.default.disable_ipv6": "1"}
     assert container["CapabilityDrop"] == ["ALL"] and container["ReadOnly"] is True
@@ -321,9 +329,11 @@ def test_a_chat_is_placed_only_where_the_guard_and_the_gateway_run(tmp_path: Pat
         "TaskTemplate"]["Placement"]["Constraints"] == ["node.labels.orchestrator.ready.bot==true"]
 
 
-def guard_task(node: str, state: str, desired: str = "running", fingerprint: str = "fp2") -> dict:
+def guard_task(node: str, state: str, desired: str = "running", fingerprint: str = "fp2",
+               bridges: tuple[str, ...] = ("br-a",)) -> dict:
     return {"NodeID": node, "DesiredState": desired, "Status": {"State": state},
-            "Spec": {"ContainerSpec": {"Labels": {SPEC_LABEL: fingerprint}}}}
+            "Spec": {"ContainerSpec": {"Labels": {SPEC_LABEL: fingerprint},
+                                       "Args": ["python", "-m", "orchestrator.node_guard", "bot", *bridges]}}}
 
 
 def test_ready_nodes_and_their_labels() -> None:
@@ -332,16 +342,37 @@ def test_ready_nodes_and_their_labels() -> None:
              guard_task("n5", "running", fingerprint="fp1")]  # the last spec's, not replaced yet on its node
     assert running_on(tasks, "fp2") == {"n1"}
     assert running_on(tasks, "fp1") == {"n5"}
-    label = ready_label("bot")
+    label, opened = ready_label("bot"), open_label("bot")
     nodes = [{"ID": "n1", "Version": {"Index": 5}, "Spec": {"Role": "worker", "Labels": {"zone": "a"}}},
              {"ID": "n2", "Version": {"Index": 6}, "Spec": {"Role": "worker", "Labels": {label: "true"}}},
              {"ID": "n3", "Version": {"Index": 7}, "Spec": {"Role": "manager"}},
              {"ID": "n4", "Version": {"Index": 8}, "Spec": {"Labels": {label: "true", "gpu": "true"}}}]
-    assert node_label_updates(nodes, {"n1", "n4"}, label) == [
+    assert node_label_updates(nodes, {label: {"n1", "n4"}}) == [
         ("n1", 5, {"Role": "worker", "Labels": {"zone": "a", label: "true"}}),
         ("n2", 6, {"Role": "worker", "Labels": {}})]
-    assert node_label_updates(nodes, set(), label)[-1] == ("n4", 8, {"Labels": {"gpu": "true"}})
-    assert node_label_updates(nodes, set(), label, kept={"n2", "n4"}) == []  # left as they are
+    assert node_label_updates(nodes, {label: set()})[-1] == ("n4", 8, {"Labels": {"gpu": "true"}})
+    assert node_label_updates(nodes, {label: set()}, kept={"n2", "n4"}) == []  # left as they are
+    # both labels in one update of a node (a second would carry a stale version)
+    assert node_label_updates(nodes, {label: {"n2", "n4"}, opened: {"n4"}}) == [
+        ("n4", 8, {"Labels": {label: "true", "gpu": "true", opened: "true"}})]
+
+
+def test_a_node_is_guarded_by_a_guard_task_of_any_spec_that_keeps_the_current_bridge() -> None:
+    """An upgrade or open egress turned on changes the guard's spec, and Swarm replaces its tasks node by node, each
+    old one running until the new one there is healthy: its rules hold meanwhile, so the node keeps its label (its
+    chats' tasks are not stopped). A task keeping a bridge that is gone does not count."""
+    tasks = [guard_task("n1", "running", fingerprint="new", bridges=("br-a", "br-o")),
+             guard_task("n2", "running", fingerprint="old"),  # not replaced yet: keeps the chats' bridge only
+             guard_task("n3", "running", fingerprint="older", bridges=("br-gone",)),
+             guard_task("n4", "starting", fingerprint="new", bridges=("br-a", "br-o")),
+             guard_task("n5", "running", desired="shutdown")]
+    assert guarding(tasks, "br-a") == {"n1", "n2"}
+    assert guarding(tasks, "br-o") == {"n1"}
+    assert guarding(tasks, "bot") == set()  # the instance's name is not a bridge
+    guard = guard_service_spec("bot", "img", "br-a", "br-o")
+    assert guard_bridges({"Spec": guard}) == ["br-a", "br-o"]
+    assert guard_bridges({"Spec": guard_service_spec("bot", "img", "br-a")}) == ["br-a"]
+    assert guard_bridges(None) == []
 
 
 def test_a_node_keeps_its_ready_label_for_a_grace_after_its_gateway_stops_not_its_guard() -> None:
