@@ -235,8 +235,10 @@ class Cli:
 
     def __init__(self, request: Request, cwd: str) -> None:
         argv = [*request.argv, *([f"--resume={request.session}"] if request.session else [])]
+        # A session (and process group) of its own: a stopped turn's tool processes (a hung command, a flood) go
+        # with its CLI (`close(gently=False)`), not left running beside the next turn's.
         self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        env={**os.environ, **dict(request.env)}, cwd=cwd)
+                                        env={**os.environ, **dict(request.env)}, cwd=cwd, start_new_session=True)
         assert self.process.stdout and self.process.stderr and self.process.stdin
         self.stdout, self.stderr = self.process.stdout.fileno(), self.process.stderr.fileno()
         os.set_blocking(self.stdout, False)
@@ -284,18 +286,29 @@ class Cli:
 
     def close(self, gently: bool = True) -> int:
         """Close its stdin (it ends after the turn it is in), then end it if it does not (SIGTERM, then SIGKILL);
-        not `gently`: SIGTERM at once. Its exit status."""
+        not `gently`: SIGTERM at once to it and every process of its group (its tools' processes), SIGKILL to those
+        left after the grace. Its exit status."""
         with contextlib.suppress(OSError, ValueError):
             assert self.process.stdin
             self.process.stdin.close()
-        enders = (None, self.process.terminate, self.process.kill) if gently else (self.process.terminate,
-                                                                                   self.process.kill)
-        for ender in enders:
-            if ender is not None:
-                ender()
+        if gently:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                return exit_status(self.process.wait(CLOSE_GRACE_SECONDS if ender is None else STOP_KILL_SECONDS))
+                return exit_status(self.process.wait(CLOSE_GRACE_SECONDS))
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            self._signal(sig, group=not gently)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                status = exit_status(self.process.wait(STOP_KILL_SECONDS))
+                if not gently:
+                    self._signal(signal.SIGKILL, group=True)  # what of its group outlived it
+                return status
         return exit_status(self.process.wait())
+
+    def _signal(self, sig: signal.Signals, group: bool) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if group:
+                os.killpg(self.process.pid, sig)  # its group's id is its pid (a session of its own)
+            else:
+                self.process.send_signal(sig)
 
 
 def exit_status(returncode: int) -> int:

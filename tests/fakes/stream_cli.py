@@ -9,6 +9,8 @@ asks for:
 - `SLOW <s>`      wait s seconds before answering; an interrupt control_request meanwhile ends the turn at once
                   (a control_response, then a result with subtype error_during_execution)
 - `CRASH`         SIGKILL itself after the init line (mid-turn)
+- `TOOL <s>`      start a child process that sleeps s seconds (as a Bash tool call would), say `child <pid>`, then
+                  wait as SLOW does
 - `STDERR <text>` write text to stderr first, then answer
 - `ENV <name>`    answer `<name>=<its value in the environment>`
 - `LONG <n>`      an assistant line of n characters of text before the answer (the result stays short, as the
@@ -30,6 +32,7 @@ import os
 import re
 import select
 import signal
+import subprocess
 import sys
 import time
 import uuid
@@ -37,6 +40,7 @@ from typing import Any
 
 COST_PER_TURN = 0.0006
 _SLOW = re.compile(r"SLOW\s+(\d+(?:\.\d+)?)")
+_TOOL = re.compile(r"TOOL\s+(\d+(?:\.\d+)?)")
 _LONG = re.compile(r"LONG\s+(\d+)")
 _ASK = re.compile(r"ASK\s+(\S+)\s+(.+)", re.DOTALL)
 
@@ -108,7 +112,10 @@ class FakeCli:
               "tools": [], "model": "fake"})
         if text == "CRASH":
             os.kill(os.getpid(), signal.SIGKILL)
-        slow = _SLOW.fullmatch(text)
+        if tool := _TOOL.fullmatch(text):
+            child = subprocess.Popen(["sleep", tool[1]])
+            emit(self.assistant(f"child {child.pid}"))
+        slow = _SLOW.fullmatch(text) or tool
         if slow and self.interrupted_within(float(slow[1])):
             emit(self.result("error_during_execution", None))
             return

@@ -228,6 +228,27 @@ def test_a_stop_ends_the_turns_cli_with_sigterm_and_the_next_turn_gets_a_new_one
     assert after.exit_code == 0 and after.pid != first.pid and after.session == first.session
 
 
+def ended_or_zombie(pid: int) -> bool:
+    """Whether the process is gone or only waits to be reaped (an orphan: reaped by whoever is pid 1 here)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def test_a_stop_ends_the_turns_tool_processes_with_its_cli(host: Channel) -> None:
+    """A turn stopped for a limit (a hung command, a flood): what its tool calls started goes with the CLI, not left
+    running beside the next turn's."""
+    name = host.submit("TOOL 60")
+    output = host.paths.turns / name / agent_host.OUTPUT
+    wait_until(lambda: output.exists() and "child " in output.read_text(), TURN_SECONDS, "the tool's process")
+    child = int(output.read_text().split("child ", 1)[1].split('"', 1)[0])
+    assert not ended_or_zombie(child)
+    host.stop_turn(name)
+    assert host.ended(name).exit_code == 128 + 15
+    wait_until(lambda: ended_or_zombie(child), TURN_SECONDS, "the tool's process to end")
+
+
 def test_a_stop_of_a_turn_that_ended_leaves_the_hot_cli_to_the_next_turn(host: Channel) -> None:
     """The orchestrator saw a limit passed just as the turn ended: its CLI, hot, may be taking the next turn, and a
     signal then ended that one (exit code 143). The host knows which turn is in progress: the stop changes nothing."""
