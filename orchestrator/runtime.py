@@ -686,6 +686,24 @@ def open_label(instance: str) -> str:
     return f"orchestrator.open.{instance}"
 
 
+BRIDGE_NAME_OPTION = "com.docker.network.bridge.name"
+
+
+def config_network_problem(config: dict[str, Any] | None, name: str) -> str | None:
+    """What is wrong with the manager's copy of a config-only network the operator makes on every node, for the
+    operator; None when nothing. It must keep chats apart (enable_icc=false) and leave the bridge's name to the
+    engine (br-<network id>: the name the guard's rules are written for). Pure."""
+    make = (f"make it on EVERY node (managers and workers) with `docker network create --config-only --opt "
+            f"{ICC_OPTION}=false {name}`, then start again")
+    options = (config or {}).get("Options") or {}
+    if config is None or options.get(ICC_OPTION) != "false":
+        return f"the Swarm's nodes lack the network {name}: {make}"
+    if BRIDGE_NAME_OPTION in options:
+        return (f"the network {name} names its bridge ({BRIDGE_NAME_OPTION}), which the guard's rules would not "
+                f"match: remove it (`docker network rm {name}`) and {make}")
+    return None
+
+
 def required_labels(instance: str, goes_out: bool) -> tuple[str, ...]:
     """The constraints every chat's service gets (the ready label), and an open chat's (the open label). Pure."""
     return (f"node.labels.{ready_label(instance)}==true", *([f"node.labels.{open_label(instance)}==true"]
@@ -1389,11 +1407,9 @@ class SwarmRuntime(Runtime):
         operator makes on each node; internal (no route out) or not (the node's NAT, closed by the guard)."""
         found = [n for n in self._api.networks(names=[name, node_config]) if n.get("Name") in (name, node_config)]
         by_name = {n["Name"]: n for n in found}
-        config = by_name.get(node_config)
-        if config is None or (config.get("Options") or {}).get(ICC_OPTION) != "false":
-            raise RuntimeFailure(
-                f"the Swarm's nodes lack the network {node_config}: make it on EVERY node (managers and workers) with "
-                f"`docker network create --config-only --opt {ICC_OPTION}=false {node_config}`, then start again")
+        problem = config_network_problem(by_name.get(node_config), node_config)
+        if problem is not None:
+            raise RuntimeFailure(problem)
         network = by_name.get(name)
         if network is not None and (network.get("Scope") != "swarm" or bool(network.get("Internal")) != internal
                                     or (network.get("ConfigFrom") or {}).get("Network") != node_config):

@@ -19,6 +19,7 @@ from orchestrator.runtime import (
     RuntimeFailure,
     SwarmNode,
     _tmpfs_options,
+    config_network_problem,
     container_spec,
     engine_too_old,
     gateway_container_spec,
@@ -261,6 +262,20 @@ def test_watch_events() -> None:
 def test_network_names() -> None:
     assert (swarm_network_name("bot"), swarm_node_network_name("bot")) == ("bot-chats", "bot-chats-node")
     assert (swarm_open_network_name("bot"), swarm_open_node_network_name("bot")) == ("bot-open", "bot-open-node")
+
+
+def test_a_config_network_must_keep_chats_apart_and_leave_the_bridges_name_to_the_engine() -> None:
+    icc = "com.docker.network.bridge.enable_icc"
+    make = ("make it on EVERY node (managers and workers) with `docker network create --config-only --opt "
+            f"{icc}=false bot-open-node`, then start again")
+    assert config_network_problem({"Options": {icc: "false"}}, "bot-open-node") is None
+    for missing in (None, {"Options": None}, {"Options": {icc: "true"}}):
+        assert config_network_problem(missing, "bot-open-node") == (
+            f"the Swarm's nodes lack the network bot-open-node: {make}")
+    named = {"Options": {icc: "false", "com.docker.network.bridge.name": "chats0"}}
+    assert config_network_problem(named, "bot-open-node") == (
+        "the network bot-open-node names its bridge (com.docker.network.bridge.name), which the guard's rules would "
+        f"not match: remove it (`docker network rm bot-open-node`) and {make}")
 
 
 def test_each_chats_network_on_swarm() -> None:
