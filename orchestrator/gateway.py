@@ -240,7 +240,7 @@ class Gateway:
         self._reserved: dict[int, tuple[str, str, int]] = {}
         self._unwritten: dict[int, Callable[[], None]] = {}  # row → its latest usage write the store refused
         self._writer: asyncio.Task[None] | None = None
-        self._unservable: set[str] = set()  # folders whose socket could not be made (logged once)
+        self._unservable: set[tuple[str, str]] = set()  # (chat, socket kind) that could not be made (logged once)
         self._runner: web.ServerRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._poller: asyncio.Task[None] | None = None
@@ -332,7 +332,7 @@ class Gateway:
             os.close(fd)
             self._cannot_serve(chat_id, folder, exc)
             return
-        self._unservable.discard(chat_id)
+        self._unservable.discard((chat_id, "model"))
         self._sites[chat_id] = site
         self._folders[chat_id] = fd
         self._chats[path] = chat_id
@@ -348,6 +348,8 @@ class Gateway:
                 limit=RELAY_BUFFER)
         except OSError as exc:
             self._cannot_serve(chat_id, self._socket_dir / chat_id, exc, "egress")
+            return
+        self._unservable.discard((chat_id, "egress"))
 
     async def _relay(self, chat_id: str, client_reader: asyncio.StreamReader,
                      client: asyncio.StreamWriter) -> None:
@@ -397,9 +399,9 @@ class Gateway:
             self._relayed[chat_id] = left
 
     def _cannot_serve(self, chat_id: str, folder: Path, error: OSError, socket_kind: str = "model") -> None:
-        if chat_id not in self._unservable:
+        if (chat_id, socket_kind) not in self._unservable:
             logger.bind(chat_id=chat_id).warning(f"cannot serve the chat's {socket_kind} socket in {folder}: {error}")
-        self._unservable.add(chat_id)
+        self._unservable.add((chat_id, socket_kind))
 
     # ---- one request ----
 

@@ -769,7 +769,7 @@ def guard_service_spec(instance: str, image: str, bridge: str, open_bridge: str 
         labels={MANAGED_LABEL: "true", INSTANCE_LABEL: instance, ROLE_LABEL: "guard"},
         nano_cpus=200_000_000, mem_limit=128 * 1024**2, pids_limit=32, network="host", user="0:0", mounts=(),
         tmpfs=(("/run", "size=1m"), ("/tmp", "size=1m")), ulimits=(), environment=(),
-        command=("python", "-m", "orchestrator.node_guard", instance, bridge, *([open_bridge] if open_bridge else [])),
+        command=(*GUARD_COMMAND, instance, bridge, *([open_bridge] if open_bridge else [])),
         cap_add=("CAP_NET_ADMIN", "CAP_NET_RAW"))
     spec = node_service_spec(guard, image)
     health = f"test $(( $(date +%s) - $(stat -c %Y {GUARD_HEALTH_FILE}) )) -lt {GUARD_HEALTHY_SECONDS}"
@@ -782,11 +782,17 @@ def running_on(tasks: list[dict[str, Any]], fingerprint: str) -> set[str]:
     """The nodes where a task of the service's current spec (its fingerprint) runs: the gateway's, the proxy's (a
     task of the last spec, which Swarm replaces node by node, may serve another folder or port; `within_grace`
     keeps the label meanwhile). Pure."""
-    return {t["NodeID"] for t in tasks if t.get("NodeID") and t.get("DesiredState") == "running"
-            and t.get("Status", {}).get("State") == "running" and of_spec(t, fingerprint)}
+    return {t["NodeID"] for t in tasks if _running_task(t) and of_spec(t, fingerprint)}
 
 
-GUARD_BRIDGES_AT = 4  # the guard's arguments: python -m orchestrator.node_guard INSTANCE BRIDGE [OPEN_BRIDGE]
+def _running_task(task: dict[str, Any]) -> bool:
+    """A task placed on a node that runs there and should (a guard's: once its health check passed). Pure."""
+    return bool(task.get("NodeID")) and task.get("DesiredState") == "running" \
+        and task.get("Status", {}).get("State") == "running"
+
+
+GUARD_COMMAND = ("python", "-m", "orchestrator.node_guard")  # then INSTANCE BRIDGE [OPEN_BRIDGE]
+GUARD_BRIDGES_AT = len(GUARD_COMMAND) + 1
 
 
 def guard_bridges(guard: dict[str, Any] | None) -> list[str]:
@@ -802,8 +808,7 @@ def guarding(tasks: list[dict[str, Any]], bridge: str) -> set[str]:
     current spec or an earlier one: a new spec (an image upgrade, open egress turned on) replaces the tasks node by
     node, each old one running until the new one there is healthy, and its rules hold meanwhile. By the bridge among
     its arguments: a task that keeps the rules of a bridge that is gone does not count. Pure."""
-    return {t["NodeID"] for t in tasks if t.get("NodeID") and t.get("DesiredState") == "running"
-            and t.get("Status", {}).get("State") == "running"
+    return {t["NodeID"] for t in tasks if _running_task(t)
             and bridge in t.get("Spec", {}).get("ContainerSpec", {}).get("Args", [])[GUARD_BRIDGES_AT:]}
 
 
