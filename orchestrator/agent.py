@@ -203,6 +203,7 @@ class Answer:
     cost_usd: float | None = None
     duration_ms: int | None = None
     files: tuple[tuple[OutFile, str], ...] = ()  # sent after the text, each with its caption (files_out)
+    turn: str = ""  # the turn that gave it: the files it sends are in that turn's outbox
 
 
 @dataclass(frozen=True)
@@ -215,8 +216,8 @@ class Failure:
     detail: str = ""  # for the operator's log only: it may hold what the chat must not see
 
 
-def outcome(transcript: Transcript, exit_code: int | None, stderr: str) -> Answer | Failure:
-    """Decide how a finished turn ended: its answer, or why there is none."""
+def outcome(turn: str, transcript: Transcript, exit_code: int | None, stderr: str) -> Answer | Failure:
+    """Decide how the finished turn `turn` ended: its answer, or why there is none."""
     result = transcript.result
     if UNKNOWN_SESSION in stderr or (result and any(UNKNOWN_SESSION in e for e in result.errors)):
         return Failure("The previous conversation could not be found.", unknown_session=True)
@@ -234,6 +235,7 @@ def outcome(transcript: Transcript, exit_code: int | None, stderr: str) -> Answe
         session_id=transcript.session_id,
         cost_usd=result.cost_usd,
         duration_ms=result.duration_ms,
+        turn=turn,
     )
 
 

@@ -651,6 +651,7 @@ class Store:
         self.url = location if isinstance(location, str) else f"{SQLITE_URL}{location}"
         self.path = location if isinstance(location, Path) else sqlite_file(location)  # None: PostgreSQL
         self._mask = Masker(secrets)
+        self._chat_names: dict[str, str] = {}  # chat id: the name this store last wrote for it (see ensure_chat)
         self.db = _sqlite(self.path) if self.path is not None else _open(self.url)
         _database.initialize(self.db)
         if self.path is None:
@@ -706,8 +707,12 @@ class Store:
     # ---- chats ----
 
     def ensure_chat(self, chat_id: str, name: str = "") -> None:
-        """The chat stored, with its name when one is given (a name it had is kept otherwise): one statement, as on
-        every message a round trip to PostgreSQL counts."""
+        """The chat stored, with its name when one is given (a name it had is kept otherwise): one statement, and
+        none when this store wrote the chat with that name before (a chat's row is never deleted), as on every
+        message a round trip to PostgreSQL counts."""
+        known = self._chat_names.get(chat_id)
+        if known is not None and name in ("", known):
+            return
         insert = _Chat.insert(chat_id=chat_id, name=name, created_at=time.time())
         if name:
             insert = insert.on_conflict(conflict_target=[_Chat.chat_id], update={_Chat.name: name},
@@ -715,6 +720,7 @@ class Store:
         else:
             insert = insert.on_conflict_ignore()
         insert.execute()
+        self._chat_names[chat_id] = name
 
     def chat(self, chat_id: str) -> ChatRecord:
         return _chat_record(_Chat.get_by_id(chat_id))

@@ -159,9 +159,8 @@ class TurnRunner:
             return result
         chat = resolve_chat(self.settings, message.chat_id)
         paths = layout.chat_paths(self.settings, chat)
-        turn = self.store.message(message.message_id).turn
-        assert turn, "an answer comes from a turn"
-        sending = await asyncio.to_thread(files_out.take, paths, self.settings.agent.uid, turn, result.text,
+        assert result.turn, "an answer comes from a turn"
+        sending = await asyncio.to_thread(files_out.take, paths, self.settings.agent.uid, result.turn, result.text,
                                           self.settings.files, self.settings.limits.min_free_disk, self._mask)
         for file, _ in sending.files:
             log.info(f"sending {file.kind} {file.name} ({file.size} bytes) after the answer")
@@ -356,7 +355,7 @@ class TurnRunner:
                 return self._ending(turn, Failure(RESTARTED_MID_TURN, partial_text=transcript.text_so_far), transcript)
             if exit_code is not None:
                 stderr = files.stderr()
-                result = self._ending(turn, agent.outcome(transcript, exit_code, stderr), transcript)
+                result = self._ending(turn, agent.outcome(files.name, transcript, exit_code, stderr), transcript)
                 if isinstance(result, Failure) and result.detail:
                     log.warning(f"the CLI said: {excerpt(result.detail, 300)}")
                 return result

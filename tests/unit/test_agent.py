@@ -22,6 +22,7 @@ from orchestrator.config import AgentSettings, ChatOptions
 from tests.unit.test_agent_host import FAKE_CLI, Channel
 
 SESSION = "e9e352d1-0000-4000-8000-000000000001"
+TURN = "3-1-6dbb76282f5ff219"
 INIT = {"type": "system", "subtype": "init", "cwd": "/workspace", "session_id": SESSION, "model": "claude-x"}
 TOOL = {"type": "assistant", "session_id": SESSION, "message": {"id": "m1", "content": [
     {"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {"command": "echo hi"}}]}}
@@ -111,35 +112,35 @@ def test_lines_that_carry_nothing_or_are_not_json() -> None:
 def test_successful_turn() -> None:
     transcript = transcript_of(INIT, TOOL, TEXT, SUCCESS)
     assert transcript.tools_used == 1
-    assert outcome(transcript, 0, "") == Answer("Done: the answer is 4.", SESSION, 0.00108, 276)
+    assert outcome(TURN, transcript, 0, "") == Answer("Done: the answer is 4.", SESSION, 0.00108, 276, turn=TURN)
 
 
 def test_result_without_text_falls_back_to_the_streamed_text() -> None:
     transcript = transcript_of(INIT, TEXT, {**SUCCESS, "result": ""})
-    assert outcome(transcript, 0, "").text == "Done: the answer is 4."
+    assert outcome(TURN, transcript, 0, "").text == "Done: the answer is 4."
 
 
 def test_unknown_session() -> None:
     error = {"type": "result", "subtype": "error_during_execution", "is_error": True,
              "errors": [f"No conversation found with session ID: {SESSION}"], "session_id": "x"}
-    result = outcome(transcript_of(error), 1, f"No conversation found with session ID: {SESSION}\n")
+    result = outcome(TURN, transcript_of(error), 1, f"No conversation found with session ID: {SESSION}\n")
     assert isinstance(result, Failure) and result.unknown_session
 
 
 def test_error_result_is_a_failure_with_the_cli_reason() -> None:
     error = {"type": "result", "subtype": "error_max_turns", "is_error": True, "errors": ["max turns reached"]}
-    result = outcome(transcript_of(INIT, TEXT, error), 1, "")
+    result = outcome(TURN, transcript_of(INIT, TEXT, error), 1, "")
     assert result == Failure("Claude Code reported an error: max turns reached",
                              partial_text="Done: the answer is 4.")
 
 
 def test_cli_that_exits_without_a_result() -> None:
-    result = outcome(transcript_of(INIT, TEXT), 137, "some warning\nKilled\n")
+    result = outcome(TURN, transcript_of(INIT, TEXT), 137, "some warning\nKilled\n")
     assert isinstance(result, Failure) and not result.unknown_session
     assert result.reason.startswith("Claude Code stopped in the middle of this answer (exit code 137).")
     assert result.detail == "Killed"  # stderr is the operator's, in the log: the chat does not see it
     assert result.partial_text == "Done: the answer is 4."
-    silent = outcome(Transcript(), 1, "")
+    silent = outcome(TURN, Transcript(), 1, "")
     assert isinstance(silent, Failure) and silent.detail == "no output"
 
 
@@ -173,7 +174,7 @@ def test_the_cut_answer_is_the_answer_with_its_note() -> None:
     transcript = Transcript(answer_bytes=1024)
     for event in [*parse_line(json.dumps(INIT)), Text("z" * 5000), *parse_line(json.dumps(SUCCESS))]:
         transcript.add(event)
-    answer = outcome(transcript, 0, "")
+    answer = outcome(TURN, transcript, 0, "")
     assert isinstance(answer, Answer)
     assert answer.text.startswith("z" * 1024 + "\n\n(The answer was cut here")
     assert "Done: the answer is 4." not in answer.text
@@ -181,11 +182,11 @@ def test_the_cut_answer_is_the_answer_with_its_note() -> None:
 
 def test_failure_detail_holds_the_last_stderr_line_and_the_reason_does_not() -> None:
     stderr = "FEISHU_APP_SECRET=s3cr3t\nTypeError: boom at /app/cli.js:1\n\n"
-    failure = outcome(transcript_of(INIT), 1, stderr)
+    failure = outcome(TURN, transcript_of(INIT), 1, stderr)
     assert isinstance(failure, Failure)
     assert failure.detail == "TypeError: boom at /app/cli.js:1"
     assert "boom" not in failure.reason and "s3cr3t" not in failure.reason
-    assert len(outcome(transcript_of(INIT), 1, "y" * 10_000).detail) <= 300
+    assert len(outcome(TURN, transcript_of(INIT), 1, "y" * 10_000).detail) <= 300
 
 
 def test_the_clis_error_text_is_shown_bounded() -> None:
@@ -193,7 +194,7 @@ def test_the_clis_error_text_is_shown_bounded() -> None:
 
     long_error = json.dumps({"type": "result", "subtype": "error_during_execution", "is_error": True,
                              "errors": ["E" * 100_000]})
-    result = outcome(transcript_of(INIT, long_error), 1, "")
+    result = outcome(TURN, transcript_of(INIT, long_error), 1, "")
     assert isinstance(result, Failure)
     assert result.reason.startswith("Claude Code reported an error: EEE")
     assert len(result.reason) <= ERROR_SHOWN + 40
@@ -286,20 +287,20 @@ def test_nothing_follows_a_cut_even_where_a_split_character_left_room() -> None:
 def test_an_unknown_session_is_found_in_stderr_or_in_the_results_errors_alone() -> None:
     gone = f"No conversation found with session ID: {SESSION}"
     told = Failure("The previous conversation could not be found.", unknown_session=True)
-    assert outcome(transcript_of(INIT), 1, f"{gone}\n") == told  # the CLI died without a result line
+    assert outcome(TURN, transcript_of(INIT), 1, f"{gone}\n") == told  # the CLI died without a result line
     error = {"type": "result", "subtype": "error_during_execution", "is_error": True, "errors": [gone]}
-    assert outcome(transcript_of(error), 1, "") == told
+    assert outcome(TURN, transcript_of(error), 1, "") == told
 
 
 def test_the_user_is_told_what_happens_when_the_cli_stops_mid_answer() -> None:
-    result = outcome(transcript_of(INIT), 137, "")
+    result = outcome(TURN, transcript_of(INIT), 137, "")
     assert isinstance(result, Failure)
     assert result.reason == ("Claude Code stopped in the middle of this answer (exit code 137). The conversation is "
                              "kept: your next message continues it, and nothing of this one runs again unless you ask.")
 
 
 def error_reason(**fields: object) -> str:
-    result = outcome(transcript_of({"type": "result", "is_error": True, **fields}), 1, "")
+    result = outcome(TURN, transcript_of({"type": "result", "is_error": True, **fields}), 1, "")
     assert isinstance(result, Failure)
     return result.reason
 
@@ -320,6 +321,6 @@ def test_an_error_of_exactly_the_shown_length_is_not_cut_and_a_longer_one_is_cut
 
 
 def test_an_answer_without_streamed_text_is_the_results_text_else_a_note() -> None:
-    assert outcome(transcript_of(INIT, SUCCESS), 0, "").text == "Done: the answer is 4."
+    assert outcome(TURN, transcript_of(INIT, SUCCESS), 0, "").text == "Done: the answer is 4."
     silent = {k: v for k, v in SUCCESS.items() if k != "result"}
-    assert outcome(transcript_of(INIT, silent), 0, "").text == "(Claude Code finished without any text.)"
+    assert outcome(TURN, transcript_of(INIT, silent), 0, "").text == "(Claude Code finished without any text.)"

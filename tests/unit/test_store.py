@@ -50,6 +50,20 @@ def test_a_chat_is_stored_once_and_keeps_its_latest_name(store: Store) -> None:
     assert (store.chat("oc_a").name, store.chat("oc_a").session_id) == ("Team renamed", "s-1")
 
 
+def test_a_chat_this_store_wrote_costs_no_statement_until_its_name_changes(store: Store) -> None:
+    statements: list[str] = []
+    store.db.connection().set_trace_callback(statements.append)
+    store.ensure_chat("oc_a", "Team")
+    store.ensure_chat("oc_a", "Team")
+    store.ensure_chat("oc_a")
+    assert len(statements) == 1
+    store.ensure_chat("oc_a", "Team renamed")
+    store.ensure_chat("oc_b")
+    store.ensure_chat("oc_b")
+    assert len(statements) == 3
+    assert [(chat.chat_id, chat.name) for chat in store.chats()] == [("oc_a", "Team renamed"), ("oc_b", "")]
+
+
 def test_transitions_happen_once_and_in_order(store: Store) -> None:
     store.record_received("om_1", "oc_a", "ou_1", "hello")
     store.mark_queued("om_1")
