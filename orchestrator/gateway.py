@@ -615,24 +615,14 @@ class Gateway:
         await response.prepare(request)
         try:
             async for chunk in upstream.content.iter_any():
-                changed = bill.ask is not None and bill.stream.feed(chunk) is not None
-                if changed and not bill.stream.final:  # message_start's input: counted before any answer is seen
-                    await self._record_stream(bill)
+                if bill.ask and bill.stream.feed(chunk) is not None:
+                    await self._record(bill, bill.stream.so_far(bill.ask.max_tokens), bill.stream.complete)
                 await response.write(chunk)
-                if changed and bill.stream.final:
-                    # The output's count (message_delta's) and the end are never more than the row counts already
-                    # (max_tokens of output): they are stored after the client has them, not in the answer's way
-                    # (a store round trip from every Swarm node, bench.swarm).
-                    await self._record_stream(bill)
         except (aiohttp.ClientError, TimeoutError) as exc:
             # The client must see a broken stream, not a finished one: its connection is closed, unfinished.
             bill.log.warning(f"the model API's stream broke off: {exc.__class__.__name__} {exc}")
             request.protocol.force_close()
         return response
-
-    async def _record_stream(self, bill: _Bill) -> None:
-        assert bill.ask is not None
-        await self._record(bill, bill.stream.so_far(bill.ask.max_tokens), bill.stream.complete)
 
     async def _whole(self, upstream: aiohttp.ClientResponse) -> bytes:
         body = bytearray()

@@ -708,8 +708,9 @@ class Store:
 
     def ensure_chat(self, chat_id: str, name: str = "") -> None:
         """The chat stored, with its name when one is given (a name it had is kept otherwise): one statement, and
-        none when this store wrote the chat with that name before (a chat's row is never deleted), as on every
-        message a round trip to PostgreSQL counts."""
+        none when this store wrote the chat with that name before (the service deletes no chat's row; one found
+        gone is written again), as on every message a round trip to PostgreSQL counts. Another orchestrator's
+        later name for the chat is kept when this one is given the name it wrote before."""
         known = self._chat_names.get(chat_id)
         if known is not None and name in ("", known):
             return
@@ -723,10 +724,15 @@ class Store:
         self._chat_names[chat_id] = name
 
     def chat(self, chat_id: str) -> ChatRecord:
-        return _chat_record(_Chat.get_by_id(chat_id))
+        found = self.find_chat(chat_id)
+        if found is None:
+            raise _Chat.DoesNotExist(f"no chat {chat_id} in the store")
+        return found
 
     def find_chat(self, chat_id: str) -> ChatRecord | None:
         row = _Chat.get_or_none(_Chat.chat_id == chat_id)
+        if row is None:  # gone since this store wrote it (deleted by hand, a failover to a replica that missed it)
+            self._chat_names.pop(chat_id, None)  # so that the chat's next message stores it again
         return _chat_record(row) if row else None
 
     def chats(self) -> list[ChatRecord]:

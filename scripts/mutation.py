@@ -134,7 +134,11 @@ def _report(module: str, explained: dict[str, str]) -> bool:
     counted = {key: status for key, status in statuses.items() if status not in NOT_COUNTED}
     killed = sum(1 for status in counted.values() if status in KILLED)
     survivors = sorted(key for key, status in counted.items() if status not in KILLED)
-    score = killed / len(counted) if counted else 1.0
+    if not counted:  # mutmut's clean run of the tests failed (it then tests no mutant), or no test reaches any
+        print(f"mutation: {module}: no mutant was tested ({len(codes)} not counted; mutmut's output: "
+              "mutants/run.log)")
+        return False
+    score = killed / len(counted)
     print(f"mutation: {module}: {killed}/{len(counted)} killed ({score:.1%}), {len(codes) - len(counted)} not counted")
     for key in survivors:
         why = explained.get(key, f"NOT EXPLAINED in {EXPLAINED}: a gap? mutmut show {key}")

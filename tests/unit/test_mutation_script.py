@@ -58,3 +58,14 @@ def test_a_module_under_the_bar_fails_the_run_and_leaves_the_baseline_as_it_was(
     monkeypatch.setattr(mutation, "_report", lambda module, explained: module != "orchestrator/store.py")
     assert mutation.main(["--changed"]) == 1
     assert not baseline.exists()
+
+
+def test_a_run_that_tested_no_mutant_fails(mutation, tmp_path: Path, monkeypatch, capsys) -> None:
+    # mutmut's clean run of the tests failed (a flaky test under its load): it marks every mutant "not checked"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mutants" / "orchestrator").mkdir(parents=True)
+    not_checked = next(code for code, status in mutation.status_by_exit_code.items() if status == "not checked")
+    (tmp_path / "mutants" / "orchestrator" / "store.py.meta").write_text(json.dumps(
+        {"exit_code_by_key": {f"orchestrator.store.x_f__mutmut_{n}": not_checked for n in range(3)}}))
+    assert mutation._report("orchestrator/store.py", {}) is False
+    assert "no mutant was tested" in capsys.readouterr().out

@@ -9,7 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from peewee import IntegrityError, SqliteDatabase
+from peewee import DoesNotExist, IntegrityError, SqliteDatabase
 
 from orchestrator.channels import OutFile
 from orchestrator.masking import MASK
@@ -62,6 +62,15 @@ def test_a_chat_this_store_wrote_costs_no_statement_until_its_name_changes(store
     store.ensure_chat("oc_b")
     assert len(statements) == 3
     assert [(chat.chat_id, chat.name) for chat in store.chats()] == [("oc_a", "Team renamed"), ("oc_b", "")]
+
+
+def test_a_chat_found_gone_is_stored_again_by_its_next_message(store: Store) -> None:
+    store.ensure_chat("oc_a", "Team")
+    store.db.execute_sql("DELETE FROM chats")  # by hand, or a failover to a replica that missed it
+    with pytest.raises(DoesNotExist):
+        store.chat("oc_a")
+    store.ensure_chat("oc_a", "Team")
+    assert store.chat("oc_a").name == "Team"
 
 
 def test_transitions_happen_once_and_in_order(store: Store) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from loguru import logger
 
-from orchestrator import agent, agent_host, layout, turn_runner, turns
+from orchestrator import agent, agent_host, files_out, layout, turn_runner, turns
 from orchestrator.agent import Answer, Failure
 from orchestrator.approvals import Approvals
 from orchestrator.channels import CardAction
@@ -113,12 +113,20 @@ def test_the_pids_limit_retry_records_the_attempt_that_runs(bench: Bench) -> Non
         task = bench.run(bench.message())
         await until(lambda: len(bench.host.taken) == 2, "attempt 2 to be taken")
         assert bench.store.message("om_1").turn == bench.host.taken[1]
+        outbox = bench.paths.workspace / files_out.OUTBOX  # attempt 2 leaves a file to send
+        outbox.mkdir()
+        (outbox / "report.txt").write_text("made by attempt 2")
+        for made in (outbox, outbox / "report.txt"):
+            os.chown(made, bench.settings.agent.uid, bench.settings.agent.uid)
         bench.host.release()
         return await task
 
     result = asyncio.run(scenario())
     assert isinstance(result, Answer)
     first, second = bench.host.taken
+    # the file is kept for sending under the turn that made it, where a restart looks for it again
+    [(sent, _)] = result.files
+    assert (sent.name, Path(sent.path).parent) == ("report.txt", bench.paths.root / files_out.SENDING / second)
     assert [agent_host.turn_order(first), agent_host.turn_order(second)] == [(1, 1), (1, 2)]
     message = bench.store.message("om_1")
     assert message.state is State.RUNNING and message.turn == second
