@@ -67,7 +67,7 @@ def test_a_chat_this_store_wrote_costs_no_statement_until_its_name_changes(store
 def test_a_chat_found_gone_is_stored_again_by_its_next_message(store: Store) -> None:
     store.ensure_chat("oc_a", "Team")
     store.db.execute_sql("DELETE FROM chats")  # by hand, or a failover to a replica that missed it
-    with pytest.raises(DoesNotExist):
+    with pytest.raises(DoesNotExist, match="no chat oc_a in the store"):  # the operator's log says which
         store.chat("oc_a")
     store.ensure_chat("oc_a", "Team")
     assert store.chat("oc_a").name == "Team"
