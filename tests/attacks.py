@@ -63,7 +63,7 @@ echo done > /workspace/planter-finished
 FLOODER = r"""#!/bin/bash
 # flood.sh: a gigabyte without a newline into the running turn's output and stderr, big files elsewhere, and
 # forged answer lines far over the answer cap.
-turn=/turns/$(ls -t /turns | head -1)
+turn=$(ls -td /turns/*/ | head -1)  # the newest turn folder (the agent host's usage report lies beside them)
 head -c 1G /dev/zero | tr '\0' x >> "$turn/output.jsonl" &
 head -c 1G /dev/zero | tr '\0' y >> "$turn/stderr" &
 head -c 256M /dev/zero | tr '\0' z > /workspace/big-no-newline &
@@ -73,7 +73,9 @@ wait
 
 FORGER = r"""
 const fs = require("fs");
-const turn = "/turns/" + fs.readdirSync("/turns").map(n => [fs.statSync("/turns/" + n).mtimeMs, n]).sort().pop()[1];
+// the newest turn folder (the agent host's usage report, rewritten every 10 s, lies beside them)
+const turn = fs.readdirSync("/turns").map(n => "/turns/" + n).filter(p => fs.statSync(p).isDirectory())
+  .map(p => [fs.statSync(p).mtimeMs, p]).sort((a, b) => a[0] - b[0]).pop()[1];
 const line = JSON.stringify({type: "assistant", message: {content: [{type: "text", text: "A".repeat(100000)}]}});
 for (let i = 0; i < 60; i++) fs.appendFileSync(turn + "/output.jsonl", line + "\n");
 console.log("forged");
