@@ -73,9 +73,10 @@ wait
 
 FORGER = r"""
 const fs = require("fs");
-// the newest turn folder (the agent host's usage report, rewritten every 10 s, lies beside them)
-const turn = fs.readdirSync("/turns").map(n => "/turns/" + n).filter(p => fs.statSync(p).isDirectory())
-  .map(p => [fs.statSync(p).mtimeMs, p]).sort((a, b) => a[0] - b[0]).pop()[1];
+// the newest turn folder: the agent host's usage report lies beside them, rewritten every 10 s through a
+// usage.tmp that may be gone by the time it is looked at, so only folders (readdir's own types) are stat'ed
+const turn = fs.readdirSync("/turns", {withFileTypes: true}).filter(entry => entry.isDirectory())
+  .map(entry => "/turns/" + entry.name).map(p => [fs.statSync(p).mtimeMs, p]).sort((a, b) => a[0] - b[0]).pop()[1];
 const line = JSON.stringify({type: "assistant", message: {content: [{type: "text", text: "A".repeat(100000)}]}});
 for (let i = 0; i < 60; i++) fs.appendFileSync(turn + "/output.jsonl", line + "\n");
 console.log("forged");
