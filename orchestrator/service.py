@@ -297,13 +297,23 @@ class Service:
         if not await self.deliverer.flush(FLUSH_SECONDS):
             logger.warning("some replies could not be delivered before stopping; they go out after the next start")
         self.deliverer.stop()
-        containers = [c for c in await self.runtime.list_managed(self.settings.instance) if c.running]
-        logger.info(f"stopping {len(containers)} container(s)")
-        await asyncio.gather(*(self._stop_container(c.name, c.chat_id) for c in containers))
+        await self._stop_chats_containers()
         if self._egress_proxy is not None:
             await self._stop_container(self._egress_proxy.name, "-")
         # Last: it carried the model requests of the turns that just ended.
         await self._stop_container(gateway_container_name(self.settings.instance), "-")
+
+    async def _stop_chats_containers(self) -> None:
+        """Every running chat container; when the engine cannot list them, they are left running for the next start
+        to adopt, and the stop goes on (the proxy, the gateway): one failed call is no reason to leave all behind."""
+        try:
+            containers = [c for c in await self.runtime.list_managed(self.settings.instance) if c.running]
+        except RuntimeFailure as exc:
+            logger.error(f"cannot list the chats' containers to stop them ({exc}): they keep running, and the next "
+                         "start adopts them")
+            return
+        logger.info(f"stopping {len(containers)} container(s)")
+        await asyncio.gather(*(self._stop_container(c.name, c.chat_id) for c in containers))
 
     async def _stop_container(self, name: str, chat_id: str) -> None:
         try:

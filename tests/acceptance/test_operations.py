@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import select
 import socket
@@ -63,11 +64,16 @@ class EngineProxy:
         threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
 
     def down(self) -> None:
+        """Cut now. A socket's close() alone is not enough: a pump thread asleep in select() holds a reference to
+        its sockets, so the service would see its pooled connection open until that select wakes (up to a second)
+        and have its next request reset (fresh-clone CI once: the shutdown's container list, right after up()).
+        shutdown() ends the connection at once, and wakes the accept() of the listener."""
         assert self.listener is not None
-        self.listener.close()
+        for sock in (self.listener, *self.connections):
+            with contextlib.suppress(OSError):  # a connection its pump already closed
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
         self.path.unlink(missing_ok=True)
-        for connection in self.connections:
-            connection.close()
         self.connections.clear()
 
     def _accept(self, listener: socket.socket) -> None:

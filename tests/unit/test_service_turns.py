@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from loguru import logger
 
 from orchestrator import layout
 from orchestrator.agent import cli_argv
@@ -155,3 +156,23 @@ def test_a_shutdown_interrupts_the_running_turn_through_the_agent_host(bench: Be
     assert message.state is State.FAILED and message.error == INTERRUPTED_BY_RESTART
     assert [item.text for item in channel.delivered] == [f"Fake answer to: hello\n\n{INTERRUPTED_BY_RESTART}"]
     assert bench.runtime.stopped == [bench.container, gateway_container_name(bench.settings.instance)]
+
+
+def test_a_shutdown_that_cannot_list_the_containers_leaves_them_and_still_stops_the_gateway(bench: Bench) -> None:
+    logged: list[str] = []
+    sink = logger.add(lambda m: logged.append(f"{m.record['level'].name} {m.record['message']}"), format="{message}")
+
+    async def scenario(service: Service, channel: FakeChannel) -> None:
+        channel.send("om_1", "hello")
+        await until(lambda: bench.state("om_1") is State.DELIVERED, "om_1 to be delivered")
+        bench.runtime.list_failure = "the Docker engine cannot be reached: connection reset"
+
+    try:
+        code, _ = bench.serve(scenario)
+    finally:
+        logger.remove(sink)
+    assert code == 0
+    assert bench.runtime.containers[bench.container].running  # left for the next start to adopt
+    assert bench.runtime.stopped == [gateway_container_name(bench.settings.instance)]
+    assert ("ERROR cannot list the chats' containers to stop them (the Docker engine cannot be reached: connection "
+            "reset): they keep running, and the next start adopts them") in logged
