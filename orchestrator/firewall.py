@@ -37,6 +37,12 @@ from orchestrator.egress import PROXY_PORT, PROXY_UID
 
 BLOCKED_RANGES = ("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
                   "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15", "224.0.0.0/4", "240.0.0.0/4")
+# Swarm's own ports, closed on every address, public ones too: the managers' API (2377/tcp), the nodes' gossip
+# (7946/tcp and udp) and the overlay networks' VXLAN (4789/udp), which has no authentication: a datagram that
+# reaches a node's 4789 lands in whichever overlay network its VXLAN id names. Docker advises keeping them on a
+# private network (closed to the chats by BLOCKED_RANGES); this holds where a Swarm, ours or another, was not set up
+# so. No chat needs them.
+SWARM_PORTS = (("tcp", 2377), ("tcp", 7946), ("udp", 7946), ("udp", 4789))
 # Where the engine finds the resolvers its embedded DNS forwards to: systemd-resolved's upstream list when the
 # host runs it (/etc/resolv.conf then names only 127.0.0.53), else /etc/resolv.conf.
 RESOLV_CONFS = (Path("/run/systemd/resolve/resolv.conf"), Path("/etc/resolv.conf"))
@@ -101,12 +107,15 @@ def _resolvers() -> list[str]:
 
 
 def forward_rules(resolvers: list[str]) -> list[list[str]]:
-    """The forward chain's rules, in order. Pure."""
+    """The forward chain's rules, in order: answers, DNS to the host's resolvers, then no private range and no Swarm
+    port anywhere. Pure."""
     rules = [ANSWERS]
     for resolver in resolvers:
         rules += [["-d", f"{resolver}/32", "-p", protocol, "-m", protocol, "--dport", "53", "-j", "RETURN"]
                   for protocol in ("udp", "tcp")]
     rules += [["-d", blocked, "-j", "REJECT", "--reject-with", "icmp-net-prohibited"] for blocked in BLOCKED_RANGES]
+    rules += [["-p", protocol, "-m", protocol, "--dport", str(port), "-j", "REJECT", "--reject-with",
+               "icmp-net-prohibited"] for protocol, port in SWARM_PORTS]
     return rules
 
 

@@ -238,6 +238,8 @@ def test_agents_reach_neither_each_other_nor_the_host_and_the_model_still_works(
     forward = _iptables("-S", forward_chain)  # the egress network's way out: the proxy's, and `egress: open`'s
     for blocked in ("169.254.0.0/16", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10"):
         assert f"-d {blocked} -j REJECT" in forward
+    for protocol, port in (("tcp", 2377), ("tcp", 7946), ("udp", 7946), ("udp", 4789)):  # Swarm's, on any address
+        assert f"-p {protocol} -m {protocol} --dport {port} -j REJECT" in forward
     for bridge in (agents_bridge, egress_bridge):
         [local_chain] = [line.split()[-1] for line in host_input.splitlines() if f"-i {bridge} " in line]
         assert _iptables("-S", local_chain).splitlines()[-1].startswith(f"-A {local_chain} -j REJECT")

@@ -114,6 +114,43 @@ try:
 except OSError as exc:
     print("not connected:", exc)
 """
+# Swarm's ports (firewall.SWARM_PORTS) and one more of each kind that nothing closes, on the test's host "out
+# there": what reaches it is printed.
+SWARM_PORTS_LISTENER = """
+import socket, threading
+def serve(kind, port):
+    server = socket.socket(type=socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("0.0.0.0", port))
+    if kind == "tcp":
+        server.listen()
+    def loop():
+        while True:
+            if kind == "tcp":
+                server.accept()[0].close()
+            else:
+                server.recvfrom(2048)
+            print("got", kind, port, flush=True)
+    threading.Thread(target=loop, daemon=True).start()
+for kind, port in (("tcp", 2377), ("tcp", 7946), ("udp", 7946), ("udp", 4789), ("tcp", 8081), ("udp", 4790)):
+    serve(kind, port)
+print("listening", flush=True)
+threading.Event().wait()
+"""
+# What a hostile open chat sends to those ports: a connection to each TCP one, datagrams to each UDP one.
+SWARM_PORTS_SEND = """
+import socket, sys
+for kind, port in (("tcp", 2377), ("tcp", 7946), ("udp", 7946), ("udp", 4789), ("tcp", 8081), ("udp", 4790)):
+    if kind == "tcp":
+        try:
+            socket.create_connection((sys.argv[1], port), timeout=5).close()
+        except OSError:
+            pass
+    else:
+        sender = socket.socket(type=socket.SOCK_DGRAM)
+        for _ in range(3):
+            sender.sendto(b"vxlan?", (sys.argv[1], port))
+"""
 LOOKUP = "import socket, sys\ntry:\n    socket.getaddrinfo(sys.argv[1], 80)\nexcept OSError:\n    pass\n"
 
 
@@ -543,8 +580,8 @@ def test_an_open_chat_goes_out_through_its_node_and_reaches_nothing_private(
     """egress: open on Swarm: the open chats' network (a swarm-scoped bridge, out through the node's NAT) on every
     node, closed by the node's guard as one host's egress bridge is: an open chat reaches a host on the internet (the
     test's listener in TEST-NET-2), and neither a private address (the same listener on the nodes' network), nor the
-    node itself (at its address out there, at its bridge's gateway), nor another open chat on the node; a chat with
-    egress: none on the same node has no way out."""
+    node itself (at its address out there, at its bridge's gateway), nor another open chat on the node, nor Swarm's
+    ports of the host out there; a chat with egress: none on the same node has no way out."""
     swarm = on_swarm.swarm
     network, listener = outside
     node = swarm.nodes[1]
@@ -591,6 +628,18 @@ def test_an_open_chat_goes_out_through_its_node_and_reaches_nothing_private(
         assert got.startswith(f"hello from {out_there}:8080"), got
         assert f"accepted {node_out_there}".encode() in listener.logs()  # its HTTP log: the node's address
         served = listener.logs().count(b"accepted")
+        # Swarm's own ports, even at an address out there (an overlay's VXLAN has no authentication)
+        swarm_ports = docker_client.containers.run(AGENT_IMAGE, ["python3", "-u", "-c", SWARM_PORTS_LISTENER],
+                                                   detach=True, network_mode=f"container:{listener.id}",
+                                                   entrypoint=[], labels={"orchestrator.test": "swarm"})
+        try:
+            wait_until(lambda: b"listening" in swarm_ports.logs(), 30, "the test's Swarm ports")
+            swarm.exec(node, "docker", "exec", tasks[one], "python3", "-c", SWARM_PORTS_SEND, out_there)
+            wait_until(lambda: b"got tcp 8081" in (got := swarm_ports.logs()) and b"got udp 4790" in got, 30,
+                       "a port nothing closes reached, over TCP and UDP")
+            assert set(swarm_ports.logs().decode().splitlines()) == {"listening", "got tcp 8081", "got udp 4790"}
+        finally:
+            swarm_ports.remove(force=True)
         # nothing private, nothing of the node, no other chat
         for address, port in ((private, "8080"), (node_out_there, "18080"), (gateway, "18080"),
                               (two_address, "18081")):

@@ -71,8 +71,12 @@ def test_forward_rules_answers_first_then_dns_then_every_blocked_range() -> None
     dns = rules[1:5]
     assert dns == [["-d", f"{resolver}/32", "-p", protocol, "-m", protocol, "--dport", "53", "-j", "RETURN"]
                    for resolver in ("10.1.2.3", "192.168.0.1") for protocol in ("udp", "tcp")]
-    rejects = rules[5:]
-    assert rejects == [["-d", blocked, *REJECT] for blocked in firewall.BLOCKED_RANGES]
+    ranges = rules[5:5 + len(firewall.BLOCKED_RANGES)]
+    assert ranges == [["-d", blocked, *REJECT] for blocked in firewall.BLOCKED_RANGES]
+    # then Swarm's ports on any address: the managers' API, the gossip, and the overlays' unauthenticated VXLAN
+    assert rules[5 + len(firewall.BLOCKED_RANGES):] == [
+        ["-p", "tcp", "-m", "tcp", "--dport", "2377", *REJECT], ["-p", "tcp", "-m", "tcp", "--dport", "7946", *REJECT],
+        ["-p", "udp", "-m", "udp", "--dport", "7946", *REJECT], ["-p", "udp", "-m", "udp", "--dport", "4789", *REJECT]]
     assert all(rule[-1] != "ACCEPT" for rule in rules)  # nothing is let through past Docker's own rules
 
 
@@ -89,8 +93,8 @@ def test_blocked_ranges_cover_the_host_metadata_private_and_shared_addresses() -
 
 def test_no_resolvers_means_no_dns_exceptions() -> None:
     rules = firewall.forward_rules([])
-    assert not any("--dport" in rule for rule in rules)
-    assert len(rules) == 1 + len(firewall.BLOCKED_RANGES)
+    assert not any(rule[-1] == "RETURN" and "--dport" in rule for rule in rules)
+    assert len(rules) == 1 + len(firewall.BLOCKED_RANGES) + len(firewall.SWARM_PORTS)
 
 
 def test_local_rules_let_answers_in_and_reject_everything_else() -> None:
