@@ -117,7 +117,7 @@ except OSError as exc:
 # Swarm's ports (firewall.SWARM_PORTS) and one more of each kind that nothing closes, on the test's host "out
 # there": what reaches it is printed.
 SWARM_PORTS_LISTENER = """
-import socket, threading
+import os, socket, threading
 def serve(kind, port):
     server = socket.socket(type=socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM)
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -130,7 +130,7 @@ def serve(kind, port):
                 server.accept()[0].close()
             else:
                 server.recvfrom(2048)
-            print("got", kind, port, flush=True)
+            os.write(1, f"got {kind} {port}\\n".encode())  # one write: the threads' lines do not mix
     threading.Thread(target=loop, daemon=True).start()
 for kind, port in (("tcp", 2377), ("tcp", 7946), ("udp", 7946), ("udp", 4789), ("tcp", 8081), ("udp", 4790)):
     serve(kind, port)
@@ -149,7 +149,11 @@ for kind, port in (("tcp", 2377), ("tcp", 7946), ("udp", 7946), ("udp", 4789), (
     else:
         sender = socket.socket(type=socket.SOCK_DGRAM)
         for _ in range(3):
-            sender.sendto(b"vxlan?", (sys.argv[1], port))
+            try:  # a rejected datagram's ICMP answer fails the socket's next send
+                sender.sendto(b"vxlan?", (sys.argv[1], port))
+            except OSError:
+                pass
+print("sent", flush=True)
 """
 LOOKUP = "import socket, sys\ntry:\n    socket.getaddrinfo(sys.argv[1], 80)\nexcept OSError:\n    pass\n"
 
@@ -634,7 +638,8 @@ def test_an_open_chat_goes_out_through_its_node_and_reaches_nothing_private(
                                                    entrypoint=[], labels={"orchestrator.test": "swarm"})
         try:
             wait_until(lambda: b"listening" in swarm_ports.logs(), 30, "the test's Swarm ports")
-            swarm.exec(node, "docker", "exec", tasks[one], "python3", "-c", SWARM_PORTS_SEND, out_there)
+            assert swarm.exec(node, "docker", "exec", tasks[one], "python3", "-c", SWARM_PORTS_SEND,
+                              out_there).strip() == "sent"
             wait_until(lambda: b"got tcp 8081" in (got := swarm_ports.logs()) and b"got udp 4790" in got, 30,
                        "a port nothing closes reached, over TCP and UDP")
             assert set(swarm_ports.logs().decode().splitlines()) == {"listening", "got tcp 8081", "got udp 4790"}
