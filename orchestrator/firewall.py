@@ -6,8 +6,9 @@ The instance has two bridges (see `runtime`):
   container-to-container traffic, the agents' to the proxy too), and its answers; anything else is rejected.
 - the egress network (the proxy's way out, and that of chats with `egress: open`): the internet, but not
   link-local addresses (169.254.0.0/16: the cloud metadata service), private and shared ranges (the LAN, the
-  cloud's VPC, other Docker networks and their published ports, which DNAT into them), loopback, multicast. The
-  one exception is DNS to the host's own resolvers, which are often private addresses.
+  cloud's VPC, other Docker networks and their published ports, which DNAT into them), loopback, multicast, nor
+  Docker Swarm's ports anywhere. The one exception is DNS to the host's own resolvers, which are often private
+  addresses.
 From neither does anything reach the host itself, on any of its addresses (INPUT: the webhook, metrics, every
 local service).
 
@@ -37,11 +38,12 @@ from orchestrator.egress import PROXY_PORT, PROXY_UID
 
 BLOCKED_RANGES = ("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
                   "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15", "224.0.0.0/4", "240.0.0.0/4")
-# Swarm's own ports, closed on every address, public ones too: the managers' API (2377/tcp), the nodes' gossip
-# (7946/tcp and udp) and the overlay networks' VXLAN (4789/udp), which has no authentication: a datagram that
-# reaches a node's 4789 lands in whichever overlay network its VXLAN id names. Docker advises keeping them on a
-# private network (closed to the chats by BLOCKED_RANGES); this holds where a Swarm, ours or another, was not set up
-# so. No chat needs them.
+# Swarm's own ports (its defaults), closed on every IPv4 address, public ones too: the managers' API (2377/tcp), the
+# nodes' gossip (7946/tcp and udp) and the overlay networks' VXLAN (4789/udp), which has no authentication: a
+# datagram that reaches a node's 4789 lands in whichever overlay network its VXLAN id names. Docker advises keeping
+# them on a private network (closed to the chats by BLOCKED_RANGES); this holds where a Swarm, ours or another, was
+# not set up so. No chat needs them. A Swarm made with other ports (`--data-path-port`, `--listen-addr`) is not
+# covered: docs/SCALING.md.
 SWARM_PORTS = (("tcp", 2377), ("tcp", 7946), ("udp", 7946), ("udp", 4789))
 # Where the engine finds the resolvers its embedded DNS forwards to: systemd-resolved's upstream list when the
 # host runs it (/etc/resolv.conf then names only 127.0.0.53), else /etc/resolv.conf.
@@ -114,9 +116,13 @@ def forward_rules(resolvers: list[str]) -> list[list[str]]:
         rules += [["-d", f"{resolver}/32", "-p", protocol, "-m", protocol, "--dport", "53", "-j", "RETURN"]
                   for protocol in ("udp", "tcp")]
     rules += [["-d", blocked, "-j", "REJECT", "--reject-with", "icmp-net-prohibited"] for blocked in BLOCKED_RANGES]
-    rules += [["-p", protocol, "-m", protocol, "--dport", str(port), "-j", "REJECT", "--reject-with",
-               "icmp-net-prohibited"] for protocol, port in SWARM_PORTS]
-    return rules
+    return rules + swarm_port_rules(("tcp", "udp"))
+
+
+def swarm_port_rules(protocols: tuple[str, ...]) -> list[list[str]]:
+    """Swarm's ports of these protocols rejected, whatever the address. Pure."""
+    return [["-p", protocol, "-m", protocol, "--dport", str(port), "-j", "REJECT", "--reject-with",
+             "icmp-net-prohibited"] for protocol, port in SWARM_PORTS if protocol in protocols]
 
 
 def agents_rules(proxy: str | None) -> list[list[str]]:
@@ -182,15 +188,15 @@ def node_proxy_rules(resolvers: list[str]) -> list[list[str]]:
     """The way out of the instance's egress proxy on a node (on the node's network, as user proxy): answers, DNS
     to the node's resolvers (port 53 as the query was sent: a Docker-in-Docker node's embedded resolver, 127.0.0.11,
     is redirected to another port before these rules see it), then nothing of the node itself (any of its
-    addresses) and nothing private, link-local or loopback, as `forward_rules` close one host's egress bridge.
-    Pure."""
+    addresses), nothing private, link-local or loopback and no Swarm port (TCP's), as `forward_rules` close one
+    host's egress bridge. Pure."""
     rules = [ANSWERS]
     for resolver in resolvers:
         rules += [["-p", protocol, "-m", "conntrack", "--ctorigdst", resolver, "--ctorigdstport", "53", "-j", "RETURN"]
                   for protocol in ("udp", "tcp")]
     rules.append(["-m", "addrtype", "--dst-type", "LOCAL", "-j", "REJECT", "--reject-with", "icmp-net-prohibited"])
     rules += [["-d", blocked, "-j", "REJECT", "--reject-with", "icmp-net-prohibited"] for blocked in BLOCKED_RANGES]
-    return rules
+    return rules + swarm_port_rules(("tcp",))  # squid connects over TCP only
 
 
 def _node_resolvers() -> list[str]:

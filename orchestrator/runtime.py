@@ -540,6 +540,10 @@ class DockerRuntime(Runtime):
             raise RuntimeFailure(f"the network {name} exists but was not made by the orchestrator (it lets "
                                  "containers reach each other, or goes out where it must not, or not where it must); "
                                  "remove it with `docker network rm` and start again")
+        if network.attrs.get("EnableIPv6"):  # the firewall's rules are IPv4's: IPv6 would pass them all
+            raise RuntimeFailure(f"the network {name} has IPv6 (the engine's default-network-opts, or made by "
+                                 "hand), which the orchestrator's firewall rules do not close: turn IPv6 off for new "
+                                 "networks, remove it with `docker network rm` and start again")
         subnets = [c.get("Subnet", "") for c in (network.attrs.get("IPAM") or {}).get("Config") or []]
         return AgentNetwork(name=name, bridge=bridge, subnets=tuple(s for s in subnets if s))
 

@@ -66,6 +66,7 @@ REFUSALS_SECONDS = 2.0  # how often the egress proxy's refusal log is read (an f
 KEEP_TURNS = 200  # turn folders (prompt, output, stderr) kept per chat, for `orchestrator logs` and debugging
 INTERRUPT_WAIT_SECONDS = 10.0  # after SIGINT, how long interrupted turns get to end and be recorded
 FLUSH_SECONDS = 10.0  # at shutdown, how long to keep trying to deliver what is pending
+LIST_AGAIN_SECONDS = 1.0  # at shutdown, the wait before asking the engine for the containers a second time
 STRANDED_SECONDS = 60.0  # a message stored this long ago and still not queued was never handed on
 # A queued or running message no orchestrator has touched for this long, not this leader's: a deposed leader's, which
 # stops within leadership.CHECK_SECONDS of losing the lock.
@@ -233,8 +234,8 @@ class Service:
                                          await self._proxy_address())
         logger.info(f"agents' network {networks.agents.name} ({', '.join(networks.agents.subnets)}): internal, only "
                     f"the egress proxy's port; egress network {networks.egress.name} "
-                    f"({', '.join(networks.egress.subnets)}): closed to the host, private and link-local addresses "
-                    f"(iptables {chains.agents}, {chains.forward}, {chains.local})")
+                    f"({', '.join(networks.egress.subnets)}): closed to the host, private and link-local addresses and "
+                    f"Swarm's ports (iptables {chains.agents}, {chains.forward}, {chains.local})")
 
     def _bridges(self) -> firewall.Bridges:
         return firewall.Bridges(agents=bridge_name(self.settings.instance),
@@ -304,14 +305,20 @@ class Service:
         await self._stop_container(gateway_container_name(self.settings.instance), "-")
 
     async def _stop_chats_containers(self) -> None:
-        """Every running chat container; when the engine cannot list them, they are left running for the next start
-        to adopt, and the stop goes on (the proxy, the gateway): one failed call is no reason to leave all behind."""
+        """Every running chat container. The list is asked twice, a second apart (a pooled connection the engine
+        reset fails one call); when both fail, the containers are left running for the next start to adopt, and
+        the stop goes on (the proxy, the gateway): one failed call is no reason to leave all behind."""
         try:
-            containers = [c for c in await self.runtime.list_managed(self.settings.instance) if c.running]
+            containers = await self._count_containers()
         except RuntimeFailure as exc:
-            logger.error(f"cannot list the chats' containers to stop them ({exc}): they keep running, and the next "
-                         "start adopts them")
-            return
+            logger.warning(f"cannot list the chats' containers to stop them ({exc}): asking again in a second")
+            await asyncio.sleep(LIST_AGAIN_SECONDS)
+            try:
+                containers = await self._count_containers()
+            except RuntimeFailure as again:
+                logger.error(f"cannot list the chats' containers to stop them ({again}): they keep running, and the "
+                             "next start adopts them")
+                return
         logger.info(f"stopping {len(containers)} container(s)")
         await asyncio.gather(*(self._stop_container(c.name, c.chat_id) for c in containers))
 

@@ -194,6 +194,21 @@ def test_an_agents_network_of_an_older_version_is_made_again_internal_once_no_co
     assert docker_client.networks.get(name).attrs["Internal"] is True
 
 
+def test_a_network_with_ipv6_is_refused(make_config, instance: str, docker_client: docker.DockerClient) -> None:
+    """The firewall's rules are IPv4's: an egress network the engine gave IPv6 (its default-network-opts, or an
+    operator) would let chats past them, so the start is refused, saying why and what to do."""
+    name = f"{instance}-egress"
+    ipam = docker.types.IPAMConfig(pool_configs=[docker.types.IPAMPool(subnet="fd00:5ec::/64")])
+    docker_client.networks.create(name, driver="bridge", enable_ipv6=True, ipam=ipam,
+                                  labels={"orchestrator.instance": instance}, options={
+                                      runtime.ICC_OPTION: "false",
+                                      runtime.BRIDGE_NAME_OPTION: runtime.egress_bridge_name(instance)})
+    refused = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", "--config", str(make_config())],
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1
+    assert f"the network {name} has IPv6" in refused.stderr and "docker network rm" in refused.stderr
+
+
 def test_a_proxy_that_stopped_is_started_again_and_the_firewall_follows_its_address(
         feishu: FakeFeishu, feishu_config, start, instance: str, docker_client: docker.DockerClient,
         hosts: Hosts) -> None:

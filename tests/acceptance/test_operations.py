@@ -69,12 +69,17 @@ class EngineProxy:
         and have its next request reset (fresh-clone CI once: the shutdown's container list, right after up()).
         shutdown() ends the connection at once, and wakes the accept() of the listener."""
         assert self.listener is not None
-        for sock in (self.listener, *self.connections):
-            with contextlib.suppress(OSError):  # a connection its pump already closed
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
+        self._cut(self.listener)  # first: no connection is accepted after the list below is taken
         self.path.unlink(missing_ok=True)
+        for connection in list(self.connections):
+            self._cut(connection)
         self.connections.clear()
+
+    @staticmethod
+    def _cut(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # a connection its pump already closed
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -204,6 +209,7 @@ def test_metrics_move_and_health_follows_docker_and_feishu(
     feishu.set_down(False)
     wait_until(lambda: get(f"{base}/healthz")[0] == 200, 60, "healthy again with Feishu")
     assert bot.stop() == 0
+    assert "stopping 1 container(s)" in bot.log()  # the engine, cut and back, still answers the stop
 
 
 def test_no_secret_in_logs_or_labels(feishu: FakeFeishu, feishu_config, docker_client: docker.DockerClient,

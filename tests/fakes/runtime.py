@@ -46,7 +46,7 @@ class FakeRuntime:
     on_run: RunHandler | None = None  # answers `run`; None: (0, "")
     run_seconds: float = 0.0  # how long a `run` takes before it lands (docker exec: 50 to 300 ms on a busy host)
     ensure_failure: str | None = None  # ensure raises RuntimeFailure with it
-    list_failure: str | None = None  # list_managed raises RuntimeFailure with it
+    list_failures: list[str] = field(default_factory=list)  # list_managed raises RuntimeFailure with each, in turn
     containers: dict[str, ContainerState] = field(default_factory=dict)  # by name
     specs: dict[str, ContainerSpec] = field(default_factory=dict)  # by name: the spec each was last ensured with
     started: list[str] = field(default_factory=list)  # names, each time ensure started one
@@ -127,8 +127,8 @@ class FakeRuntime:
             self.emit(state.chat_id, "die")
 
     async def list_managed(self, instance: str) -> list[ContainerState]:
-        if self.list_failure is not None:
-            raise RuntimeFailure(self.list_failure)
+        if self.list_failures:
+            raise RuntimeFailure(self.list_failures.pop(0))
         return [state for name, state in self.containers.items()
                 if self.specs[name].labels.get(INSTANCE_LABEL) == instance and state.chat_id]
 

@@ -61,11 +61,14 @@ def test_the_node_proxy_goes_out_to_its_resolvers_and_the_internet_only() -> Non
     assert rules[1:5] == [["-p", protocol, "-m", "conntrack", "--ctorigdst", resolver, "--ctorigdstport", "53", "-j",
                            "RETURN"] for resolver in ("127.0.0.11", "10.1.2.3") for protocol in ("udp", "tcp")]
     assert rules[5] == ["-m", "addrtype", "--dst-type", "LOCAL", *REJECT]  # the node itself, on any address
-    assert rules[6:] == [["-d", blocked, *REJECT] for blocked in firewall.BLOCKED_RANGES]
+    ranges_end = 6 + len(firewall.BLOCKED_RANGES)
+    assert rules[6:ranges_end] == [["-d", blocked, *REJECT] for blocked in firewall.BLOCKED_RANGES]
+    assert rules[ranges_end:] == [["-p", "tcp", "-m", "tcp", "--dport", "2377", *REJECT],
+                                  ["-p", "tcp", "-m", "tcp", "--dport", "7946", *REJECT]]  # Swarm's TCP ports
     assert all(rule[-1] != "ACCEPT" for rule in rules)
 
 
-def test_forward_rules_answers_first_then_dns_then_every_blocked_range() -> None:
+def test_forward_rules_answers_first_then_dns_then_every_blocked_range_and_swarms_ports() -> None:
     rules = firewall.forward_rules(["10.1.2.3", "192.168.0.1"])
     assert rules[0] == ["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "RETURN"]
     dns = rules[1:5]

@@ -158,21 +158,35 @@ def test_a_shutdown_interrupts_the_running_turn_through_the_agent_host(bench: Be
     assert bench.runtime.stopped == [bench.container, gateway_container_name(bench.settings.instance)]
 
 
-def test_a_shutdown_that_cannot_list_the_containers_leaves_them_and_still_stops_the_gateway(bench: Bench) -> None:
+
+def shutdown_with_list_failures(bench: Bench, failures: list[str]) -> list[str]:
+    """Serve one message, then stop while the engine fails `failures` container listings; what was logged."""
     logged: list[str] = []
     sink = logger.add(lambda m: logged.append(f"{m.record['level'].name} {m.record['message']}"), format="{message}")
 
     async def scenario(service: Service, channel: FakeChannel) -> None:
         channel.send("om_1", "hello")
         await until(lambda: bench.state("om_1") is State.DELIVERED, "om_1 to be delivered")
-        bench.runtime.list_failure = "the Docker engine cannot be reached: connection reset"
+        bench.runtime.list_failures = list(failures)
 
     try:
         code, _ = bench.serve(scenario)
     finally:
         logger.remove(sink)
     assert code == 0
+    return logged
+
+
+def test_a_shutdown_asks_again_for_the_containers_when_the_engine_fails_once(bench: Bench) -> None:
+    logged = shutdown_with_list_failures(bench, ["the Docker engine cannot be reached: connection reset"])
+    assert bench.runtime.stopped == [bench.container, gateway_container_name(bench.settings.instance)]
+    assert ("WARNING cannot list the chats' containers to stop them (the Docker engine cannot be reached: connection "
+            "reset): asking again in a second") in logged
+
+
+def test_a_shutdown_that_cannot_list_the_containers_leaves_them_and_still_stops_the_gateway(bench: Bench) -> None:
+    logged = shutdown_with_list_failures(bench, ["connection reset", "connection refused"])
     assert bench.runtime.containers[bench.container].running  # left for the next start to adopt
     assert bench.runtime.stopped == [gateway_container_name(bench.settings.instance)]
-    assert ("ERROR cannot list the chats' containers to stop them (the Docker engine cannot be reached: connection "
-            "reset): they keep running, and the next start adopts them") in logged
+    assert ("ERROR cannot list the chats' containers to stop them (connection refused): they keep running, and the "
+            "next start adopts them") in logged
