@@ -158,7 +158,6 @@ def test_a_shutdown_interrupts_the_running_turn_through_the_agent_host(bench: Be
     assert bench.runtime.stopped == [bench.container, gateway_container_name(bench.settings.instance)]
 
 
-
 def shutdown_with_list_failures(bench: Bench, failures: list[str]) -> list[str]:
     """Serve one message, then stop while the engine fails `failures` container listings; what was logged."""
     logged: list[str] = []
